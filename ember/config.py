@@ -1,0 +1,198 @@
+"""Frozen engine configuration, validated once at start-up.
+
+Each config checks its own fields in ``__post_init__`` and raises
+:class:`ConfigError` naming the setting and its allowed range. ``EngineArgs``
+(in ``ember.engine.arg_utils``) turns user input into an :class:`EngineConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its allowed range."""
+
+
+def _require(ok: bool, setting: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{setting} must be {allowed}, got {value!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to serve.
+
+    Attributes:
+        model: path to a ``.gguf`` file or a Hugging Face directory.
+        hf_config: architecture hyperparameters (a ``transformers.PretrainedConfig``,
+            read from config.json or built from GGUF metadata).
+        architecture: registry name, e.g. ``"LlamaForCausalLM"``.
+        dtype: dtype of weights and activations.
+        max_model_len: context window in tokens (prompt + output).
+        served_model_name: the name clients use in the ``model`` field.
+        seed: seed for unseeded random sampling (None: nondeterministic).
+    """
+
+    model: str
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_name: str
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in _DTYPES.values(), "dtype", f"one of {sorted(_DTYPES)}", self.dtype)
+        _require(_is_int(self.max_model_len) and self.max_model_len >= 1, "max_model_len", "a positive integer", self.max_model_len)
+        _require(bool(self.served_model_name), "served_model_name", "a non-empty string", self.served_model_name)
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.hf_config, "head_dim", None)
+        return hd or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache settings.
+
+    Attributes:
+        block_size: tokens per KV block.
+        kv_cache_memory: bytes to give the KV cache; None sizes it from
+            ``memory_utilization`` (on CUDA) or a CPU default.
+        memory_utilization: fraction of device memory Ember may use in total
+            (weights + activations + KV cache) when ``kv_cache_memory`` is None.
+        num_gpu_blocks_override: force the number of blocks (tests, debugging).
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "a power of two in [1, 128]", self.block_size)
+        _require(
+            self.kv_cache_memory is None or (_is_int(self.kv_cache_memory) and self.kv_cache_memory > 0),
+            "kv_cache_memory", "a positive number of bytes", self.kv_cache_memory,
+        )
+        _require(
+            isinstance(self.memory_utilization, (int, float)) and 0.0 < self.memory_utilization <= 1.0,
+            "memory_utilization", "in (0, 1]", self.memory_utilization,
+        )
+        _require(
+            self.num_gpu_blocks_override is None or (_is_int(self.num_gpu_blocks_override) and self.num_gpu_blocks_override >= 1),
+            "num_gpu_blocks_override", "a positive integer", self.num_gpu_blocks_override,
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits.
+
+    Attributes:
+        max_num_batched_tokens: tokens computed per engine step (the token budget);
+            prompts longer than this are prefilled in chunks.
+        max_num_seqs: requests running at once.
+        max_model_len: copied from the model config.
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+                 "max_num_batched_tokens", "a positive integer", self.max_num_batched_tokens)
+        _require(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 65536,
+                 "max_num_seqs", "an integer in [1, 65536]", self.max_num_seqs)
+        _require(self.max_num_seqs <= self.max_num_batched_tokens,
+                 "max_num_seqs", f"<= max_num_batched_tokens ({self.max_num_batched_tokens})", self.max_num_seqs)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (only tp_size 1 runs today)."""
+
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size == 1, "tensor_parallel_size", "1 (multi-GPU is not implemented yet)",
+                 self.tensor_parallel_size)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs: ``"cpu"`` or ``"cuda"``."""
+
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'", self.device)
+        if self.device == "cuda":
+            _require(torch.cuda.is_available(), "device", "'cpu' on a machine without CUDA", self.device)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How weights are read: ``auto`` picks GGUF or safetensors from the path."""
+
+    load_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.load_format in LOAD_FORMATS, "load_format", f"one of {list(LOAD_FORMATS)}", self.load_format)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """All configs of one engine."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    device_config: DeviceConfig
+    load_config: LoadConfig
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map ``"float32" | "float16" | "bfloat16"`` to a torch dtype.
+
+    Raises:
+        ConfigError: for any other name.
+    """
+    _require(name in _DTYPES, "dtype", f"one of {sorted(_DTYPES)}", name)
+    return _DTYPES[name]

@@ -1,0 +1,104 @@
+"""Plain dataclasses between the scheduler and the model runner.
+
+The scheduler never sees tensors and the runner never decides who runs: one
+step's decisions travel in a :class:`SchedulerOutput`, its results come back in
+a :class:`ModelRunnerOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ember.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the runner has not seen (or forgot on preemption).
+
+    Attributes:
+        req_id: request id.
+        prompt_token_ids: the prompt.
+        output_token_ids: tokens already generated (non-empty when a preempted
+            request resumes: they are recomputed like prompt tokens).
+        sampling_params: the request's sampling parameters.
+        block_ids: its block table.
+        num_computed_tokens: tokens already in the KV cache.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the runner already holds: only what changed.
+
+    Attributes:
+        req_id: request id.
+        new_block_ids: blocks appended to its block table this step.
+        num_computed_tokens: tokens already in the KV cache.
+    """
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's schedule.
+
+    Attributes:
+        scheduled_new_reqs: requests the runner must start tracking.
+        scheduled_cached_reqs: requests the runner tracks already.
+        num_scheduled_tokens: req_id -> tokens to compute this step.
+        total_num_scheduled_tokens: their sum (<= max_num_batched_tokens).
+        finished_req_ids: requests the runner must forget (finished, aborted or
+            preempted since the last step).
+    """
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    num_preemptions: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One step's results.
+
+    Attributes:
+        sampled_token_ids: req_id -> the token sampled for it; only requests
+            whose scheduled tokens reached the end of their known tokens sample
+            (a prefill chunk that stops mid-prompt does not).
+    """
+
+    sampled_token_ids: dict[str, int]
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What one request got from one engine step.
+
+    Attributes:
+        request_id: request id.
+        new_token_ids: tokens generated this step.
+        finish_reason: ``"stop"``, ``"length"``, ``"abort"`` or None.
+        stop_reason: the stop token id that ended it, if any.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None

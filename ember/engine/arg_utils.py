@@ -1,0 +1,153 @@
+"""EngineArgs: user-facing engine options (CLI flags and keyword arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ember.config import (
+    LOAD_FORMATS,
+    CacheConfig,
+    ConfigError,
+    DeviceConfig,
+    EngineConfig,
+    LoadConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+
+# NOTE: on CPU the default KV cache is a fixed size rather than a fraction of RAM,
+# as vLLM's CPU backend does: host memory is shared with everything else.
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+def _parse_bytes(text: str) -> int:
+    """Parse ``"512M"``, ``"4G"``, ``"4GiB"`` or a plain number of bytes."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+    num = s[:-1] if mult != 1 else s
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"kv-cache-memory: cannot parse {text!r} as a size like 2G or 512M") from None
+    return int(value)
+
+
+@dataclass
+class EngineArgs:
+    """Options that build an :class:`EngineConfig` (see ``ember serve --help``)."""
+
+    model: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 256
+    device: str = "auto"
+    load_format: str = "auto"
+    tensor_parallel_size: int = 1
+    seed: int | None = 0
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        parser.add_argument("--model", "-m", default=None,
+                            help="path to a .gguf file or HF directory, or a bundled model name "
+                                 "(default: SmolLM2-135M-Instruct)")
+        parser.add_argument("--served-model-name", default=None, help="model name in the API (default: derived from --model)")
+        parser.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"],
+                            help="auto: float32 on CPU, bfloat16 on CUDA")
+        parser.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
+        parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
+        parser.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                            help="memory for the KV cache, e.g. 2G (default: 1G on CPU, --memory-utilization on CUDA)")
+        parser.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization", type=float,
+                            default=d.memory_utilization, help="fraction of GPU memory to use (CUDA only)")
+        parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                            help="token budget per engine step (default: 2048)")
+        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="max requests running at once")
+        parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+        parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+    def create_engine_config(self) -> EngineConfig:
+        """Resolve the model, read its architecture and validate every setting.
+
+        Raises:
+            ConfigError: a setting is out of range (the message names it).
+            ModelLoadError: the model path is missing or not a model.
+        """
+        from ember.loader import read_hf_config, resolve_model_source
+        from ember.loader.download import DEFAULT_MODEL
+        from ember.models.registry import ModelRegistry
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device_config = DeviceConfig(device=device)
+        load_config = LoadConfig(load_format=self.load_format)
+        parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
+
+        source = resolve_model_source(self.model or DEFAULT_MODEL)
+        hf_config = read_hf_config(source)
+        architecture = ModelRegistry.resolve(hf_config)
+
+        dtype_name = self.dtype
+        if dtype_name == "auto":
+            dtype_name = "float32" if device == "cpu" else "bfloat16"
+        context = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+        max_model_len = self.max_model_len or context
+        if max_model_len > context:
+            raise ConfigError(f"max_model_len must be <= the model's context window ({context}), got {max_model_len}")
+        name = self.served_model_name or _default_served_name(self.model or DEFAULT_MODEL)
+        model_config = ModelConfig(
+            model=source.path,
+            hf_config=hf_config,
+            architecture=architecture,
+            dtype=parse_dtype(dtype_name),
+            max_model_len=max_model_len,
+            served_model_name=name,
+            seed=self.seed,
+        )
+        kv_bytes = self.kv_cache_memory
+        if kv_bytes is None and device == "cpu":
+            kv_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=kv_bytes,
+            memory_utilization=self.memory_utilization,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+        )
+        budget = self.max_num_batched_tokens or max(2048, min(self.max_num_seqs, 2048))
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=min(self.max_num_seqs, budget),
+            max_model_len=max_model_len,
+        )
+        return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config)
+
+
+def _default_served_name(model: str) -> str:
+    base = os.path.basename(os.path.normpath(model))
+    return base.removesuffix(".gguf") or model
+
+
+__all__ = ["EngineArgs", "ConfigError"]

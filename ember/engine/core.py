@@ -1,0 +1,54 @@
+"""EngineCore: schedule -> execute -> update, one step at a time."""
+
+from __future__ import annotations
+
+from ember.config import EngineConfig
+from ember.core.kv_cache_manager import KVCacheManager
+from ember.core.sched_output import EngineCoreOutput
+from ember.core.scheduler import Scheduler
+from ember.executor.uniproc import UniProcExecutor
+from ember.request import Request, RequestStatus
+
+
+class EngineCore:
+    """The scheduler and the model executor, driven one step at a time.
+
+    Start-up loads the model, sizes the KV cache from the memory it is given and
+    prints its size in tokens.
+
+    Args:
+        config: the engine config.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.executor = UniProcExecutor(config)
+        num_blocks = self.executor.determine_num_blocks()
+        self.executor.initialize_kv_cache(num_blocks)
+        block_size = config.cache_config.block_size
+        gib = num_blocks * self.executor.kv_cache_bytes_per_block() / (1 << 30)
+        print(f"[ember] KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
+              f"({gib:.2f} GiB)", flush=True)
+        self.scheduler = Scheduler(config.scheduler_config, KVCacheManager(num_blocks, block_size))
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
+                       ) -> list[str]:
+        """End requests now; returns the ids that were still running or waiting."""
+        return self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """One engine step; returns what each request generated."""
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        sched = self.scheduler.schedule()
+        result = self.executor.execute_model(sched)
+        return self.scheduler.update_from_output(sched, result)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

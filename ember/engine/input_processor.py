@@ -1,0 +1,88 @@
+"""Turn user prompts into validated token ids (tokenization, chat templates)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ember.config import ModelConfig
+from ember.sampling_params import SamplingParams
+
+
+class InputProcessor:
+    """Tokenizes and validates prompts against the model's limits.
+
+    Args:
+        model_config: gives ``max_model_len`` and the vocabulary size.
+        tokenizer: a ``transformers`` tokenizer (fast).
+    """
+
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        eos = set()
+        for source in (getattr(model_config.hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif isinstance(source, (list, tuple)):
+                eos.update(source)
+        self.eos_token_ids = frozenset(eos)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's special tokens) or a
+        pre-tokenized prompt, checked.
+
+        Raises:
+            ValueError: empty prompt, wrong type, or a token id outside the vocabulary.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        return ids
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Render ``messages`` with the model's chat template and tokenize.
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+
+        Raises:
+            ValueError: no chat template, or malformed messages.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use a completion prompt instead")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must have a string 'role' and a string 'content'")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as e:  # jinja errors: the template rejected the conversation
+            raise ValueError(f"chat template failed: {e}") from e
+        # The template already contains the special tokens (BOS, role markers).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Validate length limits and attach the model's EOS ids to ``params``.
+
+        Raises:
+            ValueError: the prompt leaves no room for output in the context window.
+        """
+        max_len = self.model_config.max_model_len
+        n = len(prompt_token_ids)
+        if n >= max_len:
+            raise ValueError(
+                f"prompt is {n} tokens long, which leaves no room for output in the context window "
+                f"of {max_len} tokens (max_model_len)"
+            )
+        params._eos_token_ids = self.eos_token_ids
+        return params

@@ -1,0 +1,31 @@
+"""Executor with one in-process worker (one device)."""
+
+from __future__ import annotations
+
+from ember.config import EngineConfig
+from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.worker.worker import Worker
+
+
+class UniProcExecutor:
+    """Drives a single :class:`Worker` in this process. A multi-process
+    executor (one worker per GPU rank) will expose the same methods."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker = Worker(config, rank=0)
+        self.worker.load_model()
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.worker.model_runner.kv_cache_bytes_per_block()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(sched)
+
+    def shutdown(self) -> None:
+        pass

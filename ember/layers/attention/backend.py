@@ -1,0 +1,104 @@
+"""The attention backend interface and its registry.
+
+A backend reads and writes the paged KV cache. The cache of one layer is one
+tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V); a
+token at position ``p`` of a request lives in block ``block_table[p //
+block_size]`` at offset ``p % block_size``, i.e. in slot ``block_id *
+block_size + offset`` (the slot mapping). Layout and naming follow vLLM's
+paged attention (Kwon et al., 2023, "PagedAttention").
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step inputs of every attention layer, for a packed batch of
+    ``num_reqs`` requests and ``num_tokens`` new tokens (no padding).
+
+    Attributes:
+        slot_mapping: [num_tokens] int64, KV-cache slot of each new token.
+        query_start_loc: [num_reqs + 1] int32, offsets of each request's new
+            tokens in the packed batch.
+        seq_lens: [num_reqs] int32, tokens in context after this step (cached +
+            new) for each request.
+        block_table: [num_reqs, max_num_blocks] int32, block ids per request
+            (rows padded with 0).
+        max_query_len: longest run of new tokens of one request.
+        max_seq_len: longest ``seq_lens`` entry.
+        query_start_loc_cpu / seq_lens_cpu: the same as host lists, for backends
+            that loop over requests on the host.
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    """Computes causal attention of new tokens over the paged KV cache.
+
+    Args:
+        num_heads: query heads.
+        head_dim: size of one head.
+        scale: softmax scale (usually ``head_dim ** -0.5``).
+        num_kv_heads: key/value heads (GQA/MQA when fewer than num_heads).
+    """
+
+    name: str = ""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Write the new K/V into ``kv_cache`` at ``metadata.slot_mapping``, then
+        attend.
+
+        Args:
+            query: [num_tokens, num_heads, head_dim].
+            key, value: [num_tokens, num_kv_heads, head_dim].
+            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim].
+        Returns:
+            [num_tokens, num_heads, head_dim], same dtype as ``query``.
+        """
+
+
+_BACKENDS: dict[str, str] = {
+    # name -> "module:Class", imported lazily so the CPU path never imports GPU kernels.
+    "torch": "ember.layers.attention.torch_backend:TorchAttentionBackend",
+}
+
+
+def get_attention_backend(name: str) -> type[AttentionBackend]:
+    """The backend class registered as ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones).
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
+    import importlib
+
+    module, cls = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def default_backend_name(device: str) -> str:
+    """The backend chosen for a device (GPU kernels will register for ``cuda``)."""
+    return "torch"

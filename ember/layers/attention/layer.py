@@ -1,0 +1,55 @@
+"""The Attention layer models use, and the per-forward context it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ember.layers.attention.backend import AttentionBackend, AttentionMetadata
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """What one forward pass needs besides the token ids and positions; built
+    by the model runner for each step and passed down explicitly.
+
+    Attributes:
+        attn_metadata: the step's attention metadata.
+        kv_caches: one cache tensor per layer (see ``AttentionBackend``).
+    """
+
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Causal self-attention over the paged KV cache, through the backend
+    chosen at start-up.
+
+    Args:
+        num_heads, head_dim, num_kv_heads: head layout of this rank.
+        scale: softmax scale.
+        layer_idx: which KV cache in ``ForwardContext.kv_caches`` is this layer's.
+        backend_cls: the attention backend class.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, layer_idx: int,
+                 backend_cls: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads, self.layer_idx = num_heads, head_dim, num_kv_heads, layer_idx
+        self.impl = backend_cls(num_heads, head_dim, scale, num_kv_heads)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``q``: [n, num_heads * head_dim]; ``k``, ``v``: [n, num_kv_heads * head_dim].
+        Returns [n, num_heads * head_dim]."""
+        n = q.shape[0]
+        out = self.impl.forward(
+            q.view(n, self.num_heads, self.head_dim),
+            k.view(n, self.num_kv_heads, self.head_dim),
+            v.view(n, self.num_kv_heads, self.head_dim),
+            ctx.kv_caches[self.layer_idx],
+            ctx.attn_metadata,
+        )
+        return out.reshape(n, self.num_heads * self.head_dim)

@@ -1,0 +1,54 @@
+"""Reference attention backend in plain PyTorch (runs anywhere; the CPU path)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ember.layers.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one request's first ``seq_len`` tokens, each
+    [seq_len, num_kv_heads, head_dim], read through its block table."""
+    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    k = kv_cache[0].index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len]
+    v = kv_cache[1].index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len]
+    return k, v
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Loops over requests; each attends with ``scaled_dot_product_attention``
+    over K/V gathered from its blocks. Exact, simple, not fast."""
+
+    name = "torch"
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        block_size = kv_cache.shape[2]
+        out = torch.empty_like(query)
+        starts = metadata.query_start_loc_cpu
+        for i, seq_len in enumerate(metadata.seq_lens_cpu):
+            q = query[starts[i]: starts[i + 1]]
+            q_len = q.shape[0]
+            num_blocks = -(-seq_len // block_size)
+            k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len)
+            mask = None
+            if q_len > 1:
+                # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
+                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+                mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            out[starts[i]: starts[i + 1]] = o.squeeze(0).transpose(0, 1)
+        return out

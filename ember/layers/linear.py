@@ -1,0 +1,134 @@
+"""Linear layers, tensor-parallel ready (column / row split), with a
+``quant_method`` hook that owns the weights' format and the matmul.
+
+With tp_size 1 (the only size today) every layer holds the full weight. The
+split follows Megatron-LM (Shoeybi et al., 2019): column-parallel layers split
+the output dimension, row-parallel layers split the input dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.distributed.parallel_state import get_tp_rank, get_tp_size
+
+
+class UnquantizedLinearMethod:
+    """Plain dense weights: ``y = x @ W.T + b``."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Base of all linear layers.
+
+    Args:
+        in_features, out_features: this rank's shard sizes.
+        bias: whether to hold a bias of ``[out_features]``.
+        dtype: parameter dtype (default: torch's default dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        dtype = dtype or torch.get_default_dtype()
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.quant_method = UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, in_features, out_features, dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [num_tokens, in_features] -> [num_tokens, out_features]."""
+        return self.quant_method.apply(self, x, self.bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        _copy_checked(param.data, loaded, self)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, layer: nn.Module) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"{type(layer).__name__}: weight shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class ReplicatedLinear(LinearBase):
+    """Full weight on every rank."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, dtype)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Splits the output dimension across ranks; the output stays split."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        self.full_out_features = out_features
+        super().__init__(in_features, out_features // get_tp_size(), bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        shard = param.shape[0]
+        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * shard, shard), self)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs stacked in one matmul (e.g. gate_up_proj).
+
+    Args:
+        output_sizes: full output size of each stacked projection.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias, dtype)
+
+    def _shard_offsets(self) -> list[tuple[int, int]]:
+        offsets, start = [], 0
+        for size in self.output_sizes:
+            offsets.append((start // self.tp_size, size // self.tp_size))
+            start += size
+        return offsets
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        assert isinstance(shard_id, int), "MergedColumnParallelLinear needs an integer shard_id"
+        offset, size = self._shard_offsets()[shard_id]
+        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size), self)
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """Q, K and V projections in one matmul; shard ids ``"q"``, ``"k"``, ``"v"``.
+
+    Args:
+        hidden_size: input size.
+        head_dim: size of one head.
+        num_heads, num_kv_heads: total query and key/value heads (GQA when they differ).
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, dtype: torch.dtype | None = None):
+        self.head_dim = head_dim
+        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                         bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        super().weight_loader(param, loaded, {"q": 0, "k": 1, "v": 2}[shard_id])
+
+
+class RowParallelLinear(LinearBase):
+    """Splits the input dimension across ranks; outputs are summed over ranks
+    (an all-reduce, a no-op with tp_size 1)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(in_features // get_tp_size(), out_features, bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        if param.dim() == 1:  # the bias is not split
+            _copy_checked(param.data, loaded, self)
+            return
+        shard = param.shape[1]
+        _copy_checked(param.data, loaded.narrow(1, self.tp_rank * shard, shard), self)

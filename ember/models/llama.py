@@ -1,0 +1,168 @@
+"""Llama (``LlamaForCausalLM``): Llama 2/3/3.x, SmolLM2, DeepSeek-R1-Distill-Llama.
+
+Architecture as in HF transformers' ``modeling_llama``: pre-norm decoder layers
+of GQA self-attention with RoPE and a SwiGLU MLP, RMSNorm, optional tied LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ember.layers.activation import SiluAndMul
+from ember.layers.attention import Attention, AttentionBackend, ForwardContext
+from ember.layers.layernorm import RMSNorm
+from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ember.layers.rotary import RotaryEmbedding, rope_parameters
+from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.distributed.parallel_state import get_tp_size
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
+                 qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        tp = get_tp_size()
+        self.total_num_heads = config.num_attention_heads
+        self.total_num_kv_heads = getattr(config, "num_key_value_heads", None) or self.total_num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
+        self.num_heads = self.total_num_heads // tp
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.total_num_heads,
+                                          self.total_num_kv_heads, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        rope_theta, rope_scaling = rope_parameters(config)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, self.head_dim, config.max_position_embeddings,
+                                          rope_theta, rope_scaling)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
+                              layer_idx, attn_backend)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, ctx))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
+                 qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, attn_backend, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, attn_backend: type[AttentionBackend], qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, attn_backend, qkv_bias, o_bias) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM: ``forward`` returns final hidden states, ``compute_logits``
+    projects the rows that need sampling.
+
+    Args:
+        config: HF-style config (``LlamaConfig`` fields).
+        attn_backend: attention backend class chosen at start-up.
+    """
+
+    qkv_bias = False
+    # HF name of a checkpoint weight -> (Ember parameter, shard id) for stacked params.
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+    ]
+
+    def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.config = config
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        o_bias = getattr(config, "attention_bias", False)
+        self.model = LlamaModel(config, attn_backend, qkv_bias, o_bias)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float32."""
+        return self.lm_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into the parameters.
+
+        Returns:
+            Names of the parameters that were loaded.
+        Raises:
+            ValueError: an unexpected weight name or a shape mismatch.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                continue
+            for param_name, weight_name, shard_id in self.stacked_params_mapping:
+                if f".{weight_name}." in name:
+                    target = name.replace(weight_name, param_name)
+                    break
+            else:
+                target, shard_id = name, None
+            if target not in params:
+                raise ValueError(f"checkpoint weight {name!r} has no matching parameter in {type(self).__name__}")
+            param = params[target]
+            owner = self.get_submodule(target.rsplit(".", 1)[0])
+            loader = getattr(owner, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor, shard_id)
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            loaded.add(target)
+        return loaded

@@ -1,0 +1,42 @@
+"""Model registry: architecture name (HF ``config.architectures[0]``) -> class,
+imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("ember.models.qwen2", "Qwen2ForCausalLM"),
+}
+
+
+class ModelRegistry:
+    @staticmethod
+    def supported() -> list[str]:
+        return sorted(_MODELS)
+
+    @staticmethod
+    def resolve(hf_config: Any) -> str:
+        """The registered architecture of ``hf_config``.
+
+        Raises:
+            UnsupportedArchitectureError: none of its architectures is registered.
+        """
+        from ember.loader import UnsupportedArchitectureError
+
+        archs = list(getattr(hf_config, "architectures", None) or [])
+        for arch in archs:
+            if arch in _MODELS:
+                return arch
+        raise UnsupportedArchitectureError(
+            f"unsupported model architecture {archs or '(none given)'}; Ember supports {ModelRegistry.supported()}")
+
+    @staticmethod
+    def load_class(architecture: str) -> type[nn.Module]:
+        module, cls = _MODELS[architecture]
+        return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,51 @@
+"""What the engine returns to users: RequestOutput / CompletionOutput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request.
+
+    Attributes:
+        index: completion index within the request (0 while n == 1).
+        text: generated text (cumulative or the new delta, per ``output_kind``).
+        token_ids: generated token ids (cumulative or delta, like ``text``).
+        finish_reason: None while running; ``"stop"`` (EOS, stop token or stop
+            string), ``"length"`` (max_tokens or context window) or ``"abort"``.
+        stop_reason: the stop string or stop token id that ended it, if any.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """Progress or result of one request.
+
+    Attributes:
+        request_id: the engine's id for the request.
+        prompt: the prompt text, if the request was given as text.
+        prompt_token_ids: the tokenized prompt.
+        outputs: one CompletionOutput per completion.
+        finished: True once every completion has finished.
+        metrics: timing of the request (seconds, ``time.monotonic`` clock):
+            ``arrival_time``, ``first_token_time``, ``finished_time``.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,99 @@
+"""Request: one generation request as the engine core sees it."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from ember.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Life cycle: WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*.
+
+    Every status at or past FINISHED_STOPPED is final.
+    """
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH_CAPPED = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """A request inside the engine core.
+
+    Attributes:
+        request_id: unique id.
+        prompt_token_ids: the prompt, tokenized.
+        sampling_params: validated parameters (EOS ids attached).
+        output_token_ids: tokens generated so far.
+        num_computed_tokens: tokens whose KV is in the cache. The scheduler gives
+            a request ``num_tokens - num_computed_tokens`` more tokens to compute;
+            prefill, chunked prefill and decode are all this one rule.
+        max_tokens: output tokens allowed (capped by the context window).
+        stop_reason: the stop token id that ended the request, if one did.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        max_model_len: int,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.status = RequestStatus.WAITING
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        room = max_model_len - len(prompt_token_ids)
+        wanted = sampling_params.max_tokens if sampling_params.max_tokens is not None else room
+        self.max_tokens = min(wanted, room)
+        self.stop_token_ids = sampling_params.all_stop_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
+                f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")

@@ -1,0 +1,126 @@
+"""Sampler: logits -> next token ids, for a batch of requests with their own
+sampling parameters.
+
+Random sampling uses the exponential-race form of the Gumbel-max trick: the
+token ``argmax(p_i / e_i)`` with ``e_i ~ Exp(1)`` is distributed as ``p``. For
+a request with a ``seed``, the noise ``e`` is drawn from a generator seeded by
+``(seed, output position)`` alone, so the token never depends on what else is
+in the batch, on step boundaries or on preemption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.sampling_params import SamplingParams
+
+_MASK63 = (1 << 63) - 1
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """Per-row sampling settings of one step's logits.
+
+    Attributes:
+        temperature: [num_rows] float32 (0 rows are greedy).
+        top_k: [num_rows] int64 (0: off). top_p, min_p: [num_rows] float32.
+        all_greedy: every row is greedy (skip the random path).
+        seeds: per row, None or the generator seed for that row's noise.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    all_greedy: bool
+    seeds: list[int | None]
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device) -> SamplingMetadata:
+        """``output_positions[i]``: index of the token row i samples among its
+        request's outputs (0 for the first generated token)."""
+        seeds = [None if p.seed is None else _mix(p.seed, pos) for p, pos in zip(params, output_positions)]
+        return cls(
+            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
+                                     device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+            all_greedy=all(p.greedy for p in params),
+            seeds=seeds,
+        )
+
+
+def _mix(seed: int, position: int) -> int:
+    # splitmix64-style mixing so that nearby (seed, position) pairs give unrelated streams.
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK63
+
+
+class Sampler:
+    """Greedy, temperature, top-k, top-p and min-p sampling.
+
+    Args:
+        generator: the source of noise for rows without a seed.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """``logits``: [num_rows, vocab] float32 -> [num_rows] int64 token ids."""
+        greedy = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            return greedy
+        is_greedy = meta.temperature == 0
+        temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
+        logits = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p)
+        probs = logits.softmax(dim=-1)
+        noise = self._exponential_noise(probs, meta.seeds)
+        sampled = probs.div(noise).argmax(dim=-1)
+        return torch.where(is_greedy, greedy, sampled)
+
+    def _exponential_noise(self, probs: torch.Tensor, seeds: list[int | None]) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seed in enumerate(seeds):
+            if seed is not None:
+                g = torch.Generator(device=probs.device).manual_seed(seed)
+                noise[i].exponential_(generator=g)
+        return noise
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, nucleus (top-p;
+    Holtzman et al., 2019) and min-p (Nguyen et al., 2024) sets.
+
+    Args:
+        logits: [num_rows, vocab] float32, already divided by temperature.
+        top_k: [num_rows] int64, 0 disables. top_p: [num_rows], 1 disables.
+        min_p: [num_rows], 0 disables.
+    """
+    vocab = logits.shape[-1]
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    use_k = bool((top_k > 0).any())
+    use_p = bool((top_p < 1).any())
+    if not (use_k or use_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if use_k:
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        mask |= torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
+    if use_p:
+        probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        # Keep a token if the mass strictly before it is < top_p (the top token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        mask |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -1,0 +1,124 @@
+"""User-facing sampling parameters, validated on construction."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """How the engine reports a request's progress.
+
+    CUMULATIVE: every output carries all text/tokens so far.
+    DELTA: every output carries only what is new since the last one (streaming).
+    FINAL_ONLY: one output, when the request finishes.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Parameters for sampling one completion.
+
+    Attributes:
+        n: number of completions per prompt (only 1 is supported by the core today).
+        temperature: 0 means greedy (argmax); must be >= 0.
+        top_p: nucleus sampling mass in (0, 1].
+        top_k: keep the k most likely tokens; 0 or -1 disables.
+        min_p: drop tokens whose probability is below ``min_p * p_max``; in [0, 1].
+        seed: per-request seed; with it, sampling is reproducible whatever else
+            shares the batch (the noise depends only on seed and output position).
+        max_tokens: maximum number of generated tokens (>= 1); None means "up to the
+            context window".
+        stop: strings that end generation; the matched string is not in the text.
+        stop_token_ids: token ids that end generation (finish reason ``stop``).
+        ignore_eos: keep generating past the EOS token.
+        skip_special_tokens: drop special tokens from the detokenized text.
+        output_kind: see :class:`RequestOutputKind`.
+
+    Raises:
+        ValueError: naming the parameter and its allowed range.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Filled in by the engine: the model's EOS token ids (not user-settable).
+    _eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._verify()
+
+    def _verify(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        check(isinstance(self.n, int) and self.n == 1, f"n must be 1 for now, got {self.n!r}")
+        check(
+            isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
+            f"temperature must be in [0, 100], got {self.temperature!r}",
+        )
+        check(
+            isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        check(
+            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
+            f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}",
+        )
+        check(
+            isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p!r}",
+        )
+        check(
+            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+            f"seed must be an integer or None, got {self.seed!r}",
+        )
+        check(
+            self.max_tokens is None
+            or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1),
+            f"max_tokens must be a positive integer or None, got {self.max_tokens!r}",
+        )
+        check(
+            all(isinstance(s, str) and s for s in self.stop),
+            f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}",
+        )
+        check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
+        )
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature ~ 0)."""
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def all_stop_token_ids(self) -> frozenset[int]:
+        """EOS ids (unless ``ignore_eos``) plus ``stop_token_ids``."""
+        ids = set(self.stop_token_ids or [])
+        if not self.ignore_eos:
+            ids |= self._eos_token_ids
+        return frozenset(ids)

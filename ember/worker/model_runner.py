@@ -1,0 +1,234 @@
+"""ModelRunner: SchedulerOutput -> packed tensors -> forward -> sampled tokens.
+
+The runner keeps a small state per request (its tokens and block table) and
+is told only what changed each step. Inputs are packed without padding:
+``input_ids``, ``positions`` and ``slot_mapping`` have one entry per scheduled
+token, ``block_table`` and ``seq_lens`` one row per scheduled request. Only the
+rows whose request reaches the end of its known tokens are turned into logits
+and sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ember.config import EngineConfig
+from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.layers.attention import AttentionMetadata, ForwardContext, get_attention_backend
+from ember.layers.attention.backend import default_backend_name
+from ember.models.registry import ModelRegistry
+from ember.sample.sampler import Sampler, SamplingMetadata
+from ember.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    """What the runner remembers of a running request."""
+
+    req_id: str
+    num_prompt_tokens: int
+    token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    """Runs the model for one device.
+
+    Args:
+        config: the engine config.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.device = config.device_config.torch_device
+        self.block_size = config.cache_config.block_size
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.model: torch.nn.Module | None = None
+        generator = torch.Generator(device=self.device)
+        if self.model_config.seed is not None:
+            generator.manual_seed(self.model_config.seed)
+        else:
+            generator.seed()
+        self.sampler = Sampler(generator)
+        self.attn_backend = get_attention_backend(default_backend_name(config.device_config.device))
+
+    # ------------------------------------------------------------- start-up
+    def load_model(self) -> None:
+        """Build the model and load its weights (prints the load time).
+
+        Raises:
+            ModelLoadError / ValueError: unreadable weights, a missing or
+                unexpected tensor, a shape mismatch.
+        """
+        from ember.loader import iter_weights, resolve_model_source
+
+        start = time.perf_counter()
+        mc = self.model_config
+        model_cls = ModelRegistry.load_class(mc.architecture)
+        with _default_dtype(mc.dtype), self.device:
+            model = model_cls(mc.hf_config, self.attn_backend)
+        if self.config.load_config.load_format == "dummy":
+            for p in model.parameters():
+                p.data.uniform_(-0.05, 0.05)
+        else:
+            source = resolve_model_source(mc.model)
+            loaded = model.load_weights(iter_weights(source, mc.dtype))
+            missing = {n for n, _ in model.named_parameters()} - loaded
+            if missing:
+                raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")
+        self.model = model.eval()
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f"[ember] loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
+              f"in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes one block takes across all layers (K and V)."""
+        mc = self.model_config
+        elem = torch.empty((), dtype=mc.dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate per-layer KV tensors ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+        mc = self.model_config
+        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+
+    # ----------------------------------------------------------------- step
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in sched.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                num_prompt_tokens=len(new.prompt_token_ids),
+                token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+                sampling_params=new.sampling_params,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for cached in sched.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                               list[str], list[int]]:
+        """Pack the step's tokens. Returns input_ids, positions, attention
+        metadata, the ids of requests that sample and their last-token rows."""
+        req_ids = list(sched.num_scheduled_tokens)
+        counts = np.array([sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        states = [self.requests[r] for r in req_ids]
+        computed = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        query_start = np.zeros(len(req_ids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start[1:])
+        total = int(query_start[-1])
+
+        # positions[t] = computed[req(t)] + index of t within its request
+        req_of_token = np.repeat(np.arange(len(req_ids)), counts)
+        positions = computed[req_of_token] + np.arange(total) - query_start[:-1][req_of_token]
+        input_ids = np.empty(total, dtype=np.int64)
+        for i, s in enumerate(states):
+            input_ids[query_start[i]: query_start[i + 1]] = s.token_ids[computed[i]: computed[i] + counts[i]]
+
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_table = np.zeros((len(states), max_blocks), dtype=np.int32)
+        for i, s in enumerate(states):
+            block_table[i, : len(s.block_ids)] = s.block_ids
+        slot_mapping = (block_table[req_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+                        + positions % self.block_size)
+        seq_lens = computed + counts
+
+        sample_req_ids, sample_rows = [], []
+        for i, s in enumerate(states):
+            if seq_lens[i] == len(s.token_ids):
+                sample_req_ids.append(req_ids[i])
+                sample_rows.append(int(query_start[i + 1]) - 1)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        return (torch.from_numpy(input_ids).to(dev, non_blocking=True),
+                torch.from_numpy(positions).to(dev, non_blocking=True), meta, sample_req_ids, sample_rows)
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step: forward over all scheduled tokens, then sample for
+        requests whose tokens are all computed."""
+        self._update_states(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput({})
+        input_ids, positions, meta, sample_req_ids, sample_rows = self._prepare_inputs(sched)
+        hidden = self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+        for req_id, n in sched.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += n
+        if not sample_req_ids:
+            return ModelRunnerOutput({})
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        states = [self.requests[r] for r in sample_req_ids]
+        sampling_meta = SamplingMetadata.build(
+            [s.sampling_params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states], self.device)
+        sampled = self.sampler(logits, sampling_meta).tolist()
+        for s, tok in zip(states, sampled):
+            s.token_ids.append(tok)
+        return ModelRunnerOutput(dict(zip(sample_req_ids, sampled)))
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """One forward pass of ``max_num_batched_tokens`` tokens on a scratch
+        KV cache, so the caller can read the activation peak (CUDA)."""
+        n = self.config.scheduler_config.max_num_batched_tokens
+        saved = self.kv_caches
+        self.initialize_kv_cache(-(-n // self.block_size))
+        try:
+            self.compute_prompt_logits([0] * n)
+        finally:
+            self.kv_caches = saved
+
+    @torch.inference_mode()
+    def compute_prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one prompt, [len, vocab] float32, using
+        block 0.. of the KV cache as scratch (for tests and debugging; the
+        engine must be idle)."""
+        n = len(token_ids)
+        num_blocks = -(-n // self.block_size)
+        block_ids = list(range(num_blocks))
+        pos = torch.arange(n, device=self.device)
+        block_table = torch.tensor([block_ids], dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=block_table[0, pos // self.block_size].long() * self.block_size + pos % self.block_size,
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_table=block_table, max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, pos, ForwardContext(meta, self.kv_caches))
+        return self.model.compute_logits(hidden)

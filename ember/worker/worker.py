@@ -1,0 +1,72 @@
+"""Worker: one device: its model runner, memory profile and KV cache size."""
+
+from __future__ import annotations
+
+import torch
+
+from ember.config import ConfigError, EngineConfig
+from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.distributed.parallel_state import init_tensor_parallel
+from ember.worker.model_runner import ModelRunner
+
+
+class Worker:
+    """Owns one device and its :class:`ModelRunner`.
+
+    Args:
+        config: the engine config.
+        rank: tensor-parallel rank of this worker.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        self.config = config
+        init_tensor_parallel(rank, config.parallel_config.tensor_parallel_size)
+        if config.device_config.device == "cuda":
+            torch.cuda.set_device(rank)
+        self.model_runner = ModelRunner(config)
+
+    def load_model(self) -> None:
+        self.model_runner.load_model()
+
+    def determine_num_blocks(self) -> int:
+        """Number of KV blocks that fit in the memory Ember may use.
+
+        ``kv_cache_memory`` bytes if given; on CUDA otherwise
+        ``memory_utilization * total memory - memory in use after loading the
+        weights and running a forward pass of max_num_batched_tokens tokens``.
+
+        Raises:
+            ConfigError: not even ``max_model_len`` tokens fit.
+        """
+        cc = self.config.cache_config
+        per_block = self.model_runner.kv_cache_bytes_per_block()
+        if cc.num_gpu_blocks_override is not None:
+            num_blocks = cc.num_gpu_blocks_override
+        else:
+            if cc.kv_cache_memory is not None:
+                budget = cc.kv_cache_memory
+            else:
+                budget = self._profile_free_cuda_memory()
+            num_blocks = budget // per_block
+        max_len = self.config.model_config.max_model_len
+        needed = -(-max_len // cc.block_size)
+        if num_blocks < needed:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * cc.block_size} tokens ({num_blocks} blocks), fewer than "
+                f"max_model_len={max_len}: raise --kv-cache-memory or lower --max-model-len")
+        return int(num_blocks)
+
+    def _profile_free_cuda_memory(self) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.model_runner.profile_run()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        peak = torch.cuda.max_memory_allocated()
+        return int(total * self.config.cache_config.memory_utilization - used_by_others - peak)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.model_runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(sched)
