@@ -33,22 +33,53 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        block_size = kv_cache.shape[2]
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu
+        decode_rows = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
+        if len(decode_rows) > 1:
+            self._decode_batch(query, kv_cache, metadata, decode_rows, out)
+            done = set(decode_rows)
+        else:
+            done = set()
         for i, seq_len in enumerate(metadata.seq_lens_cpu):
-            q = query[starts[i]: starts[i + 1]]
-            q_len = q.shape[0]
-            num_blocks = -(-seq_len // block_size)
-            k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len)
-            mask = None
-            if q_len > 1:
-                # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
-                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-                mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            out[starts[i]: starts[i + 1]] = o.squeeze(0).transpose(0, 1)
+            if i not in done:
+                self._one_request(query, kv_cache, metadata, i, seq_len, out)
         return out
+
+    def _one_request(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, i: int,
+                     seq_len: int, out: torch.Tensor) -> None:
+        start, end = metadata.query_start_loc_cpu[i], metadata.query_start_loc_cpu[i + 1]
+        q = query[start:end]
+        q_len = q.shape[0]
+        num_blocks = -(-seq_len // kv_cache.shape[2])
+        k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len)
+        mask = None
+        if q_len > 1:
+            # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+
+    def _decode_batch(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                      rows: list[int], out: torch.Tensor) -> None:
+        """All single-token requests in one call: K/V gathered into a padded
+        [num_decodes, max_len] batch, padding masked out."""
+        block_size, num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+        seq_lens = [metadata.seq_lens_cpu[i] for i in rows]
+        max_blocks = -(-max(seq_lens) // block_size)
+        idx = torch.tensor(rows, device=query.device)
+        tables = metadata.block_table.index_select(0, idx)[:, :max_blocks]
+        b = len(rows)
+        k = kv_cache[0][tables].view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        v = kv_cache[1][tables].view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        lens = torch.tensor(seq_lens, device=query.device)
+        mask = (torch.arange(max_blocks * block_size, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
+        token_idx = torch.tensor([metadata.query_start_loc_cpu[i] for i in rows], device=query.device)
+        q = query.index_select(0, token_idx).unsqueeze(2)  # [b, num_heads, 1, head_dim]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        out.index_copy_(0, token_idx, o.squeeze(2))
