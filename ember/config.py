@@ -45,6 +45,8 @@ class ModelConfig:
         max_model_len: context window in tokens (prompt + output).
         served_model_name: the name clients use in the ``model`` field.
         seed: seed for unseeded random sampling (None: nondeterministic).
+        enforce_eager: never capture CUDA graphs.
+        skip_tokenizer_init: run without a tokenizer (prompts and outputs are token ids).
     """
 
     model: str
@@ -54,6 +56,8 @@ class ModelConfig:
     max_model_len: int
     served_model_name: str
     seed: int | None = 0
+    enforce_eager: bool = False
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES.values(), "dtype", f"one of {sorted(_DTYPES)}", self.dtype)

@@ -57,6 +57,8 @@ class EngineArgs:
     load_format: str = "auto"
     tensor_parallel_size: int = 1
     seed: int | None = 0
+    enforce_eager: bool = False
+    skip_tokenizer_init: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -81,6 +83,9 @@ class EngineArgs:
         parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
+        parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+        parser.add_argument("--skip-tokenizer-init", action="store_true",
+                            help="run without a tokenizer: prompts and outputs are token ids")
         return parser
 
     @classmethod
@@ -126,6 +131,8 @@ class EngineArgs:
             max_model_len=max_model_len,
             served_model_name=name,
             seed=self.seed,
+            enforce_eager=self.enforce_eager,
+            skip_tokenizer_init=self.skip_tokenizer_init or source.format == "preset",
         )
         kv_bytes = self.kv_cache_memory
         if kv_bytes is None and device == "cpu":

@@ -8,6 +8,9 @@ from ember.core.sched_output import EngineCoreOutput
 from ember.core.scheduler import Scheduler
 from ember.executor.uniproc import UniProcExecutor
 from ember.request import Request, RequestStatus
+from ember.logger import init_logger
+
+logger = init_logger(__name__)
 
 
 class EngineCore:
@@ -27,8 +30,8 @@ class EngineCore:
         self.executor.initialize_kv_cache(num_blocks)
         block_size = config.cache_config.block_size
         gib = num_blocks * self.executor.kv_cache_bytes_per_block() / (1 << 30)
-        print(f"[ember] KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
-              f"({gib:.2f} GiB)", flush=True)
+        logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
+              f"({gib:.2f} GiB)")
         self.scheduler = Scheduler(config.scheduler_config, KVCacheManager(num_blocks, block_size))
 
     def add_request(self, request: Request) -> None:

@@ -24,8 +24,10 @@ class IncrementalDetokenizer:
         params: gives ``stop`` and ``skip_special_tokens``.
     """
 
-    def __init__(self, tokenizer: Any, params: SamplingParams) -> None:
-        self._tokenizer = getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer
+    def __init__(self, tokenizer: Any | None, params: SamplingParams) -> None:
+        # NOTE: without a tokenizer (skip_tokenizer_init) the text stays empty.
+        self._tokenizer = None if tokenizer is None else (
+            getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer)
         self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
         self.stop = list(params.stop or [])
         self._hold = max((len(s) for s in self.stop), default=1) - 1
@@ -35,6 +37,8 @@ class IncrementalDetokenizer:
     def update(self, token_ids: list[int]) -> str | None:
         """Add tokens; returns the stop string if one now appears in the text
         (the text is cut just before it)."""
+        if self._tokenizer is None:
+            return None
         for tid in token_ids:
             before = len(self.output_text)
             piece = self._stream.step(self._tokenizer, tid)

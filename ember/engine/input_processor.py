@@ -13,14 +13,16 @@ class InputProcessor:
 
     Args:
         model_config: gives ``max_model_len`` and the vocabulary size.
-        tokenizer: a ``transformers`` tokenizer (fast).
+        tokenizer: a ``transformers`` tokenizer (fast), or None to accept token
+            ids only.
     """
 
     def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         eos = set()
-        for source in (getattr(model_config.hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for source in (getattr(model_config.hf_config, "eos_token_id", None),
+                       tokenizer.eos_token_id if tokenizer is not None else None):
             if isinstance(source, int):
                 eos.add(source)
             elif isinstance(source, (list, tuple)):
@@ -35,6 +37,8 @@ class InputProcessor:
             ValueError: empty prompt, wrong type, or a token id outside the vocabulary.
         """
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): give token ids")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
@@ -57,7 +61,7 @@ class InputProcessor:
         Raises:
             ValueError: no chat template, or malformed messages.
         """
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use a completion prompt instead")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")

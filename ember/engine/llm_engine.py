@@ -28,7 +28,8 @@ class LLMEngine:
 
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(resolve_model_source(config.model_config.model))
+        self.tokenizer = (None if config.model_config.skip_tokenizer_init
+                          else load_tokenizer(resolve_model_source(config.model_config.model)))
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)

@@ -43,8 +43,9 @@ class ModelSource:
     """A resolved model location.
 
     Attributes:
-        format: ``"gguf"`` (``path`` is a ``.gguf`` file) or ``"hf"`` (``path``
-            is a directory with ``config.json`` and ``*.safetensors``).
+        format: ``"gguf"`` (``path`` is a ``.gguf`` file), ``"hf"`` (``path``
+            is a directory with ``config.json`` and ``*.safetensors``) or
+            ``"preset"`` (``path`` is a shipped architecture config, no weights).
         path: absolute path.
     """
 
@@ -68,7 +69,7 @@ class FormatLoader:
 
 # Format -> module defining ``LOADER: FormatLoader``; imported on first use so
 # that resolving a path does not pull in gguf/safetensors/transformers.
-_FORMAT_MODULES = {"gguf": "ember.loader.gguf", "hf": "ember.loader.safetensors"}
+_FORMAT_MODULES = {"gguf": "ember.loader.gguf", "hf": "ember.loader.safetensors", "preset": "ember.loader.presets"}
 
 
 def _loader(source: ModelSource) -> FormatLoader:
@@ -96,9 +97,12 @@ def resolve_model_source(model: str) -> ModelSource:
     if path.is_dir():
         return ModelSource("hf", str(_check_hf_dir(path.resolve())))
     from ember.loader.download import BUNDLED_MODELS, ensure_bundled_model
+    from ember.loader.presets import preset_path
 
     if model in BUNDLED_MODELS:
         return ModelSource("gguf", ensure_bundled_model(model))
+    if (preset := preset_path(model)) is not None:
+        return ModelSource("preset", str(preset))
     hint = ""
     if "/" in model and not model.startswith(("/", ".", "~")):
         hint = "; Ember does not download from the Hugging Face Hub: pass a local path"
@@ -164,9 +168,10 @@ def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str,
     return _loader(source).iter_weights(source.path, dtype)
 
 
-def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerFast:
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerFast | None:
     """The model's tokenizer (a fast, ``tokenizers``-backed one), with
-    ``chat_template`` set when the model ships one.
+    ``chat_template`` set when the model ships one; None for an architecture
+    preset (token ids only).
 
     Raises:
         ModelLoadError: the tokenizer files are missing or unreadable.

@@ -15,7 +15,7 @@ from ember.layers.activation import SiluAndMul
 from ember.layers.attention import Attention, AttentionBackend, ForwardContext
 from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from ember.layers.rotary import RotaryEmbedding, rope_parameters
+from ember.layers.rotary import get_rope, rope_parameters
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.distributed.parallel_state import get_tp_size
 
@@ -47,8 +47,8 @@ class LlamaAttention(nn.Module):
                                           self.total_num_kv_heads, bias=qkv_bias)
         self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, config.hidden_size, bias=o_bias)
         rope_theta, rope_scaling = rope_parameters(config)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, self.head_dim, config.max_position_embeddings,
-                                          rope_theta, rope_scaling)
+        self.rotary_emb = get_rope(self.head_dim, self.head_dim, config.max_position_embeddings,
+                                   rope_theta, rope_scaling)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
                               layer_idx, attn_backend)
 

@@ -11,7 +11,6 @@ and sampled.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass
 
@@ -25,8 +24,10 @@ from ember.layers.attention.backend import default_backend_name
 from ember.models.registry import ModelRegistry
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
+from ember.logger import init_logger
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
+
 
 
 @dataclass(slots=True)
@@ -39,6 +40,26 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class HostInputs:
+    """One step's packed inputs on the host (numpy), before any device copy.
+
+    Shapes: ``input_ids``, ``positions``, ``slot_mapping``: [num_tokens] int64;
+    ``query_start_loc``: [num_reqs + 1] int32; ``seq_lens``: [num_reqs] int32;
+    ``block_table``: [num_reqs, max_blocks] int32.
+    """
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_table: np.ndarray
+    max_query_len: int
+    sample_req_ids: list[str]
+    sample_rows: list[int]
 
 
 @contextlib.contextmanager
@@ -66,6 +87,7 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.model: torch.nn.Module | None = None
+        self.cuda_graphs = None  # CUDAGraphRunner once captured
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -100,8 +122,8 @@ class ModelRunner:
                 raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")
         self.model = model.eval()
         num_params = sum(p.numel() for p in model.parameters())
-        print(f"[ember] loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
-              f"in {time.perf_counter() - start:.1f} s", flush=True)
+        logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
+              f"in {time.perf_counter() - start:.1f} s")
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block takes across all layers (K and V)."""
@@ -133,10 +155,8 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                               list[str], list[int]]:
-        """Pack the step's tokens. Returns input_ids, positions, attention
-        metadata, the ids of requests that sample and their last-token rows."""
+    def _prepare_host_inputs(self, sched: SchedulerOutput) -> HostInputs:
+        """Pack the step's tokens into host (numpy) arrays."""
         req_ids = list(sched.num_scheduled_tokens)
         counts = np.array([sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         states = [self.requests[r] for r in req_ids]
@@ -165,20 +185,34 @@ class ModelRunner:
             if seq_lens[i] == len(s.token_ids):
                 sample_req_ids.append(req_ids[i])
                 sample_rows.append(int(query_start[i + 1]) - 1)
+        return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
+                          seq_lens.astype(np.int32), block_table, int(counts.max()), sample_req_ids, sample_rows)
 
+    def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
-            max_query_len=int(counts.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=query_start.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            slot_mapping=to_dev(host.slot_mapping),
+            query_start_loc=to_dev(host.query_start_loc),
+            seq_lens=to_dev(host.seq_lens),
+            block_table=to_dev(host.block_table),
+            max_query_len=host.max_query_len,
+            max_seq_len=int(host.seq_lens.max()),
+            query_start_loc_cpu=host.query_start_loc.tolist(),
+            seq_lens_cpu=host.seq_lens.tolist(),
         )
-        return (torch.from_numpy(input_ids).to(dev, non_blocking=True),
-                torch.from_numpy(positions).to(dev, non_blocking=True), meta, sample_req_ids, sample_rows)
+        return to_dev(host.input_ids), to_dev(host.positions), meta
+
+    def _forward(self, host: HostInputs) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of the packed batch: a CUDA-graph
+        replay for decode-only batches that fit a captured size, else eager."""
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
+            return self.cuda_graphs.run(host)
+        input_ids, positions, meta = self._device_inputs(host)
+        return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -187,20 +221,33 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
-        input_ids, positions, meta, sample_req_ids, sample_rows = self._prepare_inputs(sched)
-        hidden = self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+        host = self._prepare_host_inputs(sched)
+        hidden = self._forward(host)
         for req_id, n in sched.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
-        if not sample_req_ids:
+        if not host.sample_req_ids:
             return ModelRunnerOutput({})
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        states = [self.requests[r] for r in sample_req_ids]
+        logits = self.model.compute_logits(hidden[torch.tensor(host.sample_rows, device=self.device)])
+        states = [self.requests[r] for r in host.sample_req_ids]
         sampling_meta = SamplingMetadata.build(
             [s.sampling_params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states], self.device)
         sampled = self.sampler(logits, sampling_meta).tolist()
         for s, tok in zip(states, sampled):
             s.token_ids.append(tok)
-        return ModelRunnerOutput(dict(zip(sample_req_ids, sampled)))
+        return ModelRunnerOutput(dict(zip(host.sample_req_ids, sampled)))
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode steps for a ladder of batch sizes (CUDA, unless
+        ``enforce_eager``); prints the capture time."""
+        if self.device.type != "cuda" or self.model_config.enforce_eager:
+            return
+        from ember.worker.cuda_graph import CUDAGraphRunner
+
+        start = time.perf_counter()
+        self.cuda_graphs = CUDAGraphRunner(self.model, self.kv_caches, self.config)
+        self.cuda_graphs.capture()
+        logger.info(f"captured CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
+              f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
 
     @torch.inference_mode()
     def profile_run(self) -> None:

@@ -66,7 +66,9 @@ class Worker:
         return int(total * self.config.cache_config.memory_utilization - used_by_others - peak)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache, then capture CUDA graphs over it (CUDA only)."""
         self.model_runner.initialize_kv_cache(num_blocks)
+        self.model_runner.capture_cuda_graphs()
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(sched)

@@ -1,4 +1,11 @@
-from ember.layers.attention.backend import AttentionBackend, AttentionMetadata, get_attention_backend
+from ember.layers.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    KVCacheSpec,
+    get_attention_backend,
+    standard_kv_cache_spec,
+)
 from ember.layers.attention.layer import Attention, ForwardContext
 
-__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "ForwardContext", "get_attention_backend"]
+__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "ForwardContext", "KVCacheSpec",
+           "get_attention_backend", "standard_kv_cache_spec"]

@@ -10,6 +10,7 @@ paged attention (Kwon et al., 2023, "PagedAttention").
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ class AttentionMetadata:
         max_seq_len: longest ``seq_lens`` entry.
         query_start_loc_cpu / seq_lens_cpu: the same as host lists, for backends
             that loop over requests on the host.
+        num_kv_splits: split-KV decode: splits per request, fixed when a CUDA
+            graph is captured (0: the backend chooses).
     """
 
     slot_mapping: torch.Tensor
@@ -43,10 +46,49 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    num_kv_splits: int = 0
 
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """Layout of the paged KV cache a model needs: one tensor per layer of
+    shape ``(*leading_shape, num_blocks, *block_shape)``.
+
+    Attributes:
+        num_layers: layers that own a cache tensor.
+        leading_shape: dims before the block dim: ``(2,)`` for separate K and
+            V, ``()`` for MLA's single latent.
+        block_shape: dims of one block, ``block_size`` first:
+            ``(block_size, num_kv_heads, head_dim)`` for K/V,
+            ``(block_size, kv_lora_rank + qk_rope_head_dim)`` for MLA.
+        dtype: element type.
+    """
+
+    num_layers: int
+    leading_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def layer_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor holding ``num_blocks`` blocks."""
+        return (*self.leading_shape, num_blocks, *self.block_shape)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes across all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * math.prod(self.leading_shape) * math.prod(self.block_shape) * elem
+
+
+def standard_kv_cache_spec(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                           dtype: torch.dtype) -> KVCacheSpec:
+    """The K/V layout of :class:`AttentionBackend`:
+    ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` per layer."""
+    return KVCacheSpec(num_layers, (2,), (block_size, num_kv_heads, head_dim), dtype)
 
 
 class AttentionBackend(ABC):
@@ -82,6 +124,7 @@ class AttentionBackend(ABC):
 _BACKENDS: dict[str, str] = {
     # name -> "module:Class", imported lazily so the CPU path never imports GPU kernels.
     "torch": "ember.layers.attention.torch_backend:TorchAttentionBackend",
+    "triton": "ember.layers.attention.triton_backend:TritonAttentionBackend",
 }
 
 
@@ -100,5 +143,5 @@ def get_attention_backend(name: str) -> type[AttentionBackend]:
 
 
 def default_backend_name(device: str) -> str:
-    """The backend chosen for a device (GPU kernels will register for ``cuda``)."""
-    return "torch"
+    """The backend chosen for a device: Triton kernels on CUDA, plain PyTorch elsewhere."""
+    return "triton" if device == "cuda" else "torch"

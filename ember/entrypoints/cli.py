@@ -1,0 +1,276 @@
+"""The ``ember`` command line.
+
+::
+
+    ember serve    [MODEL] [--host 127.0.0.1] [--port 8000] [engine flags]   OpenAI-compatible server
+    ember generate [--model M] --prompt TEXT [--chat] [sampling flags]     one-shot generation
+    ember chat     [--model M] [--system TEXT] [sampling flags]            interactive chat (stdin)
+    ember download [NAME ...]                                              fetch the bundled models
+
+Without ``--model`` every command uses the bundled default model. Engine flags are
+those of :meth:`EngineArgs.add_cli_args` (``ember serve --help`` lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import sys
+import uuid
+from typing import Any
+
+from ember.config import ConfigError
+from ember.engine.arg_utils import EngineArgs
+from ember.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("ember.cli")
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def _sampling_params(args: argparse.Namespace, output_kind: RequestOutputKind) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos, output_kind=output_kind,
+    )
+
+
+def _engine_args(args: argparse.Namespace) -> EngineArgs:
+    return EngineArgs.from_cli_args(args)
+
+
+def _load_quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``load`` (an engine constructor) with its stdout sent to stderr.
+
+    NOTE: stdout carries only generated text, so that ``ember generate | ...`` pipes
+    cleanly; start-up reports printed while loading belong on stderr.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        return load(*args, **kwargs)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that deserve a one-line message rather than a traceback."""
+    errors: list[type[BaseException]] = [ConfigError]
+    try:
+        from ember.loader import ModelLoadError
+
+        errors.append(ModelLoadError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ember.entrypoints.openai.api_server import run_server
+
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise SystemExit("ember serve: give the model either as MODEL or as --model, not both")
+        args.model = args.model_tag
+    run_server(args)
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ember.engine.llm import LLM
+
+    prompts = args.prompt if args.prompt else [sys.stdin.read().rstrip("\n")]
+    params = _sampling_params(args, RequestOutputKind.FINAL_ONLY)
+    llm = _load_quietly(LLM, **dataclasses.asdict(_engine_args(args)))
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        conversations = [system + [{"role": "user", "content": p}] for p in prompts]
+        outputs = llm.chat(conversations, params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for out in outputs:
+        print(out.outputs[0].text, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- chat
+
+
+class ChatSession:
+    """A multi-turn conversation with an ``AsyncLLM``, printing replies as they stream.
+
+    Args:
+        engine: an ``AsyncLLM``.
+        params: sampling parameters for every reply (``output_kind`` is set to DELTA).
+        system: optional system prompt kept at the head of the history.
+    """
+
+    def __init__(self, engine: Any, params: SamplingParams, system: str | None = None) -> None:
+        self.engine = engine
+        self.params = params
+        self.params.output_kind = RequestOutputKind.DELTA
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.history: list[dict[str, str]] = list(self.system)
+
+    def reset(self) -> None:
+        self.history = list(self.system)
+
+    async def reply(self, user_text: str, out: Any = sys.stdout) -> str:
+        """Stream the assistant's answer to ``user_text`` into ``out``; record the turn.
+
+        Raises:
+            ValueError: the conversation no longer fits the context (history unchanged).
+        """
+        messages = self.history + [{"role": "user", "content": user_text}]
+        prompt_ids = self.engine.input_processor.apply_chat_template(messages)
+        params = self.engine.input_processor.check(prompt_ids, dataclasses.replace(self.params))
+        pieces: list[str] = []
+        async for output in self.engine.generate(prompt_ids, params, f"chat-{uuid.uuid4().hex}"):
+            piece = output.outputs[0].text
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        text = "".join(pieces)
+        self.history = messages + [{"role": "assistant", "content": text}]
+        return text
+
+
+def _read_line(prompt: str) -> str | None:
+    try:
+        return input(prompt) if prompt else sys.stdin.readline() or None
+    except EOFError:
+        return None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ember.engine.async_llm import AsyncLLM
+
+    engine = _load_quietly(AsyncLLM.from_engine_args, _engine_args(args))
+    session = ChatSession(engine, _sampling_params(args, RequestOutputKind.DELTA), args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {engine.model_config.served_model_name}. "
+              "/reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply.", file=sys.stderr)
+    # NOTE: one event loop for the whole session, but input is read outside it, so that
+    # Ctrl-C at the prompt quits and Ctrl-C during a reply only cancels that reply.
+    try:
+        with asyncio.Runner() as runner:
+            while (line := _read_line("> " if interactive else "")) is not None:
+                text = line.strip()
+                if text in ("/exit", "/quit"):
+                    break
+                if text == "/reset":
+                    session.reset()
+                    continue
+                if not text:
+                    continue
+                try:
+                    runner.run(session.reply(text))
+                except ValueError as e:
+                    print(f"error: {e} (use /reset to start over)", file=sys.stderr)
+                except KeyboardInterrupt:
+                    print("\n[reply interrupted]", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+# ---------------------------------------------------------------- download
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from ember.loader.download import BUNDLED_MODELS, ensure_bundled_model
+
+    names = args.names or list(BUNDLED_MODELS)
+    unknown = [n for n in names if n not in BUNDLED_MODELS]
+    if unknown:
+        print(f"ember download: unknown model {unknown[0]!r}; bundled models: {', '.join(BUNDLED_MODELS)}",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        print(f"{name}: {ensure_bundled_model(name)}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Ember: LLM inference and serving engine")
+    parser.add_argument("--version", action="version", version=f"ember {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible API server")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate text for one or more prompts and print it")
+    p.add_argument("--prompt", "-p", action="append", default=None,
+                   help="prompt text (repeatable; default: read one prompt from stdin)")
+    p.add_argument("--chat", action="store_true", help="treat each prompt as a user message (chat template)")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    EngineArgs.add_cli_args(p)
+    _add_sampling_args(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat interactively (reads stdin, streams replies)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    EngineArgs.add_cli_args(p)
+    _add_sampling_args(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("download", help="fetch the bundled models and print their paths")
+    p.add_argument("names", nargs="*", metavar="NAME", help="bundled model names (default: all)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def _version() -> str:
+    from ember import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as e:
+        print(f"ember {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

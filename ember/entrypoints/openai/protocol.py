@@ -1,0 +1,310 @@
+"""Pydantic models of the OpenAI-compatible API (requests, responses, errors).
+
+Shapes follow OpenAI's API reference for ``/v1/completions`` and
+``/v1/chat/completions`` (https://platform.openai.com/docs/api-reference), plus the
+sampling extensions vLLM users expect (``top_k``, ``min_p``, ``stop_token_ids``,
+``ignore_eos``, ``skip_special_tokens``).
+
+Requests are strict: a wrong JSON type (``"max_tokens": "16"``) or a field Ember does
+not support is rejected (HTTP 400 naming the field) rather than coerced or ignored,
+so that a client never silently gets behaviour it did not ask for.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ember.sampling_params import RequestOutputKind, SamplingParams
+
+
+def random_id(prefix: str) -> str:
+    """A unique id such as ``chatcmpl-3f2a...`` (used as the engine request id too)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix time in seconds, OpenAI's ``created`` field."""
+    return int(time.time())
+
+
+class OpenAIBaseModel(BaseModel):
+    """Response models: plain, lenient construction from our own code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StrictRequestModel(BaseModel):
+    """Request models: no type coercion, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """An error the server answers with an OpenAI error body.
+
+    Args:
+        message: what is wrong, for the user (names the parameter where there is one).
+        status_code: HTTP status (400 for the client's mistakes, 500 for ours).
+        type: OpenAI's error type, e.g. ``"invalid_request_error"``.
+        param: the request field at fault, if any.
+        code: a machine-readable code, e.g. ``"model_not_found"``.
+    """
+
+    def __init__(self, message: str, status_code: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(StrictRequestModel):
+    include_usage: bool = False
+    # Accepted for compatibility; usage in every chunk is not implemented.
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(StrictRequestModel):
+    """Sampling fields shared by completion and chat requests.
+
+    ``None`` means "the SamplingParams default" (temperature 1.0, top_p 1.0, ...),
+    as in OpenAI's API, where omitting a field and sending ``null`` are the same.
+    """
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Harmless standard field (end-user id for abuse monitoring); Ember ignores it.
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v: Any) -> Any:
+        # OpenAI allows a single string or a list of strings.
+        if isinstance(v, str):
+            return [v]
+        if v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+            return v
+        raise ValueError("stop must be a string or a list of strings")
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """Build validated SamplingParams (DELTA output when streaming).
+
+        Args:
+            max_tokens: the resolved output budget in tokens (None: up to the context).
+
+        Raises:
+            ValueError: a value out of range (the message names the parameter).
+        """
+        optional = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+        }
+        return SamplingParams(
+            n=self.n,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options`` only counts when streaming)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``.
+
+    ``prompt`` is a string, a list holding one string, or a list of token ids
+    (batches of prompts are not supported: send one request per prompt).
+    ``max_tokens`` defaults to 16 as in OpenAI's API.
+    """
+
+    prompt: str | list[int]
+    max_tokens: int | None = 16
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            if len(v) == 1 and isinstance(v[0], str):
+                return v[0]
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                return v
+            if all(isinstance(t, str) for t in v):
+                raise ValueError("only one prompt per request is supported; send one request per prompt")
+        raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
+
+
+class ContentPart(StrictRequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictRequestModel):
+    """A chat message; ``content`` may be a string or a list of text parts."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        # OpenAI clients may send [{"type": "text", "text": "..."}]; only text is supported.
+        if isinstance(v, list):
+            parts = [ContentPart.model_validate(p) for p in v]
+            return "".join(p.text for p in parts)
+        return v
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``.
+
+    ``max_completion_tokens`` (OpenAI's current name) wins over ``max_tokens``
+    (deprecated there); with neither, generation may run to the end of the context.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+    def resolved_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        """Messages as the chat template wants them (``content`` None becomes "")."""
+        return [{"role": m.role, "content": m.content or ""} for m in self.messages]
+
+
+# ---------------------------------------------------------------- responses
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    # vLLM extension: the stop string or token id that ended the completion.
+    stop_reason: str | int | None = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatResponseMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "ember"
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

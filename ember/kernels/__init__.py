@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily, only on CUDA: the CPU path never imports Triton."""

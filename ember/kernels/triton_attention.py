@@ -1,0 +1,246 @@
+"""Triton kernels for attention over the paged KV cache (CUDA only).
+
+Cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
+token ``p`` of a request is at slot ``block_table[p // block_size] *
+block_size + p % block_size``.
+
+* ``store_kv_cache``: scatter new K/V rows to their slots (negative slot = padding, skipped).
+* ``extend_attention``: packed variable-length queries (prefill, chunked prefill,
+  prefix hits, decode), causal, GQA; keys are read from the cache (new ones
+  included, written first). Online softmax as in FlashAttention-2 (Dao, 2023).
+* ``decode_attention``: one query per request, split-KV (FlashDecoding, Dao et
+  al., 2023): the context is cut into ``num_splits`` pieces processed by separate
+  programs that write partial outputs and log-sum-exps, merged by a second kernel,
+  so a single long sequence still fills the GPU. All query heads of one KV head
+  are processed together (GQA packing) so K/V are read once per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------- KV write
+@triton.jit
+def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping + t)
+    if slot < 0:
+        return
+    offs = tl.arange(0, BLOCK)
+    mask = offs < ROW
+    k = tl.load(key + t * stride_k + offs, mask=mask)
+    v = tl.load(value + t * stride_v + offs, mask=mask)
+    tl.store(cache + slot * ROW + offs, k, mask=mask)
+    tl.store(cache + (num_slots + slot) * ROW + offs, v, mask=mask)
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``key``/``value``: [num_tokens, num_kv_heads, head_dim] (rows contiguous);
+    ``slot_mapping``: [num_tokens] int64 (negative entries are skipped)."""
+    num_tokens = key.shape[0]
+    if num_tokens == 0:
+        return
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    row = num_kv_heads * head_dim
+    key = key.reshape(num_tokens, row)
+    value = value.reshape(num_tokens, row)
+    _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, num_blocks * block_size,
+                                    key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+# ------------------------------------------------------------ extend / prefill
+@triton.jit
+def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    m_block = tl.program_id(2)
+    q_start = tl.load(query_start_loc + req)
+    q_len = tl.load(query_start_loc + req + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens + req)
+    ctx_len = seq_len - q_len
+    kv_head = head // GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q_pos = ctx_len + offs_m  # absolute position of each query row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp
+    row = NUM_KV_HEADS * HEAD_DIM
+    end = tl.minimum(seq_len, ctx_len + (m_block + 1) * BLOCK_M)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(block_table + req * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
+        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
+        kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        s = tl.where(causal, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with no visible key yet keep m = -inf; guard the exp2 against NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
+                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float) -> None:
+    """Causal attention of packed new tokens over their cached context.
+
+    Args:
+        query, out: [num_tokens, num_heads, head_dim].
+        kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (new K/V already stored).
+        block_table: [num_reqs, max_blocks] int32. query_start_loc: [num_reqs + 1] int32.
+        seq_lens: [num_reqs] int32 (context + new tokens).
+    """
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_heads = query.shape[1]
+    num_reqs = seq_lens.shape[0]
+    block_m = 64 if max_query_len > 16 else 16
+    block_n = 64
+    grid = (num_reqs, num_heads, triton.cdiv(max_query_len, block_m))
+    _extend_kernel[grid](
+        query, kv_cache, out, block_table, query_start_loc, seq_lens, scale,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        num_blocks * block_size,
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+# ---------------------------------------------------------------------- decode
+@triton.jit
+def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
+                         stride_qt, stride_qh, stride_bt, num_slots,
+                         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + req)
+    # Each request cuts its own context into NUM_SPLITS pieces of whole BLOCK_N tiles.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    stop = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h
+    q = tl.load(Q + req * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    row = NUM_KV_HEADS * HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < stop
+        page = tl.load(block_table + req * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
+        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
+        kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # An empty split (start >= seq_len) leaves l_i = 0: its LSE is -inf and it drops out of the merge.
+    valid = l_i > 0
+    out = acc / tl.where(valid, l_i, 1.0)[:, None]
+    lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
+    base = (req * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    tl.store(Mid_O + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(Mid_LSE + base, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(Mid_O, Mid_LSE, Out, stride_ot, stride_oh, num_heads,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    base = (req * num_heads + head) * NUM_SPLITS
+    lse = tl.load(Mid_LSE + base + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(Mid_O + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + req * stride_ot + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=mask_d)
+
+
+def num_decode_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """KV splits per request so that about two waves of programs cover the GPU."""
+    return max(1, min(max_splits, triton.cdiv(2 * num_sms, num_reqs * num_kv_heads)))
+
+
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, num_splits: int,
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One query token per request (``query``, ``out``: [num_reqs, num_heads, head_dim]).
+
+    Args:
+        num_splits: KV splits per request (see :func:`num_decode_splits`); the
+            launch shape does not depend on the data, so it is CUDA-graph safe.
+        workspace: optional preallocated (partial outputs [num_reqs * num_heads *
+            num_splits * head_dim] float32, LSEs [num_reqs * num_heads * num_splits] float32).
+    Rows with ``seq_lens == 0`` (padding) produce zeros.
+    """
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_reqs, num_heads, _ = query.shape
+    group = num_heads // num_kv_heads
+    if workspace is None:
+        mid_o = torch.empty(num_reqs * num_heads * num_splits * head_dim, dtype=torch.float32, device=query.device)
+        mid_lse = torch.empty(num_reqs * num_heads * num_splits, dtype=torch.float32, device=query.device)
+    else:
+        mid_o, mid_lse = workspace
+    _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, kv_cache, mid_o, mid_lse, block_table, seq_lens, scale,
+        query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=64, NUM_SPLITS=num_splits,
+        num_warps=4, num_stages=2)
+    _decode_merge_kernel[(num_reqs, num_heads)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)

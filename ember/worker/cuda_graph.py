@@ -1,0 +1,100 @@
+"""CUDA graphs for decode steps.
+
+A decode step launches hundreds of small kernels; replaying a captured graph
+removes the per-launch host cost. Graphs are captured for a ladder of batch
+sizes over persistent input buffers; a batch of ``n`` decodes runs in the
+smallest captured size ``>= n``, its padding rows given ``seq_len 0`` and slot
+``-1`` so that they neither read nor write the KV cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ember.config import EngineConfig
+from ember.layers.attention import AttentionMetadata, ForwardContext
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 256 (as vLLM), capped at ``max_num_seqs``."""
+    ladder = [1, 2, 4] + list(range(8, 257, 8))
+    sizes = [s for s in ladder if s <= max_num_seqs]
+    if max_num_seqs < 256 and max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class CUDAGraphRunner:
+    """Captures and replays ``model(input_ids, positions, ctx)`` for decode-only batches.
+
+    Args:
+        model: the loaded model.
+        kv_caches: the per-layer KV cache tensors (fixed addresses).
+        config: engine config (max_num_seqs, max_model_len, block_size).
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig) -> None:
+        from ember.kernels.triton_attention import num_decode_splits
+
+        self.model, self.kv_caches = model, kv_caches
+        self.sizes = capture_sizes(config.scheduler_config.max_num_seqs)
+        self._num_splits = num_decode_splits
+        self.num_kv_heads = config.model_config.num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        n = self.sizes[-1]
+        max_blocks = -(-config.model_config.max_model_len // config.cache_config.block_size)
+        dev = torch.device("cuda")
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _context(self, bs: int) -> ForwardContext:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
+            max_seq_len=self.block_table.shape[1], query_start_loc_cpu=[], seq_lens_cpu=[],
+            num_kv_splits=self._num_splits(bs, self.num_kv_heads, self.num_sms))
+        return ForwardContext(meta, self.kv_caches)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+            ctx = self._context(bs)
+            args = (self.input_ids[:bs], self.positions[:bs], ctx)
+            self.model(*args)  # warm-up: compiles Triton kernels, sets up cuBLAS handles
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, host) -> bool:
+        """True for a decode-only batch (one token per request) that fits a graph."""
+        n = len(host.seq_lens)
+        return host.max_query_len == 1 and n <= self.sizes[-1]
+
+    def run(self, host) -> torch.Tensor:
+        """Copy ``host`` (a ``HostInputs``) into the buffers, replay; returns [n, hidden]."""
+        n = len(host.seq_lens)
+        bs = next(s for s in self.sizes if s >= n)
+        width = host.block_table.shape[1]
+        self.input_ids[:n].copy_(torch.from_numpy(host.input_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(host.positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.from_numpy(host.slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(torch.from_numpy(host.seq_lens), non_blocking=True)
+        self.block_table[:n, :width].copy_(torch.from_numpy(np.ascontiguousarray(host.block_table)),
+                                           non_blocking=True)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

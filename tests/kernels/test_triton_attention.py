@@ -1,0 +1,96 @@
+"""Triton paged-attention kernels vs the plain-PyTorch backend (float32
+reference on the same bf16 data). GPU only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ember.layers.attention.backend import AttentionMetadata
+from ember.layers.attention.torch_backend import TorchAttentionBackend
+
+pytestmark = pytest.mark.gpu
+BLOCK = 16
+
+
+def _case(reqs, num_heads, num_kv_heads, head_dim, seed):
+    """reqs: list of (cached, new). Random cache + queries; returns inputs and metadata."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    blocks_needed = [math.ceil((c + n) / BLOCK) for c, n in reqs]
+    num_blocks = sum(blocks_needed) + 3
+    kv = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
+    perm = torch.randperm(num_blocks, generator=g, device=dev).tolist()
+    tables, slots, starts, seq_lens = [], [], [0], []
+    for (c, n), nb in zip(reqs, blocks_needed):
+        t = [perm.pop() for _ in range(nb)]
+        tables.append(t)
+        slots += [t[p // BLOCK] * BLOCK + p % BLOCK for p in range(c, c + n)]
+        starts.append(starts[-1] + n)
+        seq_lens.append(c + n)
+    width = max(blocks_needed)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+    T = starts[-1]
+    q = torch.randn(T, num_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
+    k = torch.randn(T, num_kv_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
+    v = torch.randn(T, num_kv_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=dev), query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_table=table,
+        max_query_len=max(n for _, n in reqs), max_seq_len=max(seq_lens), query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens)
+    return q, k, v, kv, meta
+
+
+def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0):
+    from ember.layers.attention.triton_backend import TritonAttentionBackend
+
+    q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed)
+    scale = head_dim ** -0.5
+    ref_cache = kv.float().clone()
+    ref = TorchAttentionBackend(num_heads, head_dim, scale, num_kv_heads).forward(
+        q.float(), k.float(), v.float(), ref_cache, meta)
+    backend = TritonAttentionBackend(num_heads, head_dim, scale, num_kv_heads)
+    out = backend.forward(q, k, v, kv, meta)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), "unwritten or NaN output"
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 1e-2, f"relative error {rel:.3e}"
+    assert torch.equal(kv.float(), ref_cache.to(torch.bfloat16).float()), "KV cache write differs"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+def test_mixed_prefill_decode(head_dim, group):
+    num_kv_heads = 2
+    reqs = [(0, 1), (0, BLOCK - 1), (0, BLOCK), (0, BLOCK + 1), (BLOCK - 1, 1), (BLOCK + 1, 5), (300, 1), (40, 200)]
+    _check(reqs, num_kv_heads * group, num_kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+def test_decode_only(head_dim, group):
+    reqs = [(0, 1), (BLOCK - 2, 1), (BLOCK, 1), (BLOCK * 7 + 3, 1), (1000, 1)]
+    _check(reqs, 2 * group, 2, head_dim, seed=1)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_long_context_32k(mode):
+    reqs = [(32768 - 1, 1)] if mode == "decode" else [(32768 - 512, 512)]
+    _check(reqs, 32, 8, 128, seed=2)
+
+
+def test_padded_decode_rows_are_zero_and_skip_kv_write():
+    from ember.kernels.triton_attention import decode_attention, store_kv_cache
+
+    q, k, v, kv, meta = _case([(10, 1), (20, 1)], 8, 2, 64, seed=3)
+    before = kv.clone()
+    store_kv_cache(k, v, kv, torch.tensor([-1, -1], device="cuda"))
+    assert torch.equal(kv, before)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, kv, out, meta.block_table, torch.tensor([0, 21], dtype=torch.int32, device="cuda"),
+                     0.125, num_splits=4)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert not out[1].isnan().any()
