@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.sched_output import EngineCoreOutput
@@ -11,6 +14,21 @@ from ember.request import Request, RequestStatus
 from ember.logger import init_logger
 
 logger = init_logger(__name__)
+
+
+@dataclass
+class StepTimes:
+    """Cumulative wall time of engine steps (seconds) and their count.
+
+    ``schedule_s`` + ``update_s`` + the runner's ``prepare_s`` is the host work
+    of a step that the device may wait on; ``execute_s`` includes the device
+    work and the wait for the sampled ids.
+    """
+
+    num_steps: int = 0
+    schedule_s: float = 0.0
+    execute_s: float = 0.0
+    update_s: float = 0.0
 
 
 class EngineCore:
@@ -33,6 +51,7 @@ class EngineCore:
         logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
               f"({gib:.2f} GiB)")
         self.scheduler = Scheduler(config.scheduler_config, KVCacheManager(num_blocks, block_size))
+        self.step_times = StepTimes()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -49,9 +68,19 @@ class EngineCore:
         """One engine step; returns what each request generated."""
         if not self.scheduler.has_unfinished_requests():
             return []
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
         result = self.executor.execute_model(sched)
-        return self.scheduler.update_from_output(sched, result)
+        t2 = time.perf_counter()
+        outputs = self.scheduler.update_from_output(sched, result)
+        t3 = time.perf_counter()
+        st = self.step_times
+        st.num_steps += 1
+        st.schedule_s += t1 - t0
+        st.execute_s += t2 - t1
+        st.update_s += t3 - t2
+        return outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -6,6 +6,7 @@
     ember generate [--model M] --prompt TEXT [--chat] [sampling flags]     one-shot generation
     ember chat     [--model M] [--system TEXT] [sampling flags]            interactive chat (stdin)
     ember download [NAME ...]                                              fetch the bundled models
+    ember bench    latency|throughput [engine flags]                      offline benchmarks + roofline
 
 Without ``--model`` every command uses the bundled default model. Engine flags are
 those of :meth:`EngineArgs.add_cli_args` (``ember serve --help`` lists them).
@@ -245,6 +246,10 @@ def make_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(p)
     _add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    from ember.entrypoints.bench.offline import add_bench_parsers
+
+    add_bench_parsers(sub)
 
     p = sub.add_parser("download", help="fetch the bundled models and print their paths")
     p.add_argument("names", nargs="*", metavar="NAME", help="bundled model names (default: all)")

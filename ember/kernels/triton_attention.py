@@ -22,6 +22,16 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 caches get true float32 products (not TF32), so the GPU path can be
+    # checked token for token against float32 references.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
 # --------------------------------------------------------------------- KV write
 @triton.jit
 def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
@@ -57,7 +67,8 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IEEE: tl.constexpr):
     req = tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -92,7 +103,7 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(KV + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         s = tl.where(causal, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -101,7 +112,7 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -130,7 +141,7 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        IEEE=kv_cache.dtype == torch.float32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 # ---------------------------------------------------------------------- decode
@@ -139,7 +150,7 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          stride_qt, stride_qh, stride_bt, num_slots,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -170,13 +181,13 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(KV + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     # An empty split (start >= seq_len) leaves l_i = 0: its LSE is -inf and it drops out of the merge.
     valid = l_i > 0
@@ -239,7 +250,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=64, NUM_SPLITS=num_splits,
-        num_warps=4, num_stages=2)
+        IEEE=kv_cache.dtype == torch.float32, num_warps=4, num_stages=2)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

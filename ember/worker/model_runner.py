@@ -19,7 +19,7 @@ import torch
 
 from ember.config import EngineConfig
 from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from ember.layers.attention import AttentionMetadata, ForwardContext, get_attention_backend
+from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import default_backend_name
 from ember.models.registry import ModelRegistry
 from ember.sample.sampler import Sampler, SamplingMetadata
@@ -88,6 +88,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
+        self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -125,17 +126,21 @@ class ModelRunner:
         logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
               f"in {time.perf_counter() - start:.1f} s")
 
-    def kv_cache_bytes_per_block(self) -> int:
-        """Bytes one block takes across all layers (K and V)."""
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)."""
         mc = self.model_config
-        elem = torch.empty((), dtype=mc.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        return ModelRegistry.load_class(mc.architecture).kv_cache_spec(mc.hf_config, self.block_size, mc.dtype)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes one block takes across all layers."""
+        return self.kv_cache_spec().bytes_per_block
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate per-layer KV tensors ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
-        mc = self.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        """Allocate one KV tensor per layer, shaped by :meth:`kv_cache_spec`
+        (``[2, num_blocks, block_size, num_kv_heads, head_dim]`` for standard attention)."""
+        spec = self.kv_cache_spec()
+        shape = spec.layer_shape(num_blocks)
+        self.kv_caches = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
 
     # ----------------------------------------------------------------- step
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -221,7 +226,9 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
+        t0 = time.perf_counter()
         host = self._prepare_host_inputs(sched)
+        self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(host)
         for req_id, n in sched.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n

@@ -1,0 +1,1 @@
+"""`ember bench`: latency and throughput benchmarks with a measured roofline."""

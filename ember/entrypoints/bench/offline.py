@@ -1,0 +1,180 @@
+"""``ember bench latency`` and ``ember bench throughput``: offline benchmarks on
+token-id prompts (no tokenizer needed), with the device's measured roofline.
+
+latency: a fixed batch of ``batch_size`` requests, ``input_len`` prompt tokens
+and ``output_len`` new tokens each (``ignore_eos``). Decode-step time is the
+end-to-end time minus a prefill-only run, over ``output_len - 1`` steps. MBU
+(model-bandwidth utilisation) = (weight bytes + KV bytes read per step) / step
+time / measured copy bandwidth.
+
+throughput: ``num_prompts`` requests (fixed lengths, or uniform in
+``[len * (1 - range_ratio), len * (1 + range_ratio)]``) submitted at once.
+The bound is max(FLOPs / matmul rate, bytes / bandwidth) with bytes = weights
+once per step at the largest batch the engine runs (``max_num_seqs``) plus the
+KV cache read by every decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Any
+
+from ember.engine.arg_utils import EngineArgs
+from ember.entrypoints.bench.roofline import measure_ceilings, model_cost
+from ember.sampling_params import SamplingParams
+
+
+def _engine(args: argparse.Namespace):
+    from ember.engine.llm import LLM
+
+    return LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
+
+
+def _random_prompts(n: int, length: int, vocab: int, rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def _runner(llm):
+    return llm.llm_engine.engine_core.executor.worker.model_runner
+
+
+def _host_time_per_step(llm, before: tuple[float, int]) -> float:
+    core = llm.llm_engine.engine_core
+    st = core.step_times
+    host = st.schedule_s + st.update_s + _runner(llm).prepare_s
+    return (host - before[0]) / max(1, st.num_steps - before[1])
+
+
+def _host_mark(llm) -> tuple[float, int]:
+    st = llm.llm_engine.engine_core.step_times
+    return st.schedule_s + st.update_s + _runner(llm).prepare_s, st.num_steps
+
+
+def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    llm = _engine(args)
+    runner = _runner(llm)
+    mc = llm.llm_engine.model_config
+    rng = random.Random(0)
+    prompts = _random_prompts(args.batch_size, args.input_len, mc.vocab_size, rng)
+    full = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    prefill_only = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for _ in range(args.warmup):
+        llm.generate(prompts, full, use_tqdm=False)
+    ceilings = measure_ceilings(runner.device)
+    cost = model_cost(runner.model, mc)
+    prefill_times, total_times = [], []
+    mark = _host_mark(llm)
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        llm.generate(prompts, prefill_only, use_tqdm=False)
+        prefill_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        llm.generate(prompts, full, use_tqdm=False)
+        total_times.append(time.perf_counter() - t)
+    host_per_step = _host_time_per_step(llm, mark)
+    prefill = sorted(prefill_times)[len(prefill_times) // 2]
+    total = sorted(total_times)[len(total_times) // 2]
+    steps = max(1, args.output_len - 1)
+    step_time = (total - prefill) / steps
+    avg_ctx = args.input_len + args.output_len / 2
+    bytes_per_step = cost.weight_bytes + args.batch_size * avg_ctx * cost.kv_bytes_per_token
+    return {
+        "benchmark": "latency", "batch_size": args.batch_size, "input_len": args.input_len,
+        "output_len": args.output_len, "latency_s": total, "prefill_s": prefill,
+        "decode_step_ms": step_time * 1e3,
+        "decode_tok_s_per_seq": 1 / step_time, "decode_tok_s": args.batch_size / step_time,
+        "host_ms_per_step": host_per_step * 1e3,
+        "weight_gb": cost.weight_bytes / 1e9,
+        "bound_step_ms": bytes_per_step / ceilings.copy_bytes_per_s * 1e3,
+        "mbu": bytes_per_step / step_time / ceilings.copy_bytes_per_s,
+        **_ceiling_fields(ceilings),
+    }
+
+
+def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    llm = _engine(args)
+    runner = _runner(llm)
+    mc = llm.llm_engine.model_config
+    rng = random.Random(0)
+
+    def length(base: int) -> int:
+        lo, hi = int(base * (1 - args.range_ratio)), int(base * (1 + args.range_ratio))
+        return max(1, rng.randint(lo, hi))
+
+    in_lens = [length(args.input_len) for _ in range(args.num_prompts)]
+    out_lens = [length(args.output_len) for _ in range(args.num_prompts)]
+    prompts = [_random_prompts(1, n, mc.vocab_size, rng)[0] for n in in_lens]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    llm.generate(prompts[: min(8, len(prompts))], params[: min(8, len(prompts))], use_tqdm=False)  # warm-up
+    ceilings = measure_ceilings(runner.device)
+    cost = model_cost(runner.model, mc)
+    mark = _host_mark(llm)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    elapsed = time.perf_counter() - t
+    host_per_step = _host_time_per_step(llm, mark)
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    num_in = sum(in_lens)
+    flops = cost.flops_per_token * (num_in + num_out)
+    flops += sum(cost.attn_flops_per_token_ctx * (i * i / 2 + o * (i + o / 2)) for i, o in zip(in_lens, out_lens))
+    max_batch = llm.llm_engine.config.scheduler_config.max_num_seqs
+    min_steps = max(out_lens) if len(out_lens) <= max_batch else -(-num_out // max_batch)
+    kv_read = sum(cost.kv_bytes_per_token * o * (i + o / 2) for i, o in zip(in_lens, out_lens))
+    bytes_moved = cost.weight_bytes * min_steps + kv_read
+    bound = max(flops / ceilings.matmul_flops_per_s, bytes_moved / ceilings.copy_bytes_per_s)
+    return {
+        "benchmark": "throughput", "num_prompts": args.num_prompts, "input_len": args.input_len,
+        "output_len": args.output_len, "range_ratio": args.range_ratio, "elapsed_s": elapsed,
+        "requests_per_s": len(outs) / elapsed, "output_tok_s": num_out / elapsed,
+        "total_tok_s": (num_in + num_out) / elapsed, "host_ms_per_step": host_per_step * 1e3,
+        "bound_s": bound, "fraction_of_bound": bound / elapsed,
+        "bound_output_tok_s": num_out / bound,
+        **_ceiling_fields(ceilings),
+    }
+
+
+def _ceiling_fields(c) -> dict[str, Any]:
+    return {"device": c.name, "copy_gb_s": c.copy_bytes_per_s / 1e9, "matmul_tflop_s": c.matmul_flops_per_s / 1e12}
+
+
+def print_and_save(result: dict[str, Any], path: str | None) -> None:
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="offline latency / throughput benchmarks with a measured roofline")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    lat = kinds.add_parser("latency", help="fixed batch, fixed input/output lengths")
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--warmup", type=int, default=1)
+    lat.add_argument("--iters", type=int, default=3)
+    thr = kinds.add_parser("throughput", help="N requests submitted at once")
+    thr.add_argument("--num-prompts", type=int, default=1000)
+    thr.add_argument("--input-len", type=int, default=1024)
+    thr.add_argument("--output-len", type=int, default=1024)
+    thr.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
+    thr.add_argument("--no-progress", action="store_true")
+    for p in (lat, thr):
+        p.add_argument("--output-json", default=None)
+        p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+        EngineArgs.add_cli_args(p)
+        p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    run = run_latency if args.bench_kind == "latency" else run_throughput
+    print_and_save(run(args), args.output_json)
+    return 0
