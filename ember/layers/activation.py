@@ -11,5 +11,9 @@ class SiluAndMul(nn.Module):
     """SwiGLU gate (Shazeer, 2020): ``[..., 2d] -> silu(x[..., :d]) * x[..., d:]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2:
+            from ember.kernels.triton_ops import silu_and_mul
+
+            return silu_and_mul(x)  # one fused kernel instead of three
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

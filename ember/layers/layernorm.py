@@ -22,7 +22,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``x``: [num_tokens, hidden]. With ``residual``, first ``x += residual``
-        and return ``(norm(x), x)`` so the sum becomes the next residual."""
+        and return ``(norm(x), x)`` so the sum becomes the next residual.
+        On CUDA one fused Triton kernel does all of it."""
+        if x.is_cuda and x.dim() == 2:
+            from ember.kernels.triton_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x

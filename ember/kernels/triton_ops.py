@@ -1,0 +1,116 @@
+"""Fused elementwise Triton kernels for the CUDA path: RMSNorm (with the
+residual add), SiLU-and-mul, and rotary embedding. Each replaces several
+PyTorch kernels (casts, reductions, multiplies) with one pass over the data;
+in a decode step, where every tensor is tiny, launch count is what costs.
+
+Each matches the rounding of the plain-PyTorch layer (``forward_native``) it
+replaces: the residual sum and the normalized value are rounded to the
+activation dtype where HF transformers rounds them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (x + r).to(ResOut.dtype.element_ty)
+        tl.store(ResOut + row * stride_ro + offs, x, mask=mask)
+        x = x.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / n_cols
+    y = (x * tl.rsqrt(var + eps)).to(Out.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + offs, (y * w).to(Out.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``x``: [n, hidden]. Without ``residual``: ``norm(x) * weight``. With it:
+    ``s = x + residual`` (rounded to x's dtype), returns ``(norm(s) * weight, s)``."""
+    n, hidden = x.shape
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(hidden)
+    warps = min(16, max(1, block // 512))
+    if residual is None:
+        _rms_norm_kernel[(n,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, hidden, eps,
+                               HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+        return out
+    new_residual = torch.empty_like(x)
+    _rms_norm_kernel[(n,)](x, residual, weight, out, new_residual, x.stride(0), residual.stride(0), out.stride(0),
+                           new_residual.stride(0), hidden, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+    return out, new_residual
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < d
+    gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + row * stride_x + d + offs, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty)
+    tl.store(Out + row * stride_o + offs, act * up, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``x``: [n, 2d] -> ``silu(x[:, :d]) * x[:, d:]``, [n, d]."""
+    n, two_d = x.shape
+    d = two_d // 2
+    out = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
+                                                      num_warps=4)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(Q, K, CosSin, Pos, stride_q, stride_k, stride_cs,
+                   NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(Pos + t)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    cos = tl.load(CosSin + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
+    sin = tl.load(CosSin + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
+    offs_h = tl.arange(0, BLOCK_H)
+    for which in tl.static_range(2):
+        if which == 0:
+            base = Q + t * stride_q
+            num_heads = NUM_Q_HEADS
+        else:
+            base = K + t * stride_k
+            num_heads = NUM_K_HEADS
+        mask = (offs_h[:, None] < num_heads) & mask_d[None, :]
+        ptr = base + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
+        tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+
+
+def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
+                      head_dim: int, rotary_dim: int) -> None:
+    """Rotate ``query`` [n, num_heads * head_dim] and ``key`` [n, num_kv_heads *
+    head_dim] in place (rows may be strided views, heads contiguous), GPT-NeoX
+    "rotate half" layout over the first ``rotary_dim`` dims of each head.
+    ``cos_sin_cache``: [max_position, rotary_dim] float32 (cos halves | sin halves)."""
+    n = positions.shape[0]
+    if n == 0:
+        return
+    num_q, num_k = query.shape[1] // head_dim, key.shape[1] // head_dim
+    half = rotary_dim // 2
+    _rotary_kernel[(n,)](query, key, cos_sin_cache, positions, query.stride(0), key.stride(0), cos_sin_cache.stride(0),
+                         NUM_Q_HEADS=num_q, NUM_K_HEADS=num_k, HEAD_DIM=head_dim, HALF=half,
+                         BLOCK_H=triton.next_power_of_2(max(num_q, num_k)), BLOCK_HALF=triton.next_power_of_2(half),
+                         num_warps=4)

@@ -1,0 +1,52 @@
+"""Fused Triton ops vs the plain-PyTorch layers, bf16 and float32. GPU only."""
+
+import pytest
+import torch
+
+from ember.layers.activation import SiluAndMul
+from ember.layers.layernorm import RMSNorm
+from ember.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.gpu
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [576, 4096, 7168])
+def test_rms_norm_with_and_without_residual(dtype, hidden):
+    g = torch.Generator(device="cuda").manual_seed(hidden)
+    norm = RMSNorm(hidden, 1e-5).cuda().to(dtype)
+    norm.weight.data = torch.randn(hidden, generator=g, device="cuda").to(dtype)
+    x = torch.randn(37, hidden, generator=g, device="cuda").to(dtype)
+    r = torch.randn(37, hidden, generator=g, device="cuda").to(dtype)
+    ref = norm.cpu()(x.cpu())
+    out = norm.cuda()(x)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert _rel(out.cpu(), ref) < tol
+    ref_o, ref_r = norm.cpu()(x.cpu(), r.cpu())
+    o, new_r = norm.cuda()(x, r)
+    assert torch.equal(new_r.cpu(), ref_r)
+    assert _rel(o.cpu(), ref_o) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_and_mul(dtype):
+    x = torch.randn(19, 2 * 3000, device="cuda").to(dtype)
+    ref = SiluAndMul()(x.cpu().float())
+    out = SiluAndMul()(x)
+    assert _rel(out.cpu(), ref) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 128), (128, 64)])
+def test_rotary_in_place(head_dim, rotary_dim):
+    rope = RotaryEmbedding(head_dim, rotary_dim, 4096, 10000.0)
+    n, hq, hk = 23, 14, 2
+    qkv = torch.randn(n, (hq + 2 * hk) * head_dim, device="cuda")
+    q, k, _ = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+    pos = torch.randint(0, 4096, (n,), device="cuda")
+    ref_q, ref_k = rope.forward(pos.cpu(), q.cpu().clone(), k.cpu().clone())
+    out_q, out_k = rope.cuda().forward(pos, q, k)
+    assert _rel(out_q.cpu(), ref_q) < 1e-6 and _rel(out_k.cpu(), ref_k) < 1e-6
