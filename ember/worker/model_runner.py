@@ -60,6 +60,7 @@ class HostInputs:
     max_query_len: int
     sample_req_ids: list[str]
     sample_rows: list[int]
+    num_decodes: int = 0
 
 
 @contextlib.contextmanager
@@ -70,6 +71,17 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+def _copy_blocks(src: list[torch.Tensor], src_ids: tuple[int, ...], dst: list[torch.Tensor],
+                 dst_ids: tuple[int, ...], block_dim: int) -> None:
+    """``dst[layer][..., dst_ids[i], ...] = src[layer][..., src_ids[i], ...]`` along
+    ``block_dim``, one gather + one transfer per layer. Blocking, so the host side
+    is complete when this returns."""
+    src_idx = torch.tensor(src_ids, dtype=torch.int64, device=src[0].device)
+    dst_idx = torch.tensor(dst_ids, dtype=torch.int64, device=dst[0].device)
+    for s, d in zip(src, dst):
+        d.index_copy_(block_dim, dst_idx, s.index_select(block_dim, src_idx).to(d.device))
 
 
 class ModelRunner:
@@ -86,6 +98,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.host_kv_caches: list[torch.Tensor] = []  # swap space, laid out like kv_caches
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
@@ -142,6 +155,27 @@ class ModelRunner:
         shape = spec.layer_shape(num_blocks)
         self.kv_caches = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
 
+    def initialize_host_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the swap space: one host tensor per layer shaped like the
+        device cache with ``num_blocks`` blocks (pinned on CUDA, for DMA; left
+        uninitialised: only swapped-out blocks are ever read back)."""
+        spec = self.kv_cache_spec()
+        pin = self.device.type == "cuda"
+        self.host_kv_caches = [torch.empty(spec.layer_shape(num_blocks), dtype=spec.dtype, device="cpu", pin_memory=pin)
+                               for _ in range(spec.num_layers)]
+
+    def _swap_blocks(self, sched: SchedulerOutput) -> None:
+        """Copy the step's swap-outs (device -> host), then its swap-ins (host ->
+        device), in every layer. Runs before the forward pass: blocks just swapped
+        out may be overwritten by this step."""
+        block_dim = len(self.kv_cache_spec().leading_shape)
+        if sched.blocks_to_swap_out:
+            dev_ids, host_ids = zip(*sched.blocks_to_swap_out)
+            _copy_blocks(self.kv_caches, dev_ids, self.host_kv_caches, host_ids, block_dim)
+        if sched.blocks_to_swap_in:
+            dev_ids, host_ids = zip(*sched.blocks_to_swap_in)
+            _copy_blocks(self.host_kv_caches, host_ids, self.kv_caches, dev_ids, block_dim)
+
     # ----------------------------------------------------------------- step
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
@@ -162,7 +196,9 @@ class ModelRunner:
 
     def _prepare_host_inputs(self, sched: SchedulerOutput) -> HostInputs:
         """Pack the step's tokens into host (numpy) arrays."""
-        req_ids = list(sched.num_scheduled_tokens)
+        # NOTE: single-token (decode) requests go first, so that attention
+        # backends can run them as one decode batch over a prefix of the rows.
+        req_ids = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] > 1)
         counts = np.array([sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         states = [self.requests[r] for r in req_ids]
         computed = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
@@ -191,7 +227,8 @@ class ModelRunner:
                 sample_req_ids.append(req_ids[i])
                 sample_rows.append(int(query_start[i + 1]) - 1)
         return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
-                          seq_lens.astype(np.int32), block_table, int(counts.max()), sample_req_ids, sample_rows)
+                          seq_lens.astype(np.int32), block_table, int(counts.max()), sample_req_ids, sample_rows,
+                          int((counts == 1).sum()))
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -208,6 +245,7 @@ class ModelRunner:
             max_seq_len=int(host.seq_lens.max()),
             query_start_loc_cpu=host.query_start_loc.tolist(),
             seq_lens_cpu=host.seq_lens.tolist(),
+            num_decodes=host.num_decodes,
         )
         return to_dev(host.input_ids), to_dev(host.positions), meta
 
@@ -224,6 +262,8 @@ class ModelRunner:
         """Run one step: forward over all scheduled tokens, then sample for
         requests whose tokens are all computed."""
         self._update_states(sched)
+        if sched.blocks_to_swap_out or sched.blocks_to_swap_in:
+            self._swap_blocks(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
         t0 = time.perf_counter()

@@ -44,10 +44,11 @@ def _case(reqs, num_heads, num_kv_heads, head_dim, seed):
     return q, k, v, kv, meta
 
 
-def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0):
+def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0):
     from ember.layers.attention.triton_backend import TritonAttentionBackend
 
     q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed)
+    meta.num_decodes = num_decodes
     scale = head_dim ** -0.5
     ref_cache = kv.float().clone()
     ref = TorchAttentionBackend(num_heads, head_dim, scale, num_kv_heads).forward(
@@ -67,6 +68,13 @@ def test_mixed_prefill_decode(head_dim, group):
     num_kv_heads = 2
     reqs = [(0, 1), (0, BLOCK - 1), (0, BLOCK), (0, BLOCK + 1), (BLOCK - 1, 1), (BLOCK + 1, 5), (300, 1), (40, 200)]
     _check(reqs, num_kv_heads * group, num_kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_mixed_batch_with_leading_decodes(group):
+    # The runner's order: single-token requests first, then the rest.
+    reqs = [(0, 1), (BLOCK - 1, 1), (300, 1), (0, BLOCK + 1), (BLOCK + 1, 5), (40, 200)]
+    _check(reqs, 2 * group, 2, 128, seed=4, num_decodes=3)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -36,6 +36,8 @@ class AttentionMetadata:
             that loop over requests on the host.
         num_kv_splits: split-KV decode: splits per request, fixed when a CUDA
             graph is captured (0: the backend chooses).
+        num_decodes: the first ``num_decodes`` requests have one new token each
+            (the runner puts decodes first), so backends may run them apart.
     """
 
     slot_mapping: torch.Tensor
@@ -47,6 +49,7 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     num_kv_splits: int = 0
+    num_decodes: int = 0
 
     @property
     def num_reqs(self) -> int:

@@ -22,9 +22,19 @@ class TritonAttentionBackend(AttentionBackend):
         store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(query)
         if metadata.max_query_len == 1:
-            splits = metadata.num_kv_splits or num_decode_splits(query.shape[0], self.num_kv_heads, self.num_sms)
-            decode_attention(query, kv_cache, out, metadata.block_table, metadata.seq_lens, self.scale, splits)
-        else:
-            extend_attention(query, kv_cache, out, metadata.block_table, metadata.query_start_loc,
-                             metadata.seq_lens, metadata.max_query_len, self.scale)
+            self._decode(query, kv_cache, out, metadata.block_table, metadata.seq_lens, metadata.num_kv_splits)
+            return out
+        # Mixed batch: the leading decode rows take the GQA-packed decode kernel
+        # (K/V read once per KV head, not once per query head).
+        nd = metadata.num_decodes
+        if nd:
+            self._decode(query[:nd], kv_cache, out[:nd], metadata.block_table[:nd], metadata.seq_lens[:nd], 0)
+        extend_attention(query[nd:], kv_cache, out[nd:], metadata.block_table[nd:],
+                         metadata.query_start_loc[nd:] - nd, metadata.seq_lens[nd:], metadata.max_query_len,
+                         self.scale)
         return out
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
+                seq_lens: torch.Tensor, num_splits: int) -> None:
+        splits = num_splits or num_decode_splits(query.shape[0], self.num_kv_heads, self.num_sms)
+        decode_attention(query, kv_cache, out, block_table, seq_lens, self.scale, splits)
