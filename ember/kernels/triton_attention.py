@@ -220,14 +220,15 @@ def _decode_merge_kernel(Mid_O, Mid_LSE, Out, stride_ot, stride_oh, num_heads,
     tl.store(Out + req * stride_ot + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=mask_d)
 
 
-def num_decode_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+def num_decode_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32) -> int:
     """KV splits per request so that about two waves of programs cover the GPU."""
     return max(1, min(max_splits, triton.cdiv(2 * num_sms, num_reqs * num_kv_heads)))
 
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
-                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
     """One query token per request (``query``, ``out``: [num_reqs, num_heads, head_dim]).
 
     Args:
@@ -235,6 +236,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
             launch shape does not depend on the data, so it is CUDA-graph safe.
         workspace: optional preallocated (partial outputs [num_reqs * num_heads *
             num_splits * head_dim] float32, LSEs [num_reqs * num_heads * num_splits] float32).
+        block_n, num_warps, num_stages: tile size over the context and launch
+            settings (tuning knobs; see benchmarks/tune_decode_attention.py).
     Rows with ``seq_lens == 0`` (padding) produce zeros.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
@@ -249,8 +252,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         query, kv_cache, mid_o, mid_lse, block_table, seq_lens, scale,
         query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=64, NUM_SPLITS=num_splits,
-        IEEE=kv_cache.dtype == torch.float32, num_warps=4, num_stages=2)
+        BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        IEEE=kv_cache.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
