@@ -26,14 +26,15 @@ class SamplingMetadata:
     Attributes:
         temperature: [num_rows] float32 (0 rows are greedy).
         top_k: [num_rows] int64 (0: off). top_p, min_p: [num_rows] float32.
-        all_greedy: every row is greedy (skip the random path).
+        all_greedy: every row is greedy (skip the random path; the four tensors
+            are then None, so an all-greedy step copies nothing to the device).
         seeds: per row, None or the generator seed for that row's noise.
     """
 
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    min_p: torch.Tensor
+    temperature: torch.Tensor | None
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
     all_greedy: bool
     seeds: list[int | None]
 
@@ -41,6 +42,8 @@ class SamplingMetadata:
     def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device) -> SamplingMetadata:
         """``output_positions[i]``: index of the token row i samples among its
         request's outputs (0 for the first generated token)."""
+        if all(p.greedy for p in params):
+            return cls(None, None, None, None, True, [None] * len(params))
         seeds = [None if p.seed is None else _mix(p.seed, pos) for p, pos in zip(params, output_positions)]
         return cls(
             temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
@@ -48,7 +51,7 @@ class SamplingMetadata:
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=False,
             seeds=seeds,
         )
 

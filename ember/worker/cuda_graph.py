@@ -9,7 +9,6 @@ smallest captured size ``>= n``, its padding rows given ``seq_len 0`` and slot
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ember.config import EngineConfig
@@ -51,6 +50,10 @@ class CUDAGraphRunner:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        # One pinned staging area: a step's inputs travel in a single asynchronous
+        # host-to-device copy, then spread into the graph's buffers on the device.
+        self._stage_host = torch.empty(4 * n + n * max_blocks, dtype=torch.int64).pin_memory()
+        self._stage_dev = torch.empty_like(self._stage_host, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -87,12 +90,22 @@ class CUDAGraphRunner:
         n = len(host.seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         width = host.block_table.shape[1]
-        self.input_ids[:n].copy_(torch.from_numpy(host.input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(host.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(host.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.from_numpy(host.seq_lens), non_blocking=True)
-        self.block_table[:n, :width].copy_(torch.from_numpy(np.ascontiguousarray(host.block_table)),
-                                           non_blocking=True)
+        total = 4 * n + n * width
+        # NOTE: the previous step ended by reading its sampled ids (a sync), so
+        # the pinned buffer is no longer being copied from when it is refilled.
+        stage = self._stage_host.numpy()
+        stage[0:n] = host.input_ids
+        stage[n:2 * n] = host.positions
+        stage[2 * n:3 * n] = host.slot_mapping
+        stage[3 * n:4 * n] = host.seq_lens
+        stage[4 * n:total] = host.block_table.reshape(-1)
+        dev = self._stage_dev[:total]
+        dev.copy_(self._stage_host[:total], non_blocking=True)
+        self.input_ids[:n].copy_(dev[0:n])
+        self.positions[:n].copy_(dev[n:2 * n])
+        self.slot_mapping[:n].copy_(dev[2 * n:3 * n])
+        self.seq_lens[:n].copy_(dev[3 * n:4 * n])
+        self.block_table[:n, :width].copy_(dev[4 * n:total].view(n, width))
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()

@@ -274,7 +274,10 @@ class ModelRunner:
             self.requests[req_id].num_computed_tokens += n
         if not host.sample_req_ids:
             return ModelRunnerOutput({})
-        logits = self.model.compute_logits(hidden[torch.tensor(host.sample_rows, device=self.device)])
+        if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
+            logits = self.model.compute_logits(hidden)
+        else:
+            logits = self.model.compute_logits(hidden[torch.tensor(host.sample_rows, device=self.device)])
         states = [self.requests[r] for r in host.sample_req_ids]
         sampling_meta = SamplingMetadata.build(
             [s.sampling_params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states], self.device)
