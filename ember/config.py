@@ -93,12 +93,18 @@ class CacheConfig:
         memory_utilization: fraction of device memory Ember may use in total
             (weights + activations + KV cache) when ``kv_cache_memory`` is None.
         num_gpu_blocks_override: force the number of blocks (tests, debugging).
+        enable_prefix_caching: share the KV blocks of identical prompt prefixes
+            across requests (automatic prefix caching).
+        swap_space: bytes of host memory for blocks of requests preempted by
+            swap (used only with ``preemption_mode="swap"``; 4 GiB as vLLM).
     """
 
     block_size: int = 16
     kv_cache_memory: int | None = None
     memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    swap_space: int = 4 << 30
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "a power of two in [1, 128]", self.block_size)
@@ -114,6 +120,14 @@ class CacheConfig:
             self.num_gpu_blocks_override is None or (_is_int(self.num_gpu_blocks_override) and self.num_gpu_blocks_override >= 1),
             "num_gpu_blocks_override", "a positive integer", self.num_gpu_blocks_override,
         )
+        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "True or False",
+                 self.enable_prefix_caching)
+        _require(_is_int(self.swap_space) and self.swap_space >= 0, "swap_space", "a non-negative number of bytes",
+                 self.swap_space)
+
+
+SCHEDULING_POLICY_NAMES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
@@ -125,11 +139,23 @@ class SchedulerConfig:
             prompts longer than this are prefilled in chunks.
         max_num_seqs: requests running at once.
         max_model_len: copied from the model config.
+        policy: ``"fcfs"`` (arrival order) or ``"priority"`` (each request's
+            ``priority``, lower first, ties by arrival; the lowest-priority
+            running request is the one preempted).
+        preemption_mode: ``"recompute"`` (free the blocks, redo the prefill later)
+            or ``"swap"`` (copy the blocks to host memory and back; recompute
+            when the swap space is full).
+        max_waiting_time_s: fairness guard of the ``priority`` policy: a request
+            waiting longer than this (seconds) is promoted above every priority;
+            None disables it.
     """
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_model_len: int = 8192
+    policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    max_waiting_time_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
@@ -138,6 +164,13 @@ class SchedulerConfig:
                  "max_num_seqs", "an integer in [1, 65536]", self.max_num_seqs)
         _require(self.max_num_seqs <= self.max_num_batched_tokens,
                  "max_num_seqs", f"<= max_num_batched_tokens ({self.max_num_batched_tokens})", self.max_num_seqs)
+        _require(self.policy in SCHEDULING_POLICY_NAMES, "policy", f"one of {list(SCHEDULING_POLICY_NAMES)}", self.policy)
+        _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode", f"one of {list(PREEMPTION_MODES)}",
+                 self.preemption_mode)
+        _require(self.max_waiting_time_s is None
+                 or (isinstance(self.max_waiting_time_s, (int, float)) and not isinstance(self.max_waiting_time_s, bool)
+                     and self.max_waiting_time_s > 0),
+                 "max_waiting_time_s", "a positive number of seconds or None", self.max_waiting_time_s)
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,21 @@ from ember.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
-    """Life cycle: WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*.
+    """Life cycle: WAITING -> RUNNING <-> PREEMPTED | SWAPPED -> FINISHED_*.
 
+    PREEMPTED: its blocks were freed; it is recomputed (cheaply when its
+    blocks are still in the prefix cache). SWAPPED: its blocks were copied to
+    host memory; it resumes with ``num_computed_tokens`` intact.
     Every status at or past FINISHED_STOPPED is final.
     """
 
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH_CAPPED = 4
-    FINISHED_ABORTED = 5
+    SWAPPED = 3
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH_CAPPED = 5
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:
@@ -50,6 +54,16 @@ class Request:
             prefill, chunked prefill and decode are all this one rule.
         max_tokens: output tokens allowed (capped by the context window).
         stop_reason: the stop token id that ended the request, if one did.
+        priority: scheduling priority under the ``priority`` policy; lower
+            runs first, ties by ``arrival_time``.
+        cache_salt: isolates prefix-cache sharing: only requests with the same
+            salt (or both None) share KV blocks.
+        block_hashes: chained hashes of its full blocks (filled by the KV cache
+            manager when prefix caching is on; see ``ember.core.kv_cache_utils``).
+        waiting_since: when it last entered the waiting queue
+            (``time.monotonic`` seconds; the fairness guard reads it).
+        promoted: the fairness guard lifted it above every priority because it
+            waited longer than ``max_waiting_time_s``.
     """
 
     def __init__(
@@ -59,6 +73,8 @@ class Request:
         sampling_params: SamplingParams,
         max_model_len: int,
         arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -74,6 +90,11 @@ class Request:
         wanted = sampling_params.max_tokens if sampling_params.max_tokens is not None else room
         self.max_tokens = min(wanted, room)
         self.stop_token_ids = sampling_params.all_stop_token_ids
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []
+        self.waiting_since = self.arrival_time
+        self.promoted = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,14 +1,22 @@
-"""BlockPool: the KV-cache blocks, their reference counts and the free queue.
+"""BlockPool: the KV-cache blocks, their reference counts, the free queue and
+the prefix-cache map.
 
 A block is a slot range of ``block_size`` tokens in every layer's KV tensor.
 Blocks are handed out from the head of a doubly linked free queue and returned
-to its tail, so the queue is in least-recently-freed order; prefix caching will
-evict from the head and take cached blocks out of the middle in O(1).
+to its tail, so the queue is in least-recently-freed order. A full block that
+was computed for some request keeps its hash (see ``kv_cache_utils``) when
+freed: until the free queue hands it out again, a new request with the same
+prefix can take it back out of the middle of the queue in O(1) (a cache hit).
+Handing it out for new tokens evicts it (its hash is dropped), so cached blocks
+are evicted least-recently-used first. Design as in vLLM's v1 ``BlockPool``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from ember.core.kv_cache_utils import BlockHash
 
 
 @dataclass(slots=True, eq=False)
@@ -18,16 +26,20 @@ class KVCacheBlock:
     Attributes:
         block_id: index into the layer KV tensors' block dimension.
         ref_cnt: number of requests holding the block.
+        block_hash: the prefix-cache hash of its content when it is a cached
+            full block (kept while it sits in the free queue), else None.
     """
 
     block_id: int
     ref_cnt: int = 0
+    block_hash: BlockHash | None = None
     prev_free: KVCacheBlock | None = None
     next_free: KVCacheBlock | None = None
     in_free_queue: bool = False
 
     def __repr__(self) -> str:
-        return f"KVCacheBlock(id={self.block_id}, ref_cnt={self.ref_cnt})"
+        cached = "" if self.block_hash is None else f", hash={self.block_hash[:4].hex()}"
+        return f"KVCacheBlock(id={self.block_id}, ref_cnt={self.ref_cnt}{cached})"
 
 
 class FreeBlockQueue:
@@ -88,7 +100,9 @@ class BlockPool:
     Args:
         num_blocks: total blocks (every layer has this many).
 
-    NOTE: a block is in the free queue iff its ref_cnt is 0.
+    NOTE: a block is in the free queue iff its ref_cnt is 0; a block is in
+    ``cached_block_hash_to_block`` iff its ``block_hash`` is set, and then it
+    is the map's value for that hash.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -97,12 +111,15 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_block_queue = FreeBlockQueue(self.blocks)
+        self.cached_block_hash_to_block: dict[BlockHash, KVCacheBlock] = {}
+        self.num_evicted_blocks = 0
 
     def get_num_free_blocks(self) -> int:
         return self.free_block_queue.num_free_blocks
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        """Take ``num_blocks`` free blocks, each with ref_cnt 1.
+        """Take ``num_blocks`` free blocks, each with ref_cnt 1, from the head
+        of the free queue (least recently freed first), evicting cached ones.
 
         Raises:
             ValueError: fewer than ``num_blocks`` are free.
@@ -113,14 +130,50 @@ class BlockPool:
         for _ in range(num_blocks):
             block = self.free_block_queue.popleft()
             assert block.ref_cnt == 0
+            if block.block_hash is not None:
+                self._evict(block)
             block.ref_cnt = 1
             out.append(block)
         return out
 
-    def free_blocks(self, blocks: list[KVCacheBlock]) -> None:
+    def _evict(self, block: KVCacheBlock) -> None:
+        del self.cached_block_hash_to_block[block.block_hash]
+        block.block_hash = None
+        self.num_evicted_blocks += 1
+
+    def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
+        """The cached block with this hash, if any (no reference is taken)."""
+        return self.cached_block_hash_to_block.get(block_hash)
+
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Take one more reference to each (cache-hit) block; a block nobody
+        held leaves the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                self.free_block_queue.remove(block)
+            block.ref_cnt += 1
+
+    def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
+        """Register a held, full block under ``block_hash``.
+
+        A block already cached (a cache hit) is left alone. If another block
+        holds this hash already (two requests computed the same prefix at
+        once), the map keeps that one and ``block`` stays uncached: it is
+        reused as a plain block once freed.
+        """
+        assert block.ref_cnt > 0, f"{block} is not held"
+        if block.block_hash is not None:
+            assert block.block_hash == block_hash, f"{block} is cached under another hash"
+            return
+        if block_hash in self.cached_block_hash_to_block:
+            return
+        block.block_hash = block_hash
+        self.cached_block_hash_to_block[block_hash] = block
+
+    def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference to each block; blocks reaching 0 go to the free
         queue's tail in the given order (so pass tail blocks first to have them
-        reused first)."""
+        reused first). Cached blocks keep their hash there."""
         for block in blocks:
             assert block.ref_cnt > 0, f"{block} freed twice"
             block.ref_cnt -= 1

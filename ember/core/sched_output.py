@@ -23,7 +23,8 @@ class NewRequestData:
             request resumes: they are recomputed like prompt tokens).
         sampling_params: the request's sampling parameters.
         block_ids: its block table.
-        num_computed_tokens: tokens already in the KV cache.
+        num_computed_tokens: tokens already in the KV cache: prefix-cache hits,
+            or everything computed before a swap-out for a swapped-in request.
     """
 
     req_id: str
@@ -60,6 +61,12 @@ class SchedulerOutput:
         total_num_scheduled_tokens: their sum (<= max_num_batched_tokens).
         finished_req_ids: requests the runner must forget (finished, aborted or
             preempted since the last step).
+        num_preemptions: requests preempted while making this schedule.
+        blocks_to_swap_out: (device_block_id, host_block_id) pairs to copy
+            device -> host before this step's forward pass (requests preempted
+            by swap; their device blocks may be reused by this very step).
+        blocks_to_swap_in: (device_block_id, host_block_id) pairs to copy
+            host -> device before the forward pass, after the swap-outs.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -68,6 +75,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)
     num_preemptions: int = 0
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

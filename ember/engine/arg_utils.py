@@ -11,6 +11,8 @@ import torch
 
 from ember.config import (
     LOAD_FORMATS,
+    PREEMPTION_MODES,
+    SCHEDULING_POLICY_NAMES,
     CacheConfig,
     ConfigError,
     DeviceConfig,
@@ -39,6 +41,15 @@ def _parse_bytes(text: str) -> int:
     return int(value)
 
 
+def _parse_swap_space(text: str) -> int:
+    """Bytes of ``--swap-space``: a size like ``512M`` or ``4G``, or a plain
+    number of GiB (``4`` = 4 GiB, as vLLM's flag)."""
+    try:
+        return int(float(text) * (1 << 30))
+    except ValueError:
+        return _parse_bytes(text)
+
+
 @dataclass
 class EngineArgs:
     """Options that build an :class:`EngineConfig` (see ``ember serve --help``)."""
@@ -59,6 +70,11 @@ class EngineArgs:
     seed: int | None = 0
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
+    enable_prefix_caching: bool = True
+    swap_space: int = 4 << 30
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    max_waiting_time_s: float | None = 60.0
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -79,6 +95,23 @@ class EngineArgs:
         parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                             help="token budget per engine step (default: 2048)")
         parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="max requests running at once")
+        parser.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                            default=d.enable_prefix_caching,
+                            help="reuse the KV blocks of shared prompt prefixes across requests (default: on)")
+        parser.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+                            action="store_false", help="turn automatic prefix caching off")
+        parser.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=list(SCHEDULING_POLICY_NAMES),
+                            help="fcfs: arrival order; priority: each request's priority (lower first, ties by "
+                                 "arrival), preempting the lowest-priority running request")
+        parser.add_argument("--preemption-mode", default=d.preemption_mode, choices=list(PREEMPTION_MODES),
+                            help="when KV blocks run out: recompute the preempted request later, or swap its "
+                                 "blocks to host memory (recompute when --swap-space is full)")
+        parser.add_argument("--swap-space", type=_parse_swap_space, default=d.swap_space,
+                            help="host memory for swapped-out KV blocks, e.g. 512M; a plain number is GiB "
+                                 "(default: 4 GiB; used with --preemption-mode swap)")
+        parser.add_argument("--max-waiting-time", dest="max_waiting_time_s", type=float, default=d.max_waiting_time_s,
+                            help="priority policy: seconds after which a waiting request is promoted above every "
+                                 "priority, so low priority never means never (0 disables; default: 60)")
         parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
@@ -103,6 +136,7 @@ class EngineArgs:
         from ember.loader import read_hf_config, resolve_model_source
         from ember.loader.download import DEFAULT_MODEL
         from ember.models.registry import ModelRegistry
+        from ember.layers.rotary import rope_context_len
 
         device = self.device
         if device == "auto":
@@ -118,7 +152,7 @@ class EngineArgs:
         dtype_name = self.dtype
         if dtype_name == "auto":
             dtype_name = "float32" if device == "cpu" else "bfloat16"
-        context = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+        context = rope_context_len(hf_config)  # YaRN configs serve past max_position_embeddings
         max_model_len = self.max_model_len or context
         if max_model_len > context:
             raise ConfigError(f"max_model_len must be <= the model's context window ({context}), got {max_model_len}")
@@ -142,12 +176,17 @@ class EngineArgs:
             kv_cache_memory=kv_bytes,
             memory_utilization=self.memory_utilization,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
+            enable_prefix_caching=self.enable_prefix_caching,
+            swap_space=self.swap_space,
         )
         budget = self.max_num_batched_tokens or max(2048, min(self.max_num_seqs, 2048))
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=budget,
             max_num_seqs=min(self.max_num_seqs, budget),
             max_model_len=max_model_len,
+            policy=self.scheduling_policy,
+            preemption_mode=self.preemption_mode,
+            max_waiting_time_s=None if self.max_waiting_time_s == 0 else self.max_waiting_time_s,
         )
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config)
 

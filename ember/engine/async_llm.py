@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ember.engine.arg_utils import EngineArgs
-from ember.engine.llm_engine import LLMEngine
+from ember.engine.llm_engine import LLMEngine, check_priority_and_salt
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
@@ -34,6 +34,8 @@ class _Add:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -73,17 +75,24 @@ class AsyncLLM:
 
     # -------------------------------------------------------------- public
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, priority: int | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as the engine produces them
         (per ``sampling_params.output_kind``). Stopping the iteration early
         (e.g. a client disconnect) aborts the request.
 
+        Args:
+            priority: lower runs first under ``--scheduling-policy priority``
+                (None: 0).
+            cache_salt: only requests with equal salts share prefix-cache blocks.
         Raises:
             ValueError: invalid input (before anything is yielded).
             EngineDeadError: the engine loop died.
         """
         if self.errored:
             raise EngineDeadError("the engine is not running")
+        priority = 0 if priority is None else priority
+        check_priority_and_salt(priority, cache_salt)
         ids = self.input_processor.tokenize(prompt)
         self.input_processor.check(ids, sampling_params)
         q: asyncio.Queue = asyncio.Queue()
@@ -91,7 +100,8 @@ class AsyncLLM:
             if request_id in self._queues:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = (asyncio.get_running_loop(), q)
-        self._send(_Add(request_id, prompt if isinstance(prompt, str) else None, ids, sampling_params))
+        self._send(_Add(request_id, prompt if isinstance(prompt, str) else None, ids, sampling_params, priority,
+                        cache_salt))
         finished = False
         try:
             while not finished:
@@ -139,7 +149,8 @@ class AsyncLLM:
                 continue
             try:
                 self.engine.add_request(msg.request_id, msg.prompt or msg.prompt_token_ids, msg.params,
-                                        prompt_token_ids=msg.prompt_token_ids)
+                                        prompt_token_ids=msg.prompt_token_ids, priority=msg.priority,
+                                        cache_salt=msg.cache_salt)
             except Exception as e:  # a bad request must not take the loop down
                 self._deliver(msg.request_id, ValueError(str(e)))
 

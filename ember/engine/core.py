@@ -9,6 +9,7 @@ from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.sched_output import EngineCoreOutput
 from ember.core.scheduler import Scheduler
+from ember.core.stats import SchedulerStats
 from ember.executor.uniproc import UniProcExecutor
 from ember.request import Request, RequestStatus
 from ember.logger import init_logger
@@ -50,8 +51,29 @@ class EngineCore:
         gib = num_blocks * self.executor.kv_cache_bytes_per_block() / (1 << 30)
         logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
               f"({gib:.2f} GiB)")
-        self.scheduler = Scheduler(config.scheduler_config, KVCacheManager(num_blocks, block_size))
+        cc = config.cache_config
+        num_host_blocks = self._init_swap_space()
+        kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
+        self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.step_times = StepTimes()
+
+    def _init_swap_space(self) -> int:
+        """Allocate the host swap pool (preemption by swap only); returns its
+        size in blocks."""
+        if self.config.scheduler_config.preemption_mode != "swap":
+            return 0
+        per_block = self.executor.kv_cache_bytes_per_block()
+        num_host_blocks = self.config.cache_config.swap_space // per_block
+        if num_host_blocks == 0:
+            logger.warning("swap space holds no KV block: every preemption recomputes")
+        self.executor.initialize_host_kv_cache(num_host_blocks)
+        logger.info(f"swap space: {num_host_blocks} blocks ({num_host_blocks * per_block / (1 << 30):.2f} GiB)")
+        return num_host_blocks
+
+    def get_stats(self) -> SchedulerStats:
+        """Scheduler and KV-cache counters: queue sizes, KV usage, prefix-cache
+        queries/hits, evictions, preemptions and swaps (cumulative)."""
+        return self.scheduler.get_stats()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -7,7 +7,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ember.engine.arg_utils import EngineArgs
-from ember.engine.llm_engine import LLMEngine
+from ember.core.stats import SchedulerStats
+from ember.engine.llm_engine import LLMEngine, check_priority_and_salt
 from ember.outputs import RequestOutput
 from ember.sampling_params import RequestOutputKind, SamplingParams
 
@@ -32,48 +33,66 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams]
-                 | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+                 | None = None, use_tqdm: bool = True, priority: int | list[int] | None = None,
+                 cache_salt: str | list[str | None] | None = None) -> list[RequestOutput]:
         """Complete each prompt; outputs come back in prompt order.
 
         Args:
             prompts: a string, a list of strings, or a list of token-id lists.
             sampling_params: one for all prompts, or one per prompt (default:
                 ``SamplingParams()``).
+            priority: one for all prompts or one per prompt (default 0); lower
+                runs first under ``scheduling_policy="priority"``.
+            cache_salt: one for all prompts or one per prompt (default None);
+                only requests with equal salts share prefix-cache blocks.
         Raises:
-            ValueError: an invalid prompt (nothing is run then).
+            ValueError: an invalid prompt, or a per-prompt list of the wrong
+                length (nothing is run then).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         token_lists = [self.llm_engine.input_processor.tokenize(p) for p in prompts]
-        return self._run([p if isinstance(p, str) else None for p in prompts], token_lists, sampling_params, use_tqdm)
+        return self._run([p if isinstance(p, str) else None for p in prompts], token_lists, sampling_params, use_tqdm,
+                         priority, cache_salt)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, priority: int | list[int] | None = None,
+             cache_salt: str | list[str | None] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and complete it.
 
         Args:
             messages: one conversation (``[{"role", "content"}, ...]``) or a list of them.
+            priority, cache_salt: as in :meth:`generate`.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         token_lists = [self.llm_engine.input_processor.apply_chat_template(c) for c in conversations]
-        return self._run([None] * len(token_lists), token_lists, sampling_params, use_tqdm)
+        return self._run([None] * len(token_lists), token_lists, sampling_params, use_tqdm, priority, cache_salt)
+
+    def get_stats(self) -> SchedulerStats:
+        """Engine counters: prefix-cache queries/hits, preemptions, swaps, ..."""
+        return self.llm_engine.get_stats()
 
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
-             sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool) -> list[RequestOutput]:
+             sampling_params: SamplingParams | list[SamplingParams] | None, use_tqdm: bool,
+             priority: int | list[int] | None = None,
+             cache_salt: str | list[str | None] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_lists)
-        if len(params) != len(token_lists):
-            raise ValueError(f"got {len(params)} sampling_params for {len(token_lists)} prompts")
-        for p, ids in zip(params, token_lists):
+        n = len(token_lists)
+        params = _per_prompt(sampling_params, n, "sampling_params")
+        priorities = _per_prompt(0 if priority is None else priority, n, "priority")
+        salts = _per_prompt(cache_salt, n, "cache_salt")
+        for p, ids, prio, salt in zip(params, token_lists, priorities, salts):
             engine.input_processor.check(ids, p)
+            check_priority_and_salt(prio, salt)
         ids_in_order = []
-        for text, ids, p in zip(texts, token_lists, params):
+        for text, ids, p, prio, salt in zip(texts, token_lists, params, priorities, salts):
             p = _final_only(p)
             req_id = engine.next_request_id()
-            engine.add_request(req_id, text if text is not None else ids, p, prompt_token_ids=ids)
+            engine.add_request(req_id, text if text is not None else ids, p, prompt_token_ids=ids, priority=prio,
+                               cache_salt=salt)
             ids_in_order.append(req_id)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids_in_order), desc="Processed prompts", disable=not use_tqdm)
@@ -84,6 +103,15 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [finished[r] for r in ids_in_order]
+
+
+def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
+    """``value`` for each of ``n`` prompts: a list as is (checked), anything else repeated."""
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {name} for {n} prompts")
+    return value
 
 
 def _final_only(p: SamplingParams) -> SamplingParams:

@@ -7,6 +7,7 @@ import itertools
 import time
 
 from ember.config import EngineConfig
+from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.core import EngineCore
 from ember.engine.input_processor import InputProcessor
@@ -43,19 +44,27 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> None:
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    priority: int = 0, cache_salt: str | None = None) -> None:
         """Queue a request.
 
         Args:
             prompt: text, or token ids.
             prompt_token_ids: already-tokenized prompt (skips tokenization).
+            priority: under ``--scheduling-policy priority``, lower runs first
+                (any integer; ignored under fcfs).
+            cache_salt: only requests with the same salt share prefix-cache
+                blocks (e.g. one salt per tenant); None shares with all unsalted.
         Raises:
-            ValueError: invalid prompt or one too long for the context window.
+            ValueError: invalid prompt, one too long for the context window, a
+                non-integer priority or an empty / non-string cache_salt.
         """
+        check_priority_and_salt(priority, cache_salt)
         ids = prompt_token_ids if prompt_token_ids is not None else self.input_processor.tokenize(prompt)
         params = self.input_processor.check(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        request = Request(request_id, ids, params, self.model_config.max_model_len, arrival)
+        request = Request(request_id, ids, params, self.model_config.max_model_len, arrival,
+                          priority=priority, cache_salt=cache_salt)
         self.engine_core.add_request(request)
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                           arrival)
@@ -77,3 +86,16 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return self.engine_core.scheduler.get_num_unfinished_requests()
+
+    def get_stats(self) -> SchedulerStats:
+        """Engine-core counters (see :class:`ember.core.stats.SchedulerStats`)."""
+        return self.engine_core.get_stats()
+
+
+def check_priority_and_salt(priority: int, cache_salt: str | None) -> None:
+    """Raises ValueError unless ``priority`` is an int and ``cache_salt`` a
+    non-empty string or None."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")

@@ -25,6 +25,7 @@ from typing import Any
 
 from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
+from ember.reasoning import reasoning_parser_names
 from ember.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("ember.cli")
@@ -227,6 +228,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--reasoning-parser", default=None, choices=reasoning_parser_names(),
+                   help="return the text between <think> and </think> as reasoning_content in chat completions")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -24,6 +24,9 @@ class UniProcExecutor:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.worker.initialize_kv_cache(num_blocks)
 
+    def initialize_host_kv_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_host_kv_cache(num_blocks)
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(sched)
 

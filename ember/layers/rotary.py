@@ -183,13 +183,31 @@ def rope_softmax_scale_factor(scaling: dict[str, Any] | None) -> float:
     return yarn_get_mscale(float(scaling["factor"]), float(mscale_all_dim)) ** 2
 
 
+def scaled_context_len(max_position: int, scaling: dict[str, Any] | None) -> int:
+    """Positions a RoPE with ``scaling`` serves: ``max_position``, or for YaRN
+    ``original_max_position_embeddings * factor`` when larger (as vLLM derives
+    it; e.g. Qwen2.5's 32768 * 4 = 131072 while its config says 32768)."""
+    scaling = scaling or {}
+    if scaling.get("rope_type") != "yarn" or not scaling.get("factor"):
+        return max_position
+    return max(max_position, int(scaling["original_max_position_embeddings"] * float(scaling["factor"])))
+
+
+def rope_context_len(config: Any) -> int:
+    """The longest context an HF config's model serves (default 2048 when it
+    gives no ``max_position_embeddings``), see :func:`scaled_context_len`."""
+    max_position = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    return scaled_context_len(max_position, rope_parameters(config)[1])
+
+
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to query and key.
 
     Args:
         head_dim: size of one head.
         rotary_dim: leading dims of each head that rotate (== head_dim for Llama/Qwen2).
-        max_position: longest position the cos/sin cache covers.
+        max_position: the model's ``max_position_embeddings``; the cos/sin
+            cache covers :func:`scaled_context_len` positions.
         base: rope_theta.
         scaling: a ``rope_scaling`` dict (see :func:`rope_inv_freq`), or None.
         is_neox_style: True for "rotate half", False for interleaved pairs
@@ -203,7 +221,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.rotary_dim, self.is_neox_style = head_dim, rotary_dim, is_neox_style
         inv_freq, attention_factor = rope_inv_freq(base, rotary_dim, scaling, max_position)
-        t = torch.arange(max_position, dtype=torch.float32)
+        t = torch.arange(scaled_context_len(max_position, scaling), dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim / 2]
         # float32 cache: [max_position, rotary_dim] = cos halves | sin halves
         cache = torch.cat([freqs.cos() * attention_factor, freqs.sin() * attention_factor], dim=-1)
@@ -213,7 +231,13 @@ class RotaryEmbedding(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions``: [n] int64; ``query``: [n, num_heads * head_dim] (or
         [n, num_heads, head_dim]); ``key`` likewise with its own head count.
-        Returns rotated copies, same shapes."""
+        Returns rotated copies, same shapes (on CUDA, 2-D neox-style inputs are
+        rotated in place by one fused kernel and returned)."""
+        if query.is_cuda and self.is_neox_style and query.dim() == 2 and query.stride(1) == key.stride(1) == 1:
+            from ember.kernels.triton_ops import rotary_embedding_
+
+            rotary_embedding_(positions, query, key, self.cos_sin_cache, self.head_dim, self.rotary_dim)
+            return query, key
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
@@ -233,12 +257,13 @@ class RotaryEmbedding(nn.Module):
 
 
 def get_rope(head_dim: int, rotary_dim: int, max_position: int, base: float,
-             scaling: dict[str, Any] | None = None) -> RotaryEmbedding:
+             scaling: dict[str, Any] | None = None, is_neox_style: bool = True) -> RotaryEmbedding:
     """A RotaryEmbedding shared by every layer that asks for the same settings
     on the same device: its cos/sin cache ([max_position, rotary_dim] float32,
     64 MiB at 128k positions) is then built once per model, not once per layer."""
     key = tuple(sorted((scaling or {}).items(), key=lambda kv: kv[0]))
-    return _cached_rope(head_dim, rotary_dim, max_position, float(base), _freeze(key), torch.get_default_device())
+    return _cached_rope(head_dim, rotary_dim, max_position, float(base), _freeze(key), is_neox_style,
+                        torch.get_default_device())
 
 
 def _freeze(items: tuple) -> tuple:
@@ -247,5 +272,5 @@ def _freeze(items: tuple) -> tuple:
 
 @functools.lru_cache(maxsize=32)
 def _cached_rope(head_dim: int, rotary_dim: int, max_position: int, base: float, scaling: tuple,
-                 device: torch.device) -> RotaryEmbedding:
-    return RotaryEmbedding(head_dim, rotary_dim, max_position, base, dict(scaling))
+                 is_neox_style: bool, device: torch.device) -> RotaryEmbedding:
+    return RotaryEmbedding(head_dim, rotary_dim, max_position, base, dict(scaling), is_neox_style)

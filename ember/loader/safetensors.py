@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from ember.loader.source import FormatLoader, ModelLoadError
+from ember.loader.weight_utils import DEFAULT_FP8_BLOCK, SCALE_INV_SUFFIX, dequant_fp8_block, fp8_block_size
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -73,21 +74,56 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
     """Yield ``(hf_name, tensor)`` for every tensor of every shard, file by file.
 
     Names and shapes are exactly as stored. Floating tensors are cast to
-    ``dtype``; integer tensors (e.g. quantized data, indices) keep theirs. Only
-    one tensor at a time is materialized (safetensors reads lazily from an mmap).
+    ``dtype``; integer tensors (e.g. quantized data, indices) keep theirs. An
+    FP8 weight with a ``<name>_scale_inv`` companion (DeepSeek-V3's block
+    quantization, see :mod:`ember.loader.weight_utils`) is dequantized to
+    ``dtype`` and the scale itself is not yielded. Only one tensor at a time is
+    materialized (safetensors reads lazily from an mmap).
 
     Raises:
-        ModelLoadError: see :func:`safetensors_files`; a corrupt file.
+        ModelLoadError: see :func:`safetensors_files`; a corrupt file; an FP8
+            weight without block scales, or scales of the wrong shape.
     """
     files = safetensors_files(path)
     names = {file: _tensor_names(file) for file in files}
-    with tqdm(total=sum(map(len, names.values())), desc=f"Loading {Path(path).name}", unit="tensor") as bar:
+    scale_files = {n: file for file, ns in names.items() for n in ns if n.endswith(SCALE_INV_SUFFIX)}
+    block = fp8_block_size(path) if scale_files else DEFAULT_FP8_BLOCK
+    total = sum(map(len, names.values())) - len(scale_files)
+    with tqdm(total=total, desc=f"Loading {Path(path).name}", unit="tensor") as bar:
         for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names[file]:
+                    if name in scale_files:
+                        continue  # consumed with its weight
                     tensor = f.get_tensor(name)
+                    scale_name = name + SCALE_INV_SUFFIX
+                    if scale_name in scale_files:
+                        tensor = _dequant(name, tensor, _read_scale(f, file, scale_files[scale_name], scale_name),
+                                          block, dtype)
+                    elif tensor.dtype in _FP8_DTYPES:
+                        raise ModelLoadError(f"{file}: FP8 tensor {name!r} has no {scale_name!r}; only block-scaled "
+                                             f"FP8 checkpoints (DeepSeek-V3 layout) are supported")
                     yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
                     bar.update()
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _read_scale(f, file: Path, scale_file: Path, scale_name: str) -> torch.Tensor:
+    """The scale tensor, from the open shard ``f`` when it holds it (the usual case)."""
+    if scale_file == file:
+        return f.get_tensor(scale_name)
+    with safe_open(str(scale_file), framework="pt", device="cpu") as other:
+        return other.get_tensor(scale_name)
+
+
+def _dequant(name: str, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+             dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return dequant_fp8_block(weight, scale_inv, block, dtype)
+    except ValueError as e:
+        raise ModelLoadError(f"{name}: {e}") from e
 
 
 def hf_dir_tokenizer(path: str) -> PreTrainedTokenizerFast:

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ember.layers.activation import SiluAndMul
-from ember.layers.attention import Attention, AttentionBackend, ForwardContext
+from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec, standard_kv_cache_spec
 from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from ember.distributed.parallel_state import get_tp_size
+from ember.models.utils import load_hf_weights
 
 
 class LlamaMLP(nn.Module):
@@ -133,6 +134,14 @@ class LlamaForCausalLM(nn.Module):
         """[n, hidden] -> [n, vocab] float32."""
         return self.lm_head(hidden_states)
 
+    @classmethod
+    def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        """Per-layer K/V cache layout (see ``ember.layers.attention.backend``)."""
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return standard_kv_cache_spec(config.num_hidden_layers, block_size, max(1, num_kv_heads // get_tp_size()),
+                                      head_dim, dtype)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into the parameters.
 
@@ -141,28 +150,7 @@ class LlamaForCausalLM(nn.Module):
         Raises:
             ValueError: an unexpected weight name or a shape mismatch.
         """
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
         tied = getattr(self.config, "tie_word_embeddings", False)
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
-                continue
-            for param_name, weight_name, shard_id in self.stacked_params_mapping:
-                if f".{weight_name}." in name:
-                    target = name.replace(weight_name, param_name)
-                    break
-            else:
-                target, shard_id = name, None
-            if target not in params:
-                raise ValueError(f"checkpoint weight {name!r} has no matching parameter in {type(self).__name__}")
-            param = params[target]
-            owner = self.get_submodule(target.rsplit(".", 1)[0])
-            loader = getattr(owner, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor, shard_id)
-            else:
-                if param.shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(param.shape)}")
-                param.data.copy_(tensor)
-            loaded.add(target)
-        return loaded
+        return load_hf_weights(
+            self, weights, self.stacked_params_mapping,
+            skip=lambda name: "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"))

@@ -12,6 +12,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("ember.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("ember.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("ember.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "DeepseekV3ForCausalLM": ("ember.models.deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
 

@@ -291,6 +291,9 @@ class ModelRunner:
         ``enforce_eager``); prints the capture time."""
         if self.device.type != "cuda" or self.model_config.enforce_eager:
             return
+        if not all(getattr(m, "cuda_graph_safe", True) for m in self.model.modules()):
+            logger.info("the model has layers that cannot run in CUDA graphs (e.g. torch MoE/MLA): running eager")
+            return
         from ember.worker.cuda_graph import CUDAGraphRunner
 
         start = time.perf_counter()

@@ -70,5 +70,9 @@ class Worker:
         self.model_runner.initialize_kv_cache(num_blocks)
         self.model_runner.capture_cuda_graphs()
 
+    def initialize_host_kv_cache(self, num_blocks: int) -> None:
+        """Allocate ``num_blocks`` blocks of host swap space."""
+        self.model_runner.initialize_host_kv_cache(num_blocks)
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(sched)

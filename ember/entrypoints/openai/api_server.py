@@ -110,11 +110,12 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
                 t.cancel()
 
 
-def build_app(engine: Any) -> FastAPI:
-    """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface)."""
+def build_app(engine: Any, reasoning_parser: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface);
+    ``reasoning_parser`` names an :mod:`ember.reasoning` parser for chat completions."""
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
-    chat = OpenAIServingChat(engine)
+    chat = OpenAIServingChat(engine, reasoning_parser)
     completion = OpenAIServingCompletion(engine)
     model_name = engine.model_config.served_model_name
 
@@ -175,12 +176,13 @@ def _bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(engine: Any, sock: socket.socket, log_level: str = "info") -> None:
+async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None
+                ) -> None:
     """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM (graceful: open
     streams get :data:`GRACEFUL_SHUTDOWN_S` seconds to finish)."""
     import uvicorn
 
-    config = uvicorn.Config(build_app(engine), log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(build_app(engine, reasoning_parser), log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     logger.info("Ember serves %s at http://%s:%d/v1 (health: /health)",
@@ -204,7 +206,7 @@ def run_server(args: argparse.Namespace) -> None:
     engine = None
     try:
         engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
-        asyncio.run(serve(engine, sock, getattr(args, "log_level", "info")))
+        asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None)))
     except KeyboardInterrupt:
         pass
     finally:

@@ -253,9 +253,18 @@ class CompletionResponse(OpenAIBaseModel):
     usage: UsageInfo | None = None
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class ChatResponseMessage(OpenAIBaseModel):
+    """``content`` is None only when a reasoning parser found no answer after the
+    reasoning; ``reasoning_content`` (vLLM/SGLang extension, ``--reasoning-parser``)
+    appears only when set."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -278,6 +287,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):

@@ -4,6 +4,10 @@ Streaming follows OpenAI's chunk sequence: a first chunk with ``delta.role =
 "assistant"``, one chunk per engine step with new text in ``delta.content``, a last
 chunk with an empty delta and ``finish_reason``, an optional usage chunk
 (``stream_options.include_usage``; ``choices`` is empty there), then ``[DONE]``.
+
+With a reasoning parser (``--reasoning-parser``), the text between ``<think>``
+and ``</think>`` goes to ``message.reasoning_content`` / ``delta.reasoning_content``
+instead of ``content`` (see :mod:`ember.reasoning`).
 """
 
 from __future__ import annotations
@@ -34,12 +38,31 @@ from ember.entrypoints.openai.serving_completion import (
     sse_event,
 )
 from ember.outputs import RequestOutput
+from ember.reasoning import ReasoningParser, get_reasoning_parser
 
 logger = logging.getLogger(__name__)
 
 
 class OpenAIServingChat(OpenAIServing):
-    """Answers ``POST /v1/chat/completions``."""
+    """Answers ``POST /v1/chat/completions``.
+
+    Args:
+        engine: see :class:`OpenAIServing`.
+        reasoning_parser: name of a registered reasoning parser, or None.
+    Raises:
+        ValueError: unknown parser name.
+    """
+
+    def __init__(self, engine: Any, reasoning_parser: str | None = None) -> None:
+        super().__init__(engine)
+        self.reasoning_parser: ReasoningParser | None = (
+            get_reasoning_parser(reasoning_parser) if reasoning_parser else None)
+
+    def _message(self, text: str) -> ChatResponseMessage:
+        if self.reasoning_parser is None:
+            return ChatResponseMessage(content=text)
+        reasoning, content = self.reasoning_parser.extract_reasoning(text)
+        return ChatResponseMessage(content=content, reasoning_content=reasoning)
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
@@ -55,7 +78,7 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(
             id=request_id,
             model=self.model_name,
-            choices=[ChatCompletionChoice(index=0, message=ChatResponseMessage(content=out.text),
+            choices=[ChatCompletionChoice(index=0, message=self._message(out.text),
                                           finish_reason=out.finish_reason, stop_reason=out.stop_reason)],
             usage=UsageInfo.of(len(prompt_ids), len(out.token_ids)),
         )
@@ -64,6 +87,7 @@ class OpenAIServingChat(OpenAIServing):
                       num_prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
         created = now()
         num_output_tokens = 0
+        previous_text = ""
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
             body: dict[str, Any] = ChatCompletionStreamResponse(
@@ -73,9 +97,10 @@ class OpenAIServingChat(OpenAIServing):
             return sse_event(drop_null_usage(body))
 
         def delta(content: str | None = None, finish_reason: str | None = None, stop_reason: Any = None,
-                  role: str | None = None) -> str:
-            return chunk([ChatCompletionStreamChoice(index=0, delta=DeltaMessage(role=role, content=content),
-                                                     finish_reason=finish_reason, stop_reason=stop_reason)])
+                  role: str | None = None, reasoning_content: str | None = None) -> str:
+            message = DeltaMessage(role=role, content=content, reasoning_content=reasoning_content)
+            return chunk([ChatCompletionStreamChoice(index=0, delta=message, finish_reason=finish_reason,
+                                                     stop_reason=stop_reason)])
 
         try:
             yield delta(role="assistant", content="")
@@ -83,7 +108,13 @@ class OpenAIServingChat(OpenAIServing):
             while out is not None:
                 c = out.outputs[0]
                 num_output_tokens += len(c.token_ids)
-                if c.text:
+                if self.reasoning_parser is not None:
+                    reasoning, content = self.reasoning_parser.extract_reasoning_streaming(
+                        previous_text, c.text, final=c.finish_reason is not None)
+                    previous_text += c.text
+                    if reasoning or content:
+                        yield delta(content=content, reasoning_content=reasoning)
+                elif c.text:
                     yield delta(content=c.text)
                 if c.finish_reason is not None:
                     yield delta(finish_reason=c.finish_reason, stop_reason=c.stop_reason)

@@ -50,6 +50,8 @@ class MLABackend(ABC):
     """
 
     name: str = ""
+    # Whether a decode step can be captured in a CUDA graph (no host reads of metadata).
+    cuda_graph_safe: bool = False
 
     def __init__(self, num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
                  kv_lora_rank: int, scale: float) -> None:
@@ -157,6 +159,10 @@ _MLA_BACKENDS: dict[str, str] = {
     # Keyed by the name of the attention backend chosen at start-up, so one
     # choice ("torch" on CPU) picks both the standard and the MLA implementation.
     "torch": "ember.layers.attention.mla:TorchMLABackend",
+    # NOTE: no Triton MLA kernel yet; the PyTorch one runs on CUDA too (eager only:
+    # it reads host-side lengths, so decode steps cannot be captured in CUDA graphs,
+    # see MLABackend.cuda_graph_safe).
+    "triton": "ember.layers.attention.mla:TorchMLABackend",
 }
 
 
@@ -192,6 +198,7 @@ class MLAAttention(nn.Module):
         self.num_heads, self.v_head_dim, self.layer_idx = num_heads, v_head_dim, layer_idx
         self.impl = get_mla_backend(attn_backend)(num_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
                                                   kv_lora_rank, scale)
+        self.cuda_graph_safe = self.impl.cuda_graph_safe
 
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
                 kv_b_weight: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""``FusedMoE``: the routed experts of an MoE block, weights stacked per expert.
+
+Weights: ``w13_weight`` [num_experts, 2 * intermediate, hidden] (gate rows,
+then up rows) and ``w2_weight`` [num_experts, hidden, intermediate], the
+layout fused-MoE kernels expect (vLLM's ``FusedMoE`` naming). With tensor
+parallelism the intermediate dimension is split (column-parallel w13,
+row-parallel w2; tp_size is 1 today).
+
+The implementation is picked once, when the layer is built, from the device
+it is built on (the model runner builds models inside ``with device:``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ember.distributed.parallel_state import get_tp_rank, get_tp_size
+
+# fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> [num_tokens, hidden]
+FusedExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_FUSED_MOE_IMPLS: dict[str, str] = {
+    # name -> "module:function", imported lazily so the CPU path never imports GPU kernels.
+    "torch": "ember.layers.moe.torch_moe:fused_experts_torch",
+}
+
+# device type -> implementation name (a GPU kernel registers itself for "cuda").
+_DEFAULT_IMPL: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
+
+
+def get_fused_moe_impl(name: str) -> FusedExpertsFn:
+    """The experts function registered as ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones).
+    """
+    if name not in _FUSED_MOE_IMPLS:
+        raise ValueError(f"unknown fused MoE implementation {name!r}; registered: {sorted(_FUSED_MOE_IMPLS)}")
+    module, fn = _FUSED_MOE_IMPLS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+class FusedMoE(nn.Module):
+    """Routed SwiGLU experts; routing (top-k) is done by the caller's router.
+
+    Args:
+        num_experts: routed experts.
+        hidden_size: model width.
+        intermediate_size: width of one expert (``moe_intermediate_size``).
+        dtype: parameter dtype (default: torch's default dtype).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dtype = dtype or torch.get_default_dtype()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size // self.tp_size
+        inter = self.intermediate_size
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype),
+                                       requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=dtype), requires_grad=False)
+        self.impl = get_fused_moe_impl(_DEFAULT_IMPL.get(torch.get_default_device().type, "torch"))
+        # NOTE: the torch experts loop reads the chosen expert ids on the host, which
+        # a CUDA graph cannot capture; the runner stays eager for such models.
+        self.cuda_graph_safe = False
+
+    def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                ) -> torch.Tensor:
+        """``hidden_states``: [num_tokens, hidden]; ``topk_weights`` / ``topk_ids``:
+        [num_tokens, top_k]. Returns [num_tokens, hidden] (this rank's partial
+        sum under tensor parallelism)."""
+        return self.impl(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+
+    @staticmethod
+    def make_expert_params_mapping(num_experts: int, gate_proj: str = "gate_proj", down_proj: str = "down_proj",
+                                   up_proj: str = "up_proj") -> list[tuple[str, str, int | None, str]]:
+        """``(param suffix, checkpoint suffix, expert_id, shard_id)`` for every
+        expert weight of an HF checkpoint: per-expert ``experts.{e}.gate_proj.weight``
+        (shard ``w1``), ``up_proj`` (``w3``) and ``down_proj`` (``w2``), and the
+        stacked ``experts.gate_up_proj`` / ``experts.down_proj`` that
+        transformers >= 5 uses in memory (``expert_id`` None)."""
+        mapping: list[tuple[str, str, int | None, str]] = []
+        for e in range(num_experts):
+            mapping += [("experts.w13_weight", f"experts.{e}.{gate_proj}.weight", e, "w1"),
+                        ("experts.w13_weight", f"experts.{e}.{up_proj}.weight", e, "w3"),
+                        ("experts.w2_weight", f"experts.{e}.{down_proj}.weight", e, "w2")]
+        mapping += [("experts.w13_weight", "experts.gate_up_proj", None, "w13"),
+                    ("experts.w2_weight", "experts.down_proj", None, "w2")]
+        return mapping
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
+                      expert_id: int | None = None) -> None:
+        """Copy one checkpoint tensor into this rank's slice of ``param``.
+
+        Args:
+            loaded: ``[intermediate, hidden]`` for ``w1`` (gate) / ``w3`` (up),
+                ``[hidden, intermediate]`` for ``w2`` (down); with ``expert_id``
+                None, all experts stacked on a leading dim (``w13``: gate and up
+                rows concatenated).
+        Raises:
+            ValueError: a shape that does not match.
+        """
+        if expert_id is None:
+            for e in range(self.num_experts):
+                if shard_id == "w13":
+                    full = loaded.shape[1] // 2
+                    self.weight_loader(param, loaded[e, :full], "w1", e)
+                    self.weight_loader(param, loaded[e, full:], "w3", e)
+                else:
+                    self.weight_loader(param, loaded[e], shard_id, e)
+            return
+        inter = self.intermediate_size
+        if shard_id == "w2":
+            dst, src = param.data[expert_id], loaded.narrow(1, self.tp_rank * inter, inter)
+        else:
+            offset = 0 if shard_id == "w1" else inter
+            dst, src = param.data[expert_id, offset: offset + inter], loaded.narrow(0, self.tp_rank * inter, inter)
+        if dst.shape != src.shape:
+            raise ValueError(f"FusedMoE {shard_id} of expert {expert_id}: weight shape {tuple(loaded.shape)} "
+                             f"does not match {tuple(dst.shape)} (tp_size {self.tp_size})")
+        dst.copy_(src)

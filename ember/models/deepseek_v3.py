@@ -1,0 +1,206 @@
+"""DeepSeek-V3 / R1 (``DeepseekV3ForCausalLM``).
+
+As HF transformers' ``modeling_deepseek_v3`` (DeepSeek-AI, 2024, "DeepSeek-V3
+Technical Report"):
+
+- multi-head latent attention (MLA): queries through a low-rank
+  ``q_a_proj -> q_a_layernorm -> q_b_proj`` (or a plain ``q_proj`` when
+  ``q_lora_rank`` is None), keys/values compressed to a ``kv_lora_rank``
+  latent plus a shared ``qk_rope_head_dim`` rotary key; only those are cached
+  (see ``ember.layers.attention.mla``);
+- RoPE on the rotary parts only, interleaved pairs when ``rope_interleave``,
+  YaRN scaling whose ``mscale_all_dim`` also multiplies the softmax scale;
+- MoE from layer ``first_k_dense_replace`` on: sigmoid group-limited top-k
+  routing with ``e_score_correction_bias`` and ``routed_scaling_factor``, plus
+  ``n_shared_experts`` always-on experts; earlier layers are dense.
+
+Multi-token-prediction layers (``model.layers.{num_hidden_layers}..``, the MTP
+module) are skipped when loading.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ember.distributed.parallel_state import get_tp_size
+from ember.layers.attention import AttentionBackend, ForwardContext, KVCacheSpec
+from ember.layers.attention.mla import MLAAttention, mla_kv_cache_spec
+from ember.layers.layernorm import RMSNorm
+from ember.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from ember.layers.moe import FusedMoE, GroupedTopKRouter
+from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
+from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.models.llama import LlamaMLP
+from ember.models.utils import load_hf_weights
+
+# NOTE: HF builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps,
+# not config.rms_norm_eps (equal in released configs).
+_LATENT_NORM_EPS = 1e-6
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class DeepseekV3Attention(nn.Module):
+    """MLA projections around :class:`MLAAttention`."""
+
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        total_heads = config.num_attention_heads
+        self.num_heads = total_heads // get_tp_size()
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        qk_head_dim = self.nope_dim + self.rope_dim
+        hidden, bias = config.hidden_size, getattr(config, "attention_bias", False)
+        self.q_lora_rank = config.q_lora_rank
+        if self.q_lora_rank is not None:
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, total_heads * qk_head_dim)
+        else:
+            self.q_proj = ColumnParallelLinear(hidden, total_heads * qk_head_dim)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + config.v_head_dim))
+        self.o_proj = RowParallelLinear(total_heads * config.v_head_dim, hidden, bias=bias)
+        rope_theta, rope_scaling = rope_parameters(config)
+        self.rotary_emb = get_rope(self.rope_dim, self.rope_dim, config.max_position_embeddings, rope_theta,
+                                   rope_scaling, is_neox_style=not getattr(config, "rope_interleave", True))
+        scale = qk_head_dim ** -0.5 * rope_softmax_scale_factor(rope_scaling)
+        self.mla_attn = MLAAttention(self.num_heads, self.nope_dim, self.rope_dim, config.v_head_dim,
+                                     self.kv_lora_rank, scale, layer_idx, attn_backend)
+
+    def _query(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, num_heads * (qk_nope_head_dim + qk_rope_head_dim)]."""
+        if self.q_lora_rank is None:
+            return self.q_proj(hidden_states)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        n = hidden_states.shape[0]
+        q = self._query(hidden_states).view(n, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_c, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_c = self.kv_a_layernorm(kv_c)
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+        out = self.mla_attn(q_nope, q_pe, kv_c, k_pe, self.kv_b_proj.weight, ctx)
+        return self.o_proj(out)
+
+
+class DeepseekV3MoE(nn.Module):
+    """Router (HF ``mlp.gate``), routed experts (``mlp.experts.{e}.*``) and
+    shared experts (``mlp.shared_experts``, one SwiGLU MLP of
+    ``n_shared_experts * moe_intermediate_size``)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.gate = GroupedTopKRouter(
+            config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
+            renormalize=config.norm_topk_prob, num_expert_group=config.n_group or 1,
+            topk_group=config.topk_group or 1, routed_scaling_factor=config.routed_scaling_factor)
+        self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (LlamaMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts else None)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        topk_weights, topk_ids = self.gate(hidden_states)
+        out = self.experts(hidden_states, topk_weights, topk_ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.self_attn = DeepseekV3Attention(config, layer_idx, attn_backend)
+        self.mlp = (DeepseekV3MoE(config) if layer_idx >= config.first_k_dense_replace
+                    else LlamaMLP(config.hidden_size, config.intermediate_size))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DeepseekV3DecoderLayer(config, i, attn_backend) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Causal LM: ``forward`` returns final hidden states, ``compute_logits``
+    projects the rows that need sampling.
+
+    Args:
+        config: HF ``DeepseekV3Config``.
+        attn_backend: attention backend class chosen at start-up (its MLA sibling runs).
+    """
+
+    stacked_params_mapping = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+
+    def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV3Model(config, attn_backend)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float32."""
+        return self.lm_head(hidden_states)
+
+    @classmethod
+    def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        """MLA's latent cache: ``[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`` per layer."""
+        return mla_kv_cache_spec(config.num_hidden_layers, block_size, config.kv_lora_rank,
+                                 config.qk_rope_head_dim, dtype)
+
+    def _skip(self, name: str) -> bool:
+        """Rotary buffers, a tied head, and the MTP layers past ``num_hidden_layers``."""
+        layer = _LAYER_RE.match(name)
+        if layer and int(layer.group(1)) >= self.config.num_hidden_layers:
+            return True
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into the parameters (FP8 checkpoints
+        arrive dequantized from the loader).
+
+        Returns:
+            Names of the parameters that were loaded.
+        Raises:
+            ValueError: an unexpected weight name or a shape mismatch.
+        """
+        return load_hf_weights(self, weights, self.stacked_params_mapping,
+                               FusedMoE.make_expert_params_mapping(self.config.n_routed_experts), skip=self._skip)
+

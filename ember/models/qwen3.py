@@ -1,0 +1,152 @@
+"""Qwen3 (``Qwen3ForCausalLM``): dense Qwen3 models.
+
+As HF transformers' ``modeling_qwen3``: the Llama layer stack with an explicit
+``head_dim`` (not ``hidden_size / num_heads``), no Q/K/V bias, and an RMSNorm
+over each query and key head (``q_norm`` / ``k_norm``, weights ``[head_dim]``)
+applied before RoPE (Qwen team, 2025, "Qwen3 Technical Report", section 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ember.distributed.parallel_state import get_tp_size
+from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec
+from ember.layers.layernorm import RMSNorm
+from ember.layers.linear import QKVParallelLinear, RowParallelLinear
+from ember.layers.rotary import get_rope, rope_parameters
+from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.models.llama import LlamaForCausalLM, LlamaMLP
+from ember.models.utils import ExpertMapping, load_hf_weights
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        tp = get_tp_size()
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.num_heads, self.num_kv_heads = total_heads // tp, max(1, total_kv_heads // tp)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads, bias=bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        rope_theta, rope_scaling = rope_parameters(config)
+        self.rotary_emb = get_rope(self.head_dim, self.head_dim, config.max_position_embeddings, rope_theta,
+                                   rope_scaling)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
+                              layer_idx, attn_backend)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        n = hidden_states.shape[0]
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))  # per-head norm, before RoPE
+        k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary_emb(positions, q.reshape(n, -1), k.reshape(n, -1))
+        return self.o_proj(self.attn(q, k, v, ctx))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``, any MLP module
+    (dense SwiGLU, or an MoE block for Qwen3-MoE)."""
+
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend], mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, layer_idx, attn_backend)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, decoder layers, final norm.
+
+    Args:
+        make_mlp: ``layer_idx -> MLP module`` of that layer.
+    """
+
+    def __init__(self, config, attn_backend: type[AttentionBackend], make_mlp: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(config, i, attn_backend, make_mlp(i)) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Causal LM: ``forward`` returns final hidden states, ``compute_logits``
+    projects the rows that need sampling.
+
+    Args:
+        config: HF ``Qwen3Config``.
+        attn_backend: attention backend class chosen at start-up.
+    """
+
+    stacked_params_mapping = LlamaForCausalLM.stacked_params_mapping
+
+    def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config, attn_backend, self.make_mlp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        """The MLP of layer ``layer_idx`` (dense SwiGLU for Qwen3)."""
+        return LlamaMLP(self.config.hidden_size, self.config.intermediate_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float32."""
+        return self.lm_head(hidden_states)
+
+    @classmethod
+    def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        """Standard per-layer K/V layout with the explicit ``head_dim``."""
+        return LlamaForCausalLM.kv_cache_spec(config, block_size, dtype)
+
+    def expert_params_mapping(self) -> ExpertMapping:
+        """Checkpoint expert weights -> FusedMoE parameters (none for dense Qwen3)."""
+        return []
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into the parameters.
+
+        Returns:
+            Names of the parameters that were loaded.
+        Raises:
+            ValueError: an unexpected weight name or a shape mismatch.
+        """
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return load_hf_weights(
+            self, weights, self.stacked_params_mapping, self.expert_params_mapping(),
+            skip=lambda name: "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"))

@@ -1,0 +1,139 @@
+"""DeepSeek-V3 (MLA + MoE) vs HF transformers on tiny random checkpoints.
+
+Every feature is on: low-rank queries, MLA with v_head_dim != qk_nope_head_dim,
+interleaved YaRN rope with mscale_all_dim (softmax scale and cos/sin factor
+both != 1), a dense first layer, grouped sigmoid routing with a nonzero
+e_score_correction_bias, shared experts, routed_scaling_factor. Also: a
+checkpoint with an MTP layer (skipped), and an FP8 block-quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from ember.layers.attention.mla import TorchMLABackend
+from tests.models.tiny import (BLOCK_SIZE, check_model_vs_hf, check_prefill_logits, ember_llm, make_prompts,
+                               one_thread, randomize_norms_, runner_of, save_tiny)
+
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, mscale=1.0,
+            mscale_all_dim=0.8, beta_fast=32, beta_slow=1)
+
+
+def tiny_config(**overrides) -> DeepseekV3Config:
+    fields = dict(
+        vocab_size=80, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_group=4, topk_group=2,
+        num_experts_per_tok=3, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=128, initializer_range=0.2, rope_interleave=True, rope_parameters=dict(YARN))
+    # NOTE: HF's default num_key_value_heads is 128; MLA ignores it but HF's
+    # eager attention repeats K/V num_heads // num_key_value_heads times.
+    return DeepseekV3Config(**(fields | overrides))
+
+
+def tiny_model(config: DeepseekV3Config, seed: int = 0) -> DeepseekV3ForCausalLM:
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).eval()
+    randomize_norms_(model, seed)
+    with torch.no_grad():  # zeros at init: make the selection bias matter
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def test_deepseek_v3_matches_hf(tmp_path):
+    hf = tiny_model(tiny_config())
+    check_model_vs_hf(hf, save_tiny(hf, tmp_path, max_shard_size="200KB"))
+
+
+def test_mla_cache_layout_and_decode_path(tmp_path, monkeypatch):
+    """The cache holds only the latent + rotary key per token, and decode steps
+    run the absorbed form (prefill the decompressed one)."""
+    config = tiny_config()
+    llm = ember_llm(save_tiny(tiny_model(config), tmp_path))
+    runner = runner_of(llm)
+    caches = runner.kv_caches
+    assert len(caches) == config.num_hidden_layers
+    assert caches[0].shape[1:] == (BLOCK_SIZE, config.kv_lora_rank + config.qk_rope_head_dim)
+    assert runner.kv_cache_bytes_per_block() == 3 * BLOCK_SIZE * (24 + 8) * 4
+    calls = {"absorbed": 0, "decompressed": 0}
+    for path, key in (("_decode_absorbed", "absorbed"), ("_prefill_decompressed", "decompressed")):
+        orig = getattr(TorchMLABackend, path)
+
+        def counted(*args, _orig=orig, _key=key, **kwargs):
+            calls[_key] += 1
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(TorchMLABackend, path, counted)
+    from ember import SamplingParams
+
+    with one_thread():
+        llm.generate([make_prompts()[1]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert calls == {"absorbed": 4 * 3, "decompressed": 1 * 3}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(q_lora_rank=None, rope_interleave=False, n_shared_experts=2, first_k_dense_replace=0, n_group=1,
+         topk_group=1, norm_topk_prob=False),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, num_experts_per_tok=1),
+], ids=["plain-q-neox-no-groups", "no-yarn-top1"])
+def test_deepseek_v3_variants_prefill(tmp_path, overrides):
+    hf = tiny_model(tiny_config(**overrides))
+    check_prefill_logits(ember_llm(save_tiny(hf, tmp_path)), hf, make_prompts())
+
+
+def test_mtp_layers_are_skipped(tmp_path):
+    """DeepSeek-V3 checkpoints carry the MTP module as layer num_hidden_layers."""
+    config = tiny_config()
+    hf = tiny_model(config)
+    path = save_tiny(hf, tmp_path)
+    mtp = {f"model.layers.{config.num_hidden_layers}.{k.split('.', 3)[3]}": v.clone()
+           for k, v in hf.state_dict().items() if k.startswith("model.layers.2.")}
+    mtp[f"model.layers.{config.num_hidden_layers}.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(mtp, str(tmp_path / "mtp.safetensors"))
+    check_prefill_logits(ember_llm(path), hf, make_prompts()[:2])
+
+
+def quantize_fp8_block(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax scaling into float8_e4m3fn (max 448), as DeepSeek's FP8 checkpoints."""
+    m, n = w.shape
+    mb, nb = -(-m // block), -(-n // block)
+    padded = torch.nn.functional.pad(w.float(), (0, nb * block - n, 0, mb * block - m))
+    blocks = padded.view(mb, block, nb, block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).view(mb * block, nb * block)[:m, :n].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_block_checkpoint(tmp_path):
+    """Linear weights stored as FP8 + weight_scale_inv (16x16 blocks, so the
+    tiny weights span several full and partial blocks) load dequantized: Ember
+    matches HF holding the dequantized weights."""
+    block = 16
+    hf = tiny_model(tiny_config())
+    path = save_tiny(hf, tmp_path)
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    quantized = {}
+    for name, w in state.items():
+        if name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
+            q, scale_inv = quantize_fp8_block(w, block)
+            quantized[name], quantized[name + "_scale_inv"] = q, scale_inv
+            padded_scale = scale_inv.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)
+            state[name] = q.float() * padded_scale[:, : w.shape[1]]
+        else:
+            quantized[name] = w
+    assert sum(n.endswith("_scale_inv") for n in quantized) > 20
+    hf.load_state_dict(state)
+    (tmp_path / "model.safetensors").unlink()
+    save_file(quantized, str(tmp_path / "model.safetensors"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    check_prefill_logits(ember_llm(path), hf, make_prompts())
