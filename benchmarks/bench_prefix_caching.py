@@ -125,6 +125,10 @@ def zero_hit_overhead(engines: dict[str, LLM], args: argparse.Namespace, tokens:
     host: dict[str, list[float]] = {name: [] for name in engines}
     step: dict[str, list[float]] = {name: [] for name in engines}
     hit_rates = []
+    for _ in range(args.zero_warmup):  # untimed: the first batch of new shapes compiles kernels
+        prompts = [tokens(args.unique_len) for _ in range(args.num_requests)]
+        for llm in engines.values():
+            run_batch(llm, prompts, args.output_len)
     for rep in range(args.repeats):
         prompts = [tokens(args.unique_len) for _ in range(args.num_requests)]
         order = list(engines) if rep % 2 == 0 else list(reversed(engines))
@@ -155,12 +159,22 @@ def zero_hit_overhead(engines: dict[str, LLM], args: argparse.Namespace, tokens:
 
 def _compare(res: dict[str, Any]) -> dict[str, Any]:
     on, off = res["on"], res["off"]
-    same = on.pop("outputs") == off.pop("outputs")
+    outs_on, outs_off = _flat(on.pop("outputs")), _flat(off.pop("outputs"))
     out = {f"{k}_{name}": v for name in ("on", "off") for k, v in res[name].items()}
     out["ttft_speedup"] = off["ttft_mean_s"] / on["ttft_mean_s"]
     out["elapsed_speedup"] = off["elapsed_s"] / on["elapsed_s"]
-    out["greedy_outputs_equal"] = same
+    # Greedy outputs with caching on vs off: equal in float32; in bf16 the cached
+    # prefix was computed in a different batch shape, so near-tie argmaxes may flip.
+    out["greedy_outputs_equal_frac"] = sum(a == b for a, b in zip(outs_on, outs_off)) / len(outs_on)
+    out["first_token_equal_frac"] = sum(a[:1] == b[:1] for a, b in zip(outs_on, outs_off)) / len(outs_on)
     return out
+
+
+def _flat(outputs: list) -> list[list[int]]:
+    """Per-request token lists (multi-turn results are nested by turn)."""
+    if outputs and outputs[0] and isinstance(outputs[0][0], list):
+        return [o for turn in outputs for o in turn]
+    return outputs
 
 
 def main() -> None:
@@ -183,6 +197,8 @@ def main() -> None:
     ap.add_argument("--user-len", type=int, default=60)
     ap.add_argument("--unique-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--zero-warmup", type=int, default=1, help="untimed 0%%-hit batches before the timed ones")
+    ap.add_argument("--workloads", default="shared_prompt,multi_turn,zero_hit")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write results here")
@@ -203,9 +219,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "args": vars(args),
     }
     _print(results)
-    for name, workload in (("shared_prompt", shared_prompt), ("multi_turn", multi_turn),
-                           ("zero_hit", zero_hit_overhead)):
-        results[name] = workload(engines, args, tokens)
+    workloads = {"shared_prompt": shared_prompt, "multi_turn": multi_turn, "zero_hit": zero_hit_overhead}
+    for name in args.workloads.split(","):
+        results[name] = workloads[name](engines, args, tokens)
         _print({name: results[name]})
     results["stats_on"] = _stats_dict(engines["on"])
     _print({"stats_on": results["stats_on"]})

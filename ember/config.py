@@ -47,6 +47,8 @@ class ModelConfig:
         seed: seed for unseeded random sampling (None: nondeterministic).
         enforce_eager: never capture CUDA graphs.
         skip_tokenizer_init: run without a tokenizer (prompts and outputs are token ids).
+        attention_backend: force a registered attention backend (``"torch"``,
+            ``"triton"``); None picks the device's default.
     """
 
     model: str
@@ -58,6 +60,7 @@ class ModelConfig:
     seed: int | None = 0
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
+    attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES.values(), "dtype", f"one of {sorted(_DTYPES)}", self.dtype)

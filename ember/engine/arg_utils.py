@@ -50,6 +50,18 @@ def _parse_swap_space(text: str) -> int:
         return _parse_bytes(text)
 
 
+def _parse_json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"hf-overrides: not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("hf-overrides: expected a JSON object")
+    return value
+
+
 @dataclass
 class EngineArgs:
     """Options that build an :class:`EngineConfig` (see ``ember serve --help``)."""
@@ -70,6 +82,8 @@ class EngineArgs:
     seed: int | None = 0
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
+    hf_overrides: dict | None = None
+    attention_backend: str | None = None
     enable_prefix_caching: bool = True
     swap_space: int = 4 << 30
     scheduling_policy: str = "fcfs"
@@ -117,6 +131,10 @@ class EngineArgs:
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
         parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+        parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
+                            help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
+        parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
+                            help="force an attention backend (default: triton on CUDA, torch elsewhere)")
         parser.add_argument("--skip-tokenizer-init", action="store_true",
                             help="run without a tokenizer: prompts and outputs are token ids")
         return parser
@@ -147,6 +165,10 @@ class EngineArgs:
 
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)
+        for key, value in (self.hf_overrides or {}).items():
+            if not hasattr(hf_config, key):
+                raise ConfigError(f"hf_overrides: the model config has no field {key!r}")
+            setattr(hf_config, key, value)
         architecture = ModelRegistry.resolve(hf_config)
 
         dtype_name = self.dtype
@@ -166,6 +188,7 @@ class EngineArgs:
             served_model_name=name,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            attention_backend=self.attention_backend,
             skip_tokenizer_init=self.skip_tokenizer_init or source.format == "preset",
         )
         kv_bytes = self.kv_cache_memory

@@ -108,7 +108,8 @@ class ModelRunner:
         else:
             generator.seed()
         self.sampler = Sampler(generator)
-        self.attn_backend = get_attention_backend(default_backend_name(config.device_config.device))
+        self.attn_backend = get_attention_backend(
+            config.model_config.attention_backend or default_backend_name(config.device_config.device))
 
     # ------------------------------------------------------------- start-up
     def load_model(self) -> None:
@@ -126,8 +127,10 @@ class ModelRunner:
         with _default_dtype(mc.dtype), self.device:
             model = model_cls(mc.hf_config, self.attn_backend)
         if self.config.load_config.load_format == "dummy":
+            # Seeded, so two engines with the same seed get the same random weights.
+            gen = torch.Generator(device=self.device).manual_seed(mc.seed or 0)
             for p in model.parameters():
-                p.data.uniform_(-0.05, 0.05)
+                p.data.uniform_(-0.05, 0.05, generator=gen)
         else:
             source = resolve_model_source(mc.model)
             loaded = model.load_weights(iter_weights(source, mc.dtype))
