@@ -3,10 +3,10 @@ reduced-depth model: prefill logits and greedy tokens.
 
     python benchmarks/check_gpu_vs_torch.py --model Qwen3-30B-A3B --layers 4
 
-The "torch" run uses the plain-PyTorch attention backend, eager, float32; the
-GPU run uses the default CUDA path (Triton attention where the model has it,
-CUDA graphs where it can be captured) in float32 as well, so the two should
-agree to float32 rounding.
+The "torch" run uses the plain-PyTorch attention backend and MoE experts loop,
+eager, float32; the GPU run uses the default CUDA path (Triton attention and
+fused MoE where the model has them, CUDA graphs where it can be captured) in
+float32 as well, so the two should agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ def run(model: str, layers: int, backend: str | None, eager: bool, prompts: list
               max_model_len=1024, kv_cache_memory=2 << 30, attention_backend=backend, enforce_eager=eager,
               max_num_seqs=16)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    if backend == "torch":  # the plain-PyTorch path: torch attention and the torch experts loop
+        from ember.layers.moe.layer import FusedMoE, get_fused_moe_impl
+
+        for module in runner.model.modules():
+            if isinstance(module, FusedMoE):
+                module.impl = get_fused_moe_impl("torch")
     logits = runner.compute_prompt_logits(prompts[0]).float().cpu()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]

@@ -26,10 +26,11 @@ FusedExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 _FUSED_MOE_IMPLS: dict[str, str] = {
     # name -> "module:function", imported lazily so the CPU path never imports GPU kernels.
     "torch": "ember.layers.moe.torch_moe:fused_experts_torch",
+    "triton": "ember.kernels.triton_moe:fused_experts_triton",
 }
 
 # device type -> implementation name (a GPU kernel registers itself for "cuda").
-_DEFAULT_IMPL: dict[str, str] = {"cpu": "torch", "cuda": "torch"}
+_DEFAULT_IMPL: dict[str, str] = {"cpu": "torch", "cuda": "triton"}
 
 
 def get_fused_moe_impl(name: str) -> FusedExpertsFn:
@@ -65,10 +66,12 @@ class FusedMoE(nn.Module):
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype),
                                        requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=dtype), requires_grad=False)
-        self.impl = get_fused_moe_impl(_DEFAULT_IMPL.get(torch.get_default_device().type, "torch"))
+        impl = _DEFAULT_IMPL.get(torch.get_default_device().type, "torch")
+        self.impl = get_fused_moe_impl(impl)
         # NOTE: the torch experts loop reads the chosen expert ids on the host, which
-        # a CUDA graph cannot capture; the runner stays eager for such models.
-        self.cuda_graph_safe = False
+        # a CUDA graph cannot capture (the runner then stays eager); the Triton
+        # grouped GEMM needs no host sync.
+        self.cuda_graph_safe = impl != "torch"
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
