@@ -192,7 +192,7 @@ class Scheduler:
             # outranks (FCFS: by anyone), or the two would trade places every step.
             if not all(self.policy.outranks(req, victim) for victim in plan.preempted):
                 break
-            num_new = self._admit(req, plan.budget, plan)
+            num_new = self._admit(req, plan)
             if num_new is None:
                 break
             self.policy.pop_waiting()
@@ -209,7 +209,7 @@ class Scheduler:
                 num_computed_tokens=req.num_computed_tokens,
             ))
 
-    def _admit(self, req: Request, budget: int, plan: _StepPlan) -> int | None:
+    def _admit(self, req: Request, plan: _StepPlan) -> int | None:
         """Give a waiting request blocks for its first chunk: swap a swapped
         one back in, else take its prefix-cache hits and allocate the rest.
 
@@ -218,7 +218,7 @@ class Scheduler:
         """
         kv = self.kv_cache_manager
         if req.status == RequestStatus.SWAPPED:
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens - req.num_computed_tokens, plan.budget)
             pairs = kv.swap_in(req, num_new)
             if pairs is None:
                 return None
@@ -228,7 +228,7 @@ class Scheduler:
             return num_new
         assert req.num_computed_tokens == 0, f"{req} is waiting with computed tokens"
         hits, num_hit_tokens = kv.get_computed_blocks(req)
-        num_new = min(req.num_tokens - num_hit_tokens, budget)
+        num_new = min(req.num_tokens - num_hit_tokens, plan.budget)
         if kv.allocate_slots(req, num_new, hits) is None:
             return None
         kv.record_prefix_cache_query(req.num_tokens, num_hit_tokens)

@@ -60,21 +60,27 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     runner = _runner(llm)
     mc = llm.llm_engine.model_config
     rng = random.Random(0)
-    prompts = _random_prompts(args.batch_size, args.input_len, mc.vocab_size, rng)
+
+    def fresh() -> list[list[int]]:
+        # NOTE: new prompts for every call: with prefix caching on, a repeated
+        # prompt would skip its prefill and the timings would not be a prefill's.
+        return _random_prompts(args.batch_size, args.input_len, mc.vocab_size, rng)
+
     full = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     prefill_only = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     for _ in range(args.warmup):
-        llm.generate(prompts, full, use_tqdm=False)
+        llm.generate(fresh(), full, use_tqdm=False)
     ceilings = measure_ceilings(runner.device)
     cost = model_cost(runner.model, mc)
     prefill_times, total_times = [], []
     mark = _host_mark(llm)
+    cache_mark = llm.get_stats().prefix_cache
     for _ in range(args.iters):
         t = time.perf_counter()
-        llm.generate(prompts, prefill_only, use_tqdm=False)
+        llm.generate(fresh(), prefill_only, use_tqdm=False)
         prefill_times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        llm.generate(prompts, full, use_tqdm=False)
+        llm.generate(fresh(), full, use_tqdm=False)
         total_times.append(time.perf_counter() - t)
     host_per_step = _host_time_per_step(llm, mark)
     prefill = sorted(prefill_times)[len(prefill_times) // 2]
@@ -92,6 +98,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         "weight_gb": cost.weight_bytes / 1e9,
         "bound_step_ms": bytes_per_step / ceilings.copy_bytes_per_s * 1e3,
         "mbu": bytes_per_step / step_time / ceilings.copy_bytes_per_s,
+        **_prefix_cache_fields(llm, cache_mark),
         **_ceiling_fields(ceilings),
     }
 
@@ -110,10 +117,13 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     out_lens = [length(args.output_len) for _ in range(args.num_prompts)]
     prompts = [_random_prompts(1, n, mc.vocab_size, rng)[0] for n in in_lens]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
-    llm.generate(prompts[: min(8, len(prompts))], params[: min(8, len(prompts))], use_tqdm=False)  # warm-up
+    # Warm-up on other prompts of the same lengths, so prefix caching has nothing of the timed run.
+    warm = [_random_prompts(1, n, mc.vocab_size, rng)[0] for n in in_lens[:8]]
+    llm.generate(warm, params[: len(warm)], use_tqdm=False)
     ceilings = measure_ceilings(runner.device)
     cost = model_cost(runner.model, mc)
     mark = _host_mark(llm)
+    cache_mark = llm.get_stats().prefix_cache
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - t
@@ -134,8 +144,18 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "total_tok_s": (num_in + num_out) / elapsed, "host_ms_per_step": host_per_step * 1e3,
         "bound_s": bound, "fraction_of_bound": bound / elapsed,
         "bound_output_tok_s": num_out / bound,
+        **_prefix_cache_fields(llm, cache_mark),
         **_ceiling_fields(ceilings),
     }
+
+
+def _prefix_cache_fields(llm, before) -> dict[str, Any]:
+    """Prefix-cache queries and hits (tokens) since ``before``, and preemptions so far."""
+    stats = llm.get_stats()
+    queries = stats.prefix_cache.queries - before.queries
+    hits = stats.prefix_cache.hits - before.hits
+    return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0, "num_preemptions": stats.num_preemptions}
 
 
 def _ceiling_fields(c) -> dict[str, Any]:
