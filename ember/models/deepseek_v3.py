@@ -33,9 +33,9 @@ from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from ember.layers.moe import FusedMoE, GroupedTopKRouter
 from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
-from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.layers.vocab_embedding import ParallelLMHead
 from ember.models.llama import LlamaMLP
-from ember.models.utils import load_hf_weights
+from ember.models.utils import DecoderStack, PreNormDecoderLayer, load_hf_weights
 
 # NOTE: HF builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps,
 # not config.rms_norm_eps (equal in released configs).
@@ -114,41 +114,17 @@ class DeepseekV3MoE(nn.Module):
         return out
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__()
-        self.self_attn = DeepseekV3Attention(config, layer_idx, attn_backend)
-        self.mlp = (DeepseekV3MoE(config) if layer_idx >= config.first_k_dense_replace
-                    else LlamaMLP(config.hidden_size, config.intermediate_size))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        mlp = (DeepseekV3MoE(config) if layer_idx >= config.first_k_dense_replace
+               else LlamaMLP(config.hidden_size, config.intermediate_size))
+        super().__init__(DeepseekV3Attention(config, layer_idx, attn_backend), mlp, config.hidden_size,
+                         config.rms_norm_eps)
 
 
-class DeepseekV3Model(nn.Module):
+class DeepseekV3Model(DecoderStack):
     def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DeepseekV3DecoderLayer(config, i, attn_backend) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        super().__init__(config, lambda i: DeepseekV3DecoderLayer(config, i, attn_backend))
 
 
 class DeepseekV3ForCausalLM(nn.Module):

@@ -13,12 +13,11 @@ from torch import nn
 
 from ember.layers.activation import SiluAndMul
 from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec, standard_kv_cache_spec
-from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
-from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.layers.vocab_embedding import ParallelLMHead
 from ember.distributed.parallel_state import get_tp_size
-from ember.models.utils import load_hf_weights
+from ember.models.utils import DecoderStack, PreNormDecoderLayer, load_hf_weights
 
 
 class LlamaMLP(nn.Module):
@@ -60,41 +59,17 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, ctx))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
                  qkv_bias: bool, o_bias: bool) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, attn_backend, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        super().__init__(LlamaAttention(config, layer_idx, attn_backend, qkv_bias, o_bias),
+                         LlamaMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False)),
+                         config.hidden_size, config.rms_norm_eps)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderStack):
     def __init__(self, config, attn_backend: type[AttentionBackend], qkv_bias: bool, o_bias: bool) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, attn_backend, qkv_bias, o_bias) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        super().__init__(config, lambda i: LlamaDecoderLayer(config, i, attn_backend, qkv_bias, o_bias))
 
 
 class LlamaForCausalLM(nn.Module):

@@ -18,9 +18,9 @@ from ember.layers.attention import Attention, AttentionBackend, ForwardContext, 
 from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
-from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.layers.vocab_embedding import ParallelLMHead
 from ember.models.llama import LlamaForCausalLM, LlamaMLP
-from ember.models.utils import ExpertMapping, load_hf_weights
+from ember.models.utils import DecoderStack, ExpertMapping, PreNormDecoderLayer, load_hf_weights
 
 
 class Qwen3Attention(nn.Module):
@@ -53,30 +53,14 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v, ctx))
 
 
-class Qwen3DecoderLayer(nn.Module):
-    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``, any MLP module
-    (dense SwiGLU, or an MoE block for Qwen3-MoE)."""
+class Qwen3DecoderLayer(PreNormDecoderLayer):
+    """Pre-norm block with any MLP module (dense SwiGLU, or an MoE block for Qwen3-MoE)."""
 
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend], mlp: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = Qwen3Attention(config, layer_idx, attn_backend)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        super().__init__(Qwen3Attention(config, layer_idx, attn_backend), mlp, config.hidden_size, config.rms_norm_eps)
 
 
-class Qwen3Model(nn.Module):
+class Qwen3Model(DecoderStack):
     """Embedding, decoder layers, final norm.
 
     Args:
@@ -84,18 +68,7 @@ class Qwen3Model(nn.Module):
     """
 
     def __init__(self, config, attn_backend: type[AttentionBackend], make_mlp: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, i, attn_backend, make_mlp(i)) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        super().__init__(config, lambda i: Qwen3DecoderLayer(config, i, attn_backend, make_mlp(i)))
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -1,4 +1,5 @@
-"""Helpers shared by model files: HF checkpoint names -> Ember parameters."""
+"""Helpers shared by model files: the pre-norm decoder layer and stack every
+supported family uses, and HF checkpoint names -> Ember parameters."""
 
 from __future__ import annotations
 
@@ -6,6 +7,62 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from ember.layers.attention import ForwardContext
+from ember.layers.layernorm import RMSNorm
+from ember.layers.vocab_embedding import VocabParallelEmbedding
+
+class PreNormDecoderLayer(nn.Module):
+    """``h += attn(norm(h)); h += mlp(norm(h))`` with the residual add fused into
+    the next RMSNorm (Llama, Qwen2/3, DeepSeek-V3 blocks). Parameter names follow
+    HF checkpoints: ``self_attn``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``.
+
+    Args:
+        self_attn: ``(positions, hidden [n, hidden], ctx) -> [n, hidden]``.
+        mlp: ``[n, hidden] -> [n, hidden]`` (dense SwiGLU or an MoE block).
+    """
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class DecoderStack(nn.Module):
+    """Token embedding, decoder layers, final norm (HF's ``model.`` submodule).
+
+    Args:
+        config: HF config (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``rms_norm_eps``).
+        make_layer: ``layer_idx -> decoder layer``.
+    """
+
+    def __init__(self, config, make_layer: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
 
 # (Ember param fragment, checkpoint fragment, shard id), e.g. ("qkv_proj", "q_proj", "q").
 StackedMapping = Sequence[tuple[str, str, str | int]]
