@@ -33,9 +33,8 @@ from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from ember.layers.moe import FusedMoE, GroupedTopKRouter
 from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
-from ember.layers.vocab_embedding import ParallelLMHead
 from ember.models.llama import LlamaMLP
-from ember.models.utils import DecoderStack, PreNormDecoderLayer, load_hf_weights
+from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer, load_hf_weights
 
 # NOTE: HF builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps,
 # not config.rms_norm_eps (equal in released configs).
@@ -127,9 +126,8 @@ class DeepseekV3Model(DecoderStack):
         super().__init__(config, lambda i: DeepseekV3DecoderLayer(config, i, attn_backend))
 
 
-class DeepseekV3ForCausalLM(nn.Module):
-    """Causal LM: ``forward`` returns final hidden states, ``compute_logits``
-    projects the rows that need sampling.
+class DeepseekV3ForCausalLM(CausalLM):
+    """DeepSeek-V3 / R1 causal LM.
 
     Args:
         config: HF ``DeepseekV3Config``.
@@ -139,20 +137,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     stacked_params_mapping = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
     def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DeepseekV3Model(config, attn_backend)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.tie_weights(self.model.embed_tokens)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32."""
-        return self.lm_head(hidden_states)
+        super().__init__(config, lambda: DeepseekV3Model(config, attn_backend))
 
     @classmethod
     def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:

@@ -15,9 +15,8 @@ from ember.layers.activation import SiluAndMul
 from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec, standard_kv_cache_spec
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
-from ember.layers.vocab_embedding import ParallelLMHead
 from ember.distributed.parallel_state import get_tp_size
-from ember.models.utils import DecoderStack, PreNormDecoderLayer, load_hf_weights
+from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer, load_hf_weights
 
 
 class LlamaMLP(nn.Module):
@@ -72,9 +71,8 @@ class LlamaModel(DecoderStack):
         super().__init__(config, lambda i: LlamaDecoderLayer(config, i, attn_backend, qkv_bias, o_bias))
 
 
-class LlamaForCausalLM(nn.Module):
-    """Causal LM: ``forward`` returns final hidden states, ``compute_logits``
-    projects the rows that need sampling.
+class LlamaForCausalLM(CausalLM):
+    """Llama causal LM.
 
     Args:
         config: HF-style config (``LlamaConfig`` fields).
@@ -92,22 +90,9 @@ class LlamaForCausalLM(nn.Module):
     ]
 
     def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__()
-        self.config = config
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         o_bias = getattr(config, "attention_bias", False)
-        self.model = LlamaModel(config, attn_backend, qkv_bias, o_bias)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.tie_weights(self.model.embed_tokens)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32."""
-        return self.lm_head(hidden_states)
+        super().__init__(config, lambda: LlamaModel(config, attn_backend, qkv_bias, o_bias))
 
     @classmethod
     def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:

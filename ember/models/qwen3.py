@@ -18,9 +18,8 @@ from ember.layers.attention import Attention, AttentionBackend, ForwardContext, 
 from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
-from ember.layers.vocab_embedding import ParallelLMHead
 from ember.models.llama import LlamaForCausalLM, LlamaMLP
-from ember.models.utils import DecoderStack, ExpertMapping, PreNormDecoderLayer, load_hf_weights
+from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, PreNormDecoderLayer, load_hf_weights
 
 
 class Qwen3Attention(nn.Module):
@@ -71,9 +70,8 @@ class Qwen3Model(DecoderStack):
         super().__init__(config, lambda i: Qwen3DecoderLayer(config, i, attn_backend, make_mlp(i)))
 
 
-class Qwen3ForCausalLM(nn.Module):
-    """Causal LM: ``forward`` returns final hidden states, ``compute_logits``
-    projects the rows that need sampling.
+class Qwen3ForCausalLM(CausalLM):
+    """Qwen3 causal LM.
 
     Args:
         config: HF ``Qwen3Config``.
@@ -83,24 +81,11 @@ class Qwen3ForCausalLM(nn.Module):
     stacked_params_mapping = LlamaForCausalLM.stacked_params_mapping
 
     def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Qwen3Model(config, attn_backend, self.make_mlp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.tie_weights(self.model.embed_tokens)
+        super().__init__(config, lambda: Qwen3Model(config, attn_backend, self.make_mlp))
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         """The MLP of layer ``layer_idx`` (dense SwiGLU for Qwen3)."""
         return LlamaMLP(self.config.hidden_size, self.config.intermediate_size)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32."""
-        return self.lm_head(hidden_states)
 
     @classmethod
     def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ember.layers.attention import ForwardContext
 from ember.layers.layernorm import RMSNorm
-from ember.layers.vocab_embedding import VocabParallelEmbedding
+from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
 class PreNormDecoderLayer(nn.Module):
     """``h += attn(norm(h)); h += mlp(norm(h))`` with the residual add fused into
@@ -62,6 +62,33 @@ class DecoderStack(nn.Module):
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+
+class CausalLM(nn.Module):
+    """A decoder stack and its LM head: ``forward`` returns final hidden states,
+    ``compute_logits`` projects the rows that need sampling. Subclasses add
+    ``load_weights`` and ``kv_cache_spec``.
+
+    Args:
+        config: HF config (``vocab_size``, ``hidden_size``, ``tie_word_embeddings``).
+        build_model: builds the decoder stack (called after ``self.config`` is set).
+    """
+
+    def __init__(self, config, build_model: Callable[[], DecoderStack]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = build_model()
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float32."""
+        return self.lm_head(hidden_states)
 
 
 # (Ember param fragment, checkpoint fragment, shard id), e.g. ("qkv_proj", "q_proj", "q").
