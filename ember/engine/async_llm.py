@@ -61,6 +61,8 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.input_processor = engine.input_processor
         self.errored = False
+        # A PrometheusMetrics the server attaches; updated by the engine thread after each step.
+        self.metrics = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -161,7 +163,12 @@ class AsyncLLM:
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                if self.metrics is not None:
+                    e = self.engine
+                    self.metrics.record(e.get_stats(), e.num_prompt_tokens_total, e.num_generation_tokens_total,
+                                        outputs)
+                for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as e:  # noqa: BLE001 - report any death to every waiter
             logger.exception("engine loop died")

@@ -35,6 +35,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)
         self._ids = itertools.count()
+        # Cumulative token counts since start-up (for metrics).
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -66,6 +69,7 @@ class LLMEngine:
         request = Request(request_id, ids, params, self.model_config.max_model_len, arrival,
                           priority=priority, cache_salt=cache_salt)
         self.engine_core.add_request(request)
+        self.num_prompt_tokens_total += len(ids)
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
                                           arrival)
 
@@ -76,6 +80,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs = self.engine_core.step()
+        self.num_generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         results, stopped = self.output_processor.process_outputs(outputs)
         if stopped:
             self.engine_core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)

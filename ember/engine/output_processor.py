@@ -99,7 +99,7 @@ class OutputProcessor:
             state.num_sent_tokens = len(state.token_ids)
         else:
             token_ids = list(state.token_ids)
-        metrics = {"arrival_time": state.arrival_time}
+        metrics = {"arrival_time": state.arrival_time, "num_generation_tokens": len(state.token_ids)}
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time
         if finished:

@@ -188,3 +188,35 @@ def test_bad_requests_do_not_disturb_a_running_stream(server: str, client: opena
     assert result["reason"] == "length" and result["usage"].completion_tokens == max_tokens
     assert result["text"]
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_prometheus_metrics(server: str, client: openai.OpenAI) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, str], float]:
+        resp = httpx.get(f"{server}/metrics")
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+        out = {}
+        for family in text_string_to_metric_families(resp.text):
+            for s in family.samples:
+                out[(s.name, s.labels.get("finished_reason", ""))] = s.value
+        return out
+
+    before = scrape()
+    prompt = "Metrics test: count the tokens of this prompt"
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, extra_body={
+        "ignore_eos": True})
+    after = scrape()
+
+    def delta(name: str, label: str = "") -> float:
+        return after.get((name, label), 0.0) - before.get((name, label), 0.0)
+
+    assert delta("ember:prompt_tokens_total") == resp.usage.prompt_tokens
+    assert delta("ember:generation_tokens_total") == resp.usage.completion_tokens == 6
+    assert delta("ember:request_success_total", "length") == 1
+    assert delta("ember:time_to_first_token_seconds_count") == 1
+    assert delta("ember:e2e_request_latency_seconds_count") == 1
+    assert delta("ember:prefix_cache_queries_total") >= resp.usage.prompt_tokens
+    # Nothing is left running once the request has finished.
+    assert after[("ember:num_requests_running", "")] == 0
+    assert after[("ember:kv_cache_usage_perc", "")] == 0

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
@@ -36,6 +37,7 @@ from ember.entrypoints.openai.protocol import (
 )
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from ember.metrics import PrometheusMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,9 @@ def build_app(engine: Any, reasoning_parser: str | None = None) -> FastAPI:
     chat = OpenAIServingChat(engine, reasoning_parser)
     completion = OpenAIServingCompletion(engine)
     model_name = engine.model_config.served_model_name
+    metrics = PrometheusMetrics(model_name)
+    if hasattr(engine, "metrics"):
+        engine.metrics = metrics
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -143,6 +148,10 @@ def build_app(engine: Any, reasoning_parser: str | None = None) -> FastAPI:
         if getattr(engine, "errored", False):
             return _error_response(APIError("the engine stopped after an error", 503, type="server_error"))
         return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
