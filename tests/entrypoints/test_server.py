@@ -220,3 +220,12 @@ def test_prometheus_metrics(server: str, client: openai.OpenAI) -> None:
     # Nothing is left running once the request has finished.
     assert after[("ember:num_requests_running", "")] == 0
     assert after[("ember:kv_cache_usage_perc", "")] == 0
+
+
+def test_priority_and_cache_salt_fields(server: str, client: openai.OpenAI) -> None:
+    base = dict(model=MODEL, prompt="Salted prompt", max_tokens=3, temperature=0)
+    plain = client.completions.create(**base)
+    salted = client.completions.create(**base, extra_body={"priority": 5, "cache_salt": "tenant-a"})
+    assert salted.choices[0].text == plain.choices[0].text  # the salt changes caching, not the output
+    assert_error(httpx.post(f"{server}/v1/completions", json={**base, "cache_salt": ""}), 400, match="cache_salt")
+    assert_error(httpx.post(f"{server}/v1/completions", json={**base, "priority": "high"}), 400, "priority")

@@ -103,6 +103,10 @@ class SamplingFields(StrictRequestModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # vLLM extras: scheduling priority (lower runs first, with --scheduling-policy
+    # priority) and a salt that keeps this request's prefix-cache blocks private.
+    priority: int = 0
+    cache_salt: str | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -71,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages), "messages")
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
         request_id = random_id("chatcmpl")
-        first, rest = await self.start(prompt_ids, params, request_id)
+        first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         if request.stream:
             return SSEResponse(self._stream(request_id, first, rest, len(prompt_ids), request.include_usage))
         out = await final_output(first, rest)

@@ -126,8 +126,8 @@ class OpenAIServing:
             )
         return params
 
-    async def start(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+    async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0,
+                    cache_salt: str | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         """Submit a request and wait for its first output.
 
         Waiting for the first output means that a request the engine rejects gets a
@@ -141,7 +141,13 @@ class OpenAIServing:
         """
         if getattr(self.engine, "errored", False):
             raise APIError("the engine is not running (it stopped after an error)", 503, type="server_error")
-        gen = self.engine.generate(prompt_ids, params, request_id)
+        # Only non-default scheduling fields are passed, so engines without them keep working.
+        extra: dict[str, Any] = {}
+        if priority != 0:
+            extra["priority"] = priority
+        if cache_salt is not None:
+            extra["cache_salt"] = cache_salt
+        gen = self.engine.generate(prompt_ids, params, request_id, **extra)
         try:
             first = await anext(gen)
         except ValueError as e:
@@ -172,7 +178,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_ids = self.tokenize(lambda: self.engine.input_processor.tokenize(prompt), "prompt")
         params = self.make_params(request, prompt_ids, request.max_tokens, "prompt")
         request_id = random_id("cmpl")
-        first, rest = await self.start(prompt_ids, params, request_id)
+        first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         if request.stream:
             return SSEResponse(self._stream(request_id, first, rest, len(prompt_ids), request.include_usage))
         out = await final_output(first, rest)
