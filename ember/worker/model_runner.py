@@ -140,7 +140,7 @@ class ModelRunner:
         self.model = model.eval()
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
-              f"in {time.perf_counter() - start:.1f} s")
+                    f"in {time.perf_counter() - start:.1f} s")
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)."""
@@ -303,7 +303,7 @@ class ModelRunner:
         self.cuda_graphs = CUDAGraphRunner(self.model, self.kv_caches, self.config)
         self.cuda_graphs.capture()
         logger.info(f"captured CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
-              f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
+                    f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
 
     @torch.inference_mode()
     def profile_run(self) -> None:
