@@ -63,6 +63,7 @@ class AsyncLLM:
         self.errored = False
         # A PrometheusMetrics the server attaches; updated by the engine thread after each step.
         self.metrics = None
+        self._num_running = 0  # written by the engine thread after each step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -118,6 +119,13 @@ class AsyncLLM:
             if not finished:
                 self._send(_Abort(request_id))
 
+    def num_waiting_requests(self) -> int:
+        """Requests submitted here that are not in the running batch (an estimate
+        from the last step; used for overload protection)."""
+        with self._lock:
+            in_flight = len(self._queues)
+        return max(0, in_flight - self._num_running)
+
     async def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
@@ -164,6 +172,7 @@ class AsyncLLM:
                     self._wakeup.clear()
                     continue
                 outputs = self.engine.step()
+                self._num_running = len(self.engine.engine_core.scheduler.running)
                 if self.metrics is not None:
                     e = self.engine
                     self.metrics.record(e.get_stats(), e.num_prompt_tokens_total, e.num_generation_tokens_total,

@@ -230,6 +230,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--reasoning-parser", default=None, choices=reasoning_parser_names(),
                    help="return the text between <think> and </think> as reasoning_content in chat completions")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EMBER_API_KEY, else none)")
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="answer 429 (with Retry-After) while this many requests wait for a slot (default: no bound)")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -93,6 +93,9 @@ class CharTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [min(ord(c), 255) for c in text]
 
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
         return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable
@@ -32,8 +34,12 @@ from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -46,7 +52,9 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body.model_dump(), status_code=err.status_code)
+    # NOTE: an overloaded server tells well-behaved clients when to come back.
+    headers = {"Retry-After": "1"} if err.status_code == 429 else None
+    return JSONResponse(err.body.model_dump(), status_code=err.status_code, headers=headers)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -112,9 +120,17 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
                 t.cancel()
 
 
-def build_app(engine: Any, reasoning_parser: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface);
-    ``reasoning_parser`` names an :mod:`ember.reasoning` parser for chat completions."""
+def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | None = None,
+              max_waiting_requests: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
+
+    Args:
+        reasoning_parser: an :mod:`ember.reasoning` parser for chat completions.
+        api_key: if set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``
+            (401 otherwise; compared in constant time).
+        max_waiting_requests: if set, a generation request arriving while this
+            many requests already wait for a slot gets 429 with ``Retry-After``.
+    """
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
     chat = OpenAIServingChat(engine, reasoning_parser)
@@ -123,6 +139,22 @@ def build_app(engine: Any, reasoning_parser: str | None = None) -> FastAPI:
     metrics = PrometheusMetrics(model_name)
     if hasattr(engine, "metrics"):
         engine.metrics = metrics
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next: Any) -> Response:
+        if api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return _error_response(APIError("invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                                401, type="authentication_error", code="invalid_api_key"))
+        return await call_next(request)
+
+    def check_overload() -> None:
+        waiting = getattr(engine, "num_waiting_requests", None)
+        if max_waiting_requests is not None and waiting is not None and waiting() >= max_waiting_requests:
+            raise APIError(f"the server is overloaded: {max_waiting_requests} requests are already waiting; "
+                           "retry later", 429, type="rate_limit_exceeded", code="server_overloaded")
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -161,12 +193,37 @@ def build_app(engine: Any, reasoning_parser: str | None = None) -> FastAPI:
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.model_config.max_model_len)])
 
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        completion.check_model(request.model)
+        try:
+            if request.messages is not None:
+                ids = engine.input_processor.apply_chat_template(
+                    [{"role": m.role, "content": m.content or ""} for m in request.messages])
+            elif isinstance(request.prompt, str):
+                ids = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            else:
+                raise ValueError("give either 'prompt' or 'messages'")
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.model_config.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        completion.check_model(request.model)
+        vocab = engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in request.tokens):
+            raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
+
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
+        check_overload()
         return await _cancel_on_disconnect(raw_request, completion.create_completion(request))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
+        check_overload()
         return await _cancel_on_disconnect(raw_request, chat.create_chat_completion(request))
 
     return app
@@ -185,13 +242,14 @@ def _bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None
-                ) -> None:
+async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None,
+                api_key: str | None = None, max_waiting_requests: int | None = None) -> None:
     """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM (graceful: open
     streams get :data:`GRACEFUL_SHUTDOWN_S` seconds to finish)."""
     import uvicorn
 
-    config = uvicorn.Config(build_app(engine, reasoning_parser), log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    app = build_app(engine, reasoning_parser, api_key, max_waiting_requests)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     logger.info("Ember serves %s at http://%s:%d/v1 (health: /health)",
@@ -215,7 +273,10 @@ def run_server(args: argparse.Namespace) -> None:
     engine = None
     try:
         engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
-        asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None)))
+        # NOTE: the API key is read once, here: from --api-key, else $EMBER_API_KEY.
+        api_key = getattr(args, "api_key", None) or os.environ.get("EMBER_API_KEY") or None
+        asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None),
+                          api_key, getattr(args, "max_waiting_requests", None)))
     except KeyboardInterrupt:
         pass
     finally:

@@ -225,7 +225,34 @@ class ChatCompletionRequest(SamplingFields):
         return [{"role": m.role, "content": m.content or ""} for m in self.messages]
 
 
+class TokenizeRequest(StrictRequestModel):
+    """``POST /tokenize`` (vLLM's): a ``prompt`` string, or chat ``messages``
+    rendered with the model's chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(StrictRequestModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------- responses
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
 
 
 class UsageInfo(OpenAIBaseModel):
