@@ -7,21 +7,9 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from tests.models.tiny import hf_greedy
 
 pytestmark = pytest.mark.gpu
-
-
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    x = torch.tensor([ids], device="cuda")
-    out, past = [], None
-    with torch.inference_mode():
-        for _ in range(n):
-            res = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            tok = int(res.logits[0, -1].argmax())
-            out.append(tok)
-            x = torch.tensor([[tok]], device="cuda")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager):
     path, hf = tiny_llama
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (1, 15, 17, 100, 600)]
-    refs = [_hf_greedy(hf, p, 32) for p in prompts]
+    refs = [hf_greedy(hf, p, 32) for p in prompts]
     llm = LLM(path, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
               kv_cache_memory=64 << 20, max_num_batched_tokens=128, max_num_seqs=8, enforce_eager=enforce_eager)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)

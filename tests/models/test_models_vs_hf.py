@@ -14,24 +14,10 @@ import torch
 
 from ember import LLM, SamplingParams
 from tests.models.prompts import CHAT_PROMPTS, RAW_PROMPTS
+from tests.models.tiny import hf_greedy
 
 pytestmark = pytest.mark.slow
 NUM_NEW = 64
-
-
-def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
-    """Plain greedy loop over HF's forward with its KV cache (no generate()
-    stopping rules, so EOS does not end it)."""
-    ids = torch.tensor([prompt_ids])
-    out, past = [], None
-    with torch.inference_mode():
-        for _ in range(n):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            tok = int(res.logits[0, -1].argmax())
-            out.append(tok)
-            ids = torch.tensor([[tok]])
-    return out
 
 
 def load_hf(path: str):

@@ -72,8 +72,10 @@ def make_prompts(lengths: tuple[int, ...] = (5, 13, 22, 31), vocab: int = TOKENI
 
 
 def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], n: int) -> list[int]:
-    """Plain greedy loop over HF's forward with its KV cache (EOS does not stop it)."""
-    ids = torch.tensor([prompt_ids])
+    """Plain greedy loop over HF's forward with its KV cache, on the model's
+    device (no generate() stopping rules, so EOS does not stop it)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
     out, past = [], None
     with torch.inference_mode():
         for _ in range(n):
@@ -81,7 +83,7 @@ def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], n: int) -> list[int
             past = res.past_key_values
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
-            ids = torch.tensor([[tok]])
+            ids = torch.tensor([[tok]], device=device)
     return out
 
 
