@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.utils import resolve_lazy
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -137,12 +139,7 @@ def get_attention_backend(name: str) -> type[AttentionBackend]:
     Raises:
         ValueError: unknown name (the message lists the registered ones).
     """
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}")
-    import importlib
-
-    module, cls = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return resolve_lazy(_BACKENDS, name, "attention backend")
 
 
 def default_backend_name(device: str) -> str:

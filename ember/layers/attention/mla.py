@@ -20,7 +20,6 @@ Two equivalent ways to attend (DeepSeek-V2 paper, "absorbed" weights):
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from ember.layers.attention.backend import AttentionBackend, AttentionMetadata, KVCacheSpec
 from ember.layers.attention.layer import ForwardContext
+from ember.utils import resolve_lazy
 
 
 def mla_kv_cache_spec(num_layers: int, block_size: int, kv_lora_rank: int, qk_rope_head_dim: int,
@@ -172,11 +172,7 @@ def get_mla_backend(attn_backend: type[AttentionBackend]) -> type[MLABackend]:
     Raises:
         ValueError: the backend has no MLA implementation registered.
     """
-    if attn_backend.name not in _MLA_BACKENDS:
-        raise ValueError(f"attention backend {attn_backend.name!r} has no MLA implementation; "
-                         f"registered: {sorted(_MLA_BACKENDS)}")
-    module, cls = _MLA_BACKENDS[attn_backend.name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return resolve_lazy(_MLA_BACKENDS, attn_backend.name, "attention backend with an MLA implementation")
 
 
 class MLAAttention(nn.Module):

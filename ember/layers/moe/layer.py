@@ -12,13 +12,13 @@ it is built on (the model runner builds models inside ``with device:``).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ember.distributed.parallel_state import get_tp_rank, get_tp_size
+from ember.utils import resolve_lazy
 
 # fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> [num_tokens, hidden]
 FusedExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,10 +39,7 @@ def get_fused_moe_impl(name: str) -> FusedExpertsFn:
     Raises:
         ValueError: unknown name (the message lists the registered ones).
     """
-    if name not in _FUSED_MOE_IMPLS:
-        raise ValueError(f"unknown fused MoE implementation {name!r}; registered: {sorted(_FUSED_MOE_IMPLS)}")
-    module, fn = _FUSED_MOE_IMPLS[name].split(":")
-    return getattr(importlib.import_module(module), fn)
+    return resolve_lazy(_FUSED_MOE_IMPLS, name, "fused MoE implementation")
 
 
 class FusedMoE(nn.Module):
