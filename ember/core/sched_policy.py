@@ -26,9 +26,11 @@ from ember.request import Request
 
 class SchedulingPolicy(ABC):
     """Ordering of one scheduler's requests. Subclasses are registered in
-    :data:`SCHEDULING_POLICIES` by name."""
+    :data:`SCHEDULING_POLICIES` by name. Each keeps its waiting queue in
+    ``self._waiting`` (a deque or list, head first); the queries below read it."""
 
     name: str = ""
+    _waiting: deque[Request] | list[Request]
 
     @abstractmethod
     def add_waiting(self, req: Request) -> None:
@@ -38,25 +40,25 @@ class SchedulingPolicy(ABC):
     def requeue_preempted(self, req: Request) -> None:
         """Queue a request that was just preempted."""
 
-    @abstractmethod
     def peek_waiting(self) -> Request:
         """The next request to admit (the queue must not be empty)."""
+        return self._waiting[0]
 
     @abstractmethod
     def pop_waiting(self) -> Request:
         """Remove and return :meth:`peek_waiting`."""
 
-    @abstractmethod
     def remove_waiting(self, req: Request) -> None:
         """Remove a queued request (abort)."""
+        self._waiting.remove(req)
 
-    @abstractmethod
     def iter_waiting(self) -> Iterator[Request]:
         """Queued requests in admission order."""
+        return iter(self._waiting)
 
-    @abstractmethod
     def num_waiting(self) -> int:
         """Queued requests."""
+        return len(self._waiting)
 
     @abstractmethod
     def add_running(self, running: list[Request], req: Request) -> None:
@@ -89,20 +91,8 @@ class FCFSPolicy(SchedulingPolicy):
     def requeue_preempted(self, req: Request) -> None:
         self._waiting.appendleft(req)
 
-    def peek_waiting(self) -> Request:
-        return self._waiting[0]
-
     def pop_waiting(self) -> Request:
         return self._waiting.popleft()
-
-    def remove_waiting(self, req: Request) -> None:
-        self._waiting.remove(req)
-
-    def iter_waiting(self) -> Iterator[Request]:
-        return iter(self._waiting)
-
-    def num_waiting(self) -> int:
-        return len(self._waiting)
 
     def add_running(self, running: list[Request], req: Request) -> None:
         running.append(req)
@@ -129,20 +119,8 @@ class PriorityPolicy(SchedulingPolicy):
     def requeue_preempted(self, req: Request) -> None:
         self.add_waiting(req)
 
-    def peek_waiting(self) -> Request:
-        return self._waiting[0]
-
     def pop_waiting(self) -> Request:
         return self._waiting.pop(0)
-
-    def remove_waiting(self, req: Request) -> None:
-        self._waiting.remove(req)
-
-    def iter_waiting(self) -> Iterator[Request]:
-        return iter(self._waiting)
-
-    def num_waiting(self) -> int:
-        return len(self._waiting)
 
     def add_running(self, running: list[Request], req: Request) -> None:
         bisect.insort_right(running, req, key=priority_key)
