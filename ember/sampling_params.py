@@ -20,6 +20,8 @@ class RequestOutputKind(enum.Enum):
 
 
 _GREEDY_EPS = 1e-5
+MAX_N = 128
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -27,7 +29,9 @@ class SamplingParams:
     """Parameters for sampling one completion.
 
     Attributes:
-        n: number of completions per prompt (only 1 is supported by the core today).
+        n: number of completions per prompt, 1..128. The n completions share the
+            prompt's KV blocks (through the prefix cache); with a ``seed``,
+            completion i uses ``seed + i``.
         temperature: 0 means greedy (argmax); must be >= 0.
         top_p: nucleus sampling mass in (0, 1].
         top_k: keep the k most likely tokens; 0 or -1 disables.
@@ -38,6 +42,18 @@ class SamplingParams:
             context window".
         stop: strings that end generation; the matched string is not in the text.
         stop_token_ids: token ids that end generation (finish reason ``stop``).
+        presence_penalty: subtracted once from the logit of every token already
+            generated (OpenAI's definition); in [-2, 2], 0 disables.
+        frequency_penalty: subtracted from a token's logit once per time it was
+            generated; in [-2, 2], 0 disables.
+        repetition_penalty: CTRL-style (Keskar et al., 2019, as in HF
+            transformers): logits of tokens in the prompt or the output are
+            divided by it when positive, multiplied when negative; in (0, 2],
+            1 disables.
+        logprobs: None for no log-probabilities; k in [0, 20] returns, for each
+            generated token, its log-probability and rank plus the k most likely
+            tokens (from the model's raw distribution, before penalties,
+            temperature and top-k/p).
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: drop special tokens from the detokenized text.
         output_kind: see :class:`RequestOutputKind`.
@@ -52,6 +68,10 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
     max_tokens: int | None = 16
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -73,7 +93,17 @@ class SamplingParams:
             if not ok:
                 raise ValueError(msg)
 
-        check(isinstance(self.n, int) and self.n == 1, f"n must be 1 for now, got {self.n!r}")
+        check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N,
+              f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and -2.0 <= value <= 2.0,
+                  f"{name} must be in [-2, 2], got {value!r}")
+        check(isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty <= 2.0,
+              f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                        and 0 <= self.logprobs <= MAX_LOGPROBS),
+              f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         check(
             isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
             f"temperature must be in [0, 100], got {self.temperature!r}",
