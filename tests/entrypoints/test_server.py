@@ -4,70 +4,25 @@ driven with the official ``openai`` client and raw HTTP for malformed requests."
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-MODEL = "SmolLM2-135M-Instruct"
+from tests.entrypoints.server_process import MODEL, launch_server
+
 MAX_MODEL_LEN = 256
-STARTUP_TIMEOUT_S = 120
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """Base URL of a running ``ember serve`` (default model, small context)."""
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="ember-serve-", suffix=".log")
-    cmd = [sys.executable, "-m", "ember.entrypoints.cli", "serve", "--port", str(port),
-           "--kv-cache-memory", "256M", "--max-model-len", str(MAX_MODEL_LEN)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def log_tail() -> str:
-        log.flush()
-        log.seek(0)
-        return log.read()[-4000:]
-
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ember serve exited with {proc.returncode}:\n{log_tail()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ember serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log_tail()}")
-            time.sleep(0.5)
-        assert f"http://127.0.0.1:{port}/v1" in log_tail()  # the URL is logged
-        yield url
-    finally:
-        proc.terminate()  # SIGTERM: graceful shutdown
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
-        log.close()
-    assert rc == 0, f"ember serve did not shut down cleanly (exit {rc})"
+    with launch_server("--kv-cache-memory", "256M", "--max-model-len", str(MAX_MODEL_LEN)) as srv:
+        assert f"{srv.url}/v1" in srv.log_tail()  # the URL is logged
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
