@@ -1,7 +1,9 @@
 """OpenAI protocol models and the app's request handling, against a fake engine.
 
-Fast (no model): the fake echoes the prompt back one character per step. The real
-server on a real model is tested in test_server.py.
+Fast (no model): the fake echoes the prompt back one character per step (with
+n > 1, choice i starts i characters later and odd choices end with EOS one step
+early), with made-up log-probabilities (:func:`fake_logprob`). The real server on
+a real model is tested in test_server.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from ember.config import ModelConfig
 from ember.engine.input_processor import InputProcessor
 from ember.entrypoints.openai.api_server import build_app
 from ember.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from ember.outputs import CompletionOutput, RequestOutput
+from ember.entrypoints.openai.serving_completion import OpenAIServing
+from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import RequestOutputKind
 
 MODEL = "fake-model"
@@ -42,9 +45,14 @@ def test_completion_prompt_forms() -> None:
 
 def test_requests_are_strict() -> None:
     for bad in ({"max_tokens": "16"}, {"max_tokens": True}, {"max_tokens": 1.5}, {"temperature": "0"},
-                {"stream": "yes"}, {"logprobs": 2}, {"echo": True}):
+                {"stream": "yes"}, {"logprobs": True}, {"logprobs": 1.0}, {"echo": 1}, {"n": 2.0},
+                {"presence_penalty": "1"}, {"top_logprobs": 2}, {"best_of": 2}):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"prompt": "x", **bad})
+    chat = {"messages": [{"role": "user", "content": "q"}]}
+    for bad in ({"logprobs": 2}, {"top_logprobs": 1.0}, {"echo": True}, {"repetition_penalty": "1.1"}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**chat, **bad})
     # Harmless standard fields are accepted; an int is a valid float.
     req = CompletionRequest.model_validate({"prompt": "x", "user": "u1", "stream_options": {"include_usage": True},
                                             "temperature": 0, "stop": "\n"})
@@ -64,6 +72,37 @@ def test_sampling_params_mapping() -> None:
     assert (params.top_k, params.min_p, params.seed, params.stop_token_ids, params.ignore_eos) == (5, 0.1, 7, [2], True)
     with pytest.raises(ValueError, match="temperature"):
         CompletionRequest.model_validate({"prompt": "x", "temperature": -1}).to_sampling_params(4)
+
+
+def test_sampling_params_mapping_n_penalties_logprobs() -> None:
+    params = CompletionRequest(prompt="x").to_sampling_params(16)
+    assert (params.n, params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
+            params.logprobs) == (1, 0.0, 0.0, 1.0, None)
+    params = CompletionRequest.model_validate(
+        {"prompt": "x", "n": 3, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.3,
+         "logprobs": 0, "echo": False}).to_sampling_params(4)
+    assert (params.n, params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
+            params.logprobs) == (3, 0.5, -1.0, 1.3, 0)
+    assert CompletionRequest.model_validate({"prompt": "x", "logprobs": 5}).to_sampling_params(4).logprobs == 5
+    assert CompletionRequest.model_validate({"prompt": "x", "echo": True}).to_sampling_params(4).logprobs is None
+    with pytest.raises(ValueError, match=r"^echo .*prompt"):
+        CompletionRequest.model_validate({"prompt": "x", "echo": True, "logprobs": 0}).to_sampling_params(4)
+    for field, value in (("n", 0), ("n", 129), ("presence_penalty", 2.5), ("frequency_penalty", -3),
+                         ("repetition_penalty", 0), ("logprobs", 21), ("logprobs", -1)):
+        with pytest.raises(ValueError, match=f"^{field} "):
+            CompletionRequest.model_validate({"prompt": "x", field: value}).to_sampling_params(4)
+
+    def chat(**fields):
+        return ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": "q"}], **fields}).to_sampling_params(None)
+
+    assert chat().logprobs is None and chat(logprobs=False).logprobs is None
+    assert chat(logprobs=True).logprobs == 0 and chat(logprobs=True, top_logprobs=20).logprobs == 20
+    assert chat(n=2, presence_penalty=1.0).n == 2
+    for fields in ({"top_logprobs": 2}, {"logprobs": False, "top_logprobs": 0},
+                   {"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1}):
+        with pytest.raises(ValueError, match="^top_logprobs "):
+            chat(**fields)
 
 
 def test_chat_request() -> None:
@@ -93,24 +132,47 @@ class CharTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [min(ord(c), 255) for c in text]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return "".join(chr(i) for i in ids)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
         return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
 
 
-class EchoEngine:
-    """AsyncLLM's interface; the output echoes the prompt, one character per step."""
+EOS = 0
 
-    def __init__(self, fail: bool = False) -> None:
-        hf_config = SimpleNamespace(vocab_size=256, eos_token_id=0, num_hidden_layers=1)
+
+def fake_logprob(index: int, position: int, token_id: int, num_top: int) -> SampleLogprob:
+    """The fake engine's log-probabilities for choice ``index`` at output ``position``:
+    the chosen token is the most likely; the alternatives are the next code points,
+    1 nat apart, and -inf from the fourth on."""
+    logprob = -(position + 1) / 8 - index
+    top = [((token_id + j) % 256, logprob - j if j < 3 else float("-inf")) for j in range(num_top)]
+    return SampleLogprob(token_id, logprob, 1, top)
+
+
+def fake_choice_tokens(prompt_ids: list[int], index: int, limit: int) -> list[int]:
+    """Choice ``index`` echoes the prompt from character ``index`` on; odd choices
+    end with EOS one token early (finish reason "stop")."""
+    if index % 2 == 0:
+        return [prompt_ids[(index + k) % len(prompt_ids)] for k in range(limit)]
+    return [prompt_ids[(index + k) % len(prompt_ids)] for k in range(max(0, limit - 2))] + [EOS]
+
+
+class EchoEngine:
+    """AsyncLLM's interface; the output echoes the prompt, one character per step
+    (n choices per :func:`fake_choice_tokens`, logprobs per :func:`fake_logprob`),
+    following RequestOutput's DELTA / CUMULATIVE / FINAL_ONLY rules for n > 1."""
+
+    def __init__(self, fail: bool = False, fail_after: int | None = None) -> None:
+        hf_config = SimpleNamespace(vocab_size=256, eos_token_id=EOS, num_hidden_layers=1)
         self.model_config = ModelConfig(model="fake", hf_config=hf_config, architecture="Fake",
                                         dtype=torch.float32, max_model_len=MAX_MODEL_LEN, served_model_name=MODEL)
         self.tokenizer = CharTokenizer()
         self.input_processor = InputProcessor(self.model_config, self.tokenizer)
         self.errored = False
         self.fail = fail
+        self.fail_after = fail_after  # raise after this many outputs
         self.aborted: list[str] = []
 
     async def generate(self, prompt, sampling_params, request_id):
@@ -119,18 +181,33 @@ class EchoEngine:
         if self.fail:
             raise RuntimeError("boom")
         limit = min(params.max_tokens or MAX_MODEL_LEN, MAX_MODEL_LEN - len(ids))
-        out_ids = [ids[i % len(ids)] for i in range(limit)]
+        tokens = [fake_choice_tokens(ids, i, limit) for i in range(params.n)]
+        steps = max(len(t) for t in tokens)
+
+        def output(i: int, start: int, end: int) -> CompletionOutput:
+            new = tokens[i][start:end]
+            done = end == len(tokens[i])
+            finish = None if not done else ("stop" if tokens[i][-1] == EOS else "length")
+            text = "".join(chr(t) for t in (new[:-1] if finish == "stop" else new))
+            logprobs = None if params.logprobs is None else [
+                fake_logprob(i, start + k, t, params.logprobs) for k, t in enumerate(new)]
+            return CompletionOutput(i, text, new, finish, None, logprobs)
+
         finished = False
         try:
-            for step in range(1, limit + 1):
+            for step in range(1, steps + 1):
                 await asyncio.sleep(0)
-                finished = step == limit
-                if params.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
+                if self.fail_after is not None and step > self.fail_after:
+                    raise RuntimeError("engine died mid-stream")
+                finished = step == steps
+                kind = params.output_kind
+                if kind == RequestOutputKind.FINAL_ONLY and not finished:
                     continue
-                new = out_ids[step - 1:step] if params.output_kind == RequestOutputKind.DELTA else out_ids[:step]
-                text = "".join(chr(t) for t in new)
-                yield RequestOutput(request_id, None, ids, [CompletionOutput(0, text, new, "length" if finished else None)],
-                                    finished)
+                if kind == RequestOutputKind.DELTA:
+                    outputs = [output(i, step - 1, step) for i in range(params.n) if step <= len(tokens[i])]
+                else:
+                    outputs = [output(i, 0, min(step, len(tokens[i]))) for i in range(params.n)]
+                yield RequestOutput(request_id, None, ids, outputs, finished)
         finally:
             if not finished:
                 self.aborted.append(request_id)
@@ -230,7 +307,19 @@ def test_client_errors(client: TestClient, path: str) -> None:
     err = assert_error(client.post(path, json={**good, "model": "gpt-4"}), 400, "model", "gpt-4")
     assert err["code"] == "model_not_found"
     assert_error(client.post(path, json={**good, "temperature": -0.5}), 400, "temperature", "temperature")
-    assert_error(client.post(path, json={**good, "n": 2}), 400, "n", "n must be 1")
+    for field, value in (("n", 0), ("n", 129), ("presence_penalty", 2.5), ("frequency_penalty", -2.1),
+                         ("repetition_penalty", 0), ("repetition_penalty", 2.5)):
+        assert_error(client.post(path, json={**good, field: value}), 400, field, field)
+    if chat:
+        for bad in ({"top_logprobs": 2}, {"logprobs": False, "top_logprobs": 2},
+                    {"logprobs": True, "top_logprobs": 21}):
+            assert_error(client.post(path, json={**good, **bad}), 400, "top_logprobs", "top_logprobs")
+    else:
+        for value in (21, -1):
+            assert_error(client.post(path, json={**good, "logprobs": value}), 400, "logprobs", "logprobs")
+        for stream in (False, True):  # refused, never silently dropped
+            assert_error(client.post(path, json={**good, "echo": True, "logprobs": 1, "stream": stream}), 400,
+                         "echo", "prompt tokens")
     long_prompt = "x" * (MAX_MODEL_LEN + 1)
     long = {"messages": [{"role": "user", "content": long_prompt}]} if chat else {"prompt": long_prompt}
     for stream in (False, True):
@@ -266,3 +355,210 @@ def test_stream_closed_early_aborts(engine: EchoEngine, client: TestClient) -> N
             break
         asyncio.run(asyncio.sleep(0.01))
     assert len(engine.aborted) == 1 and engine.aborted[0].startswith("cmpl-")
+
+
+# ---------------------------------------------------------------- n, logprobs, echo (OpenAI's shapes)
+
+
+def expected_completion_logprobs(prompt: str, index: int, max_tokens: int, num_top: int, offset: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs`` object for a fake choice, built from its definition:
+    the chosen tokens (a final EOS is not part of the text, so not reported), their
+    logprobs, the ``num_top`` alternatives plus the chosen token, character offsets."""
+    tokens = fake_choice_tokens([ord(c) for c in prompt], index, max_tokens)
+    if tokens[-1] == EOS:
+        tokens = tokens[:-1]
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for k, t in enumerate(tokens):
+        e = fake_logprob(index, k, t, num_top)
+        top = {chr(a): max(lp, -9999.0) for a, lp in e.top}
+        top.setdefault(chr(t), e.logprob)
+        out["tokens"].append(chr(t))
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset + k)
+    return out
+
+
+def expected_chat_logprobs(prompt: str, index: int, max_tokens: int, num_top: int) -> dict:
+    """OpenAI's chat ``logprobs`` object for a fake choice (see above)."""
+    tokens = fake_choice_tokens([ord(c) for c in prompt], index, max_tokens)
+    if tokens[-1] == EOS:
+        tokens = tokens[:-1]
+
+    def entry(t: int, lp: float) -> dict:
+        return {"token": chr(t), "logprob": max(lp, -9999.0), "bytes": list(chr(t).encode())}
+
+    content = []
+    for k, t in enumerate(tokens):
+        e = fake_logprob(index, k, t, num_top)
+        content.append({**entry(t, e.logprob), "top_logprobs": [entry(a, lp) for a, lp in e.top]})
+    return {"content": content}
+
+
+def expected_texts(prompt: str, n: int, max_tokens: int) -> list[str]:
+    return ["".join(chr(t) for t in fake_choice_tokens([ord(c) for c in prompt], i, max_tokens) if t != EOS)
+            for i in range(n)]
+
+
+def stream_chunks(resp) -> list[dict]:
+    assert resp.status_code == 200, resp.text
+    events = sse_events(resp.text)
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_completion_n_logprobs(client: TestClient) -> None:
+    prompt, n, max_tokens = "abcdef", 3, 5
+    body = client.post("/v1/completions", json={"prompt": prompt, "n": n, "max_tokens": max_tokens,
+                                                "logprobs": 4}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == expected_texts(prompt, n, max_tokens) == ["abcde", "bcd", "cdefa"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop", "length"]
+    for i, c in enumerate(body["choices"]):
+        assert c["logprobs"] == expected_completion_logprobs(prompt, i, max_tokens, 4)
+        # Five entries at most (4 + the chosen one, which is the most likely here); -inf is sent as -9999.
+        assert all(len(top) == 4 for top in c["logprobs"]["top_logprobs"])
+    # The EOS that ended choice 1 counts as a generated token, though it is not in the text.
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5 + 4 + 5, "total_tokens": 20}
+    # Without logprobs, and logprobs=0 (only the chosen token).
+    plain = client.post("/v1/completions", json={"prompt": prompt, "n": 2, "max_tokens": 3}).json()
+    assert [c["logprobs"] for c in plain["choices"]] == [None, None]
+    zero = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "logprobs": 0}).json()
+    assert zero["choices"][0]["logprobs"] == expected_completion_logprobs(prompt, 0, 3, 0)
+    assert zero["choices"][0]["logprobs"]["top_logprobs"] == [{"a": -0.125}, {"b": -0.25}, {"c": -0.375}]
+
+
+def test_completion_stream_n_logprobs(client: TestClient) -> None:
+    prompt, n, max_tokens = "abcdef", 3, 5
+    chunks = stream_chunks(client.post("/v1/completions", json={
+        "prompt": prompt, "n": n, "max_tokens": max_tokens, "logprobs": 2, "stream": True,
+        "stream_options": {"include_usage": True}}))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5 + 4 + 5
+    choice_chunks = [c["choices"] for c in chunks[:-1]]
+    assert all(len(c) == 1 for c in choice_chunks)  # one choice per chunk
+    by_index: dict[int, list[dict]] = {}
+    for (c,) in choice_chunks:
+        by_index.setdefault(c["index"], []).append(c)
+    assert sorted(by_index) == [0, 1, 2]
+    for i, parts in by_index.items():
+        assert "".join(p["text"] for p in parts) == expected_texts(prompt, n, max_tokens)[i]
+        assert [p["finish_reason"] for p in parts][-1] == ("stop" if i == 1 else "length")
+        assert not any(p["finish_reason"] for p in parts[:-1])
+        joined = {k: [v for p in parts for v in p["logprobs"][k]] for k in
+                  ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        assert joined == expected_completion_logprobs(prompt, i, max_tokens, 2)
+    # Choice 1's last chunk holds only the EOS: its text is empty and it reports no logprob.
+    assert by_index[1][-1]["text"] == "" and by_index[1][-1]["logprobs"]["tokens"] == []
+
+
+def test_completion_echo(client: TestClient) -> None:
+    body = client.post("/v1/completions", json={"prompt": "abc", "n": 2, "max_tokens": 3, "echo": True}).json()
+    assert [c["text"] for c in body["choices"]] == ["abc" + t for t in expected_texts("abc", 2, 3)]
+    assert body["usage"]["completion_tokens"] == 3 + 2
+    # A token-id prompt is echoed as its decoded text.
+    body = client.post("/v1/completions", json={"prompt": [104, 105], "max_tokens": 2, "echo": True}).json()
+    assert body["choices"][0]["text"] == "hihi"
+    chunks = stream_chunks(client.post("/v1/completions", json={
+        "prompt": "abc", "n": 2, "max_tokens": 3, "echo": True, "stream": True}))
+    # The prompt comes first, once per choice.
+    assert [c["choices"][0] for c in chunks[:2]] == [
+        {"index": i, "text": "abc", "logprobs": None, "finish_reason": None, "stop_reason": None} for i in (0, 1)]
+    for i in (0, 1):
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i)
+        assert text == "abc" + expected_texts("abc", 2, 3)[i]
+
+
+def test_chat_n_logprobs(client: TestClient) -> None:
+    messages = [{"role": "user", "content": "hey"}]
+    prompt = "[user]hey[assistant]"
+    body = client.post("/v1/chat/completions", json={"messages": messages, "n": 2, "max_tokens": 4,
+                                                     "logprobs": True, "top_logprobs": 3}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in body["choices"]] == expected_texts(prompt, 2, 4) == ["[use", "us"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
+    for i, c in enumerate(body["choices"]):
+        assert c["logprobs"] == expected_chat_logprobs(prompt, i, 4, 3)
+    assert body["usage"]["completion_tokens"] == 4 + 3
+    # logprobs without top_logprobs: the chosen tokens only; no logprobs: null.
+    body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, "logprobs": True}).json()
+    assert body["choices"][0]["logprobs"] == expected_chat_logprobs(prompt, 0, 2, 0)
+    assert body["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+    body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, "logprobs": False}).json()
+    assert body["choices"][0]["logprobs"] is None
+
+
+def test_chat_stream_n_logprobs(client: TestClient) -> None:
+    messages = [{"role": "user", "content": "hey"}]
+    prompt = "[user]hey[assistant]"
+    chunks = stream_chunks(client.post("/v1/chat/completions", json={
+        "messages": messages, "n": 3, "max_tokens": 4, "logprobs": True, "top_logprobs": 1, "stream": True,
+        "stream_options": {"include_usage": True}}))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4 + 3 + 4
+    choices = [c["choices"] for c in chunks[:-1]]
+    assert all(len(c) == 1 for c in choices)
+    # A role chunk per choice first.
+    assert [c[0]["index"] for c in choices[:3]] == [0, 1, 2]
+    assert all(c[0]["delta"] == {"role": "assistant", "content": ""} and c[0]["logprobs"] is None
+               for c in choices[:3])
+    for i in range(3):
+        mine = [c[0] for c in choices[3:] if c[0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == expected_texts(prompt, 3, 4)[i]
+        finishes = [c for c in mine if c["finish_reason"] is not None]
+        assert len(finishes) == 1 and finishes[0] is mine[-1] and finishes[0]["delta"] == {}
+        assert finishes[0]["finish_reason"] == ("stop" if i == 1 else "length")
+        content = [e for c in mine if c["logprobs"] for e in c["logprobs"]["content"]]
+        assert {"content": content} == expected_chat_logprobs(prompt, i, 4, 1)
+
+
+def test_stream_failure_after_start_is_reported_in_band() -> None:
+    engine = EchoEngine(fail_after=2)
+    client = TestClient(build_app(engine), raise_server_exceptions=False)
+    for path, body in (("/v1/completions", {"prompt": "abc"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        resp = client.post(path, json={**body, "max_tokens": 8, "stream": True})
+        assert resp.status_code == 200
+        events = sse_events(resp.text)
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "internal_server_error" and "engine died mid-stream" in err["message"]
+        assert all("error" not in json.loads(e) for e in events[:-2])
+    assert len(engine.aborted) == 2  # the engine generator was closed both times
+
+
+def _byte_level_tokenizer():
+    """A tiny byte-level BPE tokenizer (GPT-2 style, like SmolLM2's), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world", "h\u00e9llo"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+class ByteFallbackTokenizer:
+    """SentencePiece-style byte fallback: ids 0..255 are the pieces ``<0xHH>``."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return f"<0x{token_id:02X}>"
+
+
+@pytest.mark.parametrize("make_tokenizer", [_byte_level_tokenizer, ByteFallbackTokenizer])
+def test_token_bytes_rebuild_multibyte_characters(make_tokenizer) -> None:
+    tokenizer = make_tokenizer()
+    serving = OpenAIServing(SimpleNamespace(
+        model_config=SimpleNamespace(served_model_name=MODEL, max_model_len=MAX_MODEL_LEN), tokenizer=tokenizer))
+    text = "h\u00e9llo \U0001F600 \u4e16\u754c"  # é, an emoji and two CJK characters: several bytes each
+    ids = tokenizer.encode(text) if hasattr(tokenizer, "encode") else list(text.encode())
+    pieces = [serving.token_text(i) for i in ids]
+    assert any(t == "\ufffd" for t, _ in pieces)  # some tokens hold part of a character
+    # The reference: the bytes of the tokens join into the text's UTF-8.
+    assert b"".join(bytes(raw) for _, raw in pieces) == text.encode()
+    for t, raw in pieces:
+        if "\ufffd" not in t:
+            assert bytes(raw) == t.encode()

@@ -2,8 +2,8 @@
 
 Shapes follow OpenAI's API reference for ``/v1/completions`` and
 ``/v1/chat/completions`` (https://platform.openai.com/docs/api-reference), plus the
-sampling extensions vLLM users expect (``top_k``, ``min_p``, ``stop_token_ids``,
-``ignore_eos``, ``skip_special_tokens``).
+sampling extensions vLLM users expect (``top_k``, ``min_p``, ``repetition_penalty``,
+``stop_token_ids``, ``ignore_eos``, ``skip_special_tokens``).
 
 Requests are strict: a wrong JSON type (``"max_tokens": "16"``) or a field Ember does
 not support is rejected (HTTP 400 naming the field) rather than coerced or ignored,
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ember.sampling_params import RequestOutputKind, SamplingParams
+from ember.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -89,15 +89,22 @@ class StreamOptions(StrictRequestModel):
 class SamplingFields(StrictRequestModel):
     """Sampling fields shared by completion and chat requests.
 
-    ``None`` means "the SamplingParams default" (temperature 1.0, top_p 1.0, ...),
-    as in OpenAI's API, where omitting a field and sending ``null`` are the same.
+    ``None`` means "the SamplingParams default" (n 1, temperature 1.0, top_p 1.0,
+    penalties off, ...), as in OpenAI's API, where omitting a field and sending
+    ``null`` are the same. Ranges are checked by :class:`SamplingParams` (``n`` in
+    [1, 128]; ``presence_penalty`` / ``frequency_penalty`` in [-2, 2];
+    ``repetition_penalty``, a vLLM extra, in (0, 2]).
     """
 
     model: str | None = None
+    n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -107,7 +114,6 @@ class SamplingFields(StrictRequestModel):
     # priority) and a salt that keeps this request's prefix-cache blocks private.
     priority: int = 0
     cache_salt: str | None = None
-    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Harmless standard field (end-user id for abuse monitoring); Ember ignores it.
@@ -123,6 +129,15 @@ class SamplingFields(StrictRequestModel):
             return v
         raise ValueError("stop must be a string or a list of strings")
 
+    def num_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs``: None, or how many top alternatives to return
+        per generated token (each request kind spells it its own way).
+
+        Raises:
+            ValueError: an invalid combination (the message starts with the parameter).
+        """
+        return None
+
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Build validated SamplingParams (DELTA output when streaming).
 
@@ -130,16 +145,20 @@ class SamplingFields(StrictRequestModel):
             max_tokens: the resolved output budget in tokens (None: up to the context).
 
         Raises:
-            ValueError: a value out of range (the message names the parameter).
+            ValueError: a value out of range (the message names the parameter first).
         """
         optional = {
+            "n": self.n,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
             "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
         return SamplingParams(
-            n=self.n,
+            logprobs=self.num_logprobs(),
             seed=self.seed,
             max_tokens=max_tokens,
             stop=self.stop,
@@ -162,10 +181,24 @@ class CompletionRequest(SamplingFields):
     ``prompt`` is a string, a list holding one string, or a list of token ids
     (batches of prompts are not supported: send one request per prompt).
     ``max_tokens`` defaults to 16 as in OpenAI's API.
+
+    ``logprobs`` (0..20) asks, for every generated token, for its log-probability
+    and the ``logprobs`` most likely alternatives. ``echo`` puts the prompt text in
+    front of each choice's text; together with ``logprobs`` it would need the
+    prompt's log-probabilities, which the engine does not compute, so that
+    combination is rejected (400 naming ``echo``).
     """
 
     prompt: str | list[int]
     max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    def num_logprobs(self) -> int | None:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs is not supported: it needs the log-probabilities of "
+                             "the prompt tokens, which Ember does not compute (drop echo, or logprobs)")
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -214,6 +247,18 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def num_logprobs(self) -> int | None:
+        """``logprobs: true`` returns the chosen tokens' log-probabilities, plus the
+        ``top_logprobs`` (0..20) most likely alternatives at each position."""
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
+            if not self.logprobs:
+                raise ValueError("top_logprobs requires logprobs to be true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def resolved_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -266,10 +311,26 @@ class UsageInfo(OpenAIBaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogprobs(OpenAIBaseModel):
+    """Legacy completions' log-probabilities of one choice, one entry per token.
+
+    ``tokens``: each token's text; ``token_logprobs``: its natural-log probability;
+    ``top_logprobs``: the requested most likely alternatives *plus* the chosen
+    token (so up to ``logprobs + 1`` entries), ``{token text: logprob}``;
+    ``text_offset``: the character offset of each token in the choice's text
+    (after an echoed prompt), summing the lengths of the token texts.
+    """
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     # vLLM extension: the stop string or token id that ended the completion.
     stop_reason: str | int | None = None
@@ -298,10 +359,31 @@ class ChatResponseMessage(OpenAIBaseModel):
     reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
 
 
+class ChatTopLogprob(OpenAIBaseModel):
+    """A token with its natural-log probability; ``bytes`` are the token's raw
+    bytes (a multi-byte character split over tokens shows up here, not in ``token``)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    """A chosen token and the ``top_logprobs`` most likely tokens at its position."""
+
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(OpenAIBaseModel):
+    """Chat ``choices[i].logprobs``: ``{"content": [ChatTokenLogprob, ...]}``."""
+
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -324,7 +406,7 @@ class DeltaMessage(OpenAIBaseModel):
 class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
