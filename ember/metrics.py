@@ -1,9 +1,10 @@
 """Prometheus metrics of a serving engine, named as vLLM names them (with the
 ``ember:`` prefix instead of ``vllm:``) so existing dashboards translate.
 
-The engine thread calls :meth:`PrometheusMetrics.record` after every step with
-the scheduler's cumulative counters and the step's outputs; ``/metrics`` renders
-the registry with ``prometheus_client``.
+The front end calls :meth:`PrometheusMetrics.record` after every step with
+the scheduler's cumulative counters and the step's outputs, and observes
+inter-token latencies and queue times as they happen; ``/metrics`` renders the
+registry with ``prometheus_client``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class PrometheusMetrics:
         self.tpot = histogram("ember:time_per_output_token_seconds", "Mean time per output token after the first.",
                               _TPOT_BUCKETS)
         self.e2e = histogram("ember:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+        self.itl = histogram("ember:inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+                             _TPOT_BUCKETS)
+        self.queue_time = histogram("ember:request_queue_time_seconds", "Arrival to first scheduled.",
+                                    _LATENCY_BUCKETS)
         self._model_name = model_name
         self._last = (SchedulerStats(), 0, 0)
 
@@ -75,6 +80,12 @@ class PrometheusMetrics:
         for out in outputs:
             if out.finished:
                 self._record_finished(out)
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
 
     def _record_finished(self, out: RequestOutput) -> None:
         m = out.metrics

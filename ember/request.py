@@ -64,6 +64,8 @@ class Request:
             (``time.monotonic`` seconds; the fairness guard reads it).
         promoted: the fairness guard lifted it above every priority because it
             waited longer than ``max_waiting_time_s``.
+        first_scheduled_time: when a step first scheduled it
+            (``time.monotonic``); set by the engine core.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.waiting_since = self.arrival_time
         self.promoted = False
+        self.first_scheduled_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,6 +10,7 @@ from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.sched_output import EngineCoreOutput
 from ember.core.scheduler import Scheduler
 from ember.core.stats import SchedulerStats
+from ember.engine.core_client import EngineCoreOutputs
 from ember.executor.uniproc import UniProcExecutor
 from ember.request import Request, RequestStatus
 from ember.logger import init_logger
@@ -47,6 +48,7 @@ class EngineCore:
         self.executor = UniProcExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
+        self.num_gpu_blocks = num_blocks
         block_size = config.cache_config.block_size
         gib = num_blocks * self.executor.kv_cache_bytes_per_block() / (1 << 30)
         logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
@@ -88,11 +90,27 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """One engine step; returns what each request generated."""
+        return self._step({})
+
+    def step_with_stats(self) -> EngineCoreOutputs:
+        """One engine step (none when idle), with the scheduler's counters after
+        it and the requests it scheduled for the first time (with the time)."""
+        scheduled_times: dict[str, float] = {}
+        outputs = self._step(scheduled_times)
+        return EngineCoreOutputs(outputs, self.get_stats(), scheduled_times)
+
+    def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
         if not self.scheduler.has_unfinished_requests():
             return []
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         t1 = time.perf_counter()
+        if sched.scheduled_new_reqs:
+            now = time.monotonic()
+            for new in sched.scheduled_new_reqs:
+                req = self.scheduler.requests[new.req_id]
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = scheduled_times[new.req_id] = now
         result = self.executor.execute_model(sched)
         t2 = time.perf_counter()
         outputs = self.scheduler.update_from_output(sched, result)

@@ -1,0 +1,163 @@
+"""The engine core in its own process (ZMQ + msgpack) on the bundled SmolLM2:
+the same tokens as the in-process core, aborts free the KV blocks, a dead core
+is detected (in-flight requests fail, new ones are refused), and an orphaned
+core exits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgspec
+import pytest
+
+from ember import SamplingParams
+from ember.core.sched_output import EngineCoreOutput
+from ember.core.stats import SchedulerStats
+from ember.engine.arg_utils import EngineArgs
+from ember.engine.async_llm import AsyncLLM
+from ember.engine.core_client import EngineCoreOutputs, EngineCoreRequest, EngineDeadError
+from ember.engine.llm_engine import LLMEngine
+from ember.sampling_params import RequestOutputKind
+from tests.models.prompts import RAW_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+NUM_NEW = 24
+
+
+def _args(path: str) -> EngineArgs:
+    return EngineArgs(model=path, max_model_len=512, kv_cache_memory=64 << 20, max_num_batched_tokens=64)
+
+
+def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    results, pending, step = {}, list(enumerate(prompts)), 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 2 == 0:  # staggered arrivals
+            i, p = pending.pop(0)
+            engine.add_request(f"p{i}", p, params)
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    return results
+
+
+def test_messages_round_trip_msgpack() -> None:
+    params = SamplingParams(temperature=0.5, top_k=3, stop=["x"], seed=7, output_kind=RequestOutputKind.DELTA)
+    params._eos_token_ids = frozenset({2})
+    req = EngineCoreRequest("r", [1, 2, 3], params, 12.5, priority=-1, cache_salt="s")
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(req), type=EngineCoreRequest)
+    assert back == req and back.sampling_params._eos_token_ids == frozenset({2})
+    outs = EngineCoreOutputs([EngineCoreOutput("r", [5], "stop", 5)], SchedulerStats(num_running=3), {"r": 1.0},
+                             {"q": "bad"})
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(outs), type=EngineCoreOutputs) == outs
+
+
+def test_core_process_matches_in_process(smollm2_path: str) -> None:
+    prompts = list(RAW_PROMPTS[:4])
+    inproc = LLMEngine.from_engine_args(_args(smollm2_path))
+    expected = _run(inproc, prompts)
+    inproc.shutdown()
+    engine = LLMEngine.from_engine_args(_args(smollm2_path), multiprocess=True)
+    try:
+        pid = engine.core_client.process.pid
+        assert pid != os.getpid()
+        assert _run(engine, prompts) == expected
+        with pytest.raises(AttributeError, match="another process"):
+            _ = engine.engine_core
+    finally:
+        engine.shutdown()
+    assert not engine.core_client.process.is_alive()
+
+
+@pytest.fixture(scope="module")
+def async_engine(smollm2_path: str):
+    engine = AsyncLLM.from_engine_args(_args(smollm2_path))
+    yield engine
+    engine.shutdown()
+
+
+async def _wait_for(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def test_async_abort_frees_blocks(async_engine: AsyncLLM) -> None:
+    async def main() -> None:
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        streams = [async_engine.generate(p, params, f"a{i}") for i, p in enumerate(RAW_PROMPTS[:3])]
+        for s in streams:
+            await anext(s)  # running, with KV blocks
+        await _wait_for(lambda: async_engine.get_stats().kv_cache_usage > 0)
+        for s in streams:
+            await s.aclose()  # what a client disconnect does
+        await _wait_for(lambda: async_engine.get_stats().num_running == 0
+                        and async_engine.get_stats().kv_cache_usage == 0)
+        # The engine keeps serving.
+        short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        outs = [o async for o in async_engine.generate("Hello", short, "after")]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
+
+    asyncio.run(main())
+
+
+def test_dead_core_is_detected(async_engine: AsyncLLM) -> None:
+    # NOTE: kills the module's engine, so it runs after the other tests using it.
+    async def main() -> None:
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        stream = async_engine.generate("Once upon a time", params, "victim")
+        await anext(stream)
+        os.kill(async_engine.core_client.process.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        assert async_engine.errored
+        with pytest.raises(EngineDeadError):
+            await anext(async_engine.generate("Hi", params, "refused"))
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_orphaned_core_exits(smollm2_path: str, tmp_path) -> None:
+    # A front end that dies without shutting down (SIGKILL) must not leave its core behind.
+    script = tmp_path / "front.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from ember.engine.arg_utils import EngineArgs
+        from ember.engine.llm_engine import LLMEngine
+        if __name__ == "__main__":
+            engine = LLMEngine.from_engine_args(EngineArgs(model={smollm2_path!r}, max_model_len=256,
+                                                           kv_cache_memory=16 << 20), multiprocess=True)
+            print(engine.core_client.process.pid, flush=True)
+            os._exit(0)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    core_pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while _alive(core_pid):
+        assert time.monotonic() < deadline, "the orphaned engine core is still running"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent has not reaped it).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
