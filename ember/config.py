@@ -47,6 +47,9 @@ class ModelConfig:
         seed: seed for unseeded random sampling (None: nondeterministic).
         enforce_eager: never capture CUDA graphs.
         skip_tokenizer_init: run without a tokenizer (prompts and outputs are token ids).
+        tokenizer: where the tokenizer comes from when not from ``model`` (a
+            directory of HF tokenizer files, a ``.gguf`` file or a bundled
+            name); None: the model's own.
         attention_backend: force a registered attention backend (``"torch"``,
             ``"triton"``); None picks the device's default.
     """
@@ -60,6 +63,7 @@ class ModelConfig:
     seed: int | None = 0
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
+    tokenizer: str | None = None
     attention_backend: str | None = None
 
     def __post_init__(self) -> None:

@@ -82,6 +82,7 @@ class EngineArgs:
     seed: int | None = 0
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
+    tokenizer: str | None = None
     hf_overrides: dict | None = None
     attention_backend: str | None = None
     enable_prefix_caching: bool = True
@@ -137,6 +138,10 @@ class EngineArgs:
                             help="force an attention backend (default: triton on CUDA, torch elsewhere)")
         parser.add_argument("--skip-tokenizer-init", action="store_true",
                             help="run without a tokenizer: prompts and outputs are token ids")
+        parser.add_argument("--tokenizer", default=None,
+                            help="take the tokenizer from here instead of the model (a directory of HF "
+                                 "tokenizer files, a .gguf file or a bundled name); e.g. to serve a preset "
+                                 "with --load-format dummy as text")
         return parser
 
     @classmethod
@@ -189,7 +194,8 @@ class EngineArgs:
             seed=self.seed,
             enforce_eager=self.enforce_eager,
             attention_backend=self.attention_backend,
-            skip_tokenizer_init=self.skip_tokenizer_init or source.format == "preset",
+            skip_tokenizer_init=self.skip_tokenizer_init or (source.format == "preset" and self.tokenizer is None),
+            tokenizer=self.tokenizer,
         )
         kv_bytes = self.kv_cache_memory
         if kv_bytes is None and device == "cpu":

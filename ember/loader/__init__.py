@@ -9,6 +9,7 @@ from ember.loader.source import (
     UnsupportedArchitectureError,
     iter_weights,
     load_tokenizer,
+    load_tokenizer_for,
     read_hf_config,
     resolve_model_source,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "iter_weights",
     "load_tokenizer",
+    "load_tokenizer_for",
     "read_hf_config",
     "resolve_model_source",
 ]

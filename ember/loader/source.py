@@ -179,6 +179,27 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerFast | None:
     return _loader(source).load_tokenizer(source.path)
 
 
+def load_tokenizer_for(model: str, tokenizer: str | None = None) -> PreTrainedTokenizerFast | None:
+    """The tokenizer a served model uses: ``tokenizer`` when given (a
+    directory of Hugging Face tokenizer files, or anything
+    :func:`resolve_model_source` accepts), else the model's own.
+
+    Raises:
+        ModelLoadError: missing or unreadable tokenizer files.
+    """
+    if tokenizer is None:
+        return load_tokenizer(resolve_model_source(model))
+    path = Path(tokenizer).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        from ember.loader.safetensors import hf_dir_tokenizer
+
+        return hf_dir_tokenizer(str(path))
+    found = load_tokenizer(resolve_model_source(tokenizer))
+    if found is None:
+        raise ModelLoadError(f"{tokenizer}: an architecture preset has no tokenizer")
+    return found
+
+
 def ember_cache_dir() -> Path:
     """Ember's cache root: ``$EMBER_CACHE_DIR``, default ``~/.cache/ember``."""
     return Path(os.environ.get("EMBER_CACHE_DIR") or "~/.cache/ember").expanduser()
