@@ -4,6 +4,7 @@ driven with the official ``openai`` client and raw HTTP for malformed requests."
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterator
 
@@ -104,8 +105,13 @@ def test_bad_requests(server: str, client: openai.OpenAI) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}], stream=True)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):  # not supported yet: refused, not ignored
-        client.chat.completions.create(model=MODEL, messages=QUESTION, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, frequency_penalty=2.5)
+    assert_error(httpx.post(url, json={**good, "top_logprobs": 2}), 400, "top_logprobs", "logprobs")
+    assert_error(httpx.post(url, json={**good, "n": 0}), 400, "n", "n must be")
+    # echo + logprobs needs prompt logprobs, which are not computed: refused, never silently dropped.
+    assert_error(httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "echo": True,
+                                                              "logprobs": 1}), 400, "echo", "echo")
 
 
 def test_bad_requests_do_not_disturb_a_running_stream(server: str, client: openai.OpenAI) -> None:
@@ -178,9 +184,139 @@ def test_prometheus_metrics(server: str, client: openai.OpenAI) -> None:
 
 
 def test_priority_and_cache_salt_fields(server: str, client: openai.OpenAI) -> None:
-    base = dict(model=MODEL, prompt="Salted prompt", max_tokens=3, temperature=0)
+    base = {"model": MODEL, "prompt": "Salted prompt", "max_tokens": 3, "temperature": 0}
     plain = client.completions.create(**base)
     salted = client.completions.create(**base, extra_body={"priority": 5, "cache_salt": "tenant-a"})
     assert salted.choices[0].text == plain.choices[0].text  # the salt changes caching, not the output
     assert_error(httpx.post(f"{server}/v1/completions", json={**base, "cache_salt": ""}), 400, match="cache_salt")
     assert_error(httpx.post(f"{server}/v1/completions", json={**base, "priority": "high"}), 400, "priority")
+
+
+# ---------------------------------------------------------------- n, logprobs, seeds, penalties, echo
+
+PROMPT = "The capital of France is"
+
+
+def test_chat_n_seeded_stream_matches_non_stream(client: openai.OpenAI) -> None:
+    """n=3 sampled choices with a seed: reproducible (the stream repeats the
+    non-streamed answer choice by choice) and different from each other."""
+    kwargs = {"model": MODEL, "messages": QUESTION, "n": 3, "temperature": 1.0, "seed": 1234, "max_tokens": 5,
+              "logprobs": True}
+    resp = client.chat.completions.create(**kwargs)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    texts = [c.message.content for c in resp.choices]
+    assert len(set(texts)) > 1, texts  # completion i samples with seed + i
+    # usage sums the choices: one logprob per text token, plus the EOS of a "stop" choice.
+    assert resp.usage.completion_tokens == sum(len(c.logprobs.content) + (c.finish_reason == "stop")
+                                               for c in resp.choices)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == resp.usage
+    assert all(len(c.choices) == 1 for c in chunks[:-1])
+    choice_chunks = [c.choices[0] for c in chunks[:-1]]
+    assert [(c.index, c.delta.role) for c in choice_chunks[:3]] == [(0, "assistant"), (1, "assistant"),
+                                                                    (2, "assistant")]
+    for choice in resp.choices:
+        mine = [c for c in choice_chunks if c.index == choice.index]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        assert mine[-1].finish_reason == choice.finish_reason
+        # Same tokens; the logprobs agree up to float rounding (the second request's
+        # prompt comes from the prefix cache, so its prefill computes fewer positions).
+        streamed = [e for c in mine if c.logprobs for e in c.logprobs.content]
+        assert [e.token for e in streamed] == [e.token for e in choice.logprobs.content]
+        assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in choice.logprobs.content], abs=1e-4)
+
+
+def test_completion_n_seeded(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "prompt": PROMPT, "n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 4}
+    resp = client.completions.create(**kwargs)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert len({c.text for c in resp.choices}) > 1
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == resp.usage
+    for choice in resp.choices:
+        mine = [c.choices[0] for c in chunks[:-1] if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+
+
+def check_top1(chosen_token: str, chosen_logprob: float, top: list[tuple[str, float]]) -> None:
+    """Greedy decoding's definition: the chosen token is the most likely one."""
+    assert top and all(lp <= 0 for _, lp in top)
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    assert sum(math.exp(lp) for _, lp in top) <= 1 + 1e-4
+    assert top[0][0] == chosen_token and math.isclose(top[0][1], chosen_logprob, abs_tol=1e-5)
+
+
+def test_chat_logprobs_greedy(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8,
+                                          logprobs=True, top_logprobs=5)
+    choice = resp.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == resp.usage.completion_tokens - (choice.finish_reason == "stop")
+    for e in content:
+        assert len(e.top_logprobs) == 5 and e.logprob <= 0
+        check_top1(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+        assert e.bytes == list(e.token.encode()) or "\ufffd" in e.token
+        assert all(t.bytes is not None for t in e.top_logprobs)
+    # The tokens' bytes join into the answer's text.
+    assert b"".join(bytes(e.bytes) for e in content).decode() == choice.message.content
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=5, logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    lp = greedy.choices[0].logprobs
+    assert "".join(lp.tokens) == greedy.choices[0].text and len(lp.tokens) == 5
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(5)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3  # the chosen token is among the 3 most likely: no extra entry
+        check_top1(token, logprob, sorted(top.items(), key=lambda kv: -kv[1]))
+    # Sampling: the chosen token is reported even when it is not among the top ones.
+    sampled = client.completions.create(model=MODEL, prompt=PROMPT, temperature=1.5, seed=3, max_tokens=5,
+                                        logprobs=1, extra_body={"ignore_eos": True})
+    lp = sampled.choices[0].logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert token in top and top[token] == logprob and logprob <= max(top.values()) <= 0
+        assert 1 <= len(top) <= 2
+
+
+def test_greedy_n_echo_and_stop_strings(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4).choices[0].text
+    assert "." in plain  # " Paris. ..." on this model
+    # Greedy with n > 1 is allowed: n identical choices; echo puts the prompt first.
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, echo=True, n=3)
+    assert [c.text for c in echoed.choices] == [PROMPT + plain] * 3
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text == PROMPT
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + plain
+    # A stop string ends each choice before it; the text does not hold it.
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, stop=["."], n=2)
+    assert [(c.text, c.finish_reason) for c in resp.choices] == [(plain.split(".")[0], "stop")] * 2
+    assert all(c.model_extra["stop_reason"] == "." for c in resp.choices)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16,
+                                                  stop="Paris", stream=True))
+    assert "Paris" not in "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_penalties_change_greedy_output(client: openai.OpenAI) -> None:
+    """On a repetitive prompt, each penalty changes the greedy answer. The logprobs
+    are the model's raw ones (before penalties): without a penalty every chosen
+    token is the raw top-1; with one, some chosen token is not."""
+    base = {"model": MODEL, "prompt": "hello hello hello hello hello hello", "temperature": 0, "max_tokens": 4,
+            "logprobs": 1}
+
+    def run(**penalty):
+        resp = client.completions.create(**base, extra_body={"ignore_eos": True, **penalty})
+        lp = resp.choices[0].logprobs
+        raw_top1 = [max(top, key=top.get) == token for token, top in zip(lp.tokens, lp.top_logprobs, strict=True)]
+        return resp.choices[0].text, raw_top1
+
+    plain, plain_top1 = run()
+    assert all(plain_top1)
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        text, top1 = run(**penalty)
+        assert text != plain, penalty
+        assert not all(top1), penalty
