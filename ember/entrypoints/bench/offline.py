@@ -172,8 +172,10 @@ def print_and_save(result: dict[str, Any], path: str | None) -> None:
             json.dump(result, f, indent=2)
 
 
-def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="offline latency / throughput benchmarks with a measured roofline")
+def add_bench_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``ember bench latency|throughput``; returns the ``bench`` sub-parsers (for more kinds)."""
+    bench = sub.add_parser("bench", help="offline latency / throughput benchmarks with a measured roofline; "
+                                         "serve: load an OpenAI-compatible server")
     kinds = bench.add_subparsers(dest="bench_kind", required=True)
     lat = kinds.add_parser("latency", help="fixed batch, fixed input/output lengths")
     lat.add_argument("--batch-size", type=int, default=1)
@@ -192,6 +194,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
         EngineArgs.add_cli_args(p)
         p.set_defaults(func=cmd_bench)
+    return kinds
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
