@@ -64,7 +64,9 @@ class RequestOutput:
             (text, tokens or a finish reason) since the last one.
         finished: True once every completion has finished.
         metrics: timing of the request (seconds, ``time.monotonic`` clock):
-            ``arrival_time``, ``first_token_time``, ``finished_time``.
+            ``arrival_time``, ``first_token_time`` (the first token of any
+            completion), ``finished_time`` (when the last one finished); and
+            ``num_generation_tokens``, summed over the n completions.
     """
 
     request_id: str

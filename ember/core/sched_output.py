@@ -3,12 +3,17 @@
 The scheduler never sees tensors and the runner never decides who runs: one
 step's decisions travel in a :class:`SchedulerOutput`, its results come back in
 a :class:`ModelRunnerOutput`.
+
+NOTE: these types (and what they hold) stay plain Python values (ints,
+floats, strs, lists, tuples, dataclasses of them): no tensors or numpy
+scalars, so that they can cross process boundaries with msgpack.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.outputs import SampleLogprob
 from ember.sampling_params import SamplingParams
 
 
@@ -91,9 +96,12 @@ class ModelRunnerOutput:
         sampled_token_ids: req_id -> the token sampled for it; only requests
             whose scheduled tokens reached the end of their known tokens sample
             (a prefill chunk that stops mid-prompt does not).
+        logprobs: req_id -> log-probabilities of its sampled token, for the
+            sampling requests whose ``SamplingParams.logprobs`` is set.
     """
 
     sampled_token_ids: dict[str, int]
+    logprobs: dict[str, SampleLogprob] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -105,9 +113,12 @@ class EngineCoreOutput:
         new_token_ids: tokens generated this step.
         finish_reason: ``"stop"``, ``"length"``, ``"abort"`` or None.
         stop_reason: the stop token id that ended it, if any.
+        new_logprobs: with ``SamplingParams.logprobs`` set, one entry per token
+            of ``new_token_ids``; else None.
     """
 
     request_id: str
     new_token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    new_logprobs: list[SampleLogprob] | None = None

@@ -21,9 +21,12 @@ than ``max_waiting_time_s``. (Design as in vLLM's v1 scheduler.)
 NOTE: a request is never preempted in a step that already scheduled it: victims
 are taken from the end of ``running``, past the requests served so far, or
 before any is served. The KV cache manager relies on this (see its NOTE).
-NOTE: ``n > 1`` is not implemented (SamplingParams rejects it). When it is, the
-n sibling requests should be admitted together so that all but the first hit
-the prompt blocks the first one registers in the prefix cache.
+NOTE: the scheduler knows nothing of ``n > 1``: the front end
+(``ember.engine.output_processor``) fans a request out into n sibling requests
+with the same prompt and submits them together. They wait next to each other
+and are usually admitted in the same step, where all but the first hit the
+prompt's full blocks that the first registers in the prefix cache when they are
+allocated (with prefix caching on; without it each computes the prompt).
 """
 
 from __future__ import annotations
@@ -305,7 +308,9 @@ class Scheduler:
             req.append_output_token(token)
             self._check_stop(req, token)
             finish = req.status.finish_reason
-            outputs.append(EngineCoreOutput(req_id, [token], finish, req.stop_reason))
+            logprob = result.logprobs.get(req_id)
+            outputs.append(EngineCoreOutput(req_id, [token], finish, req.stop_reason,
+                                            None if logprob is None else [logprob]))
             if finish is not None:
                 self.running.remove(req)
                 self._free_request(req)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.sample.logprobs import LogprobsMetadata, compute_logprobs
+from ember.sample.penalties import PenaltyMetadata, apply_penalties, uses_penalty
 from ember.sampling_params import SamplingParams
 
 _MASK63 = (1 << 63) - 1
@@ -29,6 +31,9 @@ class SamplingMetadata:
         all_greedy: every row is greedy (skip the random path; the four tensors
             are then None, so an all-greedy step copies nothing to the device).
         seeds: per row, None or the generator seed for that row's noise.
+        penalties: None unless some row uses a repetition, presence or
+            frequency penalty.
+        logprobs: None unless some row asks for log-probabilities.
     """
 
     temperature: torch.Tensor | None
@@ -37,13 +42,38 @@ class SamplingMetadata:
     min_p: torch.Tensor | None
     all_greedy: bool
     seeds: list[int | None]
+    penalties: PenaltyMetadata | None = None
+    logprobs: LogprobsMetadata | None = None
 
     @classmethod
-    def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device) -> SamplingMetadata:
-        """``output_positions[i]``: index of the token row i samples among its
-        request's outputs (0 for the first generated token)."""
-        if all(p.greedy for p in params):
-            return cls(None, None, None, None, True, [None] * len(params))
+    def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device,
+              token_ids: list[list[int]] | None = None) -> SamplingMetadata:
+        """Args:
+            params: per row, its request's sampling parameters.
+            output_positions: per row, the index of the token it samples among
+                its request's outputs (0 for the first generated token), i.e.
+                how many output tokens the request has so far.
+            device: where the logits are.
+            token_ids: per row, the request's prompt followed by its output
+                tokens so far (the last ``output_positions[i]`` of them); read
+                only when some row uses a penalty.
+
+        Raises:
+            ValueError: a row uses a penalty and ``token_ids`` is None.
+        """
+        all_greedy, any_penalty, any_logprobs = True, False, False
+        for p in params:
+            all_greedy &= p.greedy
+            any_penalty = any_penalty or uses_penalty(p)
+            any_logprobs = any_logprobs or p.logprobs is not None
+        penalties = None
+        if any_penalty:
+            if token_ids is None:
+                raise ValueError("token_ids must be given when a row uses a penalty")
+            penalties = PenaltyMetadata.build(params, token_ids, output_positions, device)
+        logprobs = LogprobsMetadata.build(params, device) if any_logprobs else None
+        if all_greedy:
+            return cls(None, None, None, None, True, [None] * len(params), penalties, logprobs)
         seeds = [None if p.seed is None else _mix(p.seed, pos) for p, pos in zip(params, output_positions)]
         return cls(
             temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
@@ -53,7 +83,24 @@ class SamplingMetadata:
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             all_greedy=False,
             seeds=seeds,
+            penalties=penalties,
+            logprobs=logprobs,
         )
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's sampling results, still on the device.
+
+    Attributes:
+        sampled_token_ids: [num_rows] int64.
+        logprobs: None, or the packed log-probabilities of the rows that asked
+            ([num_asking_rows, 2 + 2k] float64; see
+            :func:`ember.sample.logprobs.compute_logprobs`).
+    """
+
+    sampled_token_ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
 
 def _mix(seed: int, position: int) -> int:
@@ -65,7 +112,8 @@ def _mix(seed: int, position: int) -> int:
 
 
 class Sampler:
-    """Greedy, temperature, top-k, top-p and min-p sampling.
+    """Greedy, temperature, top-k, top-p and min-p sampling, with repetition,
+    presence and frequency penalties and log-probabilities.
 
     Args:
         generator: the source of noise for rows without a seed.
@@ -74,18 +122,27 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """``logits``: [num_rows, vocab] float32 -> [num_rows] int64 token ids."""
-        greedy = logits.argmax(dim=-1)
-        if meta.all_greedy:
-            return greedy
-        is_greedy = meta.temperature == 0
-        temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
-        logits = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p)
-        probs = logits.softmax(dim=-1)
-        noise = self._exponential_noise(probs, meta.seeds)
-        sampled = probs.div(noise).argmax(dim=-1)
-        return torch.where(is_greedy, greedy, sampled)
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """``logits``: [num_rows, vocab] float32 raw logits (not modified).
+
+        Penalties apply to the raw logits first; greedy rows then take the
+        argmax of the penalized logits (as vLLM and HF do), the others are
+        sampled after temperature and top-k/p/min-p. Log-probabilities come
+        from the raw logits.
+        """
+        raw = logits
+        if meta.penalties is not None:
+            logits = apply_penalties(logits, meta.penalties)
+        sampled = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            is_greedy = meta.temperature == 0
+            temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
+            logits = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p)
+            probs = logits.softmax(dim=-1)
+            noise = self._exponential_noise(probs, meta.seeds)
+            sampled = torch.where(is_greedy, sampled, probs.div(noise).argmax(dim=-1))
+        logprobs = None if meta.logprobs is None else compute_logprobs(raw, sampled, meta.logprobs)
+        return SamplerOutput(sampled, logprobs)
 
     def _exponential_noise(self, probs: torch.Tensor, seeds: list[int | None]) -> torch.Tensor:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)

@@ -22,6 +22,7 @@ from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import default_backend_name
 from ember.models.registry import ModelRegistry
+from ember.sample.logprobs import unpack_logprobs
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
@@ -283,11 +284,18 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(host.sample_rows, device=self.device)])
         states = [self.requests[r] for r in host.sample_req_ids]
         sampling_meta = SamplingMetadata.build(
-            [s.sampling_params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states], self.device)
-        sampled = self.sampler(logits, sampling_meta).tolist()
+            [s.sampling_params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states], self.device,
+            token_ids=[s.token_ids for s in states])
+        out = self.sampler(logits, sampling_meta)
+        sampled = out.sampled_token_ids.tolist()
         for s, tok in zip(states, sampled):
             s.token_ids.append(tok)
-        return ModelRunnerOutput(dict(zip(host.sample_req_ids, sampled)))
+        logprobs = {}
+        if out.logprobs is not None:
+            rows = sampling_meta.logprobs.row_ids
+            entries = unpack_logprobs(out.logprobs.tolist(), [sampled[i] for i in rows], sampling_meta.logprobs)
+            logprobs = {host.sample_req_ids[i]: e for i, e in zip(rows, entries)}
+        return ModelRunnerOutput(dict(zip(host.sample_req_ids, sampled)), logprobs)
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for a ladder of batch sizes (CUDA, unless
