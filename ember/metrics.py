@@ -95,7 +95,8 @@ class PrometheusMetrics:
             self.e2e.observe(m["finished_time"] - m["arrival_time"])
         if "first_token_time" in m:
             self.ttft.observe(m["first_token_time"] - m["arrival_time"])
-            n = m.get("num_generation_tokens", 0)
+            # n > 1: the longest completion's tokens arrived one per step.
+            n = m.get("max_completion_tokens", m.get("num_generation_tokens", 0))
             if n > 1 and "finished_time" in m:
                 self.tpot.observe((m["finished_time"] - m["first_token_time"]) / (n - 1))
 

@@ -1,80 +1,86 @@
-"""AsyncLLM: the engine behind the server, for asyncio callers.
+"""AsyncLLM: the server's front end, for asyncio callers.
 
-An engine thread owns the :class:`LLMEngine` and loops: take new requests and
-aborts from an inbox, run one step, hand each RequestOutput to the asyncio
-queue of its request. Requests that arrive while a step runs join the next one,
-so concurrent requests share engine steps (continuous batching). PyTorch
-releases the GIL inside its kernels, so the event loop stays responsive.
+The engine core (scheduler + model) runs in its own process behind an
+:class:`~ember.engine.core_client.AsyncMPClient`. This process tokenizes,
+submits requests, and runs one output-handler task on the event loop that
+receives each step's outputs, detokenizes them, checks stop strings and hands
+each RequestOutput to the asyncio queue of its request. Requests that arrive
+while a step runs join the next one (continuous batching), and the model's
+compute never waits on HTTP or text work.
+
+Per finished request it logs one structured line (logger ``ember.request``,
+JSON): id, prompt and output tokens, queue time, TTFT, end-to-end time and
+finish reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
+import json
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Any
 
+from ember.config import EngineConfig
+from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
-from ember.engine.llm_engine import LLMEngine, check_priority_and_salt
+from ember.engine.core_client import AsyncMPClient, EngineCoreOutputs, EngineCoreRequest, EngineDeadError
+from ember.engine.input_processor import InputProcessor
+from ember.engine.llm_engine import check_priority_and_salt
+from ember.engine.output_processor import OutputProcessor
+from ember.logger import init_logger
 from ember.outputs import RequestOutput
+from ember.request import RequestStatus
 from ember.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
+request_logger = init_logger("ember.request")
 
-
-class EngineDeadError(RuntimeError):
-    """The engine loop died; no request can be served."""
-
-
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int = 0
-    cache_salt: str | None = None
-
-
-@dataclass(slots=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class _Shutdown:
-    pass
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
 
 class AsyncLLM:
-    """Async front of the engine.
+    """Async front of an engine core running in its own process.
 
     Args:
-        engine: a loaded :class:`LLMEngine`.
+        config: the engine config; the core process loads the model (this
+            blocks until it is ready).
+    Raises:
+        EngineDeadError: the core failed to start (e.g. unreadable weights).
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.model_config = engine.model_config
-        self.tokenizer = engine.tokenizer
-        self.input_processor = engine.input_processor
+    def __init__(self, config: EngineConfig) -> None:
+        from ember.loader import load_tokenizer_for
+
+        self.config = config
+        self.model_config = config.model_config
+        # The core process loads the model while this one loads the tokenizer.
+        self.core_client = AsyncMPClient(config)
+        try:
+            self.tokenizer = (None if config.model_config.skip_tokenizer_init
+                              else load_tokenizer_for(config.model_config.model, config.model_config.tokenizer))
+        except BaseException:
+            self.core_client.shutdown()
+            raise
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.errored = False
-        # A PrometheusMetrics the server attaches; updated by the engine thread after each step.
-        self.metrics = None
-        self._num_running = 0  # written by the engine thread after each step
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run_engine_loop, name="ember-engine", daemon=True)
-        self._thread.start()
+        # A PrometheusMetrics the server attaches; updated after each step.
+        self.metrics: Any = None
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        self._stats = SchedulerStats()
+        self._queues: dict[str, asyncio.Queue] = {}
+        # Per live request (front-end view): arrival, first-scheduled and
+        # last-token times (time.monotonic seconds), for metrics and the log line.
+        self._timing: dict[str, _Timing] = {}
+        self._output_task: asyncio.Task | None = None
+        self.core_client.wait_until_ready()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLM:
-        """Load the model (blocking) and start the engine thread."""
-        return cls(LLMEngine.from_engine_args(engine_args))
+        """Start the engine core process and wait until its model is loaded."""
+        return cls(engine_args.create_engine_config())
 
     # -------------------------------------------------------------- public
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
@@ -82,7 +88,8 @@ class AsyncLLM:
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as the engine produces them
         (per ``sampling_params.output_kind``). Stopping the iteration early
-        (e.g. a client disconnect) aborts the request.
+        (e.g. a client disconnect) aborts the request; its KV blocks are freed
+        before the core's next step.
 
         Args:
             priority: lower runs first under ``--scheduling-policy priority``
@@ -90,21 +97,27 @@ class AsyncLLM:
             cache_salt: only requests with equal salts share prefix-cache blocks.
         Raises:
             ValueError: invalid input (before anything is yielded).
-            EngineDeadError: the engine loop died.
+            EngineDeadError: the engine core is not running, or died meanwhile.
         """
         if self.errored:
-            raise EngineDeadError("the engine is not running")
+            raise EngineDeadError("the engine core is not running")
         priority = 0 if priority is None else priority
         check_priority_and_salt(priority, cache_salt)
         ids = self.input_processor.tokenize(prompt)
         self.input_processor.check(ids, sampling_params)
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._ensure_output_handler()
         q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if request_id in self._queues:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._queues[request_id] = (asyncio.get_running_loop(), q)
-        self._send(_Add(request_id, prompt if isinstance(prompt, str) else None, ids, sampling_params, priority,
-                        cache_salt))
+        self._queues[request_id] = q
+        arrival = time.monotonic()
+        self._timing[request_id] = _Timing(arrival, len(ids))
+        children = self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids,
+                                                     sampling_params, arrival)
+        for engine_id, child_params in children:  # n > 1: n engine-core requests, submitted together
+            self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
+                                                           cache_salt))
+        self.num_prompt_tokens_total += len(ids)
         finished = False
         try:
             while not finished:
@@ -114,75 +127,135 @@ class AsyncLLM:
                 finished = out.finished
                 yield out
         finally:
-            with self._lock:
-                self._queues.pop(request_id, None)
-            if not finished:
-                self._send(_Abort(request_id))
+            self._queues.pop(request_id, None)
+            if not finished and not self.errored:
+                self._abort(request_id)
 
     def num_waiting_requests(self) -> int:
-        """Requests submitted here that are not in the running batch (an estimate
-        from the last step; used for overload protection)."""
-        with self._lock:
-            in_flight = len(self._queues)
-        return max(0, in_flight - self._num_running)
+        """Engine-core requests (n per user request) submitted here that are not
+        in the running batch (as of the last step; for overload protection)."""
+        return max(0, self.output_processor.num_engine_requests() - self._stats.num_running)
 
     async def abort(self, request_id: str) -> None:
-        self._send(_Abort(request_id))
+        """Abort a request (its stream ends with finish reason ``abort``)."""
+        for out in self._abort(request_id):
+            self._deliver(out)
+
+    def get_stats(self) -> SchedulerStats:
+        """The engine core's counters as of its last step."""
+        return self._stats
 
     def shutdown(self) -> None:
-        self._send(_Shutdown())
-        self._thread.join(timeout=10)
-
-    # --------------------------------------------------------- engine thread
-    def _send(self, msg: object) -> None:
-        self._inbox.put(msg)
-        self._wakeup.set()
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._lock:
-            target = self._queues.get(request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
-
-    def _drain_inbox(self) -> bool:
-        """Apply queued adds/aborts; returns False on shutdown."""
-        while True:
+        """Stop the engine core process (waits for it to exit)."""
+        if self._output_task is not None and not self._output_task.done():
             try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if isinstance(msg, _Shutdown):
-                return False
-            if isinstance(msg, _Abort):
-                self.engine.abort_requests([msg.request_id])
-                continue
-            try:
-                self.engine.add_request(msg.request_id, msg.prompt or msg.prompt_token_ids, msg.params,
-                                        prompt_token_ids=msg.prompt_token_ids, priority=msg.priority,
-                                        cache_salt=msg.cache_salt)
-            except Exception as e:  # a bad request must not take the loop down
-                self._deliver(msg.request_id, ValueError(str(e)))
+                self._output_task.cancel()
+            except RuntimeError:  # its event loop is already closed
+                pass
+        self.core_client.shutdown()
 
-    def _run_engine_loop(self) -> None:
+    # ----------------------------------------------------- output handling
+    def _ensure_output_handler(self) -> None:
+        if self._output_task is None or self._output_task.done():
+            self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
+
+    def _abort(self, request_id: str) -> list[RequestOutput]:
+        finals, engine_ids = self.output_processor.abort_requests([request_id])
+        self.core_client.abort_requests(engine_ids)
+        if self.metrics is not None:
+            self.metrics.record(self._stats, self.num_prompt_tokens_total, self.num_generation_tokens_total, finals)
+        self._finish_requests(finals)
+        return finals
+
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str | None = None) -> None:
+        q = self._queues.get(request_id if request_id is not None else out.request_id)  # type: ignore[union-attr]
+        if q is not None:
+            q.put_nowait(out)
+
+    async def _output_loop(self) -> None:
         try:
-            while self._drain_inbox():
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait()
-                    self._wakeup.clear()
-                    continue
-                outputs = self.engine.step()
-                self._num_running = len(self.engine.engine_core.scheduler.running)
+            while True:
+                core_outputs = await self.core_client.get_output_async()
+                self._process(core_outputs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a dead core fails every waiter
+            self._mark_dead(e)
+
+    def _process(self, core_outputs: EngineCoreOutputs) -> None:
+        now = time.monotonic()
+        if core_outputs.stats is not None:
+            self._stats = core_outputs.stats
+        parent_of = self.output_processor.parent_request_id
+        for engine_id, t in core_outputs.scheduled_times.items():
+            timing = self._timing.get(parent_of(engine_id) or engine_id)
+            if timing is not None:
+                timing.first_scheduled = t if timing.first_scheduled is None else min(t, timing.first_scheduled)
                 if self.metrics is not None:
-                    e = self.engine
-                    self.metrics.record(e.get_stats(), e.num_prompt_tokens_total, e.num_generation_tokens_total,
-                                        outputs)
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-        except BaseException as e:  # noqa: BLE001 - report any death to every waiter
-            logger.exception("engine loop died")
-            self.errored = True
-            with self._lock:
-                waiters = list(self._queues)
-            for req_id in waiters:
-                self._deliver(req_id, EngineDeadError(f"engine loop died: {e!r}"))
+                    self.metrics.observe_queue_time(t - timing.arrival)
+        for engine_id, why in core_outputs.rejected.items():
+            parent = parent_of(engine_id) or engine_id
+            for out in self._abort(parent):  # its siblings too
+                self._deliver(ValueError(why), out.request_id)
+        for out in core_outputs.outputs:
+            timing = self._timing.get(parent_of(out.request_id) or out.request_id)
+            if timing is not None and out.new_token_ids:
+                last = timing.last_token.get(out.request_id)
+                if last is not None and self.metrics is not None:
+                    self.metrics.observe_inter_token_latency(now - last)
+                timing.last_token[out.request_id] = now
+        self.num_generation_tokens_total += sum(len(o.new_token_ids) for o in core_outputs.outputs)
+        results, stopped = self.output_processor.process_outputs(core_outputs.outputs)
+        if stopped:
+            self.core_client.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.metrics is not None:
+            self.metrics.record(self._stats, self.num_prompt_tokens_total, self.num_generation_tokens_total, results)
+        self._finish_requests([r for r in results if r.finished])
+        for result in results:
+            self._deliver(result)
+
+    def _finish_requests(self, finals: list[RequestOutput]) -> None:
+        """Log one structured line per finished request and forget its timing."""
+        for out in finals:
+            timing = self._timing.pop(out.request_id, None)
+            if timing is None:
+                continue
+            m = out.metrics
+            end = m.get("finished_time", time.monotonic())
+            first_token = m.get("first_token_time")
+            record = {
+                "request_id": out.request_id,
+                "prompt_tokens": timing.num_prompt_tokens,
+                "output_tokens": m.get("num_generation_tokens", 0),
+                "queue_time_s": _round(None if timing.first_scheduled is None
+                                       else timing.first_scheduled - timing.arrival),
+                "ttft_s": _round(None if first_token is None else first_token - timing.arrival),
+                "e2e_s": _round(end - timing.arrival),
+                "finish_reason": ",".join(str(c.finish_reason) for c in out.outputs),
+            }
+            request_logger.info(json.dumps(record))
+
+    def _mark_dead(self, error: BaseException) -> None:
+        logger.error(f"engine core died: {error}")
+        self.errored = True
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine core died: {error!r}")
+        for req_id in list(self._queues):
+            self._deliver(dead, req_id)
+
+
+class _Timing:
+    """A user request's timing (``time.monotonic`` seconds): arrival, when its
+    first completion was first scheduled, and each completion's last token
+    (keyed by engine-core request id)."""
+
+    __slots__ = ("arrival", "num_prompt_tokens", "first_scheduled", "last_token")
+
+    def __init__(self, arrival: float, num_prompt_tokens: int) -> None:
+        self.arrival = arrival
+        self.num_prompt_tokens = num_prompt_tokens
+        self.first_scheduled: float | None = None
+        self.last_token: dict[str, float] = {}
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)

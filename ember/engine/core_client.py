@@ -366,6 +366,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.dup2(2, 1)  # the core prints nothing for users: its reports go to stderr
+    _leave_a_core_for_the_front_end(config)
     ctx = zmq.Context()
     input_socket = ctx.socket(zmq.PULL)
     input_socket.connect(input_address)
@@ -389,6 +390,18 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     output_socket.close(linger=2000)
     input_socket.close(linger=0)
     ctx.term()
+
+
+def _leave_a_core_for_the_front_end(config: EngineConfig) -> None:
+    """On CPU, run the model on all cores but one (unless ``OMP_NUM_THREADS``
+    says otherwise): the front end's process needs one for HTTP and
+    detokenization, and an OpenMP team with a descheduled thread stalls at
+    every barrier (matmuls ran 10-100x slower on a busy 2-core machine)."""
+    if config.device_config.torch_device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 def _busy_loop(core: "EngineCore", input_socket: zmq.Socket, output_socket: zmq.Socket,  # noqa: F821

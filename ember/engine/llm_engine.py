@@ -1,5 +1,7 @@
-"""LLMEngine: the synchronous engine (input processing + core + output
-processing) under both the offline ``LLM`` and the server's ``AsyncLLM``."""
+"""LLMEngine: the synchronous front end (input processing, the engine core
+through an :class:`~ember.engine.core_client.EngineCoreClient`, output
+processing) under the offline ``LLM``. The core runs in this process by
+default, or in its own with ``multiprocess=True``."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.core import EngineCore
+from ember.engine.core_client import EngineCoreClient, EngineCoreRequest, InprocClient, SyncMPClient
 from ember.engine.input_processor import InputProcessor
 from ember.engine.output_processor import OutputProcessor
 from ember.outputs import RequestOutput
-from ember.request import Request, RequestStatus
+from ember.request import RequestStatus
 from ember.sampling_params import SamplingParams
 
 
@@ -22,26 +25,50 @@ class LLMEngine:
 
     Args:
         config: the engine config (see ``EngineArgs.create_engine_config``).
+        multiprocess: run the engine core in a child process (as the server
+            does) instead of in this one.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
-        from ember.loader import load_tokenizer, resolve_model_source
+    def __init__(self, config: EngineConfig, multiprocess: bool = False) -> None:
+        from ember.loader import load_tokenizer_for
 
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = (None if config.model_config.skip_tokenizer_init
-                          else load_tokenizer(resolve_model_source(config.model_config.model)))
+        # A core process loads the model while this one loads the tokenizer.
+        core_process = SyncMPClient(config) if multiprocess else None
+        try:
+            self.tokenizer = (None if config.model_config.skip_tokenizer_init
+                              else load_tokenizer_for(config.model_config.model, config.model_config.tokenizer))
+        except BaseException:
+            if core_process is not None:
+                core_process.shutdown()
+            raise
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(config)
+        if core_process is not None:
+            core_process.wait_until_ready()
+        self.core_client: EngineCoreClient = core_process or InprocClient(config)
+        self._stats: SchedulerStats | None = None
         self._ids = itertools.count()
         # Cumulative token counts since start-up (for metrics).
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
-        return cls(args.create_engine_config())
+    def from_engine_args(cls, args: EngineArgs, multiprocess: bool = False) -> LLMEngine:
+        return cls(args.create_engine_config(), multiprocess)
+
+    @property
+    def engine_core(self) -> EngineCore:
+        """The in-process engine core (for tests, benchmarks and debugging).
+
+        Raises:
+            AttributeError: the core runs in another process.
+        """
+        core = getattr(self.core_client, "engine_core", None)
+        if core is None:
+            raise AttributeError("the engine core runs in another process")
+        return core
 
     def next_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -66,35 +93,44 @@ class LLMEngine:
         ids = prompt_token_ids if prompt_token_ids is not None else self.input_processor.tokenize(prompt)
         params = self.input_processor.check(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        request = Request(request_id, ids, params, self.model_config.max_model_len, arrival,
-                          priority=priority, cache_salt=cache_salt)
-        self.engine_core.add_request(request)
+        # n > 1: n engine-core requests, submitted together (see OutputProcessor).
+        children = self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids,
+                                                     params, arrival)
+        for engine_id, child_params in children:
+            self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
+                                                           cache_salt))
         self.num_prompt_tokens_total += len(ids)
-        self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
-                                          arrival)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         """Abort requests; returns their final outputs (finish reason ``abort``)."""
-        self.engine_core.abort_requests(request_ids)
-        return self.output_processor.abort_requests(request_ids)
+        results, engine_ids = self.output_processor.abort_requests(request_ids)
+        self.core_client.abort_requests(engine_ids)
+        return results
 
     def step(self) -> list[RequestOutput]:
-        outputs = self.engine_core.step()
+        """One engine step (in-process), or the next step's outputs (multiprocess)."""
+        core_outputs = self.core_client.get_output()
+        self._stats = core_outputs.stats
+        outputs = core_outputs.outputs
         self.num_generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         results, stopped = self.output_processor.process_outputs(outputs)
         if stopped:
-            self.engine_core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            self.core_client.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return results
 
     def has_unfinished_requests(self) -> bool:
-        return self.engine_core.has_unfinished_requests()
-
-    def get_num_unfinished_requests(self) -> int:
-        return self.engine_core.scheduler.get_num_unfinished_requests()
+        return self.output_processor.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
-        """Engine-core counters (see :class:`ember.core.stats.SchedulerStats`)."""
-        return self.engine_core.get_stats()
+        """Engine-core counters (see :class:`ember.core.stats.SchedulerStats`);
+        with a core process, as of the last step."""
+        if isinstance(self.core_client, InprocClient):
+            return self.core_client.get_stats()
+        return self._stats or SchedulerStats()
+
+    def shutdown(self) -> None:
+        """Stop the engine core (its process, if it has one)."""
+        self.core_client.shutdown()
 
 
 def check_priority_and_salt(priority: int, cache_salt: str | None) -> None:

@@ -109,6 +109,11 @@ class OutputProcessor:
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
 
+    def num_engine_requests(self) -> int:
+        """Unfinished engine-core requests (n per live user request, less the
+        completions already finished)."""
+        return len(self._by_engine_id)
+
     def parent_request_id(self, engine_request_id: str) -> str | None:
         """The user request an engine-core request belongs to (None if unknown)."""
         entry = self._by_engine_id.get(engine_request_id)
@@ -202,7 +207,8 @@ class OutputProcessor:
         for c in state.completions:
             c.changed = False
         metrics = {"arrival_time": state.arrival_time,
-                   "num_generation_tokens": sum(len(c.token_ids) for c in state.completions)}
+                   "num_generation_tokens": sum(len(c.token_ids) for c in state.completions),
+                   "max_completion_tokens": max(len(c.token_ids) for c in state.completions)}
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time
         if finished:
