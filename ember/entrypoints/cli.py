@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 import uuid
 from typing import Any
@@ -91,6 +92,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_tag
     run_server(args)
     return 0
+
+
+def _bounded_number(kind: type, flag: str, low: float, inclusive: bool = True) -> Any:
+    """An argparse ``type`` parsing ``kind`` (int or float) that must be ``>= low``
+    (``> low`` unless ``inclusive``); the error names ``flag``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or not (value >= low if inclusive else value > low):
+            raise argparse.ArgumentTypeError(f"{flag} must be {'>=' if inclusive else '>'} {low:g}, got {text!r}")
+        return value
+
+    return parse
 
 
 # ---------------------------------------------------------------- generate
@@ -233,8 +250,17 @@ def make_parser() -> argparse.ArgumentParser:
                    help="return the text between <think> and </think> as reasoning_content in chat completions")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $EMBER_API_KEY, else none)")
-    p.add_argument("--max-waiting-requests", type=int, default=None,
+    p.add_argument("--max-waiting-requests", type=_bounded_number(int, "--max-waiting-requests", 0), default=None,
                    help="answer 429 (with Retry-After) while this many requests wait for a slot (default: no bound)")
+    p.add_argument("--request-timeout", type=_bounded_number(float, "--request-timeout", 0, inclusive=False),
+                   default=None, metavar="SECONDS",
+                   help="abort a generation request running longer (queueing included): HTTP 504 with code "
+                        "request_timeout, or, for a stream under way, finish_reason 'abort' and an error event "
+                        "(default: no limit)")
+    p.add_argument("--shutdown-timeout", type=_bounded_number(float, "--shutdown-timeout", 0), default=30.0,
+                   metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they are aborted; "
+                        "new requests get 503 meanwhile (default 30)")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -7,8 +7,17 @@ Every error is answered with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``: 400 for the client's mistakes
 (malformed JSON, wrong types, unknown fields, unknown model — code
 ``model_not_found`` —, prompts that do not fit the context, invalid sampling values),
-404 for unknown routes, 503 when the engine has died, 500 for internal errors (the
-server stays up).
+401 for a missing or wrong API key, 404 for unknown routes, 429 when overloaded,
+503 when the engine has died or the server is shutting down, 504 when a request
+ran past ``--request-timeout``, 500 for internal errors (the server stays up).
+429 and 503 carry ``Retry-After``.
+
+Shutdown (SIGTERM or Ctrl-C): the server keeps its socket open but answers new
+generation requests and ``/health`` with 503 (code ``server_shutting_down``), gives
+the running requests ``--shutdown-timeout`` seconds to finish, aborts the rest (see
+:mod:`ember.entrypoints.openai.supervisor` for what their clients see), then closes
+the socket, shuts the engine down and exits with status 0. A second signal cuts
+the grace period short.
 """
 
 from __future__ import annotations
@@ -43,17 +52,24 @@ from ember.entrypoints.openai.protocol import (
 )
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from ember.entrypoints.openai.supervisor import (
+    RequestSupervisor,
+    SupervisorMiddleware,
+    shutting_down_error,
+)
 from ember.metrics import PrometheusMetrics
 
 logger = logging.getLogger(__name__)
 
-# Seconds that open connections (e.g. running streams) get to finish on Ctrl-C.
-GRACEFUL_SHUTDOWN_S = 5
+# Seconds that running requests get to finish on SIGTERM / Ctrl-C (``--shutdown-timeout``).
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# After the drain, seconds that other open connections (e.g. a slow /metrics scrape) get.
+_CONNECTIONS_CLOSE_S = 5
 
 
 def _error_response(err: APIError) -> JSONResponse:
-    # NOTE: an overloaded server tells well-behaved clients when to come back.
-    headers = {"Retry-After": "1"} if err.status_code == 429 else None
+    # NOTE: an overloaded or stopping server tells well-behaved clients when to come back.
+    headers = {"Retry-After": "1"} if err.status_code in (429, 503) else None
     return JSONResponse(err.body.model_dump(), status_code=err.status_code, headers=headers)
 
 
@@ -121,7 +137,7 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | None = None,
-              max_waiting_requests: int | None = None) -> FastAPI:
+              max_waiting_requests: int | None = None, request_timeout: float | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
 
     Args:
@@ -130,15 +146,28 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             (401 otherwise; compared in constant time).
         max_waiting_requests: if set, a generation request arriving while this
             many requests already wait for a slot gets 429 with ``Retry-After``.
+        request_timeout: seconds a generation request may run before the server
+            aborts it (None: no limit); see :mod:`ember.entrypoints.openai.supervisor`.
+
+    ``app.state.supervisor`` is the :class:`RequestSupervisor` whose ``drain``
+    the server runs on shutdown.
+
+    Raises:
+        ValueError: ``max_waiting_requests`` is negative or ``request_timeout`` not positive.
     """
+    if max_waiting_requests is not None and max_waiting_requests < 0:
+        raise ValueError(f"max_waiting_requests must be >= 0 or None, got {max_waiting_requests!r}")
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
-    chat = OpenAIServingChat(engine, reasoning_parser)
-    completion = OpenAIServingCompletion(engine)
     model_name = engine.model_config.served_model_name
     metrics = PrometheusMetrics(model_name)
     if hasattr(engine, "metrics"):
         engine.metrics = metrics
+    supervisor = RequestSupervisor(engine, request_timeout)
+    app.state.supervisor = supervisor
+    app.add_middleware(SupervisorMiddleware, supervisor=supervisor, error_response=_error_response)
+    chat = OpenAIServingChat(supervisor, reasoning_parser)
+    completion = OpenAIServingCompletion(supervisor)
 
     @app.middleware("http")
     async def _authenticate(request: Request, call_next: Any) -> Response:
@@ -177,6 +206,8 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.get("/health")
     async def health() -> Response:
+        if supervisor.draining:
+            return _error_response(shutting_down_error())
         if getattr(engine, "errored", False):
             return _error_response(APIError("the engine stopped after an error", 503, type="server_error"))
         return Response(status_code=200)
@@ -243,25 +274,53 @@ def _bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None,
-                api_key: str | None = None, max_waiting_requests: int | None = None) -> None:
-    """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM (graceful: open
-    streams get :data:`GRACEFUL_SHUTDOWN_S` seconds to finish)."""
-    import uvicorn
+                api_key: str | None = None, max_waiting_requests: int | None = None,
+                request_timeout: float | None = None,
+                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM, then drain:
+    running requests get ``shutdown_timeout`` seconds to finish (see the module
+    docstring). The engine itself is not shut down here.
 
-    app = build_app(engine, reasoning_parser, api_key, max_waiting_requests)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    Raises:
+        ValueError: ``shutdown_timeout`` is negative (and see :func:`build_app`).
+    """
+    if not shutdown_timeout >= 0:
+        raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
+    app = build_app(engine, reasoning_parser, api_key, max_waiting_requests, request_timeout)
+    server = _make_server(app, log_level, shutdown_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     logger.info("Ember serves %s at http://%s:%d/v1 (health: /health)",
                 engine.model_config.served_model_name, shown, port)
-    await uvicorn.Server(config).serve(sockets=[sock])
+    await server.serve(sockets=[sock])
+
+
+def _make_server(app: FastAPI, log_level: str, shutdown_timeout: float) -> Any:
+    import uvicorn
+
+    supervisor: RequestSupervisor = app.state.supervisor
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with the drain before it closes the socket and its connections."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # a second signal: stop waiting for running requests
+                supervisor.cut_grace()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await supervisor.drain(shutdown_timeout)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=_CONNECTIONS_CLOSE_S)
+    return DrainingServer(config)
 
 
 def run_server(args: argparse.Namespace) -> None:
     """Entry point of ``ember serve``: bind, load the model, serve, shut down.
 
-    Blocks until the server stops; Ctrl-C or SIGTERM stop it gracefully, also while
-    the model is loading.
+    Blocks until the server stops; Ctrl-C or SIGTERM stop it gracefully (see the
+    module docstring), also while the model is loading.
     """
     from ember.engine.arg_utils import EngineArgs
     from ember.engine.async_llm import AsyncLLM
@@ -276,7 +335,9 @@ def run_server(args: argparse.Namespace) -> None:
         # NOTE: the API key is read once, here: from --api-key, else $EMBER_API_KEY.
         api_key = getattr(args, "api_key", None) or os.environ.get("EMBER_API_KEY") or None
         asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None),
-                          api_key, getattr(args, "max_waiting_requests", None)))
+                          api_key, getattr(args, "max_waiting_requests", None),
+                          getattr(args, "request_timeout", None),
+                          getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S)))
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,0 +1,351 @@
+"""Bad input against the real server (bundled SmolLM2-135M-Instruct): hypothesis
+fuzzing of the completion and chat request bodies, malformed bodies, and the 4xx
+each kind of mistake gets. The contract: never a 5xx, always a JSON body (OpenAI's
+error shape for 4xx; a well-formed answer or stream for 200), and the server stays
+healthy. Plain hypothesis over hand-written strategies (no schemathesis): the
+strategies know each field's valid range, so most examples sit near the edges.
+
+Valid examples keep ``max_tokens`` at 1..3 (faults never make it unbounded), so
+that each costs at most a few engine steps."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.entrypoints.server_process import MODEL, launch_server
+from tests.entrypoints.test_server_lifecycle import (
+    CLIENT_TIMEOUT_S,
+    SERVER_ENV,
+    wait_until_idle,
+)
+
+API_KEY = "fuzz-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_MODEL_LEN = 512
+VOCAB = 49152  # SmolLM2's vocabulary
+NUM_EXAMPLES = 75  # per endpoint
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with launch_server("--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "128M", "--api-key", API_KEY,
+                       env=SERVER_ENV) as srv:
+        yield srv.url
+
+
+@pytest.fixture(scope="module")
+def http(server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, headers=AUTH, timeout=CLIENT_TIMEOUT_S) as client:
+        yield client
+
+
+# ---------------------------------------------------------------- checks
+
+
+def assert_openai_error(resp: httpx.Response, status: int | None = None, param: str | None = None,
+                        code: str | None = None) -> dict:
+    """A 4xx with OpenAI's error body (and the given status / param / code, if any)."""
+    assert 400 <= resp.status_code < 500 and (status is None or resp.status_code == status), \
+        (resp.status_code, resp.text[:500])
+    assert resp.headers["content-type"].startswith("application/json"), resp.headers
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def assert_sane_answer(resp: httpx.Response, body: object, chat: bool) -> None:
+    """The contract for any request: no 5xx; a 4xx is an OpenAI error; a 200 is a
+    complete answer (or stream) with one choice per ``n``."""
+    assert resp.status_code < 500, (body, resp.status_code, resp.text[:1000])
+    if resp.status_code != 200:
+        assert_openai_error(resp)
+        return
+    n = body.get("n") or 1
+    if resp.headers["content-type"].startswith("text/event-stream"):
+        events = [e.removeprefix("data: ") for e in resp.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]", resp.text[-500:]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert not any("error" in c for c in chunks), chunks
+        finished = {ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
+        assert finished == set(range(n)), chunks
+        return
+    answer = resp.json()
+    assert answer["object"] == ("chat.completion" if chat else "text_completion")
+    assert [c["index"] for c in answer["choices"]] == list(range(n))
+    assert all(c["finish_reason"] in ("stop", "length") for c in answer["choices"])
+
+
+# ---------------------------------------------------------------- strategies
+
+# Valid values of each field; a body is built from these, then 0..3 faults are put in.
+texts = st.text(max_size=30)
+token_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)
+length = st.integers(1, 3)
+
+
+def unit(lo: float, hi: float) -> st.SearchStrategy:
+    return st.floats(lo, hi) | st.sampled_from([lo, hi])
+
+
+SHARED = {
+    "model": st.just(MODEL) | st.none(),
+    "n": st.integers(1, 2),
+    "temperature": unit(0, 2),
+    "top_p": unit(0.01, 1),
+    "top_k": st.integers(-1, 50),
+    "min_p": unit(0, 1),
+    "presence_penalty": unit(-2, 2),
+    "frequency_penalty": unit(-2, 2),
+    "repetition_penalty": unit(0.5, 2),
+    "seed": st.integers(0, 2 ** 32),
+    "stop": st.text(min_size=1, max_size=10) | st.lists(st.text(min_size=1, max_size=10), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
+    "ignore_eos": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+    "priority": st.integers(-10, 10),
+    "cache_salt": st.text(min_size=1, max_size=10),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                         "continuous_usage_stats": st.booleans()}),
+    "user": texts,
+}
+COMPLETION = {
+    **SHARED,
+    "prompt": st.text(min_size=1, max_size=30) | token_ids | st.lists(st.text(min_size=1), min_size=1, max_size=1),
+    "max_tokens": length,
+    "logprobs": st.integers(0, 5),
+    "echo": st.booleans(),
+}
+text_part = st.fixed_dictionaries({"type": st.just("text"), "text": texts})
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"])},
+                                optional={"content": texts | st.lists(text_part, max_size=2), "name": texts})
+CHAT = {
+    **SHARED,
+    "messages": st.lists(message, min_size=1, max_size=3),
+    "max_tokens": length,
+    "max_completion_tokens": length,
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 5),
+}
+
+# Faults: values at the edges of each field's type, or anything JSON can carry.
+# NOTE: integers beyond [-2**63, 2**64) and lone surrogates are left out until the
+# server refuses them with a 400 (see test_known_server_errors); widen then.
+odd_texts = st.text(max_size=10) | st.sampled_from(["", "\x00", " ", "😀" * 50, "\u202e", "a" * 5000])
+edge_ints = st.integers(-1000, 1000) | st.sampled_from([2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, -(2 ** 63)])
+odd_floats = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0, 0.5, -0.5, 1e-9])
+scalars = st.none() | st.booleans() | edge_ints | st.floats() | odd_floats | odd_texts
+any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+INT_FIELDS = ("n", "top_k", "seed", "priority", "max_tokens", "max_completion_tokens", "top_logprobs")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+EDGES = {
+    **{name: edge_ints | st.booleans() | odd_floats for name in INT_FIELDS},
+    **{name: odd_floats | edge_ints | st.booleans() | odd_texts for name in FLOAT_FIELDS},
+    **{name: odd_texts | edge_ints for name in ("model", "cache_salt", "user")},
+    "logprobs": edge_ints | st.booleans() | odd_floats,
+    "stop": odd_texts | st.lists(odd_texts, max_size=3),
+    "stop_token_ids": st.lists(edge_ints, min_size=1, max_size=3),
+    "prompt": odd_texts | st.lists(edge_ints, min_size=1, max_size=3) | st.lists(st.text(max_size=5), min_size=2),
+    "messages": st.lists(st.fixed_dictionaries({"role": odd_texts | st.sampled_from(["user", "tool"]),
+                                                "content": odd_texts | any_json}), max_size=2),
+}
+
+
+def wrong_value(name: str, length_fields: tuple[str, ...]) -> st.SearchStrategy:
+    """A likely invalid value for field ``name`` (never null for a length field,
+    which would make the request unbounded)."""
+    values = st.one_of(EDGES.get(name, any_json), EDGES.get(name, any_json), any_json)
+    return values.filter(lambda v: v is not None) if name in length_fields else values
+
+
+@st.composite
+def request_bodies(draw: st.DrawFn, fields: dict[str, st.SearchStrategy], required: str,
+                   length_fields: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """``(body, faults)``: a valid body (the required field, a small length, up to
+    five more fields) with 0..3 faults put in: a field set to a likely invalid value,
+    the required field removed, or an unknown field added. ``faults`` names them."""
+    body = {required: draw(fields[required]), draw(st.sampled_from(length_fields)): draw(length)}
+    for name in draw(st.sets(st.sampled_from(sorted(fields)), max_size=5)):
+        body.setdefault(name, draw(fields[name]))
+    # Combinations that are invalid on purpose (tested on their own elsewhere).
+    if body.get("echo") and "logprobs" in body and required == "prompt":
+        del body["echo"]
+    if "top_logprobs" in body and required == "messages":
+        body["logprobs"] = True
+    faults: list[str] = []
+    for _ in range(draw(st.sampled_from([0, 0, 1, 1, 1, 2, 3]))):
+        kind = draw(st.sampled_from(["wrong", "wrong", "wrong", "missing", "unknown"]))
+        if kind == "wrong":
+            name = draw(st.sampled_from(sorted(fields)))
+            body[name] = draw(wrong_value(name, length_fields))
+        elif kind == "missing":
+            name = required
+            body.pop(required, None)
+        else:
+            name = draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in fields))
+            body[name] = draw(any_json)
+        faults.append(name)
+    return body, faults
+
+
+def check_fuzzed(resp: httpx.Response, body: dict, faults: list[str], chat: bool) -> None:
+    event(f"{len(faults)} faults, HTTP {resp.status_code}")  # --hypothesis-show-statistics
+    assert_sane_answer(resp, body, chat)
+    if not faults:
+        assert resp.status_code == 200, (body, resp.text[:1000])  # every valid body is served
+    elif resp.status_code == 400 and len(faults) == 1:  # the error points at the faulty field
+        err = resp.json()["error"]
+        assert err["param"] == faults[0] or faults[0] in err["message"], (body, err)
+
+
+FUZZ_SETTINGS = settings(max_examples=NUM_EXAMPLES, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ_SETTINGS
+@given(case=request_bodies(COMPLETION, "prompt", ("max_tokens",)))
+def test_fuzz_completions(http: httpx.Client, case: tuple[dict, list[str]]) -> None:
+    body, faults = case
+    resp = http.post("/v1/completions", content=json.dumps(body), headers=JSON)
+    check_fuzzed(resp, body, faults, chat=False)
+
+
+@FUZZ_SETTINGS
+@given(case=request_bodies(CHAT, "messages", ("max_tokens", "max_completion_tokens")))
+def test_fuzz_chat_completions(http: httpx.Client, case: tuple[dict, list[str]]) -> None:
+    body, faults = case
+    resp = http.post("/v1/chat/completions", content=json.dumps(body), headers=JSON)
+    check_fuzzed(resp, body, faults, chat=True)
+
+
+# ---------------------------------------------------------------- malformed bodies and specific mistakes
+
+GOOD = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+
+
+@pytest.mark.parametrize("raw, headers", ids=[
+    "empty", "null", "array", "number", "string", "trailing-comma", "single-quotes", "not-utf8", "deep-nesting",
+    "text-plain", "form-urlencoded", "multipart"], argvalues=[
+    (b"", JSON),
+    (b"null", JSON),
+    (b"[]", JSON),
+    (b"17", JSON),
+    (b'"a string"', JSON),
+    (b'{"model": "x", "prompt": "a",}', JSON),  # trailing comma
+    (b"{'prompt': 'single quotes'}", JSON),
+    (b"\xff\xfe\x00{", JSON),  # not UTF-8
+    (b"[" * 100_000 + b"]" * 100_000, JSON),  # nesting deeper than the JSON parser's recursion limit
+    (json.dumps(GOOD).encode(), {"content-type": "text/plain"}),
+    (b"prompt=Hello&max_tokens=2", {"content-type": "application/x-www-form-urlencoded"}),
+    (json.dumps(GOOD).encode(), {"content-type": "multipart/form-data; boundary=x"}),
+])
+def test_malformed_bodies_get_400(http: httpx.Client, raw: bytes, headers: dict) -> None:
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert_openai_error(http.post(path, content=raw, headers=headers), 400)
+
+
+def test_specific_mistakes_get_the_right_4xx(server: str, http: httpx.Client) -> None:
+    url = "/v1/completions"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    # Out-of-range values name their parameter.
+    for name, value in [("max_tokens", 0), ("max_tokens", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
+                        ("min_p", 1.5), ("n", 0), ("n", 129), ("presence_penalty", 2.5),
+                        ("frequency_penalty", -2.5), ("repetition_penalty", 0), ("logprobs", 21),
+                        ("temperature", 1e308)]:
+        assert_openai_error(http.post(url, json={**GOOD, name: value}), 400, param=name)
+    assert_openai_error(http.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21}),
+                        400, param="top_logprobs")
+    assert_openai_error(http.post("/v1/chat/completions", json={**chat, "max_completion_tokens": -5}), 400)
+    # Wrong types, unknown parameters, unknown model, bad roles and token ids.
+    assert_openai_error(http.post(url, json={**GOOD, "stream": "yes"}), 400, param="stream")
+    assert_openai_error(http.post(url, json={**GOOD, "stop": [1, 2]}), 400, param="stop")
+    assert_openai_error(http.post(url, json={**GOOD, "best_of": 2}), 400, param="best_of")
+    assert_openai_error(http.post("/v1/chat/completions", json={**chat, "tools": []}), 400, param="tools")
+    assert_openai_error(http.post(url, json={**GOOD, "model": "gpt-3.5-turbo-instruct"}), 400, param="model",
+                        code="model_not_found")
+    assert_openai_error(http.post("/v1/chat/completions",
+                                  json={**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    assert_openai_error(http.post(url, json={**GOOD, "prompt": [VOCAB]}), 400, param="prompt")
+    assert_openai_error(http.post(url, json={**GOOD, "prompt": [-1]}), 400, param="prompt")
+    # Over-long prompts, as token ids and as a 1 MB string, streaming or not.
+    for stream in (False, True):
+        assert_openai_error(http.post(url, json={**GOOD, "prompt": [1] * MAX_MODEL_LEN, "stream": stream}), 400,
+                            param="prompt")
+    assert_openai_error(http.post(url, json={**GOOD, "prompt": "word " * 200_000}), 400, param="prompt")
+    assert_openai_error(http.post(url, json={**GOOD, "prompt": [1] * (MAX_MODEL_LEN - 1), "max_tokens": 5}),
+                        400, param="max_tokens")
+    # Missing or wrong API key: 401 on /v1/*, whatever the body; probes need none.
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                    {"Authorization": f"Basic {API_KEY}"}):
+        for resp in (httpx.post(f"{server}{url}", json=GOOD, headers=headers),
+                     httpx.post(f"{server}/v1/chat/completions", content=b"{", headers={**headers, **JSON}),
+                     httpx.get(f"{server}/v1/models", headers=headers)):
+            err = assert_openai_error(resp, 401, code="invalid_api_key")
+            assert err["type"] == "authentication_error"
+    assert httpx.get(f"{server}/health").status_code == 200
+    # Unknown routes and methods.
+    assert_openai_error(http.post("/v1/engines/x/completions", json=GOOD), 404)
+    assert_openai_error(http.get(url), 405)
+    # After all of it, the server still answers properly.
+    ok = http.post(url, json={**GOOD, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+# Inputs that get a 5xx (or a 400 without ``param``) today, found by this file.
+# Ints outside [-2**63, 2**64) overflow msgpack on the way to the engine core;
+# lone surrogates (valid JSON escapes, but not Unicode text) break the tokenizer.
+KNOWN_SERVER_ERRORS = [
+    ("/v1/completions", "priority", 10 ** 30),
+    ("/v1/completions", "priority", -(2 ** 63) - 1),
+    ("/v1/completions", "seed", 2 ** 64),
+    ("/v1/completions", "top_k", 10 ** 30),
+    ("/v1/completions", "stop_token_ids", [10 ** 30]),
+    ("/v1/completions", "prompt", "\ud800"),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": "x\udfffy"}]),
+    ("/v1/completions", "stop", ["\udfff"]),  # 400, but with param null
+    ("/v1/completions", "cache_salt", "\ud800"),  # 400, but with param null
+]
+
+
+@pytest.mark.xfail(strict=True, reason="a 5xx (or unnamed 400) today: ranges and text are not checked at the API "
+                                       "boundary; drop this mark and widen the fuzz strategies when fixed")
+@pytest.mark.parametrize("path, name, value", KNOWN_SERVER_ERRORS, ids=[f"{n}-{i}" for i, (_, n, _) in
+                                                                        enumerate(KNOWN_SERVER_ERRORS)])
+def test_known_server_errors(http: httpx.Client, path: str, name: str, value: object) -> None:
+    body = {"model": MODEL, "max_tokens": 2, name: value}
+    body.setdefault("prompt" if path == "/v1/completions" else "messages",
+                    "Hi" if path == "/v1/completions" else [{"role": "user", "content": "Hi"}])
+    resp = http.post(path, content=json.dumps(body), headers=JSON)
+    assert resp.status_code < 500, resp.text
+    if resp.status_code != 200:
+        assert_openai_error(resp, 400, param=name)
+
+
+@pytest.mark.xfail(strict=True, reason="the chat handler reports a bad max_completion_tokens as param "
+                   "'max_tokens' (the SamplingParams name); drop this mark once it names the field sent")
+def test_bad_max_completion_tokens_is_named(http: httpx.Client) -> None:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": -5}
+    assert_openai_error(http.post("/v1/chat/completions", json=chat), 400, param="max_completion_tokens")
+
+
+def test_server_healthy_after_fuzzing(server: str, http: httpx.Client) -> None:
+    assert httpx.get(f"{server}/health").status_code == 200
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                   "max_tokens": 3, "temperature": 0})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
+    m = wait_until_idle(server)
+    assert (m["ember:num_requests_running"], m["ember:kv_cache_usage_perc"]) == (0, 0), m
