@@ -21,13 +21,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``x``: [num_tokens, hidden]. With ``residual``, first ``x += residual``
-        and return ``(norm(x), x)`` so the sum becomes the next residual.
-        On CUDA one fused Triton kernel does all of it."""
-        if x.is_cuda and x.dim() == 2:
+        """``x``: [num_tokens, hidden], or [num_tokens, num_heads, head_dim] for
+        per-head norms (Qwen3's q/k norm; no ``residual`` then). With
+        ``residual``, first ``x += residual`` and return ``(norm(x), x)`` so the
+        sum becomes the next residual. On CUDA one fused Triton kernel does all
+        of it."""
+        if x.is_cuda and (x.dim() == 2 or residual is None):
             from ember.kernels.triton_ops import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, residual)
+            if x.dim() == 2:
+                return rms_norm(x, self.weight, self.eps, residual)
+            # One row per head (reshape copies a strided view, e.g. q sliced from qkv).
+            return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         if residual is not None:
             x = x + residual
             residual = x

@@ -33,6 +33,22 @@ def test_rms_norm_with_and_without_residual(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_per_head_rms_norm_on_a_strided_view(dtype):
+    # Qwen3's q/k norm: [tokens, heads, head_dim] sliced out of the fused qkv output.
+    g = torch.Generator(device="cuda").manual_seed(3)
+    num_heads, num_kv_heads, head_dim = 32, 8, 128
+    norm = RMSNorm(head_dim, 1e-6).cuda().to(dtype)
+    norm.weight.data = torch.randn(head_dim, generator=g, device="cuda").to(dtype)
+    qkv = torch.randn(29, (num_heads + 2 * num_kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
+    q = qkv[:, : num_heads * head_dim].view(29, num_heads, head_dim)
+    x = q.float()
+    ref = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float() * norm.weight.float()
+    out = norm(q)
+    assert out.shape == q.shape
+    assert _rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_silu_and_mul(dtype):
     x = torch.randn(19, 2 * 3000, device="cuda").to(dtype)
     ref = SiluAndMul()(x.cpu().float())

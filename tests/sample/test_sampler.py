@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from ember.sample.sampler import Sampler, SamplingMetadata, apply_top_k_top_p_min_p
@@ -266,3 +267,38 @@ def test_logprobs_all_rows_need_no_gather():
     assert packed.shape == (2, 2 + 2 * 2) and packed.dtype == torch.float64
     assert packed[:, 1].tolist() == [1.0, 1.0]
     assert packed[:, 2:4].tolist() == [[2.0, 1.0], [0.0, 2.0]]
+
+
+@pytest.mark.gpu
+def test_penalties_and_logprobs_on_cuda_match_cpu():
+    """The same mixed batch (penalties, logprobs, greedy and seeded rows) on
+    CUDA gives the CPU's greedy tokens and logprobs."""
+    from ember.sample.logprobs import unpack_logprobs
+
+    torch.manual_seed(8)
+    num_rows = 6
+    logits = torch.randn(num_rows, VOCAB) * 2
+    prompts, outputs = _rows_with_repeats(num_rows, seed=6)
+    params = [SamplingParams(temperature=0, logprobs=3),
+              SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=0.5, logprobs=0),
+              SamplingParams(temperature=0, repetition_penalty=1.7),
+              SamplingParams(temperature=0.7, seed=11, logprobs=2),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=-0.5, logprobs=5)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        meta = SamplingMetadata.build(params, [len(o) for o in outputs], torch.device(device),
+                                      token_ids=[p + o for p, o in zip(prompts, outputs)])
+        out = Sampler(torch.Generator(device=device).manual_seed(0))(logits.to(device), meta)
+        sampled = out.sampled_token_ids.tolist()
+        entries = unpack_logprobs(out.logprobs.tolist(), [sampled[i] for i in meta.logprobs.row_ids], meta.logprobs)
+        results[device] = (sampled, entries)
+    (cpu_tokens, cpu_lp), (gpu_tokens, gpu_lp) = results["cpu"], results["cuda"]
+    for i, p in enumerate(params):
+        if p.greedy:
+            assert gpu_tokens[i] == cpu_tokens[i], i
+    for a, b in zip(cpu_lp, gpu_lp):
+        if a.token_id == b.token_id:
+            assert abs(a.logprob - b.logprob) < 1e-4 and a.rank == b.rank
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a.top, b.top))
