@@ -70,7 +70,9 @@ def _load_quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that deserve a one-line message rather than a traceback."""
-    errors: list[type[BaseException]] = [ConfigError]
+    from ember.engine.core_client import EngineDeadError
+
+    errors: list[type[BaseException]] = [ConfigError, EngineDeadError]
     try:
         from ember.loader import ModelLoadError
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import hmac
 import logging
 import os
@@ -39,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
+from ember.engine.core_client import EngineDeadError
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -67,10 +69,19 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 _CONNECTIONS_CLOSE_S = 5
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters as ``\\u`` escapes: an error may echo a field
+    name the client sent with a lone surrogate, which UTF-8 cannot encode but JSON's
+    escapes carry back exactly."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _error_response(err: APIError) -> JSONResponse:
     # NOTE: an overloaded or stopping server tells well-behaved clients when to come back.
     headers = {"Retry-After": "1"} if err.status_code in (429, 503) else None
-    return JSONResponse(err.body.model_dump(), status_code=err.status_code, headers=headers)
+    return _ASCIIJSONResponse(err.body.model_dump(), status_code=err.status_code, headers=headers)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -87,6 +98,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
             where = f" at character {loc[0]}" if loc else ""
             return APIError(f"Malformed JSON body: {e.get('ctx', {}).get('error', 'cannot parse')}{where}",
                             code="invalid_json")
+        if not loc and e.get("type") == "string_unicode" and isinstance(e.get("input"), str):
+            loc = [e["input"]]  # a top-level field name that is not Unicode text
         param = param or (loc[0] if loc else None)
         problems.append(_describe_problem(e, loc))
     return APIError("; ".join(problems) or "invalid request", param=param)
@@ -98,6 +111,8 @@ def _describe_problem(e: dict[str, Any], loc: list[str]) -> str:
         return "the request body is missing (send a JSON object)" if kind == "missing" else \
             "the request body must be a JSON object"
     field = ".".join(loc)
+    if kind == "string_unicode" and len(loc) == 1 and e.get("input") == loc[0]:
+        return f"the field name {loc[0]!r} is not valid Unicode text (it holds a lone surrogate)"
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {field} (Ember does not support it)"
     if kind == "missing":
@@ -198,6 +213,11 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(str(exc.detail), exc.status_code, type=kind))
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return _error_response(APIError(f"the engine stopped: {exc}", 503, type="server_error",
+                                        code="engine_dead"))
+
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
         # Starlette logs the traceback after this handler answers.
@@ -244,7 +264,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         completion.check_model(request.model)
         vocab = engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in request.tokens):
-            raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
+            raise APIError(f"tokens must be token ids in [0, {vocab}) (the vocabulary)", param="tokens")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
 
     @app.post("/v1/completions")
