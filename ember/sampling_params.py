@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ember.utils import INT64_MAX, INT64_MIN, check_text, is_int
+
 
 class RequestOutputKind(enum.Enum):
     """How the engine reports a request's progress.
@@ -34,14 +36,19 @@ class SamplingParams:
             completion i uses ``seed + i``.
         temperature: 0 means greedy (argmax); must be >= 0.
         top_p: nucleus sampling mass in (0, 1].
-        top_k: keep the k most likely tokens; 0 or -1 disables.
+        top_k: keep the k most likely tokens; 0 or -1 disables; at most
+            2**63 - 1 (a k at or above the vocabulary size keeps every token).
         min_p: drop tokens whose probability is below ``min_p * p_max``; in [0, 1].
-        seed: per-request seed; with it, sampling is reproducible whatever else
-            shares the batch (the noise depends only on seed and output position).
-        max_tokens: maximum number of generated tokens (>= 1); None means "up to the
-            context window".
-        stop: strings that end generation; the matched string is not in the text.
-        stop_token_ids: token ids that end generation (finish reason ``stop``).
+        seed: per-request seed, a signed 64-bit integer in [-2**63, 2**63); with
+            it, sampling is reproducible whatever else shares the batch (the
+            noise depends only on seed and output position). For n > 1,
+            ``seed + i`` wraps around within that range.
+        max_tokens: maximum number of generated tokens, in [1, 2**63); None means
+            "up to the context window" (generation never runs past it anyway).
+        stop: strings that end generation; the matched string is not in the
+            text. Non-empty Unicode text (no lone surrogates).
+        stop_token_ids: token ids that end generation (finish reason ``stop``),
+            in [0, 2**63).
         presence_penalty: subtracted once from the logit of every token already
             generated (OpenAI's definition); in [-2, 2], 0 disables.
         frequency_penalty: subtracted from a token's logit once per time it was
@@ -58,8 +65,12 @@ class SamplingParams:
         skip_special_tokens: drop special tokens from the detokenized text.
         output_kind: see :class:`RequestOutputKind`.
 
+    Integers are bounded by the int64 range at most, as the engine core's wire
+    format (msgpack) and its int64 tensors need.
+
     Raises:
-        ValueError: naming the parameter and its allowed range.
+        ValueError: naming the parameter (first word of the message) and its
+            allowed range.
     """
 
     n: int = 1
@@ -93,7 +104,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(msg)
 
-        check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N,
+        check(is_int(self.n, 1, MAX_N),
               f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -101,8 +112,7 @@ class SamplingParams:
                   f"{name} must be in [-2, 2], got {value!r}")
         check(isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty <= 2.0,
               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
-        check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
-                                        and 0 <= self.logprobs <= MAX_LOGPROBS),
+        check(self.logprobs is None or is_int(self.logprobs, 0, MAX_LOGPROBS),
               f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         check(
             isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
@@ -113,29 +123,30 @@ class SamplingParams:
             f"top_p must be in (0, 1], got {self.top_p!r}",
         )
         check(
-            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
-            f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}",
+            is_int(self.top_k, -1, INT64_MAX),
+            f"top_k must be -1, 0 (disabled) or a positive integer up to 2**63 - 1, got {self.top_k!r}",
         )
         check(
             isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0,
             f"min_p must be in [0, 1], got {self.min_p!r}",
         )
         check(
-            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-            f"seed must be an integer or None, got {self.seed!r}",
+            self.seed is None or is_int(self.seed, INT64_MIN, INT64_MAX),
+            f"seed must be None or an integer in [-2**63, 2**63) (int64), got {self.seed!r}",
         )
         check(
-            self.max_tokens is None
-            or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1),
-            f"max_tokens must be a positive integer or None, got {self.max_tokens!r}",
+            self.max_tokens is None or is_int(self.max_tokens, 1, INT64_MAX),
+            f"max_tokens must be None or an integer in [1, 2**63), got {self.max_tokens!r}",
         )
         check(
             all(isinstance(s, str) and s for s in self.stop),
             f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}",
         )
+        for s in self.stop:
+            check_text(s, "stop")
         check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}",
+            all(is_int(t, 0, INT64_MAX) for t in self.stop_token_ids),
+            f"stop_token_ids must be integers in [0, 2**63), got {self.stop_token_ids!r}",
         )
         if self.top_k == -1:
             self.top_k = 0

@@ -6,6 +6,7 @@ from typing import Any
 
 from ember.config import ModelConfig
 from ember.sampling_params import SamplingParams
+from ember.utils import check_text
 
 
 class InputProcessor:
@@ -34,12 +35,15 @@ class InputProcessor:
         pre-tokenized prompt, checked.
 
         Raises:
-            ValueError: empty prompt, wrong type, or a token id outside the vocabulary.
+            ValueError: empty prompt, wrong type, text that is not Unicode (a lone
+                surrogate), or a token id outside the vocabulary ``[0, vocab_size)``;
+                the message starts with ``prompt``.
         """
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): give token ids")
-            ids = self.tokenizer.encode(prompt)
+                raise ValueError("prompt is text, but this engine runs without a tokenizer (skip_tokenizer_init): "
+                                 "give token ids")
+            ids = self.tokenizer.encode(check_text(prompt, "prompt"))
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             vocab = self.model_config.vocab_size
@@ -59,7 +63,8 @@ class InputProcessor:
             messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
 
         Raises:
-            ValueError: no chat template, or malformed messages.
+            ValueError: no chat template, or malformed messages (not dicts, no
+                string role / content, or a string that is not Unicode text).
         """
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use a completion prompt instead")
@@ -68,6 +73,9 @@ class InputProcessor:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must have a string 'role' and a string 'content'")
+            for key, value in m.items():
+                if isinstance(value, str):
+                    check_text(value, f"messages[{i}].{key}")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # jinja errors: the template rejected the conversation

@@ -18,6 +18,7 @@ from ember.engine.output_processor import OutputProcessor
 from ember.outputs import RequestOutput
 from ember.request import RequestStatus
 from ember.sampling_params import SamplingParams
+from ember.utils import check_text, is_int
 
 
 class LLMEngine:
@@ -80,17 +81,19 @@ class LLMEngine:
 
         Args:
             prompt: text, or token ids.
-            prompt_token_ids: already-tokenized prompt (skips tokenization).
+            prompt_token_ids: already-tokenized prompt (skips tokenization; the
+                ids are still checked against the vocabulary).
             priority: under ``--scheduling-policy priority``, lower runs first
-                (any integer; ignored under fcfs).
+                (an integer in [-2**63, 2**63); ignored under fcfs).
             cache_salt: only requests with the same salt share prefix-cache
                 blocks (e.g. one salt per tenant); None shares with all unsalted.
         Raises:
-            ValueError: invalid prompt, one too long for the context window, a
-                non-integer priority or an empty / non-string cache_salt.
+            ValueError: invalid prompt (see :meth:`InputProcessor.tokenize`), one
+                too long for the context window, a priority outside int64 or an
+                empty / non-string / non-Unicode cache_salt.
         """
         check_priority_and_salt(priority, cache_salt)
-        ids = prompt_token_ids if prompt_token_ids is not None else self.input_processor.tokenize(prompt)
+        ids = self.input_processor.tokenize(prompt_token_ids if prompt_token_ids is not None else prompt)
         params = self.input_processor.check(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         # n > 1: n engine-core requests, submitted together (see OutputProcessor).
@@ -134,9 +137,17 @@ class LLMEngine:
 
 
 def check_priority_and_salt(priority: int, cache_salt: str | None) -> None:
-    """Raises ValueError unless ``priority`` is an int and ``cache_salt`` a
-    non-empty string or None."""
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ValueError(f"priority must be an integer, got {priority!r}")
+    """Check a request's scheduling fields.
+
+    Raises:
+        ValueError: ``priority`` is not an integer in [-2**63, 2**63) (int64, as
+            the engine core's wire format needs), or ``cache_salt`` is neither None
+            nor a non-empty string of Unicode text (no lone surrogates); the
+            message starts with the parameter's name.
+    """
+    if not is_int(priority):
+        raise ValueError(f"priority must be an integer in [-2**63, 2**63) (int64), got {priority!r}")
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
         raise ValueError(f"cache_salt must be a non-empty string or None, got {cache_salt!r}")
+    if cache_salt is not None:
+        check_text(cache_salt, "cache_salt")

@@ -20,16 +20,18 @@ from ember.core.sched_output import EngineCoreOutput
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import RequestOutputKind, SamplingParams
+from ember.utils import wrap_int64
 
 
 def child_requests(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
     """The engine-core requests of a user request, in completion order:
     ``[(request_id, params)]`` for n = 1, else ``(f"{i}_{request_id}", params
-    with n=1 and seed+i)`` for i in [0, n)."""
+    with n=1 and seed+i)`` for i in [0, n); ``seed + i`` wraps around within int64,
+    which leaves the sampler's noise as if it did not (it mixes seeds modulo 2**64)."""
     if params.n == 1:
         return [(request_id, params)]
     return [(f"{i}_{request_id}",
-             dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+             dataclasses.replace(params, n=1, seed=None if params.seed is None else wrap_int64(params.seed + i)))
             for i in range(params.n)]
 
 

@@ -12,13 +12,17 @@ import asyncio
 import json
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from ember.config import ModelConfig
+from ember.engine.core_client import EngineCoreRequest
 from ember.engine.input_processor import InputProcessor
+from ember.engine.llm_engine import check_priority_and_salt
+from ember.engine.output_processor import child_requests
 from ember.entrypoints.openai.api_server import build_app
 from ember.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from ember.entrypoints.openai.serving_completion import OpenAIServing
@@ -162,7 +166,11 @@ def fake_choice_tokens(prompt_ids: list[int], index: int, limit: int) -> list[in
 class EchoEngine:
     """AsyncLLM's interface; the output echoes the prompt, one character per step
     (n choices per :func:`fake_choice_tokens`, logprobs per :func:`fake_logprob`),
-    following RequestOutput's DELTA / CUMULATIVE / FINAL_ONLY rules for n > 1."""
+    following RequestOutput's DELTA / CUMULATIVE / FINAL_ONLY rules for n > 1.
+
+    Like AsyncLLM, it checks the request and sends each engine-core request (one
+    per choice) through the core process's wire format (msgpack), so that a value
+    the server lets through but the transport cannot carry fails here too."""
 
     def __init__(self, fail: bool = False, fail_after: int | None = None) -> None:
         hf_config = SimpleNamespace(vocab_size=256, eos_token_id=EOS, num_hidden_layers=1)
@@ -175,9 +183,14 @@ class EchoEngine:
         self.fail_after = fail_after  # raise after this many outputs
         self.aborted: list[str] = []
 
-    async def generate(self, prompt, sampling_params, request_id):
+    async def generate(self, prompt, sampling_params, request_id, *, priority=None, cache_salt=None):
+        priority = 0 if priority is None else priority
+        check_priority_and_salt(priority, cache_salt)
         ids = self.input_processor.tokenize(prompt)
         params = self.input_processor.check(ids, sampling_params)
+        self.sent = [msgspec.msgpack.decode(msgspec.msgpack.encode(EngineCoreRequest(
+            child_id, ids, child_params, 0.0, priority, cache_salt)), type=EngineCoreRequest)
+            for child_id, child_params in child_requests(request_id, params)]
         if self.fail:
             raise RuntimeError("boom")
         limit = min(params.max_tokens or MAX_MODEL_LEN, MAX_MODEL_LEN - len(ids))
@@ -330,6 +343,112 @@ def test_client_errors(client: TestClient, path: str) -> None:
     missing = {} if not chat else {"model": MODEL}
     assert_error(client.post(path, json=missing), 400, "messages" if chat else "prompt", "required")
     assert client.post(path, json=good).status_code == 200
+
+
+# ---------------------------------------------------------------- values the engine core cannot carry
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+BEYOND_INT64 = (2 ** 63, 2 ** 64, 10 ** 30, INT64_MIN - 1, -(10 ** 30))
+CHAT_GOOD = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def post_json(client: TestClient, path: str, body: dict):
+    """POST ``body`` as JSON with ``\\u`` escapes (json.dumps' default), which is how
+    a lone surrogate travels; httpx's ``json=`` cannot encode one."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_integers_beyond_int64_get_400_naming_the_field(client: TestClient, path: str) -> None:
+    chat = path.endswith("chat/completions")
+    good = CHAT_GOOD if chat else {"prompt": "hi"}
+    fields = ["n", "top_k", "seed", "priority", "max_tokens", "stop_token_ids"]
+    fields += ["max_completion_tokens", "top_logprobs"] if chat else ["logprobs", "prompt"]
+    for name in fields:
+        for value in BEYOND_INT64:
+            body = {**good, name: [104, value] if name in ("stop_token_ids", "prompt") else value}
+            if name == "top_logprobs":
+                body["logprobs"] = True
+            assert_error(post_json(client, path, body), 400, name, name)
+    assert client.post(path, json=good).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_int64_edges_are_served(engine: EchoEngine, client: TestClient, path: str) -> None:
+    good = CHAT_GOOD if path.endswith("chat/completions") else {"prompt": "hi"}
+    for extra in ({"seed": INT64_MAX, "n": 3}, {"seed": INT64_MIN, "n": 2}, {"priority": INT64_MIN},
+                  {"priority": INT64_MAX}, {"top_k": INT64_MAX}, {"stop_token_ids": [INT64_MAX, 0]}):
+        resp = post_json(client, path, {**good, "max_tokens": 2, **extra})
+        assert resp.status_code == 200, (extra, resp.text)
+        sent = engine.sent  # as the engine core would receive them
+        if "seed" in extra:  # choice i gets seed + i, wrapped within int64 (two's complement)
+            assert [r.sampling_params.seed for r in sent] == [
+                (extra["seed"] + i + 2 ** 63) % 2 ** 64 - 2 ** 63 for i in range(extra["n"])]
+        if "priority" in extra:
+            assert sent[0].priority == extra["priority"]
+        if "top_k" in extra:
+            assert sent[0].sampling_params.top_k == INT64_MAX
+        if "stop_token_ids" in extra:
+            assert sent[0].sampling_params.stop_token_ids == [INT64_MAX, 0]
+
+
+def test_detokenize_token_ids_are_checked(client: TestClient) -> None:
+    assert client.post("/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    for tokens in ([10 ** 30], [2 ** 64], [1, -(2 ** 63) - 1], [-1], [256]):
+        assert_error(post_json(client, "/detokenize", {"tokens": tokens}), 400, "tokens", "tokens")
+
+
+SURROGATE_CASES = [  # (path, body with one field that is not Unicode text, the field)
+    ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": ["ab\udfff"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": "\udfff"}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["ok", "x\ud800"]}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "cache_salt": "\ud800"}, "cache_salt"),
+    ("/v1/completions", {"prompt": "hi", "user": "\udc00"}, "user"),
+    ("/v1/completions", {"prompt": "hi", "model": "\ud800"}, "model"),
+    ("/v1/completions", {"prompt": "hi", "\U0001F600": 1, "\udc00\ud800": 2}, "\udc00\ud800"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x\udfffy"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "\udfff"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT_GOOD, "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {**CHAT_GOOD, "cache_salt": "a\udbff"}, "cache_salt"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("path, body, field", SURROGATE_CASES,
+                         ids=[f"{p.rsplit('/', 1)[-1]}-{f.encode('unicode_escape').decode()}"
+                              for p, _, f in SURROGATE_CASES])
+def test_lone_surrogates_get_400_naming_the_field(client: TestClient, path: str, body: dict, field: str) -> None:
+    resp = post_json(client, path, body)
+    # The body is ASCII JSON, so that a field name with a lone surrogate comes back exactly.
+    assert resp.content.isascii()
+    assert_error(resp, 400, field, "surrogate")
+
+
+def test_surrogate_pairs_are_text(client: TestClient) -> None:
+    # json.dumps sends U+1F600 as the escapes \ud83d\ude00: one character, not two surrogates.
+    body = {"prompt": "\U0001F600 ok", "stop": "\U0001F600", "cache_salt": "\U0001F600", "max_tokens": 2,
+            "echo": True}
+    assert "\\ud83d\\ude00" in json.dumps(body)
+    resp = post_json(client, "/v1/completions", body)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"].startswith("\U0001F600 ok"), resp.text
+
+
+def test_param_names_the_field_sent(client: TestClient) -> None:
+    path = "/v1/chat/completions"
+    for body, field in (({"max_completion_tokens": -5}, "max_completion_tokens"),
+                        ({"max_completion_tokens": 0, "max_tokens": 4}, "max_completion_tokens"),
+                        ({"max_tokens": -5}, "max_tokens")):
+        err = assert_error(client.post(path, json={**CHAT_GOOD, **body}), 400, field)
+        assert err["message"].startswith(f"{field} "), err
+    err = assert_error(client.post(path, json={**CHAT_GOOD, "max_completion_tokens": MAX_MODEL_LEN}), 400,
+                       "max_completion_tokens", "maximum context length")
+    assert "lower max_completion_tokens" in err["message"]
+    for p, good in ((path, CHAT_GOOD), ("/v1/completions", {"prompt": "hi"})):
+        assert_error(client.post(p, json={**good, "cache_salt": ""}), 400, "cache_salt", "cache_salt")
 
 
 def test_internal_error_is_500_and_server_survives() -> None:

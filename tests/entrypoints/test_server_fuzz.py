@@ -30,6 +30,7 @@ API_KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_MODEL_LEN = 512
 VOCAB = 49152  # SmolLM2's vocabulary
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 NUM_EXAMPLES = 75  # per endpoint
 JSON = {"content-type": "application/json"}
 
@@ -105,17 +106,17 @@ SHARED = {
     "n": st.integers(1, 2),
     "temperature": unit(0, 2),
     "top_p": unit(0.01, 1),
-    "top_k": st.integers(-1, 50),
+    "top_k": st.integers(-1, 50) | st.just(INT64_MAX),
     "min_p": unit(0, 1),
     "presence_penalty": unit(-2, 2),
     "frequency_penalty": unit(-2, 2),
     "repetition_penalty": unit(0.5, 2),
-    "seed": st.integers(0, 2 ** 32),
+    "seed": st.integers(INT64_MIN, INT64_MAX) | st.sampled_from([INT64_MIN, INT64_MAX]),
     "stop": st.text(min_size=1, max_size=10) | st.lists(st.text(min_size=1, max_size=10), max_size=3),
-    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1) | st.just(INT64_MAX), max_size=3),
     "ignore_eos": st.booleans(),
     "skip_special_tokens": st.booleans(),
-    "priority": st.integers(-10, 10),
+    "priority": st.integers(-10, 10) | st.sampled_from([INT64_MIN, INT64_MAX]),
     "cache_salt": st.text(min_size=1, max_size=10),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
@@ -141,15 +142,18 @@ CHAT = {
     "top_logprobs": st.integers(0, 5),
 }
 
-# Faults: values at the edges of each field's type, or anything JSON can carry.
-# NOTE: integers beyond [-2**63, 2**64) and lone surrogates are left out until the
-# server refuses them with a 400 (see test_known_server_errors); widen then.
-odd_texts = st.text(max_size=10) | st.sampled_from(["", "\x00", " ", "😀" * 50, "\u202e", "a" * 5000])
-edge_ints = st.integers(-1000, 1000) | st.sampled_from([2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, -(2 ** 63)])
+# Faults: values at the edges of each field's type, or anything JSON can carry,
+# including lone surrogates (JSON escapes such as "\\ud800", not text) and
+# integers beyond int64 (both refused with a 400 naming the field).
+any_text = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=10)
+odd_texts = any_text | st.sampled_from(["", "\x00", " ", "😀" * 50, "\u202e", "a" * 5000, "\ud800", "x\udfffy",
+                                        "\udc00\ud800"])
+edge_ints = st.integers(-1000, 1000) | st.integers() | st.sampled_from(
+    [2 ** 31, INT64_MAX, 2 ** 63, 2 ** 64 - 1, 2 ** 64, 10 ** 30, INT64_MIN, INT64_MIN - 1, -(10 ** 30)])
 odd_floats = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0, 0.5, -0.5, 1e-9])
 scalars = st.none() | st.booleans() | edge_ints | st.floats() | odd_floats | odd_texts
 any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+                        | st.dictionaries(any_text, inner, max_size=3), max_leaves=6)
 INT_FIELDS = ("n", "top_k", "seed", "priority", "max_tokens", "max_completion_tokens", "top_logprobs")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 EDGES = {
@@ -196,7 +200,7 @@ def request_bodies(draw: st.DrawFn, fields: dict[str, st.SearchStrategy], requir
             name = required
             body.pop(required, None)
         else:
-            name = draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in fields))
+            name = draw(any_text.filter(lambda k: k and k not in fields))
             body[name] = draw(any_json)
         faults.append(name)
     return body, faults
@@ -305,41 +309,54 @@ def test_specific_mistakes_get_the_right_4xx(server: str, http: httpx.Client) ->
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
-# Inputs that get a 5xx (or a 400 without ``param``) today, found by this file.
-# Ints outside [-2**63, 2**64) overflow msgpack on the way to the engine core;
-# lone surrogates (valid JSON escapes, but not Unicode text) break the tokenizer.
-KNOWN_SERVER_ERRORS = [
+# Inputs that this file's fuzzing once found getting a 5xx or a 400 without ``param``:
+# ints outside [-2**63, 2**64) overflowed msgpack on the way to the engine core (all
+# integers must now be int64), lone surrogates (valid JSON escapes, but not Unicode
+# text) broke the tokenizer or msgpack; each must be a 400 naming the field sent.
+FORMER_SERVER_ERRORS = [
     ("/v1/completions", "priority", 10 ** 30),
     ("/v1/completions", "priority", -(2 ** 63) - 1),
+    ("/v1/completions", "priority", 2 ** 63),
     ("/v1/completions", "seed", 2 ** 64),
+    ("/v1/completions", "seed", 2 ** 63),
     ("/v1/completions", "top_k", 10 ** 30),
+    ("/v1/completions", "top_k", 2 ** 63),
     ("/v1/completions", "stop_token_ids", [10 ** 30]),
+    ("/v1/completions", "n", 2 ** 64),
+    ("/v1/completions", "max_tokens", 2 ** 64),
+    ("/v1/completions", "logprobs", 10 ** 30),
+    ("/v1/completions", "prompt", [1, 10 ** 30]),
+    ("/v1/chat/completions", "max_completion_tokens", 10 ** 30),
+    ("/v1/chat/completions", "top_logprobs", -(10 ** 30)),
     ("/v1/completions", "prompt", "\ud800"),
     ("/v1/chat/completions", "messages", [{"role": "user", "content": "x\udfffy"}]),
-    ("/v1/completions", "stop", ["\udfff"]),  # 400, but with param null
-    ("/v1/completions", "cache_salt", "\ud800"),  # 400, but with param null
+    ("/v1/completions", "stop", ["\udfff"]),
+    ("/v1/completions", "cache_salt", "\ud800"),
+    ("/v1/completions", "cache_salt", ""),
+    ("/v1/chat/completions", "max_completion_tokens", -5),
+    ("/v1/completions", "\udc00x", 1),  # an unknown field whose name is not text
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="a 5xx (or unnamed 400) today: ranges and text are not checked at the API "
-                                       "boundary; drop this mark and widen the fuzz strategies when fixed")
-@pytest.mark.parametrize("path, name, value", KNOWN_SERVER_ERRORS, ids=[f"{n}-{i}" for i, (_, n, _) in
-                                                                        enumerate(KNOWN_SERVER_ERRORS)])
-def test_known_server_errors(http: httpx.Client, path: str, name: str, value: object) -> None:
+@pytest.mark.parametrize("path, name, value", FORMER_SERVER_ERRORS, ids=[
+    f"{n.encode('unicode_escape').decode()}-{i}" for i, (_, n, _) in enumerate(FORMER_SERVER_ERRORS)])
+def test_former_server_errors_get_400_naming_the_field(http: httpx.Client, path: str, name: str,
+                                                       value: object) -> None:
     body = {"model": MODEL, "max_tokens": 2, name: value}
     body.setdefault("prompt" if path == "/v1/completions" else "messages",
                     "Hi" if path == "/v1/completions" else [{"role": "user", "content": "Hi"}])
+    if name == "top_logprobs":
+        body["logprobs"] = True
     resp = http.post(path, content=json.dumps(body), headers=JSON)
-    assert resp.status_code < 500, resp.text
-    if resp.status_code != 200:
-        assert_openai_error(resp, 400, param=name)
+    assert_openai_error(resp, 400, param=name)
 
 
-@pytest.mark.xfail(strict=True, reason="the chat handler reports a bad max_completion_tokens as param "
-                   "'max_tokens' (the SamplingParams name); drop this mark once it names the field sent")
-def test_bad_max_completion_tokens_is_named(http: httpx.Client) -> None:
-    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": -5}
-    assert_openai_error(http.post("/v1/chat/completions", json=chat), 400, param="max_completion_tokens")
+def test_int64_edges_are_served(http: httpx.Client) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "n": 2, "seed": INT64_MAX, "priority": INT64_MIN,
+            "top_k": INT64_MAX, "stop_token_ids": [INT64_MAX]}
+    resp = http.post("/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    assert [c["index"] for c in resp.json()["choices"]] == [0, 1]
 
 
 def test_server_healthy_after_fuzzing(server: str, http: httpx.Client) -> None:

@@ -8,17 +8,35 @@ sampling extensions vLLM users expect (``top_k``, ``min_p``, ``repetition_penalt
 Requests are strict: a wrong JSON type (``"max_tokens": "16"``) or a field Ember does
 not support is rejected (HTTP 400 naming the field) rather than coerced or ignored,
 so that a client never silently gets behaviour it did not ask for.
+
+What every request field must be, whatever its meaning (checked here, at the API
+boundary, so that nothing the engine core cannot carry gets past it):
+
+* an integer field (and each item of ``stop_token_ids``, ``tokens``) a signed
+  64-bit integer, in [-2**63, 2**63) (:data:`Int64`); the field's own range
+  (``n`` in [1, 128], ...) is checked by :class:`SamplingParams`. Token-id
+  prompts are checked against the vocabulary instead.
+* a string field Unicode text (:data:`Text`): JSON lets a client send a lone
+  UTF-16 surrogate (``"\\ud800"``), which is not a character; it is refused.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from ember.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from ember.utils import INT64_MAX, INT64_MIN, check_text
 
 
 def random_id(prefix: str) -> str:
@@ -80,6 +98,22 @@ class APIError(Exception):
 # ---------------------------------------------------------------- requests
 
 
+def _unicode_text(value: str, info: ValidationInfo) -> str:
+    return check_text(value, info.field_name or "text")
+
+
+def _non_empty(value: str, info: ValidationInfo) -> str:
+    if not value:
+        raise ValueError(f"{info.field_name} must not be empty (omit it or send null instead)")
+    return value
+
+
+# A request integer: int64, what the engine core's wire format carries.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+# A request string: Unicode text, no lone surrogates (see the module docstring).
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
 class StreamOptions(StrictRequestModel):
     include_usage: bool = False
     # Accepted for compatibility; usage in every chunk is not implemented.
@@ -96,28 +130,28 @@ class SamplingFields(StrictRequestModel):
     ``repetition_penalty``, a vLLM extra, in (0, 2]).
     """
 
-    model: str | None = None
-    n: int | None = None
+    model: Text | None = None
+    n: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: Int64 | None = None
+    stop: list[Text] | None = None
+    stop_token_ids: list[Int64] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     # vLLM extras: scheduling priority (lower runs first, with --scheduling-policy
     # priority) and a salt that keeps this request's prefix-cache blocks private.
-    priority: int = 0
-    cache_salt: str | None = None
+    priority: Int64 = 0
+    cache_salt: Annotated[Text, AfterValidator(_non_empty)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Harmless standard field (end-user id for abuse monitoring); Ember ignores it.
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -128,6 +162,10 @@ class SamplingFields(StrictRequestModel):
         if v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)):
             return v
         raise ValueError("stop must be a string or a list of strings")
+
+    def max_tokens_field(self) -> str:
+        """The name of the request field that gave the output budget (for errors)."""
+        return "max_tokens"
 
     def num_logprobs(self) -> int | None:
         """``SamplingParams.logprobs``: None, or how many top alternatives to return
@@ -190,8 +228,8 @@ class CompletionRequest(SamplingFields):
     """
 
     prompt: str | list[int]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: Int64 | None = 16
+    logprobs: Int64 | None = None
     echo: bool = False
 
     def num_logprobs(self) -> int | None:
@@ -203,11 +241,12 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
+        # Token ids are checked against the vocabulary later (InputProcessor.tokenize).
         if isinstance(v, str):
-            return v
+            return check_text(v, "prompt")
         if isinstance(v, list):
             if len(v) == 1 and isinstance(v[0], str):
-                return v[0]
+                return check_text(v[0], "prompt")
             if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
                 return v
             if all(isinstance(t, str) for t in v):
@@ -217,15 +256,15 @@ class CompletionRequest(SamplingFields):
 
 class ContentPart(StrictRequestModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictRequestModel):
     """A chat message; ``content`` may be a string or a list of text parts."""
 
     role: Literal["system", "user", "assistant"]
-    content: str | None = None
-    name: str | None = None
+    content: Text | None = None
+    name: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -245,10 +284,10 @@ class ChatCompletionRequest(SamplingFields):
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
 
     def num_logprobs(self) -> int | None:
         """``logprobs: true`` returns the chosen tokens' log-probabilities, plus the
@@ -265,6 +304,9 @@ class ChatCompletionRequest(SamplingFields):
             return self.max_completion_tokens
         return self.max_tokens
 
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def message_dicts(self) -> list[dict[str, str]]:
         """Messages as the chat template wants them (``content`` None becomes "")."""
         return [{"role": m.role, "content": m.content or ""} for m in self.messages]
@@ -274,8 +316,8 @@ class TokenizeRequest(StrictRequestModel):
     """``POST /tokenize`` (vLLM's): a ``prompt`` string, or chat ``messages``
     rendered with the model's chat template."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
@@ -283,8 +325,8 @@ class TokenizeRequest(StrictRequestModel):
 class DetokenizeRequest(StrictRequestModel):
     """``POST /detokenize``: token ids back to text."""
 
-    model: str | None = None
-    tokens: list[int]
+    model: Text | None = None
+    tokens: list[Int64]
 
 
 # ---------------------------------------------------------------- responses

@@ -227,13 +227,19 @@ class OpenAIServing:
 
         Raises:
             APIError: 400 for an invalid sampling value, a prompt that fills the context
-                window, or ``prompt + max_tokens`` beyond it (as vLLM does).
+                window, or ``prompt + max_tokens`` beyond it (as vLLM does); ``param``
+                is the request field at fault, as the client spelled it (e.g.
+                ``max_completion_tokens``).
         """
+        budget_field = request.max_tokens_field()
         try:
             params = request.to_sampling_params(max_tokens)
         except ValueError as e:
-            first_word = str(e).split(" ", 1)[0]
-            raise APIError(str(e), param=first_word if first_word in type(request).model_fields else None) from e
+            message = str(e)
+            first_word = message.split(" ", 1)[0]
+            if first_word == "max_tokens":  # SamplingParams' name for the budget, whatever the field
+                first_word, message = budget_field, budget_field + message.removeprefix("max_tokens")
+            raise APIError(message, param=first_word if first_word in type(request).model_fields else None) from e
         try:
             params = self.engine.input_processor.check(prompt_ids, params)
         except ValueError as e:
@@ -243,8 +249,8 @@ class OpenAIServing:
             raise APIError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} "
                 f"were requested ({n} in the {prompt_param}, {max_tokens} for the completion). "
-                f"Shorten the {prompt_param} or lower max_tokens.",
-                param="max_tokens",
+                f"Shorten the {prompt_param} or lower {budget_field}.",
+                param=budget_field,
             )
         return params
 
