@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,13 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
-from ember.engine.core_client import AsyncMPClient, EngineCoreOutputs, EngineCoreRequest, EngineDeadError
+from ember.engine.core_client import (
+    AsyncMPClient,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineDeadError,
+    EngineLoadingError,
+)
 from ember.engine.input_processor import InputProcessor
 from ember.engine.llm_engine import check_priority_and_salt
 from ember.engine.output_processor import OutputProcessor
@@ -36,20 +43,23 @@ from ember.sampling_params import SamplingParams
 logger = init_logger(__name__)
 request_logger = init_logger("ember.request")
 
-__all__ = ["AsyncLLM", "EngineDeadError"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineLoadingError"]
 
 
 class AsyncLLM:
     """Async front of an engine core running in its own process.
 
     Args:
-        config: the engine config; the core process loads the model (this
-            blocks until it is ready).
+        config: the engine config; the core process loads the model.
+        wait_until_ready: block until the model is loaded. With False the
+            constructor returns once the tokenizer is loaded; requests are
+            refused (:class:`EngineLoadingError`) until :meth:`wait_until_ready`
+            wait completes (the server answers 503 meanwhile).
     Raises:
         EngineDeadError: the core failed to start (e.g. unreadable weights).
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, wait_until_ready: bool = True) -> None:
         from ember.loader import load_tokenizer_for
 
         self.config = config
@@ -75,12 +85,46 @@ class AsyncLLM:
         # last-token times (time.monotonic seconds), for metrics and the log line.
         self._timing: dict[str, _Timing] = {}
         self._output_task: asyncio.Task | None = None
-        self.core_client.wait_until_ready()
+        if wait_until_ready:
+            self.core_client.wait_until_ready()
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLM:
-        """Start the engine core process and wait until its model is loaded."""
-        return cls(engine_args.create_engine_config())
+    def from_engine_args(cls, engine_args: EngineArgs, wait_until_ready: bool = True) -> AsyncLLM:
+        """Start the engine core process (and, by default, wait until its model
+        is loaded)."""
+        return cls(engine_args.create_engine_config(), wait_until_ready)
+
+    @property
+    def ready(self) -> bool:
+        """The core has loaded the model and takes requests."""
+        return self.core_client.ready
+
+    async def wait_until_ready(self) -> None:
+        """Wait (without blocking the event loop) until the core has loaded the
+        model.
+
+        Raises:
+            EngineDeadError: the core failed to start; ``errored`` is set then.
+        """
+        if self.ready:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def wait() -> None:
+            try:
+                self.core_client.wait_until_ready()
+                loop.call_soon_threadsafe(_settle, done, None)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+                loop.call_soon_threadsafe(_settle, done, e)
+
+        # NOTE: a daemon thread, not the loop's executor: a shutdown while the
+        # model loads must not wait for the load to finish.
+        threading.Thread(target=wait, name="ember-wait-ready", daemon=True).start()
+        error = await done
+        if error is not None:
+            self.errored = True
+            raise error
 
     # -------------------------------------------------------------- public
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
@@ -101,6 +145,8 @@ class AsyncLLM:
         """
         if self.errored:
             raise EngineDeadError("the engine core is not running")
+        if not self.ready:
+            raise EngineLoadingError("the model is still loading; retry in a few seconds")
         priority = 0 if priority is None else priority
         check_priority_and_salt(priority, cache_salt)
         ids = self.input_processor.tokenize(prompt)
@@ -255,6 +301,11 @@ class _Timing:
         self.num_prompt_tokens = num_prompt_tokens
         self.first_scheduled: float | None = None
         self.last_token: dict[str, float] = {}
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)
 
 
 def _round(seconds: float | None) -> float | None:

@@ -65,6 +65,10 @@ class EngineDeadError(RuntimeError):
     request can be served."""
 
 
+class EngineLoadingError(RuntimeError):
+    """The engine core is still loading the model; retry later."""
+
+
 # --------------------------------------------------------------- messages
 
 
@@ -226,6 +230,11 @@ class MPClient(EngineCoreClient):
             name="ember-engine-core", daemon=True)
         self.process.start()
         self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """True once :meth:`wait_until_ready` has seen the core's READY."""
+        return self._ready
 
     def wait_until_ready(self) -> None:
         """Block until the core has loaded the model (the front end may load

@@ -8,7 +8,9 @@ Every error is answered with OpenAI's error body
 (malformed JSON, wrong types, unknown fields, unknown model — code
 ``model_not_found`` —, prompts that do not fit the context, invalid sampling values),
 401 for a missing or wrong API key, 404 for unknown routes, 429 when overloaded,
-503 when the engine has died or the server is shutting down, 504 when a request
+503 while the model loads (code ``model_loading``: the server listens from the
+start, while the engine core process loads the model), when the engine has died
+(``engine_dead``) or the server is shutting down, 504 when a request
 ran past ``--request-timeout``, 500 for internal errors (the server stays up).
 429 and 503 carry ``Retry-After``.
 
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import hmac
+import json
 import logging
 import os
 import signal
@@ -40,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
-from ember.engine.core_client import EngineDeadError
+from ember.engine.core_client import EngineDeadError, EngineLoadingError
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -76,6 +78,13 @@ class _ASCIIJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def model_loading_error() -> APIError:
+    """503 ``model_loading``: the server listens, but the engine core is still
+    loading the model."""
+    return APIError("the model is still loading; retry in a few seconds", 503, type="server_error",
+                    code="model_loading")
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -213,6 +222,10 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(str(exc.detail), exc.status_code, type=kind))
 
+    @app.exception_handler(EngineLoadingError)
+    async def _engine_loading(_: Request, exc: EngineLoadingError) -> JSONResponse:
+        return _error_response(model_loading_error())
+
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return _error_response(APIError(f"the engine stopped: {exc}", 503, type="server_error",
@@ -230,6 +243,8 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             return _error_response(shutting_down_error())
         if getattr(engine, "errored", False):
             return _error_response(APIError("the engine stopped after an error", 503, type="server_error"))
+        if not getattr(engine, "ready", True):
+            return _error_response(model_loading_error())
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -310,9 +325,28 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
     server = _make_server(app, log_level, shutdown_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    load_error: list[BaseException] = []
+
+    async def wait_for_model() -> None:
+        # The server answers (503 ``model_loading``) while the engine core loads.
+        try:
+            await engine.wait_until_ready()
+        except Exception as e:  # noqa: BLE001 - reported after the server stops
+            load_error.append(e)
+            server.should_exit = True
+            return
+        logger.info("the model is loaded: serving requests")
+
+    loading = asyncio.ensure_future(wait_for_model()) if not getattr(engine, "ready", True) else None
     logger.info("Ember serves %s at http://%s:%d/v1 (health: /health)",
                 engine.model_config.served_model_name, shown, port)
-    await server.serve(sockets=[sock])
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        if loading is not None and not loading.done():
+            loading.cancel()
+    if load_error:
+        raise load_error[0]
 
 
 def _make_server(app: FastAPI, log_level: str, shutdown_timeout: float) -> Any:
@@ -351,7 +385,9 @@ def run_server(args: argparse.Namespace) -> None:
     sock = _bind_socket(args.host, args.port)
     engine = None
     try:
-        engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
+        # NOTE: the core process loads the model while the server already answers
+        # (/health: 503 model_loading), so load balancers see a live, not-ready server.
+        engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), wait_until_ready=False)
         # NOTE: the API key is read once, here: from --api-key, else $EMBER_API_KEY.
         api_key = getattr(args, "api_key", None) or os.environ.get("EMBER_API_KEY") or None
         asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None),
