@@ -27,5 +27,16 @@ def qwen_path() -> str:
     return ensure_bundled_model("Qwen2.5-Coder-0.5B-Instruct")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch (OpenMP) thread for a module's tests: on a busy 2-core machine two
+    threads are many times slower than one (a descheduled thread stalls every
+    barrier)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # Keep torch to the machine's cores; CI has 2.
 torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))

@@ -7,7 +7,6 @@ the priority policy. No block (device or host) leaks."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ember import SamplingParams
 from ember.engine.arg_utils import EngineArgs
@@ -25,13 +24,8 @@ TIGHT = dict(num_gpu_blocks_override=12, max_model_len=192, max_num_batched_toke
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: the CPU is shared; two OpenMP threads on a busy 2-core machine are
-    # many times slower than one.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,8 @@ PROMPT = "The three most useful things to pack for a long hike are"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # NOTE: the CPU is shared; two OpenMP threads on a busy 2-core machine are
-    # many times slower than one.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
