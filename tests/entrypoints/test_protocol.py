@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from types import SimpleNamespace
 
 import msgspec
@@ -24,8 +25,17 @@ from ember.engine.input_processor import InputProcessor
 from ember.engine.llm_engine import check_priority_and_salt
 from ember.engine.output_processor import child_requests
 from ember.entrypoints.openai.api_server import build_app
-from ember.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from ember.entrypoints.openai.serving_completion import OpenAIServing
+from ember.entrypoints.openai.protocol import (
+    MAX_PROMPTS_PER_REQUEST,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from ember.entrypoints.openai.serving_completion import (
+    OpenAIServing,
+    OpenAIServingCompletion,
+)
+from ember.entrypoints.openai.supervisor import RequestSupervisor
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import RequestOutputKind
 
@@ -36,13 +46,30 @@ MAX_MODEL_LEN = 64
 
 
 def test_completion_prompt_forms() -> None:
-    assert CompletionRequest(prompt="hi").prompt == "hi"
-    assert CompletionRequest.model_validate({"prompt": ["hi"]}).prompt == "hi"
-    assert CompletionRequest.model_validate({"prompt": [1, 2, 3]}).prompt == [1, 2, 3]
-    with pytest.raises(ValidationError, match="one prompt per request"):
-        CompletionRequest.model_validate({"prompt": ["a", "b"]})
-    with pytest.raises(ValidationError, match="list of token ids"):
-        CompletionRequest.model_validate({"prompt": [1, "a"]})
+    def located(prompt):
+        return CompletionRequest.model_validate({"prompt": prompt}).located_prompts()
+
+    # OpenAI's four forms: a string, token ids, and a batch of either (one or more).
+    assert CompletionRequest(prompt="hi").located_prompts() == [("prompt", "hi")]
+    assert located([1, 2, 3]) == [("prompt", [1, 2, 3])]
+    assert located(["hi"]) == [("prompt[0]", "hi")]
+    assert located(["a", "b"]) == [("prompt[0]", "a"), ("prompt[1]", "b")]
+    assert located([[1, 2], [3]]) == [("prompt[0]", [1, 2]), ("prompt[1]", [3])]
+    assert len(located(["x"] * MAX_PROMPTS_PER_REQUEST)) == MAX_PROMPTS_PER_REQUEST
+    assert located([7] * 1000) == [("prompt", [7] * 1000)]  # one tokenized prompt, not a batch
+    for bad, match in (([], "^prompt must not be empty"), ("", "^prompt must not be empty"),
+                       (["a", ""], r"^prompt\[1\] must not be empty"), ([[1], []], r"^prompt\[1\] must not be empty"),
+                       (["x"] * (MAX_PROMPTS_PER_REQUEST + 1),
+                        f"^prompt holds {MAX_PROMPTS_PER_REQUEST + 1} prompts; at most {MAX_PROMPTS_PER_REQUEST}"),
+                       (["a", "\ud800"], r"^prompt\[1\] is not valid Unicode text"),
+                       ([1, "a"], "^prompt must be"), ([["a"]], "^prompt must be"), ([[1], "a"], "^prompt must be"),
+                       ([[1, True]], "^prompt must be"), ([True], "^prompt must be"), ([1.0], "^prompt must be"),
+                       ([[[1]]], "^prompt must be"), ({"a": 1}, "^prompt must be"), (None, "^prompt must be")):
+        with pytest.raises(ValidationError) as e:
+            CompletionRequest.model_validate({"prompt": bad})
+        (error,) = e.value.errors()
+        assert error["loc"] == ("prompt",)
+        assert re.search(match, error["msg"].removeprefix("Value error, ")), (bad, error["msg"])
     with pytest.raises(ValidationError, match="prompt"):
         CompletionRequest.model_validate({})
 
@@ -170,9 +197,15 @@ class EchoEngine:
 
     Like AsyncLLM, it checks the request and sends each engine-core request (one
     per choice) through the core process's wire format (msgpack), so that a value
-    the server lets through but the transport cannot carry fails here too."""
+    the server lets through but the transport cannot carry fails here too.
 
-    def __init__(self, fail: bool = False, fail_after: int | None = None) -> None:
+    ``fail`` / ``fail_after`` make the requests whose prompt text is ``fail_on``
+    (all, if None) fail at once / after that many outputs; ``step_delay`` is the
+    time of one step in seconds; ``started`` and ``aborted`` list the request ids
+    that came in and those closed before they finished."""
+
+    def __init__(self, fail: bool = False, fail_after: int | None = None, fail_on: str | None = None,
+                 step_delay: float = 0.0) -> None:
         hf_config = SimpleNamespace(vocab_size=256, eos_token_id=EOS, num_hidden_layers=1)
         self.model_config = ModelConfig(model="fake", hf_config=hf_config, architecture="Fake",
                                         dtype=torch.float32, max_model_len=MAX_MODEL_LEN, served_model_name=MODEL)
@@ -181,6 +214,9 @@ class EchoEngine:
         self.errored = False
         self.fail = fail
         self.fail_after = fail_after  # raise after this many outputs
+        self.fail_on = fail_on
+        self.step_delay = step_delay
+        self.started: list[str] = []
         self.aborted: list[str] = []
 
     async def generate(self, prompt, sampling_params, request_id, *, priority=None, cache_salt=None):
@@ -191,7 +227,9 @@ class EchoEngine:
         self.sent = [msgspec.msgpack.decode(msgspec.msgpack.encode(EngineCoreRequest(
             child_id, ids, child_params, 0.0, priority, cache_salt)), type=EngineCoreRequest)
             for child_id, child_params in child_requests(request_id, params)]
-        if self.fail:
+        self.started.append(request_id)
+        fails = self.fail_on is None or self.tokenizer.decode(ids) == self.fail_on
+        if self.fail and fails:
             raise RuntimeError("boom")
         limit = min(params.max_tokens or MAX_MODEL_LEN, MAX_MODEL_LEN - len(ids))
         tokens = [fake_choice_tokens(ids, i, limit) for i in range(params.n)]
@@ -209,8 +247,8 @@ class EchoEngine:
         finished = False
         try:
             for step in range(1, steps + 1):
-                await asyncio.sleep(0)
-                if self.fail_after is not None and step > self.fail_after:
+                await asyncio.sleep(self.step_delay)
+                if self.fail_after is not None and fails and step > self.fail_after:
                     raise RuntimeError("engine died mid-stream")
                 finished = step == steps
                 kind = params.output_kind
@@ -681,3 +719,189 @@ def test_token_bytes_rebuild_multibyte_characters(make_tokenizer) -> None:
     for t, raw in pieces:
         if "\ufffd" not in t:
             assert bytes(raw) == t.encode()
+
+
+# ---------------------------------------------------------------- batches of prompts (/v1/completions)
+
+BATCH = ["abcdef", "wxyz", "hi"]
+
+
+def test_completion_batch(engine: EchoEngine, client: TestClient) -> None:
+    n, max_tokens = 2, 4
+    body = client.post("/v1/completions", json={"prompt": BATCH, "n": n, "max_tokens": max_tokens,
+                                                "logprobs": 1}).json()
+    # Each prompt is its own engine request, named after the response id.
+    assert engine.started == [f"{body['id']}-{p}" for p in range(len(BATCH))] and not engine.aborted
+    # Prompt p's completion i is choice p * n + i (OpenAI's numbering).
+    assert [c["index"] for c in body["choices"]] == list(range(len(BATCH) * n))
+    for p, prompt in enumerate(BATCH):
+        for i in range(n):
+            choice = body["choices"][p * n + i]
+            assert choice["text"] == expected_texts(prompt, n, max_tokens)[i]
+            assert choice["finish_reason"] == ("stop" if i == 1 else "length")
+            assert choice["logprobs"] == expected_completion_logprobs(prompt, i, max_tokens, 1)
+    # Usage sums over prompts and choices; each choice 1 ends one step early with an EOS.
+    assert body["usage"] == {"prompt_tokens": 6 + 4 + 2, "completion_tokens": 3 * (4 + 3), "total_tokens": 12 + 21}
+    # The same as one request per prompt.
+    singles = [client.post("/v1/completions", json={"prompt": prompt, "n": n, "max_tokens": max_tokens,
+                                                    "logprobs": 1}).json() for prompt in BATCH]
+    assert [{**c, "index": None} for c in body["choices"]] == [
+        {**c, "index": None} for single in singles for c in single["choices"]]
+    assert sum(s["usage"]["prompt_tokens"] for s in singles) == body["usage"]["prompt_tokens"]
+    assert sum(s["usage"]["completion_tokens"] for s in singles) == body["usage"]["completion_tokens"]
+
+
+def test_completion_batch_token_ids_and_echo(client: TestClient) -> None:
+    # Token-id lists, echoed as their decoded text, each in front of its own choices.
+    body = client.post("/v1/completions", json={"prompt": [[104, 105], [97, 98, 99]], "n": 2, "max_tokens": 3,
+                                                "echo": True}).json()
+    assert [c["text"] for c in body["choices"]] == [
+        prompt + text for prompt in ("hi", "abc") for text in expected_texts(prompt, 2, 3)]
+    assert body["usage"]["prompt_tokens"] == 5
+    # A batch of one answers as the prompt alone.
+    one = client.post("/v1/completions", json={"prompt": ["hi"], "max_tokens": 3}).json()
+    alone = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).json()
+    assert one["choices"] == alone["choices"] and one["usage"] == alone["usage"]
+
+
+def test_completion_batch_stream(client: TestClient) -> None:
+    n, max_tokens = 2, 4
+    chunks = stream_chunks(client.post("/v1/completions", json={
+        "prompt": BATCH, "n": n, "max_tokens": max_tokens, "logprobs": 1, "stream": True,
+        "stream_options": {"include_usage": True}}))
+    # One usage chunk, at the end, summing over prompts and choices.
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 12, "completion_tokens": 21, "total_tokens": 33}
+    assert all("usage" not in c and len(c["choices"]) == 1 for c in chunks[:-1])
+    assert len({c["id"] for c in chunks}) == 1
+    order = [c["choices"][0]["index"] for c in chunks[:-1]]
+    for p, prompt in enumerate(BATCH):
+        for i in range(n):
+            mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == p * n + i]
+            assert "".join(c["text"] for c in mine) == expected_texts(prompt, n, max_tokens)[i]
+            assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + ["stop" if i == 1 else "length"]
+            joined = {k: [v for c in mine for v in c["logprobs"][k]] for k in
+                      ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+            assert joined == expected_completion_logprobs(prompt, i, max_tokens, 1)
+    # The prompts run together, their chunks interleaved: prompt 2 has more than
+    # its first output (one chunk per choice) out before prompt 0's last chunk.
+    prompt_of = [index // n for index in order]
+    last_of_0 = len(prompt_of) - 1 - prompt_of[::-1].index(0)
+    assert prompt_of[:last_of_0].count(2) > n, prompt_of
+    # With echo, every choice's prompt comes first, in index order.
+    chunks = stream_chunks(client.post("/v1/completions", json={
+        "prompt": ["ab", "xyz"], "n": 2, "max_tokens": 2, "echo": True, "stream": True}))
+    assert [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks[:4]] == [
+        (0, "ab"), (1, "ab"), (2, "xyz"), (3, "xyz")]
+    for p, prompt in enumerate(["ab", "xyz"]):
+        for i in range(2):
+            text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == p * 2 + i)
+            assert text == prompt + expected_texts(prompt, 2, 2)[i]
+
+
+def test_completion_batch_errors_before_anything_runs(engine: EchoEngine, client: TestClient) -> None:
+    cases = [  # (body, param, what the message says)
+        ({"prompt": []}, "prompt", "prompt must not be empty"),
+        ({"prompt": ["a", ""]}, "prompt", "prompt[1] must not be empty"),
+        ({"prompt": [[104], []]}, "prompt", "prompt[1] must not be empty"),
+        ({"prompt": [[104], [104, 300]]}, "prompt", "prompt[1] token id 300 is outside the vocabulary"),
+        ({"prompt": ["ab", "cd", "x" * MAX_MODEL_LEN]}, "prompt", f"prompt[2] is {MAX_MODEL_LEN} tokens long"),
+        ({"prompt": ["a", "b" * 50], "max_tokens": 20}, "max_tokens", "70 were requested (50 in the prompt[1]"),
+        ({"prompt": ["a"] * (MAX_PROMPTS_PER_REQUEST + 1)}, "prompt", f"prompt holds {MAX_PROMPTS_PER_REQUEST + 1} prompts; at most {MAX_PROMPTS_PER_REQUEST}"),
+        ({"prompt": ["a", "b"], "temperature": -1}, "temperature", "temperature"),
+        ({"prompt": [[104], ["a"]]}, "prompt", "prompt must be"),
+        ({"prompt": ["a", "\ud800"]}, "prompt", "prompt[1] is not valid Unicode text"),
+    ]
+    for body, param, match in cases:
+        for stream in (False, True):
+            err = assert_error(post_json(client, "/v1/completions", {**body, "stream": stream}), 400, param, match)
+            assert err["message"].startswith(match) or param != "prompt", err  # not "prompt: prompt[1] ..."
+    assert engine.started == []  # nothing reached the engine
+
+
+def test_completion_batch_failure_aborts_the_other_prompts() -> None:
+    # One prompt fails after others started; every other prompt's request is closed.
+    for fail, fail_after in ((True, None), (False, 2)):
+        engine = EchoEngine(fail=fail, fail_after=fail_after, fail_on="boom")
+        client = TestClient(build_app(engine), raise_server_exceptions=False)
+        for stream in (False, True):
+            engine.started.clear()
+            engine.aborted.clear()
+            resp = client.post("/v1/completions", json={"prompt": ["abcdef", "boom", "xyz"], "max_tokens": 30,
+                                                        "stream": stream})
+            if stream and fail_after is not None:  # failed after the stream began: reported in-band
+                events = sse_events(resp.text)
+                assert events[-1] == "[DONE]" and "engine died" in json.loads(events[-2])["error"]["message"]
+            else:
+                assert_error(resp, 500, match="boom" if fail else "engine died")
+            assert len(engine.started) == 3
+            others = [rid for rid in engine.started if not rid.endswith("-1")]
+            assert set(others) <= set(engine.aborted), (engine.started, engine.aborted)
+            if fail_after is not None:
+                assert sorted(engine.aborted) == sorted(engine.started)
+
+
+def test_completion_batch_stream_closed_early_aborts_all(engine: EchoEngine, client: TestClient) -> None:
+    with client.stream("POST", "/v1/completions", json={"prompt": BATCH, "max_tokens": 40, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break
+    for _ in range(50):
+        if len(engine.aborted) == len(BATCH):
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    assert sorted(engine.aborted) == sorted(engine.started) and len(engine.started) == len(BATCH)
+
+
+def test_completion_batch_cancelled_aborts_all() -> None:
+    """A client that goes during a non-streaming batch cancels the handler (see
+    api_server._cancel_on_disconnect): every prompt's request is aborted."""
+    async def main() -> None:
+        engine = EchoEngine(step_delay=0.002)
+        serving = OpenAIServingCompletion(engine)
+        task = asyncio.ensure_future(serving.create_completion(
+            CompletionRequest.model_validate({"prompt": BATCH, "max_tokens": 50})))
+        await asyncio.sleep(0.02)
+        assert len(engine.started) == len(BATCH) and not engine.aborted and not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(engine.aborted) == sorted(engine.started)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_batch_request_timeout_aborts_all(stream: bool) -> None:
+    engine = EchoEngine(step_delay=0.02)  # 50 steps: 1 s, past the 0.3 s timeout
+    client = TestClient(build_app(engine, request_timeout=0.3), raise_server_exceptions=False)
+    resp = client.post("/v1/completions", json={"prompt": BATCH, "max_tokens": 50, "stream": stream,
+                                                "stream_options": {"include_usage": True} if stream else None})
+    if stream:
+        events = sse_events(resp.text)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+        chunks = [json.loads(e) for e in events[:-2]]
+        # Every prompt's choice ends with "abort", then one usage chunk.
+        finishes = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks[:-1]
+                    if c["choices"][0]["finish_reason"]}
+        assert finishes == {0: "abort", 1: "abort", 2: "abort"}
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 12
+    else:
+        assert assert_error(resp, 504)["code"] == "request_timeout"
+    assert sorted(engine.aborted) == sorted(engine.started) and len(engine.started) == len(BATCH)
+
+
+def test_completion_batch_shutdown_aborts_all() -> None:
+    async def main() -> None:
+        engine = EchoEngine(step_delay=0.002)
+        supervisor = RequestSupervisor(engine)
+        task = asyncio.ensure_future(OpenAIServingCompletion(supervisor).create_completion(
+            CompletionRequest.model_validate({"prompt": BATCH, "max_tokens": 50})))
+        await asyncio.sleep(0.02)
+        assert supervisor.abort_all() == len(BATCH)
+        with pytest.raises(APIError) as e:
+            await task
+        assert e.value.body.error.code == "server_shutting_down"
+        assert sorted(engine.aborted) == sorted(engine.started) and len(engine.started) == len(BATCH)
+
+    asyncio.run(main())

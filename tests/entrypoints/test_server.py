@@ -320,3 +320,28 @@ def test_penalties_change_greedy_output(client: openai.OpenAI) -> None:
         text, top1 = run(**penalty)
         assert text != plain, penalty
         assert not all(top1), penalty
+
+
+def test_completion_batch_of_prompts(server: str, client: openai.OpenAI) -> None:
+    """Several prompts in one request, greedy with n=2: prompt p's choices (p * 2 and
+    p * 2 + 1) are what the prompt alone gives, streamed or not, as strings or token ids."""
+    prompts = [PROMPT, "1, 2, 3, 4,", "Once upon a time"]
+    kwargs = {"model": MODEL, "temperature": 0, "max_tokens": 6}
+    singles = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    expected = [(s.choices[0].text, s.choices[0].finish_reason) for s in singles for _ in range(2)]
+    batch = client.completions.create(prompt=prompts, n=2, **kwargs)
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [(c.text, c.finish_reason) for c in batch.choices] == expected
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == 2 * sum(s.usage.completion_tokens for s in singles)
+    chunks = list(client.completions.create(prompt=prompts, n=2, stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    assert chunks[-1].choices == [] and chunks[-1].usage == batch.usage
+    assert all(len(c.choices) == 1 for c in chunks[:-1])
+    streamed = [("".join(c.choices[0].text for c in chunks[:-1] if c.choices[0].index == k),
+                 [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].index == k][-1]) for k in range(6)]
+    assert streamed == expected
+    token_ids = [httpx.post(f"{server}/tokenize", json={"prompt": p}).json()["tokens"] for p in prompts]
+    by_ids = client.completions.create(prompt=token_ids, n=2, **kwargs)
+    assert [(c.text, c.finish_reason) for c in by_ids.choices] == expected
+    assert by_ids.usage == batch.usage

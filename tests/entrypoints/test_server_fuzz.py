@@ -69,12 +69,13 @@ def assert_openai_error(resp: httpx.Response, status: int | None = None, param: 
 
 def assert_sane_answer(resp: httpx.Response, body: object, chat: bool) -> None:
     """The contract for any request: no 5xx; a 4xx is an OpenAI error; a 200 is a
-    complete answer (or stream) with one choice per ``n``."""
+    complete answer (or stream) with ``n`` choices per prompt (a batch of prompts has several)."""
     assert resp.status_code < 500, (body, resp.status_code, resp.text[:1000])
     if resp.status_code != 200:
         assert_openai_error(resp)
         return
-    n = body.get("n") or 1
+    prompt = body.get("prompt")
+    n = (body.get("n") or 1) * (len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1)
     if resp.headers["content-type"].startswith("text/event-stream"):
         events = [e.removeprefix("data: ") for e in resp.text.split("\n\n") if e]
         assert events[-1] == "[DONE]", resp.text[-500:]

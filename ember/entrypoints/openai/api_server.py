@@ -127,8 +127,8 @@ def _describe_problem(e: dict[str, Any], loc: list[str]) -> str:
     if kind == "missing":
         return f"{field}: field required"
     msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
-    if kind == "value_error":  # our own validators' messages
-        return msg if msg.startswith(f"{loc[-1]} ") else f"{field}: {msg}"
+    if kind == "value_error":  # our own validators' messages (about the field, or an item: "prompt[2] ...")
+        return msg if msg.startswith((f"{loc[-1]} ", f"{loc[-1]}[")) else f"{field}: {msg}"
     got = repr(e["input"]) if "input" in e else ""
     got = f" (got {got[:60]}{'...' if len(got) > 60 else ''})" if got else ""
     return f"{field}: {msg}{got}"

@@ -213,11 +213,31 @@ class SamplingFields(StrictRequestModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+# Ember's cap on the prompts of one completion request (a 400 beyond it): each
+# prompt is its own engine request (n engine-core requests with ``n``), so one
+# HTTP request's share of the scheduler's queue stays bounded. The same bound as ``n``'s.
+MAX_PROMPTS_PER_REQUEST = 128
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_text(value: str, location: str) -> str:
+    check_text(value, location)
+    if not value:
+        raise ValueError(f"{location} must not be empty")
+    return value
+
+
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``.
 
-    ``prompt`` is a string, a list holding one string, or a list of token ids
-    (batches of prompts are not supported: send one request per prompt).
+    ``prompt`` takes OpenAI's four forms: a string, a list of token ids, or a batch
+    of up to :data:`MAX_PROMPTS_PER_REQUEST` of either (a list of strings, a list of
+    token-id lists). Each prompt of a batch is its own engine request; prompt ``p``'s
+    completion ``i`` is ``choices[p * n + i]`` (OpenAI's numbering). A prompt must
+    not be empty; token ids are checked against the vocabulary when served.
     ``max_tokens`` defaults to 16 as in OpenAI's API.
 
     ``logprobs`` (0..20) asks, for every generated token, for its log-probability
@@ -227,7 +247,7 @@ class CompletionRequest(SamplingFields):
     combination is rejected (400 naming ``echo``).
     """
 
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: Int64 | None = 16
     logprobs: Int64 | None = None
     echo: bool = False
@@ -238,20 +258,37 @@ class CompletionRequest(SamplingFields):
                              "the prompt tokens, which Ember does not compute (drop echo, or logprobs)")
         return self.logprobs
 
+    def located_prompts(self) -> list[tuple[str, str | list[int]]]:
+        """The prompts, each with its place in the request for error messages:
+        ``[("prompt", p)]`` for one prompt, ``[("prompt[0]", p0), ("prompt[1]", p1), ...]``
+        for a batch."""
+        if isinstance(self.prompt, str) or _is_token_id(self.prompt[0]):
+            return [("prompt", self.prompt)]  # type: ignore[list-item]
+        return [(f"prompt[{i}]", p) for i, p in enumerate(self.prompt)]  # type: ignore[misc]
+
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
+    def _prompt_forms(cls, v: Any) -> Any:
         # Token ids are checked against the vocabulary later (InputProcessor.tokenize).
         if isinstance(v, str):
-            return check_text(v, "prompt")
+            return _prompt_text(v, "prompt")
+        if v == []:
+            raise ValueError("prompt must not be empty")
         if isinstance(v, list):
-            if len(v) == 1 and isinstance(v[0], str):
-                return check_text(v[0], "prompt")
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            if all(_is_token_id(t) for t in v):
                 return v
-            if all(isinstance(t, str) for t in v):
-                raise ValueError("only one prompt per request is supported; send one request per prompt")
-        raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
+            if len(v) > MAX_PROMPTS_PER_REQUEST:
+                raise ValueError(f"prompt holds {len(v)} prompts; at most {MAX_PROMPTS_PER_REQUEST} are allowed "
+                                 "in one request (split the batch over several requests)")
+            if all(isinstance(p, str) for p in v):
+                return [_prompt_text(p, f"prompt[{i}]") for i, p in enumerate(v)]
+            if all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in v):
+                for i, p in enumerate(v):
+                    if not p:
+                        raise ValueError(f"prompt[{i}] must not be empty")
+                return v
+        raise ValueError("prompt must be a string, a list of token ids, a list of strings or a list of "
+                         "token-id lists")
 
 
 class ContentPart(StrictRequestModel):

@@ -10,6 +10,16 @@ completion i, and a stream interleaves chunks of the n choices (each chunk
 carries one choice and its ``index``; each choice gets its own chunk with a
 ``finish_reason``). ``usage.completion_tokens`` sums the n completions.
 
+A batch of prompts (``/v1/completions`` with a list of strings or of token-id
+lists) is the same, one level up: every prompt is checked before any is
+submitted, then each becomes its own engine request, all running concurrently;
+prompt p's completion i is choice ``p * n + i`` (as OpenAI numbers them), a
+stream interleaves the chunks of all prompts as they come
+(:class:`MergedOutputs`), and ``usage`` sums over prompts and choices. One prompt
+is a batch of one. When one prompt's request fails, or the client goes, or the
+server ends the request (timeout, shutdown), every prompt's engine request is
+aborted.
+
 Log-probabilities are reported for the tokens of the returned text: every
 generated token except a final stop token (EOS or one of ``stop_token_ids``),
 which ends a completion without being part of its text (it still counts in
@@ -22,10 +32,13 @@ the text (as in vLLM). A token's text is the tokenizer's decoding of that one id
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -68,18 +81,23 @@ class SSEResponse(StreamingResponse):
 
     NOTE: closing the iterator closes the engine's output generator, which aborts the
     request; Starlette alone leaves it to the garbage collector when the client goes.
+    The engine's outputs ``rest`` are closed here too, for a body that never
+    started (closing an unstarted generator does not run its ``finally``).
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[str], rest: AsyncIterator[Any] | None = None) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.rest = rest
 
     async def stream_response(self, send: Any) -> None:
         try:
             await super().stream_response(send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            if self.rest is not None:
+                await self.rest.aclose()  # type: ignore[attr-defined]
 
 
 def internal_error_event(exc: BaseException) -> str:
@@ -88,12 +106,11 @@ def internal_error_event(exc: BaseException) -> str:
     return sse_event(err.body.model_dump())
 
 
-async def guarded_stream(request_id: str, events: AsyncIterator[str],
-                         rest: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+async def guarded_stream(request_id: str, events: AsyncIterator[str], rest: AsyncIterator[Any]) -> AsyncIterator[str]:
     """Wrap a stream's SSE ``events``: a failure after the status line was sent is
-    reported in-band (as vLLM does), the engine's output generator ``rest`` is
-    always closed (which aborts an unfinished request), and ``[DONE]`` ends a
-    stream that was not cut by the client."""
+    reported in-band (as vLLM does), the engine's outputs ``rest`` (a generator or
+    :class:`MergedOutputs`) are always closed (which aborts unfinished requests),
+    and ``[DONE]`` ends a stream that was not cut by the client."""
     try:
         async for event in events:
             yield event
@@ -200,10 +217,9 @@ class OpenAIServing:
         cached = self._token_texts[token_id] = (text, list(raw if raw is not None else text.encode()))
         return cached
 
-    def sse_response(self, request_id: str, events: AsyncIterator[str],
-                     rest: AsyncIterator[RequestOutput]) -> SSEResponse:
+    def sse_response(self, request_id: str, events: AsyncIterator[str], rest: AsyncIterator[Any]) -> SSEResponse:
         """The streaming answer: ``events`` wrapped by :func:`guarded_stream`."""
-        return SSEResponse(guarded_stream(request_id, events, rest))
+        return SSEResponse(guarded_stream(request_id, events, rest), rest)
 
     def check_model(self, model: str | None) -> None:
         """Raises APIError (400, ``model_not_found``) unless ``model`` is ours or None."""
@@ -214,16 +230,21 @@ class OpenAIServing:
             )
 
     @staticmethod
-    def tokenize(fn: Callable[[], list[int]], param: str) -> list[int]:
-        """Run a tokenizing call; its ValueError becomes a 400 naming ``param``."""
+    def tokenize(fn: Callable[[], list[int]], location: str) -> list[int]:
+        """Run a tokenizing call; its ValueError becomes a 400 about ``location``
+        (a field, or one item of it: see :func:`at_location`)."""
         try:
             return fn()
         except ValueError as e:
-            raise APIError(str(e), param=param) from e
+            raise APIError(at_location(str(e), location), param=field_of(location)) from e
 
     def make_params(self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                     prompt_param: str) -> SamplingParams:
         """SamplingParams for ``request``, with every length limit checked.
+
+        Args:
+            prompt_param: where the prompt is in the request: a field
+                (``messages``), or one item of it (``prompt[2]``, named in messages).
 
         Raises:
             APIError: 400 for an invalid sampling value, a prompt that fills the context
@@ -243,7 +264,7 @@ class OpenAIServing:
         try:
             params = self.engine.input_processor.check(prompt_ids, params)
         except ValueError as e:
-            raise APIError(str(e), param=prompt_param) from e
+            raise APIError(at_location(str(e), prompt_param), param=field_of(prompt_param)) from e
         n = len(prompt_ids)
         if max_tokens is not None and n + max_tokens > self.max_model_len:
             raise APIError(
@@ -287,6 +308,122 @@ class OpenAIServing:
             raise
         return first, gen
 
+    async def start_all(self, starts: list[Awaitable[tuple[RequestOutput, AsyncIterator[RequestOutput]]]]
+                        ) -> MergedOutputs:
+        """Run several :meth:`start` calls concurrently (so that the engine gets the
+        requests together) and merge their outputs.
+
+        If one fails, or this call is cancelled (the client went), the others are
+        cancelled and the started ones closed (which aborts them in the engine).
+
+        Raises:
+            What the first failing ``start`` (in list order) raised.
+        """
+        tasks = [asyncio.ensure_future(s) for s in starts]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # also when cancelled
+            if any(not t.done() or t.cancelled() or t.exception() is not None for t in tasks):
+                for t in tasks:
+                    t.cancel()  # a start() that is cut closes its own engine generator
+                await asyncio.wait(tasks)
+                await MergedOutputs([t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+                                    ).aclose()
+        errors = [t.exception() for t in tasks if not t.cancelled()]  # all retrieved: none logged as lost
+        for error in errors:
+            if error is not None:
+                raise error
+        return MergedOutputs([t.result() for t in tasks])
+
+
+def field_of(location: str) -> str:
+    """The request field a location is in, OpenAI's ``param``: ``prompt[2]`` -> ``prompt``."""
+    return location.split("[", 1)[0]
+
+
+def at_location(message: str, location: str) -> str:
+    """A message about a field (it starts with the field's name), said of the item
+    at ``location``: ``"prompt must not be empty"`` -> ``"prompt[2] must not be empty"``."""
+    field = field_of(location)
+    if location != field and message.startswith(field + " "):
+        return location + message[len(field):]
+    return message
+
+
+_END = object()  # the end of an output stream
+
+
+async def _next_or_end(outputs: AsyncIterator[RequestOutput]) -> Any:
+    return await anext(outputs, _END)
+
+
+class MergedOutputs:
+    """The outputs of several engine requests (one per prompt) as one stream.
+
+    Yields ``(prompt index, RequestOutput)``: first each request's first output
+    (already received, by :meth:`OpenAIServing.start`) in prompt order, then the
+    rest as the engine produces them (when several are ready, the one whose read
+    began first, so that a prompt whose outputs are always ready does not starve
+    the others). An engine request's error is raised as is.
+
+    NOTE: :meth:`aclose` must be called when done (the serving code does, in a
+    ``finally``): it aborts the engine requests that have not finished, without
+    needing its own awaits to complete (the server may cancel the task that closes
+    a stream more than once): a pending read is cancelled, which ends the engine
+    generator it is in; the other generators are closed directly.
+
+    Args:
+        starts: ``(first output, the rest)`` of each prompt's request, in prompt order.
+    """
+
+    def __init__(self, starts: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]) -> None:
+        self._ready: deque[tuple[int, RequestOutput]] = deque(enumerate(first for first, _ in starts))
+        self._rests = [rest for _, rest in starts]
+        self._live = set(range(len(starts)))  # prompts whose output stream has not ended
+        self._reads: dict[int, asyncio.Task[Any]] = {}  # prompt index -> its pending read, oldest first
+
+    def __aiter__(self) -> MergedOutputs:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if self._ready:
+            return self._ready.popleft()
+        while self._live:
+            if len(self._live) == 1 and not self._reads:  # one stream left: read it directly
+                (i,) = self._live
+                out = await anext(self._rests[i], _END)
+            else:
+                for j in self._live - self._reads.keys():
+                    self._reads[j] = asyncio.ensure_future(_next_or_end(self._rests[j]))
+                await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
+                i = next(j for j, t in self._reads.items() if t.done())  # the oldest read: none starves
+                out = self._reads.pop(i).result()
+            if out is _END:
+                self._live.discard(i)
+            else:
+                return i, out
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Abort every engine request that has not finished (idempotent)."""
+        self._ready.clear()
+        self._live.clear()
+        reads, self._reads = self._reads, {}
+        for i, rest in enumerate(self._rests):
+            read = reads.get(i)
+            if read is not None and not read.done():
+                # NOTE: the read has started (the loop ran it before __anext__ resumed:
+                # ready callbacks run in order), so the cancellation is thrown into the
+                # generator it reads, which ends it (AsyncLLM aborts the request).
+                read.cancel()
+            else:
+                await rest.aclose()  # type: ignore[attr-defined]
+        if reads:  # collect the reads' ends, so that no task is left behind unretrieved
+            await asyncio.wait(reads.values())
+            for read in reads.values():
+                if not read.cancelled() and read.exception() is not None:
+                    logger.debug("engine output stream ended with %r while aborted", read.exception())
+
 
 async def final_outputs(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> list[CompletionOutput]:
     """The n finished completions of a non-streaming request, in index order
@@ -297,45 +434,68 @@ async def final_outputs(first: RequestOutput, rest: AsyncIterator[RequestOutput]
     return sorted(final.outputs, key=lambda c: c.index)
 
 
+@dataclass(slots=True)
+class _Prompt:
+    """One prompt of a completion request, checked and ready to submit."""
+
+    ids: list[int]
+    params: SamplingParams
+    echo: str  # the text in front of each of its choices ("" without echo)
+
+
 class OpenAIServingCompletion(OpenAIServing):
-    """Answers ``POST /v1/completions``."""
+    """Answers ``POST /v1/completions`` (one prompt or a batch: see the module doc)."""
 
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
         self.check_model(request.model)
-        prompt = request.prompt
-        prompt_ids = self.tokenize(lambda: self.engine.input_processor.tokenize(prompt), "prompt")
-        params = self.make_params(request, prompt_ids, request.max_tokens, "prompt")
-        echo = self._echo_text(request, prompt_ids) if request.echo else ""
+        prompts = [self._prepare(request, location, prompt) for location, prompt in request.located_prompts()]
         request_id = random_id("cmpl")
-        first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
+        engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
+                                       for p, engine_id in zip(prompts, engine_ids, strict=True)])
         if request.stream:
-            events = self._stream(request_id, first, rest, params, len(prompt_ids), echo, request.include_usage)
-            return self.sse_response(request_id, events, rest)
-        outputs = await final_outputs(first, rest)
+            events = self._stream(request_id, prompts, merged, request.include_usage)
+            return self.sse_response(request_id, events, merged)
+        finals: list[list[CompletionOutput]] = [[] for _ in prompts]
+        try:
+            async for i, out in merged:  # FINAL_ONLY: a prompt's last output holds its n completions
+                finals[i] = out.outputs
+        finally:
+            await merged.aclose()
+        n = prompts[0].params.n
         return CompletionResponse(
             id=request_id,
             model=self.model_name,
-            choices=[self._choice(c, params, echo, len(echo))[0] for c in outputs],
-            usage=UsageInfo.of(len(prompt_ids), sum(len(c.token_ids) for c in outputs)),
+            choices=[self._choice(c, p.params, p.echo, len(p.echo), i * n + c.index)[0]
+                     for i, (p, outputs) in enumerate(zip(prompts, finals, strict=True))
+                     for c in sorted(outputs, key=lambda c: c.index)],
+            usage=UsageInfo.of(sum(len(p.ids) for p in prompts),
+                               sum(len(c.token_ids) for outputs in finals for c in outputs)),
         )
 
-    def _echo_text(self, request: CompletionRequest, prompt_ids: list[int]) -> str:
+    def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
+        """Tokenize and check one prompt (errors name ``location``, e.g. ``prompt[2]``)."""
+        ids = self.tokenize(lambda: self.engine.input_processor.tokenize(prompt), location)
+        params = self.make_params(request, ids, request.max_tokens, location)
+        return _Prompt(ids, params, self._echo_text(prompt, ids) if request.echo else "")
+
+    def _echo_text(self, prompt: str | list[int], prompt_ids: list[int]) -> str:
         """The prompt as text: as given, or the decoded token ids (special tokens kept)."""
-        if isinstance(request.prompt, str):
-            return request.prompt
+        if isinstance(prompt, str):
+            return prompt
         if self.tokenizer is None:
             raise APIError("echo needs a tokenizer to turn the token-id prompt into text", param="echo")
         return self.tokenizer.decode(prompt_ids)
 
-    def _choice(self, c: CompletionOutput, params: SamplingParams, prefix: str,
-                text_offset: int) -> tuple[CompletionChoice, int]:
-        """One choice (``prefix`` + the completion's text), and the text offset after it."""
+    def _choice(self, c: CompletionOutput, params: SamplingParams, prefix: str, text_offset: int,
+                index: int) -> tuple[CompletionChoice, int]:
+        """Choice ``index`` (``prefix`` + the completion's text), and the text offset after it."""
         logprobs = None
         if params.logprobs is not None:
             logprobs, text_offset = self.completion_logprobs(reported_logprobs(c, params), params.logprobs,
                                                              text_offset)
-        choice = CompletionChoice(index=c.index, text=prefix + c.text, logprobs=logprobs,
+        choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=logprobs,
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         return choice, text_offset
 
@@ -367,27 +527,27 @@ class OpenAIServingCompletion(OpenAIServing):
             text_offset += len(text)
         return out, text_offset
 
-    async def _stream(self, request_id: str, first: RequestOutput, rest: AsyncIterator[RequestOutput],
-                      params: SamplingParams, num_prompt_tokens: int, echo: str,
+    async def _stream(self, request_id: str, prompts: list[_Prompt], merged: MergedOutputs,
                       include_usage: bool) -> AsyncIterator[str]:
         created = now()
+        n = prompts[0].params.n
         num_output_tokens = 0
-        text_offsets = [len(echo)] * params.n
+        text_offsets = [len(p.echo) for p in prompts for _ in range(n)]  # per choice
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
             return sse_event(drop_null_usage(CompletionResponse(
                 id=request_id, created=created, model=self.model_name, choices=choices, usage=usage).model_dump()))
 
-        if echo:  # the prompt comes first in every choice
-            for i in range(params.n):
-                yield chunk([CompletionChoice(index=i, text=echo)])
-        out: RequestOutput | None = first
-        while out is not None:
+        for i, p in enumerate(prompts):  # with echo, the prompt comes first in every choice
+            if p.echo:
+                for k in range(n):
+                    yield chunk([CompletionChoice(index=i * n + k, text=p.echo)])
+        async for i, out in merged:
             for c in out.outputs:
+                index = i * n + c.index
                 num_output_tokens += len(c.token_ids)
-                choice, text_offsets[c.index] = self._choice(c, params, "", text_offsets[c.index])
+                choice, text_offsets[index] = self._choice(c, prompts[i].params, "", text_offsets[index], index)
                 if c.text or c.finish_reason is not None or (choice.logprobs is not None and choice.logprobs.tokens):
                     yield chunk([choice])
-            out = await anext(rest, None)
         if include_usage:
-            yield chunk([], UsageInfo.of(num_prompt_tokens, num_output_tokens))
+            yield chunk([], UsageInfo.of(sum(len(p.ids) for p in prompts), num_output_tokens))
