@@ -811,6 +811,7 @@ def test_completion_batch_errors_before_anything_runs(engine: EchoEngine, client
         ({"prompt": ["a", "b"], "temperature": -1}, "temperature", "temperature"),
         ({"prompt": [[104], ["a"]]}, "prompt", "prompt must be"),
         ({"prompt": ["a", "\ud800"]}, "prompt", "prompt[1] is not valid Unicode text"),
+        ({"prompt": ["a"] * 65, "n": 2}, "n", "this request asks for 65 prompts x n=2 = 130 completions"),
     ]
     for body, param, match in cases:
         for stream in (False, True):

@@ -217,6 +217,8 @@ class SamplingFields(StrictRequestModel):
 # prompt is its own engine request (n engine-core requests with ``n``), so one
 # HTTP request's share of the scheduler's queue stays bounded. The same bound as ``n``'s.
 MAX_PROMPTS_PER_REQUEST = 128
+# ... and on its completions in all (prompts x n): each is an engine-core request.
+MAX_COMPLETIONS_PER_REQUEST = 128
 
 
 def _is_token_id(value: Any) -> bool:

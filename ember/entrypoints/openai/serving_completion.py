@@ -44,6 +44,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from ember.entrypoints.openai.protocol import (
+    MAX_COMPLETIONS_PER_REQUEST,
     APIError,
     CompletionChoice,
     CompletionLogprobs,
@@ -449,7 +450,13 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
         self.check_model(request.model)
-        prompts = [self._prepare(request, location, prompt) for location, prompt in request.located_prompts()]
+        located = request.located_prompts()
+        n = request.n or 1
+        if len(located) > 1 and len(located) * n > MAX_COMPLETIONS_PER_REQUEST:
+            raise APIError(f"this request asks for {len(located)} prompts x n={n} = {len(located) * n} "
+                           f"completions; at most {MAX_COMPLETIONS_PER_REQUEST} are allowed in one request "
+                           "(lower n or split the batch)", param="n")
+        prompts = [self._prepare(request, location, prompt) for location, prompt in located]
         request_id = random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
