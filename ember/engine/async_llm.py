@@ -154,12 +154,13 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._ensure_output_handler()
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
         arrival = time.monotonic()
-        self._timing[request_id] = _Timing(arrival, len(ids))
+        # First, as it may still refuse the request (an engine id in use).
         children = self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids,
                                                      sampling_params, arrival)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        self._timing[request_id] = _Timing(arrival, len(ids))
         for engine_id, child_params in children:  # n > 1: n engine-core requests, submitted together
             self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
                                                            cache_salt))
