@@ -135,7 +135,16 @@ class KVCacheManager:
             too few free blocks (nothing is allocated or referenced then).
         """
         hits = new_computed_blocks or []
-        assert not hits or not self.req_to_blocks.get(request.request_id), "cache hits only at admission"
+        blocks = self.req_to_blocks.get(request.request_id)
+        if not hits and blocks:
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size:
+                # NOTE: the common decode step: its token fits the last block. Same
+                # result as the general path below, without its bookkeeping (this
+                # runs for every running request every step).
+                self._cache_blocks(request, total)
+                return []
+        assert not hits or not blocks, "cache hits only at admission"
         if self.num_blocks_to_allocate(request, num_new_tokens, hits) > self.block_pool.get_num_free_blocks():
             return None
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
