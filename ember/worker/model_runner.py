@@ -11,6 +11,7 @@ and sampled.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -202,10 +203,15 @@ class ModelRunner:
         """Pack the step's tokens into host (numpy) arrays."""
         # NOTE: single-token (decode) requests go first, so that attention
         # backends can run them as one decode batch over a prefix of the rows.
-        req_ids = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] > 1)
-        counts = np.array([sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        num_scheduled = sched.num_scheduled_tokens
+        req_ids = sorted(num_scheduled, key=lambda r: num_scheduled[r] > 1)
+        # NOTE: the per-request loops below use Python ints: numpy scalar
+        # indexing costs about a microsecond a time, for every request every step.
+        cnt = [num_scheduled[r] for r in req_ids]
         states = [self.requests[r] for r in req_ids]
-        computed = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        comp = [s.num_computed_tokens for s in states]
+        counts = np.array(cnt, dtype=np.int64)
+        computed = np.array(comp, dtype=np.int64)
         query_start = np.zeros(len(req_ids) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         total = int(query_start[-1])
@@ -213,9 +219,8 @@ class ModelRunner:
         # positions[t] = computed[req(t)] + index of t within its request
         req_of_token = np.repeat(np.arange(len(req_ids)), counts)
         positions = computed[req_of_token] + np.arange(total) - query_start[:-1][req_of_token]
-        input_ids = np.empty(total, dtype=np.int64)
-        for i, s in enumerate(states):
-            input_ids[query_start[i]: query_start[i + 1]] = s.token_ids[computed[i]: computed[i] + counts[i]]
+        input_ids = np.fromiter(itertools.chain.from_iterable(
+            s.token_ids[c: c + n] for s, c, n in zip(states, comp, cnt)), dtype=np.int64, count=total)
 
         max_blocks = max(len(s.block_ids) for s in states)
         block_table = np.zeros((len(states), max_blocks), dtype=np.int32)
@@ -226,13 +231,13 @@ class ModelRunner:
         seq_lens = computed + counts
 
         sample_req_ids, sample_rows = [], []
-        for i, s in enumerate(states):
-            if seq_lens[i] == len(s.token_ids):
-                sample_req_ids.append(req_ids[i])
-                sample_rows.append(int(query_start[i + 1]) - 1)
+        for req_id, s, c, n, end in zip(req_ids, states, comp, cnt, query_start[1:].tolist()):
+            if c + n == len(s.token_ids):
+                sample_req_ids.append(req_id)
+                sample_rows.append(end - 1)
         return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
-                          seq_lens.astype(np.int32), block_table, int(counts.max()), sample_req_ids, sample_rows,
-                          int((counts == 1).sum()))
+                          seq_lens.astype(np.int32), block_table, max(cnt), sample_req_ids, sample_rows,
+                          cnt.count(1))
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device

@@ -1,0 +1,59 @@
+"""ModelRunner._prepare_host_inputs against a plain-Python packing of the same
+schedule: decodes first, positions, slot mapping through the block table,
+which rows sample."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ember.worker.model_runner import ModelRunner
+
+BLOCK = 16
+
+
+def _reference(requests: dict, num_scheduled: dict) -> dict:
+    order = [r for r in num_scheduled if num_scheduled[r] == 1] + [r for r in num_scheduled if num_scheduled[r] > 1]
+    ids, pos, slots, qsl, lens, rows, sample = [], [], [], [0], [], [], []
+    width = max(len(requests[r].block_ids) for r in order)
+    for r in order:
+        s, n = requests[r], num_scheduled[r]
+        for p in range(s.num_computed_tokens, s.num_computed_tokens + n):
+            ids.append(s.token_ids[p])
+            pos.append(p)
+            slots.append(s.block_ids[p // BLOCK] * BLOCK + p % BLOCK)
+        qsl.append(qsl[-1] + n)
+        lens.append(s.num_computed_tokens + n)
+        rows.append(s.block_ids + [0] * (width - len(s.block_ids)))
+        if s.num_computed_tokens + n == len(s.token_ids):
+            sample.append((r, qsl[-1] - 1))
+    return dict(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl, seq_lens=lens,
+                block_table=rows, sample=sample, num_decodes=sum(num_scheduled[r] == 1 for r in order),
+                max_query_len=max(num_scheduled.values()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packing_matches_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    requests, num_scheduled = {}, {}
+    for i in range(rng.randint(1, 40)):
+        total = rng.randint(1, 300)
+        n = 1 if rng.random() < 0.6 else rng.randint(1, total)
+        computed = total - n if rng.random() < 0.7 else rng.randint(0, total - n)  # a chunk may stop mid-prompt
+        num_blocks = -(-(computed + n) // BLOCK) + rng.randint(0, 1)
+        requests[f"r{i}"] = SimpleNamespace(num_computed_tokens=computed,
+                                            token_ids=[rng.randrange(50_000) for _ in range(total)],
+                                            block_ids=rng.sample(range(10_000), num_blocks))
+        num_scheduled[f"r{i}"] = n
+    runner = SimpleNamespace(requests=requests, block_size=BLOCK)
+    host = ModelRunner._prepare_host_inputs(runner, SimpleNamespace(num_scheduled_tokens=num_scheduled))
+    ref = _reference(requests, num_scheduled)
+    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_table"):
+        assert getattr(host, name).tolist() == ref[name], name
+    assert host.input_ids.dtype == np.int64 and host.slot_mapping.dtype == np.int64
+    assert host.query_start_loc.dtype == np.int32 and host.block_table.dtype == np.int32
+    assert list(zip(host.sample_req_ids, host.sample_rows)) == ref["sample"]
+    assert host.num_decodes == ref["num_decodes"] and host.max_query_len == ref["max_query_len"]
