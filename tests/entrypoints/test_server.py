@@ -22,7 +22,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server() -> Iterator[str]:
     """Base URL of a running ``ember serve`` (default model, small context)."""
     with launch_server("--kv-cache-memory", "256M", "--max-model-len", str(MAX_MODEL_LEN)) as srv:
-        assert f"{srv.url}/v1" in srv.log_tail()  # the URL is logged
+        assert f"{srv.url}/v1" in srv.log_tail(1 << 20)  # the URL is logged (before the /health polls)
         yield srv.url
 
 
