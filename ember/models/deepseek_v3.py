@@ -21,7 +21,6 @@ module) are skipped when loading.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -34,7 +33,7 @@ from ember.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParal
 from ember.layers.moe import FusedMoE, GroupedTopKRouter
 from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
 from ember.models.llama import LlamaMLP
-from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer, load_hf_weights
+from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, PreNormDecoderLayer
 
 # NOTE: HF builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps,
 # not config.rms_norm_eps (equal in released configs).
@@ -145,23 +144,14 @@ class DeepseekV3ForCausalLM(CausalLM):
         return mla_kv_cache_spec(config.num_hidden_layers, block_size, config.kv_lora_rank,
                                  config.qk_rope_head_dim, dtype)
 
-    def _skip(self, name: str) -> bool:
-        """Rotary buffers, a tied head, and the MTP layers past ``num_hidden_layers``."""
+    def expert_params_mapping(self) -> ExpertMapping:
+        return FusedMoE.make_expert_params_mapping(self.config.n_routed_experts)
+
+    def skip_weight(self, name: str) -> bool:
+        """Also the MTP layers past ``num_hidden_layers``. (FP8 checkpoints
+        arrive dequantized from the loader.)"""
         layer = _LAYER_RE.match(name)
         if layer and int(layer.group(1)) >= self.config.num_hidden_layers:
             return True
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        return "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight")
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named checkpoint tensors into the parameters (FP8 checkpoints
-        arrive dequantized from the loader).
-
-        Returns:
-            Names of the parameters that were loaded.
-        Raises:
-            ValueError: an unexpected weight name or a shape mismatch.
-        """
-        return load_hf_weights(self, weights, self.stacked_params_mapping,
-                               FusedMoE.make_expert_params_mapping(self.config.n_routed_experts), skip=self._skip)
+        return super().skip_weight(name)
 

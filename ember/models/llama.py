@@ -6,7 +6,6 @@ of GQA self-attention with RoPE and a SwiGLU MLP, RMSNorm, optional tied LM head
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from ember.layers.attention import Attention, AttentionBackend, ForwardContext, 
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
 from ember.distributed.parallel_state import get_tp_size
-from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer, load_hf_weights
+from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer
 
 
 class LlamaMLP(nn.Module):
@@ -101,16 +100,3 @@ class LlamaForCausalLM(CausalLM):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return standard_kv_cache_spec(config.num_hidden_layers, block_size, max(1, num_kv_heads // get_tp_size()),
                                       head_dim, dtype)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named checkpoint tensors into the parameters.
-
-        Returns:
-            Names of the parameters that were loaded.
-        Raises:
-            ValueError: an unexpected weight name or a shape mismatch.
-        """
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        return load_hf_weights(
-            self, weights, self.stacked_params_mapping,
-            skip=lambda name: "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"))

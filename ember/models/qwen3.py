@@ -8,7 +8,7 @@ applied before RoPE (Qwen team, 2025, "Qwen3 Technical Report", section 2).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
 from ember.models.llama import LlamaForCausalLM, LlamaMLP
-from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, PreNormDecoderLayer, load_hf_weights
+from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer
 
 
 class Qwen3Attention(nn.Module):
@@ -91,20 +91,3 @@ class Qwen3ForCausalLM(CausalLM):
     def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
         """Standard per-layer K/V layout with the explicit ``head_dim``."""
         return LlamaForCausalLM.kv_cache_spec(config, block_size, dtype)
-
-    def expert_params_mapping(self) -> ExpertMapping:
-        """Checkpoint expert weights -> FusedMoE parameters (none for dense Qwen3)."""
-        return []
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named checkpoint tensors into the parameters.
-
-        Returns:
-            Names of the parameters that were loaded.
-        Raises:
-            ValueError: an unexpected weight name or a shape mismatch.
-        """
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        return load_hf_weights(
-            self, weights, self.stacked_params_mapping, self.expert_params_mapping(),
-            skip=lambda name: "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"))

@@ -66,13 +66,18 @@ class DecoderStack(nn.Module):
 
 class CausalLM(nn.Module):
     """A decoder stack and its LM head: ``forward`` returns final hidden states,
-    ``compute_logits`` projects the rows that need sampling. Subclasses add
-    ``load_weights`` and ``kv_cache_spec``.
+    ``compute_logits`` projects the rows that need sampling, ``load_weights``
+    copies an HF checkpoint in. Subclasses add ``kv_cache_spec`` and set
+    ``stacked_params_mapping``, ``expert_params_mapping`` and ``skip_weight``
+    where their checkpoints need them.
 
     Args:
         config: HF config (``vocab_size``, ``hidden_size``, ``tie_word_embeddings``).
         build_model: builds the decoder stack (called after ``self.config`` is set).
     """
+
+    # Checkpoint projections stacked into one parameter (see load_hf_weights).
+    stacked_params_mapping: StackedMapping = ()
 
     def __init__(self, config, build_model: Callable[[], DecoderStack]) -> None:
         super().__init__()
@@ -89,6 +94,27 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32."""
         return self.lm_head(hidden_states)
+
+    def expert_params_mapping(self) -> ExpertMapping:
+        """Checkpoint expert weights -> FusedMoE parameters (none for dense models)."""
+        return ()
+
+    def skip_weight(self, name: str) -> bool:
+        """Checkpoint tensors that are not parameters: rotary buffers, and the
+        LM head when it is tied to the embedding."""
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into the parameters.
+
+        Returns:
+            Names of the parameters that were loaded.
+        Raises:
+            ValueError: an unexpected weight name or a shape mismatch.
+        """
+        return load_hf_weights(self, weights, self.stacked_params_mapping, self.expert_params_mapping(),
+                               skip=self.skip_weight)
 
 
 # (Ember param fragment, checkpoint fragment, shard id), e.g. ("qkv_proj", "q_proj", "q").
