@@ -116,6 +116,33 @@ def wait_exit(server: ServerProcess, timeout_s: float = 60) -> int:
         pytest.fail(f"ember serve still running {timeout_s} s after SIGTERM:\n{server.log_tail()}")
 
 
+def start_in_flight(server: ServerProcess, url: str, stream_bodies: list[dict], plain_body: dict
+                    ) -> tuple[list[StreamResult], dict, list[threading.Thread]]:
+    """POST each of ``stream_bodies`` as a stream and ``plain_body`` without
+    streaming, each in its own thread; return once every stream has its first
+    chunk. Returns the stream results, the plain response (``status``, ``body``,
+    filled when it arrives) and the threads to join."""
+    results = [StreamResult() for _ in stream_bodies]
+    firsts = [threading.Event() for _ in stream_bodies]
+    plain: dict = {}
+
+    def run_stream(i: int) -> None:
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as c:
+            stream(c, url, stream_bodies[i], results[i], firsts[i])
+
+    def run_plain() -> None:
+        resp = httpx.post(url, json=plain_body, timeout=CLIENT_TIMEOUT_S)
+        plain.update(status=resp.status_code, body=resp.json())
+
+    threads = [threading.Thread(target=run_stream, args=(i,)) for i in range(len(stream_bodies))]
+    threads.append(threading.Thread(target=run_plain))
+    for t in threads:
+        t.start()
+    for first in firsts:
+        assert first.wait(CLIENT_TIMEOUT_S), server.log_tail()
+    return results, plain, threads
+
+
 PROMPTS = ["The three primary colors are", "def fibonacci(n):"]
 DRAIN_TOKENS = 48
 
@@ -129,25 +156,10 @@ def test_sigterm_drains_running_requests_then_exits_0() -> None:
             # Each request alone first: what the drained ones must still return in full.
             expected = [client.post(completions, json={**base, "prompt": p}).json()["choices"][0]["text"]
                         for p in PROMPTS]
-        results = [StreamResult() for _ in range(3)]
-        firsts = [threading.Event() for _ in results]
-        plain: dict = {}
-
-        def run_stream(i: int) -> None:
-            with httpx.Client(timeout=CLIENT_TIMEOUT_S) as c:
-                stream(c, completions, {**base, "prompt": PROMPTS[i % 2], "stream_options": {"include_usage": True}},
-                       results[i], firsts[i])
-
-        def run_plain() -> None:
-            resp = httpx.post(completions, json={**base, "prompt": PROMPTS[1]}, timeout=CLIENT_TIMEOUT_S)
-            plain.update(status=resp.status_code, body=resp.json())
-
-        threads = [threading.Thread(target=run_stream, args=(i,)) for i in range(len(results))]
-        threads.append(threading.Thread(target=run_plain))
-        for t in threads:
-            t.start()
-        for first in firsts:
-            assert first.wait(CLIENT_TIMEOUT_S), server.log_tail()
+        results, plain, threads = start_in_flight(
+            server, completions,
+            [{**base, "prompt": PROMPTS[i % 2], "stream_options": {"include_usage": True}} for i in range(3)],
+            {**base, "prompt": PROMPTS[1]})
         server.proc.send_signal(signal.SIGTERM)
         # While it drains: health and new generations get 503 (the socket stays open).
         time.sleep(0.3)
@@ -232,24 +244,7 @@ def test_sigterm_aborts_what_outlives_the_grace_period(short_fuse: ServerProcess
     url = short_fuse.url
     long = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": LONG_TOKENS, "temperature": 0,
             "ignore_eos": True}
-    results = [StreamResult() for _ in range(2)]
-    firsts = [threading.Event() for _ in results]
-    plain: dict = {}
-
-    def run_stream(i: int) -> None:
-        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as c:
-            stream(c, f"{url}/v1/completions", long, results[i], firsts[i])
-
-    def run_plain() -> None:
-        resp = httpx.post(f"{url}/v1/completions", json=long, timeout=CLIENT_TIMEOUT_S)
-        plain.update(status=resp.status_code, body=resp.json())
-
-    threads = [threading.Thread(target=run_stream, args=(i,)) for i in range(len(results))]
-    threads.append(threading.Thread(target=run_plain))
-    for t in threads:
-        t.start()
-    for first in firsts:
-        assert first.wait(CLIENT_TIMEOUT_S), short_fuse.log_tail()
+    results, plain, threads = start_in_flight(short_fuse, f"{url}/v1/completions", [long, long], long)
     start = time.monotonic()
     short_fuse.proc.send_signal(signal.SIGTERM)
     for t in threads:

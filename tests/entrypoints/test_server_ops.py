@@ -224,17 +224,26 @@ async def asgi_request(app, method: str, path: str, body: dict | None = None,
     return start["status"], headers, b"".join(m.get("body", b"") for m in messages[1:])
 
 
+async def start_stream_and_plain(app, stream_request: tuple[str, dict], plain_request: tuple[str, dict]
+                                 ) -> tuple[asyncio.Task, asyncio.Task]:
+    """Start a streaming and a non-streaming POST ((path, body) each); return
+    their tasks once the stream has sent its first chunk."""
+    first = asyncio.Event()
+    path, body = stream_request
+    stream = asyncio.create_task(asgi_request(app, "POST", path, {**body, "stream": True}, first))
+    plain = asyncio.create_task(asgi_request(app, "POST", *plain_request))
+    await asyncio.wait_for(first.wait(), 5)
+    return stream, plain
+
+
 def test_drain_lets_running_requests_finish_and_refuses_new_ones() -> None:
     engine = SlowEngine(step_s=0.02)
     app = build_app(engine)
     supervisor = app.state.supervisor
 
     async def scenario() -> None:
-        first = asyncio.Event()
-        stream = asyncio.create_task(asgi_request(app, "POST", "/v1/completions",
-                                                  {**BODY, "max_tokens": 25, "stream": True}, first))
-        plain = asyncio.create_task(asgi_request(app, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 25}))
-        await asyncio.wait_for(first.wait(), 5)
+        stream, plain = await start_stream_and_plain(app, ("/v1/completions", {**BODY, "max_tokens": 25}),
+                                                     ("/v1/chat/completions", {**CHAT, "max_tokens": 25}))
         assert supervisor.num_active == 2
         start = time.monotonic()
         drain = asyncio.create_task(supervisor.drain(10.0))
@@ -265,11 +274,8 @@ def test_drain_aborts_what_outlives_the_grace_period() -> None:
     supervisor = app.state.supervisor
 
     async def scenario() -> None:
-        first = asyncio.Event()
-        stream = asyncio.create_task(asgi_request(app, "POST", "/v1/chat/completions",
-                                                  {**CHAT, "max_tokens": 40, "stream": True}, first))
-        plain = asyncio.create_task(asgi_request(app, "POST", "/v1/completions", {**BODY, "max_tokens": 40}))
-        await asyncio.wait_for(first.wait(), 5)
+        stream, plain = await start_stream_and_plain(app, ("/v1/chat/completions", {**CHAT, "max_tokens": 40}),
+                                                     ("/v1/completions", {**BODY, "max_tokens": 40}))
         start = time.monotonic()
         await asyncio.wait_for(supervisor.drain(0.3), 5)
         assert 0.3 <= time.monotonic() - start < 2
