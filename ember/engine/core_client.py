@@ -27,7 +27,6 @@ front end also watches the process itself, so a crash that sends nothing
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import os
 import signal
@@ -36,6 +35,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -47,6 +47,9 @@ from ember.core.stats import SchedulerStats
 from ember.logger import init_logger
 from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # core.py imports this module
+    from ember.engine.core import EngineCore
 
 logger = init_logger(__name__)
 
@@ -125,7 +128,6 @@ class CoreReady:
     """Sent once the model is loaded and the KV cache is allocated."""
 
     num_gpu_blocks: int
-    pid: int
 
 
 @dataclass
@@ -182,9 +184,6 @@ class InprocClient(EngineCoreClient):
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
                        ) -> None:
         self.engine_core.abort_requests(request_ids, status)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.engine_core.has_unfinished_requests()
 
     def get_output(self) -> EngineCoreOutputs:
         """Run one engine step (nothing when idle)."""
@@ -251,23 +250,34 @@ class MPClient(EngineCoreClient):
             self.shutdown()
             raise
         self._ready = True
-        logger.info(f"engine core running in process {self.process.pid}")
 
     def _wait_ready(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._output, zmq.POLLIN)
-        while True:
-            if poller.poll(200):
-                kind, payload = self._output.recv_multipart()
-                if kind == READY:
-                    ready = msgspec.msgpack.decode(payload, type=CoreReady)
-                    self.num_gpu_blocks = ready.num_gpu_blocks
-                    return
-                if kind == DEAD:
-                    raise self._dead_error(payload)
-            elif not self.process.is_alive():
-                raise EngineDeadError(f"the engine core process exited with code {self.process.exitcode} "
-                                      "while starting (see the log above)")
+        kind, payload = self._wait_message()
+        if kind == DEAD:
+            raise self._dead_error(payload)
+        if kind != READY:
+            raise EngineDeadError(f"unexpected message from a starting engine core: {kind!r}")
+        ready = msgspec.msgpack.decode(payload, type=CoreReady)
+        logger.info(f"engine core running in process {self.process.pid} ({ready.num_gpu_blocks} KV blocks)")
+
+    def _wait_message(self, deadline: float | None = None) -> tuple[bytes, bytes] | None:
+        """The next ``[kind, payload]`` from the core (blocking); None once
+        ``time.monotonic()`` passes ``deadline``.
+
+        Raises:
+            EngineDeadError: the core process is gone.
+        """
+        while not self._output.poll(200):
+            if not self.process.is_alive():
+                raise self._process_gone()
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+        kind, payload = self._output.recv_multipart()
+        return kind, payload
+
+    def _process_gone(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine core process exited with code {self.process.exitcode} "
+                               "(see the log above)")
 
     @staticmethod
     def _dead_error(payload: bytes) -> EngineDeadError:
@@ -284,9 +294,6 @@ class MPClient(EngineCoreClient):
                        ) -> None:
         if request_ids:
             self._send(ABORT, AbortRequests(list(request_ids), int(status)))
-
-    def is_alive(self) -> bool:
-        return self.process.is_alive()
 
     def shutdown(self) -> None:
         if self._closed:
@@ -332,13 +339,8 @@ class SyncMPClient(MPClient):
         Raises:
             EngineDeadError: the core reported a fatal error or its process is gone.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._output.poll(200):
-            if not self.process.is_alive():
-                raise EngineDeadError(f"the engine core process exited with code {self.process.exitcode}")
-            if deadline is not None and time.monotonic() > deadline:
-                return None
-        return self._decode_outputs(*self._output.recv_multipart())
+        message = self._wait_message(None if timeout_s is None else time.monotonic() + timeout_s)
+        return None if message is None else self._decode_outputs(*message)
 
 
 class AsyncMPClient(MPClient):
@@ -358,7 +360,7 @@ class AsyncMPClient(MPClient):
         """
         while not await self._async_output.poll(500):
             if not self.process.is_alive():
-                raise EngineDeadError(f"the engine core process exited with code {self.process.exitcode}")
+                raise self._process_gone()
         return self._decode_outputs(*await self._async_output.recv_multipart())
 
 
@@ -387,7 +389,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         from ember.engine.core import EngineCore
 
         core = EngineCore(config)
-        output_socket.send_multipart([READY, encoder.encode(CoreReady(core.num_gpu_blocks, os.getpid()))])
+        output_socket.send_multipart([READY, encoder.encode(CoreReady(core.num_gpu_blocks))])
         _busy_loop(core, input_socket, output_socket, encoder, parent_pid, config.model_config.max_model_len)
     except BaseException as e:  # noqa: BLE001 - report every death to the front end
         logger.exception("engine core died")
@@ -413,7 +415,7 @@ def _leave_a_core_for_the_front_end(config: EngineConfig) -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
 
 
-def _busy_loop(core: "EngineCore", input_socket: zmq.Socket, output_socket: zmq.Socket,  # noqa: F821
+def _busy_loop(core: EngineCore, input_socket: zmq.Socket, output_socket: zmq.Socket,
                encoder: msgspec.msgpack.Encoder, parent_pid: int, max_model_len: int) -> None:
     add_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
     abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
