@@ -28,16 +28,12 @@ from ember.engine.arg_utils import EngineArgs
 from ember.engine.core_client import (
     AsyncMPClient,
     EngineCoreOutputs,
-    EngineCoreRequest,
     EngineDeadError,
     EngineLoadingError,
 )
-from ember.engine.input_processor import InputProcessor
-from ember.engine.llm_engine import check_priority_and_salt
-from ember.engine.output_processor import OutputProcessor
+from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt
 from ember.logger import init_logger
 from ember.outputs import RequestOutput
-from ember.request import RequestStatus
 from ember.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -46,7 +42,7 @@ request_logger = init_logger("ember.request")
 __all__ = ["AsyncLLM", "EngineDeadError", "EngineLoadingError"]
 
 
-class AsyncLLM:
+class AsyncLLM(EngineFrontEnd):
     """Async front of an engine core running in its own process.
 
     Args:
@@ -59,26 +55,14 @@ class AsyncLLM:
         EngineDeadError: the core failed to start (e.g. unreadable weights).
     """
 
-    def __init__(self, config: EngineConfig, wait_until_ready: bool = True) -> None:
-        from ember.loader import load_tokenizer_for
+    core_client: AsyncMPClient
 
-        self.config = config
-        self.model_config = config.model_config
+    def __init__(self, config: EngineConfig, wait_until_ready: bool = True) -> None:
         # The core process loads the model while this one loads the tokenizer.
-        self.core_client = AsyncMPClient(config)
-        try:
-            self.tokenizer = (None if config.model_config.skip_tokenizer_init
-                              else load_tokenizer_for(config.model_config.model, config.model_config.tokenizer))
-        except BaseException:
-            self.core_client.shutdown()
-            raise
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        super().__init__(config, AsyncMPClient(config))
         self.errored = False
         # A PrometheusMetrics the server attaches; updated after each step.
         self.metrics: Any = None
-        self.num_prompt_tokens_total = 0
-        self.num_generation_tokens_total = 0
         self._stats = SchedulerStats()
         self._queues: dict[str, asyncio.Queue] = {}
         # Per live request (front-end view): arrival, first-scheduled and
@@ -155,16 +139,13 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._ensure_output_handler()
         arrival = time.monotonic()
-        # First, as it may still refuse the request (an engine id in use).
-        children = self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids,
-                                                     sampling_params, arrival)
+        # NOTE: the queue is registered after the submit (which may still refuse
+        # the request); no output can arrive in between, on this one event loop.
+        self._submit(request_id, prompt if isinstance(prompt, str) else None, ids, sampling_params, arrival,
+                     priority, cache_salt)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         self._timing[request_id] = _Timing(arrival, len(ids))
-        for engine_id, child_params in children:  # n > 1: n engine-core requests, submitted together
-            self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
-                                                           cache_salt))
-        self.num_prompt_tokens_total += len(ids)
         finished = False
         try:
             while not finished:
@@ -176,7 +157,7 @@ class AsyncLLM:
         finally:
             self._queues.pop(request_id, None)
             if not finished and not self.errored:
-                self._abort(request_id)
+                self._abort_request(request_id)
 
     def num_waiting_requests(self) -> int:
         """Engine-core requests (n per user request) submitted here that are not
@@ -185,7 +166,7 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (its stream ends with finish reason ``abort``)."""
-        for out in self._abort(request_id):
+        for out in self._abort_request(request_id):
             self._deliver(out)
 
     def get_stats(self) -> SchedulerStats:
@@ -206,9 +187,9 @@ class AsyncLLM:
         if self._output_task is None or self._output_task.done():
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
 
-    def _abort(self, request_id: str) -> list[RequestOutput]:
-        finals, engine_ids = self.output_processor.abort_requests([request_id])
-        self.core_client.abort_requests(engine_ids)
+    def _abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Abort one user request; record and log its final output."""
+        finals = self._abort([request_id])
         if self.metrics is not None:
             self.metrics.record(self._stats, self.num_prompt_tokens_total, self.num_generation_tokens_total, finals)
         self._finish_requests(finals)
@@ -242,7 +223,7 @@ class AsyncLLM:
                     self.metrics.observe_queue_time(t - timing.arrival)
         for engine_id, why in core_outputs.rejected.items():
             parent = parent_of(engine_id) or engine_id
-            for out in self._abort(parent):  # its siblings too
+            for out in self._abort_request(parent):  # its siblings too
                 self._deliver(ValueError(why), out.request_id)
         for out in core_outputs.outputs:
             timing = self._timing.get(parent_of(out.request_id) or out.request_id)
@@ -251,10 +232,7 @@ class AsyncLLM:
                 if last is not None and self.metrics is not None:
                     self.metrics.observe_inter_token_latency(now - last)
                 timing.last_token[out.request_id] = now
-        self.num_generation_tokens_total += sum(len(o.new_token_ids) for o in core_outputs.outputs)
-        results, stopped = self.output_processor.process_outputs(core_outputs.outputs)
-        if stopped:
-            self.core_client.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        results = self._process_core_outputs(core_outputs.outputs)
         if self.metrics is not None:
             self.metrics.record(self._stats, self.num_prompt_tokens_total, self.num_generation_tokens_total, results)
         self._finish_requests([r for r in results if r.finished])

@@ -12,6 +12,7 @@ from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.core import EngineCore
+from ember.core.sched_output import EngineCoreOutput
 from ember.engine.core_client import EngineCoreClient, EngineCoreRequest, InprocClient, SyncMPClient
 from ember.engine.input_processor import InputProcessor
 from ember.engine.output_processor import OutputProcessor
@@ -21,7 +22,67 @@ from ember.sampling_params import SamplingParams
 from ember.utils import check_text, is_int
 
 
-class LLMEngine:
+class EngineFrontEnd:
+    """What the offline :class:`LLMEngine` and the server's ``AsyncLLM`` share:
+    the tokenizer, input and output processing, and the engine-core client.
+
+    Args:
+        config: the engine config.
+        core_client: the core (possibly still loading in its process); it is
+            shut down if the tokenizer cannot be loaded.
+    Raises:
+        ModelLoadError: missing or unreadable tokenizer files.
+    """
+
+    def __init__(self, config: EngineConfig, core_client: EngineCoreClient) -> None:
+        from ember.loader import load_tokenizer_for
+
+        self.config = config
+        self.model_config = config.model_config
+        self.core_client = core_client
+        try:
+            self.tokenizer = (None if config.model_config.skip_tokenizer_init
+                              else load_tokenizer_for(config.model_config.model, config.model_config.tokenizer))
+        except BaseException:
+            core_client.shutdown()
+            raise
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        # Cumulative token counts since start-up (for metrics).
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    def _submit(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams, arrival: float,
+                priority: int, cache_salt: str | None) -> None:
+        """Hand a validated request to the output processor and the core: n > 1
+        becomes n engine-core requests, submitted together (see OutputProcessor).
+
+        Raises:
+            ValueError: an engine request id already in use (nothing is submitted).
+        """
+        children = self.output_processor.add_request(request_id, prompt, ids, params, arrival)
+        for engine_id, child_params in children:
+            self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
+                                                           cache_salt))
+        self.num_prompt_tokens_total += len(ids)
+
+    def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """End user requests (all their completions); returns their final outputs."""
+        results, engine_ids = self.output_processor.abort_requests(request_ids)
+        self.core_client.abort_requests(engine_ids)
+        return results
+
+    def _process_core_outputs(self, outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        """Detokenize one step's outputs; completions a stop string ended are
+        stopped in the core."""
+        self.num_generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
+        results, stopped = self.output_processor.process_outputs(outputs)
+        if stopped:
+            self.core_client.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return results
+
+
+class LLMEngine(EngineFrontEnd):
     """Adds requests, steps the engine and returns RequestOutputs.
 
     Args:
@@ -31,29 +92,12 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, multiprocess: bool = False) -> None:
-        from ember.loader import load_tokenizer_for
-
-        self.config = config
-        self.model_config = config.model_config
         # A core process loads the model while this one loads the tokenizer.
-        core_process = SyncMPClient(config) if multiprocess else None
-        try:
-            self.tokenizer = (None if config.model_config.skip_tokenizer_init
-                              else load_tokenizer_for(config.model_config.model, config.model_config.tokenizer))
-        except BaseException:
-            if core_process is not None:
-                core_process.shutdown()
-            raise
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        if core_process is not None:
-            core_process.wait_until_ready()
-        self.core_client: EngineCoreClient = core_process or InprocClient(config)
+        super().__init__(config, SyncMPClient(config) if multiprocess else InprocClient(config))
+        if isinstance(self.core_client, SyncMPClient):
+            self.core_client.wait_until_ready()
         self._stats: SchedulerStats | None = None
         self._ids = itertools.count()
-        # Cumulative token counts since start-up (for metrics).
-        self.num_prompt_tokens_total = 0
-        self.num_generation_tokens_total = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, multiprocess: bool = False) -> LLMEngine:
@@ -96,30 +140,18 @@ class LLMEngine:
         ids = self.input_processor.tokenize(prompt_token_ids if prompt_token_ids is not None else prompt)
         params = self.input_processor.check(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        # n > 1: n engine-core requests, submitted together (see OutputProcessor).
-        children = self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None, ids,
-                                                     params, arrival)
-        for engine_id, child_params in children:
-            self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
-                                                           cache_salt))
-        self.num_prompt_tokens_total += len(ids)
+        self._submit(request_id, prompt if isinstance(prompt, str) else None, ids, params, arrival, priority,
+                     cache_salt)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         """Abort requests; returns their final outputs (finish reason ``abort``)."""
-        results, engine_ids = self.output_processor.abort_requests(request_ids)
-        self.core_client.abort_requests(engine_ids)
-        return results
+        return self._abort(request_ids)
 
     def step(self) -> list[RequestOutput]:
         """One engine step (in-process), or the next step's outputs (multiprocess)."""
         core_outputs = self.core_client.get_output()
         self._stats = core_outputs.stats
-        outputs = core_outputs.outputs
-        self.num_generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
-        results, stopped = self.output_processor.process_outputs(outputs)
-        if stopped:
-            self.core_client.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        return results
+        return self._process_core_outputs(core_outputs.outputs)
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
