@@ -30,6 +30,7 @@ from ember.engine.core_client import (
     EngineCoreOutputs,
     EngineDeadError,
     EngineLoadingError,
+    EngineOverloadedError,
 )
 from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt
 from ember.logger import init_logger
@@ -39,7 +40,7 @@ from ember.sampling_params import SamplingParams
 logger = init_logger(__name__)
 request_logger = init_logger("ember.request")
 
-__all__ = ["AsyncLLM", "EngineDeadError", "EngineLoadingError"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineLoadingError", "EngineOverloadedError"]
 
 
 class AsyncLLM(EngineFrontEnd):
@@ -51,16 +52,25 @@ class AsyncLLM(EngineFrontEnd):
             constructor returns once the tokenizer is loaded; requests are
             refused (:class:`EngineLoadingError`) until :meth:`wait_until_ready`
             wait completes (the server answers 503 meanwhile).
+        max_waiting_requests: overload protection: a request submitted while
+            this many engine-core requests already wait for a slot in the running
+            batch is refused (:class:`EngineOverloadedError`; the server answers
+            429). None: no limit.
     Raises:
         EngineDeadError: the core failed to start (e.g. unreadable weights).
+        ValueError: ``max_waiting_requests`` is negative.
     """
 
     core_client: AsyncMPClient
 
-    def __init__(self, config: EngineConfig, wait_until_ready: bool = True) -> None:
+    def __init__(self, config: EngineConfig, wait_until_ready: bool = True,
+                 max_waiting_requests: int | None = None) -> None:
+        if max_waiting_requests is not None and max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0 or None, got {max_waiting_requests!r}")
         # The core process loads the model while this one loads the tokenizer.
         super().__init__(config, AsyncMPClient(config))
         self.errored = False
+        self.max_waiting_requests = max_waiting_requests
         # A PrometheusMetrics the server attaches; updated after each step.
         self.metrics: Any = None
         self._stats = SchedulerStats()
@@ -73,10 +83,11 @@ class AsyncLLM(EngineFrontEnd):
             self.core_client.wait_until_ready()
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs, wait_until_ready: bool = True) -> AsyncLLM:
+    def from_engine_args(cls, engine_args: EngineArgs, wait_until_ready: bool = True,
+                         max_waiting_requests: int | None = None) -> AsyncLLM:
         """Start the engine core process (and, by default, wait until its model
         is loaded)."""
-        return cls(engine_args.create_engine_config(), wait_until_ready)
+        return cls(engine_args.create_engine_config(), wait_until_ready, max_waiting_requests)
 
     @property
     def ready(self) -> bool:
@@ -126,6 +137,8 @@ class AsyncLLM(EngineFrontEnd):
         Raises:
             ValueError: invalid input (before anything is yielded).
             EngineDeadError: the engine core is not running, or died meanwhile.
+            EngineLoadingError: the model is still loading.
+            EngineOverloadedError: ``max_waiting_requests`` requests already wait.
         """
         if self.errored:
             raise EngineDeadError("the engine core is not running")
@@ -137,6 +150,11 @@ class AsyncLLM(EngineFrontEnd):
         self.input_processor.check(ids, sampling_params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
+        # NOTE: checked here, with no await before the submit below, so that a
+        # burst arriving in one event-loop turn cannot all pass the check.
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_waiting_requests() >= limit:
+            raise EngineOverloadedError(f"{limit} requests are already waiting for a slot")
         self._ensure_output_handler()
         arrival = time.monotonic()
         # NOTE: the queue is registered after the submit (which may still refuse

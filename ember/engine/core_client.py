@@ -72,6 +72,10 @@ class EngineLoadingError(RuntimeError):
     """The engine core is still loading the model; retry later."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """Too many requests already wait for a slot in the running batch; retry later."""
+
+
 # --------------------------------------------------------------- messages
 
 

@@ -53,7 +53,8 @@ class InputProcessor:
         else:
             raise ValueError("prompt must be a string or a list of token ids")
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise ValueError("prompt must not be empty" if not prompt else
+                             "prompt tokenizes to no tokens (the tokenizer drops all of its characters)")
         return ids
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:

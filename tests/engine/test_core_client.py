@@ -21,8 +21,14 @@ from ember.core.sched_output import EngineCoreOutput
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.async_llm import AsyncLLM
-from ember.engine.core_client import EngineCoreOutputs, EngineCoreRequest, EngineDeadError
+from ember.engine.core_client import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineDeadError,
+    EngineOverloadedError,
+)
 from ember.engine.llm_engine import LLMEngine
+from ember.outputs import RequestOutput
 from ember.sampling_params import RequestOutputKind
 from tests.models.prompts import RAW_PROMPTS
 
@@ -109,6 +115,31 @@ def test_async_abort_frees_blocks(async_engine: AsyncLLM) -> None:
         assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
 
     asyncio.run(main())
+
+
+def test_burst_past_max_waiting_requests_is_refused(async_engine: AsyncLLM) -> None:
+    # A burst submitted in one event-loop turn (as HTTP handlers may be): the
+    # check and the submit are atomic, so the limit holds within the burst too.
+    async def main() -> None:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        await _wait_for(lambda: async_engine.get_stats().num_running == 0)
+        async_engine.max_waiting_requests = 2
+        try:
+            streams = [async_engine.generate("Count: one, two,", params, f"burst{i}") for i in range(6)]
+            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        finally:
+            async_engine.max_waiting_requests = None
+        refused = [f for f in firsts if isinstance(f, EngineOverloadedError)]
+        admitted = [s for s, f in zip(streams, firsts) if isinstance(f, RequestOutput)]
+        assert len(refused) + len(admitted) == 6, firsts
+        # None were running at the burst, so the first two submitted wait and the rest are refused.
+        assert len(admitted) == 2, firsts
+        for s in admitted:
+            async for _ in s:
+                pass
+        await _wait_for(lambda: async_engine.num_waiting_requests() == 0)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_dead_core_is_detected(async_engine: AsyncLLM) -> None:

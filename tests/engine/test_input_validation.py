@@ -41,6 +41,7 @@ def sampled(**fields) -> SamplingParams:
 def test_bad_offline_inputs_raise_value_error_naming_the_parameter(llm: LLM) -> None:
     with pytest.raises(TypeError):  # the reference: what the tokenizer alone does with a lone surrogate
         llm.get_tokenizer().encode("\ud800")
+    assert llm.get_tokenizer().encode("\x1d") == []  # a control character SmolLM2's tokenizer drops
     vocab = llm.llm_engine.model_config.vocab_size
     cases = [
         (lambda: llm.generate("a\ud800b", use_tqdm=False), "prompt"),
@@ -48,6 +49,7 @@ def test_bad_offline_inputs_raise_value_error_naming_the_parameter(llm: LLM) -> 
         (lambda: llm.generate([[1, 10 ** 30]], use_tqdm=False), "prompt"),
         (lambda: llm.generate([[1, vocab]], use_tqdm=False), "prompt"),
         (lambda: llm.generate([[-1]], use_tqdm=False), "prompt"),
+        (lambda: llm.generate("\x1d", use_tqdm=False), "prompt tokenizes to no tokens"),
         (lambda: llm.chat([{"role": "user", "content": "x\udfffy"}], use_tqdm=False), r"messages\[0\]\.content"),
         (lambda: llm.chat([{"role": "user", "content": "x"}, {"role": "us\ud800", "content": "y"}], use_tqdm=False),
          r"messages\[1\]\.role"),

@@ -12,6 +12,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from ember.engine.core_client import EngineOverloadedError
 from ember.entrypoints.openai.api_server import build_app
 from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import RequestOutputKind
@@ -34,20 +35,27 @@ def test_api_key_required_on_v1_only() -> None:
 
 
 class BusyEngine(EchoEngine):
-    def __init__(self, waiting: int) -> None:
-        super().__init__()
-        self.waiting = waiting
+    """Refuses requests for overload the way ``AsyncLLM(max_waiting_requests=...)`` does."""
 
-    def num_waiting_requests(self) -> int:
-        return self.waiting
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__()
+        self.waiting, self.limit = waiting, limit
+
+    async def generate(self, prompt, sampling_params, request_id, **kwargs):
+        if self.waiting >= self.limit:
+            raise EngineOverloadedError(f"{self.limit} requests are already waiting for a slot")
+        async for out in super().generate(prompt, sampling_params, request_id, **kwargs):
+            yield out
 
 
 def test_overload_returns_429_with_retry_after() -> None:
-    engine = BusyEngine(waiting=3)
-    client = TestClient(build_app(engine, max_waiting_requests=3), raise_server_exceptions=False)
-    resp = client.post("/v1/completions", json=BODY)
-    assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
-    assert resp.json()["error"]["code"] == "server_overloaded"
+    engine = BusyEngine(waiting=3, limit=3)
+    client = TestClient(build_app(engine), raise_server_exceptions=False)
+    for stream in (False, True):
+        resp = client.post("/v1/completions", json={**BODY, "stream": stream})
+        assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+        err = resp.json()["error"]
+        assert err["code"] == "server_overloaded" and err["type"] == "rate_limit_exceeded", err
     chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert chat.status_code == 429
     engine.waiting = 2
@@ -190,8 +198,6 @@ def test_request_timeout_before_the_first_token_is_504_even_when_streaming() -> 
 def test_bad_operation_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="request_timeout"):
         build_app(EchoEngine(), request_timeout=0)
-    with pytest.raises(ValueError, match="max_waiting_requests"):
-        build_app(EchoEngine(), max_waiting_requests=-1)
 
 
 async def asgi_request(app, method: str, path: str, body: dict | None = None,

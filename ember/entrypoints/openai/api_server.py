@@ -42,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
-from ember.engine.core_client import EngineDeadError, EngineLoadingError
+from ember.engine.core_client import EngineDeadError, EngineLoadingError, EngineOverloadedError
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -161,26 +161,25 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | None = None,
-              max_waiting_requests: int | None = None, request_timeout: float | None = None) -> FastAPI:
+              request_timeout: float | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
 
     Args:
         reasoning_parser: an :mod:`ember.reasoning` parser for chat completions.
         api_key: if set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``
             (401 otherwise; compared in constant time).
-        max_waiting_requests: if set, a generation request arriving while this
-            many requests already wait for a slot gets 429 with ``Retry-After``.
         request_timeout: seconds a generation request may run before the server
             aborts it (None: no limit); see :mod:`ember.entrypoints.openai.supervisor`.
 
     ``app.state.supervisor`` is the :class:`RequestSupervisor` whose ``drain``
     the server runs on shutdown.
 
+    An engine refusing a request for overload (:class:`EngineOverloadedError`,
+    see ``AsyncLLM(max_waiting_requests=...)``) gets 429 with ``Retry-After``.
+
     Raises:
-        ValueError: ``max_waiting_requests`` is negative or ``request_timeout`` not positive.
+        ValueError: ``request_timeout`` is not positive.
     """
-    if max_waiting_requests is not None and max_waiting_requests < 0:
-        raise ValueError(f"max_waiting_requests must be >= 0 or None, got {max_waiting_requests!r}")
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
     model_name = engine.model_config.served_model_name
@@ -203,12 +202,6 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
                                                 401, type="authentication_error", code="invalid_api_key"))
         return await call_next(request)
 
-    def check_overload() -> None:
-        waiting = getattr(engine, "num_waiting_requests", None)
-        if max_waiting_requests is not None and waiting is not None and waiting() >= max_waiting_requests:
-            raise APIError(f"the server is overloaded: {max_waiting_requests} requests are already waiting; "
-                           "retry later", 429, type="rate_limit_exceeded", code="server_overloaded")
-
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
@@ -225,6 +218,11 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     @app.exception_handler(EngineLoadingError)
     async def _engine_loading(_: Request, exc: EngineLoadingError) -> JSONResponse:
         return _error_response(model_loading_error())
+
+    @app.exception_handler(EngineOverloadedError)
+    async def _engine_overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
+        return _error_response(APIError(f"the server is overloaded: {exc}; retry later", 429,
+                                        type="rate_limit_exceeded", code="server_overloaded"))
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
@@ -284,12 +282,10 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
-        check_overload()
         return await _cancel_on_disconnect(raw_request, completion.create_completion(request))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
-        check_overload()
         return await _cancel_on_disconnect(raw_request, chat.create_chat_completion(request))
 
     return app
@@ -309,8 +305,7 @@ def _bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None,
-                api_key: str | None = None, max_waiting_requests: int | None = None,
-                request_timeout: float | None = None,
+                api_key: str | None = None, request_timeout: float | None = None,
                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
     """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM, then drain:
     running requests get ``shutdown_timeout`` seconds to finish (see the module
@@ -321,7 +316,7 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
     """
     if not shutdown_timeout >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
-    app = build_app(engine, reasoning_parser, api_key, max_waiting_requests, request_timeout)
+    app = build_app(engine, reasoning_parser, api_key, request_timeout)
     server = _make_server(app, log_level, shutdown_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -387,12 +382,12 @@ def run_server(args: argparse.Namespace) -> None:
     try:
         # NOTE: the core process loads the model while the server already answers
         # (/health: 503 model_loading), so load balancers see a live, not-ready server.
-        engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), wait_until_ready=False)
+        engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), wait_until_ready=False,
+                                           max_waiting_requests=getattr(args, "max_waiting_requests", None))
         # NOTE: the API key is read once, here: from --api-key, else $EMBER_API_KEY.
         api_key = getattr(args, "api_key", None) or os.environ.get("EMBER_API_KEY") or None
         asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None),
-                          api_key, getattr(args, "max_waiting_requests", None),
-                          getattr(args, "request_timeout", None),
+                          api_key, getattr(args, "request_timeout", None),
                           getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S)))
     except KeyboardInterrupt:
         pass
