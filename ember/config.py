@@ -155,6 +155,9 @@ class SchedulerConfig:
         max_waiting_time_s: fairness guard of the ``priority`` policy: a request
             waiting longer than this (seconds) is promoted above every priority;
             None disables it.
+        async_scheduling: launch each steady decode step before the previous
+            step's tokens reach the host, so the device does not wait for the
+            host's per-step work (see :mod:`ember.engine.core`).
     """
 
     max_num_batched_tokens: int = 2048
@@ -163,8 +166,10 @@ class SchedulerConfig:
     policy: str = "fcfs"
     preemption_mode: str = "recompute"
     max_waiting_time_s: float | None = 60.0
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.async_scheduling, bool), "async_scheduling", "a bool", self.async_scheduling)
         _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
                  "max_num_batched_tokens", "a positive integer", self.max_num_batched_tokens)
         _require(_is_int(self.max_num_seqs) and 1 <= self.max_num_seqs <= 65536,

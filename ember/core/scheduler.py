@@ -49,6 +49,7 @@ from ember.core.sched_policy import SCHEDULING_POLICIES
 from ember.core.stats import SchedulerStats
 from ember.logger import init_logger
 from ember.request import Request, RequestStatus
+from ember.sample.penalties import uses_penalty
 
 logger = init_logger(__name__)
 
@@ -160,6 +161,64 @@ class Scheduler:
             num_preemptions=len(plan.preempted),
             blocks_to_swap_out=plan.swap_out,
             blocks_to_swap_in=plan.swap_in,
+        )
+        self._forget_req_ids = set()
+        return out
+
+    def schedule_ahead(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """Asynchronous scheduling: the next step, picked while ``in_flight`` (the
+        last step, whose tokens are not known yet) still runs on the device.
+
+        Only the steady case is scheduled ahead: every running request is in
+        ``in_flight`` and samples its next token there, and none uses a
+        penalty (its logits would need the token in flight). Each gets one
+        token: the one being sampled, which the runner feeds from the device
+        without a round trip to the host. Then new requests are admitted as
+        :meth:`schedule` would, when that needs no preemption (FCFS with only
+        new requests waiting). A request that reaches ``max_tokens`` in
+        ``in_flight`` is left out; one that stops on a stop token there is
+        computed once more and that token dropped (:meth:`update_from_output`
+        skips finished requests). Prefix-cache hashes only cover known tokens,
+        so the block holding a token in flight is registered one step later.
+
+        Returns:
+            The step, or None when the case is not the steady one (or a block
+            is missing): the caller then waits for ``in_flight`` and calls
+            :meth:`schedule`.
+        """
+        num_scheduled = in_flight.num_scheduled_tokens
+        if not self.running or len(self.running) > self.config.max_num_batched_tokens:
+            return None
+        if self.policy.num_waiting() and (self.policy.name != "fcfs"
+                                          or self.policy.peek_waiting().status != RequestStatus.WAITING):
+            return None  # admission may preempt (FCFS requeues preempted requests at the front)
+        for req in self.running:
+            n = num_scheduled.get(req.request_id)
+            if n is None or req.num_computed_tokens + n != req.num_tokens or uses_penalty(req.sampling_params):
+                return None
+        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        for req in self.running:
+            if req.num_output_tokens + 1 >= req.max_tokens:
+                continue  # finishes in flight
+            num_computed = req.num_tokens  # once in_flight is done
+            # NOTE: room for the token in flight, which this step computes; the
+            # request still counts num_computed_tokens before in_flight.
+            new_blocks = self.kv_cache_manager.allocate_slots(req, num_computed + 1 - req.num_computed_tokens)
+            if new_blocks is None:
+                return None  # blocks allocated so far stay with their requests (they need them next)
+            plan.num_scheduled[req.request_id] = 1
+            plan.budget -= 1
+            plan.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
+                                                      num_computed))
+        self._schedule_waiting(plan)
+        if not plan.num_scheduled:
+            return None
+        out = SchedulerOutput(
+            scheduled_new_reqs=plan.new_reqs,
+            scheduled_cached_reqs=plan.cached_reqs,
+            num_scheduled_tokens=plan.num_scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget,
+            finished_req_ids=self._forget_req_ids,
         )
         self._forget_req_ids = set()
         return out

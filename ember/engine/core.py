@@ -1,13 +1,26 @@
-"""EngineCore: schedule -> execute -> update, one step at a time."""
+"""EngineCore: schedule -> execute -> update, one step at a time.
+
+With asynchronous scheduling (``SchedulerConfig.async_scheduling``) a step is
+launched on the device before the previous one's sampled ids are read: while
+the device runs step N+1, the host reads step N's tokens, checks stops and
+builds the outputs, so the device does not wait for the host between decode
+steps. Only steady decode steps are scheduled ahead
+(:meth:`~ember.core.scheduler.Scheduler.schedule_ahead`); anything else (an
+admission, a preemption, a penalty) waits for the step in flight and is
+scheduled as before. The outputs are the same either way (token for token
+under greedy or seeded sampling); a request that hits a stop token costs one
+extra token of compute.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
-from ember.core.sched_output import EngineCoreOutput
+from ember.core.sched_output import EngineCoreOutput, SchedulerOutput
 from ember.core.scheduler import Scheduler
 from ember.core.stats import SchedulerStats
 from ember.engine.core_client import EngineCoreOutputs
@@ -28,6 +41,7 @@ class StepTimes:
     """
 
     num_steps: int = 0
+    num_steps_ahead: int = 0  # launched before the previous step's tokens were read
     schedule_s: float = 0.0
     execute_s: float = 0.0
     update_s: float = 0.0
@@ -58,6 +72,9 @@ class EngineCore:
         kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.step_times = StepTimes()
+        self.async_scheduling = config.scheduler_config.async_scheduling
+        # The step launched and not yet collected (asynchronous scheduling).
+        self._in_flight: tuple[SchedulerOutput, Any] | None = None
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -86,7 +103,8 @@ class EngineCore:
         return self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests still to run, or a launched step still to collect."""
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
         """One engine step; returns what each request generated."""
@@ -100,27 +118,44 @@ class EngineCore:
         return EngineCoreOutputs(outputs, self.get_stats(), scheduled_times)
 
     def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
-        if not self.scheduler.has_unfinished_requests():
-            return []
+        """Collect one step's results; launch it first unless it is in flight,
+        and launch the next one ahead of the collection when it can be."""
+        st = self.step_times
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        t1 = time.perf_counter()
+        if self._in_flight is None:
+            if not self.scheduler.has_unfinished_requests():
+                return []
+            sched = self.scheduler.schedule()
+            self._note_first_scheduled(sched, scheduled_times)
+            t1 = time.perf_counter()
+            pending = self.executor.launch(sched)
+        else:
+            (sched, pending), t1 = self._in_flight, t0
+        self._in_flight = None
+        t2 = time.perf_counter()
+        ahead = self.scheduler.schedule_ahead(sched) if self.async_scheduling else None
+        t3 = time.perf_counter()
+        if ahead is not None:
+            self._note_first_scheduled(ahead, scheduled_times)
+            self._in_flight = (ahead, self.executor.launch(ahead))
+            st.num_steps_ahead += 1
+        result = self.executor.collect(pending)
+        t4 = time.perf_counter()
+        outputs = self.scheduler.update_from_output(sched, result)
+        t5 = time.perf_counter()
+        st.num_steps += 1
+        st.schedule_s += (t1 - t0) + (t3 - t2)
+        st.execute_s += (t2 - t1) + (t4 - t3)
+        st.update_s += t5 - t4
+        return outputs
+
+    def _note_first_scheduled(self, sched: SchedulerOutput, scheduled_times: dict[str, float]) -> None:
         if sched.scheduled_new_reqs:
             now = time.monotonic()
             for new in sched.scheduled_new_reqs:
                 req = self.scheduler.requests[new.req_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = scheduled_times[new.req_id] = now
-        result = self.executor.execute_model(sched)
-        t2 = time.perf_counter()
-        outputs = self.scheduler.update_from_output(sched, result)
-        t3 = time.perf_counter()
-        st = self.step_times
-        st.num_steps += 1
-        st.schedule_s += t1 - t0
-        st.execute_s += t2 - t1
-        st.update_s += t3 - t2
-        return outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ember.config import EngineConfig
 from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.worker.model_runner import PendingOutput
 from ember.worker.worker import Worker
 
 
@@ -29,6 +30,14 @@ class UniProcExecutor:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(sched)
+
+    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+        """Start a step on the device (see :meth:`ModelRunner.launch`)."""
+        return self.worker.model_runner.launch(sched)
+
+    def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
+        """Wait for a launched step's tokens (see :meth:`ModelRunner.collect`)."""
+        return self.worker.model_runner.collect(pending)
 
     def shutdown(self) -> None:
         pass

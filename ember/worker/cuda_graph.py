@@ -50,10 +50,14 @@ class CUDAGraphRunner:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
-        # One pinned staging area: a step's inputs travel in a single asynchronous
+        # Pinned staging areas: a step's inputs travel in a single asynchronous
         # host-to-device copy, then spread into the graph's buffers on the device.
-        self._stage_host = torch.empty(4 * n + n * max_blocks, dtype=torch.int64).pin_memory()
-        self._stage_dev = torch.empty_like(self._stage_host, device=dev)
+        # NOTE: two, used in turn: with asynchronous scheduling a step is staged
+        # before the previous step's copy is known to have run; the one before
+        # that has been waited for.
+        self._stage_hosts = [torch.empty(6 * n + n * max_blocks, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._stage_dev = torch.empty_like(self._stage_hosts[0], device=dev)
+        self._num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -85,27 +89,35 @@ class CUDAGraphRunner:
         n = len(host.seq_lens)
         return host.max_query_len == 1 and n <= self.sizes[-1]
 
-    def run(self, host) -> torch.Tensor:
-        """Copy ``host`` (a ``HostInputs``) into the buffers, replay; returns [n, hidden]."""
+    def run(self, host, runner) -> torch.Tensor:
+        """Copy ``host`` (a ``HostInputs``) into the buffers, fill in the input
+        ids still in flight (``runner.fill_in_flight_ids``), replay; returns [n, hidden]."""
         n = len(host.seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         width = host.block_table.shape[1]
-        total = 4 * n + n * width
-        # NOTE: the previous step ended by reading its sampled ids (a sync), so
-        # the pinned buffer is no longer being copied from when it is refilled.
-        stage = self._stage_host.numpy()
+        k = len(host.in_flight_dst)
+        total = 4 * n + n * width + 2 * k
+        stage_host = self._stage_hosts[self._num_runs % 2]
+        self._num_runs += 1
+        stage = stage_host.numpy()
         stage[0:n] = host.input_ids
         stage[n:2 * n] = host.positions
         stage[2 * n:3 * n] = host.slot_mapping
         stage[3 * n:4 * n] = host.seq_lens
-        stage[4 * n:total] = host.block_table.reshape(-1)
+        end = 4 * n + n * width
+        stage[4 * n:end] = host.block_table.reshape(-1)
+        if k:
+            stage[end:end + k] = host.in_flight_dst
+            stage[end + k:total] = host.in_flight_src
         dev = self._stage_dev[:total]
-        dev.copy_(self._stage_host[:total], non_blocking=True)
+        dev.copy_(stage_host[:total], non_blocking=True)
         self.input_ids[:n].copy_(dev[0:n])
         self.positions[:n].copy_(dev[n:2 * n])
         self.slot_mapping[:n].copy_(dev[2 * n:3 * n])
         self.seq_lens[:n].copy_(dev[3 * n:4 * n])
-        self.block_table[:n, :width].copy_(dev[4 * n:total].view(n, width))
+        self.block_table[:n, :width].copy_(dev[4 * n:end].view(n, width))
+        if k:
+            runner.fill_in_flight_ids(self.input_ids, dev[end:end + k], dev[end + k:total])
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()

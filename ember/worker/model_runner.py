@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # Tokens sampled by launched steps and not yet read back (asynchronous
+    # scheduling): they follow ``token_ids``.
+    num_in_flight: int = 0
 
 
 @dataclass(slots=True)
@@ -50,7 +54,9 @@ class HostInputs:
 
     Shapes: ``input_ids``, ``positions``, ``slot_mapping``: [num_tokens] int64;
     ``query_start_loc``: [num_reqs + 1] int32; ``seq_lens``: [num_reqs] int32;
-    ``block_table``: [num_reqs, max_blocks] int32.
+    ``block_table``: [num_reqs, max_blocks] int32. ``in_flight_dst`` /
+    ``in_flight_src``: the input positions whose token the previous step is
+    still sampling, and that token's row in the previous step's sampled ids.
     """
 
     input_ids: np.ndarray
@@ -63,6 +69,24 @@ class HostInputs:
     sample_req_ids: list[str]
     sample_rows: list[int]
     num_decodes: int = 0
+    in_flight_dst: list[int] = field(default_factory=list)
+    in_flight_src: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PendingOutput:
+    """A launched step whose sampled ids are still on their way to the host.
+
+    ``sampled_host``: [num_rows] int64 (pinned on CUDA), valid once ``event``
+    (None on CPU) completes; ``logprobs``: the packed log-probabilities of the
+    rows that asked, on the device (see :func:`ember.sample.logprobs.compute_logprobs`).
+    """
+
+    req_ids: list[str]
+    sampled_host: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
+    logprobs: torch.Tensor | None = None
+    logprobs_meta: Any = None
 
 
 @contextlib.contextmanager
@@ -104,6 +128,10 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
+        # The last launched step's sampled ids (device, [num_rows] int64) and each
+        # sampling request's row in them: the inputs of a step scheduled ahead.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sample_rows: dict[str, int] = {}
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -219,8 +247,25 @@ class ModelRunner:
         # positions[t] = computed[req(t)] + index of t within its request
         req_of_token = np.repeat(np.arange(len(req_ids)), counts)
         positions = computed[req_of_token] + np.arange(total) - query_start[:-1][req_of_token]
-        input_ids = np.fromiter(itertools.chain.from_iterable(
-            s.token_ids[c: c + n] for s, c, n in zip(states, comp, cnt)), dtype=np.int64, count=total)
+        in_flight_dst: list[int] = []
+        in_flight_src: list[int] = []
+        if any(s.num_in_flight for s in states):
+            # NOTE: asynchronous scheduling: a request's last input token may be
+            # the one the previous step is still sampling. Its id is a 0 here;
+            # the device copies it from that step's sampled ids.
+            ids: list[int] = []
+            for s, c, n in zip(states, comp, cnt):
+                known = s.token_ids[c: c + n]
+                ids.extend(known)
+                if len(known) < n:
+                    assert len(known) == n - 1 and s.num_in_flight == 1, f"{s.req_id}: tokens missing"
+                    in_flight_dst.append(len(ids))
+                    in_flight_src.append(self._last_sample_rows[s.req_id])
+                    ids.append(0)
+            input_ids = np.array(ids, dtype=np.int64)
+        else:
+            input_ids = np.fromiter(itertools.chain.from_iterable(
+                s.token_ids[c: c + n] for s, c, n in zip(states, comp, cnt)), dtype=np.int64, count=total)
 
         max_blocks = max(len(s.block_ids) for s in states)
         block_table = np.zeros((len(states), max_blocks), dtype=np.int32)
@@ -232,12 +277,12 @@ class ModelRunner:
 
         sample_req_ids, sample_rows = [], []
         for req_id, s, c, n, end in zip(req_ids, states, comp, cnt, query_start[1:].tolist()):
-            if c + n == len(s.token_ids):
+            if c + n == len(s.token_ids) + s.num_in_flight:
                 sample_req_ids.append(req_id)
                 sample_rows.append(end - 1)
         return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
                           seq_lens.astype(np.int32), block_table, max(cnt), sample_req_ids, sample_rows,
-                          cnt.count(1))
+                          cnt.count(1), in_flight_dst, in_flight_src)
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -256,25 +301,47 @@ class ModelRunner:
             seq_lens_cpu=host.seq_lens.tolist(),
             num_decodes=host.num_decodes,
         )
-        return to_dev(host.input_ids), to_dev(host.positions), meta
+        input_ids = to_dev(host.input_ids)
+        if host.in_flight_dst:
+            self.fill_in_flight_ids(input_ids, to_dev(np.array(host.in_flight_dst, dtype=np.int64)),
+                                    to_dev(np.array(host.in_flight_src, dtype=np.int64)))
+        return input_ids, to_dev(host.positions), meta
+
+    def fill_in_flight_ids(self, input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``input_ids[dst] = <previous step's sampled ids>[src]``, on the device
+        (int64 index tensors), in stream order after that step's sampling."""
+        input_ids.index_copy_(0, dst, self._last_sampled.index_select(0, src))
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the packed batch: a CUDA-graph
         replay for decode-only batches that fit a captured size, else eager."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
-            return self.cuda_graphs.run(host)
+            return self.cuda_graphs.run(host, self)
         input_ids, positions, meta = self._device_inputs(host)
         return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step: forward over all scheduled tokens, then sample for
-        requests whose tokens are all computed."""
+        requests whose tokens are all computed (:meth:`launch`, then :meth:`collect`)."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+        """Start one step on the device: forward, logits and sampling are
+        enqueued, and the sampled ids start their copy to the host; nothing
+        waits for the device (on CUDA). The step may continue requests whose
+        last token an earlier launched step is still sampling (asynchronous
+        scheduling): that token is fed on the device.
+
+        Returns:
+            What :meth:`collect` turns into the step's output.
+        """
         self._update_states(sched)
         if sched.blocks_to_swap_out or sched.blocks_to_swap_in:
             self._swap_blocks(sched)
         if sched.is_empty:
-            return ModelRunnerOutput({})
+            return PendingOutput([])
         t0 = time.perf_counter()
         host = self._prepare_host_inputs(sched)
         self.prepare_s += time.perf_counter() - t0
@@ -282,25 +349,55 @@ class ModelRunner:
         for req_id, n in sched.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
         if not host.sample_req_ids:
-            return ModelRunnerOutput({})
+            return PendingOutput([])
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
         else:
-            logits = self.model.compute_logits(hidden[torch.tensor(host.sample_rows, device=self.device)])
+            rows = torch.from_numpy(np.array(host.sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden[rows])
         states = [self.requests[r] for r in host.sample_req_ids]
         sampling_meta = SamplingMetadata.build(
-            [s.sampling_params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states], self.device,
+            [s.sampling_params for s in states],
+            [len(s.token_ids) + s.num_in_flight - s.num_prompt_tokens for s in states], self.device,
             token_ids=[s.token_ids for s in states])
         out = self.sampler(logits, sampling_meta)
-        sampled = out.sampled_token_ids.tolist()
-        for s, tok in zip(states, sampled):
-            s.token_ids.append(tok)
+        for s in states:
+            s.num_in_flight += 1
+        self._last_sampled = out.sampled_token_ids
+        self._last_sample_rows = {r: i for i, r in enumerate(host.sample_req_ids)}
+        pending = PendingOutput(host.sample_req_ids, logprobs=out.logprobs, logprobs_meta=sampling_meta.logprobs)
+        if self.device.type == "cuda":
+            pending.sampled_host = torch.empty(len(states), dtype=torch.int64, pin_memory=True)
+            pending.sampled_host.copy_(out.sampled_token_ids, non_blocking=True)
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        else:
+            pending.sampled_host = out.sampled_token_ids
+        return pending
+
+    def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
+        """Wait for a launched step's sampled ids and append them to the
+        requests' tokens (requests forgotten meanwhile are skipped).
+
+        Returns:
+            The step's output (the token of every sampling request).
+        """
+        if not pending.req_ids:
+            return ModelRunnerOutput({})
+        if pending.event is not None:
+            pending.event.synchronize()
+        sampled = pending.sampled_host.tolist()
+        for req_id, tok in zip(pending.req_ids, sampled):
+            s = self.requests.get(req_id)
+            if s is not None:
+                s.token_ids.append(tok)
+                s.num_in_flight -= 1
         logprobs = {}
-        if out.logprobs is not None:
-            rows = sampling_meta.logprobs.row_ids
-            entries = unpack_logprobs(out.logprobs.tolist(), [sampled[i] for i in rows], sampling_meta.logprobs)
-            logprobs = {host.sample_req_ids[i]: e for i, e in zip(rows, entries)}
-        return ModelRunnerOutput(dict(zip(host.sample_req_ids, sampled)), logprobs)
+        if pending.logprobs is not None:
+            rows = pending.logprobs_meta.row_ids
+            entries = unpack_logprobs(pending.logprobs.tolist(), [sampled[i] for i in rows], pending.logprobs_meta)
+            logprobs = {pending.req_ids[i]: e for i, e in zip(rows, entries)}
+        return ModelRunnerOutput(dict(zip(pending.req_ids, sampled)), logprobs)
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for a ladder of batch sizes (CUDA, unless

@@ -26,17 +26,19 @@ def tiny_llama(tmp_path_factory):
     return str(path), model.cuda().eval()
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager):
+@pytest.mark.parametrize("enforce_eager,async_scheduling", [(False, True), (True, True), (False, False)])
+def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager, async_scheduling):
     path, hf = tiny_llama
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (1, 15, 17, 100, 600)]
     refs = [hf_greedy(hf, p, 32) for p in prompts]
     llm = LLM(path, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
-              kv_cache_memory=64 << 20, max_num_batched_tokens=128, max_num_seqs=8, enforce_eager=enforce_eager)
+              kv_cache_memory=64 << 20, max_num_batched_tokens=128, max_num_seqs=8, enforce_eager=enforce_eager,
+              async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     together = llm.generate(prompts, params, use_tqdm=False)
     for i, (out, ref) in enumerate(zip(together, refs)):
         assert out.outputs[0].token_ids == ref, f"prompt {i}"
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
     assert (runner.cuda_graphs is None) == enforce_eager
+    assert (llm.llm_engine.engine_core.step_times.num_steps_ahead > 0) == async_scheduling
