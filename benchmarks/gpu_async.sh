@@ -11,9 +11,10 @@ MODEL=${MODEL:-Llama-3.1-8B}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu_engine.py tests/engine/test_async_scheduling.py \
     tests/core/test_schedule_ahead.py 2>&1 | tail -4
-for MODE in async-scheduling no-async-scheduling; do
-  echo "== $MODEL, --$MODE"
+for MODE in async sync; do
+  echo "== $MODEL, $MODE scheduling"
+  FLAG=$([ $MODE = async ] && echo --async-scheduling)
   python3 -m ember.entrypoints.cli bench latency --model "$MODEL" --load-format dummy --max-model-len 4096 \
-      --batch-size 4 --input-len 1000 --output-len 200 --iters 3 --"$MODE" \
+      --batch-size 4 --input-len 1000 --output-len 200 --iters 3 $FLAG \
       --output-json "$OUT/latency_b4_${MODEL}_$MODE.json" 2>&1 | tail -12
 done

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from ember.config import SchedulerConfig
@@ -210,7 +210,9 @@ class Scheduler:
             plan.budget -= 1
             plan.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
                                                       num_computed))
-        self._schedule_waiting(plan)
+        # NOTE: a new request reusing the id of an aborted one still in flight
+        # waits until that step is collected (results are matched by id).
+        self._schedule_waiting(plan, exclude=num_scheduled)
         if not plan.num_scheduled:
             return None
         out = SchedulerOutput(
@@ -244,12 +246,14 @@ class Scheduler:
                 req.request_id, [b.block_id for b in new_blocks], req.num_computed_tokens))
             idx += 1
 
-    def _schedule_waiting(self, plan: _StepPlan) -> None:
+    def _schedule_waiting(self, plan: _StepPlan, exclude: Container[str] = ()) -> None:
         """Admit waiting requests in policy order while budget, slots and
-        blocks last."""
+        blocks last (stopping at one whose id is in ``exclude``)."""
         while (self.policy.num_waiting() and plan.budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.policy.peek_waiting()
+            if req.request_id in exclude:
+                break
             # NOTE: a request preempted this step must not be overtaken by one it
             # outranks (FCFS: by anyone), or the two would trade places every step.
             if not all(self.policy.outranks(req, victim) for victim in plan.preempted):
@@ -358,8 +362,8 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         for req_id, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
-            if req is None or req.is_finished():
-                continue  # aborted while the step ran
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran (its id may be waiting again already)
             req.num_computed_tokens += n
             token = result.sampled_token_ids.get(req_id)
             if token is None:

@@ -8,7 +8,7 @@ from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.sched_output import ModelRunnerOutput
 from ember.core.sched_policy import SCHEDULING_POLICIES
 from ember.core.scheduler import Scheduler
-from ember.request import Request
+from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
 from tests.core.test_scheduler import fake_run
 
@@ -135,6 +135,25 @@ def test_request_stopping_in_flight_is_dropped_from_the_ahead_step() -> None:
     assert [o.request_id for o in out] == ["b"]  # a's extra token is dropped
     nxt = sched.schedule()
     assert "a" in nxt.finished_req_ids and set(nxt.num_scheduled_tokens) == {"b"}
+
+
+def test_id_of_a_request_aborted_in_flight_reused_at_once() -> None:
+    sched = make()
+    sched.add_request(req("x", 2))
+    sched.add_request(req("y", 2))
+    s = sched.schedule()
+    ahead = sched.schedule_ahead(s)
+    sched.update_from_output(s, fake_run(s, sched))
+    assert sched.finish_requests(["x"], RequestStatus.FINISHED_ABORTED) == ["x"]
+    sched.add_request(req("x", 3))  # a new request with the same id
+    nxt = sched.schedule_ahead(ahead)  # the old x is still in flight: the new one waits
+    assert set(nxt.num_scheduled_tokens) == {"y"} and not nxt.scheduled_new_reqs
+    out = sched.update_from_output(ahead, fake_run_known(ahead, sched, token=6))
+    assert [o.request_id for o in out] == ["y"]  # the old x's token does not reach the new x
+    new_x = sched.requests["x"]
+    assert (new_x.num_computed_tokens, new_x.num_output_tokens) == (0, 0)
+    later = sched.schedule_ahead(nxt)
+    assert later.num_scheduled_tokens == {"y": 1, "x": 3}
 
 
 def test_no_block_no_ahead_step() -> None:

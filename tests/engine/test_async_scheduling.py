@@ -133,3 +133,24 @@ def test_shared_prefixes(caching: bool) -> None:
         return [final(temperature=0, max_tokens=35, ignore_eos=True, n=2) for _ in PROMPTS]
 
     compare(params, enable_prefix_caching=caching, block_size=4)
+
+
+def test_request_id_reused_right_after_an_abort() -> None:
+    params = final(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = make_engine(False)
+    want = run(alone, [params])["r0"]  # PROMPTS[0] alone
+    alone.shutdown()
+    engine = make_engine(True)
+    engine.add_request("x", PROMPTS[2], params)
+    engine.add_request("y", PROMPTS[3], params)
+    for _ in range(4):
+        engine.step()
+    assert engine.engine_core._in_flight is not None  # x has a step in flight
+    engine.abort_requests(["x"])
+    engine.add_request("x", PROMPTS[0], params)  # the same id, another prompt
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    got = [(c.token_ids, c.finish_reason, c.logprobs) for c in finals["x"].outputs]
+    assert got == want
+    engine.shutdown()

@@ -355,7 +355,7 @@ def test_client_errors(client: TestClient, path: str) -> None:
     assert_error(client.post(path, content=b"[1, 2]", headers=headers), 400, match="json object")
     assert_error(client.post(path, json={**good, "max_tokens": "many"}), 400, "max_tokens", "max_tokens")
     assert_error(client.post(path, json={**good, "frobnicate": 1}), 400, "frobnicate", "frobnicate")
-    err = assert_error(client.post(path, json={**good, "model": "gpt-4"}), 400, "model", "gpt-4")
+    err = assert_error(client.post(path, json={**good, "model": "gpt-4"}), 404, "model", "gpt-4")
     assert err["code"] == "model_not_found"
     assert_error(client.post(path, json={**good, "temperature": -0.5}), 400, "temperature", "temperature")
     for field, value in (("n", 0), ("n", 129), ("presence_penalty", 2.5), ("frequency_penalty", -2.1),

@@ -98,7 +98,7 @@ def test_bad_requests(server: str, client: openai.OpenAI) -> None:
     long_prompt = "hello " * (MAX_MODEL_LEN + 10)
     assert_error(httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": long_prompt, "stream": True}),
                  400, "prompt", "context")
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
     assert e.value.code == "model_not_found" and "gpt-4o" in e.value.message
     with pytest.raises(openai.BadRequestError, match="context"):

@@ -293,7 +293,7 @@ def test_specific_mistakes_get_the_right_4xx(server: str, http: httpx.Client) ->
     assert_openai_error(http.post(url, json={**GOOD, "stop": [1, 2]}), 400, param="stop")
     assert_openai_error(http.post(url, json={**GOOD, "best_of": 2}), 400, param="best_of")
     assert_openai_error(http.post("/v1/chat/completions", json={**chat, "tools": []}), 400, param="tools")
-    assert_openai_error(http.post(url, json={**GOOD, "model": "gpt-3.5-turbo-instruct"}), 400, param="model",
+    assert_openai_error(http.post(url, json={**GOOD, "model": "gpt-3.5-turbo-instruct"}), 404, param="model",
                         code="model_not_found")
     assert_openai_error(http.post("/v1/chat/completions",
                                   json={**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400)

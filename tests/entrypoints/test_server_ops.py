@@ -74,7 +74,7 @@ def test_tokenize_and_detokenize() -> None:
     chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hey"}]}).json()
     assert chat["tokens"] == engine.input_processor.apply_chat_template([{"role": "user", "content": "hey"}])
     assert client.post("/tokenize", json={"model": MODEL}).status_code == 400
-    assert client.post("/tokenize", json={"model": "other", "prompt": "x"}).status_code == 400
+    assert client.post("/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404
     assert client.post("/detokenize", json={"tokens": [10 ** 9]}).status_code == 400
 
 

@@ -5,9 +5,9 @@ Routes: ``GET /health``, ``GET /version``, ``GET /v1/models``,
 
 Every error is answered with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``: 400 for the client's mistakes
-(malformed JSON, wrong types, unknown fields, unknown model — code
-``model_not_found`` —, prompts that do not fit the context, invalid sampling values),
-401 for a missing or wrong API key, 404 for unknown routes, 429 when overloaded,
+(malformed JSON, wrong types, unknown fields, prompts that do not fit the context,
+invalid sampling values), 401 for a missing or wrong API key, 404 for unknown routes
+and an unknown model (code ``model_not_found``, as OpenAI and vLLM), 429 when overloaded,
 503 while the model loads (code ``model_loading``: the server listens from the
 start, while the engine core process loads the model), when the engine has died
 (``engine_dead``) or the server is shutting down, 504 when a request

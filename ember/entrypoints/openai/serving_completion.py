@@ -223,11 +223,12 @@ class OpenAIServing:
         return SSEResponse(guarded_stream(request_id, events, rest), rest)
 
     def check_model(self, model: str | None) -> None:
-        """Raises APIError (400, ``model_not_found``) unless ``model`` is ours or None."""
+        """Raises APIError (404, ``model_not_found``, as OpenAI and vLLM answer)
+        unless ``model`` is ours or None."""
         if model is not None and model != self.model_name:
             raise APIError(
                 f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
-                param="model", code="model_not_found",
+                404, param="model", code="model_not_found",
             )
 
     @staticmethod
