@@ -4,7 +4,8 @@
 # bf16 weights and text through the Qwen2.5 tokenizer given with --tokenizer
 # (carried in .carry/qwen-tokenizer), and `ember bench serve` sends 200
 # streaming requests at concurrency 4, input 1000 / output 200 tokens, for each
-# token budget (--max-num-batched-tokens) in $BUDGETS.
+# token budget (--max-num-batched-tokens) in $BUDGETS; $EXTRA is passed to
+# `ember serve` (e.g. EXTRA=--async-scheduling TAG=_async).
 # NOTE: with Llama-3.1-8B a few re-tokenized prompts hold Qwen ids past Llama's
 # 128,256-token vocabulary and are refused (400); Qwen3-8B's vocabulary covers them.
 # Usage (device): bash benchmarks/gpu_serve.sh   [needs fastapi/uvicorn/pydantic/pyzmq/msgspec]
@@ -15,22 +16,24 @@ EMBER="python3 -m ember.entrypoints.cli"
 TOKENIZER=${TOKENIZER:-.carry/qwen-tokenizer}
 MODEL=${MODEL:-Qwen3-8B}
 NUM=${NUM:-200}
+EXTRA=${EXTRA:-}
+TAG=${TAG:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for BUDGET in ${BUDGETS:-2048 512}; do
   PORT=$((8100 + RANDOM % 800))
   $EMBER serve --model "$MODEL" --load-format dummy --tokenizer "$TOKENIZER" --max-model-len 4096 \
-      --max-num-batched-tokens "$BUDGET" --port "$PORT" --log-level warning > "$OUT/serve_${MODEL}_$BUDGET.log" 2>&1 &
+      --max-num-batched-tokens "$BUDGET" --port "$PORT" --log-level warning $EXTRA > "$OUT/serve_${MODEL}_$BUDGET$TAG.log" 2>&1 &
   SERVER=$!
   START=$(date +%s)
   until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; do
-    kill -0 $SERVER 2>/dev/null || { echo "server died"; tail -30 "$OUT/serve_${MODEL}_$BUDGET.log"; exit 1; }
+    kill -0 $SERVER 2>/dev/null || { echo "server died"; tail -30 "$OUT/serve_${MODEL}_$BUDGET$TAG.log"; exit 1; }
     sleep 0.5
   done
   echo "$MODEL, budget $BUDGET: server ready in $(( $(date +%s) - START )) s"
   BENCH="$EMBER bench serve --base-url http://127.0.0.1:$PORT --random-input-len 1000 --random-output-len 200 \
          --max-concurrency 4 --no-progress"
   $BENCH --num-prompts 16 > /dev/null  # warm-up (Triton autotune, allocator)
-  $BENCH --num-prompts "$NUM" --output-json "$OUT/serve_c4_${MODEL}_b$BUDGET.json" 2>&1 | tail -30
+  $BENCH --num-prompts "$NUM" --output-json "$OUT/serve_c4_${MODEL}_b$BUDGET$TAG.json" 2>&1 | tail -30
   kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
-  grep -c '"request_id"' "$OUT/serve_${MODEL}_$BUDGET.log" | sed 's/^/request log lines: /'
+  grep -c '"request_id"' "$OUT/serve_${MODEL}_$BUDGET$TAG.log" | sed 's/^/request log lines: /'
 done
