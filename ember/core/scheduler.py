@@ -152,6 +152,10 @@ class Scheduler:
         # NOTE: the runner copies swap-outs before swap-ins; a host block must not
         # be both written and read in one step (swap-ins follow every swap-out here).
         assert not {h for _, h in plan.swap_out} & {h for _, h in plan.swap_in}
+        return self._output(plan)
+
+    def _output(self, plan: _StepPlan) -> SchedulerOutput:
+        """The step ``plan`` describes; the runner forgets the finished requests with it."""
         out = SchedulerOutput(
             scheduled_new_reqs=plan.new_reqs,
             scheduled_cached_reqs=plan.cached_reqs,
@@ -213,17 +217,7 @@ class Scheduler:
         # NOTE: a new request reusing the id of an aborted one still in flight
         # waits until that step is collected (results are matched by id).
         self._schedule_waiting(plan, exclude=num_scheduled)
-        if not plan.num_scheduled:
-            return None
-        out = SchedulerOutput(
-            scheduled_new_reqs=plan.new_reqs,
-            scheduled_cached_reqs=plan.cached_reqs,
-            num_scheduled_tokens=plan.num_scheduled,
-            total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget,
-            finished_req_ids=self._forget_req_ids,
-        )
-        self._forget_req_ids = set()
-        return out
+        return self._output(plan) if plan.num_scheduled else None
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         """Give each running request its next tokens, in order; preempt from
