@@ -30,6 +30,9 @@ class SamplingMetadata:
         top_k: [num_rows] int64 (0: off). top_p, min_p: [num_rows] float32.
         all_greedy: every row is greedy (skip the random path; the four tensors
             are then None, so an all-greedy step copies nothing to the device).
+        use_top_k, use_top_p, use_min_p: some row uses that filter (decided on
+            the host from the parameters, so that sampling never waits for the
+            device to answer a question about its own tensors).
         seeds: per row, None or the generator seed for that row's noise.
         penalties: None unless some row uses a repetition, presence or
             frequency penalty.
@@ -44,6 +47,9 @@ class SamplingMetadata:
     seeds: list[int | None]
     penalties: PenaltyMetadata | None = None
     logprobs: LogprobsMetadata | None = None
+    use_top_k: bool = False
+    use_top_p: bool = False
+    use_min_p: bool = False
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device,
@@ -57,6 +63,9 @@ class SamplingMetadata:
             token_ids: per row, the request's prompt followed by its output
                 tokens so far (the last ``output_positions[i]`` of them); read
                 only when some row uses a penalty.
+
+        The per-row values travel in two asynchronous host-to-device copies;
+        nothing here waits for the device.
 
         Raises:
             ValueError: a row uses a penalty and ``token_ids`` is None.
@@ -75,16 +84,19 @@ class SamplingMetadata:
         if all_greedy:
             return cls(None, None, None, None, True, [None] * len(params), penalties, logprobs)
         seeds = [None if p.seed is None else _mix(p.seed, pos) for p, pos in zip(params, output_positions)]
+        floats = torch.tensor([[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                               [p.min_p for p in params]], dtype=torch.float32).to(device, non_blocking=True)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device, non_blocking=True)
+        sampled = [p for p in params if not p.greedy]  # greedy rows ignore the filters
         return cls(
-            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
-                                     device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+            temperature=floats[0], top_k=top_k, top_p=floats[1], min_p=floats[2],
             all_greedy=False,
             seeds=seeds,
             penalties=penalties,
             logprobs=logprobs,
+            use_top_k=any(p.top_k > 0 for p in sampled),
+            use_top_p=any(p.top_p < 1 for p in sampled),
+            use_min_p=any(p.min_p > 0 for p in sampled),
         )
 
 
@@ -137,7 +149,9 @@ class Sampler:
         if not meta.all_greedy:
             is_greedy = meta.temperature == 0
             temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
-            logits = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p)
+            logits = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p,
+                                              use_top_k=meta.use_top_k, use_top_p=meta.use_top_p,
+                                              use_min_p=meta.use_min_p)
             probs = logits.softmax(dim=-1)
             noise = self._exponential_noise(probs, meta.seeds)
             sampled = torch.where(is_greedy, sampled, probs.div(noise).argmax(dim=-1))
@@ -154,7 +168,8 @@ class Sampler:
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                            min_p: torch.Tensor) -> torch.Tensor:
+                            min_p: torch.Tensor, *, use_top_k: bool = True, use_top_p: bool = True,
+                            use_min_p: bool = True) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k, nucleus (top-p;
     Holtzman et al., 2019) and min-p (Nguyen et al., 2024) sets.
 
@@ -162,22 +177,22 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
         logits: [num_rows, vocab] float32, already divided by temperature.
         top_k: [num_rows] int64, 0 disables. top_p: [num_rows], 1 disables.
         min_p: [num_rows], 0 disables.
+        use_top_k, use_top_p, use_min_p: False skips that filter (no row
+            uses it); with all True the result is the same, at more cost.
     """
     vocab = logits.shape[-1]
-    if bool((min_p > 0).any()):
+    if use_min_p:
         probs = logits.softmax(dim=-1)
         threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < threshold, float("-inf"))
-    use_k = bool((top_k > 0).any())
-    use_p = bool((top_p < 1).any())
-    if not (use_k or use_p):
+    if not (use_top_k or use_top_p):
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if use_k:
+    if use_top_k:
         k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
         mask |= torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
-    if use_p:
+    if use_top_p:
         probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
         # Keep a token if the mass strictly before it is < top_p (the top token always stays).
         mass_before = probs.cumsum(dim=-1) - probs

@@ -302,3 +302,29 @@ def test_penalties_and_logprobs_on_cuda_match_cpu():
             assert abs(a.logprob - b.logprob) < 1e-4 and a.rank == b.rank
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
         assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a.top, b.top))
+
+
+@pytest.mark.gpu
+def test_sampling_on_cuda_never_waits_for_the_device():
+    """Issue 3: the sampler needs no host synchronisation except to read the
+    sampled ids. With torch's sync debug mode set to "error", building the
+    metadata and sampling a batch that uses every feature raises on any sync."""
+    torch.manual_seed(9)
+    num_rows = 5
+    logits = torch.randn(num_rows, VOCAB, device="cuda") * 2
+    prompts, outputs = _rows_with_repeats(num_rows, seed=7)
+    params = [SamplingParams(temperature=0, logprobs=3),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5, frequency_penalty=0.5),
+              SamplingParams(temperature=1.1, min_p=0.05, repetition_penalty=1.2, logprobs=1),
+              SamplingParams(temperature=0.6),
+              SamplingParams(temperature=0.9, top_p=0.5, seed=3, presence_penalty=-0.5)]
+    sampler = Sampler(torch.Generator(device="cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        meta = SamplingMetadata.build(params, [len(o) for o in outputs], torch.device("cuda"),
+                                      token_ids=[p + o for p, o in zip(prompts, outputs)])
+        out = sampler(logits, meta)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.sampled_token_ids.shape == (num_rows,) and out.logprobs.shape[0] == 2
