@@ -115,15 +115,19 @@ def test_penalties_turn_it_off_for_their_steps_only() -> None:
     assert engine.engine_core.step_times.num_steps_ahead > 0
 
 
-def test_preemption_and_aborts() -> None:
+@pytest.mark.parametrize("preemption_mode,policy", [("recompute", "fcfs"), ("swap", "fcfs"),
+                                                     ("recompute", "priority")])
+def test_preemption_and_aborts(preemption_mode: str, policy: str) -> None:
     # 12 blocks of 16 tokens for up to 4 requests of up to ~70 tokens each: preemptions.
     def params(_: dict | None) -> list[SamplingParams]:
         return [final(temperature=0, max_tokens=60, ignore_eos=True) for _ in PROMPTS]
 
     out, engine = compare(params, abort_at={"r1": 5, "r5": 20}, num_gpu_blocks_override=12, kv_cache_memory=None,
-                          max_model_len=128)
+                          max_model_len=128, preemption_mode=preemption_mode, scheduling_policy=policy,
+                          swap_space=1 << 20)
     assert out["r1"][0][1] == "abort" and out["r5"][0][1] == "abort"
-    assert engine.engine_core.get_stats().num_preemptions > 0
+    stats = engine.engine_core.get_stats()
+    assert stats.num_preemptions > 0 and (stats.num_swap_outs > 0) == (preemption_mode == "swap")
     assert engine.engine_core.step_times.num_steps_ahead > 0
 
 

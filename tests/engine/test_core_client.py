@@ -6,6 +6,7 @@ core exits."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -72,7 +73,9 @@ def test_core_process_matches_in_process(smollm2_path: str) -> None:
     inproc = LLMEngine.from_engine_args(_args(smollm2_path))
     expected = _run(inproc, prompts)
     inproc.shutdown()
-    engine = LLMEngine.from_engine_args(_args(smollm2_path), multiprocess=True)
+    # The core process schedules asynchronously: the tokens must not change.
+    args = dataclasses.replace(_args(smollm2_path), async_scheduling=True)
+    engine = LLMEngine.from_engine_args(args, multiprocess=True)
     try:
         pid = engine.core_client.process.pid
         assert pid != os.getpid()
