@@ -63,6 +63,10 @@ class RequestOutput:
             in index order; a DELTA output holds only those with something new
             (text, tokens or a finish reason) since the last one.
         finished: True once every completion has finished.
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs`` set, one entry
+            per prompt token: None for the first (nothing predicts it), then the
+            log-probability of each token given the ones before it; set from the
+            first output that carries a generated token on. Else None.
         metrics: timing of the request (seconds, ``time.monotonic`` clock):
             ``arrival_time``, ``first_token_time`` (the first token of any
             completion), ``finished_time`` (when the last one finished); and
@@ -75,3 +79,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    prompt_logprobs: list[SampleLogprob | None] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from ember.outputs import SampleLogprob
 from ember.sampling_params import SamplingParams
 
 
@@ -66,6 +67,9 @@ class Request:
             waited longer than ``max_waiting_time_s``.
         first_scheduled_time: when a step first scheduled it
             (``time.monotonic``); set by the engine core.
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs`` set, the
+            log-probabilities of prompt tokens 1, 2, ... computed so far (the
+            prompt may be computed in chunks); else None.
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class Request:
         self.waiting_since = self.arrival_time
         self.promoted = False
         self.first_scheduled_time: float | None = None
+        self.prompt_logprobs: list[SampleLogprob] | None = (
+            None if sampling_params.prompt_logprobs is None else [])
 
     @property
     def num_prompt_tokens(self) -> int:

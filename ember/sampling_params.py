@@ -61,6 +61,11 @@ class SamplingParams:
             generated token, its log-probability and rank plus the k most likely
             tokens (from the model's raw distribution, before penalties,
             temperature and top-k/p).
+        prompt_logprobs: None, or k in [0, 20]: for each prompt token after the
+            first, its log-probability and rank given the tokens before it, plus
+            the k most likely tokens at that position (as ``logprobs``; see
+            ``RequestOutput.prompt_logprobs``). Such a request takes no
+            prefix-cache hits: the logits of every prompt position are computed.
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: drop special tokens from the detokenized text.
         output_kind: see :class:`RequestOutputKind`.
@@ -83,6 +88,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     max_tokens: int | None = 16
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -112,8 +118,10 @@ class SamplingParams:
                   f"{name} must be in [-2, 2], got {value!r}")
         check(isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty <= 2.0,
               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
-        check(self.logprobs is None or is_int(self.logprobs, 0, MAX_LOGPROBS),
-              f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or is_int(value, 0, MAX_LOGPROBS),
+                  f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         check(
             isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
             f"temperature must be in [0, 100], got {self.temperature!r}",

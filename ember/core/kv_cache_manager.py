@@ -69,12 +69,14 @@ class KVCacheManager:
 
         At most ``num_tokens - 1`` tokens are taken from the cache, so that at
         least one token is computed and there are logits to sample from. No
-        reference is taken (pass the blocks to :meth:`allocate_slots`).
+        reference is taken (pass the blocks to :meth:`allocate_slots`). A
+        request that wants prompt log-probabilities takes none: the logits of
+        every prompt position must be computed.
 
         Returns:
             The cached blocks and the number of tokens they hold.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.prompt_logprobs is not None:
             return [], 0
         hashes = update_block_hashes(request, self.block_size)
         max_blocks = (request.num_tokens - 1) // self.block_size

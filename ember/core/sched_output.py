@@ -98,10 +98,15 @@ class ModelRunnerOutput:
             (a prefill chunk that stops mid-prompt does not).
         logprobs: req_id -> log-probabilities of its sampled token, for the
             sampling requests whose ``SamplingParams.logprobs`` is set.
+        prompt_logprobs: req_id -> ``(first, entries)`` for requests whose
+            ``SamplingParams.prompt_logprobs`` is set and whose step computed
+            prompt tokens: ``entries[j]`` is the log-probability of prompt token
+            ``first + j`` given the tokens before it (``first`` >= 1).
     """
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, SampleLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[SampleLogprob]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -115,6 +120,9 @@ class EngineCoreOutput:
         stop_reason: the stop token id that ended it, if any.
         new_logprobs: with ``SamplingParams.logprobs`` set, one entry per token
             of ``new_token_ids``; else None.
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs`` set, on the
+            output that carries the first generated token: one entry per prompt
+            token after the first; else None.
     """
 
     request_id: str
@@ -122,3 +130,4 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_logprobs: list[SampleLogprob] | None = None
+    prompt_logprobs: list[SampleLogprob] | None = None

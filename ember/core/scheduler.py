@@ -359,6 +359,10 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran (its id may be waiting again already)
             req.num_computed_tokens += n
+            if req.prompt_logprobs is not None and req_id in result.prompt_logprobs:
+                first, entries = result.prompt_logprobs[req_id]
+                if first == len(req.prompt_logprobs) + 1:  # not a recomputation after preemption
+                    req.prompt_logprobs.extend(entries)
             token = result.sampled_token_ids.get(req_id)
             if token is None:
                 continue
@@ -366,8 +370,10 @@ class Scheduler:
             self._check_stop(req, token)
             finish = req.status.finish_reason
             logprob = result.logprobs.get(req_id)
+            first_token = req.prompt_logprobs is not None and req.num_output_tokens == 1
             outputs.append(EngineCoreOutput(req_id, [token], finish, req.stop_reason,
-                                            None if logprob is None else [logprob]))
+                                            None if logprob is None else [logprob],
+                                            req.prompt_logprobs if first_token else None))
             if finish is not None:
                 self.running.remove(req)
                 self._free_request(req)

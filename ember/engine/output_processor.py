@@ -66,6 +66,9 @@ class RequestState:
     completions: list[CompletionState]
     first_token_time: float | None = None
     num_finished: int = 0
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then
+    # one entry per token (from the first completion to report them).
+    prompt_logprobs: list[SampleLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -142,6 +145,8 @@ class OutputProcessor:
             comp.token_ids.extend(out.new_token_ids)
             if comp.logprobs is not None and out.new_logprobs:
                 comp.logprobs.extend(out.new_logprobs)
+            if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+                state.prompt_logprobs = [None, *out.prompt_logprobs]
             finish, stop_reason = out.finish_reason, out.stop_reason
             # NOTE: a stop token (EOS or stop_token_ids) ends the text without being part of it.
             to_detok = out.new_token_ids[:-1] if finish == "stop" else out.new_token_ids
@@ -215,7 +220,8 @@ class OutputProcessor:
             metrics["first_token_time"] = state.first_token_time
         if finished:
             metrics["finished_time"] = now
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished, metrics)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished, metrics,
+                             state.prompt_logprobs)
 
     @staticmethod
     def _completion_output(comp: CompletionState, delta: bool) -> CompletionOutput:

@@ -24,7 +24,8 @@ from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import default_backend_name
 from ember.models.registry import ModelRegistry
-from ember.sample.logprobs import unpack_logprobs
+from ember.sample.logprobs import LogprobsMetadata, compute_logprobs, unpack_logprobs
+from ember.outputs import SampleLogprob
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
@@ -69,6 +70,7 @@ class HostInputs:
     sample_req_ids: list[str]
     sample_rows: list[int]
     num_decodes: int = 0
+    req_ids: list[str] = field(default_factory=list)  # the packing order
     in_flight_dst: list[int] = field(default_factory=list)
     in_flight_src: list[int] = field(default_factory=list)
 
@@ -87,6 +89,20 @@ class PendingOutput:
     event: torch.cuda.Event | None = None
     logprobs: torch.Tensor | None = None
     logprobs_meta: Any = None
+    prompt_logprobs: _PromptLogprobs | None = None
+
+
+@dataclass(slots=True)
+class _PromptLogprobs:
+    """One step's prompt log-probabilities (``SamplingParams.prompt_logprobs``):
+    per asking request ``(req_id, first target position, count)``, the target
+    token ids in that order, and the packed result on the device (see
+    :func:`ember.sample.logprobs.compute_logprobs`)."""
+
+    spans: list[tuple[str, int, int]]
+    targets: list[int]
+    meta: LogprobsMetadata
+    packed: torch.Tensor
 
 
 @contextlib.contextmanager
@@ -282,7 +298,7 @@ class ModelRunner:
                 sample_rows.append(end - 1)
         return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
                           seq_lens.astype(np.int32), block_table, max(cnt), sample_req_ids, sample_rows,
-                          cnt.count(1), in_flight_dst, in_flight_src)
+                          cnt.count(1), req_ids, in_flight_dst, in_flight_src)
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -346,10 +362,11 @@ class ModelRunner:
         host = self._prepare_host_inputs(sched)
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(host)
+        prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
         for req_id, n in sched.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
         if not host.sample_req_ids:
-            return PendingOutput([])
+            return PendingOutput([], prompt_logprobs=prompt_logprobs)
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
         else:
@@ -365,7 +382,8 @@ class ModelRunner:
             s.num_in_flight += 1
         self._last_sampled = out.sampled_token_ids
         self._last_sample_rows = {r: i for i, r in enumerate(host.sample_req_ids)}
-        pending = PendingOutput(host.sample_req_ids, logprobs=out.logprobs, logprobs_meta=sampling_meta.logprobs)
+        pending = PendingOutput(host.sample_req_ids, logprobs=out.logprobs, logprobs_meta=sampling_meta.logprobs,
+                                prompt_logprobs=prompt_logprobs)
         if self.device.type == "cuda":
             pending.sampled_host = torch.empty(len(states), dtype=torch.int64, pin_memory=True)
             pending.sampled_host.copy_(out.sampled_token_ids, non_blocking=True)
@@ -382,8 +400,9 @@ class ModelRunner:
         Returns:
             The step's output (the token of every sampling request).
         """
+        prompt_logprobs = self._unpack_prompt_logprobs(pending.prompt_logprobs)
         if not pending.req_ids:
-            return ModelRunnerOutput({})
+            return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         if pending.event is not None:
             pending.event.synchronize()
         sampled = pending.sampled_host.tolist()
@@ -397,7 +416,58 @@ class ModelRunner:
             rows = pending.logprobs_meta.row_ids
             entries = unpack_logprobs(pending.logprobs.tolist(), [sampled[i] for i in rows], pending.logprobs_meta)
             logprobs = {pending.req_ids[i]: e for i, e in zip(rows, entries)}
-        return ModelRunnerOutput(dict(zip(pending.req_ids, sampled)), logprobs)
+        return ModelRunnerOutput(dict(zip(pending.req_ids, sampled)), logprobs, prompt_logprobs)
+
+    # Rows of prompt logits computed at once (bounds the [rows, vocab] float32 buffer).
+    _PROMPT_LOGITS_ROWS = 512
+
+    def _prompt_logprobs(self, host: HostInputs, hidden: torch.Tensor,
+                         num_scheduled: dict[str, int]) -> _PromptLogprobs | None:
+        """Log-probabilities of the prompt tokens this step predicts, for the
+        requests that ask (``SamplingParams.prompt_logprobs``): the row of
+        position p predicts the prompt token at p + 1. None if none ask."""
+        spans: list[tuple[str, int, int]] = []
+        rows: list[int] = []
+        targets: list[int] = []
+        ks: list[int] = []
+        qsl = host.query_start_loc
+        for i, req_id in enumerate(host.req_ids):
+            s = self.requests[req_id]
+            k = s.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            c = s.num_computed_tokens
+            first, last = c + 1, min(c + num_scheduled[req_id], s.num_prompt_tokens - 1)
+            if last < first:
+                continue
+            m = last - first + 1
+            spans.append((req_id, first, m))
+            start = int(qsl[i])
+            rows.extend(range(start, start + m))
+            targets.extend(s.token_ids[first: last + 1])
+            ks.extend([k] * m)
+        if not spans:
+            return None
+        meta = LogprobsMetadata(list(range(len(rows))), None, ks, max(ks))
+        rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device, non_blocking=True)
+        targets_dev = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device, non_blocking=True)
+        step = self._PROMPT_LOGITS_ROWS
+        packed = torch.cat([
+            compute_logprobs(self.model.compute_logits(hidden[rows_dev[a: a + step]]), targets_dev[a: a + step],
+                             LogprobsMetadata([], None, [], meta.max_num_logprobs))
+            for a in range(0, len(rows), step)])
+        return _PromptLogprobs(spans, targets, meta, packed)
+
+    @staticmethod
+    def _unpack_prompt_logprobs(p: _PromptLogprobs | None) -> dict[str, tuple[int, list[SampleLogprob]]]:
+        if p is None:
+            return {}
+        entries = unpack_logprobs(p.packed.tolist(), p.targets, p.meta)
+        out, at = {}, 0
+        for req_id, first, m in p.spans:
+            out[req_id] = (first, entries[at: at + m])
+            at += m
+        return out
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for a ladder of batch sizes (CUDA, unless

@@ -305,3 +305,34 @@ def test_stop_string_ends_only_one_sibling(llm):
         assert stopped.outputs[i].token_ids == free.outputs[i].token_ids
         assert stopped.outputs[i].finish_reason == "length"
     assert engine.engine_core.scheduler.kv_cache_manager.usage == 0
+
+
+def test_prompt_logprobs_match_hf(smollm2_path, tokenizer):
+    """``prompt_logprobs``: every prompt token's log-probability, rank and top-k
+    against HF's ``log_softmax``, with the prompt prefilled in chunks, after
+    another request cached its prefix (the hit must not be taken), and n = 2."""
+    hf = _load_hf(smollm2_path)
+    llm = LLM(smollm2_path, dtype="float32", max_model_len=512, block_size=16, kv_cache_memory=64 << 20,
+              max_num_batched_tokens=32, max_num_seqs=4)
+    prompt = tokenizer.encode(LONG_TEXT)[:90]
+    llm.generate([prompt[:70]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # caches a prefix
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=4, logprobs=1, n=2, ignore_eos=True)
+    plain = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    out, other = llm.generate([prompt, prompt[:50]], [params, plain], use_tqdm=False)
+    assert other.prompt_logprobs is None
+    plp = out.prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([prompt])).logits[0].float().log_softmax(dim=-1)
+    for pos in range(1, len(prompt)):
+        lp, tok = plp[pos], prompt[pos]
+        assert lp.token_id == tok
+        assert abs(lp.logprob - ref[pos - 1, tok].item()) < 1e-3, pos
+        ref_rank = 1 + int((ref[pos - 1] > ref[pos - 1, tok]).sum())
+        near = int(((ref[pos - 1] - ref[pos - 1, tok]).abs() < 1e-3).sum()) - 1
+        assert abs(lp.rank - ref_rank) <= near, (pos, lp.rank, ref_rank)
+        _check_top(lp.top, ref[pos - 1], 4)
+    # The generated tokens are unchanged by asking for prompt logprobs.
+    alone = llm.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
+    assert [c.token_ids for c in out.outputs] == [alone, alone]
+    assert llm.llm_engine.get_stats().kv_cache_usage == 0

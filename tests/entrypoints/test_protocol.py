@@ -115,9 +115,10 @@ def test_sampling_params_mapping_n_penalties_logprobs() -> None:
     assert (params.n, params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
             params.logprobs) == (3, 0.5, -1.0, 1.3, 0)
     assert CompletionRequest.model_validate({"prompt": "x", "logprobs": 5}).to_sampling_params(4).logprobs == 5
-    assert CompletionRequest.model_validate({"prompt": "x", "echo": True}).to_sampling_params(4).logprobs is None
-    with pytest.raises(ValueError, match=r"^echo .*prompt"):
-        CompletionRequest.model_validate({"prompt": "x", "echo": True, "logprobs": 0}).to_sampling_params(4)
+    echo_only = CompletionRequest.model_validate({"prompt": "x", "echo": True}).to_sampling_params(4)
+    assert (echo_only.logprobs, echo_only.prompt_logprobs) == (None, None)
+    echo_lp = CompletionRequest.model_validate({"prompt": "x", "echo": True, "logprobs": 2}).to_sampling_params(4)
+    assert (echo_lp.logprobs, echo_lp.prompt_logprobs) == (2, 2)  # the prompt's logprobs too
     for field, value in (("n", 0), ("n", 129), ("presence_penalty", 2.5), ("frequency_penalty", -3),
                          ("repetition_penalty", 0), ("logprobs", 21), ("logprobs", -1)):
         with pytest.raises(ValueError, match=f"^{field} "):
@@ -368,9 +369,6 @@ def test_client_errors(client: TestClient, path: str) -> None:
     else:
         for value in (21, -1):
             assert_error(client.post(path, json={**good, "logprobs": value}), 400, "logprobs", "logprobs")
-        for stream in (False, True):  # refused, never silently dropped
-            assert_error(client.post(path, json={**good, "echo": True, "logprobs": 1, "stream": stream}), 400,
-                         "echo", "prompt tokens")
     long_prompt = "x" * (MAX_MODEL_LEN + 1)
     long = {"messages": [{"role": "user", "content": long_prompt}]} if chat else {"prompt": long_prompt}
     for stream in (False, True):

@@ -109,9 +109,6 @@ def test_bad_requests(server: str, client: openai.OpenAI) -> None:
         client.chat.completions.create(model=MODEL, messages=QUESTION, frequency_penalty=2.5)
     assert_error(httpx.post(url, json={**good, "top_logprobs": 2}), 400, "top_logprobs", "logprobs")
     assert_error(httpx.post(url, json={**good, "n": 0}), 400, "n", "n must be")
-    # echo + logprobs needs prompt logprobs, which are not computed: refused, never silently dropped.
-    assert_error(httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "echo": True,
-                                                              "logprobs": 1}), 400, "echo", "echo")
 
 
 def test_bad_requests_do_not_disturb_a_running_stream(server: str, client: openai.OpenAI) -> None:
@@ -279,6 +276,39 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert token in top and top[token] == logprob and logprob <= max(top.values()) <= 0
         assert 1 <= len(top) <= 2
+
+
+def test_echo_logprobs_score_the_prompt(server: str, client: openai.OpenAI) -> None:
+    """echo + logprobs, as eval harnesses score a text (lm-eval's loglikelihood
+    requests: token-id prompt, max_tokens 1, echo, logprobs 1): the prompt's
+    tokens get logprobs too, the first with nulls. Checked against the sampler's
+    logprobs of the same tokens when they were generated."""
+    gen = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=4, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    # The generated tokens' ids: each token's text is one token of this vocabulary.
+    new_ids = [httpx.post(f"{server}/tokenize", json={"prompt": t, "add_special_tokens": False}).json()["tokens"]
+               for t in gen.choices[0].logprobs.tokens]
+    assert all(len(t) == 1 for t in new_ids), new_ids
+    new_ids = [t[0] for t in new_ids]
+    for stream in (False, True):
+        kwargs = dict(model=MODEL, prompt=ids + new_ids, max_tokens=1, temperature=0, logprobs=2, echo=True)
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kwargs))
+            lp = chunks[0].choices[0].logprobs  # the echoed prompt comes first, with its logprobs
+            text = chunks[0].choices[0].text
+        else:
+            choice = client.completions.create(**kwargs).choices[0]
+            lp, text = choice.logprobs, choice.text
+            assert len(lp.tokens) == len(ids) + len(new_ids) + 1  # and the one generated token
+        assert text.startswith(PROMPT + gen.choices[0].text)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+        assert all(len(t) <= 3 for t in lp.top_logprobs[1:])  # 2 alternatives + the token itself
+        scored = lp.token_logprobs[len(ids): len(ids) + len(new_ids)]
+        assert len(scored) == len(new_ids) == 4
+        for got, want in zip(scored, gen.choices[0].logprobs.token_logprobs, strict=True):
+            assert abs(got - want) < 1e-4, (scored, gen.choices[0].logprobs.token_logprobs)
 
 
 def test_greedy_n_echo_and_stop_strings(client: openai.OpenAI) -> None:

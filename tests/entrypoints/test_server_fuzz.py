@@ -187,8 +187,6 @@ def request_bodies(draw: st.DrawFn, fields: dict[str, st.SearchStrategy], requir
     for name in draw(st.sets(st.sampled_from(sorted(fields)), max_size=5)):
         body.setdefault(name, draw(fields[name]))
     # Combinations that are invalid on purpose (tested on their own elsewhere).
-    if body.get("echo") and "logprobs" in body and required == "prompt":
-        del body["echo"]
     if "top_logprobs" in body and required == "messages":
         body["logprobs"] = True
     faults: list[str] = []

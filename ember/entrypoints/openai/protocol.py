@@ -176,6 +176,11 @@ class SamplingFields(StrictRequestModel):
         """
         return None
 
+    def num_prompt_logprobs(self) -> int | None:
+        """``SamplingParams.prompt_logprobs``: None unless the request asks for the
+        prompt tokens' log-probabilities."""
+        return None
+
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Build validated SamplingParams (DELTA output when streaming).
 
@@ -197,6 +202,7 @@ class SamplingFields(StrictRequestModel):
         }
         return SamplingParams(
             logprobs=self.num_logprobs(),
+            prompt_logprobs=self.num_prompt_logprobs(),
             seed=self.seed,
             max_tokens=max_tokens,
             stop=self.stop,
@@ -244,9 +250,10 @@ class CompletionRequest(SamplingFields):
 
     ``logprobs`` (0..20) asks, for every generated token, for its log-probability
     and the ``logprobs`` most likely alternatives. ``echo`` puts the prompt text in
-    front of each choice's text; together with ``logprobs`` it would need the
-    prompt's log-probabilities, which the engine does not compute, so that
-    combination is rejected (400 naming ``echo``).
+    front of each choice's text; together with ``logprobs`` the choice's logprobs
+    cover the prompt tokens first (the first with null values, as OpenAI does),
+    which is how eval harnesses score a text's log-likelihood. Such a request
+    computes its whole prompt (no prefix-cache hits).
     """
 
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -255,10 +262,10 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
     def num_logprobs(self) -> int | None:
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported: it needs the log-probabilities of "
-                             "the prompt tokens, which Ember does not compute (drop echo, or logprobs)")
         return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def located_prompts(self) -> list[tuple[str, str | list[int]]]:
         """The prompts, each with its place in the request for error messages:
@@ -397,7 +404,8 @@ class CompletionLogprobs(OpenAIBaseModel):
 
     ``tokens``: each token's text; ``token_logprobs``: its natural-log probability;
     ``top_logprobs``: the requested most likely alternatives *plus* the chosen
-    token (so up to ``logprobs + 1`` entries), ``{token text: logprob}``;
+    token (so up to ``logprobs + 1`` entries), ``{token text: logprob}``; with
+    ``echo``, the prompt's first token has null in both;
     ``text_offset``: the character offset of each token in the choice's text
     (after an echoed prompt), summing the lengths of the token texts.
     """
@@ -406,6 +414,15 @@ class CompletionLogprobs(OpenAIBaseModel):
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+    def merged_with(self, more: CompletionLogprobs | None) -> CompletionLogprobs:
+        """These entries followed by ``more``'s."""
+        if more is None:
+            return self
+        return CompletionLogprobs(tokens=self.tokens + more.tokens,
+                                  token_logprobs=self.token_logprobs + more.token_logprobs,
+                                  top_logprobs=self.top_logprobs + more.top_logprobs,
+                                  text_offset=self.text_offset + more.text_offset)
 
 
 class CompletionChoice(OpenAIBaseModel):

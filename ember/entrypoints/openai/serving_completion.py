@@ -379,7 +379,8 @@ class MergedOutputs:
     """
 
     def __init__(self, starts: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]) -> None:
-        self._ready: deque[tuple[int, RequestOutput]] = deque(enumerate(first for first, _ in starts))
+        self.firsts = [first for first, _ in starts]  # each prompt's first output
+        self._ready: deque[tuple[int, RequestOutput]] = deque(enumerate(self.firsts))
         self._rests = [rest for _, rest in starts]
         self._live = set(range(len(starts)))  # prompts whose output stream has not ended
         self._reads: dict[int, asyncio.Task[Any]] = {}  # prompt index -> its pending read, oldest first
@@ -465,22 +466,41 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.stream:
             events = self._stream(request_id, prompts, merged, request.include_usage)
             return self.sse_response(request_id, events, merged)
-        finals: list[list[CompletionOutput]] = [[] for _ in prompts]
+        finals: list[RequestOutput | None] = [None for _ in prompts]
         try:
             async for i, out in merged:  # FINAL_ONLY: a prompt's last output holds its n completions
-                finals[i] = out.outputs
+                finals[i] = out
         finally:
             await merged.aclose()
         n = prompts[0].params.n
+        choices = []
+        for i, (p, final) in enumerate(zip(prompts, finals, strict=True)):
+            for c in sorted(final.outputs, key=lambda c: c.index):
+                echoed, offset = self._echo_logprobs(p, final)
+                choice = self._choice(c, p.params, p.echo, offset, i * n + c.index)[0]
+                if echoed is not None:
+                    choice.logprobs = echoed.merged_with(choice.logprobs)
+                choices.append(choice)
         return CompletionResponse(
             id=request_id,
             model=self.model_name,
-            choices=[self._choice(c, p.params, p.echo, len(p.echo), i * n + c.index)[0]
-                     for i, (p, outputs) in enumerate(zip(prompts, finals, strict=True))
-                     for c in sorted(outputs, key=lambda c: c.index)],
+            choices=choices,
             usage=UsageInfo.of(sum(len(p.ids) for p in prompts),
-                               sum(len(c.token_ids) for outputs in finals for c in outputs)),
+                               sum(len(c.token_ids) for final in finals for c in final.outputs)),
         )
+
+    def _echo_logprobs(self, p: _Prompt, out: RequestOutput) -> tuple[CompletionLogprobs | None, int]:
+        """With ``echo`` and ``logprobs``: the echoed prompt's logprobs (its first
+        token with null values, as OpenAI), and the text offset after the prompt.
+        Otherwise None and ``len(p.echo)``."""
+        if not p.echo or p.params.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None, len(p.echo)
+        first = self.token_text(p.ids[0])[0]
+        head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        rest, _ = self.completion_logprobs(out.prompt_logprobs[1:], p.params.prompt_logprobs, len(first))
+        # NOTE: completion tokens continue from the echoed text's length, which is
+        # what the choice's text holds, whatever the prompt tokens' texts add up to.
+        return head.merged_with(rest), len(p.echo)
 
     def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
         """Tokenize and check one prompt (errors name ``location``, e.g. ``prompt[2]``)."""
@@ -546,10 +566,11 @@ class OpenAIServingCompletion(OpenAIServing):
             return sse_event(drop_null_usage(CompletionResponse(
                 id=request_id, created=created, model=self.model_name, choices=choices, usage=usage).model_dump()))
 
-        for i, p in enumerate(prompts):  # with echo, the prompt comes first in every choice
-            if p.echo:
+        for i, (p, first) in enumerate(zip(prompts, merged.firsts)):
+            if p.echo:  # the prompt comes first in every choice (with its logprobs, if asked)
+                logprobs, _ = self._echo_logprobs(p, first)
                 for k in range(n):
-                    yield chunk([CompletionChoice(index=i * n + k, text=p.echo)])
+                    yield chunk([CompletionChoice(index=i * n + k, text=p.echo, logprobs=logprobs)])
         async for i, out in merged:
             for c in out.outputs:
                 index = i * n + c.index
