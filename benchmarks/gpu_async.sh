@@ -9,7 +9,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; mkdir -p "$OUT"
 MODEL=${MODEL:-Llama-3.1-8B}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu_engine.py tests/engine/test_async_scheduling.py \
+python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu_engine.py tests/engine/test_async_scheduling.py tests/sample \
     tests/core/test_schedule_ahead.py 2>&1 | tail -4
 for MODE in async sync; do
   echo "== $MODEL, $MODE scheduling"
