@@ -148,6 +148,7 @@ class ModelRunner:
         # sampling request's row in them: the inputs of a step scheduled ahead.
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_rows: dict[str, int] = {}
+        self._prompt_logprobs_req_ids: set[str] = set()  # live requests asking for prompt logprobs
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -229,7 +230,10 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
+            self._prompt_logprobs_req_ids.discard(req_id)
         for new in sched.scheduled_new_reqs:
+            if new.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprobs_req_ids.add(new.req_id)
             self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id,
                 num_prompt_tokens=len(new.prompt_token_ids),
@@ -426,16 +430,18 @@ class ModelRunner:
         """Log-probabilities of the prompt tokens this step predicts, for the
         requests that ask (``SamplingParams.prompt_logprobs``): the row of
         position p predicts the prompt token at p + 1. None if none ask."""
+        if not self._prompt_logprobs_req_ids:
+            return None
         spans: list[tuple[str, int, int]] = []
         rows: list[int] = []
         targets: list[int] = []
         ks: list[int] = []
         qsl = host.query_start_loc
         for i, req_id in enumerate(host.req_ids):
+            if req_id not in self._prompt_logprobs_req_ids:
+                continue
             s = self.requests[req_id]
             k = s.sampling_params.prompt_logprobs
-            if k is None:
-                continue
             c = s.num_computed_tokens
             first, last = c + 1, min(c + num_scheduled[req_id], s.num_prompt_tokens - 1)
             if last < first:
