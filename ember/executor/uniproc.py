@@ -28,16 +28,13 @@ class UniProcExecutor:
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
         self.worker.initialize_host_kv_cache(num_blocks)
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(sched)
-
     def launch(self, sched: SchedulerOutput) -> PendingOutput:
         """Start a step on the device (see :meth:`ModelRunner.launch`)."""
-        return self.worker.model_runner.launch(sched)
+        return self.worker.launch(sched)
 
     def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
         """Wait for a launched step's tokens (see :meth:`ModelRunner.collect`)."""
-        return self.worker.model_runner.collect(pending)
+        return self.worker.collect(pending)
 
     def shutdown(self) -> None:
         pass

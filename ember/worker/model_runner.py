@@ -144,10 +144,10 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
-        # The last launched step's sampled ids (device, [num_rows] int64) and each
-        # sampling request's row in them: the inputs of a step scheduled ahead.
+        # The last launched step's sampled ids (device, [num_rows] int64) and the
+        # requests of its rows, in order: the inputs of a step scheduled ahead.
         self._last_sampled: torch.Tensor | None = None
-        self._last_sample_rows: dict[str, int] = {}
+        self._last_sample_req_ids: list[str] = []
         self._prompt_logprobs_req_ids: set[str] = set()  # live requests asking for prompt logprobs
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
@@ -274,13 +274,14 @@ class ModelRunner:
             # the one the previous step is still sampling. Its id is a 0 here;
             # the device copies it from that step's sampled ids.
             ids: list[int] = []
+            last_rows = {r: i for i, r in enumerate(self._last_sample_req_ids)}
             for s, c, n in zip(states, comp, cnt):
                 known = s.token_ids[c: c + n]
                 ids.extend(known)
                 if len(known) < n:
                     assert len(known) == n - 1 and s.num_in_flight == 1, f"{s.req_id}: tokens missing"
                     in_flight_dst.append(len(ids))
-                    in_flight_src.append(self._last_sample_rows[s.req_id])
+                    in_flight_src.append(last_rows[s.req_id])
                     ids.append(0)
             input_ids = np.array(ids, dtype=np.int64)
         else:
@@ -341,14 +342,9 @@ class ModelRunner:
         return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
 
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step: forward over all scheduled tokens, then sample for
-        requests whose tokens are all computed (:meth:`launch`, then :meth:`collect`)."""
-        return self.collect(self.launch(sched))
-
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingOutput:
-        """Start one step on the device: forward, logits and sampling are
+        """Start one step on the device: forward over all scheduled tokens,
+        logits and sampling for the requests whose tokens are all computed are
         enqueued, and the sampled ids start their copy to the host; nothing
         waits for the device (on CUDA). The step may continue requests whose
         last token an earlier launched step is still sampling (asynchronous
@@ -385,7 +381,7 @@ class ModelRunner:
         for s in states:
             s.num_in_flight += 1
         self._last_sampled = out.sampled_token_ids
-        self._last_sample_rows = {r: i for i, r in enumerate(host.sample_req_ids)}
+        self._last_sample_req_ids = host.sample_req_ids
         pending = PendingOutput(host.sample_req_ids, logprobs=out.logprobs, logprobs_meta=sampling_meta.logprobs,
                                 prompt_logprobs=prompt_logprobs)
         if self.device.type == "cuda":
@@ -459,9 +455,8 @@ class ModelRunner:
         targets_dev = torch.from_numpy(np.array(targets, dtype=np.int64)).to(self.device, non_blocking=True)
         step = self._PROMPT_LOGITS_ROWS
         packed = torch.cat([
-            compute_logprobs(self.model.compute_logits(hidden[rows_dev[a: a + step]]), targets_dev[a: a + step],
-                             LogprobsMetadata([], None, [], meta.max_num_logprobs))
-            for a in range(0, len(rows), step)])
+            compute_logprobs(self.model.compute_logits(hidden[rows_dev[a: a + step]]), targets_dev[a: a + step], meta)
+            for a in range(0, len(rows), step)])  # meta.rows is None: every row of the slice
         return _PromptLogprobs(spans, targets, meta, packed)
 
     @staticmethod

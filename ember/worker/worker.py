@@ -7,7 +7,7 @@ import torch
 from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from ember.distributed.parallel_state import init_tensor_parallel
-from ember.worker.model_runner import ModelRunner
+from ember.worker.model_runner import ModelRunner, PendingOutput
 
 
 class Worker:
@@ -74,5 +74,8 @@ class Worker:
         """Allocate ``num_blocks`` blocks of host swap space."""
         self.model_runner.initialize_host_kv_cache(num_blocks)
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(sched)
+    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+        return self.model_runner.launch(sched)
+
+    def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
+        return self.model_runner.collect(pending)

@@ -55,11 +55,16 @@ def test_packing_matches_reference(seed: int, async_steps: bool) -> None:
         in_flight = async_steps and n == 1 and computed == total - 1 and (i == 0 or rng.random() < 0.5)
         requests[f"r{i}"] = SimpleNamespace(req_id=f"r{i}", num_computed_tokens=computed,
                                             token_ids=[rng.randrange(50_000) for _ in range(total - in_flight)],
-                                            num_in_flight=int(in_flight), last_row=rng.randrange(64),
+                                            num_in_flight=int(in_flight), last_row=None,
                                             block_ids=rng.sample(range(10_000), num_blocks))
         num_scheduled[f"r{i}"] = n
-    last_rows = {r: s.last_row for r, s in requests.items() if s.num_in_flight}
-    runner = SimpleNamespace(requests=requests, block_size=BLOCK, _last_sample_rows=last_rows)
+    # The previous step sampled the requests in flight (in a shuffled order) and others.
+    last_sample_req_ids = [r for r, s in requests.items() if s.num_in_flight] + ["gone1", "gone2"]
+    rng.shuffle(last_sample_req_ids)
+    for row, r in enumerate(last_sample_req_ids):
+        if r in requests:
+            requests[r].last_row = row
+    runner = SimpleNamespace(requests=requests, block_size=BLOCK, _last_sample_req_ids=last_sample_req_ids)
     host = ModelRunner._prepare_host_inputs(runner, SimpleNamespace(num_scheduled_tokens=num_scheduled))
     ref = _reference(requests, num_scheduled)
     for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_table"):

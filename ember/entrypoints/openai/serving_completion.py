@@ -475,9 +475,9 @@ class OpenAIServingCompletion(OpenAIServing):
         n = prompts[0].params.n
         choices = []
         for i, (p, final) in enumerate(zip(prompts, finals, strict=True)):
+            echoed = self._echo_logprobs(p, final)
             for c in sorted(final.outputs, key=lambda c: c.index):
-                echoed, offset = self._echo_logprobs(p, final)
-                choice = self._choice(c, p.params, p.echo, offset, i * n + c.index)[0]
+                choice = self._choice(c, p.params, p.echo, len(p.echo), i * n + c.index)[0]
                 if echoed is not None:
                     choice.logprobs = echoed.merged_with(choice.logprobs)
                 choices.append(choice)
@@ -489,18 +489,18 @@ class OpenAIServingCompletion(OpenAIServing):
                                sum(len(c.token_ids) for final in finals for c in final.outputs)),
         )
 
-    def _echo_logprobs(self, p: _Prompt, out: RequestOutput) -> tuple[CompletionLogprobs | None, int]:
+    def _echo_logprobs(self, p: _Prompt, out: RequestOutput) -> CompletionLogprobs | None:
         """With ``echo`` and ``logprobs``: the echoed prompt's logprobs (its first
-        token with null values, as OpenAI), and the text offset after the prompt.
-        Otherwise None and ``len(p.echo)``."""
+        token with null values, as OpenAI); otherwise None.
+
+        NOTE: the completion's tokens continue from ``len(p.echo)``, the echoed
+        text the choice holds, whatever the prompt tokens' texts add up to."""
         if not p.echo or p.params.prompt_logprobs is None or out.prompt_logprobs is None:
-            return None, len(p.echo)
+            return None
         first = self.token_text(p.ids[0])[0]
         head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
         rest, _ = self.completion_logprobs(out.prompt_logprobs[1:], p.params.prompt_logprobs, len(first))
-        # NOTE: completion tokens continue from the echoed text's length, which is
-        # what the choice's text holds, whatever the prompt tokens' texts add up to.
-        return head.merged_with(rest), len(p.echo)
+        return head.merged_with(rest)
 
     def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
         """Tokenize and check one prompt (errors name ``location``, e.g. ``prompt[2]``)."""
@@ -568,7 +568,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
         for i, (p, first) in enumerate(zip(prompts, merged.firsts)):
             if p.echo:  # the prompt comes first in every choice (with its logprobs, if asked)
-                logprobs, _ = self._echo_logprobs(p, first)
+                logprobs = self._echo_logprobs(p, first)
                 for k in range(n):
                     yield chunk([CompletionChoice(index=i * n + k, text=p.echo, logprobs=logprobs)])
         async for i, out in merged:
