@@ -13,7 +13,7 @@ python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu_engine.py tests/e
     tests/core/test_schedule_ahead.py 2>&1 | tail -4
 for MODE in async sync; do
   echo "== $MODEL, $MODE scheduling"
-  FLAG=$([ $MODE = async ] && echo --async-scheduling)
+  FLAG=--$([ $MODE = sync ] && echo no-)async-scheduling
   python3 -m ember.entrypoints.cli bench latency --model "$MODEL" --load-format dummy --max-model-len 4096 \
       --batch-size 4 --input-len 1000 --output-len 200 --iters 3 $FLAG \
       --output-json "$OUT/latency_b4_${MODEL}_$MODE.json" 2>&1 | tail -12

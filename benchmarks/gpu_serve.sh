@@ -3,7 +3,7 @@
 # runs an 8B preset ($MODEL: Qwen3-8B by default, or Llama-3.1-8B) with dummy
 # bf16 weights and text through the Qwen2.5 tokenizer given with --tokenizer
 # (carried in .carry/qwen-tokenizer), and `ember bench serve` sends 200
-# streaming requests at concurrency 4, input 1000 / output 200 tokens, for each
+# streaming requests at concurrency 4 ($CONC), input 1000 / output 200 tokens, for each
 # token budget (--max-num-batched-tokens) in $BUDGETS; $EXTRA is passed to
 # `ember serve` (e.g. EXTRA=--async-scheduling TAG=_async).
 # NOTE: with Llama-3.1-8B a few re-tokenized prompts hold Qwen ids past Llama's
@@ -16,6 +16,7 @@ EMBER="python3 -m ember.entrypoints.cli"
 TOKENIZER=${TOKENIZER:-.carry/qwen-tokenizer}
 MODEL=${MODEL:-Qwen3-8B}
 NUM=${NUM:-200}
+CONC=${CONC:-4}
 EXTRA=${EXTRA:-}
 TAG=${TAG:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -31,9 +32,9 @@ for BUDGET in ${BUDGETS:-2048 512}; do
   done
   echo "$MODEL, budget $BUDGET: server ready in $(( $(date +%s) - START )) s"
   BENCH="$EMBER bench serve --base-url http://127.0.0.1:$PORT --random-input-len 1000 --random-output-len 200 \
-         --max-concurrency 4 --no-progress"
+         --max-concurrency $CONC --no-progress"
   $BENCH --num-prompts 16 > /dev/null  # warm-up (Triton autotune, allocator)
-  $BENCH --num-prompts "$NUM" --output-json "$OUT/serve_c4_${MODEL}_b$BUDGET$TAG.json" 2>&1 | tail -30
+  $BENCH --num-prompts "$NUM" --output-json "$OUT/serve_c${CONC}_${MODEL}_b$BUDGET$TAG.json" 2>&1 | tail -30
   kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
   grep -c '"request_id"' "$OUT/serve_${MODEL}_$BUDGET$TAG.log" | sed 's/^/request log lines: /'
 done

@@ -90,7 +90,9 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
     max_waiting_time_s: float | None = 60.0
-    async_scheduling: bool = False
+    # None: on for CUDA (the host's per-step work hides behind the device's),
+    # off for CPU (its kernels run synchronously, so there is nothing to hide).
+    async_scheduling: bool | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -128,10 +130,10 @@ class EngineArgs:
         parser.add_argument("--max-waiting-time", dest="max_waiting_time_s", type=float, default=d.max_waiting_time_s,
                             help="priority policy: seconds after which a waiting request is promoted above every "
                                  "priority, so low priority never means never (0 disables; default: 60)")
-        parser.add_argument("--async-scheduling", action="store_true",
+        parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                             help="launch each decode step before the previous step's tokens reach the host, "
-                                 "hiding the host's per-step work behind the device's (experimental: checked "
-                                 "on CPU, not yet measured on a GPU)")
+                                 "hiding the host's per-step work behind the device's (default: on for CUDA, "
+                                 "off for CPU, whose kernels run synchronously)")
         parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
@@ -221,7 +223,7 @@ class EngineArgs:
             policy=self.scheduling_policy,
             preemption_mode=self.preemption_mode,
             max_waiting_time_s=None if self.max_waiting_time_s == 0 else self.max_waiting_time_s,
-            async_scheduling=self.async_scheduling,
+            async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
         )
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config)
 
