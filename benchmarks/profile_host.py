@@ -1,10 +1,11 @@
-"""Is an eager (non-CUDA-graph) step bound by the host's kernel launches?
+"""Is a step with prefill tokens bound by the host's kernel launches?
 
 1. Host cost per launch (no GPU work to speak of: 8-row inputs) of each Triton
    wrapper the model calls per layer, and of a plain torch op for scale:
    ``perf_counter`` over many back-to-back calls, without a sync in between.
 2. Mixed steps (4 decodes + a prefill chunk of ``--chunks`` tokens) on the
-   8B preset (dummy weights): per step, the host time to issue the forward
+   8B preset (dummy weights), as piecewise CUDA graphs or (``--no-piecewise``)
+   eagerly: per step, the host time to issue the forward
    (CPU, until the last launch returns) against the device time of the same
    forward (CUDA events). Host ≈ device means the step is launch-bound.
 
@@ -69,9 +70,10 @@ def launch_costs(num_calls: int = 2000) -> None:
         print(f"  {name:34s} {statistics.median(runs):7.1f}")
 
 
-def mixed_steps(model: str, chunks: list[int], decodes: int = 4, prompt_len: int = 1000) -> None:
+def mixed_steps(model: str, chunks: list[int], decodes: int = 4, prompt_len: int = 1000,
+                piecewise: bool = True) -> None:
     llm = LLM(model, load_format="dummy", max_model_len=4096, max_num_batched_tokens=max(chunks) + decodes,
-              enable_prefix_caching=False, async_scheduling=False)
+              enable_prefix_caching=False, async_scheduling=False, piecewise_cuda_graphs=piecewise)
     engine = llm.llm_engine
     scheduler = engine.engine_core.scheduler
     runner = engine.engine_core.executor.worker.model_runner
@@ -118,14 +120,62 @@ def mixed_steps(model: str, chunks: list[int], decodes: int = 4, prompt_len: int
             engine.step()
 
 
+def profile_mixed(model: str, chunk: int, decodes: int = 4, steps: int = 12) -> None:
+    """cProfile (Python functions, by own time) and torch.profiler (CPU-side ops
+    and CUDA runtime calls, by self CPU time) of ``steps`` eager mixed steps."""
+    import cProfile
+    import pstats
+
+    llm = LLM(model, load_format="dummy", max_model_len=4096, max_num_batched_tokens=chunk + decodes,
+              enable_prefix_caching=False, async_scheduling=False)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.scheduler
+    long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    for i in range(decodes):
+        engine.add_request(f"d{i}", [1000 + i] * 8, long, prompt_token_ids=[1000 + i] * 8)
+    for _ in range(4):
+        engine.step()
+
+    def run(n: int, tag: str) -> None:
+        for j in range(n):
+            p = [3000 + j + k for k in range(chunk * 4)]
+            engine.add_request(f"{tag}{j}", p, SamplingParams(temperature=0, max_tokens=1), prompt_token_ids=p)
+        for _ in range(n * 4):
+            engine.step()
+        torch.cuda.synchronize()
+
+    run(2, "warm")
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    run(steps // 4, "cp")
+    prof.disable()
+    print(f"{steps} mixed steps of {chunk}+{decodes} tokens under cProfile: "
+          f"{(time.perf_counter() - start) / steps * 1e3:.1f} ms per step")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(35)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as tprof:
+        run(steps // 4, "tp")
+    print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="Llama-3.1-8B")
     p.add_argument("--chunks", type=int, nargs="*", default=[128, 256, 512, 1000])
+    p.add_argument("--piecewise", action=argparse.BooleanOptionalAction, default=True,
+                   help="piecewise CUDA graphs for the mixed steps (default: on)")
+    p.add_argument("--skip-launch-costs", action="store_true")
+    p.add_argument("--profile-chunk", type=int, default=0,
+                   help="instead: cProfile and torch.profiler tables of eager mixed steps with this chunk")
     args = p.parse_args()
     print(torch.cuda.get_device_name())
-    launch_costs()
-    mixed_steps(args.model, args.chunks)
+    if args.profile_chunk:
+        profile_mixed(args.model, args.profile_chunk)
+        return
+    if not args.skip_launch_costs:
+        launch_costs()
+    mixed_steps(args.model, args.chunks, piecewise=args.piecewise)
 
 
 if __name__ == "__main__":

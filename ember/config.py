@@ -46,6 +46,8 @@ class ModelConfig:
         served_model_name: the name clients use in the ``model`` field.
         seed: seed for unseeded random sampling (None: nondeterministic).
         enforce_eager: never capture CUDA graphs.
+        piecewise_cuda_graphs: also capture steps with prefill tokens, as
+            graphs cut at attention (see :mod:`ember.worker.cuda_graph`).
         skip_tokenizer_init: run without a tokenizer (prompts and outputs are token ids).
         tokenizer: where the tokenizer comes from when not from ``model`` (a
             directory of HF tokenizer files, a ``.gguf`` file or a bundled
@@ -62,6 +64,7 @@ class ModelConfig:
     served_model_name: str
     seed: int | None = 0
     enforce_eager: bool = False
+    piecewise_cuda_graphs: bool = True
     skip_tokenizer_init: bool = False
     tokenizer: str | None = None
     attention_backend: str | None = None

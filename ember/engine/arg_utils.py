@@ -81,6 +81,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     seed: int | None = 0
     enforce_eager: bool = False
+    piecewise_cuda_graphs: bool = True
     skip_tokenizer_init: bool = False
     tokenizer: str | None = None
     hf_overrides: dict | None = None
@@ -139,6 +140,10 @@ class EngineArgs:
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
         parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+        parser.add_argument("--piecewise-cuda-graphs", action=argparse.BooleanOptionalAction,
+                            default=d.piecewise_cuda_graphs,
+                            help="run steps with prefill tokens as CUDA graphs cut at attention, not eagerly "
+                                 "(default: on; decode steps always use whole-step graphs)")
         parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
         parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
@@ -200,6 +205,7 @@ class EngineArgs:
             served_model_name=name,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            piecewise_cuda_graphs=self.piecewise_cuda_graphs,
             attention_backend=self.attention_backend,
             skip_tokenizer_init=self.skip_tokenizer_init or (source.format == "preset" and self.tokenizer is None),
             tokenizer=self.tokenizer,

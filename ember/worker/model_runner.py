@@ -143,6 +143,7 @@ class ModelRunner:
         self.host_kv_caches: list[torch.Tensor] = []  # swap space, laid out like kv_caches
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
+        self.piecewise_graphs = None  # PiecewiseCUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
         # The last launched step's sampled ids (device, [num_rows] int64) and the
         # requests of its rows, in order: the inputs of a step scheduled ahead.
@@ -338,6 +339,8 @@ class ModelRunner:
         replay for decode-only batches that fit a captured size, else eager."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
             return self.cuda_graphs.run(host, self)
+        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
+            return self.piecewise_graphs.run(host, self)
         input_ids, positions, meta = self._device_inputs(host)
         return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
 
@@ -471,8 +474,9 @@ class ModelRunner:
         return out
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode steps for a ladder of batch sizes (CUDA, unless
-        ``enforce_eager``); prints the capture time."""
+        """Capture decode steps for a ladder of batch sizes and, with
+        ``piecewise_cuda_graphs``, the other steps for a ladder of token counts
+        (CUDA, unless ``enforce_eager``); prints the capture times."""
         if self.device.type != "cuda" or self.model_config.enforce_eager:
             return
         if not all(getattr(m, "cuda_graph_safe", True) for m in self.model.modules()):
@@ -485,6 +489,23 @@ class ModelRunner:
         self.cuda_graphs.capture()
         logger.info(f"captured CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
+        if not self.model_config.piecewise_cuda_graphs:
+            return
+        from ember.layers.attention import Attention
+        from ember.layers.attention.mla import MLAAttention
+        from ember.worker.cuda_graph import PiecewiseCUDAGraphRunner
+
+        modules = list(self.model.modules())
+        if any(isinstance(m, MLAAttention) for m in modules) or not any(isinstance(m, Attention) for m in modules):
+            logger.info("piecewise CUDA graphs need the model's attention to be Attention layers: "
+                        "steps with prefill tokens run eagerly")
+            return
+        start = time.perf_counter()
+        self.piecewise_graphs = PiecewiseCUDAGraphRunner(self.model, self.kv_caches, self.config)
+        self.piecewise_graphs.capture()
+        sizes = self.piecewise_graphs.sizes
+        logger.info(f"captured piecewise CUDA graphs for {len(sizes)} token counts {sizes[0]}..{sizes[-1]} "
+                    f"({len(self.piecewise_graphs.layers) + 1} pieces each) in {time.perf_counter() - start:.1f} s")
 
     @torch.inference_mode()
     def profile_run(self) -> None:

@@ -26,19 +26,27 @@ def tiny_llama(tmp_path_factory):
     return str(path), model.cuda().eval()
 
 
-@pytest.mark.parametrize("enforce_eager,async_scheduling", [(False, True), (True, True), (False, False)])
-def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager, async_scheduling):
+@pytest.mark.parametrize("enforce_eager,async_scheduling,piecewise",
+                         [(False, True, True), (True, True, True), (False, False, True), (False, True, False)])
+def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager, async_scheduling, piecewise):
     path, hf = tiny_llama
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (1, 15, 17, 100, 600)]
     refs = [hf_greedy(hf, p, 32) for p in prompts]
     llm = LLM(path, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
               kv_cache_memory=64 << 20, max_num_batched_tokens=128, max_num_seqs=8, enforce_eager=enforce_eager,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, piecewise_cuda_graphs=piecewise)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     together = llm.generate(prompts, params, use_tqdm=False)
     for i, (out, ref) in enumerate(zip(together, refs)):
         assert out.outputs[0].token_ids == ref, f"prompt {i}"
+    again = llm.generate(prompts, params, use_tqdm=False)  # prefix-cache hits: extend over cached context
+    for i, (out, ref) in enumerate(zip(again, refs)):
+        assert out.outputs[0].token_ids == ref, f"prompt {i}, with its prefix cached"
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
     assert (runner.cuda_graphs is None) == enforce_eager
+    graphed = not enforce_eager and piecewise
+    assert (runner.piecewise_graphs is not None) == graphed
+    if graphed:  # chunks of 128 tokens with decodes: the steps with prefill tokens replayed pieces
+        assert runner.piecewise_graphs.num_runs > 0
     assert (llm.llm_engine.engine_core.step_times.num_steps_ahead > 0) == async_scheduling

@@ -261,3 +261,25 @@ def test_sigterm_aborts_what_outlives_the_grace_period(short_fuse: ServerProcess
     assert plain["status"] == 503, plain
     assert_openai_error(plain["body"], "server_shutting_down")
     assert "aborting 3 requests still running after the 0.5 s grace period" in log
+
+
+def test_listening_socket_disables_nagle_for_its_connections() -> None:
+    """Streamed tokens are small writes; with Nagle's algorithm on, each waits for
+    the client's (possibly delayed, up to 40 ms) ACK of the previous one."""
+    import socket
+
+    from ember.entrypoints.openai.api_server import _bind_socket
+
+    server = _bind_socket("127.0.0.1", 0)
+    try:
+        server.listen(1)
+        client = socket.create_connection(server.getsockname()[:2])
+        conn, _ = server.accept()
+        try:
+            assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # inherited on accept
+        finally:
+            conn.close()
+            client.close()
+    finally:
+        server.close()

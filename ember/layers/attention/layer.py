@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,10 +19,14 @@ class ForwardContext:
     Attributes:
         attn_metadata: the step's attention metadata.
         kv_caches: one cache tensor per layer (see ``AttentionBackend``).
+        piecewise: set only while piecewise CUDA graphs are captured: each
+            :class:`Attention` hands its inputs to it (``piecewise.split``) instead
+            of attending (see :mod:`ember.worker.cuda_graph`).
     """
 
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]
+    piecewise: Any = None
 
 
 class Attention(nn.Module):
@@ -44,6 +49,12 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``q``: [n, num_heads * head_dim]; ``k``, ``v``: [n, num_kv_heads * head_dim].
         Returns [n, num_heads * head_dim]."""
+        if ctx.piecewise is not None:
+            return ctx.piecewise.split(self, q, k, v)
+        return self.attend(q, k, v, ctx)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Write ``k``/``v`` to the cache and attend (as :meth:`forward`, never split)."""
         n = q.shape[0]
         out = self.impl.forward(
             q.view(n, self.num_heads, self.head_dim),
