@@ -224,7 +224,7 @@ class PiecewiseCUDAGraphRunner:
         return (self._q[: n * qw].view(n, qw), self._k[: n * kw].view(n, kw), self._v[: n * kw].view(n, kw),
                 self._out[: n * qw].view(n, qw))
 
-    def _warmup_context(self, n: int, splitter: _Splitter | None = None) -> ForwardContext:
+    def _warmup_context(self, n: int) -> ForwardContext:
         """One request of ``n`` new tokens that writes no KV (slots -1)."""
         dev = self.input_ids.device
         num_blocks = -(-n // self.block_size)
@@ -234,7 +234,7 @@ class PiecewiseCUDAGraphRunner:
             seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
             block_table=torch.zeros(1, num_blocks, dtype=torch.int32, device=dev),
             max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
-        return ForwardContext(meta, self.kv_caches, splitter)
+        return ForwardContext(meta, self.kv_caches)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -242,11 +242,12 @@ class PiecewiseCUDAGraphRunner:
         stream = torch.cuda.Stream()
         for n in reversed(self.sizes):  # largest first: the others reuse its memory
             ids, pos = self.input_ids[:n], self.positions[:n]
-            self.model(ids, pos, self._warmup_context(n))  # compiles kernels, sets up cuBLAS for n rows
+            ctx = self._warmup_context(n)  # NOTE: built before the capture (it copies from the host)
+            self.model(ids, pos, ctx)  # compiles kernels, sets up cuBLAS for n rows
             torch.cuda.synchronize()
             with torch.cuda.stream(stream):
-                splitter = _Splitter(self, pool)
-                self.outputs[n] = self.model(ids, pos, self._warmup_context(n, splitter))
+                ctx.piecewise = splitter = _Splitter(self, pool)
+                self.outputs[n] = self.model(ids, pos, ctx)
                 self.graphs[n] = splitter.finish()
             torch.cuda.synchronize()
             if not self.layers:
