@@ -173,22 +173,25 @@ class Scheduler:
         """Asynchronous scheduling: the next step, picked while ``in_flight`` (the
         last step, whose tokens are not known yet) still runs on the device.
 
-        Only the steady case is scheduled ahead: every running request is in
-        ``in_flight`` and samples its next token there, and none uses a
-        penalty (its logits would need the token in flight). Each gets one
-        token: the one being sampled, which the runner feeds from the device
-        without a round trip to the host. Then new requests are admitted as
-        :meth:`schedule` would, when that needs no preemption (FCFS with only
-        new requests waiting). A request that reaches ``max_tokens`` in
-        ``in_flight`` is left out; one that stops on a stop token there is
-        computed once more and that token dropped (:meth:`update_from_output`
-        skips finished requests). Prefix-cache hashes only cover known tokens,
-        so the block holding a token in flight is registered one step later.
+        The running requests get what :meth:`schedule` would give them, in the
+        same order and budget, without their tokens in flight being known: one
+        that samples its next token in ``in_flight`` gets that token (the runner
+        feeds it from the device without a round trip to the host); one whose
+        prompt ``in_flight`` only partly prefills (or that it did not schedule)
+        gets its next chunk of known tokens. A request with a token in flight
+        and a penalty makes the step wait (its logits need that token). Then new
+        requests are admitted as :meth:`schedule` would, when that needs no
+        preemption (FCFS with only new requests waiting). A request that reaches
+        ``max_tokens`` in ``in_flight`` is left out; one that stops on a stop
+        token there is computed once more and that token dropped
+        (:meth:`update_from_output` skips finished requests). Prefix-cache
+        hashes only cover known tokens, so the block holding a token in flight
+        is registered one step later.
 
         Returns:
-            The step, or None when the case is not the steady one (or a block
-            is missing): the caller then waits for ``in_flight`` and calls
-            :meth:`schedule`.
+            The step, or None when it cannot be planned ahead (a penalty, a
+            policy that may preempt, or a missing block): the caller then waits
+            for ``in_flight`` and calls :meth:`schedule`.
         """
         num_scheduled = in_flight.num_scheduled_tokens
         if not self.running or len(self.running) > self.config.max_num_batched_tokens:
@@ -197,23 +200,28 @@ class Scheduler:
                                           or self.policy.peek_waiting().status != RequestStatus.WAITING):
             return None  # admission may preempt (FCFS requeues preempted requests at the front)
         for req in self.running:
-            n = num_scheduled.get(req.request_id)
-            if n is None or req.num_computed_tokens + n != req.num_tokens or uses_penalty(req.sampling_params):
+            n = num_scheduled.get(req.request_id, 0)
+            if n and req.num_computed_tokens + n == req.num_tokens and uses_penalty(req.sampling_params):
                 return None
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
         for req in self.running:
-            if req.num_output_tokens + 1 >= req.max_tokens:
-                continue  # finishes in flight
-            num_computed = req.num_tokens  # once in_flight is done
-            # NOTE: room for the token in flight, which this step computes; the
-            # request still counts num_computed_tokens before in_flight.
-            new_blocks = self.kv_cache_manager.allocate_slots(req, num_computed + 1 - req.num_computed_tokens)
+            if plan.budget <= 0:
+                break
+            # NOTE: positions count as if in_flight were done; the request itself
+            # still counts num_computed_tokens from before it.
+            start = req.num_computed_tokens + num_scheduled.get(req.request_id, 0)
+            if start == req.num_tokens:  # samples in flight: this step computes that token
+                if req.num_output_tokens + 1 >= req.max_tokens:
+                    continue  # finishes in flight
+                num_new = 1
+            else:  # the rest of its known tokens (a prompt chunk)
+                num_new = min(req.num_tokens - start, plan.budget)
+            new_blocks = self.kv_cache_manager.allocate_slots(req, start + num_new - req.num_computed_tokens)
             if new_blocks is None:
                 return None  # blocks allocated so far stay with their requests (they need them next)
-            plan.num_scheduled[req.request_id] = 1
-            plan.budget -= 1
-            plan.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
-                                                      num_computed))
+            plan.num_scheduled[req.request_id] = num_new
+            plan.budget -= num_new
+            plan.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks], start))
         # NOTE: a new request reusing the id of an aborted one still in flight
         # waits until that step is collected (results are matched by id).
         self._schedule_waiting(plan, exclude=num_scheduled)

@@ -215,7 +215,10 @@ class PiecewiseCUDAGraphRunner:
         self._out = torch.zeros(n * self.q_width, dtype=dtype, device=dev)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.layers: list[Attention] = []
-        self.outputs: dict[int, torch.Tensor] = {}
+        # The last piece copies the model's output here, so that no size keeps its
+        # own output alive in the graph pool (every size reuses the same memory).
+        self._hidden: torch.Tensor | None = None
+        self.hidden_size = 0
         self.num_runs = 0
 
     def buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,12 +246,19 @@ class PiecewiseCUDAGraphRunner:
         for n in reversed(self.sizes):  # largest first: the others reuse its memory
             ids, pos = self.input_ids[:n], self.positions[:n]
             ctx = self._warmup_context(n)  # NOTE: built before the capture (it copies from the host)
-            self.model(ids, pos, ctx)  # compiles kernels, sets up cuBLAS for n rows
+            hidden = self.model(ids, pos, ctx)  # compiles kernels, sets up cuBLAS for n rows
+            if self._hidden is None:  # the largest size comes first
+                self.hidden_size = hidden.shape[1]
+                self._hidden = torch.empty(n * self.hidden_size, dtype=hidden.dtype, device=hidden.device)
+            del hidden
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the warm-up's blocks go back to the device for the graph pool
             with torch.cuda.stream(stream):
                 ctx.piecewise = splitter = _Splitter(self, pool)
-                self.outputs[n] = self.model(ids, pos, ctx)
+                hidden = self.model(ids, pos, ctx)
+                self._hidden[: hidden.numel()].view_as(hidden).copy_(hidden)
                 self.graphs[n] = splitter.finish()
+            del hidden
             torch.cuda.synchronize()
             if not self.layers:
                 self.layers = splitter.layers
@@ -274,4 +284,4 @@ class PiecewiseCUDAGraphRunner:
             graph.replay()
             out.copy_(layer.attend(q, k, v, ctx))
         graphs[-1].replay()
-        return self.outputs[size][:n]
+        return self._hidden[: n * self.hidden_size].view(n, self.hidden_size)

@@ -63,14 +63,32 @@ def test_block_with_the_token_in_flight_is_hashed_once_known() -> None:
     assert num_hit == BLOCK  # the registered hash is that of the real tokens
 
 
-def test_not_ahead_when_prefilling_or_penalized() -> None:
+def test_prompt_chunks_are_planned_ahead_as_schedule_would() -> None:
     sched = make(budget=4, max_seqs=4)
-    sched.add_request(req("long", 6))
-    s = sched.schedule()  # a 4-token chunk of 6: samples nothing
-    assert sched.schedule_ahead(s) is None
+    sched.add_request(req("long", 10))
+    s = sched.schedule()  # a 4-token chunk of 10: samples nothing
+    ahead = sched.schedule_ahead(s)  # the next chunk needs no token from the device
+    assert ahead.num_scheduled_tokens == {"long": 4}
+    assert ahead.scheduled_cached_reqs[0].num_computed_tokens == 4
     sched.update_from_output(s, fake_run(s, sched))
-    s = sched.schedule()  # the last chunk: samples
-    assert sched.schedule_ahead(s) is not None
+    last = sched.schedule_ahead(ahead)  # the last 2 tokens: they sample
+    assert last.num_scheduled_tokens == {"long": 2}
+    sched.update_from_output(ahead, fake_run(ahead, sched))
+    decode = sched.schedule_ahead(last)  # the first output token is in flight
+    assert decode.num_scheduled_tokens == {"long": 1}
+    assert decode.scheduled_cached_reqs[0].num_computed_tokens == 10
+
+    mixed = make(budget=4, max_seqs=4)  # a decode in flight, then a prompt chunk, in the budget's order
+    mixed.add_request(req("a", 1))
+    s = mixed.schedule()
+    mixed.update_from_output(s, fake_run(s, mixed))
+    mixed.add_request(req("b", 6))
+    s = mixed.schedule()
+    assert s.num_scheduled_tokens == {"a": 1, "b": 3}
+    assert mixed.schedule_ahead(s).num_scheduled_tokens == {"a": 1, "b": 3}
+
+
+def test_not_ahead_when_penalized() -> None:
 
     pen = make()
     pen.add_request(req("p", 3, repetition_penalty=1.2))
