@@ -221,8 +221,16 @@ def _decode_merge_kernel(Mid_O, Mid_LSE, Out, stride_ot, stride_oh, num_heads,
 
 
 def num_decode_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32) -> int:
-    """KV splits per request so that about two waves of programs cover the GPU."""
-    return max(1, min(max_splits, triton.cdiv(2 * num_sms, num_reqs * num_kv_heads)))
+    """KV splits per request so that about two waves of programs cover the GPU,
+    rounded down to a power of two.
+
+    NOTE: the split count is a compile-time constant of the kernels, so every
+    distinct value compiles them anew (about a second, mid-serving, when a
+    mixed batch first has an unusual number of decodes). Powers of two leave
+    six values, all compiled while the decode CUDA graphs are captured.
+    """
+    want = max(1, min(max_splits, triton.cdiv(2 * num_sms, num_reqs * num_kv_heads)))
+    return 1 << (want.bit_length() - 1)
 
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,

@@ -102,3 +102,19 @@ def test_padded_decode_rows_are_zero_and_skip_kv_write():
                      0.125, num_splits=4)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert not out[1].isnan().any()
+
+
+def test_decode_split_counts_are_powers_of_two_compiled_by_the_graph_ladder():
+    """Any number of decodes (also in a mixed batch) uses a split count that the
+    decode CUDA-graph capture has already compiled: no kernel compiles mid-serving."""
+    pytest.importorskip("triton")
+    from ember.kernels.triton_attention import num_decode_splits
+    from ember.worker.cuda_graph import capture_sizes
+
+    for num_kv_heads in (1, 2, 4, 8):
+        for num_sms in (78, 114, 132, 144):
+            for max_num_seqs in (8, 20, 64, 256):
+                captured = {num_decode_splits(b, num_kv_heads, num_sms) for b in capture_sizes(max_num_seqs)}
+                every = {num_decode_splits(n, num_kv_heads, num_sms) for n in range(1, max_num_seqs + 1)}
+                assert every <= captured
+                assert all(v & (v - 1) == 0 for v in every)
