@@ -336,7 +336,8 @@ class ModelRunner:
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the packed batch: a CUDA-graph
-        replay for decode-only batches that fit a captured size, else eager."""
+        replay for decode-only batches that fit a captured size, piecewise
+        graphs (attention eager) for other steps that fit one, else eager."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
             return self.cuda_graphs.run(host, self)
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
