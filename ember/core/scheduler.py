@@ -66,6 +66,13 @@ class _StepPlan:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
+    def add_running(self, req: Request, num_new: int, new_blocks: list, num_computed: int) -> None:
+        """Schedule ``num_new`` tokens of running ``req`` from position
+        ``num_computed``, with the blocks just allocated for them."""
+        self.num_scheduled[req.request_id] = num_new
+        self.budget -= num_new
+        self.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks], num_computed))
+
 
 class Scheduler:
     """Decides, each step, which requests compute how many tokens.
@@ -219,9 +226,7 @@ class Scheduler:
             new_blocks = self.kv_cache_manager.allocate_slots(req, start + num_new - req.num_computed_tokens)
             if new_blocks is None:
                 return None  # blocks allocated so far stay with their requests (they need them next)
-            plan.num_scheduled[req.request_id] = num_new
-            plan.budget -= num_new
-            plan.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks], start))
+            plan.add_running(req, num_new, new_blocks, start)
         # NOTE: a new request reusing the id of an aborted one still in flight
         # waits until that step is collected (results are matched by id).
         self._schedule_waiting(plan, exclude=num_scheduled)
@@ -242,10 +247,7 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break
-            plan.num_scheduled[req.request_id] = num_new
-            plan.budget -= num_new
-            plan.cached_reqs.append(CachedRequestData(
-                req.request_id, [b.block_id for b in new_blocks], req.num_computed_tokens))
+            plan.add_running(req, num_new, new_blocks, req.num_computed_tokens)
             idx += 1
 
     def _schedule_waiting(self, plan: _StepPlan, exclude: Container[str] = ()) -> None:
