@@ -158,9 +158,9 @@ class SchedulerConfig:
         max_waiting_time_s: fairness guard of the ``priority`` policy: a request
             waiting longer than this (seconds) is promoted above every priority;
             None disables it.
-        async_scheduling: launch each steady decode step before the previous
-            step's tokens reach the host, so the device does not wait for the
-            host's per-step work (see :mod:`ember.engine.core`).
+        async_scheduling: launch each step before the previous step's tokens
+            reach the host, where its plan allows, so the device does not wait
+            for the host's per-step work (see :mod:`ember.engine.core`).
     """
 
     max_num_batched_tokens: int = 2048

@@ -4,10 +4,11 @@ With asynchronous scheduling (``SchedulerConfig.async_scheduling``) a step is
 launched on the device before the previous one's sampled ids are read: while
 the device runs step N+1, the host reads step N's tokens, checks stops and
 builds the outputs, so the device does not wait for the host between decode
-steps. Only steady decode steps, with FCFS admissions, are scheduled ahead
+steps. A step is scheduled ahead when its plan needs no token in flight
+beyond feeding it as an input: decodes, prompt chunks and FCFS admissions
 (:meth:`~ember.core.scheduler.Scheduler.schedule_ahead`); anything else (a
-preemption, a priority-policy admission, a penalty, a prefill chunk that does
-not sample) waits for the step in flight and is scheduled as before. The
+preemption, a priority-policy admission, a penalty on a request with a token
+in flight) waits for the step in flight and is scheduled as before. The
 outputs are the same either way (token for token under greedy or seeded
 sampling); a request that hits a stop token costs one extra token of compute,
 and a request arriving while a step is in flight starts one step later.
