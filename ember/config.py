@@ -19,6 +19,17 @@ _DTYPES = {
 }
 
 
+# ``--kv-cache-dtype`` names (vLLM's): "auto" keeps the model dtype; the FP8
+# formats store K/V as they are (no scale), saturating at the format's largest
+# finite value: 448 for e4m3 (OCP FP8 "E4M3FN"), 57344 for e5m2.
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
 class ConfigError(ValueError):
     """A configuration value is out of its allowed range."""
 
@@ -107,6 +118,10 @@ class CacheConfig:
             across requests (automatic prefix caching).
         swap_space: bytes of host memory for blocks of requests preempted by
             swap (used only with ``preemption_mode="swap"``; 4 GiB as vLLM).
+        cache_dtype: element type of the KV cache, a key of
+            :data:`KV_CACHE_DTYPES`: ``"auto"`` (the model dtype) or an FP8
+            format, which halves the cache's bytes per token (twice the tokens
+            in the same memory, half the KV bytes each decode step reads).
     """
 
     block_size: int = 16
@@ -115,8 +130,11 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     swap_space: int = 4 << 30
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {list(KV_CACHE_DTYPES)}",
+                 self.cache_dtype)
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "a power of two in [1, 128]", self.block_size)
         _require(
             self.kv_cache_memory is None or (_is_int(self.kv_cache_memory) and self.kv_cache_memory > 0),
@@ -134,6 +152,10 @@ class CacheConfig:
                  self.enable_prefix_caching)
         _require(_is_int(self.swap_space) and self.swap_space >= 0, "swap_space", "a non-negative number of bytes",
                  self.swap_space)
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's torch dtype for a model running in ``model_dtype``."""
+        return KV_CACHE_DTYPES[self.cache_dtype] or model_dtype
 
 
 SCHEDULING_POLICY_NAMES = ("fcfs", "priority")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import (
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     PREEMPTION_MODES,
     SCHEDULING_POLICY_NAMES,
@@ -72,6 +73,7 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
+    kv_cache_dtype: str = "auto"
     memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     max_num_batched_tokens: int | None = None
@@ -108,6 +110,10 @@ class EngineArgs:
         parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
         parser.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
                             help="memory for the KV cache, e.g. 2G (default: 1G on CPU, --memory-utilization on CUDA)")
+        parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                            help="KV-cache element type: auto (the model dtype) or FP8 (fp8 = fp8_e4m3), which "
+                                 "holds twice the tokens and halves the KV bytes read per decode step; values "
+                                 "are stored unscaled (not supported for MLA models)")
         parser.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization", type=float,
                             default=d.memory_utilization, help="fraction of GPU memory to use (CUDA only)")
         parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help=argparse.SUPPRESS)
@@ -220,6 +226,7 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching,
             swap_space=self.swap_space,
+            cache_dtype=self.kv_cache_dtype,
         )
         budget = self.max_num_batched_tokens or max(2048, min(self.max_num_seqs, 2048))
         scheduler_config = SchedulerConfig(

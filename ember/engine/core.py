@@ -67,9 +67,9 @@ class EngineCore:
         self.num_gpu_blocks = num_blocks
         block_size = config.cache_config.block_size
         gib = num_blocks * self.executor.kv_cache_bytes_per_block() / (1 << 30)
-        logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
-                    f"({gib:.2f} GiB)")
         cc = config.cache_config
+        logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
+                    f"({gib:.2f} GiB, {cc.kv_cache_torch_dtype(config.model_config.dtype)})")
         num_host_blocks = self._init_swap_space()
         kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)

@@ -5,6 +5,8 @@ token ``p`` of a request is at slot ``block_table[p // block_size] *
 block_size + p % block_size``.
 
 * ``store_kv_cache``: scatter new K/V rows to their slots (negative slot = padding, skipped).
+  The cache may be FP8 (``--kv-cache-dtype fp8``): K/V are narrowed when stored
+  and widened to the query's dtype when the attention kernels load them.
 * ``extend_attention``: packed variable-length queries (prefill, chunked prefill,
   prefix hits, decode), causal, GQA; keys are read from the cache (new ones
   included, written first). Online softmax as in FlashAttention-2 (Dao, 2023).
@@ -21,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.layers.attention.backend import FP8_DTYPES
+
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
@@ -35,7 +39,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 # --------------------------------------------------------------------- KV write
 @triton.jit
 def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
@@ -44,13 +48,18 @@ def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, strid
     mask = offs < ROW
     k = tl.load(key + t * stride_k + offs, mask=mask)
     v = tl.load(value + t * stride_v + offs, mask=mask)
-    tl.store(cache + slot * ROW + offs, k, mask=mask)
-    tl.store(cache + (num_slots + slot) * ROW + offs, v, mask=mask)
+    if FP8_MAX > 0:  # FP8 cache: saturate, then round to nearest even (as to_cache_dtype)
+        k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
+    tl.store(cache + slot * ROW + offs, k.to(cache.dtype.element_ty), mask=mask)
+    tl.store(cache + (num_slots + slot) * ROW + offs, v.to(cache.dtype.element_ty), mask=mask)
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """``key``/``value``: [num_tokens, num_kv_heads, head_dim] (rows contiguous);
-    ``slot_mapping``: [num_tokens] int64 (negative entries are skipped)."""
+    ``slot_mapping``: [num_tokens] int64 (negative entries are skipped). An FP8
+    ``kv_cache`` gets the values unscaled, saturated at the format's largest
+    finite value (as ``ember.layers.attention.backend.to_cache_dtype``)."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
@@ -59,7 +68,8 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     key = key.reshape(num_tokens, row)
     value = value.reshape(num_tokens, row)
     _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, num_blocks * block_size,
-                                    key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row))
+                                    key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row),
+                                    FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0)
 
 
 # ------------------------------------------------------------ extend / prefill
@@ -101,8 +111,9 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
         slot = page.to(tl.int64) * PAGE + offs_n % PAGE
         kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0)
+        # An FP8 cache is widened to the query's dtype (a no-op otherwise).
+        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         s = tl.where(causal, s, float("-inf"))
@@ -141,7 +152,7 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=kv_cache.dtype == torch.float32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        IEEE=query.dtype == torch.float32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 # ---------------------------------------------------------------------- decode
@@ -179,8 +190,9 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
         slot = page.to(tl.int64) * PAGE + offs_n % PAGE
         kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0)
+        # An FP8 cache is widened to the query's dtype (a no-op otherwise).
+        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -261,7 +273,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        IEEE=kv_cache.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IEEE=query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

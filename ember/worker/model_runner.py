@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.config import EngineConfig
+from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
-from ember.layers.attention.backend import default_backend_name
+from ember.layers.attention.backend import as_copyable, default_backend_name
 from ember.models.registry import ModelRegistry
 from ember.sample.logprobs import LogprobsMetadata, compute_logprobs, unpack_logprobs
 from ember.outputs import SampleLogprob
@@ -123,6 +123,7 @@ def _copy_blocks(src: list[torch.Tensor], src_ids: tuple[int, ...], dst: list[to
     src_idx = torch.tensor(src_ids, dtype=torch.int64, device=src[0].device)
     dst_idx = torch.tensor(dst_ids, dtype=torch.int64, device=dst[0].device)
     for s, d in zip(src, dst):
+        s, d = as_copyable(s), as_copyable(d)
         d.index_copy_(block_dim, dst_idx, s.index_select(block_dim, src_idx).to(d.device))
 
 
@@ -191,9 +192,20 @@ class ModelRunner:
                     f"in {time.perf_counter() - start:.1f} s")
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)."""
+        """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)
+        in the cache dtype (``CacheConfig.cache_dtype``).
+
+        Raises:
+            ConfigError: an FP8 cache for an MLA model (its latent-cache kernels
+                read the model dtype only).
+        """
         mc = self.model_config
-        return ModelRegistry.load_class(mc.architecture).kv_cache_spec(mc.hf_config, self.block_size, mc.dtype)
+        dtype = self.config.cache_config.kv_cache_torch_dtype(mc.dtype)
+        spec = ModelRegistry.load_class(mc.architecture).kv_cache_spec(mc.hf_config, self.block_size, dtype)
+        if dtype != mc.dtype and not spec.leading_shape:
+            raise ConfigError(f"kv_cache_dtype {self.config.cache_config.cache_dtype!r} is not supported for "
+                              f"{mc.architecture} (MLA latent cache); use kv_cache_dtype 'auto'")
+        return spec
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block takes across all layers."""

@@ -15,13 +15,13 @@ pytestmark = pytest.mark.gpu
 BLOCK = 16
 
 
-def _case(reqs, num_heads, num_kv_heads, head_dim, seed):
+def _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype=torch.bfloat16):
     """reqs: list of (cached, new). Random cache + queries; returns inputs and metadata."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     dev = "cuda"
     blocks_needed = [math.ceil((c + n) / BLOCK) for c, n in reqs]
     num_blocks = sum(blocks_needed) + 3
-    kv = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
+    kv = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, generator=g, device=dev).to(cache_dtype)
     perm = torch.randperm(num_blocks, generator=g, device=dev).tolist()
     tables, slots, starts, seq_lens = [], [], [0], []
     for (c, n), nb in zip(reqs, blocks_needed):
@@ -44,22 +44,51 @@ def _case(reqs, num_heads, num_kv_heads, head_dim, seed):
     return q, k, v, kv, meta
 
 
-def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0):
+def _fp8_round_trip(x, dtype):
+    """What a cache of ``dtype`` holds of ``x``, as float32 (FP8: saturated, rounded to nearest even)."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        fmax = torch.finfo(dtype).max
+        x = x.float().clamp(-fmax, fmax).to(dtype)
+    return x.float()
+
+
+def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache_dtype=torch.bfloat16):
+    """Triton backend (bf16 queries, cache of ``cache_dtype``) vs the torch
+    backend in float32 on the same values, its new K/V rounded as the cache
+    rounds them."""
     from ember.layers.attention.triton_backend import TritonAttentionBackend
 
-    q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed)
+    q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype)
     meta.num_decodes = num_decodes
     scale = head_dim ** -0.5
     ref_cache = kv.float().clone()
     ref = TorchAttentionBackend(num_heads, head_dim, scale, num_kv_heads).forward(
-        q.float(), k.float(), v.float(), ref_cache, meta)
+        q.float(), _fp8_round_trip(k, cache_dtype), _fp8_round_trip(v, cache_dtype), ref_cache, meta)
     backend = TritonAttentionBackend(num_heads, head_dim, scale, num_kv_heads)
     out = backend.forward(q, k, v, kv, meta)
     torch.cuda.synchronize()
     assert not out.isnan().any(), "unwritten or NaN output"
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < 1e-2, f"relative error {rel:.3e}"
-    assert torch.equal(kv.float(), ref_cache.to(torch.bfloat16).float()), "KV cache write differs"
+    assert torch.equal(kv.float(), ref_cache.to(cache_dtype).float()), "KV cache write differs"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_fp8_kv_cache(cache_dtype, group):
+    """--kv-cache-dtype fp8: mixed prefill/decode, leading decodes, decode only."""
+    _check([(0, 1), (BLOCK - 1, 1), (300, 1), (0, BLOCK + 1), (BLOCK + 1, 5), (40, 200)], 2 * group, 2, 128,
+           seed=5, num_decodes=3, cache_dtype=cache_dtype)
+    _check([(0, 1), (BLOCK * 7 + 3, 1), (1000, 1)], 2 * group, 2, 64, seed=6, cache_dtype=cache_dtype)
+
+
+def test_fp8_kv_write_saturates():
+    from ember.kernels.triton_attention import store_kv_cache
+
+    kv = torch.zeros(2, 2, BLOCK, 1, 64, dtype=torch.float8_e5m2, device="cuda")
+    k = torch.full((1, 1, 64), 1e6, dtype=torch.bfloat16, device="cuda")
+    store_kv_cache(k, -k, kv, torch.tensor([3], device="cuda"))
+    assert (kv[0, 0, 3].float() == 57344.0).all() and (kv[1, 0, 3].float() == -57344.0).all()
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -23,15 +23,28 @@ def dense_reference(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 64), (8, 2, 64), (7, 1, 128), (16, 2, 128)])
-def test_mixed_batch_matches_dense(num_heads, num_kv_heads, head_dim):
+def fp8_round_trip(x, dtype):
+    """What an FP8 cache holds of ``x``: saturated at the format's largest
+    finite value, rounded to nearest even, read back as float32."""
+    if dtype == torch.float32:
+        return x
+    fmax = torch.finfo(dtype).max
+    return x.clamp(-fmax, fmax).to(dtype).float()
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,cache_dtype", [
+    (4, 4, 64, torch.float32), (8, 2, 64, torch.float32), (7, 1, 128, torch.float32), (16, 2, 128, torch.float32),
+    (8, 2, 64, torch.float8_e4m3fn), (7, 1, 128, torch.float8_e5m2),
+])
+def test_mixed_batch_matches_dense(num_heads, num_kv_heads, head_dim, cache_dtype):
+    """An FP8 cache is checked against dense attention over the FP8-rounded K/V."""
     torch.manual_seed(0)
     rng = random.Random(0)
     block_size, num_blocks = 16, 64
     # (cached tokens, new tokens): prefill, chunk after context, decodes, block_size +- 1.
     reqs = [(0, 17), (15, 1), (16, 1), (33, 4), (0, 1), (47, 1), (100, 30)]
     scale = 1 / math.sqrt(head_dim)
-    kv_cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)  # block tables point anywhere
     full_k, full_v, tables, qs, ks, vs, slots = [], [], [], [], [], [], []
@@ -39,12 +52,14 @@ def test_mixed_batch_matches_dense(num_heads, num_kv_heads, head_dim):
         L = cached + new
         k = torch.randn(L, num_kv_heads, head_dim)
         v = torch.randn(L, num_kv_heads, head_dim)
+        k[-1, 0, 0] = 1e6  # saturates in FP8 (finite, unlike a plain cast to e5m2)
         blocks = [free.pop() for _ in range(-(-L // block_size))]
         # Put the cached part straight into the cache.
         for p in range(cached):
-            kv_cache[0, blocks[p // block_size], p % block_size] = k[p]
-            kv_cache[1, blocks[p // block_size], p % block_size] = v[p]
-        full_k.append(k), full_v.append(v), tables.append(blocks)
+            kv_cache[0, blocks[p // block_size], p % block_size] = fp8_round_trip(k[p], cache_dtype)
+            kv_cache[1, blocks[p // block_size], p % block_size] = fp8_round_trip(v[p], cache_dtype)
+        full_k.append(fp8_round_trip(k, cache_dtype)), full_v.append(fp8_round_trip(v, cache_dtype))
+        tables.append(blocks)
         qs.append(torch.randn(new, num_heads, head_dim))
         ks.append(k[cached:]), vs.append(v[cached:])
         slots += [blocks[p // block_size] * block_size + p % block_size for p in range(cached, L)]
@@ -68,4 +83,4 @@ def test_mixed_batch_matches_dense(num_heads, num_kv_heads, head_dim):
     # The new K/V landed in their slots.
     for i, (cached, new) in enumerate(reqs):
         p = cached + new - 1
-        torch.testing.assert_close(kv_cache[0, tables[i][p // block_size], p % block_size], full_k[i][p])
+        torch.testing.assert_close(kv_cache[0, tables[i][p // block_size], p % block_size].float(), full_k[i][p])

@@ -71,7 +71,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.warmup):
         llm.generate(fresh(), full, use_tqdm=False)
     ceilings = measure_ceilings(runner.device)
-    cost = model_cost(runner.model, mc)
+    cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
     prefill_times, total_times = [], []
     mark = _host_mark(llm)
     cache_mark = llm.get_stats().prefix_cache
@@ -91,7 +91,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     bytes_per_step = cost.weight_bytes + args.batch_size * avg_ctx * cost.kv_bytes_per_token
     return {
         "benchmark": "latency", "batch_size": args.batch_size, "input_len": args.input_len,
-        "output_len": args.output_len, "latency_s": total, "prefill_s": prefill,
+        "output_len": args.output_len, "kv_cache_dtype": args.kv_cache_dtype, "latency_s": total, "prefill_s": prefill,
         "decode_step_ms": step_time * 1e3,
         "decode_tok_s_per_seq": 1 / step_time, "decode_tok_s": args.batch_size / step_time,
         "host_ms_per_step": host_per_step * 1e3,
@@ -121,7 +121,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     warm = [_random_prompts(1, n, mc.vocab_size, rng)[0] for n in in_lens[:8]]
     llm.generate(warm, params[: len(warm)], use_tqdm=False)
     ceilings = measure_ceilings(runner.device)
-    cost = model_cost(runner.model, mc)
+    cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
     mark = _host_mark(llm)
     cache_mark = llm.get_stats().prefix_cache
     t = time.perf_counter()
@@ -139,7 +139,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     bound = max(flops / ceilings.matmul_flops_per_s, bytes_moved / ceilings.copy_bytes_per_s)
     return {
         "benchmark": "throughput", "num_prompts": args.num_prompts, "input_len": args.input_len,
-        "output_len": args.output_len, "range_ratio": args.range_ratio, "elapsed_s": elapsed,
+        "output_len": args.output_len, "kv_cache_dtype": args.kv_cache_dtype, "range_ratio": args.range_ratio, "elapsed_s": elapsed,
         "requests_per_s": len(outs) / elapsed, "output_tok_s": num_out / elapsed,
         "total_tok_s": (num_in + num_out) / elapsed, "host_ms_per_step": host_per_step * 1e3,
         "bound_s": bound, "fraction_of_bound": bound / elapsed,

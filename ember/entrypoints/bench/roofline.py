@@ -82,14 +82,16 @@ class ModelCost:
     attn_flops_per_token_ctx: int
 
 
-def model_cost(model: torch.nn.Module, model_config) -> ModelCost:
+def model_cost(model: torch.nn.Module, model_config, kv_cache_dtype: torch.dtype | None = None) -> ModelCost:
+    """Bytes and FLOPs of ``model``; the KV bytes per token in ``kv_cache_dtype``
+    (default: the model dtype)."""
     params = list(model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     embed = model.get_submodule("model.embed_tokens").weight
     matmul_params = sum(p.numel() for p in params if p.dim() >= 2) - embed.numel()
     if model.get_submodule("lm_head").weight is embed:
         matmul_params += embed.numel()  # tied: the LM head matmul still runs
-    elem = torch.empty((), dtype=model_config.dtype).element_size()
+    elem = torch.empty((), dtype=kv_cache_dtype or model_config.dtype).element_size()
     hc = model_config.hf_config
     kv = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * elem
     attn = 4 * model_config.num_layers * hc.num_attention_heads * model_config.head_dim

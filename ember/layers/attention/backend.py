@@ -70,7 +70,7 @@ class KVCacheSpec:
         block_shape: dims of one block, ``block_size`` first:
             ``(block_size, num_kv_heads, head_dim)`` for K/V,
             ``(block_size, kv_lora_rank + qk_rope_head_dim)`` for MLA.
-        dtype: element type.
+        dtype: element type (the model dtype, or FP8 with ``--kv-cache-dtype``).
     """
 
     num_layers: int
@@ -94,6 +94,26 @@ def standard_kv_cache_spec(num_layers: int, block_size: int, num_kv_heads: int, 
     """The K/V layout of :class:`AttentionBackend`:
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` per layer."""
     return KVCacheSpec(num_layers, (2,), (block_size, num_kv_heads, head_dim), dtype)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def as_copyable(cache: torch.Tensor) -> torch.Tensor:
+    """``cache`` itself, or for an FP8 cache its bytes viewed as uint8 (same
+    shape): PyTorch's CPU index_copy_/index_select have no FP8 kernels, and
+    moving the bytes is the same copy."""
+    return cache.view(torch.uint8) if cache.dtype in FP8_DTYPES else cache
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` converted to a KV cache's dtype; into FP8 with round-to-nearest-even
+    after clamping to the format's largest finite value (FP8 holds K/V
+    unscaled, so an out-of-range value saturates rather than becoming inf/NaN)."""
+    if dtype in FP8_DTYPES:
+        fmax = torch.finfo(dtype).max
+        return x.clamp(-fmax, fmax).to(dtype)
+    return x.to(dtype)
 
 
 class AttentionBackend(ABC):
@@ -120,7 +140,9 @@ class AttentionBackend(ABC):
         Args:
             query: [num_tokens, num_heads, head_dim].
             key, value: [num_tokens, num_kv_heads, head_dim].
-            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim].
+            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim], in
+                the model dtype or FP8 (K/V converted with :func:`to_cache_dtype`
+                when written and back to ``query``'s dtype when read).
         Returns:
             [num_tokens, num_heads, head_dim], same dtype as ``query``.
         """

@@ -5,23 +5,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.layers.attention.backend import AttentionBackend, AttentionMetadata
+from ember.layers.attention.backend import AttentionBackend, AttentionMetadata, as_copyable, to_cache_dtype
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    """Scatter new K/V ([num_tokens, num_kv_heads, head_dim]) into their slots,
+    converted to the cache's dtype."""
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    raw = as_copyable(kv_cache)
+    for i, x in enumerate((key, value)):
+        raw[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, as_copyable(to_cache_dtype(x, kv_cache.dtype)))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of one request's first ``seq_len`` tokens, each
-    [seq_len, num_kv_heads, head_dim], read through its block table."""
+    [seq_len, num_kv_heads, head_dim] in ``dtype``, read through its block table."""
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
-    k = kv_cache[0].index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len]
-    v = kv_cache[1].index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len]
-    return k, v
+    raw = as_copyable(kv_cache)
+    k, v = (raw[i].index_select(0, block_ids).view(kv_cache.dtype).view(-1, num_kv_heads, head_dim)[:seq_len]
+            for i in (0, 1))
+    return k.to(dtype), v.to(dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -52,7 +56,7 @@ class TorchAttentionBackend(AttentionBackend):
         q = query[start:end]
         q_len = q.shape[0]
         num_blocks = -(-seq_len // kv_cache.shape[2])
-        k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len)
+        k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len, q.dtype)
         mask = None
         if q_len > 1:
             # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
@@ -74,8 +78,9 @@ class TorchAttentionBackend(AttentionBackend):
         idx = torch.tensor(rows, device=query.device)
         tables = metadata.block_table.index_select(0, idx)[:, :max_blocks]
         b = len(rows)
-        k = kv_cache[0][tables].view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
-        v = kv_cache[1][tables].view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        raw = as_copyable(kv_cache)
+        k, v = (raw[i][tables].view(kv_cache.dtype).to(query.dtype)
+                .view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2) for i in (0, 1))
         lens = torch.tensor(seq_lens, device=query.device)
         mask = (torch.arange(max_blocks * block_size, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         token_idx = torch.tensor([metadata.query_start_loc_cpu[i] for i in rows], device=query.device)
