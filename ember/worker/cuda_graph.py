@@ -27,10 +27,11 @@ from ember.layers.attention import Attention, AttentionMetadata, ForwardContext
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 256 (as vLLM), capped at ``max_num_seqs``."""
-    ladder = [1, 2, 4] + list(range(8, 257, 8))
+    """1, 2, 4, 8, every 8 up to 256, every 16 up to 512 (as vLLM), capped at
+    ``max_num_seqs``; larger decode batches run eagerly."""
+    ladder = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 513, 16))
     sizes = [s for s in ladder if s <= max_num_seqs]
-    if max_num_seqs < 256 and max_num_seqs not in sizes:
+    if max_num_seqs < 512 and max_num_seqs not in sizes:
         sizes.append(max_num_seqs)
     return sizes
 

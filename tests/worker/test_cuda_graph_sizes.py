@@ -9,6 +9,8 @@ from ember.worker.cuda_graph import capture_sizes, piecewise_sizes
 def test_decode_batch_sizes() -> None:
     assert capture_sizes(256)[:5] == [1, 2, 4, 8, 16] and capture_sizes(256)[-1] == 256
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(300)[-3:] == [272, 288, 300]
+    assert capture_sizes(1024)[-2:] == [496, 512]  # larger batches run eagerly
 
 
 def test_piecewise_token_counts_cover_every_step_with_little_padding() -> None:
