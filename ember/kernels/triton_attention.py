@@ -276,19 +276,20 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
             num_splits * head_dim] float32, LSEs [num_reqs * num_heads * num_splits] float32).
         block_n, num_warps, num_stages: tile size over the context and launch
             settings (tuning knobs; see benchmarks/tune_decode_attention.py).
-            None: 64 and 2 stages, or 128 and 3 stages over an FP8 cache.
+            None: 64-token tiles (128 over an FP8 cache), 3 stages.
         fp8_compute: operand dtype of the dots over an FP8 cache (see ``_compute_dtype``).
     Rows with ``seq_lens == 0`` (padding) produce zeros.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_reqs, num_heads, _ = query.shape
     group = num_heads // num_kv_heads
-    # NOTE: an FP8 tile widened to 16 bits in registers is not fed to the dots
-    # from a cp.async pipeline as a 16-bit one is; larger, deeper tiles recover
-    # part of that (H200, 256 x 1536: 2.0 -> 2.4 TB/s; 1 x 8192: 0.37 -> 0.89).
-    fp8 = kv_cache.dtype in FP8_DTYPES
-    block_n = block_n or (128 if fp8 else 64)
-    num_stages = num_stages or (3 if fp8 else 2)
+    # NOTE (H200 sweeps, benchmarks/tune_decode_attention.py): 3 stages beat 2
+    # on a 16-bit cache (256 x 1536: 3.8 -> 4.1 TB/s; 64 x 4096 and 1 x 8192
+    # equal or better). Over FP8 the kernel reaches only ~2.4 TB/s (the widened
+    # tiles, not the bytes, bound it); 128-token tiles help it most
+    # (256 x 1536: 2.0 -> 2.4 TB/s; 1 x 8192: 0.37 -> 0.89).
+    block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
+    num_stages = num_stages or 3
     if workspace is None:
         mid_o = torch.empty(num_reqs * num_heads * num_splits * head_dim, dtype=torch.float32, device=query.device)
         mid_lse = torch.empty(num_reqs * num_heads * num_splits, dtype=torch.float32, device=query.device)
