@@ -41,9 +41,10 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compute: torch.dtype):
     """Element type the attention dots take their operands in: the query's, or
-    ``fp8_compute`` for a 16-bit query over an FP8 cache (the cache's bytes are
-    widened once per tile; float16 is one conversion instruction from either
-    FP8 format and holds the softmax weights more finely than bfloat16)."""
+    ``fp8_compute`` for a 16-bit query over an FP8 cache, whose tiles are
+    widened to it once per tile. bfloat16 by default: float16 decodes 5% faster
+    over e4m3 (H200) but would turn a query element beyond 65504 into inf, and
+    extends 10-20% slower."""
     if cache_dtype in FP8_DTYPES and query_dtype != torch.float32:
         return _TL_DTYPES[fp8_compute]
     return _TL_DTYPES[query_dtype]
@@ -153,8 +154,7 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (new K/V already stored).
         block_table: [num_reqs, max_blocks] int32. query_start_loc: [num_reqs + 1] int32.
         seq_lens: [num_reqs] int32 (context + new tokens).
-        fp8_compute: operand dtype of the dots over an FP8 cache (see
-            ``_compute_dtype``; bfloat16 measured 10% faster here than float16).
+        fp8_compute: operand dtype of the dots over an FP8 cache (see ``_compute_dtype``).
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -266,7 +266,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     fp8_compute: torch.dtype = torch.float16) -> None:
+                     fp8_compute: torch.dtype = torch.bfloat16) -> None:
     """One query token per request (``query``, ``out``: [num_reqs, num_heads, head_dim]).
 
     Args:
