@@ -46,7 +46,7 @@ def bench_decode(batch: int, ctx: int, num_kv_heads: int = 8, group: int = 4, he
     rows.sort(key=lambda r: -(r[4] if r[4] == r[4] else 0))
     print(f"decode attention batch={batch} ctx={ctx} cache {cache_dtype}: KV {kv_bytes / 1e9:.2f} GB; "
           f"splits {base_splits}")
-    default = (128, 4, 3, torch.bfloat16) if kv.element_size() == 1 else (64, 4, 3, torch.bfloat16)
+    default = (128, 4, 3, torch.float16) if kv.element_size() == 1 else (64, 4, 3, torch.bfloat16)
     for r in rows[:6] + [r for r in rows if r[:4] == default]:
         print(f"  BLOCK_N={r[0]:<4} warps={r[1]} stages={r[2]} dots in {str(r[3])[6:]:<9} {r[4]:8.0f} GB/s {r[5]}")
 

@@ -36,15 +36,25 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
+@triton.jit
+def _query_to(q, COMPUTE: tl.constexpr):
+    # Into float16 a query element saturates at its largest finite value rather than becoming inf.
+    if COMPUTE == tl.float16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    return q.to(COMPUTE)
+
+
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compute: torch.dtype):
     """Element type the attention dots take their operands in: the query's, or
     ``fp8_compute`` for a 16-bit query over an FP8 cache, whose tiles are
-    widened to it once per tile. bfloat16 by default: float16 decodes 5% faster
-    over e4m3 (H200) but would turn a query element beyond 65504 into inf, and
-    extends 10-20% slower."""
+    widened to it once per tile. Measured on an H200: float16 decodes faster
+    (5% in isolation; 1000 x 1024/1024 ran at 10,150-10,370 tok/s with it,
+    9,457 with bfloat16), bfloat16 extends 10-20% faster, so each kernel
+    defaults to its faster type. A query element beyond float16's range
+    saturates at 65504 (``_query_to``)."""
     if cache_dtype in FP8_DTYPES and query_dtype != torch.float32:
         return _TL_DTYPES[fp8_compute]
     return _TL_DTYPES[query_dtype]
@@ -109,7 +119,8 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
     q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(COMPUTE)
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _query_to(q, COMPUTE)
     q_pos = ctx_len + offs_m  # absolute position of each query row
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -194,7 +205,8 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_h
     q = tl.load(Q + req * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(COMPUTE)
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    q = _query_to(q, COMPUTE)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -266,7 +278,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     fp8_compute: torch.dtype = torch.bfloat16) -> None:
+                     fp8_compute: torch.dtype = torch.float16) -> None:
     """One query token per request (``query``, ``out``: [num_reqs, num_heads, head_dim]).
 
     Args:

@@ -147,3 +147,15 @@ def test_decode_split_counts_are_powers_of_two_compiled_by_the_graph_ladder():
                 every = {num_decode_splits(n, num_kv_heads, num_sms) for n in range(1, max_num_seqs + 1)}
                 assert every <= captured
                 assert all(v & (v - 1) == 0 for v in every)
+
+
+def test_fp8_decode_query_beyond_fp16_range_stays_finite():
+    """Decode dots over an FP8 cache run in float16: a bf16 query element past
+    65504 saturates instead of turning the output into NaN."""
+    from ember.kernels.triton_attention import decode_attention
+
+    q, k, v, kv, meta = _case([(40, 1), (300, 1)], 8, 2, 64, seed=7, cache_dtype=torch.float8_e4m3fn)
+    q[0, 0, 0] = 1e5
+    out = torch.empty_like(q)
+    decode_attention(q, kv, out, meta.block_table, meta.seq_lens, 0.125, num_splits=2)
+    assert torch.isfinite(out.float()).all()
