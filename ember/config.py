@@ -22,6 +22,7 @@ _DTYPES = {
 # ``--kv-cache-dtype`` names (vLLM's): "auto" keeps the model dtype; the FP8
 # formats store K/V as they are (no scale), saturating at the format's largest
 # finite value: 448 for e4m3 (OCP FP8 "E4M3FN"), 57344 for e5m2.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 KV_CACHE_DTYPES = {
     "auto": None,
     "fp8": torch.float8_e4m3fn,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.layers.attention.backend import FP8_DTYPES
+from ember.config import FP8_DTYPES
 
 
 @triton.jit
@@ -297,9 +297,10 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     group = num_heads // num_kv_heads
     # NOTE (H200 sweeps, benchmarks/tune_decode_attention.py): 3 stages beat 2
     # on a 16-bit cache (256 x 1536: 3.8 -> 4.1 TB/s; 64 x 4096 and 1 x 8192
-    # equal or better). Over FP8 the kernel reaches only ~2.4 TB/s (the widened
-    # tiles, not the bytes, bound it); 128-token tiles help it most
-    # (256 x 1536: 2.0 -> 2.4 TB/s; 1 x 8192: 0.37 -> 0.89).
+    # equal or better). Over FP8 the kernel reaches only ~2.4 TB/s, bound by the
+    # FP8 V operand of the PV dot (benchmarks/fp8_v_layout_probe.py), not by the
+    # bytes; 128-token tiles help it most (256 x 1536: 2.0 -> 2.4 TB/s;
+    # 1 x 8192: 0.37 -> 0.89).
     block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
     num_stages = num_stages or 3
     if workspace is None:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
+from ember.config import FP8_DTYPES
 from ember.loader.source import FormatLoader, ModelLoadError
 from ember.loader.weight_utils import DEFAULT_FP8_BLOCK, SCALE_INV_SUFFIX, dequant_fp8_block, fp8_block_size
 
@@ -100,14 +101,11 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
                     if scale_name in scale_files:
                         tensor = _dequant(name, tensor, _read_scale(f, file, scale_files[scale_name], scale_name),
                                           block, dtype)
-                    elif tensor.dtype in _FP8_DTYPES:
+                    elif tensor.dtype in FP8_DTYPES:
                         raise ModelLoadError(f"{file}: FP8 tensor {name!r} has no {scale_name!r}; only block-scaled "
                                              f"FP8 checkpoints (DeepSeek-V3 layout) are supported")
                     yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
                     bar.update()
-
-
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _read_scale(f, file: Path, scale_file: Path, scale_name: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from ember.layers.attention.backend import AttentionMetadata
 from ember.layers.attention.torch_backend import TorchAttentionBackend
+from tests.layers.test_torch_attention import fp8_round_trip
 
 pytestmark = pytest.mark.gpu
 BLOCK = 16
@@ -44,14 +45,6 @@ def _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype=torch.bfloa
     return q, k, v, kv, meta
 
 
-def _fp8_round_trip(x, dtype):
-    """What a cache of ``dtype`` holds of ``x``, as float32 (FP8: saturated, rounded to nearest even)."""
-    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        fmax = torch.finfo(dtype).max
-        x = x.float().clamp(-fmax, fmax).to(dtype)
-    return x.float()
-
-
 def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache_dtype=torch.bfloat16):
     """Triton backend (bf16 queries, cache of ``cache_dtype``) vs the torch
     backend in float32 on the same values, its new K/V rounded as the cache
@@ -63,7 +56,7 @@ def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache
     scale = head_dim ** -0.5
     ref_cache = kv.float().clone()
     ref = TorchAttentionBackend(num_heads, head_dim, scale, num_kv_heads).forward(
-        q.float(), _fp8_round_trip(k, cache_dtype), _fp8_round_trip(v, cache_dtype), ref_cache, meta)
+        q.float(), fp8_round_trip(k, cache_dtype), fp8_round_trip(v, cache_dtype), ref_cache, meta)
     backend = TritonAttentionBackend(num_heads, head_dim, scale, num_kv_heads)
     out = backend.forward(q, k, v, kv, meta)
     torch.cuda.synchronize()

@@ -24,12 +24,12 @@ def dense_reference(q, k, v, scale):
 
 
 def fp8_round_trip(x, dtype):
-    """What an FP8 cache holds of ``x``: saturated at the format's largest
-    finite value, rounded to nearest even, read back as float32."""
-    if dtype == torch.float32:
-        return x
-    fmax = torch.finfo(dtype).max
-    return x.clamp(-fmax, fmax).to(dtype).float()
+    """What a cache of ``dtype`` holds of ``x``, as float32 (FP8: saturated at
+    the format's largest finite value, rounded to nearest even)."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        fmax = torch.finfo(dtype).max
+        x = x.float().clamp(-fmax, fmax).to(dtype)
+    return x.float()
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,cache_dtype", [

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.config import FP8_DTYPES
 from ember.utils import resolve_lazy
 
 
@@ -94,9 +95,6 @@ def standard_kv_cache_spec(num_layers: int, block_size: int, num_kv_heads: int, 
     """The K/V layout of :class:`AttentionBackend`:
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` per layer."""
     return KVCacheSpec(num_layers, (2,), (block_size, num_kv_heads, head_dim), dtype)
-
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def as_copyable(cache: torch.Tensor) -> torch.Tensor:
