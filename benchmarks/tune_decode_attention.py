@@ -20,7 +20,9 @@ CACHE_DTYPES = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e5m2": 
 
 
 def bench_decode(batch: int, ctx: int, num_kv_heads: int = 8, group: int = 4, head_dim: int = 128,
-                 cache_dtype: torch.dtype = torch.bfloat16) -> None:
+                 cache_dtype: torch.dtype = torch.bfloat16, split_counts: tuple[int, ...] = ()) -> None:
+    """Sweep tile/launch settings at the default split count, then (``split_counts``)
+    the split count at the default tiles; prints achieved KV bandwidth."""
     block = 16
     blocks_per_seq = -(-ctx // block)
     num_blocks = batch * blocks_per_seq
@@ -49,6 +51,11 @@ def bench_decode(batch: int, ctx: int, num_kv_heads: int = 8, group: int = 4, he
     default = (128, 4, 3, torch.float16) if kv.element_size() == 1 else (64, 4, 3, torch.bfloat16)
     for r in rows[:6] + [r for r in rows if r[:4] == default]:
         print(f"  BLOCK_N={r[0]:<4} warps={r[1]} stages={r[2]} dots in {str(r[3])[6:]:<9} {r[4]:8.0f} GB/s {r[5]}")
+    for splits in split_counts:
+        us = 1e3 * triton.testing.do_bench(
+            lambda: decode_attention(q, kv, out, table, seq_lens, 0.088, splits), warmup=25, rep=100,
+            return_mode="median")
+        print(f"  default tiles, {splits:>2} splits: {us:6.1f} us, {kv_bytes / us / 1e3:6.0f} GB/s")
 
 
 def bench_extend(new: int, ctx: int, num_reqs: int = 2, num_kv_heads: int = 8, group: int = 4, head_dim: int = 128,
@@ -96,13 +103,15 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(CACHE_DTYPES))
     ap.add_argument("--shapes", default="256x1536,64x4096,1x8192", help="batch x context of the kernel sweeps")
+    ap.add_argument("--splits", default="", help="comma-separated split counts to time at the default tiles")
     ap.add_argument("--profile-batch", type=int, default=1)
     ap.add_argument("--profile-ctx", type=int, default=128)
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     for shape in filter(None, args.shapes.split(",")):
         batch, ctx = map(int, shape.split("x"))
-        bench_decode(batch, ctx, cache_dtype=CACHE_DTYPES[args.kv_cache_dtype])
+        bench_decode(batch, ctx, cache_dtype=CACHE_DTYPES[args.kv_cache_dtype],
+                     split_counts=tuple(int(s) for s in args.splits.split(",") if s))
     for new, ctx in ((1024, 0), (1024, 1024)):
         bench_extend(new, ctx, cache_dtype=CACHE_DTYPES[args.kv_cache_dtype])
     if not args.no_profile:

@@ -1,0 +1,114 @@
+"""Skinny GEMM for decode: ``y = x @ W.T (+ b)`` with few rows in ``x``.
+
+At decode batch sizes a linear layer is a stream over its weight: the work is
+``M x N x K`` multiply-adds with M of 1-16, so the time is the weight's bytes
+over the memory bandwidth. This kernel streams the weight once: one program per
+``BLOCK_N`` output columns loops over K in ``BLOCK_K`` tiles (software-pipelined
+loads), multiplies them on the tensor cores with the rows of ``x`` padded to 16,
+and accumulates in float32. No split-K, so no partial sums to reduce in a
+second kernel.
+
+Measured against cuBLAS (``benchmarks/skinny_gemm_probe.py``, H100, 32
+distinct weights per projection so that none is still in the L2 cache when it
+is read again, as in a real decode step): at M = 4 the Llama-3.1-8B projections
+take 19.8 / 14.2 / 79.7 / 41.8 us (qkv / o_proj / gate_up / down) against
+cuBLAS's 21.0 / 16.1 / 85.7 / 44.3 us (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
+SKINNY_MAX_M = 16
+# ``EMBER_SKINNY_GEMM=0`` sends every linear layer to cuBLAS (for A/B timing).
+ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = offs_k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def skinny_tiles(n: int, num_sms: int) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_K)`` for an output of ``n`` columns.
+
+    32 x 512 tiles were best or within 1% on the H100 sweep, except where 32
+    columns per program make between one and two waves of programs (qkv of the
+    8B shape: 192 programs on 132 SMs); there 64 x 256 tiles (one wave) were 7%
+    faster.
+    """
+    programs = triton.cdiv(n, 32)
+    return (64, 256) if num_sms < programs < 2 * num_sms else (32, 512)
+
+
+def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`skinny_linear` applies (and is not turned off by
+    ``EMBER_SKINNY_GEMM=0``): a CUDA 16-bit ``x`` of at most
+    :data:`SKINNY_MAX_M` rows with unit stride along K, and a weight of the same
+    dtype with unit stride along K."""
+    return (ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for few rows, as ``F.linear``.
+
+    Args:
+        x: [M, K], M <= :data:`SKINNY_MAX_M`, bfloat16 or float16, unit stride along K.
+        weight: [N, K], same dtype, unit stride along K.
+        bias: optional [N].
+    Returns:
+        [M, N] in x's dtype (float32 accumulation).
+    Raises:
+        ValueError: the inputs do not meet :func:`use_skinny_linear`.
+    """
+    if not use_skinny_linear(x, weight) or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"skinny_linear: unsupported x {tuple(x.shape)} {x.dtype} / weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n, block_k = skinny_tiles(n, _num_sms(x.device))
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=4)
+    return out

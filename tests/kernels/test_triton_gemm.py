@@ -1,0 +1,80 @@
+"""The skinny decode GEMM against a float32 product, directly and through the
+linear layers. GPU only (Triton is not installed on CPU machines)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+
+from ember.kernels.triton_gemm import SKINNY_MAX_M, skinny_linear, skinny_tiles, use_skinny_linear  # noqa: E402
+from ember.layers.linear import QKVParallelLinear, RowParallelLinear  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_tiles_avoid_a_partial_second_wave():
+    # 132 SMs (H100/H200): qkv of the 8B shape (6144 columns) would be 192
+    # programs of 32 columns, so it takes 96 of 64; the others keep 32 x 512.
+    assert skinny_tiles(6144, 132) == (64, 256)
+    for n in (4096, 28672, 128256, 32):
+        assert skinny_tiles(n, 132) == (32, 512)
+
+
+def test_cpu_tensors_keep_f_linear():
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    w = torch.zeros(32, 64, dtype=torch.bfloat16)
+    assert not use_skinny_linear(x, w)  # CPU tensors keep F.linear
+    with pytest.raises(ValueError, match="skinny_linear: unsupported"):
+        skinny_linear(x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 4096), (72, 600)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_matches_float32(dtype, m, n, k, bias):
+    g = torch.Generator(device="cuda").manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
+    w = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
+    # Sentinel: every output element must be written.
+    out = skinny_linear(x, w, b)
+    assert out.shape == (m, n) and out.dtype == dtype
+    ref = x.float() @ w.float().T + (b.float() if bias else 0)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-2
+    # As close to the float32 product as cuBLAS is.
+    assert _rel(out, ref) <= 2 * _rel(F.linear(x, w, b), ref) + 1e-3
+
+
+def test_strided_rows_and_the_row_limit():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(8, 2 * 512, generator=g, device="cuda", dtype=torch.bfloat16)
+    x = big[:, :512]  # row stride 1024, unit stride along K
+    w = torch.randn(256, 512, generator=g, device="cuda", dtype=torch.bfloat16)
+    assert use_skinny_linear(x, w)
+    assert _rel(skinny_linear(x, w), x.float() @ w.float().T) < 1e-2
+    assert not use_skinny_linear(big.T[:, :8].contiguous().T, w)  # unit stride along M, not K
+    assert not use_skinny_linear(torch.zeros(SKINNY_MAX_M + 1, 512, device="cuda", dtype=torch.bfloat16), w)
+    assert not use_skinny_linear(x.float(), w.float())
+
+
+@pytest.mark.parametrize("m", [1, 4, 32])
+def test_linear_layers_route_decode_rows_through_it(m):
+    # Qwen2-style qkv with bias and a row-parallel projection, decode (m <= 16)
+    # and prefill (m = 32, cuBLAS) row counts, against float32 F.linear.
+    torch.manual_seed(m)
+    qkv = QKVParallelLinear(512, 64, 8, 2, bias=True, dtype=torch.bfloat16).cuda()
+    o = RowParallelLinear(512, 512, bias=False, dtype=torch.bfloat16).cuda()
+    for layer in (qkv, o):
+        layer.weight.data.normal_(0, 0.05)
+        if layer.bias is not None:
+            layer.bias.data.normal_()
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    for layer in (qkv, o):
+        ref = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        assert _rel(layer(x), ref) < 1e-2
