@@ -4,7 +4,7 @@
 # cuBLAS, then whole decode steps with it on and off (EMBER_SKINNY_GEMM=0):
 # batch 4 (issue 4's decode: input 1000, output 200) and batch 1 (issue 3's
 # latency row: input 128, output 256), Llama-3.1-8B preset, dummy weights.
-# Usage (device): OUT=$OUT bash benchmarks/gpu_skinny.sh
+# Usage (device): OUT=$OUT bash benchmarks/gpu_skinny.sh   [needs msgspec/pyzmq: carry .whl]
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; mkdir -p "$OUT"
@@ -12,7 +12,7 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 echo "$GPU"
 python3 -m pytest -q -x tests/kernels/test_triton_gemm.py tests/kernels/test_triton_ops.py \
   tests/engine/test_gpu_engine.py 2>&1 | tail -4
-python3 benchmarks/skinny_gemm_probe.py --m ${PROBE_M:-1 4 16} --json "$OUT/skinny_probe_$GPU.json" 2>&1 \
+python3 benchmarks/skinny_gemm_probe.py --m ${PROBE_M:-1 4 16} --shapes ${PROBE_SHAPES:-qkv o_proj gate_up down lm_head} --json "$OUT/skinny_probe_$GPU.json" 2>&1 \
   | grep -v -e Warn -e OutOfResources
 lat() {  # $1: batch, $2: input, $3: output, $4: tag
   python3 -m ember.entrypoints.cli bench latency --model Llama-3.1-8B --load-format dummy --max-model-len 4096 \

@@ -15,21 +15,26 @@ from torch import nn
 from ember.distributed.parallel_state import get_tp_rank, get_tp_size
 
 
-class UnquantizedLinearMethod:
-    """Plain dense weights: ``y = x @ W.T + b``. On CUDA, inputs of at most 16
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, as ``F.linear``. On CUDA, inputs of at most 16
     rows (decode steps) take the skinny Triton GEMM
-    (:mod:`ember.kernels.triton_gemm`), everything else ``F.linear`` (cuBLAS)."""
+    (:mod:`ember.kernels.triton_gemm`), everything else cuBLAS."""
+    if x.is_cuda:
+        from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
+
+        if use_skinny_linear(x, weight):
+            return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class UnquantizedLinearMethod:
+    """Plain dense weights: ``y = x @ W.T + b`` (:func:`dense_linear`)."""
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda:
-            from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
-
-            if use_skinny_linear(x, layer.weight):
-                return skinny_linear(x, layer.weight, bias)
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):

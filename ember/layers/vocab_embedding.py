@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.layers.linear import dense_linear
+
 
 class VocabParallelEmbedding(nn.Module):
     """``[num_tokens] int64 -> [num_tokens, embedding_dim]``."""
@@ -29,4 +31,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[n, hidden] -> [n, vocab]`` float32 logits."""
-        return F.linear(hidden_states, self.weight).float()
+        return dense_linear(hidden_states, self.weight).float()
