@@ -97,13 +97,13 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 
 
 # ------------------------------------------------------------ extend / prefill
-@triton.jit
-def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
+@triton.jit(do_not_specialize=["first_req"])
+def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale, first_req,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IEEE: tl.constexpr, COMPUTE: tl.constexpr):
-    req = tl.program_id(0)
+    req = first_req + tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
     q_start = tl.load(query_start_loc + req)
@@ -157,7 +157,7 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
 
 def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
-                     fp8_compute: torch.dtype = torch.bfloat16) -> None:
+                     fp8_compute: torch.dtype = torch.bfloat16, first_req: int = 0) -> None:
     """Causal attention of packed new tokens over their cached context.
 
     Args:
@@ -166,15 +166,18 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         block_table: [num_reqs, max_blocks] int32. query_start_loc: [num_reqs + 1] int32.
         seq_lens: [num_reqs] int32 (context + new tokens).
         fp8_compute: operand dtype of the dots over an FP8 cache (see ``_compute_dtype``).
+        first_req: attend for requests ``first_req..num_reqs-1`` only (rows of
+            ``query_start_loc`` index the whole ``query``), so a mixed batch's
+            extend rows need no sliced or shifted copies of the metadata.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
-    num_reqs = seq_lens.shape[0]
+    num_reqs = seq_lens.shape[0] - first_req
     block_m = 64 if max_query_len > 16 else 16
     block_n = 64
     grid = (num_reqs, num_heads, triton.cdiv(max_query_len, block_m))
     _extend_kernel[grid](
-        query, kv_cache, out, block_table, query_start_loc, seq_lens, scale,
+        query, kv_cache, out, block_table, query_start_loc, seq_lens, scale, first_req,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,

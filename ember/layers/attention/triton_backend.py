@@ -29,9 +29,8 @@ class TritonAttentionBackend(AttentionBackend):
         nd = metadata.num_decodes
         if nd:
             self._decode(query[:nd], kv_cache, out[:nd], metadata.block_table[:nd], metadata.seq_lens[:nd], 0)
-        extend_attention(query[nd:], kv_cache, out[nd:], metadata.block_table[nd:],
-                         metadata.query_start_loc[nd:] - nd, metadata.seq_lens[nd:], metadata.max_query_len,
-                         self.scale)
+        extend_attention(query, kv_cache, out, metadata.block_table, metadata.query_start_loc, metadata.seq_lens,
+                         metadata.max_query_len, self.scale, first_req=nd)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
