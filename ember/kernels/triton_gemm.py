@@ -8,11 +8,12 @@ loads), multiplies them on the tensor cores with the rows of ``x`` padded to 16,
 and accumulates in float32. No split-K, so no partial sums to reduce in a
 second kernel.
 
-Measured against cuBLAS (``benchmarks/skinny_gemm_probe.py``, H100, 32
-distinct weights per projection so that none is still in the L2 cache when it
-is read again, as in a real decode step): at M = 4 the Llama-3.1-8B projections
-take 19.8 / 14.2 / 79.7 / 41.8 us (qkv / o_proj / gate_up / down) against
-cuBLAS's 21.0 / 16.1 / 85.7 / 44.3 us (BENCHMARKS.md).
+Measured against cuBLAS with ``benchmarks/skinny_gemm_probe.py`` (32 distinct
+weights per projection, so that none is still in the L2 cache when it is read
+again, as in a real decode step; figures in BENCHMARKS.md): on the H100 it is
+3-12% faster on every Llama-3.1-8B projection and the LM head, and a whole
+batch-4 decode step took 6.24 instead of 6.68 ms; on the H200 cuBLAS is
+already close to the copy bandwidth and the gain is smaller.
 """
 
 from __future__ import annotations
@@ -67,16 +68,22 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def skinny_tiles(n: int, num_sms: int) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_K)`` for an output of ``n`` columns.
+def skinny_tiles(n: int, num_sms: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_stages)`` for an output of ``n`` columns, from
+    the H100 and H200 sweeps of ``benchmarks/skinny_gemm_probe.py``, by how many
+    waves of 32-column programs ``n`` makes:
 
-    32 x 512 tiles were best or within 1% on the H100 sweep, except where 32
-    columns per program make between one and two waves of programs (qkv of the
-    8B shape: 192 programs on 132 SMs); there 64 x 256 tiles (one wave) were 7%
-    faster.
+    - at most one wave (o_proj, down of the 8B shape): 32 x 512 tiles, 4 stages;
+    - between one and two (qkv: 192 programs on 132 SMs): 64 x 256 tiles, 4
+      stages, i.e. one full wave (7% faster on the H100);
+    - more (gate_up, LM head): 64 x 256 tiles, 3 stages. 32 x 512 tiles with 4
+      stages (192 KB of shared memory, one program per SM) were 1% faster on
+      the H100 but 8% slower than cuBLAS on gate_up on the H200.
     """
     programs = triton.cdiv(n, 32)
-    return (64, 256) if num_sms < programs < 2 * num_sms else (32, 512)
+    if programs <= num_sms:
+        return 32, 512, 4
+    return (64, 256, 4) if programs < 2 * num_sms else (64, 256, 3)
 
 
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -106,9 +113,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k = skinny_tiles(n, _num_sms(x.device))
+    block_n, block_k, stages = skinny_tiles(n, _num_sms(x.device))
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=4)
+        num_warps=4, num_stages=stages)
     return out

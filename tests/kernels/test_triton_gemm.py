@@ -16,12 +16,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_tiles_avoid_a_partial_second_wave():
-    # 132 SMs (H100/H200): qkv of the 8B shape (6144 columns) would be 192
-    # programs of 32 columns, so it takes 96 of 64; the others keep 32 x 512.
-    assert skinny_tiles(6144, 132) == (64, 256)
-    for n in (4096, 28672, 128256, 32):
-        assert skinny_tiles(n, 132) == (32, 512)
+def test_tiles_by_waves_of_programs():
+    # 132 SMs (H100/H200), the 8B shape: o_proj/down make one wave of
+    # 32-column programs, qkv (6144 columns) 1.45 waves, gate_up and the LM head many.
+    assert skinny_tiles(4096, 132) == (32, 512, 4)
+    assert skinny_tiles(6144, 132) == (64, 256, 4)
+    assert skinny_tiles(28672, 132) == (64, 256, 3)
+    assert skinny_tiles(128256, 132) == (64, 256, 3)
 
 
 def test_cpu_tensors_keep_f_linear():
