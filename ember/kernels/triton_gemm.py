@@ -24,21 +24,44 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels.pdl import gdc_launch_dependents, gdc_wait, use_pdl
+
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
 # ``EMBER_SKINNY_GEMM=0`` sends every linear layer to cuBLAS (for A/B timing).
 ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
 
 
+# Bytes of each weight row one L2-prefetch instruction covers.
+PREFETCH_CHUNK = 2048
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Start copying ``PREFETCH_CHUNK`` (2048) bytes at each of ``ptrs`` into L2
+    (PTX ``cp.async.bulk.prefetch.L2``, sm_90+; 16-byte aligned addresses)."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 2048; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        USE_PDL: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if USE_PDL:
+        # The weights are no kernel's output: stream the first tiles of this
+        # program's rows into L2 while the previous kernel finishes, then wait
+        # for it (ember.kernels.pdl).
+        rows = W + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+        for c in tl.static_range(PREFETCH_CHUNKS):
+            _prefetch_l2(rows + c * (2048 // 2))
+        gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -52,6 +75,8 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    if USE_PDL:
+        gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -86,6 +111,18 @@ def skinny_tiles(n: int, num_sms: int) -> tuple[int, int, int]:
     return (64, 256, 4) if programs < 2 * num_sms else (64, 256, 3)
 
 
+def prefetch_chunks(weight: torch.Tensor, block_k: int, stages: int) -> int:
+    """How many :data:`PREFETCH_CHUNK`-byte pieces of each weight row the
+    skinny GEMM prefetches into L2 before waiting for the previous kernel:
+    about the tiles its software pipeline loads first (``stages`` tiles of
+    ``block_k`` columns), and none where a row is shorter than that or the
+    rows are not 16-byte aligned (the prefetch instruction's requirement)."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    chunks = max(1, stages * block_k * weight.element_size() // PREFETCH_CHUNK)
+    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
+    return chunks if aligned and row_bytes >= chunks * PREFETCH_CHUNK else 0
+
+
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`skinny_linear` applies (and is not turned off by
     ``EMBER_SKINNY_GEMM=0``): a CUDA 16-bit ``x`` of at most
@@ -114,8 +151,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, stages = skinny_tiles(n, _num_sms(x.device))
+    pdl = use_pdl(x.device)
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=stages)
+        USE_PDL=pdl, PREFETCH_CHUNKS=prefetch_chunks(weight, block_k, stages) if pdl else 0,
+        num_warps=4, num_stages=stages, launch_pdl=pdl)
     return out

@@ -79,3 +79,41 @@ def test_linear_layers_route_decode_rows_through_it(m):
     for layer in (qkv, o):
         ref = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
         assert _rel(layer(x), ref) < 1e-2
+
+
+def test_chain_in_a_cuda_graph_with_new_inputs():
+    # The decode-path chain norm -> GEMM -> SiLU -> GEMM, captured and replayed
+    # with new inputs: with programmatic dependent launch (Hopper) each kernel
+    # may start before its predecessor ends, so a missing wait would read stale data.
+    from ember.kernels.triton_ops import rms_norm, silu_and_mul
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden, inter = 1024, 2048
+    norm_w = torch.rand(hidden, generator=g, device="cuda").to(torch.bfloat16) + 0.5
+    w_up = (torch.randn(2 * inter, hidden, generator=g, device="cuda") * hidden ** -0.5).to(torch.bfloat16)
+    w_down = (torch.randn(hidden, inter, generator=g, device="cuda") * inter ** -0.5).to(torch.bfloat16)
+    x = torch.randn(4, hidden, generator=g, device="cuda").to(torch.bfloat16)
+
+    def chain():
+        return skinny_linear(silu_and_mul(skinny_linear(rms_norm(x, norm_w, 1e-6), w_up)), w_down)
+
+    def reference():
+        h = x.float()
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).float() * norm_w.float()
+        gate, up = (h.to(torch.bfloat16).float() @ w_up.float().T).split(inter, -1)
+        act = (F.silu(gate) * up).to(torch.bfloat16).float()
+        return act @ w_down.float().T
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in range(3):
+        x.copy_(torch.randn(4, hidden, generator=g, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(out, reference()) < 2e-2, seed
