@@ -31,8 +31,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
+PREFETCH = os.environ.get("EMBER_PDL_PREFETCH", "1") != "0"
 
-__all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "pdl_enter", "use_pdl"]
+__all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "pdl_release", "use_pdl"]
 
 
 @functools.cache
@@ -49,9 +50,8 @@ def use_pdl(device: torch.device) -> bool:
 
 
 @triton.jit
-def pdl_enter(USE_PDL: tl.constexpr):
-    """First statement of a small kernel: let the next kernel launch now, then
-    wait for the previous one (a no-op without PDL)."""
+def pdl_release(USE_PDL: tl.constexpr):
+    """First statement of a small kernel launched the ordinary way: let the
+    next kernel, if it is launched with PDL, start now."""
     if USE_PDL:
         gdc_launch_dependents()
-        gdc_wait()

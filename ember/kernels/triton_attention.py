@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ember.config import FP8_DTYPES
-from ember.kernels.pdl import pdl_enter, use_pdl
+from ember.kernels.pdl import pdl_release, use_pdl
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compu
 @triton.jit
 def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
@@ -97,7 +97,7 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, num_blocks * block_size,
                                     key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row),
                                     FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-                                    USE_PDL=pdl, launch_pdl=pdl)
+                                    USE_PDL=pdl)
 
 
 # ------------------------------------------------------------ extend / prefill
@@ -198,7 +198,7 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr,
                          USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -252,7 +252,7 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
 def _decode_merge_kernel(Mid_O, Mid_LSE, Out, stride_ot, stride_oh, num_heads,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -325,8 +325,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=pdl, num_warps=4)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import gdc_launch_dependents, gdc_wait, use_pdl
+from ember.kernels.pdl import PREFETCH as PDL_PREFETCH, gdc_wait, use_pdl
 
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
@@ -58,9 +58,10 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         # The weights are no kernel's output: stream the first tiles of this
         # program's rows into L2 while the previous kernel finishes, then wait
         # for it (ember.kernels.pdl).
-        rows = W + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
-        for c in tl.static_range(PREFETCH_CHUNKS):
-            _prefetch_l2(rows + c * (2048 // 2))
+        if PREFETCH_CHUNKS > 0:
+            rows = W + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+            # One instruction per (row, 2 KB chunk), 16-bit elements.
+            _prefetch_l2(rows[:, None] + (tl.arange(0, PREFETCH_CHUNKS) * (2048 // 2))[None, :])
         gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -75,8 +76,6 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    if USE_PDL:
-        gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -118,7 +117,7 @@ def prefetch_chunks(weight: torch.Tensor, block_k: int, stages: int) -> int:
     ``block_k`` columns), and none where a row is shorter than that or the
     rows are not 16-byte aligned (the prefetch instruction's requirement)."""
     row_bytes = weight.shape[1] * weight.element_size()
-    chunks = max(1, stages * block_k * weight.element_size() // PREFETCH_CHUNK)
+    chunks = triton.next_power_of_2(max(1, stages * block_k * weight.element_size() // PREFETCH_CHUNK))
     aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
     return chunks if aligned and row_bytes >= chunks * PREFETCH_CHUNK else 0
 
@@ -155,6 +154,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=pdl, PREFETCH_CHUNKS=prefetch_chunks(weight, block_k, stages) if pdl else 0,
+        USE_PDL=pdl, PREFETCH_CHUNKS=prefetch_chunks(weight, block_k, stages) if pdl and PDL_PREFETCH else 0,
         num_warps=4, num_stages=stages, launch_pdl=pdl)
     return out

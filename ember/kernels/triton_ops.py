@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_enter, use_pdl
+from ember.kernels.pdl import pdl_release, use_pdl
 
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -47,18 +47,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     pdl = use_pdl(x.device)
     if residual is None:
         _rms_norm_kernel[(n,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, hidden, eps,
-                               HAS_RESIDUAL=False, BLOCK=block, USE_PDL=pdl, num_warps=warps, launch_pdl=pdl)
+                               HAS_RESIDUAL=False, BLOCK=block, USE_PDL=pdl, num_warps=warps)
         return out
     new_residual = torch.empty_like(x)
     _rms_norm_kernel[(n,)](x, residual, weight, out, new_residual, x.stride(0), residual.stride(0), out.stride(0),
                            new_residual.stride(0), hidden, eps, HAS_RESIDUAL=True, BLOCK=block, USE_PDL=pdl,
-                           num_warps=warps, launch_pdl=pdl)
+                           num_warps=warps)
     return out, new_residual
 
 
 @triton.jit
 def _silu_and_mul_kernel(X, Out, stride_x, stride_o, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -76,7 +76,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     pdl = use_pdl(x.device)
     _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
-                                                      USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                                      USE_PDL=pdl, num_warps=4)
     return out
 
 
@@ -84,7 +84,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rotary_kernel(Q, K, CosSin, Pos, stride_q, stride_k, stride_cs,
                    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
+    pdl_release(USE_PDL)
     t = tl.program_id(0)
     pos = tl.load(Pos + t)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -122,4 +122,4 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
     _rotary_kernel[(n,)](query, key, cos_sin_cache, positions, query.stride(0), key.stride(0), cos_sin_cache.stride(0),
                          NUM_Q_HEADS=num_q, NUM_K_HEADS=num_k, HEAD_DIM=head_dim, HALF=half,
                          BLOCK_H=triton.next_power_of_2(max(num_q, num_k)), BLOCK_HALF=triton.next_power_of_2(half),
-                         USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+                         USE_PDL=pdl, num_warps=4)
