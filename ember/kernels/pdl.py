@@ -1,23 +1,27 @@
-"""Programmatic dependent launch (PDL) for the decode-path Triton kernels.
+"""Programmatic dependent launch (PDL) between the decode path's small
+kernels and the skinny GEMMs that follow them.
 
-A decode step is a chain of short kernels; between two of them the GPU drains
-the first, then starts the second, which spends its first microseconds waiting
-for its first loads. On Hopper (sm_90) and later a kernel launched with PDL may
-start while its predecessor still runs: its programs run up to
-``griddepcontrol.wait`` (:func:`gdc_wait`), which blocks until the predecessor
-has completed and its writes are visible. A predecessor lets its successor
-launch early with ``griddepcontrol.launch_dependents``
-(:func:`gdc_launch_dependents`). See the PTX ISA, "griddepcontrol", and the
-CUDA programming guide, "Programmatic Dependent Launch and Synchronization".
+A decode step alternates small kernels (RMSNorm, SiLU-and-mul, the split-KV
+merge) with weight-streaming GEMMs. Ordinarily a GEMM starts only when the
+kernel before it has drained, and then spends its first microseconds waiting for
+its first weight loads. On Hopper (sm_90) and later a kernel launched with PDL
+(``launch_pdl``) may start as soon as every program of its predecessor has
+executed ``griddepcontrol.launch_dependents`` (:func:`gdc_launch_dependents`);
+it must execute ``griddepcontrol.wait`` (:func:`gdc_wait`), which blocks until
+the predecessor has completed and its writes are visible, before it reads
+activations or stores anything. See the PTX ISA, "griddepcontrol", and the CUDA
+programming guide, "Programmatic Dependent Launch and Synchronization".
 
-Rule for every kernel launched with ``launch_pdl``: no load of activations and
-no store of any kind before :func:`gdc_wait`. Stream-ordered memory reuse (the
-caching allocator, CUDA-graph pools) assumes kernels do not overlap, so an early
-store could overwrite a buffer the predecessor still reads. Before the wait a
-kernel may only touch data no kernel writes: the skinny GEMM prefetches its
-weight rows into L2 there, which is what hides the gap between kernels.
+Here only the skinny GEMM is launched with PDL. Before its wait it touches
+nothing but its own weight rows, which no kernel writes: it prefetches their
+first tiles into L2 while the small kernel before it runs. The small kernels
+that precede GEMMs call :func:`pdl_release` first thing and are launched the
+ordinary way, so at most one small kernel and one GEMM overlap. Stores happen
+only after the wait, so stream-ordered memory reuse (the caching allocator,
+CUDA-graph pools) stays safe.
 
-``EMBER_PDL=0`` turns it off (for A/B timing).
+``EMBER_PDL=0`` turns it off and ``EMBER_PDL_PREFETCH=0`` keeps PDL without the
+prefetch (for A/B timing).
 """
 
 from __future__ import annotations

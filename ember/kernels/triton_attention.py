@@ -64,8 +64,7 @@ def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compu
 # --------------------------------------------------------------------- KV write
 @triton.jit
 def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_release(USE_PDL)
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
@@ -93,11 +92,9 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     row = num_kv_heads * head_dim
     key = key.reshape(num_tokens, row)
     value = value.reshape(num_tokens, row)
-    pdl = use_pdl(key.device)
     _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, num_blocks * block_size,
                                     key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row),
-                                    FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-                                    USE_PDL=pdl)
+                                    FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0)
 
 
 # ------------------------------------------------------------ extend / prefill
@@ -196,9 +193,7 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          stride_qt, stride_qh, stride_bt, num_slots,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    pdl_release(USE_PDL)
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -325,7 +320,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

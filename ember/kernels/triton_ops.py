@@ -83,8 +83,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rotary_kernel(Q, K, CosSin, Pos, stride_q, stride_k, stride_cs,
                    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_release(USE_PDL)
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(Pos + t)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -118,8 +117,7 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
         return
     num_q, num_k = query.shape[1] // head_dim, key.shape[1] // head_dim
     half = rotary_dim // 2
-    pdl = use_pdl(query.device)
     _rotary_kernel[(n,)](query, key, cos_sin_cache, positions, query.stride(0), key.stride(0), cos_sin_cache.stride(0),
                          NUM_Q_HEADS=num_q, NUM_K_HEADS=num_k, HEAD_DIM=head_dim, HALF=half,
                          BLOCK_H=triton.next_power_of_2(max(num_q, num_k)), BLOCK_HALF=triton.next_power_of_2(half),
-                         USE_PDL=pdl, num_warps=4)
+                         num_warps=4)
