@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
-PREFETCH = os.environ.get("EMBER_PDL_PREFETCH", "1") != "0"
+EARLY_TILE = os.environ.get("EMBER_PDL_EARLY_TILE", "1") != "0"
 
 __all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "pdl_release", "use_pdl"]
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import PREFETCH as PDL_PREFETCH, gdc_wait, use_pdl
+from ember.kernels.pdl import EARLY_TILE as PDL_EARLY_TILE, gdc_wait, use_pdl
 
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
@@ -32,39 +32,35 @@ SKINNY_MAX_M = 16
 ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
 
 
-# Bytes of each weight row one L2-prefetch instruction covers.
-PREFETCH_CHUNK = 2048
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Start copying ``PREFETCH_CHUNK`` (2048) bytes at each of ``ptrs`` into L2
-    (PTX ``cp.async.bulk.prefetch.L2``, sm_90+; 16-byte aligned addresses)."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 2048; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        USE_PDL: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr):
+                        USE_PDL: tl.constexpr, EARLY_TILE: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if USE_PDL:
-        # The weights are no kernel's output: stream the first tiles of this
-        # program's rows into L2 while the previous kernel finishes, then wait
-        # for it (ember.kernels.pdl).
-        if PREFETCH_CHUNKS > 0:
-            rows = W + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
-            # One instruction per (row, 2 KB chunk), 16-bit elements.
-            _prefetch_l2(rows[:, None] + (tl.arange(0, PREFETCH_CHUNKS) * (2048 // 2))[None, :])
-        gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
+    start = 0
+    if USE_PDL:
+        # Launched early (ember.kernels.pdl): wait for the previous kernel
+        # before reading x. The weights are no kernel's output, so with
+        # EARLY_TILE the first weight tile is requested before the wait.
+        if EARLY_TILE:
+            offs_k = tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0)
+            gdc_wait()
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            start = BLOCK_K
+        else:
+            gdc_wait()
+    for k in range(start, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
@@ -110,18 +106,6 @@ def skinny_tiles(n: int, num_sms: int) -> tuple[int, int, int]:
     return (64, 256, 4) if programs < 2 * num_sms else (64, 256, 3)
 
 
-def prefetch_chunks(weight: torch.Tensor, block_k: int, stages: int) -> int:
-    """How many :data:`PREFETCH_CHUNK`-byte pieces of each weight row the
-    skinny GEMM prefetches into L2 before waiting for the previous kernel:
-    about the tiles its software pipeline loads first (``stages`` tiles of
-    ``block_k`` columns), and none where a row is shorter than that or the
-    rows are not 16-byte aligned (the prefetch instruction's requirement)."""
-    row_bytes = weight.shape[1] * weight.element_size()
-    chunks = triton.next_power_of_2(max(1, stages * block_k * weight.element_size() // PREFETCH_CHUNK))
-    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
-    return chunks if aligned and row_bytes >= chunks * PREFETCH_CHUNK else 0
-
-
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`skinny_linear` applies (and is not turned off by
     ``EMBER_SKINNY_GEMM=0``): a CUDA 16-bit ``x`` of at most
@@ -154,6 +138,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=pdl, PREFETCH_CHUNKS=prefetch_chunks(weight, block_k, stages) if pdl and PDL_PREFETCH else 0,
+        USE_PDL=pdl, EARLY_TILE=PDL_EARLY_TILE,
         num_warps=4, num_stages=stages, launch_pdl=pdl)
     return out
