@@ -2,26 +2,28 @@
 kernels and the skinny GEMMs that follow them.
 
 A decode step alternates small kernels (RMSNorm, SiLU-and-mul, the split-KV
-merge) with weight-streaming GEMMs. Ordinarily a GEMM starts only when the
-kernel before it has drained, and then spends its first microseconds waiting for
-its first weight loads. On Hopper (sm_90) and later a kernel launched with PDL
-(``launch_pdl``) may start as soon as every program of its predecessor has
-executed ``griddepcontrol.launch_dependents`` (:func:`gdc_launch_dependents`);
+merge) with weight-streaming GEMMs, and ordinarily a GEMM is launched only when
+the kernel before it has drained. On Hopper (sm_90) and later a kernel launched
+with PDL (``launch_pdl``) may start as soon as every program of its predecessor
+has executed ``griddepcontrol.launch_dependents`` (:func:`gdc_launch_dependents`);
 it must execute ``griddepcontrol.wait`` (:func:`gdc_wait`), which blocks until
-the predecessor has completed and its writes are visible, before it reads
-activations or stores anything. See the PTX ISA, "griddepcontrol", and the CUDA
-programming guide, "Programmatic Dependent Launch and Synchronization".
+the predecessor has completed and its writes are visible, before it reads or
+writes anything. The launch and the programs' start-up then overlap the
+predecessor. See the PTX ISA, "griddepcontrol", and the CUDA programming
+guide, "Programmatic Dependent Launch and Synchronization".
 
-Here only the skinny GEMM is launched with PDL. Before its wait it touches
-nothing but its own weight rows, which no kernel writes: it prefetches their
-first tiles into L2 while the small kernel before it runs. The small kernels
-that precede GEMMs call :func:`pdl_release` first thing and are launched the
-ordinary way, so at most one small kernel and one GEMM overlap. Stores happen
-only after the wait, so stream-ordered memory reuse (the caching allocator,
-CUDA-graph pools) stays safe.
+Here only the skinny GEMM (:mod:`ember.kernels.triton_gemm`) is launched with
+PDL, and it waits first thing. The small kernels that precede GEMMs call
+:func:`pdl_release` first thing and are launched the ordinary way, so at most
+one small kernel and one GEMM overlap. Since nothing is read or stored before
+the wait, stream-ordered memory reuse (the caching allocator, CUDA-graph
+pools) stays safe.
 
-``EMBER_PDL=0`` turns it off and ``EMBER_PDL_PREFETCH=0`` keeps PDL without the
-prefetch (for A/B timing).
+Measured (H200, Llama-3.1-8B batch-1 decode, BENCHMARKS.md): 4.49 -> 4.42 ms
+per step. Issuing work before the wait made the step slower: an L2 prefetch of
+the GEMM's first weight tiles gave 4.81 ms, loading its first weight tile 4.79 ms.
+
+``EMBER_PDL=0`` turns it off (for A/B timing).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
-EARLY_TILE = os.environ.get("EMBER_PDL_EARLY_TILE", "1") != "0"
 
 __all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "pdl_release", "use_pdl"]
 

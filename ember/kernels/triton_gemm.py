@@ -12,8 +12,9 @@ Measured against cuBLAS with ``benchmarks/skinny_gemm_probe.py`` (32 distinct
 weights per projection, so that none is still in the L2 cache when it is read
 again, as in a real decode step; figures in BENCHMARKS.md): on the H100 it is
 3-12% faster on every Llama-3.1-8B projection and the LM head, and a whole
-batch-4 decode step took 6.24 instead of 6.68 ms; on the H200 cuBLAS is
-already close to the copy bandwidth and the gain is smaller.
+batch-4 decode step took 6.24 instead of 6.56 ms; on the H200, where cuBLAS is
+closer to the copy bandwidth, a batch-1 step took 4.48 instead of 4.72 ms.
+Launched with PDL on Hopper (:mod:`ember.kernels.pdl`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import EARLY_TILE as PDL_EARLY_TILE, gdc_wait, use_pdl
+from ember.kernels.pdl import gdc_wait, use_pdl
 
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
@@ -36,31 +37,16 @@ ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
 def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        USE_PDL: tl.constexpr, EARLY_TILE: tl.constexpr):
+                        USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    start = 0
     if USE_PDL:
-        # Launched early (ember.kernels.pdl): wait for the previous kernel
-        # before reading x. The weights are no kernel's output, so with
-        # EARLY_TILE the first weight tile is requested before the wait.
-        if EARLY_TILE:
-            offs_k = tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                        other=0.0)
-            gdc_wait()
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-            start = BLOCK_K
-        else:
-            gdc_wait()
-    for k in range(start, K, BLOCK_K):
+        gdc_wait()  # launched early (ember.kernels.pdl): the previous kernel wrote x
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
@@ -138,6 +124,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=pdl, EARLY_TILE=PDL_EARLY_TILE,
+        USE_PDL=pdl,
         num_warps=4, num_stages=stages, launch_pdl=pdl)
     return out
