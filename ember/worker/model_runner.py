@@ -521,6 +521,19 @@ class ModelRunner:
                     f"({len(self.piecewise_graphs.layers) + 1} pieces each) in {time.perf_counter() - start:.1f} s")
 
     @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Compile, at start-up, the Triton kernel variants a step may need
+        later (CUDA only): extend attention picks its query tile by the step's
+        longest run of new tokens (16 rows up to 16 tokens, 64 above), and a
+        mixed step whose only prompt chunk is short would otherwise compile the
+        16-row variant mid-serving (about half a second). Uses the KV cache's
+        first blocks as scratch."""
+        if self.device.type != "cuda":
+            return
+        for n in (16, 64):
+            self.compute_prompt_logits([0] * min(n, self.model_config.max_model_len))
+
+    @torch.inference_mode()
     def profile_run(self) -> None:
         """One forward pass of ``max_num_batched_tokens`` tokens on a scratch
         KV cache, so the caller can read the activation peak (CUDA)."""

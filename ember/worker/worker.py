@@ -66,8 +66,10 @@ class Worker:
         return int(total * self.config.cache_config.memory_utilization - used_by_others - peak)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate the KV cache, then capture CUDA graphs over it (CUDA only)."""
+        """Allocate the KV cache, then compile the Triton kernel variants and
+        capture CUDA graphs over it (CUDA only)."""
         self.model_runner.initialize_kv_cache(num_blocks)
+        self.model_runner.warm_up_kernels()
         self.model_runner.capture_cuda_graphs()
 
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
