@@ -4,7 +4,8 @@ Cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``p`` of a request is at slot ``block_table[p // block_size] *
 block_size + p % block_size``.
 
-* ``store_kv_cache``: scatter new K/V rows to their slots (negative slot = padding, skipped).
+* ``store_kv_cache``: scatter new K/V rows to their slots (negative slot = padding, skipped);
+  ``rope_and_store_kv_cache`` first applies RoPE to the query (in place) and the key.
   The cache may be FP8 (``--kv-cache-dtype fp8``): K/V are narrowed when stored
   and widened to the query's dtype when the attention kernels load them.
 * ``extend_attention``: packed variable-length queries (prefill, chunked prefill,
@@ -95,6 +96,79 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, num_blocks * block_size,
                                     key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row),
                                     FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0)
+
+
+@triton.jit
+def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, num_slots, stride_q, stride_k, stride_v,
+                          stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          BLOCK_ROW: tl.constexpr, FP8_MAX: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(Pos + t)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    cos = tl.load(CosSin + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
+    sin = tl.load(CosSin + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
+    offs_h = tl.arange(0, BLOCK_H)
+    # Query heads: rotated in place ("rotate half", as ember.kernels.triton_ops.rotary_embedding_).
+    mask = (offs_h[:, None] < NUM_Q_HEADS) & mask_d[None, :]
+    ptr = Q + t * stride_q + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
+    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
+    slot = tl.load(slot_mapping + t)
+    if slot < 0:
+        return
+    # Key heads: rotated, rounded to the key's dtype, then written to the cache
+    # as _store_kv_kernel writes them; the key tensor itself is left as it was.
+    row = NUM_KV_HEADS * HEAD_DIM
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & mask_d[None, :]
+    ptr = K + t * stride_k + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    k1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    k2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    r1 = (k1 * cos - k2 * sin).to(K.dtype.element_ty)
+    r2 = (k2 * cos + k1 * sin).to(K.dtype.element_ty)
+    offs_r = tl.arange(0, BLOCK_ROW)
+    mask_r = offs_r < row
+    v = tl.load(V + t * stride_v + offs_r, mask=mask_r)
+    if FP8_MAX > 0:  # FP8 cache: saturate, then round to nearest even (as to_cache_dtype)
+        r1 = tl.clamp(r1.to(tl.float32), -FP8_MAX, FP8_MAX)
+        r2 = tl.clamp(r2.to(tl.float32), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
+    dst = cache + slot * row + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dst, r1.to(cache.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, r2.to(cache.dtype.element_ty), mask=mask)
+    tl.store(cache + (num_slots + slot) * row + offs_r, v.to(cache.dtype.element_ty), mask=mask_r)
+
+
+def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """RoPE and the KV write in one kernel: rotate ``query`` in place and write
+    the rotated ``key`` and ``value`` to their slots, with the same rounding as
+    ``rotary_embedding_`` followed by :func:`store_kv_cache` (``key`` itself is
+    not modified). Neox "rotate half" over the whole head.
+
+    Args:
+        positions: [num_tokens] int64.
+        query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens,
+            num_kv_heads, head_dim] (heads contiguous, rows may be strided views).
+        kv_cache, slot_mapping: as :func:`store_kv_cache` (negative slots: the
+            query is still rotated, nothing is written).
+        cos_sin_cache: [max_position, head_dim] float32 (cos halves | sin halves).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    if num_tokens == 0:
+        return
+    _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
+    half = head_dim // 2
+    _rope_store_kv_kernel[(num_tokens,)](
+        query, key, value, kv_cache, slot_mapping, positions, cos_sin_cache, num_blocks * block_size,
+        query.stride(0), key.stride(0), value.stride(0), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+        BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_ROW=triton.next_power_of_2(num_kv_heads * head_dim),
+        FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0, num_warps=4)
 
 
 # ------------------------------------------------------------ extend / prefill

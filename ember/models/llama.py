@@ -47,13 +47,12 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = get_rope(self.head_dim, self.head_dim, config.max_position_embeddings,
                                    rope_theta, rope_scaling)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
-                              layer_idx, attn_backend)
+                              layer_idx, attn_backend, rotary_emb=self.rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, ctx))
+        return self.o_proj(self.attn(q, k, v, ctx))  # RoPE is applied in the attention layer
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

@@ -40,7 +40,7 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = get_rope(self.head_dim, self.head_dim, config.max_position_embeddings, rope_theta,
                                    rope_scaling)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
-                              layer_idx, attn_backend)
+                              layer_idx, attn_backend, rotary_emb=self.rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
@@ -48,8 +48,8 @@ class Qwen3Attention(nn.Module):
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))  # per-head norm, before RoPE
         k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(positions, q.reshape(n, -1), k.reshape(n, -1))
-        return self.o_proj(self.attn(q, k, v, ctx))
+        # RoPE is applied in the attention layer.
+        return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, ctx))
 
 
 class Qwen3DecoderLayer(PreNormDecoderLayer):

@@ -58,6 +58,7 @@ class DecoderStack(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
         hidden_states, residual = self.embed_tokens(input_ids), None
+        ctx.positions = positions  # for the attention layers' RoPE
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
         hidden_states, _ = self.norm(hidden_states, residual)

@@ -278,7 +278,7 @@ class PiecewiseCUDAGraphRunner:
         input_ids, positions, meta = runner._device_inputs(host)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        ctx = ForwardContext(meta, self.kv_caches)
+        ctx = ForwardContext(meta, self.kv_caches, positions=self.positions[:n])
         q, k, v, out = self.buffers(n)
         graphs = self.graphs[size]
         for graph, layer in zip(graphs, self.layers):

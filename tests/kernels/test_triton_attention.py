@@ -152,3 +152,35 @@ def test_fp8_decode_query_beyond_fp16_range_stays_finite():
     out = torch.empty_like(q)
     decode_attention(q, kv, out, meta.block_table, meta.seq_lens, 0.125, num_splits=2)
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 14, 2)])
+def test_rope_and_kv_write_in_one_kernel(cache_dtype, head_dim, num_heads, num_kv_heads):
+    """The fused RoPE + KV write equals the rotary kernel followed by the KV
+    write, bit for bit, on strided views of one qkv output (as the models
+    pass them), with padding slots (-1) that rotate the query but write nothing."""
+    from ember.kernels.triton_attention import rope_and_store_kv_cache, store_kv_cache
+    from ember.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator(device="cuda").manual_seed(head_dim + num_heads)
+    n, num_blocks = 37, 8
+    rope = RotaryEmbedding(head_dim, head_dim, 4096, 500000.0).cuda()
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim, generator=g, device="cuda").to(torch.bfloat16)
+    qs, ks = num_heads * head_dim, num_kv_heads * head_dim
+    positions = torch.randint(0, 4096, (n,), generator=g, device="cuda")
+    slots = torch.randperm(num_blocks * BLOCK, generator=g, device="cuda")[:n]
+    slots[[0, 5, 36]] = -1
+    results = []
+    for fused in (False, True):
+        q, k, v = qkv.clone().split([qs, ks, ks], dim=-1)
+        kv = torch.zeros(2, num_blocks, BLOCK, num_kv_heads, head_dim, device="cuda").to(cache_dtype)
+        q3, k3, v3 = (t.view(n, -1, head_dim) for t in (q, k, v))
+        if fused:
+            rope_and_store_kv_cache(positions, q3, k3, v3, kv, slots, rope.cos_sin_cache)
+        else:
+            rope(positions, q, k)  # in place on CUDA
+            store_kv_cache(k3, v3, kv, slots)
+        results.append((q.clone(), kv.view(torch.uint8).clone()))
+    assert torch.equal(results[0][0], results[1][0]), "rotated query differs"
+    assert torch.equal(results[0][1], results[1][1]), "KV cache differs"

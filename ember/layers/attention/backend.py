@@ -125,6 +125,10 @@ class AttentionBackend(ABC):
     """
 
     name: str = ""
+    # True: ``forward`` also takes ``rope=(positions [num_tokens] int64,
+    # cos_sin_cache [max_position, head_dim] float32)`` and applies neox-style
+    # RoPE to the query (in place) and the key itself, fused with the KV write.
+    fuses_rope: bool = False
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
         self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads

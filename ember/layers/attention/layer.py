@@ -22,11 +22,14 @@ class ForwardContext:
         piecewise: set only while piecewise CUDA graphs are captured: each
             :class:`Attention` hands its inputs to it (``piecewise.split``) instead
             of attending (see :mod:`ember.worker.cuda_graph`).
+        positions: [num_tokens] int64, each new token's position (set by the
+            model's forward; read by attention layers that apply RoPE).
     """
 
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]
     piecewise: Any = None
+    positions: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -38,29 +41,39 @@ class Attention(nn.Module):
         scale: softmax scale.
         layer_idx: which KV cache in ``ForwardContext.kv_caches`` is this layer's.
         backend_cls: the attention backend class.
+        rotary_emb: RoPE to apply to q and k first (at ``ctx.positions``), or
+            None. A backend with ``fuses_rope`` applies a neox-style RoPE over
+            whole heads on CUDA in its KV-write kernel (one kernel per layer
+            less); otherwise the rotary module runs first.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, layer_idx: int,
-                 backend_cls: type[AttentionBackend]) -> None:
+                 backend_cls: type[AttentionBackend], rotary_emb: nn.Module | None = None) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads, self.layer_idx = num_heads, head_dim, num_kv_heads, layer_idx
         self.impl = backend_cls(num_heads, head_dim, scale, num_kv_heads)
+        self.rotary_emb = rotary_emb
+        self._fused_rope = (rotary_emb is not None and backend_cls.fuses_rope and rotary_emb.is_neox_style
+                            and rotary_emb.rotary_dim == head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """``q``: [n, num_heads * head_dim]; ``k``, ``v``: [n, num_kv_heads * head_dim].
-        Returns [n, num_heads * head_dim]."""
+        """``q``: [n, num_heads * head_dim]; ``k``, ``v``: [n, num_kv_heads * head_dim]
+        (before RoPE, when the layer has ``rotary_emb``). Returns [n, num_heads * head_dim]."""
         if ctx.piecewise is not None:
             return ctx.piecewise.split(self, q, k, v)
         return self.attend(q, k, v, ctx)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Write ``k``/``v`` to the cache and attend (as :meth:`forward`, never split)."""
+        """Apply RoPE, write ``k``/``v`` to the cache and attend (as
+        :meth:`forward`, never split). ``q`` may be rotated in place."""
         n = q.shape[0]
-        out = self.impl.forward(
-            q.view(n, self.num_heads, self.head_dim),
-            k.view(n, self.num_kv_heads, self.head_dim),
-            v.view(n, self.num_kv_heads, self.head_dim),
-            ctx.kv_caches[self.layer_idx],
-            ctx.attn_metadata,
-        )
+        rope = None
+        if self.rotary_emb is not None:
+            if self._fused_rope and q.is_cuda:
+                rope = (ctx.positions, self.rotary_emb.cos_sin_cache)
+            else:
+                q, k = self.rotary_emb(ctx.positions, q, k)
+        args = (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
+                v.view(n, self.num_kv_heads, self.head_dim), ctx.kv_caches[self.layer_idx], ctx.attn_metadata)
+        out = self.impl.forward(*args) if rope is None else self.impl.forward(*args, rope=rope)
         return out.reshape(n, self.num_heads * self.head_dim)

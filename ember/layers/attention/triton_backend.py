@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import torch
 
-from ember.kernels.triton_attention import decode_attention, extend_attention, num_decode_splits, store_kv_cache
+from ember.kernels.triton_attention import (decode_attention, extend_attention, num_decode_splits,
+                                            rope_and_store_kv_cache, store_kv_cache)
 from ember.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    fuses_rope = True
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
         super().__init__(num_heads, head_dim, scale, num_kv_heads)
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if rope is None:
+            store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        else:  # one kernel rotates the query in place and writes the rotated key
+            rope_and_store_kv_cache(rope[0], query, key, value, kv_cache, metadata.slot_mapping, rope[1])
         out = torch.empty_like(query)
         if metadata.max_query_len == 1:
             self._decode(query, kv_cache, out, metadata.block_table, metadata.seq_lens, metadata.num_kv_splits)
