@@ -35,7 +35,7 @@ ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
 
 @triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -48,18 +48,15 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
-        mask_x = mask_m[:, None] if EVEN_K else mask_m[:, None] & (offs_k < K)[None, :]
-        mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & (offs_k < K)[None, :]
-        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-        if GATED:
-            # x = silu(gate) * up from the [M, 2K] gate_up rows, rounded as
-            # ember.kernels.triton_ops.silu_and_mul rounds it.
-            gate = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)
-            up = tl.load(x_ptrs + K, mask=mask_x, other=0.0)
-            x = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty) * up
+        if EVEN_K:
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0.0)
         else:
-            x = tl.load(x_ptrs, mask=mask_x, other=0.0)
-        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_w, other=0.0)
+            mask_k = offs_k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -95,47 +92,38 @@ def skinny_tiles(n: int, num_sms: int) -> tuple[int, int, int]:
     return (64, 256, 4) if programs < 2 * num_sms else (64, 256, 3)
 
 
-def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`skinny_linear` applies (and is not turned off by
     ``EMBER_SKINNY_GEMM=0``): a CUDA 16-bit ``x`` of at most
     :data:`SKINNY_MAX_M` rows with unit stride along K, and a weight of the same
-    dtype with unit stride along K, whose K is ``x``'s columns (half of them
-    with ``gated``)."""
-    return (ENABLED and x.is_cuda and x.dim() == 2 and weight.dim() == 2
-            and x.shape[1] == weight.shape[1] * (2 if gated else 1) and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
+    dtype with unit stride along K."""
+    return (ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  gated: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias`` for few rows, as ``F.linear``; with ``gated``,
-    ``silu_and_mul(x) @ weight.T + bias`` (the SwiGLU activation computed as the
-    rows of x are loaded, so the down projection needs no activation kernel).
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for few rows, as ``F.linear``.
 
     Args:
-        x: [M, K] (gated: [M, 2K], gate then up), M <= :data:`SKINNY_MAX_M`,
-            bfloat16 or float16, unit stride along K.
+        x: [M, K], M <= :data:`SKINNY_MAX_M`, bfloat16 or float16, unit stride along K.
         weight: [N, K], same dtype, unit stride along K.
         bias: optional [N].
-        gated: see above; the activation is rounded to x's dtype as
-            :func:`ember.kernels.triton_ops.silu_and_mul` rounds it.
     Returns:
         [M, N] in x's dtype (float32 accumulation).
     Raises:
         ValueError: the inputs do not meet :func:`use_skinny_linear`.
     """
-    if not use_skinny_linear(x, weight, gated):
+    if not use_skinny_linear(x, weight) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"skinny_linear: unsupported x {tuple(x.shape)} {x.dtype} / weight "
-                         f"{tuple(weight.shape)} {weight.dtype} (gated={gated})")
-    m = x.shape[0]
-    n, k = weight.shape
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, stages = skinny_tiles(n, _num_sms(x.device))
     pdl = use_pdl(x.device)
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, GATED=gated, BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=pdl,
         num_warps=4, num_stages=stages, launch_pdl=pdl)
     return out

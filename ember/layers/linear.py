@@ -13,24 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel_state import get_tp_rank, get_tp_size
-from ember.layers.activation import SiluAndMul
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 gated: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias``, as ``F.linear``; with ``gated``, ``x`` is
-    ``[n, 2K]`` (gate then up) and the product is ``silu(gate) * up @ weight.T
-    + bias`` (SwiGLU's down projection). On CUDA, inputs of at most 16 rows
-    (decode steps) take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`),
-    which also computes the gate's activation; everything else runs cuBLAS,
-    after the SiLU-and-mul kernel when ``gated``."""
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, as ``F.linear``. On CUDA, inputs of at most 16
+    rows (decode steps) take the skinny Triton GEMM
+    (:mod:`ember.kernels.triton_gemm`), everything else cuBLAS."""
     if x.is_cuda:
         from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
 
-        if use_skinny_linear(x, weight, gated):
-            return skinny_linear(x, weight, bias, gated)
-    if gated:
-        x = SiluAndMul()(x)
+        if use_skinny_linear(x, weight):
+            return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -40,9 +33,8 @@ class UnquantizedLinearMethod:
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
-              ) -> torch.Tensor:
-        return dense_linear(x, layer.weight, bias, gated)
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return dense_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -66,12 +58,6 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [num_tokens, in_features] -> [num_tokens, out_features]."""
         return self.quant_method.apply(self, x, self.bias)
-
-    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The layer applied to ``silu(gate) * up`` (SwiGLU), from
-        ``gate_up``: [num_tokens, 2 * in_features], gate then up. At decode
-        sizes on CUDA the activation is computed inside the GEMM."""
-        return self.quant_method.apply(self, gate_up, self.bias, gated=True)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         _copy_checked(param.data, loaded, self)

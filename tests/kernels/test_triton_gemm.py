@@ -59,29 +59,9 @@ def test_strided_rows_and_the_row_limit():
     w = torch.randn(256, 512, generator=g, device="cuda", dtype=torch.bfloat16)
     assert use_skinny_linear(x, w)
     assert _rel(skinny_linear(x, w), x.float() @ w.float().T) < 1e-2
-    assert not use_skinny_linear(torch.randn(512, 8, device="cuda", dtype=torch.bfloat16).T, w)  # stride 1 along M
+    assert not use_skinny_linear(big.T[:, :8].contiguous().T, w)  # unit stride along M, not K
     assert not use_skinny_linear(torch.zeros(SKINNY_MAX_M + 1, 512, device="cuda", dtype=torch.bfloat16), w)
     assert not use_skinny_linear(x.float(), w.float())
-
-
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("n,k", [(4096, 14336), (100, 600)])
-def test_gated_equals_silu_and_mul_then_gemm(m, n, k):
-    # SwiGLU's down projection with the activation computed while loading x:
-    # bit-identical to the SiLU-and-mul kernel followed by the plain kernel.
-    from ember.kernels.triton_ops import silu_and_mul
-
-    g = torch.Generator(device="cuda").manual_seed(m + n)
-    gate_up = (torch.randn(m, 2 * k, generator=g, device="cuda") * 2).to(torch.bfloat16)
-    w = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(torch.bfloat16)
-    b = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
-    fused = skinny_linear(gate_up, w, b, gated=True)
-    assert torch.equal(fused, skinny_linear(silu_and_mul(gate_up), w, b))
-    gate, up = gate_up.float().split(k, dim=-1)
-    ref = (F.silu(gate) * up) @ w.float().T + b.float()
-    assert _rel(fused, ref) < 1e-2
-    assert not use_skinny_linear(gate_up, w)  # not gated: K mismatch
-    assert use_skinny_linear(gate_up, w, gated=True)
 
 
 @pytest.mark.parametrize("m", [1, 4, 32])
@@ -99,9 +79,6 @@ def test_linear_layers_route_decode_rows_through_it(m):
     for layer in (qkv, o):
         ref = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
         assert _rel(layer(x), ref) < 1e-2
-    gate_up = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-    gate, up = gate_up.float().split(512, dim=-1)
-    assert _rel(o.forward_gated(gate_up), (F.silu(gate) * up) @ o.weight.float().T) < 1e-2
 
 
 def test_chain_in_a_cuda_graph_with_new_inputs():
