@@ -34,11 +34,24 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAVE_GDC = True
+except ImportError:  # a Triton without grid dependency control: PDL stays off
+    _HAVE_GDC = False
 
-__all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "pdl_release", "use_pdl"]
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+ENABLED = _HAVE_GDC and os.environ.get("EMBER_PDL", "1") != "0"
+
+__all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "launch_options", "pdl_release", "use_pdl"]
 
 
 @functools.cache
@@ -52,6 +65,12 @@ def use_pdl(device: torch.device) -> bool:
     if not ENABLED or device.type != "cuda":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(pdl: bool) -> dict[str, bool]:
+    """Keyword arguments of a Triton launch with PDL (none without it, so a
+    Triton that predates the ``launch_pdl`` option still launches)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit

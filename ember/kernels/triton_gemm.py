@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import gdc_wait, use_pdl
+from ember.kernels.pdl import gdc_wait, launch_options, use_pdl
 
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
@@ -124,5 +124,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=pdl, num_warps=4, num_stages=stages, launch_pdl=pdl)
+        USE_PDL=pdl, num_warps=4, num_stages=stages, **launch_options(pdl))
     return out
