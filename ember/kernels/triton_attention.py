@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ember.config import FP8_DTYPES
 from ember.kernels.pdl import pdl_release, use_pdl
+from ember.kernels.triton_ops import rope_cos_sin, rope_rotate_heads
 
 
 @triton.jit
@@ -64,6 +65,16 @@ def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compu
 
 # --------------------------------------------------------------------- KV write
 @triton.jit
+def _to_cache(x, FP8_MAX: tl.constexpr, dtype: tl.constexpr):
+    """``x`` as the cache stores it: into FP8 (``FP8_MAX`` > 0) saturated at
+    the format's largest finite value, then rounded to nearest even (as
+    ``to_cache_dtype``)."""
+    if FP8_MAX > 0:
+        x = tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
+
+@triton.jit
 def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
@@ -74,11 +85,8 @@ def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, strid
     mask = offs < ROW
     k = tl.load(key + t * stride_k + offs, mask=mask)
     v = tl.load(value + t * stride_v + offs, mask=mask)
-    if FP8_MAX > 0:  # FP8 cache: saturate, then round to nearest even (as to_cache_dtype)
-        k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
-    tl.store(cache + slot * ROW + offs, k.to(cache.dtype.element_ty), mask=mask)
-    tl.store(cache + (num_slots + slot) * ROW + offs, v.to(cache.dtype.element_ty), mask=mask)
+    tl.store(cache + slot * ROW + offs, _to_cache(k, FP8_MAX, cache.dtype.element_ty), mask=mask)
+    tl.store(cache + (num_slots + slot) * ROW + offs, _to_cache(v, FP8_MAX, cache.dtype.element_ty), mask=mask)
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -104,42 +112,27 @@ def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, num_slots, 
                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                           BLOCK_ROW: tl.constexpr, FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
-    pos = tl.load(Pos + t)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    mask_d = offs_d < HALF
-    cos = tl.load(CosSin + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
-    sin = tl.load(CosSin + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
-    offs_h = tl.arange(0, BLOCK_H)
-    # Query heads: rotated in place ("rotate half", as ember.kernels.triton_ops.rotary_embedding_).
-    mask = (offs_h[:, None] < NUM_Q_HEADS) & mask_d[None, :]
-    ptr = Q + t * stride_q + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
+    cos, sin = rope_cos_sin(CosSin, Pos, t, stride_cs, HALF, BLOCK_HALF)
+    # Query heads: rotated in place (as ember.kernels.triton_ops.rotary_embedding_).
+    q = Q + t * stride_q
+    offs, mask, r1, r2 = rope_rotate_heads(q, NUM_Q_HEADS, cos, sin, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF)
+    tl.store(q + offs, r1.to(Q.dtype.element_ty), mask=mask)
+    tl.store(q + offs + HALF, r2.to(Q.dtype.element_ty), mask=mask)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
         return
     # Key heads: rotated, rounded to the key's dtype, then written to the cache
     # as _store_kv_kernel writes them; the key tensor itself is left as it was.
     row = NUM_KV_HEADS * HEAD_DIM
-    mask = (offs_h[:, None] < NUM_KV_HEADS) & mask_d[None, :]
-    ptr = K + t * stride_k + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
-    k1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    k2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    r1 = (k1 * cos - k2 * sin).to(K.dtype.element_ty)
-    r2 = (k2 * cos + k1 * sin).to(K.dtype.element_ty)
+    offs, mask, r1, r2 = rope_rotate_heads(K + t * stride_k, NUM_KV_HEADS, cos, sin, HEAD_DIM, HALF, BLOCK_H,
+                                           BLOCK_HALF)
+    dst = cache + slot * row + offs
+    tl.store(dst, _to_cache(r1.to(K.dtype.element_ty), FP8_MAX, cache.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, _to_cache(r2.to(K.dtype.element_ty), FP8_MAX, cache.dtype.element_ty), mask=mask)
     offs_r = tl.arange(0, BLOCK_ROW)
     mask_r = offs_r < row
     v = tl.load(V + t * stride_v + offs_r, mask=mask_r)
-    if FP8_MAX > 0:  # FP8 cache: saturate, then round to nearest even (as to_cache_dtype)
-        r1 = tl.clamp(r1.to(tl.float32), -FP8_MAX, FP8_MAX)
-        r2 = tl.clamp(r2.to(tl.float32), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
-    dst = cache + slot * row + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dst, r1.to(cache.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, r2.to(cache.dtype.element_ty), mask=mask)
-    tl.store(cache + (num_slots + slot) * row + offs_r, v.to(cache.dtype.element_ty), mask=mask_r)
+    tl.store(cache + (num_slots + slot) * row + offs_r, _to_cache(v, FP8_MAX, cache.dtype.element_ty), mask=mask_r)
 
 
 def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -81,16 +81,38 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(Q, K, CosSin, Pos, stride_q, stride_k, stride_cs,
-                   NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    t = tl.program_id(0)
+def rope_cos_sin(CosSin, Pos, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos and sin [BLOCK_HALF] float32 at token ``t``'s position (0 past ``HALF``)."""
     pos = tl.load(Pos + t)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask_d = offs_d < HALF
     cos = tl.load(CosSin + pos * stride_cs + offs_d, mask=mask_d, other=0.0)
     sin = tl.load(CosSin + pos * stride_cs + HALF + offs_d, mask=mask_d, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def rope_rotate_heads(base, num_heads, cos, sin, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """GPT-NeoX "rotate half" of the ``num_heads`` heads at ``base`` (one
+    token's row): returns the offsets [BLOCK_H, BLOCK_HALF] of the first halves
+    (the second halves are ``HALF`` further), their mask, and the rotated
+    first and second halves in float32."""
+    offs_d = tl.arange(0, BLOCK_HALF)
     offs_h = tl.arange(0, BLOCK_H)
+    mask = (offs_h[:, None] < num_heads) & (offs_d < HALF)[None, :]
+    offs = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _rotary_kernel(Q, K, CosSin, Pos, stride_q, stride_k, stride_cs,
+                   NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0)
+    cos, sin = rope_cos_sin(CosSin, Pos, t, stride_cs, HALF, BLOCK_HALF)
     for which in tl.static_range(2):
         if which == 0:
             base = Q + t * stride_q
@@ -98,12 +120,9 @@ def _rotary_kernel(Q, K, CosSin, Pos, stride_q, stride_k, stride_cs,
         else:
             base = K + t * stride_k
             num_heads = NUM_K_HEADS
-        mask = (offs_h[:, None] < num_heads) & mask_d[None, :]
-        ptr = base + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
-        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptr, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
-        tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+        offs, mask, r1, r2 = rope_rotate_heads(base, num_heads, cos, sin, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF)
+        tl.store(base + offs, r1.to(base.dtype.element_ty), mask=mask)
+        tl.store(base + offs + HALF, r2.to(base.dtype.element_ty), mask=mask)
 
 
 def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
