@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ember.kernels.triton_gemm import _skinny_gemm_kernel, skinny_linear
+from ember.kernels.triton_gemm import launch_skinny_gemm, skinny_linear
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -38,12 +38,7 @@ LAYERS = 32
 
 def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_n: int, block_k: int, warps: int,
            stages: int) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](x, w, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-                                                    HAS_BIAS=False, EVEN_K=k % block_k == 0, BLOCK_M=16,
-                                                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                                                    num_stages=stages)
+    launch_skinny_gemm(x, w, None, out, block_n, block_k, stages, warps)
     return out
 
 

@@ -116,13 +116,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not use_skinny_linear(x, weight) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"skinny_linear: unsupported x {tuple(x.shape)} {x.dtype} / weight "
                          f"{tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    launch_skinny_gemm(x, weight, bias, out, *skinny_tiles(weight.shape[0], _num_sms(x.device)))
+    return out
+
+
+def launch_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                       block_n: int, block_k: int, num_stages: int, num_warps: int = 4) -> None:
+    """Launch the kernel of :func:`skinny_linear` into ``out`` [M, N] with the
+    given tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); no checks."""
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, stages = skinny_tiles(n, _num_sms(x.device))
     pdl = use_pdl(x.device)
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=pdl, num_warps=4, num_stages=stages, **launch_options(pdl))
-    return out
+        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
