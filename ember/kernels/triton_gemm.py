@@ -33,11 +33,22 @@ SKINNY_MAX_M = 16
 ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
 
 
+@triton.jit
+def _weight_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0.0)
+    return tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                   other=0.0)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         USE_PDL: tl.constexpr):
+    # GATED: W is [2N, K] (gate rows, then up rows); the program also streams the
+    # up rows of its columns and writes silu(gate) * up, rounded as the unfused
+    # GEMM + silu_and_mul would round them.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,22 +57,29 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     if USE_PDL:
         gdc_wait()  # launched early (ember.kernels.pdl): the previous kernel wrote x
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0.0)
         else:
-            mask_k = offs_k < K
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :],
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _weight_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K)
         acc = tl.dot(x, tl.trans(w), acc)
+        if GATED:
+            w_up = _weight_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        if GATED:
+            acc_up += tl.load(B + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty) * acc_up.to(Y.dtype.element_ty)
+    else:
+        y = acc.to(Y.dtype.element_ty)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -113,22 +131,57 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Raises:
         ValueError: the inputs do not meet :func:`use_skinny_linear`.
     """
-    if not use_skinny_linear(x, weight) or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"skinny_linear: unsupported x {tuple(x.shape)} {x.dtype} / weight "
-                         f"{tuple(weight.shape)} {weight.dtype}")
+    _check(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     launch_skinny_gemm(x, weight, bias, out, *skinny_tiles(weight.shape[0], _num_sms(x.device)))
     return out
 
 
+def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU's first half in one kernel: ``silu(g) * u`` where ``[g | u] = x @
+    weight.T + bias`` (a merged gate_up projection), without writing ``[g | u]``.
+
+    Each program streams the gate and the up rows of its output columns; the
+    products are rounded to x's dtype before the activation, so the result is
+    bit-identical to :func:`skinny_linear` followed by
+    :func:`ember.kernels.triton_ops.silu_and_mul`.
+
+    Args:
+        x: [M, K], as in :func:`skinny_linear`.
+        weight: [2D, K]: the D gate rows, then the D up rows.
+        bias: optional [2D].
+    Returns:
+        [M, D] in x's dtype.
+    Raises:
+        ValueError: the inputs do not meet :func:`use_skinny_linear`, or the
+            weight has an odd number of rows.
+    """
+    _check(x, weight)
+    if weight.shape[0] % 2:
+        raise ValueError(f"skinny_silu_and_mul_linear: weight {tuple(weight.shape)} has an odd number of rows")
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    # Same weight bytes per program as the ungated tiles of the whole [2D, K] weight.
+    block_n, block_k, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
+    launch_skinny_gemm(x, weight, bias, out, block_n // 2, block_k, num_stages, gated=True)
+    return out
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not use_skinny_linear(x, weight) or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"skinny GEMM: unsupported x {tuple(x.shape)} {x.dtype} / weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+
+
 def launch_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                       block_n: int, block_k: int, num_stages: int, num_warps: int = 4) -> None:
-    """Launch the kernel of :func:`skinny_linear` into ``out`` [M, N] with the
-    given tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); no checks."""
+                       block_n: int, block_k: int, num_stages: int, num_warps: int = 4, gated: bool = False) -> None:
+    """Launch the kernel of :func:`skinny_linear` (``gated``: of
+    :func:`skinny_silu_and_mul_linear`) into ``out`` [M, N] with the given
+    tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); no checks."""
     m, k = x.shape
-    n = weight.shape[0]
+    n = out.shape[1]
     pdl = use_pdl(x.device)
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, GATED=gated, BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))

@@ -1,5 +1,6 @@
 """Fused elementwise Triton kernels for the CUDA path: RMSNorm (with the
-residual add), SiLU-and-mul, and rotary embedding. Each replaces several
+residual add), SiLU-and-mul, rotary embedding, and the row argmax of greedy
+sampling. Each replaces several
 PyTorch kernels (casts, reductions, multiplies) with one pass over the data;
 in a decode step, where every tensor is tiny, launch count is what costs.
 
@@ -77,6 +78,38 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     pdl = use_pdl(x.device)
     _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
                                                       USE_PDL=pdl, num_warps=4)
+    return out
+
+
+@triton.jit
+def _argmax_kernel(X, Out, n_cols, stride_x, BLOCK: tl.constexpr):
+    # Each lane keeps its own running best (strict ">" keeps the first index),
+    # so the loop is elementwise; one reduction at the end.
+    row = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + lanes
+        x = tl.load(X + row * stride_x + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        better = x > best
+        best = tl.where(better, x, best)
+        best_idx = tl.where(better, offs, best_idx)
+    top = tl.max(best, 0)
+    tl.store(Out + row, tl.min(tl.where(best == top, best_idx, n_cols), 0).to(tl.int64))
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for a CUDA [rows, n] float tensor (unit stride
+    along n), as int64 [rows]: the first index of the largest value, as torch.
+    One program per row streams it once; on an H200 the vocabulary-sized
+    row of batch-1 greedy decoding took 27 us in torch's reduction kernel.
+    NaN is not treated as the largest value (torch returns its index); rows
+    of only -inf give 0, as torch."""
+    rows, n = x.shape
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows:
+        _argmax_kernel[(rows,)](x, out, n, x.stride(0), BLOCK=2048, num_warps=8)
     return out
 
 

@@ -7,13 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SiluAndMul(nn.Module):
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU gate (Shazeer, 2020): ``[..., 2d] -> silu(x[..., :d]) * x[..., d:]``."""
+    if x.is_cuda and x.dim() == 2:
+        from ember.kernels.triton_ops import silu_and_mul as triton_silu_and_mul
+
+        return triton_silu_and_mul(x)  # one fused kernel instead of three
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+class SiluAndMul(nn.Module):
+    """:func:`silu_and_mul` as a module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2:
-            from ember.kernels.triton_ops import silu_and_mul
-
-            return silu_and_mul(x)  # one fused kernel instead of three
-        d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
+        return silu_and_mul(x)

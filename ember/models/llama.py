@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ember.layers.activation import SiluAndMul
 from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec, standard_kv_cache_spec
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
@@ -23,10 +22,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
 
 
 class LlamaAttention(nn.Module):

@@ -115,6 +115,15 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of [rows, vocab]; one Triton kernel on CUDA."""
+    if x.is_cuda and x.stride(-1) == 1:
+        from ember.kernels.triton_ops import argmax_rows
+
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 def _mix(seed: int, position: int) -> int:
     # splitmix64-style mixing so that nearby (seed, position) pairs give unrelated streams.
     z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
@@ -145,7 +154,7 @@ class Sampler:
         raw = logits
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
-        sampled = logits.argmax(dim=-1)
+        sampled = _argmax(logits)
         if not meta.all_greedy:
             is_greedy = meta.temperature == 0
             temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
@@ -154,7 +163,7 @@ class Sampler:
                                               use_min_p=meta.use_min_p)
             probs = logits.softmax(dim=-1)
             noise = self._exponential_noise(probs, meta.seeds)
-            sampled = torch.where(is_greedy, sampled, probs.div(noise).argmax(dim=-1))
+            sampled = torch.where(is_greedy, sampled, _argmax(probs.div(noise)))
         logprobs = None if meta.logprobs is None else compute_logprobs(raw, sampled, meta.logprobs)
         return SamplerOutput(sampled, logprobs)
 

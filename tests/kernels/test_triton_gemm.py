@@ -8,8 +8,11 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
-from ember.kernels.triton_gemm import SKINNY_MAX_M, skinny_linear, skinny_tiles, use_skinny_linear  # noqa: E402
+from ember.kernels.triton_gemm import (SKINNY_MAX_M, skinny_linear, skinny_silu_and_mul_linear,  # noqa: E402
+                                       skinny_tiles, use_skinny_linear)
+from ember.kernels.triton_ops import rms_norm, silu_and_mul  # noqa: E402
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear  # noqa: E402
+from ember.models.llama import LlamaMLP  # noqa: E402
 
 
 def _rel(a, b):
@@ -29,7 +32,7 @@ def test_cpu_tensors_keep_f_linear():
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     w = torch.zeros(32, 64, dtype=torch.bfloat16)
     assert not use_skinny_linear(x, w)  # CPU tensors keep F.linear
-    with pytest.raises(ValueError, match="skinny_linear: unsupported"):
+    with pytest.raises(ValueError, match="skinny GEMM: unsupported"):
         skinny_linear(x, w)
 
 
@@ -64,6 +67,45 @@ def test_strided_rows_and_the_row_limit():
     assert not use_skinny_linear(x.float(), w.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("d,k", [(14336, 4096), (4864, 896), (100, 600)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_matches_float32_and_the_unfused_pair(dtype, m, d, k, bias):
+    g = torch.Generator(device="cuda").manual_seed(m + d + k)
+    x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
+    w = (torch.randn(2 * d, k, generator=g, device="cuda") * k ** -0.5).to(dtype)
+    b = torch.randn(2 * d, generator=g, device="cuda").to(dtype) if bias else None
+    out = skinny_silu_and_mul_linear(x, w, b)
+    assert out.shape == (m, d) and out.dtype == dtype and torch.isfinite(out).all()
+    gate, up = (x.float() @ w.float().T + (b.float() if bias else 0)).split(d, -1)
+    assert _rel(out, F.silu(gate) * up) < 1e-2
+    # The same roundings as the GEMM + silu_and_mul pair (the products are
+    # rounded to the dtype before the activation), so at most rare one-ulp
+    # differences where the MMA sums K in another order.
+    unfused = silu_and_mul(skinny_linear(x, w, b))
+    torch.testing.assert_close(out, unfused, rtol=1e-2, atol=1e-2)
+
+
+def test_gated_rejects_odd_rows():
+    x = torch.zeros(1, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="odd number of rows"):
+        skinny_silu_and_mul_linear(x, torch.zeros(33, 64, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("m", [1, 4, 32])
+def test_mlp_fuses_the_gate_on_decode_rows(m):
+    # Decode rows take the gated kernel, prefill rows (32) cuBLAS + silu_and_mul.
+    torch.manual_seed(m)
+    mlp = LlamaMLP(512, 1024).to(torch.bfloat16).cuda()
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        layer.weight.data.normal_(0, 0.05)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    gate, up = F.linear(x.float(), mlp.gate_up_proj.weight.float()).split(1024, -1)
+    ref = F.linear(F.silu(gate) * up, mlp.down_proj.weight.float())
+    assert _rel(mlp(x), ref) < 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 4, 32])
 def test_linear_layers_route_decode_rows_through_it(m):
     # Qwen2-style qkv with bias and a row-parallel projection, decode (m <= 16)
@@ -82,11 +124,10 @@ def test_linear_layers_route_decode_rows_through_it(m):
 
 
 def test_chain_in_a_cuda_graph_with_new_inputs():
-    # The decode-path chain norm -> GEMM -> SiLU -> GEMM, captured and replayed
-    # with new inputs: with programmatic dependent launch (Hopper) each kernel
-    # may start before its predecessor ends, so a missing wait would read stale data.
-    from ember.kernels.triton_ops import rms_norm, silu_and_mul
-
+    # The decode-path chain norm -> GEMM -> SiLU -> GEMM (unfused and fused
+    # gate), captured and replayed with new inputs: with programmatic dependent
+    # launch (Hopper) each kernel may start before its predecessor ends, so a
+    # missing wait would read stale data.
     g = torch.Generator(device="cuda").manual_seed(1)
     hidden, inter = 1024, 2048
     norm_w = torch.rand(hidden, generator=g, device="cuda").to(torch.bfloat16) + 0.5
@@ -95,7 +136,9 @@ def test_chain_in_a_cuda_graph_with_new_inputs():
     x = torch.randn(4, hidden, generator=g, device="cuda").to(torch.bfloat16)
 
     def chain():
-        return skinny_linear(silu_and_mul(skinny_linear(rms_norm(x, norm_w, 1e-6), w_up)), w_down)
+        h = rms_norm(x, norm_w, 1e-6)
+        return (skinny_linear(silu_and_mul(skinny_linear(h, w_up)), w_down),
+                skinny_linear(skinny_silu_and_mul_linear(h, w_up), w_down))
 
     def reference():
         h = x.float()
@@ -111,9 +154,10 @@ def test_chain_in_a_cuda_graph_with_new_inputs():
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain()
+        outs = chain()
     for seed in range(3):
         x.copy_(torch.randn(4, hidden, generator=g, device="cuda"))
         graph.replay()
         torch.cuda.synchronize()
-        assert _rel(out, reference()) < 2e-2, seed
+        for out in outs:
+            assert _rel(out, reference()) < 2e-2, seed

@@ -66,3 +66,21 @@ def test_rotary_in_place(head_dim, rotary_dim):
     ref_q, ref_k = rope.forward(pos.cpu(), q.cpu().clone(), k.cpu().clone())
     out_q, out_k = rope.cuda().forward(pos, q, k)
     assert _rel(out_q.cpu(), ref_q) < 1e-6 and _rel(out_k.cpu(), ref_k) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n", [(1, 128256), (7, 151936), (300, 4097), (2, 5)])
+def test_argmax_rows_matches_torch(dtype, rows, n):
+    from ember.kernels.triton_ops import argmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(rows + n)
+    x = torch.randn(rows, n, generator=g, device="cuda").to(dtype)
+    x[0, n // 2] = x[0, n - 1] = x[0].max() + 1  # a tie: the first index wins
+    if rows > 1:
+        x[1] = float("-inf")
+    if rows > 2:
+        x[2] = torch.randint(0, 3, (n,), generator=g, device="cuda").to(dtype)  # many ties
+    out = argmax_rows(x)
+    assert out.dtype == torch.int64
+    assert torch.equal(out, x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x[:, : n - 1]), x[:, : n - 1].argmax(dim=-1))  # row stride != n
