@@ -13,11 +13,9 @@ block_size + p % block_size``.
   included, written first). Online softmax as in FlashAttention-2 (Dao, 2023).
 * ``decode_attention``: one query per request, split-KV (FlashDecoding, Dao et
   al., 2023): the context is cut into ``num_splits`` pieces processed by separate
-  programs that write partial outputs and log-sum-exps, then merged,
+  programs that write partial outputs and log-sum-exps, merged by a second kernel,
   so a single long sequence still fills the GPU. All query heads of one KV head
   are processed together (GQA packing) so K/V are read once per group.
-  The last program of each (request, KV head) to finish merges the partials
-  (no second kernel); with one split the output is written directly.
 """
 
 from __future__ import annotations
@@ -258,28 +256,11 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
 
 # ---------------------------------------------------------------------- decode
 @triton.jit
-def _merge_head(Mid_O, Mid_LSE, Out, base, out_off, offs_s, offs_d, mask_s, mask_d, HEAD_DIM: tl.constexpr):
-    # One head's NUM_SPLITS partial outputs, weighted by their LSEs (base 2).
-    # ".cg": read at the L2, where the other programs' partials were written.
-    lse = tl.load(Mid_LSE + base + offs_s, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    o = tl.load(Mid_O + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-    total = tl.sum(w, 0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(Out + out_off + offs_d, res.to(Out.dtype.element_ty), mask=mask_d)
-
-
-@triton.jit
-def _decode_split_kernel(Q, KV, Out, Mid_O, Mid_LSE, Arrivals, block_table, seq_lens, sm_scale,
-                         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
+def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
+                         stride_qt, stride_qh, stride_bt, num_slots,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
-                         COMPUTE: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_release(USE_PDL)
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -323,46 +304,33 @@ def _decode_split_kernel(Q, KV, Out, Mid_O, Mid_LSE, Arrivals, block_table, seq_
     # An empty split (start >= seq_len) leaves l_i = 0: its LSE is -inf and it drops out of the merge.
     valid = l_i > 0
     out = acc / tl.where(valid, l_i, 1.0)[:, None]
-    mask_hd = mask_h[:, None] & mask_d[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(Out + req * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_hd)
-    else:
-        lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
-        base = (req * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
-        tl.store(Mid_O + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_hd)
-        tl.store(Mid_LSE + base, lse, mask=mask_h)
-        # The last of the NUM_SPLITS programs of this (request, KV head) to
-        # arrive merges the group's partials (the "last block" reduction of
-        # CUDA's threadFenceReduction sample): every thread's stores are issued
-        # before the barrier, and the counter's acq_rel atomic publishes them to,
-        # and acquires the others' for, whichever program arrives last.
-        tl.debug_barrier()
-        counter = Arrivals + req * NUM_KV_HEADS + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            offs_s = tl.arange(0, BLOCK_S)
-            mask_s = offs_s < NUM_SPLITS
-            for h in tl.static_range(GROUP):
-                head = kv_head * GROUP + h
-                _merge_head(Mid_O, Mid_LSE, Out, (req * NUM_KV_HEADS * GROUP + head) * NUM_SPLITS,
-                            req * stride_ot + head * stride_oh, offs_s, offs_d, mask_s, mask_d, HEAD_DIM)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
+    base = (req * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    tl.store(Mid_O + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(Mid_LSE + base, lse, mask=mask_h)
 
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters [>= n] for the split-KV merge, one per (request,
-    KV head), kept per device across calls (and CUDA-graph replays): the
-    merging program sets its counter back to 0. Allocated on the first call
-    (the warm-up runs before graph capture); a larger need reallocates.
-    NOTE: two decode_attention calls running at once on different streams of
-    one device would share counters; Ember runs one stream per device."""
-    buf = _ARRIVALS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _ARRIVALS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return buf
+@triton.jit
+def _decode_merge_kernel(Mid_O, Mid_LSE, Out, stride_ot, stride_oh, num_heads,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_release(USE_PDL)
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    base = (req * num_heads + head) * NUM_SPLITS
+    lse = tl.load(Mid_LSE + base + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(Mid_O + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + req * stride_ot + head * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=mask_d)
 
 
 def num_decode_splits(num_reqs: int, num_kv_heads: int, num_sms: int, max_splits: int = 32) -> int:
@@ -414,11 +382,13 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     else:
         mid_o, mid_lse = workspace
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, kv_cache, out, mid_o, mid_lse, _arrival_counters(query.device, num_reqs * num_kv_heads), block_table,
-        seq_lens, scale, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        num_blocks * block_size,
+        query, kv_cache, mid_o, mid_lse, block_table, seq_lens, scale,
+        query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), IEEE=query.dtype == torch.float32,
-        COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute), USE_PDL=pdl,
+        IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
         num_warps=num_warps, num_stages=num_stages)
+    _decode_merge_kernel[(num_reqs, num_heads)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=pdl, num_warps=4)

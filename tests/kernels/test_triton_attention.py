@@ -128,11 +128,9 @@ def test_padded_decode_rows_are_zero_and_skip_kv_write():
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8, 32])
 def test_decode_every_split_count_in_a_replayed_graph(num_splits):
-    """The split-KV merge done by the last program of each (request, KV head):
-    every split count, including 1 (no partials), against the torch backend,
-    replayed in a CUDA graph on new queries (its arrival counters must be back
-    at 0 after every launch)."""
-    from ember.kernels.triton_attention import _ARRIVALS, decode_attention
+    """Split-KV decode with every split count the graph ladder uses, against
+    the torch backend, replayed in a CUDA graph on new queries."""
+    from ember.kernels.triton_attention import decode_attention
 
     reqs = [(0, 1), (5, 1), (BLOCK * 3, 1), (700, 1), (2049, 1)]
     q, k, v, kv, meta = _case(reqs, 28, 4, 128, seed=num_splits)
@@ -144,7 +142,7 @@ def test_decode_every_split_count_in_a_replayed_graph(num_splits):
     kv[0].view(-1, 4, 128)[meta.slot_mapping] = k  # the new K/V as the KV write leaves them
     kv[1].view(-1, 4, 128)[meta.slot_mapping] = v
     out = torch.full_like(q, float("nan"))
-    decode_attention(q, kv, out, meta.block_table, meta.seq_lens, 0.09, num_splits)  # compile, allocate counters
+    decode_attention(q, kv, out, meta.block_table, meta.seq_lens, 0.09, num_splits)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decode_attention(q, kv, out, meta.block_table, meta.seq_lens, 0.09, num_splits)
@@ -157,7 +155,6 @@ def test_decode_every_split_count_in_a_replayed_graph(num_splits):
         ref = reference()
         assert not out.isnan().any()
         assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
-    assert not _ARRIVALS[q.device].any()
 
 
 def test_decode_split_counts_are_powers_of_two_compiled_by_the_graph_ladder():

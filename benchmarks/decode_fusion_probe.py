@@ -1,0 +1,51 @@
+"""Two decode-step fusions timed against what they replace, the way a decode
+step meets them (captured in one CUDA graph, replayed; see skinny_gemm_probe.py):
+
+- gate_up: the skinny GEMM followed by the SiLU-and-mul kernel, against one
+  skinny GEMM with the activation in its epilogue
+  (``skinny_silu_and_mul_linear``), over 32 distinct Llama-3.1-8B gate_up
+  weights (one per layer, so none is still in the L2 cache);
+- argmax: torch's ``argmax(dim=-1)`` against ``argmax_rows`` on float32 logits
+  of the 128,256-token vocabulary, 8 distinct logit tensors per replay.
+
+Usage (GPU): python benchmarks/decode_fusion_probe.py [--m 1 4] [--rows 1 4 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ember.kernels.triton_gemm import skinny_linear, skinny_silu_and_mul_linear
+from ember.kernels.triton_ops import argmax_rows, silu_and_mul
+from skinny_gemm_probe import LAYERS, time_graph
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 256])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name())
+    n, k = 28672, 4096
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+    for m in args.m:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(skinny_silu_and_mul_linear(x, weights[0]), silu_and_mul(skinny_linear(x, weights[0])))
+        unfused = time_graph([lambda w=w: silu_and_mul(skinny_linear(x, w)) for w in weights]) / LAYERS * 1e6
+        fused = time_graph([lambda w=w: skinny_silu_and_mul_linear(x, w) for w in weights]) / LAYERS * 1e6
+        print(f"gate_up M={m}: GEMM + silu_and_mul {unfused:.1f} us, fused {fused:.1f} us "
+              f"({n * k * 2 / fused / 1e6:.2f} TB/s); bit-identical")
+    del weights
+    for rows in args.rows:
+        logits = [torch.randn(rows, 128256, device="cuda") for _ in range(8)]
+        assert all(torch.equal(argmax_rows(t), t.argmax(dim=-1)) for t in logits)
+        ref = time_graph([lambda t=t: t.argmax(dim=-1) for t in logits]) / 8 * 1e6
+        ours = time_graph([lambda t=t: argmax_rows(t) for t in logits]) / 8 * 1e6
+        print(f"argmax rows={rows}: torch {ref:.1f} us, argmax_rows {ours:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
