@@ -5,7 +5,10 @@
 # (carried in .carry/qwen-tokenizer), and `ember bench serve` sends 200
 # streaming requests at concurrency 4 ($CONC), input 1000 / output 200 tokens, for each
 # token budget (--max-num-batched-tokens) in $BUDGETS; $EXTRA is passed to
-# `ember serve` (e.g. EXTRA=--async-scheduling TAG=_async).
+# `ember serve` (e.g. EXTRA=--async-scheduling TAG=_async). SAMPLED=1 also runs,
+# on the same server, lengths sampled the way SGLang's bench_serving samples
+# them by default for 1000 / 200 (--random-range-ratio 0: uniform in [1, 1000]
+# and [1, 200]), here input 500 and output 100 with --random-range-ratio 0.99.
 # NOTE: with Llama-3.1-8B a few re-tokenized prompts hold Qwen ids past Llama's
 # 128,256-token vocabulary and are refused (400); Qwen3-8B's vocabulary covers them.
 # Usage (device): bash benchmarks/gpu_serve.sh   [needs fastapi/uvicorn/pydantic/pyzmq/msgspec]
@@ -35,6 +38,12 @@ for BUDGET in ${BUDGETS:-2048 512}; do
          --max-concurrency $CONC --no-progress"
   $BENCH --num-prompts 16 > /dev/null  # warm-up (Triton autotune, allocator)
   $BENCH --num-prompts "$NUM" --output-json "$OUT/serve_c${CONC}_${MODEL}_b$BUDGET$TAG.json" 2>&1 | tail -30
+  if [ "${SAMPLED:-0}" = 1 ]; then
+    echo "== sampled lengths: input 500 +- 99%, output 100 +- 99%"
+    $EMBER bench serve --base-url http://127.0.0.1:$PORT --random-input-len 500 --random-output-len 100 \
+        --random-range-ratio 0.99 --max-concurrency $CONC --no-progress --num-prompts "$NUM" \
+        --output-json "$OUT/serve_c${CONC}_${MODEL}_b${BUDGET}_sampled$TAG.json" 2>&1 | tail -30
+  fi
   kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
   grep -c '"request_id"' "$OUT/serve_${MODEL}_$BUDGET$TAG.log" | sed 's/^/request log lines: /'
 done

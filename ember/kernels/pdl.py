@@ -75,7 +75,8 @@ def launch_options(pdl: bool) -> dict[str, bool]:
 
 @triton.jit
 def pdl_release(USE_PDL: tl.constexpr):
-    """First statement of a small kernel launched the ordinary way: let the
-    next kernel, if it is launched with PDL, start now."""
+    """Let the next kernel, if it is launched with PDL, start now (its
+    :func:`gdc_wait` still waits for all of this grid). The first statement of
+    the small kernels before a GEMM; the skinny GEMM calls it after its K loop."""
     if USE_PDL:
         gdc_launch_dependents()

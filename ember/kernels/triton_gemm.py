@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import gdc_wait, launch_options, use_pdl
+from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, use_pdl
 
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
@@ -70,6 +70,9 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         if GATED:
             w_up = _weight_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K)
             acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+    # The weight is read: a dependent GEMM (down after the fused gate) may now
+    # launch and stage while this program finishes its epilogue.
+    pdl_release(USE_PDL)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
