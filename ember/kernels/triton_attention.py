@@ -165,7 +165,11 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
 
 
 # ------------------------------------------------------------ extend / prefill
-@triton.jit(do_not_specialize=["first_req"])
+# NOTE: Triton compiles a new variant of a kernel for an integer argument
+# that is 1 or a multiple of 16 the first time it sees one (about 0.5 s,
+# mid-serving). The block table of an eager step is as wide as its longest
+# request, so its row stride takes any value: not specialized.
+@triton.jit(do_not_specialize=["first_req", "stride_bt"])
 def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale, first_req,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -255,7 +259,7 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
 
 
 # ---------------------------------------------------------------------- decode
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          stride_qt, stride_qh, stride_bt, num_slots,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,

@@ -52,7 +52,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_ids, block_expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # varies per step (see triton_attention's NOTE)
 def _moe_gemm_kernel(A, B, C, sorted_ids, block_expert, topk_weights, num_pairs, n_out, k_in,
                      stride_am, stride_be, stride_bn, stride_bk, stride_cm,
                      TOP_K: tl.constexpr, A_ROWS_ARE_TOKENS: tl.constexpr, MUL_WEIGHT: tl.constexpr,

@@ -157,6 +157,23 @@ def test_decode_every_split_count_in_a_replayed_graph(num_splits):
         assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_block_table_width_compiles_no_new_variant():
+    """An eager step's block table is as wide as its longest request; its row
+    stride must not make Triton compile a new kernel variant (1 or a multiple
+    of 16 would, by default: a half-second stall mid-serving)."""
+    from ember.kernels import triton_attention as ta
+
+    def variants(kernel):
+        return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+    counts = None
+    for ctx in (2 * BLOCK + 3, BLOCK - 2, 16 * BLOCK - 2, 32 * BLOCK - 2):  # widths 3, 1, 16, 32 blocks
+        _check([(ctx, 1), (ctx, 2)], 8, 2, 64, seed=ctx, num_decodes=1)
+        now = (variants(ta._extend_kernel), variants(ta._decode_split_kernel))
+        assert counts is None or now == counts, f"compiled again at context {ctx}"
+        counts = now
+
+
 def test_decode_split_counts_are_powers_of_two_compiled_by_the_graph_ladder():
     """Any number of decodes (also in a mixed batch) uses a split count that the
     decode CUDA-graph capture has already compiled: no kernel compiles mid-serving."""
