@@ -15,6 +15,10 @@ again, as in a real decode step; figures in BENCHMARKS.md): on the H100 it is
 batch-4 decode step took 6.24 instead of 6.56 ms; on the H200, where cuBLAS is
 closer to the copy bandwidth, a batch-1 step took 4.48 instead of 4.72 ms.
 Launched with PDL on Hopper (:mod:`ember.kernels.pdl`).
+
+:func:`skinny_silu_and_mul_linear` is the same kernel for a merged gate_up
+projection with SwiGLU's ``silu(gate) * up`` in its epilogue (each program streams
+the gate and the up rows of its columns), so the intermediate is never written.
 """
 
 from __future__ import annotations
