@@ -81,12 +81,15 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(B + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # Results are rounded to x's dtype (then widened if Y is float32, as
+    # F.linear(...).float() would give them).
     if GATED:
-        gate = acc.to(Y.dtype.element_ty).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty) * acc_up.to(Y.dtype.element_ty)
+        gate = acc.to(X.dtype.element_ty).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty) * acc_up.to(X.dtype.element_ty)
     else:
-        y = acc.to(Y.dtype.element_ty)
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
+        y = acc.to(X.dtype.element_ty)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -126,20 +129,24 @@ def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for few rows, as ``F.linear``.
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for few rows, as ``F.linear`` (``.to(out_dtype)``).
 
     Args:
         x: [M, K], M <= :data:`SKINNY_MAX_M`, bfloat16 or float16, unit stride along K.
         weight: [N, K], same dtype, unit stride along K.
         bias: optional [N].
+        out_dtype: None (x's dtype) or torch.float32: the results, rounded to
+            x's dtype, written widened (the LM head's float32 logits without a
+            separate cast kernel).
     Returns:
-        [M, N] in x's dtype (float32 accumulation).
+        [M, N] in ``out_dtype`` (float32 accumulation).
     Raises:
         ValueError: the inputs do not meet :func:`use_skinny_linear`.
     """
     _check(x, weight)
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     launch_skinny_gemm(x, weight, bias, out, *skinny_tiles(weight.shape[0], _num_sms(x.device)))
     return out
 

@@ -16,16 +16,19 @@ from ember.distributed.parallel_state import get_tp_rank, get_tp_size
 from ember.layers.activation import silu_and_mul
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``, as ``F.linear``. On CUDA, inputs of at most 16
-    rows (decode steps) take the skinny Triton GEMM
-    (:mod:`ember.kernels.triton_gemm`), everything else cuBLAS."""
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, as ``F.linear``, then ``.to(out_dtype)`` if given
+    (None or torch.float32). On CUDA, inputs of at most 16 rows (decode steps)
+    take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`), which writes
+    ``out_dtype`` directly; everything else cuBLAS."""
     if x.is_cuda:
         from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
 
         if use_skinny_linear(x, weight):
-            return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+            return skinny_linear(x, weight, bias, out_dtype)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def dense_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

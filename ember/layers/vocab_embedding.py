@@ -31,4 +31,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[n, hidden] -> [n, vocab]`` float32 logits."""
-        return dense_linear(hidden_states, self.weight).float()
+        return dense_linear(hidden_states, self.weight, out_dtype=torch.float32)

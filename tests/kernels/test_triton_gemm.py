@@ -55,6 +55,23 @@ def test_skinny_linear_matches_float32(dtype, m, n, k, bias):
     assert _rel(out, ref) <= 2 * _rel(F.linear(x, w, b), ref) + 1e-3
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_float32_output_is_the_rounded_result_widened(m):
+    # The LM head's float32 logits straight from the kernel equal the bf16
+    # result followed by .float() (what F.linear(...).float() gives).
+    from ember.layers.vocab_embedding import ParallelLMHead
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 1024, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(5000, 1024, generator=g, device="cuda") * 0.03).to(torch.bfloat16)
+    out = skinny_linear(x, w, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, skinny_linear(x, w).float())
+    head = ParallelLMHead(5000, 1024).to(torch.bfloat16).cuda()
+    head.weight.data.copy_(w)
+    assert torch.equal(head(x), out)
+
+
 def test_strided_rows_and_the_row_limit():
     g = torch.Generator(device="cuda").manual_seed(0)
     big = torch.randn(8, 2 * 512, generator=g, device="cuda", dtype=torch.bfloat16)
