@@ -116,7 +116,8 @@ class SamplerOutput:
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(dim=-1)`` of [rows, vocab]; one Triton kernel on CUDA."""
+    """``x.argmax(dim=-1)`` of [rows, vocab]; two small Triton kernels on CUDA
+    (:func:`ember.kernels.triton_ops.argmax_rows`)."""
     if x.is_cuda and x.stride(-1) == 1:
         from ember.kernels.triton_ops import argmax_rows
 
