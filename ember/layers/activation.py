@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -15,10 +14,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return triton_silu_and_mul(x)  # one fused kernel instead of three
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
-
-
-class SiluAndMul(nn.Module):
-    """:func:`silu_and_mul` as a module."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
