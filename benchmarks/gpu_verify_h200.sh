@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (H200): every GPU test, then issue 3's batch-1 row twice and
+# One device call (H200): every GPU test, the decode-fusion probe, then issue 3's batch-1 row twice and
 # the 1000 x 1024/1024 throughput row on the current code, then a batch-1 decode
 # kernel profile. THR=0 / PROFILE=0 skip those parts.
 # Usage (device): OUT=$OUT bash benchmarks/gpu_verify_h200.sh
@@ -11,16 +11,8 @@ COMMON="--model Llama-3.1-8B --load-format dummy --max-model-len 4096"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 300 python3 -m pytest -q -m gpu $(grep -rl "mark.gpu" tests --include="test_*.py" | grep -v entrypoints) \
   2>&1 | grep -E "passed|failed|Error|FAILED" | tail -12
-python3 - <<'PY'
-import torch
-from ember.kernels.triton_gemm import skinny_linear, skinny_silu_and_mul_linear
-from ember.kernels.triton_ops import silu_and_mul
-for m in (1, 4, 16):  # Llama-3.1-8B gate_up: is the fused gate bit-identical to the unfused pair?
-    x = torch.randn(m, 4096, device="cuda").bfloat16()
-    w = (torch.randn(28672, 4096, device="cuda") * 4096 ** -0.5).bfloat16()
-    a, b = skinny_silu_and_mul_linear(x, w), silu_and_mul(skinny_linear(x, w))
-    print(f"gated gate_up m={m}: bit-identical {torch.equal(a, b)}, max |diff| {(a.float() - b.float()).abs().max().item():.3g}")
-PY
+# The fused gate (asserted bit-identical to the unfused pair) and the argmax, timed.
+python3 benchmarks/decode_fusion_probe.py --m 1 4 16 2>&1 | grep -v Warn
 for R in a b; do
   $EMBER bench latency $COMMON --batch-size 1 --input-len 128 --output-len 256 --output-json "$OUT/latency_b1_$R.json" 2>&1 \
     | grep -E "^(decode_step_ms|decode_tok_s |mbu|host_ms|copy_gb_s) "
