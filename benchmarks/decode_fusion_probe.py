@@ -1,10 +1,14 @@
-"""Two decode-step fusions timed against what they replace, the way a decode
+"""Decode-step fusions timed against what they replace, the way a decode
 step meets them (captured in one CUDA graph, replayed; see skinny_gemm_probe.py):
 
 - gate_up: the skinny GEMM followed by the SiLU-and-mul kernel, against one
   skinny GEMM with the activation in its epilogue
   (``skinny_silu_and_mul_linear``), over 32 distinct Llama-3.1-8B gate_up
   weights (one per layer, so none is still in the L2 cache);
+- RMSNorm folded into the GEMM: the GEMM alone, the RMSNorm kernel (with the
+  residual add) then the GEMM, and ``skinny_rms_norm_linear``, for the qkv
+  projection and the gated gate_up projection (32 distinct weights each); and
+  the down projection with the residual added by a torch add or in its epilogue;
 - argmax: torch's ``argmax(dim=-1)`` against ``argmax_rows`` on float32 logits
   of the 128,256-token vocabulary, 8 distinct logit tensors per replay.
 
@@ -17,8 +21,8 @@ import argparse
 
 import torch
 
-from ember.kernels.triton_gemm import skinny_linear, skinny_silu_and_mul_linear
-from ember.kernels.triton_ops import argmax_rows, silu_and_mul
+from ember.kernels.triton_gemm import skinny_linear, skinny_rms_norm_linear, skinny_silu_and_mul_linear
+from ember.kernels.triton_ops import argmax_rows, rms_norm, silu_and_mul
 from skinny_gemm_probe import LAYERS, time_graph
 
 
@@ -38,6 +42,23 @@ def main() -> None:
         fused = time_graph([lambda w=w: skinny_silu_and_mul_linear(x, w) for w in weights]) / LAYERS * 1e6
         print(f"gate_up M={m}: GEMM + silu_and_mul {unfused:.1f} us, fused {fused:.1f} us "
               f"({n * k * 2 / fused / 1e6:.2f} TB/s); bit-identical")
+        norm_w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        residual = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for name, rows, gated in (("gate_up", n, True), ("qkv", 6144, False)):
+            ws = [w[:rows] for w in weights]
+            gemm = skinny_silu_and_mul_linear if gated else skinny_linear
+            alone = time_graph([lambda w=w: gemm(x, w) for w in ws]) / LAYERS * 1e6
+            unfused = time_graph([lambda w=w: gemm(rms_norm(x, norm_w, 1e-5, residual)[0], w) for w in ws]) / LAYERS
+            folded = time_graph([lambda w=w: skinny_rms_norm_linear(x, w, norm_w, 1e-5, gated=gated)
+                                 for w in ws]) / LAYERS * 1e6
+            print(f"{name} M={m}: GEMM alone {alone:.1f} us, RMSNorm + GEMM {unfused * 1e6:.1f} us, "
+                  f"norm folded {folded:.1f} us ({rows * k * 2 / folded / 1e6:.2f} TB/s)")
+        down = [w.view(-1)[:4096 * 14336].view(4096, 14336) for w in weights[:8]]
+        h = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        plain = time_graph([lambda w=w: skinny_linear(h, w) + res for w in down]) / len(down) * 1e6
+        fused = time_graph([lambda w=w: skinny_linear(h, w, residual=res) for w in down]) / len(down) * 1e6
+        print(f"down M={m}: GEMM + add {plain:.1f} us, residual added in the epilogue {fused:.1f} us")
     del weights
     for rows in args.rows:
         logits = [torch.randn(rows, 128256, device="cuda") for _ in range(8)]

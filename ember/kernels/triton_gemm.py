@@ -35,6 +35,8 @@ from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, use_pdl
 SKINNY_MAX_M = 16
 # ``EMBER_SKINNY_GEMM=0`` sends every linear layer to cuBLAS (for A/B timing).
 ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
+# ``EMBER_FOLD_NORM=0`` keeps the pre-norm RMSNorm as its own kernel (for A/B timing).
+FOLD_NORM = os.environ.get("EMBER_FOLD_NORM", "1") != "0"
 
 
 @triton.jit
@@ -46,13 +48,21 @@ def _weight_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+def _skinny_gemm_kernel(X, W, B, Y, G, R, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps,
                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
+                        NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         USE_PDL: tl.constexpr):
     # GATED: W is [2N, K] (gate rows, then up rows); the program also streams the
     # up rows of its columns and writes silu(gate) * up, rounded as the unfused
     # GEMM + silu_and_mul would round them.
+    # NORM: the rows of x are RMS-normalized first (weight G, eps), factored:
+    # the K loop accumulates sum_k (x[k] * G[k]) * W[n, k] and, as the diagonal
+    # of x @ x.T on the tensor cores, the rows' sums of squares; the epilogue
+    # multiplies by rsqrt(mean(x^2) + eps). The weight streams at once, and no
+    # float32 copy of the x tile is kept (it made the compiler spill registers).
+    # ADD_RESIDUAL: the result, rounded to x's dtype, plus R (a pre-norm block's
+    # residual add), rounded again.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,6 +72,7 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         gdc_wait()  # launched early (ember.kernels.pdl): the previous kernel wrote x
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    gram = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
     for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
@@ -69,6 +80,9 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         else:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        if NORM:
+            gram = tl.dot(x, tl.trans(x), gram)
+            x = x * tl.load(G + offs_k, mask=offs_k < K, other=0.0)[None, :]
         w = _weight_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K)
         acc = tl.dot(x, tl.trans(w), acc)
         if GATED:
@@ -77,19 +91,28 @@ def _skinny_gemm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     # The weight is read: a dependent GEMM (down after the fused gate) may now
     # launch and stage while this program finishes its epilogue.
     pdl_release(USE_PDL)
+    if NORM:
+        sum_sq = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], gram, 0.0), 1)
+        rstd = tl.rsqrt(sum_sq / K + eps)
+        acc *= rstd[:, None]
+        if GATED:
+            acc_up *= rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(B + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     # Results are rounded to x's dtype (then widened if Y is float32, as
     # F.linear(...).float() would give them).
+    mask_y = mask_m[:, None] & mask_n[None, :]
     if GATED:
         gate = acc.to(X.dtype.element_ty).to(tl.float32)
         y = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty) * acc_up.to(X.dtype.element_ty)
     else:
         y = acc.to(X.dtype.element_ty)
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if ADD_RESIDUAL:
+        r = tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask_y)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -130,8 +153,10 @@ def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for few rows, as ``F.linear`` (``.to(out_dtype)``).
+                  out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, as ``F.linear`` (``.to(out_dtype)``), for few rows;
+    with ``residual``, that result rounded to x's dtype plus ``residual`` (a
+    pre-norm block's residual add in the epilogue, rounded as the separate add).
 
     Args:
         x: [M, K], M <= :data:`SKINNY_MAX_M`, bfloat16 or float16, unit stride along K.
@@ -140,14 +165,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out_dtype: None (x's dtype) or torch.float32: the results, rounded to
             x's dtype, written widened (the LM head's float32 logits without a
             separate cast kernel).
+        residual: optional [M, N] in x's dtype, unit stride along N.
     Returns:
         [M, N] in ``out_dtype`` (float32 accumulation).
     Raises:
-        ValueError: the inputs do not meet :func:`use_skinny_linear`.
+        ValueError: the inputs do not meet :func:`use_skinny_linear`, or a
+            residual of another shape, dtype or layout.
     """
     _check(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-    launch_skinny_gemm(x, weight, bias, out, *skinny_tiles(weight.shape[0], _num_sms(x.device)))
+    if residual is not None and (residual.shape != out.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError(f"skinny GEMM: residual {tuple(residual.shape)} {residual.dtype} does not match the "
+                         f"output {tuple(out.shape)} {x.dtype}")
+    launch_skinny_gemm(x, weight, bias, out, *skinny_tiles(weight.shape[0], _num_sms(x.device)), residual=residual)
     return out
 
 
@@ -171,13 +201,64 @@ def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
         ValueError: the inputs do not meet :func:`use_skinny_linear`, or the
             weight has an odd number of rows.
     """
+    return _launch_gated(x, weight, bias)
+
+
+def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """A pre-norm block's RMSNorm (Zhang & Sennrich, 2019) folded into the
+    projection that consumes it: ``rms_norm(x) * norm_weight @ weight.T + bias``,
+    and with ``gated`` SwiGLU's ``silu(gate) * up`` as in
+    :func:`skinny_silu_and_mul_linear`. One kernel instead of the norm kernel
+    and the GEMM.
+
+    Each program accumulates ``sum_k (x[k] * norm_weight[k]) * weight[n, k]`` and
+    the rows' sums of squares in the same K loop, and scales by
+    ``rsqrt(mean(x^2) + eps)`` in its epilogue, so its weight stream starts at
+    once. That rounds differently from the unfused pair, which rounds the
+    normalized row to x's dtype before the product: the results agree to the
+    dtype's precision, not bit for bit.
+
+    Args:
+        x: [M, K], as in :func:`skinny_linear` (the residual stream, its add done).
+        weight: [N, K] ([2D, K] with ``gated``), same dtype.
+        norm_weight: [K] in x's dtype, the RMSNorm's weight.
+        eps: added to the mean square.
+        bias: optional [N].
+    Returns:
+        [M, N] ([M, D] with ``gated``) in x's dtype.
+    Raises:
+        ValueError: the inputs do not meet :func:`use_skinny_linear`, a norm
+            weight of another shape or dtype, or (``gated``) a weight with an
+            odd number of rows.
+    """
+    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"skinny_rms_norm_linear: norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} "
+                         f"does not match x {tuple(x.shape)} {x.dtype}")
+    if gated:
+        return _launch_gated(x, weight, bias, norm=(norm_weight, eps))
+    _check(x, weight)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    block_n, _, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
+    launch_skinny_gemm(x, weight, bias, out, block_n, NORM_BLOCK_K, num_stages, norm=(norm_weight, eps))
+    return out
+
+
+# K tile of the kernels with the norm folded in: 256-wide tiles made the compiler
+# spill registers (ptxas -v, sm_90a).
+NORM_BLOCK_K = 128
+
+
+def _launch_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     _check(x, weight)
     if weight.shape[0] % 2:
-        raise ValueError(f"skinny_silu_and_mul_linear: weight {tuple(weight.shape)} has an odd number of rows")
+        raise ValueError(f"skinny gated GEMM: weight {tuple(weight.shape)} has an odd number of rows")
     out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
     # Same weight bytes per program as the ungated tiles of the whole [2D, K] weight.
     block_n, block_k, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
-    launch_skinny_gemm(x, weight, bias, out, block_n // 2, block_k, num_stages, gated=True)
+    launch_skinny_gemm(x, weight, bias, out, block_n // 2, NORM_BLOCK_K if norm else block_k, num_stages,
+                       gated=True, norm=norm)
     return out
 
 
@@ -188,14 +269,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def launch_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                       block_n: int, block_k: int, num_stages: int, num_warps: int = 4, gated: bool = False) -> None:
-    """Launch the kernel of :func:`skinny_linear` (``gated``: of
-    :func:`skinny_silu_and_mul_linear`) into ``out`` [M, N] with the given
-    tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); no checks."""
+                       block_n: int, block_k: int, num_stages: int, num_warps: int = 4, gated: bool = False,
+                       norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> None:
+    """Launch the kernel of :func:`skinny_linear` into ``out`` [M, N] with the
+    given tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); ``gated``:
+    as :func:`skinny_silu_and_mul_linear`; ``norm`` = ``(norm_weight, eps)``: as
+    :func:`skinny_rms_norm_linear`; ``residual``: added in the epilogue. No checks."""
     m, k = x.shape
     n = out.shape[1]
     pdl = use_pdl(x.device)
+    norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, GATED=gated, BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
+        x, weight, bias if bias is not None else weight, out, norm_weight, residual if residual is not None else out,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None,
+        ADD_RESIDUAL=residual is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))

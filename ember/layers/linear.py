@@ -14,19 +14,28 @@ from torch import nn
 
 from ember.distributed.parallel_state import get_tp_rank, get_tp_size
 from ember.layers.activation import silu_and_mul
+from ember.layers.layernorm import PreNormInput
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``, as ``F.linear``, then ``.to(out_dtype)`` if given
-    (None or torch.float32). On CUDA, inputs of at most 16 rows (decode steps)
-    take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`), which writes
-    ``out_dtype`` directly; everything else cuBLAS."""
+    (None or torch.float32), or ``+ residual`` if given ([num_tokens, out], x's
+    dtype: a pre-norm block's residual add). On CUDA, inputs of at most 16 rows
+    (decode steps) take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`),
+    which writes ``out_dtype`` or adds the residual in its epilogue; everything
+    else cuBLAS."""
     if x.is_cuda:
         from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
 
-        if use_skinny_linear(x, weight):
-            return skinny_linear(x, weight, bias, out_dtype)
+        if use_skinny_linear(x, weight) and (residual is None or (residual.dtype == x.dtype
+                                                                  and residual.stride(1) == 1)):
+            return skinny_linear(x, weight, bias, out_dtype, residual)
+    if residual is not None:
+        if x.is_cuda and bias is None:
+            # cuBLAS adds it in the GEMM (beta = 1), with one rounding instead of two.
+            return torch.addmm(residual, x, weight.t())
+        return F.linear(x, weight, bias) + residual
     y = F.linear(x, weight, bias)
     return y if out_dtype is None else y.to(out_dtype)
 
@@ -45,16 +54,42 @@ def dense_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return silu_and_mul(dense_linear(x, weight, bias))
 
 
+def dense_prenorm_linear(inp: PreNormInput, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         gated: bool = False) -> torch.Tensor:
+    """:func:`dense_linear` (``gated``: :func:`dense_silu_and_mul_linear`) of
+    ``inp.materialize()``. On CUDA, inputs of at most 16 rows (decode steps) take
+    one skinny GEMM kernel with the RMSNorm folded in, when the stream is one
+    tensor
+    (:func:`ember.kernels.triton_gemm.skinny_rms_norm_linear`, which agrees with
+    the unfused pair to the dtype's precision, not bit for bit;
+    ``EMBER_FOLD_NORM=0`` turns it off)."""
+    if inp.x.is_cuda and inp.normed is None and inp.residual is None:
+        from ember.kernels.triton_gemm import FOLD_NORM, skinny_rms_norm_linear, use_skinny_linear
+
+        if FOLD_NORM and use_skinny_linear(inp.x, weight) and inp.norm.weight.dtype == inp.x.dtype:
+            return skinny_rms_norm_linear(inp.x, weight, inp.norm.weight, inp.norm.eps, bias, gated=gated)
+    x = inp.materialize()
+    return dense_silu_and_mul_linear(x, weight, bias) if gated else dense_linear(x, weight, bias)
+
+
 class UnquantizedLinearMethod:
-    """Plain dense weights: ``y = x @ W.T + b`` (:func:`dense_linear`)."""
+    """Plain dense weights: ``y = x @ W.T + b`` (:func:`dense_linear`); an input
+    still to be normalized (:class:`PreNormInput`) goes to :func:`dense_prenorm_linear`."""
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return dense_linear(x, layer.weight, bias)
+    def apply(self, layer: nn.Module, x: torch.Tensor | PreNormInput, bias: torch.Tensor | None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, PreNormInput):
+            y = dense_prenorm_linear(x, layer.weight, bias)
+            return y if residual is None else y + residual
+        return dense_linear(x, layer.weight, bias, residual=residual)
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | PreNormInput,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, PreNormInput):
+            return dense_prenorm_linear(x, layer.weight, bias, gated=True)
         return dense_silu_and_mul_linear(x, layer.weight, bias)
 
 
@@ -76,9 +111,12 @@ class LinearBase(nn.Module):
         self.quant_method.create_weights(self, in_features, out_features, dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: [num_tokens, in_features] -> [num_tokens, out_features]."""
-        return self.quant_method.apply(self, x, self.bias)
+    def forward(self, x: torch.Tensor | PreNormInput, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: [num_tokens, in_features] (or a :class:`PreNormInput` of that
+        shape) -> [num_tokens, out_features], plus ``residual`` (same shape and
+        dtype as the output) if given: a pre-norm block's residual add, which
+        decode rows on CUDA do in the GEMM's epilogue."""
+        return self.quant_method.apply(self, x, self.bias, residual)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         _copy_checked(param.data, loaded, self)
@@ -127,9 +165,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             start += size
         return offsets
 
-    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_silu_and_mul(self, x: torch.Tensor | PreNormInput) -> torch.Tensor:
         """SwiGLU's gate for a gate_up projection of two equal outputs:
-        ``x`` [num_tokens, in_features] -> ``silu(gate) * up`` [num_tokens,
+        ``x`` [num_tokens, in_features] (or a :class:`PreNormInput`) -> ``silu(gate) * up`` [num_tokens,
         out_features / 2] (fused into the GEMM on the decode path, see
         :func:`dense_silu_and_mul_linear`)."""
         return self.quant_method.apply_silu_and_mul(self, x, self.bias)

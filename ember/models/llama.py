@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec, standard_kv_cache_spec
+from ember.layers.layernorm import PreNormInput, block_residual
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
 from ember.distributed.parallel_state import get_tp_size
@@ -18,16 +19,21 @@ from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer
 
 
 class LlamaMLP(nn.Module):
+    takes_prenorm_input = True  # the gate_up projection folds the norm in (PreNormDecoderLayer)
+
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
+    def forward(self, x: torch.Tensor | PreNormInput) -> torch.Tensor:
+        """[n, hidden] -> [n, hidden]; given a PreNormInput, its stream is added (see PreNormDecoderLayer)."""
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x), block_residual(x))
 
 
 class LlamaAttention(nn.Module):
+    takes_prenorm_input = True  # the qkv projection folds the norm in (PreNormDecoderLayer)
+
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
                  qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
@@ -48,10 +54,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
                               layer_idx, attn_backend, rotary_emb=self.rotary_emb)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor | PreNormInput,
+                ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(q, k, v, ctx))  # RoPE is applied in the attention layer
+        # RoPE is applied in the attention layer. Given a PreNormInput, its stream is added (PreNormDecoderLayer).
+        return self.o_proj(self.attn(q, k, v, ctx), block_residual(hidden_states))
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

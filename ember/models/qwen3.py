@@ -15,7 +15,7 @@ from torch import nn
 
 from ember.distributed.parallel_state import get_tp_size
 from ember.layers.attention import Attention, AttentionBackend, ForwardContext, KVCacheSpec
-from ember.layers.layernorm import RMSNorm
+from ember.layers.layernorm import PreNormInput, RMSNorm, block_residual
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear
 from ember.layers.rotary import get_rope, rope_parameters
 from ember.models.llama import LlamaForCausalLM, LlamaMLP
@@ -23,6 +23,8 @@ from ember.models.utils import CausalLM, DecoderStack, PreNormDecoderLayer
 
 
 class Qwen3Attention(nn.Module):
+    takes_prenorm_input = True  # the qkv projection folds the norm in (PreNormDecoderLayer)
+
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
         super().__init__()
         tp = get_tp_size()
@@ -42,14 +44,17 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
                               layer_idx, attn_backend, rotary_emb=self.rotary_emb)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """[num_tokens, hidden] -> [num_tokens, hidden]."""
-        n = hidden_states.shape[0]
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor | PreNormInput,
+                ctx: ForwardContext) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]; given a PreNormInput, its
+        stream is added (see PreNormDecoderLayer)."""
+        qkv = self.qkv_proj(hidden_states)
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))  # per-head norm, before RoPE
         k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
         # RoPE is applied in the attention layer.
-        return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, ctx))
+        return self.o_proj(self.attn(q.reshape(n, -1), k.reshape(n, -1), v, ctx), block_residual(hidden_states))
 
 
 class Qwen3DecoderLayer(PreNormDecoderLayer):

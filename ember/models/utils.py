@@ -9,13 +9,21 @@ import torch
 from torch import nn
 
 from ember.layers.attention import ForwardContext
-from ember.layers.layernorm import RMSNorm
+from ember.layers.layernorm import PreNormInput, RMSNorm
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
 class PreNormDecoderLayer(nn.Module):
-    """``h += attn(norm(h)); h += mlp(norm(h))`` with the residual add fused into
-    the next RMSNorm (Llama, Qwen2/3, DeepSeek-V3 blocks). Parameter names follow
-    HF checkpoints: ``self_attn``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``.
+    """``h += attn(norm(h)); h += mlp(norm(h))`` (Llama, Qwen2/3, DeepSeek-V3
+    blocks). Parameter names follow HF checkpoints: ``self_attn``, ``mlp``,
+    ``input_layernorm``, ``post_attention_layernorm``.
+
+    The residual stream travels as ``(hidden, residual)``, whose sum it is
+    (``residual`` None: ``hidden`` is the whole stream). A sub-module whose
+    class sets ``takes_prenorm_input = True`` receives a
+    :class:`~ember.layers.layernorm.PreNormInput` of the stream and returns the
+    stream after its block (on decode steps on CUDA the norm is folded into its
+    first GEMM and the residual add into its last). The others receive the
+    normalized stream, and the add is fused into the next RMSNorm.
 
     Args:
         self_attn: ``(positions, hidden [n, hidden], ctx) -> [n, hidden]``.
@@ -30,15 +38,22 @@ class PreNormDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_states, residual = _residual_block(
+            self.self_attn, self.input_layernorm, hidden_states, residual, lambda x: self.self_attn(positions, x, ctx))
+        return _residual_block(self.mlp, self.post_attention_layernorm, hidden_states, residual, self.mlp)
+
+
+def _residual_block(module: nn.Module, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
+                    call: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pre-norm block ``h += module(norm(h))`` on the stream ``hidden + residual``."""
+    if getattr(module, "takes_prenorm_input", False):
+        return call(PreNormInput(hidden, norm, residual)), None
+    if residual is None:
+        normed, residual = norm(hidden), hidden
+    else:
+        normed, residual = norm(hidden, residual)
+    return call(normed), residual
 
 
 class DecoderStack(nn.Module):
@@ -61,8 +76,7 @@ class DecoderStack(nn.Module):
         ctx.positions = positions  # for the attention layers' RoPE
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
 
 
 class CausalLM(nn.Module):

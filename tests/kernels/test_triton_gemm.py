@@ -8,9 +8,10 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
-from ember.kernels.triton_gemm import (SKINNY_MAX_M, skinny_linear, skinny_silu_and_mul_linear,  # noqa: E402
-                                       skinny_tiles, use_skinny_linear)
+from ember.kernels.triton_gemm import (SKINNY_MAX_M, skinny_linear, skinny_rms_norm_linear,  # noqa: E402
+                                       skinny_silu_and_mul_linear, skinny_tiles, use_skinny_linear)
 from ember.kernels.triton_ops import rms_norm, silu_and_mul  # noqa: E402
+from ember.layers.layernorm import PreNormInput, RMSNorm, block_residual  # noqa: E402
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear  # noqa: E402
 from ember.models.llama import LlamaMLP  # noqa: E402
 
@@ -141,8 +142,8 @@ def test_linear_layers_route_decode_rows_through_it(m):
 
 
 def test_chain_in_a_cuda_graph_with_new_inputs():
-    # The decode-path chain norm -> GEMM -> SiLU -> GEMM (unfused and fused
-    # gate), captured and replayed with new inputs: with programmatic dependent
+    # The decode-path chain norm -> GEMM -> SiLU -> GEMM (unfused, fused gate,
+    # and norm and gate both folded into the GEMM), captured and replayed with new inputs: with programmatic dependent
     # launch (Hopper) each kernel may start before its predecessor ends, so a
     # missing wait would read stale data.
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -155,7 +156,8 @@ def test_chain_in_a_cuda_graph_with_new_inputs():
     def chain():
         h = rms_norm(x, norm_w, 1e-6)
         return (skinny_linear(silu_and_mul(skinny_linear(h, w_up)), w_down),
-                skinny_linear(skinny_silu_and_mul_linear(h, w_up), w_down))
+                skinny_linear(skinny_silu_and_mul_linear(h, w_up), w_down),
+                skinny_linear(skinny_rms_norm_linear(x, w_up, norm_w, 1e-6, gated=True), w_down))
 
     def reference():
         h = x.float()
@@ -178,3 +180,83 @@ def test_chain_in_a_cuda_graph_with_new_inputs():
         torch.cuda.synchronize()
         for out in outs:
             assert _rel(out, reference()) < 2e-2, seed
+
+
+def _norm_reference(x, norm_w, eps):
+    """Float32 pre-norm input as the unfused kernel rounds it (the normalized row
+    rounded to x's dtype)."""
+    s = x.float()
+    return (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float() * norm_w.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (2 * 14336, 4096, True), (4864, 896, True),
+                                       (200, 600, False)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rms_norm_folded_matches_float32_and_the_unfused_pair(dtype, m, n, k, gated, bias):
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).to(dtype)
+    norm_w = (torch.rand(k, generator=g, device="cuda") + 0.5).to(dtype)
+    w = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
+    out = skinny_rms_norm_linear(x, w, norm_w, 1e-5, b, gated=gated)
+    assert out.shape == (m, n // 2 if gated else n) and out.dtype == dtype and torch.isfinite(out).all()
+    ref = _norm_reference(x, norm_w, 1e-5) @ w.float().T + (b.float() if bias else 0)
+    if gated:
+        gate, up = ref.split(n // 2, -1)
+        ref = F.silu(gate) * up
+    # As close to float32 as the unfused norm + GEMM (+ SiLU) pair.
+    normed = rms_norm(x, norm_w, 1e-5)
+    unfused = skinny_silu_and_mul_linear(normed, w, b) if gated else skinny_linear(normed, w, b)
+    assert _rel(out, ref) < 1e-2
+    assert _rel(out, ref) <= 2 * _rel(unfused, ref) + 1e-3
+
+
+def test_rms_norm_folded_rejects_a_mismatched_norm_weight():
+    x = torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(32, 64, device="cuda", dtype=torch.bfloat16)
+    for norm_w in (torch.ones(32, device="cuda", dtype=torch.bfloat16), torch.ones(64, device="cuda")):
+        with pytest.raises(ValueError, match="norm weight"):
+            skinny_rms_norm_linear(x, w, norm_w, 1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (100, 600)])
+def test_residual_added_in_the_epilogue_as_the_separate_add(m, n, k):
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    r = torch.randn(m, n, generator=g, device="cuda").to(torch.bfloat16)
+    assert torch.equal(skinny_linear(x, w, residual=r), skinny_linear(x, w) + r)
+    with pytest.raises(ValueError, match="residual"):
+        skinny_linear(x, w, residual=r[:, :-1])
+
+
+@pytest.mark.parametrize("m", [1, 4, 32])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_prenorm_input_through_the_layers(m, with_residual):
+    # QKV and the MLP given a PreNormInput and adding its stream at the end:
+    # decode rows (m <= 16) of a one-tensor stream fold the norm into the GEMM
+    # and the add into the last GEMM; prefill rows (32), or a stream still in
+    # two parts, materialize the norm. All match float32.
+    torch.manual_seed(m)
+    hidden = 512
+    norm = RMSNorm(hidden, 1e-6).to(torch.bfloat16).cuda()
+    norm.weight.data.uniform_(0.5, 1.5)
+    qkv = QKVParallelLinear(hidden, 64, 8, 2, bias=True, dtype=torch.bfloat16).cuda()
+    mlp = LlamaMLP(hidden, 1024).to(torch.bfloat16).cuda()
+    for layer in (qkv, mlp.gate_up_proj, mlp.down_proj):
+        layer.weight.data.normal_(0, 0.05)
+    qkv.bias.data.normal_()
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) if with_residual else None
+    stream = x if r is None else x + r
+    h = _norm_reference(stream, norm.weight, 1e-6)
+    gate, up = F.linear(h, mlp.gate_up_proj.weight.float()).split(1024, -1)
+    inp = PreNormInput(x, norm, r)
+    assert _rel(qkv(inp), F.linear(h, qkv.weight.float(), qkv.bias.float())) < 1e-2
+    assert (inp.normed is None) == (m <= SKINNY_MAX_M and not with_residual)  # folded
+    assert torch.equal(block_residual(inp), stream)
+    ref = F.linear(F.silu(gate) * up, mlp.down_proj.weight.float()) + stream.float()
+    assert _rel(mlp(PreNormInput(x, norm, r)), ref) < 1e-2
