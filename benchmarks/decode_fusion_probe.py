@@ -21,7 +21,8 @@ import argparse
 
 import torch
 
-from ember.kernels.triton_gemm import skinny_linear, skinny_rms_norm_linear, skinny_silu_and_mul_linear
+from ember.kernels.triton_gemm import (launch_skinny_gemm, skinny_linear, skinny_rms_norm_linear,
+                                       skinny_silu_and_mul_linear)
 from ember.kernels.triton_ops import argmax_rows, rms_norm, silu_and_mul
 from skinny_gemm_probe import LAYERS, time_graph
 
@@ -30,6 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 256])
+    ap.add_argument("--norm-tiles", nargs="*", default=[],
+                    help="also time the folded-norm kernel with these tiles, as BLOCK_NxBLOCK_Kxwarps "
+                         "(BLOCK_N per half for gate_up), e.g. 32x128x4")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
@@ -53,6 +57,12 @@ def main() -> None:
                                  for w in ws]) / LAYERS * 1e6
             print(f"{name} M={m}: GEMM alone {alone:.1f} us, RMSNorm + GEMM {unfused * 1e6:.1f} us, "
                   f"norm folded {folded:.1f} us ({rows * k * 2 / folded / 1e6:.2f} TB/s)")
+            for tiles in args.norm_tiles:
+                bn, bk, warps = (int(t) for t in tiles.split("x"))
+                out = torch.empty(m, rows // 2 if gated else rows, device="cuda", dtype=torch.bfloat16)
+                t = time_graph([lambda w=w: launch_skinny_gemm(x, w, None, out, bn, bk, 3 if gated else 4, warps,
+                                                               gated=gated, norm=(norm_w, 1e-5)) for w in ws])
+                print(f"  {name} folded, tiles {tiles}: {t / LAYERS * 1e6:.1f} us")
         down = [w.view(-1)[:4096 * 14336].view(4096, 14336) for w in weights[:8]]
         h = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
         res = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)

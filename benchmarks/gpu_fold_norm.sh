@@ -2,7 +2,8 @@
 # One device call: the RMSNorm folded into the next GEMM (EMBER_FOLD_NORM), checked and timed.
 # GPU tests of the GEMM, sampler and engine (greedy against HF), the plain-PyTorch checks of
 # 4-layer Qwen3-8B and Llama-3.1-8B, the fusion probe, then batch-1 decode steps folded / unfolded / folded /
-# unfolded in turn on the same host (issue 3's row), and (H100) the batch-4 row of issue 4.
+# unfolded in turn on the same host (issue 3's row; BATCH, IN, OUTLEN change it), and with THR=1
+# the 1000 x 1024/1024 throughput row.
 # Usage (device): OUT=$OUT bash benchmarks/gpu_fold_norm.sh
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -24,3 +25,5 @@ for R in a b; do
       --output-json "$OUT/latency_b${B}_fold${F}_$R.json" 2>&1 | grep -E "^(decode_step_ms|decode_tok_s |mbu|copy_gb_s) "
   done
 done
+[ "${THR:-0}" = 1 ] && $EMBER bench throughput $COMMON --num-prompts 1000 --input-len 1024 --output-len 1024 --no-progress \
+    --output-json "$OUT/thr_1024.json" 2>&1 | grep -E "tok_s|bound|elapsed|host"

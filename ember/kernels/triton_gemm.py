@@ -239,14 +239,27 @@ def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: t
         return _launch_gated(x, weight, bias, norm=(norm_weight, eps))
     _check(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    block_n, _, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
-    launch_skinny_gemm(x, weight, bias, out, block_n, NORM_BLOCK_K, num_stages, norm=(norm_weight, eps))
+    launch_skinny_gemm(x, weight, bias, out, 32, 256, 4, norm=(norm_weight, eps))
     return out
 
 
-# K tile of the kernels with the norm folded in: 256-wide tiles made the compiler
-# spill registers (ptxas -v, sm_90a).
+# K tile of the gated kernel with the norm folded in (32 columns per half): with
+# 256-wide tiles the compiler spilled registers (ptxas -v, sm_90a). The ungated
+# one takes 32 x 256 tiles. Both were the fastest of nine tilings on the H200
+# (benchmarks/decode_fusion_probe.py --norm-tiles, BENCHMARKS.md).
 NORM_BLOCK_K = 128
+
+
+def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether folding a norm into this projection pays: the skinny GEMM applies
+    (:func:`use_skinny_linear`), ``EMBER_FOLD_NORM=0`` is not set, and the output
+    makes at least two waves of 32-column programs. On the H200 the folded
+    gate_up projection of Llama-3.1-8B (28,672 rows) took 57.3 us against 59.1
+    for the norm kernel and the GEMM; the folded qkv projection (6,144 rows,
+    1.5 waves) 19.1 us against 16.5: with fewer programs than two per SM, the
+    per-tile norm work is not hidden behind the other program's loads."""
+    return (FOLD_NORM and use_skinny_linear(x, weight)
+            and triton.cdiv(weight.shape[0], 32) >= 2 * _num_sms(x.device))
 
 
 def _launch_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

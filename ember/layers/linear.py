@@ -57,16 +57,15 @@ def dense_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch
 def dense_prenorm_linear(inp: PreNormInput, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          gated: bool = False) -> torch.Tensor:
     """:func:`dense_linear` (``gated``: :func:`dense_silu_and_mul_linear`) of
-    ``inp.materialize()``. On CUDA, inputs of at most 16 rows (decode steps) take
-    one skinny GEMM kernel with the RMSNorm folded in, when the stream is one
-    tensor
-    (:func:`ember.kernels.triton_gemm.skinny_rms_norm_linear`, which agrees with
-    the unfused pair to the dtype's precision, not bit for bit;
-    ``EMBER_FOLD_NORM=0`` turns it off)."""
+    ``inp.materialize()``. On CUDA, inputs of at most 16 rows (decode steps) to a
+    large enough projection (:func:`ember.kernels.triton_gemm.use_skinny_rms_norm_linear`)
+    take one skinny GEMM kernel with the RMSNorm folded in, when the stream is
+    one tensor (:func:`ember.kernels.triton_gemm.skinny_rms_norm_linear`, which
+    agrees with the unfused pair to the dtype's precision, not bit for bit)."""
     if inp.x.is_cuda and inp.normed is None and inp.residual is None:
-        from ember.kernels.triton_gemm import FOLD_NORM, skinny_rms_norm_linear, use_skinny_linear
+        from ember.kernels.triton_gemm import skinny_rms_norm_linear, use_skinny_rms_norm_linear
 
-        if FOLD_NORM and use_skinny_linear(inp.x, weight) and inp.norm.weight.dtype == inp.x.dtype:
+        if use_skinny_rms_norm_linear(inp.x, weight) and inp.norm.weight.dtype == inp.x.dtype:
             return skinny_rms_norm_linear(inp.x, weight, inp.norm.weight, inp.norm.eps, bias, gated=gated)
     x = inp.materialize()
     return dense_silu_and_mul_linear(x, weight, bias) if gated else dense_linear(x, weight, bias)

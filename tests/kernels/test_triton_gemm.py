@@ -9,7 +9,8 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from ember.kernels.triton_gemm import (SKINNY_MAX_M, skinny_linear, skinny_rms_norm_linear,  # noqa: E402
-                                       skinny_silu_and_mul_linear, skinny_tiles, use_skinny_linear)
+                                       skinny_silu_and_mul_linear, skinny_tiles, use_skinny_linear,
+                                       use_skinny_rms_norm_linear)
 from ember.kernels.triton_ops import rms_norm, silu_and_mul  # noqa: E402
 from ember.layers.layernorm import PreNormInput, RMSNorm, block_residual  # noqa: E402
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear  # noqa: E402
@@ -233,19 +234,28 @@ def test_residual_added_in_the_epilogue_as_the_separate_add(m, n, k):
         skinny_linear(x, w, residual=r[:, :-1])
 
 
+def test_norm_folds_into_many_wave_projections_only():
+    x = torch.zeros(1, 4096, device="cuda", dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for rows in (6144, 28672):
+        w = torch.empty(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        assert use_skinny_rms_norm_linear(x, w) == (rows >= 2 * 32 * sms)
+
+
 @pytest.mark.parametrize("m", [1, 4, 32])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_prenorm_input_through_the_layers(m, with_residual):
     # QKV and the MLP given a PreNormInput and adding its stream at the end:
     # decode rows (m <= 16) of a one-tensor stream fold the norm into the GEMM
-    # and the add into the last GEMM; prefill rows (32), or a stream still in
-    # two parts, materialize the norm. All match float32.
+    # (the projections are large enough) and the add into the last GEMM;
+    # prefill rows (32), or a stream still in two parts, materialize the norm.
+    # All match float32.
     torch.manual_seed(m)
     hidden = 512
     norm = RMSNorm(hidden, 1e-6).to(torch.bfloat16).cuda()
     norm.weight.data.uniform_(0.5, 1.5)
-    qkv = QKVParallelLinear(hidden, 64, 8, 2, bias=True, dtype=torch.bfloat16).cuda()
-    mlp = LlamaMLP(hidden, 1024).to(torch.bfloat16).cuda()
+    qkv = QKVParallelLinear(hidden, 64, 160, 8, bias=True, dtype=torch.bfloat16).cuda()  # 11,264 rows
+    mlp = LlamaMLP(hidden, 5632).to(torch.bfloat16).cuda()
     for layer in (qkv, mlp.gate_up_proj, mlp.down_proj):
         layer.weight.data.normal_(0, 0.05)
     qkv.bias.data.normal_()
@@ -253,10 +263,15 @@ def test_prenorm_input_through_the_layers(m, with_residual):
     r = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) if with_residual else None
     stream = x if r is None else x + r
     h = _norm_reference(stream, norm.weight, 1e-6)
-    gate, up = F.linear(h, mlp.gate_up_proj.weight.float()).split(1024, -1)
+    gate, up = F.linear(h, mlp.gate_up_proj.weight.float()).split(5632, -1)
+    folds = m <= SKINNY_MAX_M and not with_residual
+    for layer in (qkv, mlp.gate_up_proj):
+        assert use_skinny_rms_norm_linear(x[:SKINNY_MAX_M], layer.weight)  # <= 132 SMs
     inp = PreNormInput(x, norm, r)
     assert _rel(qkv(inp), F.linear(h, qkv.weight.float(), qkv.bias.float())) < 1e-2
-    assert (inp.normed is None) == (m <= SKINNY_MAX_M and not with_residual)  # folded
+    assert (inp.normed is None) == folds
     assert torch.equal(block_residual(inp), stream)
+    inp = PreNormInput(x, norm, r)
     ref = F.linear(F.silu(gate) * up, mlp.down_proj.weight.float()) + stream.float()
-    assert _rel(mlp(PreNormInput(x, norm, r)), ref) < 1e-2
+    assert _rel(mlp(inp), ref) < 1e-2
+    assert (inp.normed is None) == folds
