@@ -20,6 +20,7 @@ the per-launch host cost (measured on H100 hosts: 25-45 us per Triton launch,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ember.config import EngineConfig
@@ -63,11 +64,11 @@ class CUDAGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         # Pinned staging areas: a step's inputs travel in a single asynchronous
-        # host-to-device copy, then spread into the graph's buffers on the device.
+        # host-to-device copy, then one kernel spreads them into the graph's buffers.
         # NOTE: two, used in turn: with asynchronous scheduling a step is staged
         # before the previous step's copy is known to have run; the one before
         # that has been waited for.
-        self._stage_hosts = [torch.empty(6 * n + n * max_blocks, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._stage_hosts = [torch.empty(4 * n + n * max_blocks, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._stage_dev = torch.empty_like(self._stage_hosts[0], device=dev)
         self._num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -102,37 +103,29 @@ class CUDAGraphRunner:
         return host.max_query_len == 1 and n <= self.sizes[-1]
 
     def run(self, host, runner) -> torch.Tensor:
-        """Copy ``host`` (a ``HostInputs``) into the buffers, fill in the input
-        ids still in flight (``runner.fill_in_flight_ids``), replay; returns [n, hidden]."""
+        """Copy ``host`` (a ``HostInputs``) into the buffers, the input ids still
+        in flight taken from ``runner``'s last sampled ids, and replay; returns
+        [n, hidden]."""
+        from ember.kernels.triton_inputs import unpack_decode_inputs
+
         n = len(host.seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         width = host.block_table.shape[1]
-        k = len(host.in_flight_dst)
-        total = 4 * n + n * width + 2 * k
+        total = 4 * n + n * width
         stage_host = self._stage_hosts[self._num_runs % 2]
         self._num_runs += 1
         stage = stage_host.numpy()
         stage[0:n] = host.input_ids
+        if host.in_flight_dst:  # -(j + 1): row j of the previous step's sampled ids
+            stage[host.in_flight_dst] = -1 - np.asarray(host.in_flight_src, dtype=np.int64)
         stage[n:2 * n] = host.positions
         stage[2 * n:3 * n] = host.slot_mapping
         stage[3 * n:4 * n] = host.seq_lens
-        end = 4 * n + n * width
-        stage[4 * n:end] = host.block_table.reshape(-1)
-        if k:
-            stage[end:end + k] = host.in_flight_dst
-            stage[end + k:total] = host.in_flight_src
+        stage[4 * n:total] = host.block_table.reshape(-1)
         dev = self._stage_dev[:total]
         dev.copy_(stage_host[:total], non_blocking=True)
-        self.input_ids[:n].copy_(dev[0:n])
-        self.positions[:n].copy_(dev[n:2 * n])
-        self.slot_mapping[:n].copy_(dev[2 * n:3 * n])
-        self.seq_lens[:n].copy_(dev[3 * n:4 * n])
-        self.block_table[:n, :width].copy_(dev[4 * n:end].view(n, width))
-        if k:
-            runner.fill_in_flight_ids(self.input_ids, dev[end:end + k], dev[end + k:total])
-        if bs > n:
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].zero_()
+        unpack_decode_inputs(dev, n, width, runner.last_sampled if host.in_flight_dst else None, self.input_ids,
+                             self.positions, self.slot_mapping, self.seq_lens, self.block_table, bs)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

@@ -341,6 +341,12 @@ class ModelRunner:
                                     to_dev(np.array(host.in_flight_src, dtype=np.int64)))
         return input_ids, to_dev(host.positions), meta
 
+    @property
+    def last_sampled(self) -> torch.Tensor | None:
+        """The last launched step's sampled ids ([rows] int64, on the device;
+        still being computed on CUDA): the source of in-flight input ids."""
+        return self._last_sampled
+
     def fill_in_flight_ids(self, input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
         """``input_ids[dst] = <previous step's sampled ids>[src]``, on the device
         (int64 index tensors), in stream order after that step's sampling."""
