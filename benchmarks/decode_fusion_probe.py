@@ -55,8 +55,11 @@ def main() -> None:
             unfused = time_graph([lambda w=w: gemm(rms_norm(x, norm_w, 1e-5, residual)[0], w) for w in ws]) / LAYERS
             folded = time_graph([lambda w=w: skinny_rms_norm_linear(x, w, norm_w, 1e-5, gated=gated)
                                  for w in ws]) / LAYERS * 1e6
+            same = (skinny_rms_norm_linear(x, ws[0], norm_w, 1e-5, gated=gated)
+                    == gemm(rms_norm(x, norm_w, 1e-5), ws[0])).float().mean().item()
             print(f"{name} M={m}: GEMM alone {alone:.1f} us, RMSNorm + GEMM {unfused * 1e6:.1f} us, "
-                  f"norm folded {folded:.1f} us ({rows * k * 2 / folded / 1e6:.2f} TB/s)")
+                  f"norm folded {folded:.1f} us ({rows * k * 2 / folded / 1e6:.2f} TB/s); "
+                  f"{same:.1%} of the outputs equal the unfused pair's")
             for tiles in args.norm_tiles:
                 bn, bk, warps = (int(t) for t in tiles.split("x"))
                 out = torch.empty(m, rows // 2 if gated else rows, device="cuda", dtype=torch.bfloat16)
