@@ -259,7 +259,7 @@ def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether folding a norm into this projection pays: the skinny GEMM applies
     (:func:`use_skinny_linear`), ``EMBER_FOLD_NORM=0`` is not set, and the output
     makes at least two waves of 32-column programs. On the H200 the folded
-    gate_up projection of Llama-3.1-8B (28,672 rows) took 57.3 us against 59.1
+    gate_up projection of Llama-3.1-8B (28,672 rows) took 57.4 us against 59.1
     for the norm kernel and the GEMM; the folded qkv projection (6,144 rows,
     1.5 waves) 19.1 us against 16.5: with fewer programs than two per SM, the
     per-tile norm work is not hidden behind the other program's loads."""
