@@ -24,7 +24,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype: a pre-norm block's residual add). On CUDA, inputs of at most 16 rows
     (decode steps) take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`),
     which writes ``out_dtype`` or adds the residual in its epilogue; everything
-    else cuBLAS."""
+    else cuBLAS.
+
+    Raises:
+        ValueError: both ``out_dtype`` and ``residual`` given.
+    """
+    if out_dtype is not None and residual is not None:
+        raise ValueError("dense_linear: out_dtype and residual do not combine")
     if x.is_cuda:
         from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
 
