@@ -47,13 +47,10 @@ class PreNormDecoderLayer(nn.Module):
 def _residual_block(module: nn.Module, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
                     call: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pre-norm block ``h += module(norm(h))`` on the stream ``hidden + residual``."""
+    inp = PreNormInput(hidden, norm, residual)
     if getattr(module, "takes_prenorm_input", False):
-        return call(PreNormInput(hidden, norm, residual)), None
-    if residual is None:
-        normed, residual = norm(hidden), hidden
-    else:
-        normed, residual = norm(hidden, residual)
-    return call(normed), residual
+        return call(inp), None
+    return call(inp.materialize()), inp.stream
 
 
 class DecoderStack(nn.Module):
@@ -76,7 +73,7 @@ class DecoderStack(nn.Module):
         ctx.positions = positions  # for the attention layers' RoPE
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
-        return self.norm(hidden_states) if residual is None else self.norm(hidden_states, residual)[0]
+        return PreNormInput(hidden_states, self.norm, residual).materialize()
 
 
 class CausalLM(nn.Module):
