@@ -74,6 +74,10 @@ class EngineCore:
         kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.step_times = StepTimes()
+        # Per-step records for benchmarks (None: off): (collect time from
+        # time.perf_counter in s, requests, decode tokens (requests computing
+        # one token), other (prefill) tokens, preemptions).
+        self.step_trace: list[tuple[float, int, int, int, int]] | None = None
         self.async_scheduling = config.scheduler_config.async_scheduling
         # The step launched and not yet collected (asynchronous scheduling).
         self._in_flight: tuple[SchedulerOutput, Any] | None = None
@@ -149,6 +153,11 @@ class EngineCore:
         st.schedule_s += (t1 - t0) + (t3 - t2)
         st.execute_s += (t2 - t1) + (t4 - t3)
         st.update_s += t5 - t4
+        if self.step_trace is not None:
+            n = sched.num_scheduled_tokens
+            num_decode = sum(1 for v in n.values() if v == 1)
+            self.step_trace.append((t4, len(n), num_decode, sched.total_num_scheduled_tokens - num_decode,
+                                    sched.num_preemptions))
         return outputs
 
     def _note_first_scheduled(self, sched: SchedulerOutput, scheduled_times: dict[str, float]) -> None:

@@ -124,9 +124,19 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
     mark = _host_mark(llm)
     cache_mark = llm.get_stats().prefix_cache
+    core = llm.llm_engine.engine_core
+    if args.step_trace:
+        core.step_trace = []
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - t
+    trace_fields = {}
+    if args.step_trace:
+        trace, core.step_trace = core.step_trace, None
+        trace_fields = summarize_step_trace(trace, t, llm.llm_engine.config.scheduler_config.max_num_seqs)
+        with open(args.step_trace, "w") as f:
+            json.dump({"start": t, "fields": ["collect_s", "num_reqs", "num_decode", "num_prefill_tokens",
+                                              "num_preemptions"], "steps": trace}, f)
     host_per_step = _host_time_per_step(llm, mark)
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(in_lens)
@@ -146,7 +156,42 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "bound_output_tok_s": num_out / bound,
         **_prefix_cache_fields(llm, cache_mark),
         **_ceiling_fields(ceilings),
+        **trace_fields,
     }
+
+
+def summarize_step_trace(trace: list[tuple], start: float, max_batch: int) -> dict[str, Any]:
+    """Where a run's wall time went, from :attr:`EngineCore.step_trace`.
+
+    A step's time is the gap between its collection and the previous one's
+    (the first from ``start``, in ``time.perf_counter`` seconds), so with
+    asynchronous scheduling it is the device step plus any host time the
+    device waited on. Steps are decode-only (every request computes one
+    token) or mixed (some prefill tokens); decode-only steps are split into
+    full ones (batch >= 90% of ``max_batch``) and the rest.
+
+    Returns:
+        ``trace_*`` fields: counts, seconds, mean batch / prefill tokens and
+        ms per step of each kind.
+    """
+    kinds: dict[str, list[tuple[float, int, int]]] = {"decode_full": [], "decode_partial": [], "mixed": []}
+    prev = start
+    for t, _num_reqs, num_decode, num_prefill, _ in trace:
+        kind = "mixed" if num_prefill else ("decode_full" if num_decode >= 0.9 * max_batch else "decode_partial")
+        kinds[kind].append((t - prev, num_decode, num_prefill))
+        prev = t
+    out: dict[str, Any] = {"trace_steps": len(trace),
+                           "trace_preemptions": sum(s[4] for s in trace)}
+    for kind, steps in kinds.items():
+        secs = sum(d for d, _, _ in steps)
+        n = max(1, len(steps))
+        out[f"trace_{kind}_steps"] = len(steps)
+        out[f"trace_{kind}_s"] = secs
+        out[f"trace_{kind}_ms_per_step"] = secs / n * 1e3
+        out[f"trace_{kind}_mean_decode"] = sum(b for _, b, _ in steps) / n
+        if kind == "mixed":
+            out["trace_mixed_mean_prefill_tokens"] = sum(p for _, _, p in steps) / n
+    return out
 
 
 def _prefix_cache_fields(llm, before) -> dict[str, Any]:
@@ -189,6 +234,9 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAc
     thr.add_argument("--output-len", type=int, default=1024)
     thr.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
     thr.add_argument("--no-progress", action="store_true")
+    thr.add_argument("--step-trace", default=None, metavar="PATH",
+                     help="record every step (time, batch, prefill tokens) to this JSON file and "
+                          "summarize where the time went (trace_* fields)")
     for p in (lat, thr):
         p.add_argument("--output-json", default=None)
         p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
