@@ -60,18 +60,44 @@ def main() -> None:
             print(f"{name} M={m}: GEMM alone {alone:.1f} us, RMSNorm + GEMM {unfused * 1e6:.1f} us, "
                   f"norm folded {folded:.1f} us ({rows * k * 2 / folded / 1e6:.2f} TB/s); "
                   f"{same:.1%} of the outputs equal the unfused pair's")
+            # The norm weight multiplied into the projection's columns at load time.
+            scaled = [w * norm_w for w in ws]
+            ref = gemm(rms_norm(x, norm_w, 1e-5), ws[0]).float()
+            got = skinny_rms_norm_linear(x, scaled[0], None, 1e-5, gated=gated).float()
+            t = time_graph([lambda w=w: skinny_rms_norm_linear(x, w, None, 1e-5, gated=gated)
+                            for w in scaled]) / LAYERS * 1e6
+            print(f"{name} M={m}: norm folded, its weight in the projection's: {t:.1f} us "
+                  f"(max |diff| to the unfused pair {(got - ref).abs().max().item():.3g}, "
+                  f"max |ref| {ref.abs().max().item():.3g})")
+            # The sums of squares given, as the down GEMM before returns them (128 partials per row).
+            xs, sumsq = skinny_linear(torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16) * 0.1,
+                                      weights[0].view(-1)[:k * 14336].view(k, 14336), residual=x, with_sumsq=True)
+            ref_s = gemm(rms_norm(xs, norm_w, 1e-5), ws[0]).float()
+            for label, g, wts in (("its weight in the projection's", None, scaled), ("norm weight in the loop", norm_w, ws)):
+                got = skinny_rms_norm_linear(xs, wts[0], g, 1e-5, gated=gated, sumsq=sumsq).float()
+                t = time_graph([lambda w=w: skinny_rms_norm_linear(xs, w, g, 1e-5, gated=gated, sumsq=sumsq)
+                                for w in wts]) / LAYERS * 1e6
+                print(f"{name} M={m}: norm folded, sums of squares given, {label}: {t:.1f} us "
+                      f"(max |diff| to the unfused pair {(got - ref_s).abs().max().item():.3g}, "
+                      f"max |ref| {ref_s.abs().max().item():.3g})")
             for tiles in args.norm_tiles:
                 bn, bk, warps = (int(t) for t in tiles.split("x"))
                 out = torch.empty(m, rows // 2 if gated else rows, device="cuda", dtype=torch.bfloat16)
-                t = time_graph([lambda w=w: launch_skinny_gemm(x, w, None, out, bn, bk, 3 if gated else 4, warps,
-                                                               gated=gated, norm=(norm_w, 1e-5)) for w in ws])
-                print(f"  {name} folded, tiles {tiles}: {t / LAYERS * 1e6:.1f} us")
+                for label, g, wts in (("", norm_w, ws), (", weight pre-scaled", None, scaled)):
+                    t = time_graph([lambda w=w: launch_skinny_gemm(x, w, None, out, bn, bk, 3 if gated else 4,
+                                                                   warps, gated=gated, norm=(g, 1e-5))
+                                    for w in wts])
+                    print(f"  {name} folded{label}, tiles {tiles}: {t / LAYERS * 1e6:.1f} us")
+            del scaled
         down = [w.view(-1)[:4096 * 14336].view(4096, 14336) for w in weights[:8]]
         h = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
         res = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         plain = time_graph([lambda w=w: skinny_linear(h, w) + res for w in down]) / len(down) * 1e6
         fused = time_graph([lambda w=w: skinny_linear(h, w, residual=res) for w in down]) / len(down) * 1e6
-        print(f"down M={m}: GEMM + add {plain:.1f} us, residual added in the epilogue {fused:.1f} us")
+        with_ss = time_graph([lambda w=w: skinny_linear(h, w, residual=res, with_sumsq=True)
+                              for w in down]) / len(down) * 1e6
+        print(f"down M={m}: GEMM + add {plain:.1f} us, residual added in the epilogue {fused:.1f} us, "
+              f"and the sums of squares returned {with_ss:.1f} us")
     del weights
     for rows in args.rows:
         logits = [torch.randn(rows, 128256, device="cuda") for _ in range(8)]

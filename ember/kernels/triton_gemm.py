@@ -42,6 +42,9 @@ SKINNY_MAX_M = 16
 ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
 # ``EMBER_FOLD_NORM=0`` keeps the pre-norm RMSNorm as its own kernel (for A/B timing).
 FOLD_NORM = os.environ.get("EMBER_FOLD_NORM", "1") != "0"
+# ``EMBER_FOLD_NORM_WEIGHTS=0`` keeps the input norms' weights out of the qkv
+# weights (ember.models.utils.fold_input_norm_weights; for A/B timing).
+FOLD_NORM_WEIGHTS = FOLD_NORM and os.environ.get("EMBER_FOLD_NORM_WEIGHTS", "1") != "0"
 
 
 @triton.jit
@@ -53,9 +56,10 @@ def _weight_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _skinny_gemm_kernel(X, W, B, Y, G, R, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps,
+def _skinny_gemm_kernel(X, W, B, Y, G, R, SS, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, num_ss, eps,
                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-                        NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                        NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, NORM_SUMSQ: tl.constexpr,
+                        ADD_RESIDUAL: tl.constexpr, SUMSQ_OUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         USE_PDL: tl.constexpr):
     # GATED: W is [2N, K] (gate rows, then up rows); the program also streams the
@@ -66,8 +70,15 @@ def _skinny_gemm_kernel(X, W, B, Y, G, R, M, N, K, stride_xm, stride_wn, stride_
     # of x @ x.T on the tensor cores, the rows' sums of squares; the epilogue
     # multiplies by rsqrt(mean(x^2) + eps). The weight streams at once, and no
     # float32 copy of the x tile is kept (it made the compiler spill registers).
+    # Without NORM_WEIGHT, G is already multiplied into W's columns (at load
+    # time), and the x tile goes to the tensor cores as loaded. NORM_SUMSQ: the
+    # sums of squares come as num_ss partial sums per row (SS [num_ss, BLOCK_M]
+    # float32, written by the GEMM that produced x, see SUMSQ_OUT) instead of the
+    # Gram diagonal; with neither, the K loop is the plain GEMM's.
     # ADD_RESIDUAL: the result, rounded to x's dtype, plus R (a pre-norm block's
-    # residual add), rounded again.
+    # residual add), rounded again. SUMSQ_OUT: each program also writes the sum
+    # of squares of its columns of each result row (as rounded) to SS[pid, :],
+    # for a consumer with NORM_SUMSQ.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,8 +96,9 @@ def _skinny_gemm_kernel(X, W, B, Y, G, R, M, N, K, stride_xm, stride_wn, stride_
         else:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        if NORM:
+        if NORM and not NORM_SUMSQ:
             gram = tl.dot(x, tl.trans(x), gram)
+        if NORM and NORM_WEIGHT:
             x = x * tl.load(G + offs_k, mask=offs_k < K, other=0.0)[None, :]
         w = _weight_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K)
         acc = tl.dot(x, tl.trans(w), acc)
@@ -97,7 +109,15 @@ def _skinny_gemm_kernel(X, W, B, Y, G, R, M, N, K, stride_xm, stride_wn, stride_
     # launch and stage while this program finishes its epilogue.
     pdl_release(USE_PDL)
     if NORM:
-        sum_sq = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], gram, 0.0), 1)
+        if NORM_SUMSQ:
+            sum_sq = tl.zeros([BLOCK_M], tl.float32)
+            for p in range(0, num_ss, 64):
+                offs_p = p + tl.arange(0, 64)
+                part = tl.load(SS + offs_p[:, None] * BLOCK_M + offs_m[None, :], mask=(offs_p < num_ss)[:, None],
+                               other=0.0)
+                sum_sq += tl.sum(part, 0)
+        else:
+            sum_sq = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], gram, 0.0), 1)
         rstd = tl.rsqrt(sum_sq / K + eps)
         acc *= rstd[:, None]
         if GATED:
@@ -117,6 +137,9 @@ def _skinny_gemm_kernel(X, W, B, Y, G, R, M, N, K, stride_xm, stride_wn, stride_
     if ADD_RESIDUAL:
         r = tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_y, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+    if SUMSQ_OUT:
+        y32 = tl.where(mask_y, y.to(tl.float32), 0.0)
+        tl.store(SS + pid * BLOCK_M + offs_m, tl.sum(y32 * y32, 1))
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask_y)
 
 
@@ -158,10 +181,14 @@ def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
+                  with_sumsq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x @ weight.T + bias``, as ``F.linear`` (``.to(out_dtype)``), for few rows;
     with ``residual``, that result rounded to x's dtype plus ``residual`` (a
     pre-norm block's residual add in the epilogue, rounded as the separate add).
+    With ``with_sumsq``, also the result rows' sums of squares as partial sums
+    (one per program), from which the next block's projection folds its RMSNorm
+    (:func:`skinny_rms_norm_linear` ``sumsq``) without computing them.
 
     Args:
         x: [M, K], M <= :data:`SKINNY_MAX_M`, bfloat16 or float16, unit stride along K.
@@ -171,8 +198,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             x's dtype, written widened (the LM head's float32 logits without a
             separate cast kernel).
         residual: optional [M, N] in x's dtype, unit stride along N.
+        with_sumsq: also return the partial sums of squares.
     Returns:
-        [M, N] in ``out_dtype`` (float32 accumulation).
+        [M, N] in ``out_dtype`` (float32 accumulation); with ``with_sumsq``
+        also [P, SKINNY_MAX_M] float32 whose column m sums to the sum of the
+        squares of row m of the result as written (rows >= M: zeros).
     Raises:
         ValueError: the inputs do not meet :func:`use_skinny_linear`, or a
             residual of another shape, dtype or layout.
@@ -182,8 +212,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if residual is not None and (residual.shape != out.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
         raise ValueError(f"skinny GEMM: residual {tuple(residual.shape)} {residual.dtype} does not match the "
                          f"output {tuple(out.shape)} {x.dtype}")
-    launch_skinny_gemm(x, weight, bias, out, *skinny_tiles(weight.shape[0], _num_sms(x.device)), residual=residual)
-    return out
+    block_n, block_k, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
+    sumsq = (torch.empty(triton.cdiv(weight.shape[0], block_n), SKINNY_MAX_M, dtype=torch.float32, device=x.device)
+             if with_sumsq else None)
+    launch_skinny_gemm(x, weight, bias, out, block_n, block_k, num_stages, residual=residual, sumsq_out=sumsq)
+    return (out, sumsq) if with_sumsq else out
 
 
 def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -209,8 +242,9 @@ def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
     return _launch_gated(x, weight, bias)
 
 
-def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                           bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                           bias: torch.Tensor | None = None, gated: bool = False,
+                           sumsq: torch.Tensor | None = None) -> torch.Tensor:
     """A pre-norm block's RMSNorm (Zhang & Sennrich, 2019) folded into the
     projection that consumes it: ``rms_norm(x) * norm_weight @ weight.T + bias``,
     and with ``gated`` SwiGLU's ``silu(gate) * up`` as in
@@ -222,29 +256,43 @@ def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: t
     ``rsqrt(mean(x^2) + eps)`` in its epilogue, so its weight stream starts at
     once. That rounds differently from the unfused pair, which rounds the
     normalized row to x's dtype before the product: the results agree to the
-    dtype's precision, not bit for bit.
+    dtype's precision, not bit for bit. Given ``sumsq`` (the partial sums that
+    the GEMM which wrote x returned, :func:`skinny_linear` ``with_sumsq``), the
+    K loop skips the sums of squares; with the norm weight also in ``weight``
+    (``norm_weight`` None) it is the plain GEMM's loop.
 
     Args:
         x: [M, K], as in :func:`skinny_linear` (the residual stream, its add done).
         weight: [N, K] ([2D, K] with ``gated``), same dtype.
-        norm_weight: [K] in x's dtype, the RMSNorm's weight.
+        norm_weight: [K] in x's dtype, the RMSNorm's weight; None when it is
+            already multiplied into ``weight``'s columns
+            (:func:`ember.layers.layernorm.fold_norm_weight`): then the x tiles
+            go to the tensor cores unscaled.
         eps: added to the mean square.
         bias: optional [N].
+        sumsq: optional [P, SKINNY_MAX_M] float32, x's rows' partial sums of squares.
     Returns:
         [M, N] ([M, D] with ``gated``) in x's dtype.
     Raises:
         ValueError: the inputs do not meet :func:`use_skinny_linear`, a norm
-            weight of another shape or dtype, or (``gated``) a weight with an
-            odd number of rows.
+            weight of another shape or dtype, ``sumsq`` of another shape or
+            dtype, or (``gated``) a weight with an odd number of rows.
     """
-    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype:
+    if sumsq is not None and (sumsq.dim() != 2 or sumsq.shape[1] != SKINNY_MAX_M or sumsq.dtype != torch.float32
+                              or not sumsq.is_contiguous()):
+        raise ValueError(f"skinny_rms_norm_linear: sumsq {tuple(sumsq.shape)} {sumsq.dtype} is not a contiguous "
+                         f"[P, {SKINNY_MAX_M}] float32 tensor")
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype):
         raise ValueError(f"skinny_rms_norm_linear: norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} "
                          f"does not match x {tuple(x.shape)} {x.dtype}")
     if gated:
-        return _launch_gated(x, weight, bias, norm=(norm_weight, eps))
+        return _launch_gated(x, weight, bias, norm=(norm_weight, eps), sumsq=sumsq)
     _check(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    launch_skinny_gemm(x, weight, bias, out, 32, 256, 4, norm=(norm_weight, eps))
+    # A plain K loop takes the plain GEMM's tiles.
+    tiles = skinny_tiles(weight.shape[0], _num_sms(x.device)) if norm_weight is None and sumsq is not None \
+        else (32, 256, 4)
+    launch_skinny_gemm(x, weight, bias, out, *tiles, norm=(norm_weight, eps), sumsq=sumsq)
     return out
 
 
@@ -255,20 +303,24 @@ def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: t
 NORM_BLOCK_K = 128
 
 
-def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, plain_loop: bool = False) -> bool:
     """Whether folding a norm into this projection pays: the skinny GEMM applies
-    (:func:`use_skinny_linear`), ``EMBER_FOLD_NORM=0`` is not set, and the output
-    makes at least two waves of 32-column programs. On the H200 the folded
-    gate_up projection of Llama-3.1-8B (28,672 rows) took 57.4 us against 59.1
-    for the norm kernel and the GEMM; the folded qkv projection (6,144 rows,
-    1.5 waves) 19.1 us against 16.5: with fewer programs than two per SM, the
-    per-tile norm work is not hidden behind the other program's loads."""
+    (:func:`use_skinny_linear`), ``EMBER_FOLD_NORM=0`` is not set, and either
+    the fold leaves the K loop plain (``plain_loop``: the sums of squares given
+    and the norm weight in ``weight``, so only the epilogue differs) or the
+    output makes at least two waves of 32-column programs. On the H200 the
+    folded gate_up projection of Llama-3.1-8B (28,672 rows) took 57.4 us
+    against 59.1 for the norm kernel and the GEMM; the folded qkv projection
+    (6,144 rows, 1.5 waves) 19.1 us against 16.5: with fewer programs than two
+    per SM, the per-tile norm work is not hidden behind the other program's
+    loads. Without that work the qkv GEMM took 14.3 us."""
     return (FOLD_NORM and use_skinny_linear(x, weight)
-            and triton.cdiv(weight.shape[0], 32) >= 2 * _num_sms(x.device))
+            and (plain_loop or triton.cdiv(weight.shape[0], 32) >= 2 * _num_sms(x.device)))
 
 
 def _launch_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                  norm: tuple[torch.Tensor | None, float] | None = None,
+                  sumsq: torch.Tensor | None = None) -> torch.Tensor:
     _check(x, weight)
     if weight.shape[0] % 2:
         raise ValueError(f"skinny gated GEMM: weight {tuple(weight.shape)} has an odd number of rows")
@@ -276,7 +328,7 @@ def _launch_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # Same weight bytes per program as the ungated tiles of the whole [2D, K] weight.
     block_n, block_k, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
     launch_skinny_gemm(x, weight, bias, out, block_n // 2, NORM_BLOCK_K if norm else block_k, num_stages,
-                       gated=True, norm=norm)
+                       gated=True, norm=norm, sumsq=sumsq)
     return out
 
 
@@ -288,18 +340,26 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 def launch_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                        block_n: int, block_k: int, num_stages: int, num_warps: int = 4, gated: bool = False,
-                       norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> None:
+                       norm: tuple[torch.Tensor | None, float] | None = None, residual: torch.Tensor | None = None,
+                       sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> None:
     """Launch the kernel of :func:`skinny_linear` into ``out`` [M, N] with the
     given tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); ``gated``:
-    as :func:`skinny_silu_and_mul_linear`; ``norm`` = ``(norm_weight, eps)``: as
-    :func:`skinny_rms_norm_linear`; ``residual``: added in the epilogue. No checks."""
+    as :func:`skinny_silu_and_mul_linear`; ``norm`` = ``(norm_weight or None, eps)``
+    and ``sumsq``: as :func:`skinny_rms_norm_linear`; ``residual``: added in
+    the epilogue; ``sumsq_out`` [cdiv(N, block_n), 16] float32: the result rows'
+    partial sums of squares (as :func:`skinny_linear` ``with_sumsq``). No checks."""
     m, k = x.shape
     n = out.shape[1]
     pdl = use_pdl(x.device)
-    norm_weight, eps = norm if norm is not None else (weight, 0.0)
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    ss = sumsq if sumsq is not None else sumsq_out
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm_weight, residual if residual is not None else out,
-        m, n, k, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        x, weight, bias if bias is not None else weight, out, norm_weight if norm_weight is not None else weight,
+        residual if residual is not None else out, ss if ss is not None else out,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+        sumsq.shape[0] if sumsq is not None else 0, eps,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, GATED=gated, NORM=norm is not None,
-        ADD_RESIDUAL=residual is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl,
+        NORM_WEIGHT=norm_weight is not None, NORM_SUMSQ=sumsq is not None,
+        ADD_RESIDUAL=residual is not None, SUMSQ_OUT=sumsq_out is not None,
+        BLOCK_M=SKINNY_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))

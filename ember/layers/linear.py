@@ -18,13 +18,18 @@ from ember.layers.layernorm import PreNormInput
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
+                 with_sumsq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """``x @ weight.T + bias``, as ``F.linear``, then ``.to(out_dtype)`` if given
     (None or torch.float32), or ``+ residual`` if given ([num_tokens, out], x's
     dtype: a pre-norm block's residual add). On CUDA, inputs of at most 16 rows
     (decode steps) take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`),
     which writes ``out_dtype`` or adds the residual in its epilogue; everything
     else cuBLAS.
+
+    With ``with_sumsq``, returns ``(y, sumsq)``: the skinny GEMM's partial sums
+    of squares of y's rows ([P, 16] float32, see
+    :func:`~ember.kernels.triton_gemm.skinny_linear`), None on the other paths.
 
     Raises:
         ValueError: both ``out_dtype`` and ``residual`` given.
@@ -36,14 +41,17 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
         if use_skinny_linear(x, weight) and (residual is None or (residual.dtype == x.dtype
                                                                   and residual.stride(1) == 1)):
-            return skinny_linear(x, weight, bias, out_dtype, residual)
+            return skinny_linear(x, weight, bias, out_dtype, residual, with_sumsq)
     if residual is not None:
         if x.is_cuda and bias is None:
             # cuBLAS adds it in the GEMM (beta = 1), with one rounding instead of two.
-            return torch.addmm(residual, x, weight.t())
-        return F.linear(x, weight, bias) + residual
-    y = F.linear(x, weight, bias)
-    return y if out_dtype is None else y.to(out_dtype)
+            y = torch.addmm(residual, x, weight.t())
+        else:
+            y = F.linear(x, weight, bias) + residual
+    else:
+        y = F.linear(x, weight, bias)
+        y = y if out_dtype is None else y.to(out_dtype)
+    return (y, None) if with_sumsq else y
 
 
 def dense_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,12 +75,21 @@ def dense_prenorm_linear(inp: PreNormInput, weight: torch.Tensor, bias: torch.Te
     large enough projection (:func:`ember.kernels.triton_gemm.use_skinny_rms_norm_linear`)
     take one skinny GEMM kernel with the RMSNorm folded in, when the stream is
     one tensor (:func:`ember.kernels.triton_gemm.skinny_rms_norm_linear`, which
-    agrees with the unfused pair to the dtype's precision, not bit for bit)."""
+    agrees with the unfused pair to the dtype's precision, not bit for bit).
+
+    When the norm's weight was folded into ``weight``
+    (:func:`~ember.layers.layernorm.fold_norm_weight`) and the stream's sums of
+    squares are given (``inp.sumsq``), any projection folds, since its K loop
+    is the plain GEMM's. With the norm's weight still to multiply in the loop,
+    the sums of squares computed there cost less than reading the given ones
+    (H200, gate_up: 57.5 against 58.1 us), so those are not used."""
     if inp.x.is_cuda and inp.normed is None and inp.residual is None:
         from ember.kernels.triton_gemm import skinny_rms_norm_linear, use_skinny_rms_norm_linear
 
-        if use_skinny_rms_norm_linear(inp.x, weight) and inp.norm.weight.dtype == inp.x.dtype:
-            return skinny_rms_norm_linear(inp.x, weight, inp.norm.weight, inp.norm.eps, bias, gated=gated)
+        g = None if inp.norm.weight_in_next else inp.norm.weight
+        sumsq = inp.sumsq if g is None else None
+        if use_skinny_rms_norm_linear(inp.x, weight, sumsq is not None) and inp.norm.weight.dtype == inp.x.dtype:
+            return skinny_rms_norm_linear(inp.x, weight, g, inp.norm.eps, bias, gated=gated, sumsq=sumsq)
     x = inp.materialize()
     return dense_silu_and_mul_linear(x, weight, bias) if gated else dense_linear(x, weight, bias)
 
@@ -85,10 +102,17 @@ class UnquantizedLinearMethod:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor | PreNormInput, bias: torch.Tensor | None,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | PreNormInput | None = None) -> torch.Tensor:
         if isinstance(x, PreNormInput):
             y = dense_prenorm_linear(x, layer.weight, bias)
-            return y if residual is None else y + residual
+            r = residual.stream if isinstance(residual, PreNormInput) else residual
+            return y if r is None else y + r
+        if isinstance(residual, PreNormInput):
+            if residual.want_out_sumsq:
+                y, residual.out_sumsq = dense_linear(x, layer.weight, bias, residual=residual.stream,
+                                                     with_sumsq=True)
+                return y
+            residual = residual.stream
         return dense_linear(x, layer.weight, bias, residual=residual)
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | PreNormInput,
@@ -116,11 +140,15 @@ class LinearBase(nn.Module):
         self.quant_method.create_weights(self, in_features, out_features, dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor | PreNormInput, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PreNormInput, residual: torch.Tensor | PreNormInput | None = None
+                ) -> torch.Tensor:
         """``x``: [num_tokens, in_features] (or a :class:`PreNormInput` of that
         shape) -> [num_tokens, out_features], plus ``residual`` (same shape and
         dtype as the output) if given: a pre-norm block's residual add, which
-        decode rows on CUDA do in the GEMM's epilogue."""
+        decode rows on CUDA do in the GEMM's epilogue. A :class:`PreNormInput`
+        residual adds its stream, and if it has ``want_out_sumsq`` the GEMM
+        records the result rows' sums of squares in its ``out_sumsq`` where it
+        can (see :func:`dense_linear`)."""
         return self.quant_method.apply(self, x, self.bias, residual)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:

@@ -186,6 +186,12 @@ class ModelRunner:
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")
+        if self.device.type == "cuda":
+            from ember.kernels.triton_gemm import FOLD_NORM_WEIGHTS
+            from ember.models.utils import fold_input_norm_weights
+
+            if FOLD_NORM_WEIGHTS:
+                fold_input_norm_weights(model)
         self.model = model.eval()
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "

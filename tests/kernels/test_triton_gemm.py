@@ -4,6 +4,7 @@ linear layers. GPU only (Triton is not installed on CPU machines)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
@@ -234,6 +235,126 @@ def test_residual_added_in_the_epilogue_as_the_separate_add(m, n, k):
         skinny_linear(x, w, residual=r[:, :-1])
 
 
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (100, 600)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_partial_sums_of_squares_add_up_to_the_rows_as_written(m, n, k, with_residual):
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    r = torch.randn(m, n, generator=g, device="cuda").to(torch.bfloat16) if with_residual else None
+    out, sumsq = skinny_linear(x, w, residual=r, with_sumsq=True)
+    assert torch.equal(out, skinny_linear(x, w, residual=r))  # the result itself is unchanged
+    block_n = skinny_tiles(n, torch.cuda.get_device_properties(0).multi_processor_count)[0]
+    assert sumsq.shape == (-(-n // block_n), SKINNY_MAX_M) and sumsq.dtype == torch.float32
+    totals = sumsq.sum(0)
+    torch.testing.assert_close(totals[:m], out.float().pow(2).sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(totals[m:], torch.zeros(SKINNY_MAX_M - m, device="cuda"))
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (2 * 14336, 4096, True), (200, 600, False)])
+@pytest.mark.parametrize("weight_folded", [False, True])
+def test_rms_norm_folded_with_given_sums_of_squares(m, n, k, gated, weight_folded):
+    # The stream comes from a GEMM that returned its sums of squares (as down
+    # returns them to the next layer's qkv); with the norm weight multiplied
+    # into the projection's (fold_norm_weight) the K loop is the plain GEMM's.
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    dtype = torch.bfloat16
+    h = torch.randn(m, 4096, generator=g, device="cuda").to(dtype)
+    w_prev = (torch.randn(k, 4096, generator=g, device="cuda") * 4096 ** -0.5).to(dtype)
+    r = (torch.randn(m, k, generator=g, device="cuda") * 3).to(dtype)
+    x, sumsq = skinny_linear(h, w_prev, residual=r, with_sumsq=True)
+    norm_w = (torch.rand(k, generator=g, device="cuda") + 0.5).to(dtype)
+    w = (torch.randn(n, k, generator=g, device="cuda") * k ** -0.5).to(dtype)
+    ref = _norm_reference(x, norm_w, 1e-5) @ w.float().T
+    if gated:
+        gate, up = ref.split(n // 2, -1)
+        ref = F.silu(gate) * up
+    if weight_folded:
+        out = skinny_rms_norm_linear(x, w * norm_w, None, 1e-5, gated=gated, sumsq=sumsq)
+    else:
+        out = skinny_rms_norm_linear(x, w, norm_w, 1e-5, gated=gated, sumsq=sumsq)
+    assert out.shape == (m, n // 2 if gated else n) and torch.isfinite(out).all()
+    normed = rms_norm(x, norm_w, 1e-5)
+    unfused = skinny_silu_and_mul_linear(normed, w) if gated else skinny_linear(normed, w)
+    assert _rel(out, ref) < 1e-2
+    assert _rel(out, ref) <= 2 * _rel(unfused, ref) + 1e-3
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert use_skinny_rms_norm_linear(x, w, plain_loop=weight_folded) == (weight_folded or n >= 2 * 32 * sms)
+
+
+def test_rms_norm_folded_rejects_malformed_sums_of_squares():
+    x = torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(32, 64, device="cuda", dtype=torch.bfloat16)
+    for sumsq in (torch.zeros(4, 8, device="cuda"), torch.zeros(4, SKINNY_MAX_M, device="cuda", dtype=torch.bfloat16),
+                  torch.zeros(SKINNY_MAX_M, 4, device="cuda").T):
+        with pytest.raises(ValueError, match="sumsq"):
+            skinny_rms_norm_linear(x, w, None, 1e-6, sumsq=sumsq)
+
+
+class _QKVOnlyAttention(nn.Module):
+    """A stand-in attention block with Llama's projections: o_proj of q (no KV
+    cache). Records whether its input came with sums of squares."""
+
+    takes_prenorm_input = True
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(hidden, 64, hidden // 64, 2, dtype=torch.bfloat16)
+        self.o_proj = RowParallelLinear(hidden, hidden, dtype=torch.bfloat16)
+        self.seen_sumsq: list[bool] = []
+
+    def forward(self, positions, x, ctx):
+        self.seen_sumsq.append(isinstance(x, PreNormInput) and x.sumsq is not None)
+        q = self.qkv_proj(x)[:, :self.o_proj.in_features]
+        return self.o_proj(q, block_residual(x))
+
+    def reference(self, x):
+        return F.linear(F.linear(x, self.qkv_proj.weight.float())[:, :self.o_proj.in_features],
+                        self.o_proj.weight.float())
+
+
+@pytest.mark.parametrize("m", [1, 4, 32])
+def test_input_norm_folded_into_qkv_across_layers(m):
+    # Three pre-norm layers with the input norms' weights multiplied into qkv
+    # (fold_input_norm_weights, as the model runner does on CUDA). On decode
+    # rows each down returns the stream's sums of squares and the next layer's
+    # qkv folds its norm with them; prefill rows (32) run the norm kernel with
+    # the ones left in the norm. Both match the unfolded layers in float32.
+    from ember.layers.attention.layer import ForwardContext
+    from ember.models.utils import PreNormDecoderLayer, fold_input_norm_weights
+
+    torch.manual_seed(m)
+    hidden = 1024
+    model = nn.ModuleList()
+    for _ in range(3):
+        mlp = LlamaMLP(hidden, 2816).to(torch.bfloat16)
+        layer = PreNormDecoderLayer(_QKVOnlyAttention(hidden), mlp, hidden, 1e-6).to(torch.bfloat16).cuda()
+        for p in layer.parameters():
+            p.data.normal_(0, 0.03)
+        layer.input_layernorm.weight.data.uniform_(0.5, 1.5)
+        layer.post_attention_layernorm.weight.data.uniform_(0.5, 1.5)
+        model.append(layer)
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16)
+    ref = x.float()
+    for layer in model:
+        ref = ref + layer.self_attn.reference(_norm_reference(ref.to(torch.bfloat16), layer.input_layernorm.weight, 1e-6))
+        h = _norm_reference(ref.to(torch.bfloat16), layer.post_attention_layernorm.weight, 1e-6)
+        gate, up = F.linear(h, layer.mlp.gate_up_proj.weight.float()).split(2816, -1)
+        ref = ref + F.linear(F.silu(gate) * up, layer.mlp.down_proj.weight.float())
+    assert fold_input_norm_weights(model) == 3
+    assert all(torch.equal(l.input_layernorm.weight, torch.ones_like(l.input_layernorm.weight)) for l in model)
+    ctx = ForwardContext(None, [])
+    hidden_states, residual = x, None
+    for layer in model:
+        hidden_states, residual = layer(None, hidden_states, residual, ctx)
+    out = hidden_states if residual is None else hidden_states + residual
+    assert _rel(out, ref) < 1e-2
+    # Layers 2 and 3 got the sums of squares on decode rows (layer 1's input is not a GEMM's output).
+    assert [l.self_attn.seen_sumsq[0] for l in model] == [False, m <= SKINNY_MAX_M, m <= SKINNY_MAX_M]
+
+
 def test_norm_folds_into_many_wave_projections_only():
     x = torch.zeros(1, 4096, device="cuda", dtype=torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -270,7 +391,7 @@ def test_prenorm_input_through_the_layers(m, with_residual):
     inp = PreNormInput(x, norm, r)
     assert _rel(qkv(inp), F.linear(h, qkv.weight.float(), qkv.bias.float())) < 1e-2
     assert (inp.normed is None) == folds
-    assert torch.equal(block_residual(inp), stream)
+    assert torch.equal(block_residual(inp).stream, stream)
     inp = PreNormInput(x, norm, r)
     ref = F.linear(F.silu(gate) * up, mlp.down_proj.weight.float()) + stream.float()
     assert _rel(mlp(inp), ref) < 1e-2

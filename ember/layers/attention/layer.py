@@ -24,12 +24,17 @@ class ForwardContext:
             of attending (see :mod:`ember.worker.cuda_graph`).
         positions: [num_tokens] int64, each new token's position (set by the
             model's forward; read by attention layers that apply RoPE).
+        stream_sumsq: ``(stream, sumsq)``: the residual stream the last
+            pre-norm block returned and its rows' partial sums of squares,
+            which the GEMM that wrote it returned (decode rows on CUDA; see
+            :class:`ember.layers.layernorm.PreNormInput`), or None.
     """
 
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]
     piecewise: Any = None
     positions: torch.Tensor | None = None
+    stream_sumsq: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
