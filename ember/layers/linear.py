@@ -103,17 +103,15 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor | PreNormInput, bias: torch.Tensor | None,
               residual: torch.Tensor | PreNormInput | None = None) -> torch.Tensor:
+        block = residual if isinstance(residual, PreNormInput) else None
+        r = block.stream if block is not None else residual
         if isinstance(x, PreNormInput):
             y = dense_prenorm_linear(x, layer.weight, bias)
-            r = residual.stream if isinstance(residual, PreNormInput) else residual
             return y if r is None else y + r
-        if isinstance(residual, PreNormInput):
-            if residual.want_out_sumsq:
-                y, residual.out_sumsq = dense_linear(x, layer.weight, bias, residual=residual.stream,
-                                                     with_sumsq=True)
-                return y
-            residual = residual.stream
-        return dense_linear(x, layer.weight, bias, residual=residual)
+        if block is not None and block.want_out_sumsq:
+            y, block.out_sumsq = dense_linear(x, layer.weight, bias, residual=r, with_sumsq=True)
+            return y
+        return dense_linear(x, layer.weight, bias, residual=r)
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | PreNormInput,
                            bias: torch.Tensor | None) -> torch.Tensor:
