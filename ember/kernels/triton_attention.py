@@ -20,8 +20,6 @@ block_size + p % block_size``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -48,15 +46,6 @@ def _query_to(q, COMPUTE: tl.constexpr):
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
     return q.to(COMPUTE)
 
-
-# Orientation of the split-KV decode dots (see ``decode_attention``'s ``transposed``),
-# for 16-bit and for FP8 caches. ``EMBER_DECODE_TRANSPOSED`` (``""``, ``pv``, ``qk``
-# or ``qk,pv``) sets both, for A/B timing; read once, here.
-DECODE_TRANSPOSED = {"16bit": "", "fp8": ""}
-if (_forced := os.environ.get("EMBER_DECODE_TRANSPOSED")) is not None:
-    if _forced not in ("", "pv", "qk", "qk,pv"):
-        raise ValueError(f"EMBER_DECODE_TRANSPOSED must be '', 'pv', 'qk' or 'qk,pv', got {_forced!r}")
-    DECODE_TRANSPOSED = {"16bit": _forced, "fp8": _forced}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -276,8 +265,7 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          stride_qt, stride_qh, stride_bt, num_slots,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr,
-                         TRANS_QK: tl.constexpr, TRANS_PV: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -295,19 +283,11 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
     q = tl.load(Q + req * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     q = _query_to(q, COMPUTE)
-    qk_scale = sm_scale * 1.4426950408889634
-    row = NUM_KV_HEADS * HEAD_DIM
-    # TRANS_QK / TRANS_PV compute S^T = K Q^T / O^T += V^T P^T instead of
-    # S = Q K^T / O += P V: the (widened) K or V tile is then the first
-    # operand of its dot, which the tensor cores can take from registers,
-    # and the context tile or head_dim, not the 16-row head group, is M.
-    # Softmax statistics are per head ([BLOCK_H]) either way.
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    if TRANS_PV:
-        acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    row = NUM_KV_HEADS * HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < stop
@@ -318,37 +298,20 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
         # Operands in COMPUTE: an FP8 cache is widened here (a no-op otherwise).
         k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
         v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
-        if TRANS_QK:  # [BLOCK_N, BLOCK_H]
-            s = tl.where(mask_n[:, None], _dot(k, tl.trans(q), IEEE) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            p = tl.exp2(s - m_new[None, :])
-            l_new = tl.sum(p, 0)
-            if not TRANS_PV:
-                p = tl.trans(p)
-        else:  # [BLOCK_H, BLOCK_N]
-            s = tl.where(mask_n[None, :], _dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            l_new = tl.sum(p, 1)
-            if TRANS_PV:
-                p = tl.trans(p)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + l_new
-        if TRANS_PV:
-            acc = acc * alpha[None, :] + _dot(tl.trans(v), p.to(COMPUTE), IEEE)
-        else:
-            acc = acc * alpha[:, None] + _dot(p.to(COMPUTE), v, IEEE)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(COMPUTE), v, IEEE)
         m_i = m_new
     # An empty split (start >= seq_len) leaves l_i = 0: its LSE is -inf and it drops out of the merge.
     valid = l_i > 0
+    out = acc / tl.where(valid, l_i, 1.0)[:, None]
     lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
     base = (req * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
-    if TRANS_PV:
-        out = acc / tl.where(valid, l_i, 1.0)[None, :]
-        tl.store(Mid_O + base[None, :] * HEAD_DIM + offs_d[:, None], out, mask=mask_h[None, :] & mask_d[:, None])
-    else:
-        out = acc / tl.where(valid, l_i, 1.0)[:, None]
-        tl.store(Mid_O + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(Mid_O + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None] & mask_d[None, :])
     tl.store(Mid_LSE + base, lse, mask=mask_h)
 
 
@@ -392,7 +355,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     fp8_compute: torch.dtype = torch.float16, transposed: str | None = None) -> None:
+                     fp8_compute: torch.dtype = torch.float16) -> None:
     """One query token per request (``query``, ``out``: [num_reqs, num_heads, head_dim]).
 
     Args:
@@ -404,10 +367,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
             settings (tuning knobs; see benchmarks/tune_decode_attention.py).
             None: 64-token tiles (128 over an FP8 cache), 3 stages.
         fp8_compute: operand dtype of the dots over an FP8 cache (see ``_compute_dtype``).
-        transposed: which dots run transposed: ``""`` (``S = Q K^T``, ``O = P V``),
-            ``"pv"`` (``O^T = V^T P^T``) or ``"qk,pv"`` (also ``S^T = K Q^T``); the
-            same function up to rounding order. None: the faster for the cache's
-            dtype.
     Rows with ``seq_lens == 0`` (padding) produce zeros.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
@@ -421,8 +380,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     # 1 x 8192: 0.37 -> 0.89).
     block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
     num_stages = num_stages or 3
-    if transposed is None:
-        transposed = DECODE_TRANSPOSED["fp8" if kv_cache.dtype in FP8_DTYPES else "16bit"]
     pdl = use_pdl(query.device)
     if workspace is None:
         mid_o = torch.empty(num_reqs * num_heads * num_splits * head_dim, dtype=torch.float32, device=query.device)
@@ -435,7 +392,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        TRANS_QK="qk" in transposed, TRANS_PV="pv" in transposed, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

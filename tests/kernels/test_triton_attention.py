@@ -106,32 +106,6 @@ def test_decode_only(head_dim, group):
     _check(reqs, 2 * group, 2, head_dim, seed=1)
 
 
-@pytest.mark.parametrize("transposed", ["", "pv", "qk", "qk,pv"])
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("head_dim,group", [(128, 4), (64, 7)])
-def test_decode_transposed_dots(transposed, cache_dtype, head_dim, group):
-    """Each orientation of the decode dots (S = Q K^T or S^T = K Q^T, O = P V or
-    O^T = V^T P^T), at two tile sizes and split counts, against the torch
-    backend in float32 on the same cache values; every output written."""
-    from ember.kernels.triton_attention import decode_attention
-
-    reqs = [(0, 1), (BLOCK - 2, 1), (BLOCK, 1), (BLOCK * 7 + 3, 1), (1000, 1)]
-    q, k, v, kv, meta = _case(reqs, 2 * group, 2, head_dim, seed=7, cache_dtype=cache_dtype)
-    kv[0].view(-1, 2, head_dim)[meta.slot_mapping] = k.to(cache_dtype)
-    kv[1].view(-1, 2, head_dim)[meta.slot_mapping] = v.to(cache_dtype)
-    ref = TorchAttentionBackend(2 * group, head_dim, 0.1, 2).forward(
-        q.float(), kv[0].view(-1, 2, head_dim)[meta.slot_mapping].float(),
-        kv[1].view(-1, 2, head_dim)[meta.slot_mapping].float(), kv.float().clone(), meta)
-    for block_n, splits in ((64, 1), (128, 4)):
-        out = torch.full_like(q, float("nan"))
-        decode_attention(q, kv, out, meta.block_table, meta.seq_lens, 0.1, splits, block_n=block_n,
-                         transposed=transposed)
-        torch.cuda.synchronize()
-        assert not out.isnan().any(), f"unwritten or NaN output (BLOCK_N={block_n}, {splits} splits)"
-        rel = (out.float() - ref).norm() / ref.norm()
-        assert rel < 1e-2, f"relative error {rel:.3e} (BLOCK_N={block_n}, {splits} splits)"
-
-
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_long_context_32k(mode):
     reqs = [(32768 - 1, 1)] if mode == "decode" else [(32768 - 512, 512)]
