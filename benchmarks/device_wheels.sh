@@ -8,11 +8,13 @@
 # `ember serve` and `ember bench serve` need (FastAPI, uvicorn, pydantic...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(msgspec==0.19.0 pyzmq==27.1.0)
+# The versions CI installs today (pip list after `make test`, 2026-12-01).
+pkgs=(msgspec==0.23.0 pyzmq==27.3.0)
 if [ "${SERVE:-0}" = 1 ]; then
-  pkgs+=(fastapi==0.118.0 starlette==0.48.0 uvicorn==0.37.0 h11==0.16.0 pydantic==2.11.9 pydantic-core==2.33.2
-         annotated-types==0.7.0 typing-inspection==0.4.1 anyio==4.11.0 sniffio==1.3.1 prometheus-client==0.23.1
-         click==8.3.0 httpx==0.28.1 httpcore==1.0.9)
+  pkgs+=(fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 pydantic==2.13.4 pydantic-core==2.46.4
+         annotated-types==0.7.0 annotated-doc==0.0.7 typing-inspection==0.4.2 typing-extensions==4.16.0
+         anyio==4.16.0 sniffio==1.3.1 prometheus-client==0.26.0 click==8.5.1 httpx==0.28.1 httpcore==1.0.9
+         idna==3.20 certifi==2026.5.20 opentelemetry-api==1.45.2)
 fi
 plat=()
 for n in 28 27 17; do plat+=(--platform "manylinux_2_${n}_x86_64"); done

@@ -92,7 +92,7 @@ def simulate(budget: int, concurrency: int, num_requests: int, input_len: int, o
 
     def launch(sched: SchedulerOutput, t: float) -> float:
         nonlocal device_free
-        end = max(device_free + model.device_ms(sched), t + model.issue_ms(sched))
+        end = max(max(device_free, t) + model.device_ms(sched), t + model.issue_ms(sched))
         device_free = end
         return end
 
