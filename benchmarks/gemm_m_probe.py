@@ -7,7 +7,7 @@ The step traces of issue 3's throughput rows put a full decode step at batch
 of such steps alone. Each projection is timed over 8 weight copies in turn
 (more than the L2 holds) inside a CUDA graph, median of ``do_bench``, and
 compared with max(weight + activation bytes / copy bandwidth, FLOPs / matmul
-rate), both measured here first.
+rate), both measured here first by the bench tool's ``measure_ceilings``.
 
     python benchmarks/gemm_m_probe.py [--m 128 256 512 2048] [--json out.json]
 """
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ember.entrypoints.bench.roofline import measure_ceilings
 
 # name -> (N, K) of y = x @ W^T for the Llama-3.1-8B shape; per step: 32 of each layer, one LM head
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -74,22 +76,14 @@ def graph_time_us(fn_per_copy) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / COPIES
 
 
-def ceilings() -> tuple[float, float]:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    copy_ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = triton.testing.do_bench(lambda: x @ x, warmup=10, rep=100, return_mode="median")
-    return 2 * a.numel() / copy_ms / 1e9, 2 * 8192 ** 3 / mm_ms / 1e9  # TB/s, TFLOP/s (per ms)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", type=int, nargs="+", default=[128, 256, 512, 2048])
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-triton", action="store_true")
     args = ap.parse_args()
-    tb_s, tflop_s = ceilings()
+    ceil = measure_ceilings(torch.device("cuda"))  # the bench tool's: the same method as its roofline
+    tb_s, tflop_s = ceil.copy_bytes_per_s / 1e12, ceil.matmul_flops_per_s / 1e12
     print(f"{torch.cuda.get_device_name()}: copy {tb_s * 1e3:.0f} GB/s, bf16 matmul {tflop_s:.0f} TFLOP/s")
     rows = []
     for name, (n, k) in SHAPES.items():

@@ -28,6 +28,7 @@ import argparse
 import heapq
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from ember.config import SchedulerConfig
 from ember.core.kv_cache_manager import KVCacheManager
@@ -50,12 +51,15 @@ class StepModel:
     api_out_ms: float = 3.0
 
     def device_ms(self, sched: SchedulerOutput) -> float:
-        prefill = sum(n for n in sched.num_scheduled_tokens.values() if n > 1)
-        return self.decode_ms + self.prefill_ms_per_token * prefill
+        return self.decode_ms + self.prefill_ms_per_token * _prefill_tokens(sched)
 
     def issue_ms(self, sched: SchedulerOutput) -> float:
-        prefill = sum(n for n in sched.num_scheduled_tokens.values() if n > 1)
-        return self.launch_ms + self.launch_ms_per_token * prefill
+        return self.launch_ms + self.launch_ms_per_token * _prefill_tokens(sched)
+
+
+def _prefill_tokens(sched: SchedulerOutput) -> int:
+    """Tokens of the step's requests that compute more than one (prompt chunks)."""
+    return sum(n for n in sched.num_scheduled_tokens.values() if n > 1)
 
 
 @dataclass
@@ -67,7 +71,7 @@ class RequestTimes:
 
 def simulate(budget: int, concurrency: int, num_requests: int, input_len: int, output_len: int,
              model: StepModel, async_scheduling: bool = True, warmup: int = 16,
-             max_num_seqs: int = 256) -> dict[str, float]:
+             max_num_seqs: int = 256) -> dict[str, Any]:
     """Run the closed loop; returns median/P99 TTFT, median TPOT and P99 ITL (ms)
     over the requests after the first ``warmup``, and every such request's TTFT
     (``ttft_ms``, in sending order)."""
