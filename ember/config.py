@@ -7,7 +7,7 @@ Each config checks its own fields in ``__post_init__`` and raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +66,9 @@ class ModelConfig:
             name); None: the model's own.
         attention_backend: force a registered attention backend (``"torch"``,
             ``"triton"``); None picks the device's default.
+        quantization: a quantization method by name (``--quantization``,
+            see :mod:`ember.layers.quantization`); None: the checkpoint's own
+            ``quantization_config``, if any.
     """
 
     model: str
@@ -80,6 +83,7 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
     tokenizer: str | None = None
     attention_backend: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES.values(), "dtype", f"one of {sorted(_DTYPES)}", self.dtype)
@@ -252,6 +256,30 @@ class LoadConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which fused decode kernels replace the plain layers after load (CUDA,
+    tensor-parallel size 1, unquantized weights; elsewhere the plain path runs
+    whatever these say). Each switch exists for A/B timing (``--no-...`` flags).
+
+    Attributes:
+        skinny_gemm: linear layers and the LM head take the skinny Triton GEMM
+            at decode row counts (at most 16 rows) instead of cuBLAS.
+        fold_norm: a pre-norm block's RMSNorm is folded into the GEMM that
+            consumes it, and the residual add into the epilogue of the GEMM
+            that ends the block (needs ``skinny_gemm``).
+        fold_norm_weights: the input RMSNorm's weight is multiplied into the
+            qkv weight at load and the sums of squares travel from the previous
+            layer's down GEMM (needs ``fold_norm``).
+        pdl: programmatic dependent launch of the skinny GEMMs on Hopper.
+    """
+
+    skinny_gemm: bool = True
+    fold_norm: bool = True
+    fold_norm_weights: bool = True
+    pdl: bool = True
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """All configs of one engine."""
 
@@ -261,6 +289,7 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device_config: DeviceConfig
     load_config: LoadConfig
+    kernel_config: KernelConfig = field(default_factory=KernelConfig)
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -1,0 +1,74 @@
+"""The quantization seam: what a quantization method implements.
+
+A linear layer (and the LM head) holds a ``quant_method``: a
+:class:`LinearMethodBase` that creates the layer's parameters in its storage
+format, turns the loaded checkpoint tensors into the form its kernel wants
+once after loading, and computes ``y = x @ W.T + b``. Which method a layer
+gets is decided by the model's :class:`QuantizationConfig` (from the
+checkpoint's ``quantization_config`` or ``--quantization``), given the layer's
+checkpoint name (``prefix``), so a config can leave some layers unquantized.
+The design follows vLLM's ``QuantizationConfig`` / ``LinearMethodBase``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class LinearMethodBase(ABC):
+    """How one linear layer stores its weight and computes its product."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype) -> None:
+        """Register the layer's parameters (e.g. ``weight``, scales) on ``layer``.
+
+        Args:
+            layer: the linear layer; parameters are set as its attributes, and
+                each may carry a ``weight_loader`` attribute of its own where the
+                layer's default sharded copy does not fit its layout.
+            input_size_per_partition: this rank's input features (K).
+            output_partition_sizes: this rank's output features of each stacked
+                projection (one entry for a plain layer; q/k/v or gate/up for
+                merged ones); their sum is N.
+            input_size, output_size: the full (unsharded) sizes.
+            params_dtype: the model's activation dtype.
+        """
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded tensors into the kernel's layout (repack, transpose,
+        compute scales). Called once per layer after every weight is loaded."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [num_tokens, K] (activation dtype) -> ``x @ W.T + bias``
+        [num_tokens, N] in ``x``'s dtype."""
+
+
+class QuantizationConfig(ABC):
+    """A checkpoint's (or ``--quantization``'s) quantization scheme."""
+
+    @classmethod
+    @abstractmethod
+    def get_name(cls) -> str:
+        """The name ``--quantization`` and ``quantization_config.quant_method`` use."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        """Build from a checkpoint's ``quantization_config`` dict ({} for an
+        online method chosen by ``--quantization``).
+
+        Raises:
+            ValueError: the dict does not describe a scheme this method runs.
+        """
+
+    @abstractmethod
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
+        """The method for ``layer`` (checkpoint name ``prefix``), or None to
+        leave it unquantized."""
