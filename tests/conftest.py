@@ -1,7 +1,14 @@
 import os
 
-import pytest
 import torch
+
+# Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors (the
+# kernel tests under tests/kernels check them there against PyTorch). Set before
+# any kernel module is imported: ``triton.jit`` reads it at decoration time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
