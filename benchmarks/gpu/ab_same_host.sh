@@ -10,24 +10,24 @@
 #
 # The old side is the `ember` package in $OLD (a folder holding `ember/`, e.g.
 #     mkdir -p .carry/old && git archive REV ember | tar -x -C .carry/old
-# then carry .carry with the checkout), run with $OLD_FLAGS; the new side is this
+# copied to the GPU machine with the checkout), run with $OLD_FLAGS; the new side is this
 # checkout, run with $NEW_FLAGS. Without OLD both sides run this checkout, so a
 # kernel switch can be timed alone: OLD_FLAGS="--no-pdl" (or --no-skinny-gemm,
 # --no-fold-norm, --no-fold-norm-weights). The old side only gets arguments
 # that `ember bench` has long had.
 #
-# Time: the whole call must fit the GPU machine's 10 minutes. On an H200 the
+# Time: the whole script is sized to finish within 10 minutes. On an H200 the
 # runs themselves take about 4 s (latency), 39 s (5000 x 128/128) and 104 s
 # (1000 x 1024/1024), plus 10-20 s to start each engine and the first start's
 # Triton compiles; an H100 reads the KV cache about 30% slower, so two
 # 1000-prompt long runs would leave no margin. LONG_PROMPTS is therefore 500 by
 # default (same kernels and batch sizes, two waves of 256 requests instead of
-# four); LONG_PROMPTS=1000 reproduces the table's workload where time allows.
+# four); LONG_PROMPTS=1000 ROUNDS=1 reproduces the table's workload on an H200.
 # Before each pair the script checks that the pair still fits BUDGET_S
 # (default 560 s) by a conservative estimate and skips it otherwise (said so in
 # the summary), so the summary always prints.
 #
-# Output: $OUT/ab_<workload>_<old|new>[_round].json (the `ember bench` JSON),
+# Output: $OUT/ab_<workload>[_r<round>]_<old|new>.json (the `ember bench` JSON),
 # $OUT/ab_summary.json, and a table of old, new and new/old per figure.
 # Usage: OUT=results OLD=.carry/old bash benchmarks/gpu/ab_same_host.sh
 source "$(dirname "$0")/_common.sh"
