@@ -1,7 +1,7 @@
 """The 8B preset's linear layers at throughput-step row counts: cuBLAS (and
 cuBLASLt) against the bound, and a plain Triton GEMM as a second opinion (GPU).
 
-The step traces of issue 3's throughput rows put a full decode step at batch
+The step traces of the offline throughput runs put a full decode step at batch
 256 at 10.6 ms (5000 x 128/128) and 20.1 ms (1000 x 1024/1024) against about
 6.4 and 17.2 ms from the bytes and FLOPs (BENCHMARKS.md); this times the GEMMs
 of such steps alone. Each projection is timed over 8 weight copies in turn

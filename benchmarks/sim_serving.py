@@ -10,7 +10,7 @@ request as soon as the last one finished (``ember bench serve
 scheduler settings in seconds of CPU, so that GPU time is spent only on
 confirming the settings that the model says are worth it.
 
-Step-time model (ms), fitted to issue 4's H100 figures (BENCHMARKS.md: batch-4
+Step-time model (ms), fitted to the H100 serving figures (BENCHMARKS.md: batch-4
 decode step 5.99 ms; a lone 1000-token prefill 24-25 ms, GEMMs 19.2 ms of it):
 ``decode_ms + prefill_ms_per_token * prefill_tokens``; the host issues a step in
 ``launch_ms + launch_ms_per_token * prefill_tokens`` (piecewise CUDA graphs:

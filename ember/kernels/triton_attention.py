@@ -53,9 +53,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compute: torch.dtype):
     """Element type the attention dots take their operands in: the query's, or
     ``fp8_compute`` for a 16-bit query over an FP8 cache, whose tiles are
-    widened to it once per tile. Measured on an H200: float16 decodes faster
-    (5% in isolation; 1000 x 1024/1024 ran at 10,150-10,370 tok/s with it,
-    9,457 with bfloat16), bfloat16 extends 10-20% faster, so each kernel
+    widened to it once per tile. On Hopper float16 decodes faster and bfloat16
+    extends faster (``benchmarks/tune_decode_attention.py``), so each kernel
     defaults to its faster type. A query element beyond float16's range
     saturates at 65504 (``_query_to``)."""
     if cache_dtype in FP8_DTYPES and query_dtype != torch.float32:
@@ -162,7 +161,7 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
         BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_ROW=triton.next_power_of_2(num_kv_heads * head_dim),
         FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-        num_warps=8)  # 1.93 against 2.13 us with 4 (H200, benchmarks/small_kernel_probe.py)
+        num_warps=8)  # faster than 4 warps at decode row counts
 
 
 # ------------------------------------------------------------ extend / prefill
@@ -372,12 +371,11 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_reqs, num_heads, _ = query.shape
     group = num_heads // num_kv_heads
-    # NOTE (H200 sweeps, benchmarks/tune_decode_attention.py): 3 stages beat 2
-    # on a 16-bit cache (256 x 1536: 3.8 -> 4.1 TB/s; 64 x 4096 and 1 x 8192
-    # equal or better). Over FP8 the kernel reaches only ~2.4 TB/s, bound by the
-    # FP8 V operand of the PV dot (benchmarks/fp8_v_layout_probe.py), not by the
-    # bytes; 128-token tiles help it most (256 x 1536: 2.0 -> 2.4 TB/s;
-    # 1 x 8192: 0.37 -> 0.89).
+    # NOTE (sweeps of benchmarks/tune_decode_attention.py): 3 stages beat 2 on
+    # a 16-bit cache at every batch x context swept. Over FP8 the kernel is bound
+    # by the FP8 V operand of the PV dot (V is stored token-major, and Hopper
+    # transposes only 16-bit elements on chip), not by the bytes; 128-token
+    # tiles help it most (BENCHMARKS.md, "Known limits").
     block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
     num_stages = num_stages or 3
     pdl = use_pdl(query.device)
@@ -397,4 +395,4 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=pdl,
-        num_warps=1)  # 1.53 against 2.12 us with 4 at 32 splits (H200, benchmarks/small_kernel_probe.py)
+        num_warps=1)  # faster than 4 warps up to 32 splits: the merge is latency-bound

@@ -1,8 +1,8 @@
 """CUDA graphs: whole decode steps, and piecewise graphs for the other steps.
 
 A step launches hundreds of small kernels; replaying a captured graph removes
-the per-launch host cost (measured on H100 hosts: 25-45 us per Triton launch,
-15-30 ms to issue an eager 8B step, whatever its size).
+the per-launch host cost (tens of microseconds per Triton launch: issuing an
+eager 8B step can take longer than running it).
 
 * Decode steps (:class:`CUDAGraphRunner`): graphs for a ladder of batch sizes
   over persistent input buffers; a batch of ``n`` decodes runs in the smallest

@@ -306,7 +306,7 @@ def test_penalties_and_logprobs_on_cuda_match_cpu():
 
 @pytest.mark.gpu
 def test_sampling_on_cuda_never_waits_for_the_device():
-    """Issue 3: the sampler needs no host synchronisation except to read the
+    """The sampler needs no host synchronisation except to read the
     sampled ids. With torch's sync debug mode set to "error", building the
     metadata and sampling a batch that uses every feature raises on any sync."""
     torch.manual_seed(9)

@@ -1,7 +1,7 @@
 """Measured ceilings of the device (copy bandwidth, bf16 matmul rate) and the
 model's bytes and FLOPs per token, for roofline bounds in benchmark output.
 
-Method (see the device notes, METHOD.md): the copy bandwidth counts bytes read
+Method: the copy bandwidth counts bytes read
 plus bytes written of a large device-to-device copy; the matmul rate is a large
 square bf16 product on random data. Both are medians of timed repeats after a
 warm-up, measured in the benchmark's own process.
