@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 BLOCK = 16
 
 
-def _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype=torch.bfloat16):
+def _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype=torch.bfloat16, dtype=torch.bfloat16):
     """reqs: list of (cached, new). Random cache + queries; returns inputs and metadata."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     dev = DEVICE
@@ -38,9 +38,9 @@ def _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype=torch.bfloa
     width = max(blocks_needed)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
     T = starts[-1]
-    q = torch.randn(T, num_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
-    k = torch.randn(T, num_kv_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
-    v = torch.randn(T, num_kv_heads, head_dim, generator=g, device=dev).to(torch.bfloat16)
+    q = torch.randn(T, num_heads, head_dim, generator=g, device=dev).to(dtype)
+    k = torch.randn(T, num_kv_heads, head_dim, generator=g, device=dev).to(dtype)
+    v = torch.randn(T, num_kv_heads, head_dim, generator=g, device=dev).to(dtype)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, device=dev), query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_table=table,
@@ -61,11 +61,12 @@ def _triton_backend(num_heads, head_dim, scale, num_kv_heads):
         return TritonAttentionBackend(num_heads, head_dim, scale, num_kv_heads)
 
 
-def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache_dtype=torch.bfloat16):
-    """Triton backend (bf16 queries, cache of ``cache_dtype``) vs the torch
-    backend in float32 on the same values, its new K/V rounded as the cache
-    rounds them."""
-    q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype)
+def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache_dtype=torch.bfloat16,
+           dtype=torch.bfloat16, tol=1e-2):
+    """Triton backend (queries of ``dtype``, cache of ``cache_dtype``) vs the
+    torch backend in float32 on the same values, its new K/V rounded as the
+    cache rounds them."""
+    q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype, dtype)
     meta.num_decodes = num_decodes
     scale = head_dim ** -0.5
     ref_cache = kv.float().clone()
@@ -75,7 +76,7 @@ def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache
     synchronize()
     assert not out.isnan().any(), "unwritten or NaN output"
     rel = (out.float() - ref).norm() / ref.norm()
-    assert rel < 1e-2, f"relative error {rel:.3e}"
+    assert rel < tol, f"relative error {rel:.3e}"
     assert torch.equal(kv.float(), ref_cache.to(cache_dtype).float()), "KV cache write differs"
 
 
@@ -124,6 +125,14 @@ def test_mixed_batch_with_leading_decodes(group):
 def test_decode_only(head_dim, group):
     reqs = [(0, 1), (BLOCK - 2, 1), (BLOCK, 1), (BLOCK * 7 + 3, 1), (by_device(1000, 300), 1)]
     _check(reqs, 2 * group, 2, head_dim, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_float16_and_float32_models(dtype):
+    # Dots in the model's dtype; float32 ones in true float32 (not TF32).
+    reqs = [(0, 1), (BLOCK - 1, 1), (_LONG, 1), (0, BLOCK + 1), (BLOCK + 1, 5), _PREFILL]
+    _check(reqs, 8, 2, 64, seed=8, num_decodes=3, cache_dtype=dtype, dtype=dtype,
+           tol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.gpu

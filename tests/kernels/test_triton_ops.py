@@ -49,8 +49,9 @@ def test_rms_norm_of_strided_rows_and_of_heads(dtype):
     num_heads, num_kv_heads, head_dim = 32, 8, 128
     norm = RMSNorm(head_dim, 1e-6).to(dtype)
     norm.weight.data = torch.randn(head_dim, generator=g).to(dtype)
-    qkv = torch.randn(29, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
-    q = qkv[:, : num_heads * head_dim].view(29, num_heads, head_dim)
+    n = by_device(29, 7)
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    q = qkv[:, : num_heads * head_dim].view(n, num_heads, head_dim)
     w = norm.weight.to(DEVICE)
     out = rms_norm(q.reshape(-1, head_dim).to(DEVICE), w, 1e-6).view(q.shape)
     assert _rel(out, norm(q)) < _tol(dtype)
