@@ -56,8 +56,9 @@ def _triton_backend(num_heads, head_dim, scale, num_kv_heads):
         return TritonAttentionBackend(num_heads, head_dim, scale, num_kv_heads)
     # Without CUDA the backend cannot ask the device for its SM count (which
     # only sets the decode split count): give it a small GPU's.
+    small_gpu = SimpleNamespace(multi_processor_count=8)
     with mock.patch.object(torch.cuda, "current_device", return_value=0), \
-            mock.patch.object(torch.cuda, "get_device_properties", return_value=SimpleNamespace(multi_processor_count=8)):
+            mock.patch.object(torch.cuda, "get_device_properties", return_value=small_gpu):
         return TritonAttentionBackend(num_heads, head_dim, scale, num_kv_heads)
 
 
@@ -253,13 +254,13 @@ def test_rope_and_kv_write_in_one_kernel(cache_dtype, head_dim, num_heads, num_k
     from ember.layers.rotary import RotaryEmbedding
 
     g = torch.Generator(device=DEVICE).manual_seed(head_dim + num_heads)
-    n, num_blocks = 37, 8
+    n, num_blocks = by_device(37, 13), 8
     rope = RotaryEmbedding(head_dim, head_dim, 4096, 500000.0).to(DEVICE)
     qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
     qs, ks = num_heads * head_dim, num_kv_heads * head_dim
     positions = torch.randint(0, 4096, (n,), generator=g, device=DEVICE)
     slots = torch.randperm(num_blocks * BLOCK, generator=g, device=DEVICE)[:n]
-    slots[[0, 5, 36]] = -1
+    slots[[0, 5, n - 1]] = -1
     results = []
     for fused in (False, True):
         q, k, v = qkv.clone().split([qs, ks, ks], dim=-1)
