@@ -133,7 +133,7 @@ def test_float16_and_float32_models(dtype):
     # Dots in the model's dtype; float32 ones in true float32 (not TF32).
     reqs = [(0, 1), (BLOCK - 1, 1), (_LONG, 1), (0, BLOCK + 1), (BLOCK + 1, 5), _PREFILL]
     _check(reqs, 8, 2, 64, seed=8, num_decodes=3, cache_dtype=dtype, dtype=dtype,
-           tol=1e-5 if dtype == torch.float32 else 1e-2)
+           tol=1e-4 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.gpu
