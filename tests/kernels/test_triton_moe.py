@@ -1,9 +1,12 @@
-"""Triton fused MoE vs the plain-PyTorch experts loop (float32 and bf16)."""
+"""Triton fused MoE vs the plain-PyTorch experts loop (float32 and bf16): on
+CUDA at full shapes, without it on CPU in Triton's interpreter at small ones
+(tests/kernels/interpret.py)."""
 
 import pytest
 import torch
 
 from ember.layers.moe.torch_moe import fused_experts_torch
+from tests.kernels.interpret import DEVICE, by_device
 
 triton = pytest.importorskip("triton")
 
@@ -34,18 +37,20 @@ def test_moe_align_covers_every_pair_once(block_m):
             assert bool((flat[rows.long()] == e).all())
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", [
-    (1, 8, 2, 256, 128), (7, 128, 8, 2048, 768), (300, 16, 4, 512, 384), (64, 256, 8, 1024, 256)])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", by_device(
+    [(1, 8, 2, 256, 128), (7, 128, 8, 2048, 768), (300, 16, 4, 512, 384), (64, 256, 8, 1024, 256)],
+    # 16-row blocks with experts left idle; 64-row blocks (more pairs than
+    # 64 per expert); K and N not multiples of the 64-wide tiles.
+    [(1, 8, 2, 64, 32), (9, 16, 4, 96, 80), (150, 4, 2, 64, 48)]))
 def test_fused_moe_matches_torch(dtype, num_tokens, num_experts, top_k, hidden, inter):
     from ember.kernels.triton_moe import fused_experts_triton
 
-    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
-    x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen, device="cuda") / hidden ** 0.5).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter, generator=gen, device="cuda") / inter ** 0.5).to(dtype)
-    weights, ids = _routing(num_tokens, num_experts, top_k, gen, "cuda")
+    gen = torch.Generator(device=DEVICE).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden, generator=gen, device=DEVICE).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen, device=DEVICE) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=gen, device=DEVICE) / inter ** 0.5).to(dtype)
+    weights, ids = _routing(num_tokens, num_experts, top_k, gen, DEVICE)
     ref = fused_experts_torch(x.float(), w13.float(), w2.float(), weights, ids)
     out = fused_experts_triton(x, w13, w2, weights, ids)
     assert not out.isnan().any()
