@@ -106,6 +106,31 @@ def check_column_row_chain(rank: int) -> None:
     _close(fc2(torch.relu(fc1(x))), F.linear(torch.relu(F.linear(x, w1, b1)), w2, b2))
 
 
+def check_int8_column_row_chain(rank: int) -> None:
+    """The quantization seam under tensor parallelism: each rank quantizes its
+    own shard (a row-parallel shard's scales cover its half of K)."""
+    from ember.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from ember.layers.quantization import get_quant_config
+    from ember.layers.quantization.int8_weight_only import quantize_per_channel_int8
+
+    def dequant(w: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_per_channel_int8(w)
+        return q.float() * scale[:, None]
+
+    quant = get_quant_config("int8_weight_only", object())
+    w1, b1, w2, b2 = _full((INTER, HIDDEN), 24), _full((INTER,), 25), _full((HIDDEN, INTER), 26), _full((HIDDEN,), 27)
+    x = _full((4, HIDDEN), 28)
+    fc1 = ColumnParallelLinear(HIDDEN, INTER, bias=True, gather_output=False, quant_config=quant, prefix="fc1")
+    fc2 = RowParallelLinear(INTER, HIDDEN, bias=True, reduce_results=True, quant_config=quant, prefix="fc2")
+    for layer, w, b in ((fc1, w1, b1), (fc2, w2, b2)):
+        _load(layer, "weight", w)
+        _load(layer, "bias", b)
+    _finish(fc1, fc2)
+    assert fc2.weight_int8.shape == (HIDDEN, INTER // WORLD) and not hasattr(fc2, "weight")
+    w2_shards = torch.cat([dequant(part) for part in w2.chunk(WORLD, dim=1)], dim=1)
+    _close(fc2(torch.relu(fc1(x))), F.linear(torch.relu(F.linear(x, dequant(w1), b1)), w2_shards, b2))
+
+
 def check_merged_mlp_chain(rank: int) -> None:
     from ember.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
