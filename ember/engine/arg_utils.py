@@ -18,6 +18,7 @@ from ember.config import (
     ConfigError,
     DeviceConfig,
     EngineConfig,
+    KernelConfig,
     LoadConfig,
     ModelConfig,
     ParallelConfig,
@@ -97,6 +98,11 @@ class EngineArgs:
     # None: on for CUDA (the host's per-step work hides behind the device's),
     # off for CPU (its kernels run synchronously, so there is nothing to hide).
     async_scheduling: bool | None = None
+    # Decode fusions (KernelConfig): each on by default, off for A/B timing.
+    skinny_gemm: bool = True
+    fold_norm: bool = True
+    fold_norm_weights: bool = True
+    pdl: bool = True
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -155,6 +161,19 @@ class EngineArgs:
                             default=d.piecewise_cuda_graphs,
                             help="run steps with prefill tokens as CUDA graphs cut at attention, not eagerly "
                                  "(default: on; decode steps always use whole-step graphs)")
+        kernels = parser.add_argument_group(
+            "decode kernels", "fused decode kernels swapped in after load on CUDA (tensor-parallel size 1, "
+                              "unquantized layers); turn one off for A/B timing")
+        kernels.add_argument("--no-skinny-gemm", dest="skinny_gemm", action="store_false",
+                             help="decode rows (<= 16) use cuBLAS instead of the skinny Triton GEMM (also turns "
+                                  "off every fusion below)")
+        kernels.add_argument("--no-fold-norm", dest="fold_norm", action="store_false",
+                             help="keep each pre-norm RMSNorm and residual add out of the decode GEMMs")
+        kernels.add_argument("--no-fold-norm-weights", dest="fold_norm_weights", action="store_false",
+                             help="keep the input RMSNorm weights out of the qkv weights (no sums-of-squares "
+                                  "hand-off between layers)")
+        kernels.add_argument("--no-pdl", dest="pdl", action="store_false",
+                             help="launch the decode GEMMs without programmatic dependent launch (Hopper)")
         parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
         parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
@@ -245,7 +264,10 @@ class EngineArgs:
             max_waiting_time_s=None if self.max_waiting_time_s == 0 else self.max_waiting_time_s,
             async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config)
+        kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
+                                     fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
+        return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
+                            kernel_config=kernel_config)
 
 
 def _quantization_names() -> list[str]:

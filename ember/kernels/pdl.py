@@ -13,23 +13,22 @@ predecessor. See the PTX ISA, "griddepcontrol", and the CUDA programming
 guide, "Programmatic Dependent Launch and Synchronization".
 
 Here only the skinny GEMM (:mod:`ember.kernels.triton_gemm`) is launched with
-PDL, and it waits first thing. The small kernels that precede GEMMs call
+PDL, when its caller asks (``use_pdl``, from ``KernelConfig.pdl``, i.e. unless
+``--no-pdl``), and it waits first thing. The small kernels that precede GEMMs call
 :func:`pdl_release` first thing and are launched the ordinary way, so at most
-one small kernel and one GEMM overlap. Since nothing is read or stored before
+one small kernel and one GEMM overlap. Their release is a no-op when the
+kernel after them was launched the ordinary way. Since nothing is read or stored before
 the wait, stream-ordered memory reuse (the caching allocator, CUDA-graph
 pools) stays safe.
 
 Measured (H200, Llama-3.1-8B batch-1 decode, BENCHMARKS.md): 4.49 -> 4.42 ms
 per step. Issuing work before the wait made the step slower: an L2 prefetch of
 the GEMM's first weight tiles gave 4.81 ms, loading its first weight tile 4.79 ms.
-
-``EMBER_PDL=0`` turns it off (for A/B timing).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -49,9 +48,7 @@ except ImportError:  # a Triton without grid dependency control: PDL stays off
     def gdc_launch_dependents():
         pass
 
-ENABLED = _HAVE_GDC and os.environ.get("EMBER_PDL", "1") != "0"
-
-__all__ = ["ENABLED", "gdc_launch_dependents", "gdc_wait", "launch_options", "pdl_release", "use_pdl"]
+__all__ = ["gdc_launch_dependents", "gdc_wait", "launch_options", "pdl_release", "pdl_supported", "use_pdl"]
 
 
 @functools.cache
@@ -59,12 +56,19 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with PDL: Hopper or later, and not
-    turned off by ``EMBER_PDL=0``."""
-    if not ENABLED or device.type != "cuda":
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use PDL: a CUDA device of compute
+    capability 9.0 (Hopper) or later, and a Triton with grid dependency control."""
+    if not _HAVE_GDC or device.type != "cuda":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether the small kernels on ``device`` release their dependents early
+    (:func:`pdl_release`): wherever PDL is supported (:func:`pdl_supported`).
+    Harmless when the next kernel is not launched with PDL."""
+    return pdl_supported(device)
 
 
 def launch_options(pdl: bool) -> dict[str, bool]:

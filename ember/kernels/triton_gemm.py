@@ -14,7 +14,8 @@ again, as in a real decode step; figures in BENCHMARKS.md): on the H100 it is
 3-12% faster on every Llama-3.1-8B projection and the LM head, and a whole
 batch-4 decode step took 6.24 instead of 6.56 ms; on the H200, where cuBLAS is
 closer to the copy bandwidth, a batch-1 step took 4.48 instead of 4.72 ms.
-Launched with PDL on Hopper (:mod:`ember.kernels.pdl`).
+Launched with PDL on Hopper when the caller asks (``use_pdl``, see
+:mod:`ember.kernels.pdl`).
 
 :func:`skinny_silu_and_mul_linear` is the same kernel for a merged gate_up
 projection with SwiGLU's ``silu(gate) * up`` in its epilogue (each program streams
@@ -34,17 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, use_pdl
+from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, pdl_supported
 
 # Rows of x up to which :func:`skinny_linear` applies (one 16-row MMA tile).
 SKINNY_MAX_M = 16
-# ``EMBER_SKINNY_GEMM=0`` sends every linear layer to cuBLAS (for A/B timing).
-ENABLED = os.environ.get("EMBER_SKINNY_GEMM", "1") != "0"
-# ``EMBER_FOLD_NORM=0`` keeps the pre-norm RMSNorm as its own kernel (for A/B timing).
-FOLD_NORM = os.environ.get("EMBER_FOLD_NORM", "1") != "0"
-# ``EMBER_FOLD_NORM_WEIGHTS=0`` keeps the input norms' weights out of the qkv
-# weights (ember.models.utils.fold_input_norm_weights; for A/B timing).
-FOLD_NORM_WEIGHTS = FOLD_NORM and os.environ.get("EMBER_FOLD_NORM_WEIGHTS", "1") != "0"
+# Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton when a kernel is
+# defined) runs the kernel on CPU tensors; the tests use it without CUDA.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# SMs assumed for the tile choice of CPU tensors in the interpreter (an H100's).
+_INTERPRETER_SMS = 132
 
 
 @triton.jit
@@ -147,6 +146,8 @@ _NUM_SMS: dict[int, int] = {}
 
 
 def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _NUM_SMS:
         _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -172,17 +173,16 @@ def skinny_tiles(n: int, num_sms: int) -> tuple[int, int, int]:
 
 
 def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`skinny_linear` applies (and is not turned off by
-    ``EMBER_SKINNY_GEMM=0``): a CUDA 16-bit ``x`` of at most
-    :data:`SKINNY_MAX_M` rows with unit stride along K, and a weight of the same
-    dtype with unit stride along K."""
-    return (ENABLED and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
+    """Whether :func:`skinny_linear` applies: a CUDA 16-bit ``x`` (or a CPU
+    one in Triton's interpreter) of at most :data:`SKINNY_MAX_M` rows with unit
+    stride along K, and a weight of the same dtype with unit stride along K."""
+    return ((x.is_cuda or (INTERPRETED and x.device.type == "cpu")) and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
-                  with_sumsq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  with_sumsq: bool = False, use_pdl: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x @ weight.T + bias``, as ``F.linear`` (``.to(out_dtype)``), for few rows;
     with ``residual``, that result rounded to x's dtype plus ``residual`` (a
     pre-norm block's residual add in the epilogue, rounded as the separate add).
@@ -199,6 +199,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             separate cast kernel).
         residual: optional [M, N] in x's dtype, unit stride along N.
         with_sumsq: also return the partial sums of squares.
+        use_pdl: launch with PDL where the device supports it (:mod:`ember.kernels.pdl`).
     Returns:
         [M, N] in ``out_dtype`` (float32 accumulation); with ``with_sumsq``
         also [P, SKINNY_MAX_M] float32 whose column m sums to the sum of the
@@ -215,12 +216,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     block_n, block_k, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
     sumsq = (torch.empty(triton.cdiv(weight.shape[0], block_n), SKINNY_MAX_M, dtype=torch.float32, device=x.device)
              if with_sumsq else None)
-    launch_skinny_gemm(x, weight, bias, out, block_n, block_k, num_stages, residual=residual, sumsq_out=sumsq)
+    launch_skinny_gemm(x, weight, bias, out, block_n, block_k, num_stages, residual=residual, sumsq_out=sumsq,
+                       use_pdl=use_pdl)
     return (out, sumsq) if with_sumsq else out
 
 
-def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
-                               bias: torch.Tensor | None = None) -> torch.Tensor:
+def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                               use_pdl: bool = False) -> torch.Tensor:
     """SwiGLU's first half in one kernel: ``silu(g) * u`` where ``[g | u] = x @
     weight.T + bias`` (a merged gate_up projection), without writing ``[g | u]``.
 
@@ -233,18 +235,19 @@ def skinny_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
         x: [M, K], as in :func:`skinny_linear`.
         weight: [2D, K]: the D gate rows, then the D up rows.
         bias: optional [2D].
+        use_pdl: as in :func:`skinny_linear`.
     Returns:
         [M, D] in x's dtype.
     Raises:
         ValueError: the inputs do not meet :func:`use_skinny_linear`, or the
             weight has an odd number of rows.
     """
-    return _launch_gated(x, weight, bias)
+    return _launch_gated(x, weight, bias, use_pdl=use_pdl)
 
 
 def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
                            bias: torch.Tensor | None = None, gated: bool = False,
-                           sumsq: torch.Tensor | None = None) -> torch.Tensor:
+                           sumsq: torch.Tensor | None = None, use_pdl: bool = False) -> torch.Tensor:
     """A pre-norm block's RMSNorm (Zhang & Sennrich, 2019) folded into the
     projection that consumes it: ``rms_norm(x) * norm_weight @ weight.T + bias``,
     and with ``gated`` SwiGLU's ``silu(gate) * up`` as in
@@ -266,11 +269,12 @@ def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: t
         weight: [N, K] ([2D, K] with ``gated``), same dtype.
         norm_weight: [K] in x's dtype, the RMSNorm's weight; None when it is
             already multiplied into ``weight``'s columns
-            (:func:`ember.layers.layernorm.fold_norm_weight`): then the x tiles
+            (at load, by :func:`ember.layers.fusion.apply_decode_fusions`): then the x tiles
             go to the tensor cores unscaled.
         eps: added to the mean square.
         bias: optional [N].
         sumsq: optional [P, SKINNY_MAX_M] float32, x's rows' partial sums of squares.
+        use_pdl: as in :func:`skinny_linear`.
     Returns:
         [M, N] ([M, D] with ``gated``) in x's dtype.
     Raises:
@@ -286,13 +290,13 @@ def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: t
         raise ValueError(f"skinny_rms_norm_linear: norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} "
                          f"does not match x {tuple(x.shape)} {x.dtype}")
     if gated:
-        return _launch_gated(x, weight, bias, norm=(norm_weight, eps), sumsq=sumsq)
+        return _launch_gated(x, weight, bias, norm=(norm_weight, eps), sumsq=sumsq, use_pdl=use_pdl)
     _check(x, weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     # A plain K loop takes the plain GEMM's tiles.
     tiles = skinny_tiles(weight.shape[0], _num_sms(x.device)) if norm_weight is None and sumsq is not None \
         else (32, 256, 4)
-    launch_skinny_gemm(x, weight, bias, out, *tiles, norm=(norm_weight, eps), sumsq=sumsq)
+    launch_skinny_gemm(x, weight, bias, out, *tiles, norm=(norm_weight, eps), sumsq=sumsq, use_pdl=use_pdl)
     return out
 
 
@@ -305,7 +309,7 @@ NORM_BLOCK_K = 128
 
 def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, plain_loop: bool = False) -> bool:
     """Whether folding a norm into this projection pays: the skinny GEMM applies
-    (:func:`use_skinny_linear`), ``EMBER_FOLD_NORM=0`` is not set, and either
+    (:func:`use_skinny_linear`), and either
     the fold leaves the K loop plain (``plain_loop``: the sums of squares given
     and the norm weight in ``weight``, so only the epilogue differs) or the
     output makes at least two waves of 32-column programs. On the H200 the
@@ -314,13 +318,13 @@ def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, plain_loop
     (6,144 rows, 1.5 waves) 19.1 us against 16.5: with fewer programs than two
     per SM, the per-tile norm work is not hidden behind the other program's
     loads. Without that work the qkv GEMM took 14.3 us."""
-    return (FOLD_NORM and use_skinny_linear(x, weight)
+    return (use_skinny_linear(x, weight)
             and (plain_loop or triton.cdiv(weight.shape[0], 32) >= 2 * _num_sms(x.device)))
 
 
 def _launch_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   norm: tuple[torch.Tensor | None, float] | None = None,
-                  sumsq: torch.Tensor | None = None) -> torch.Tensor:
+                  sumsq: torch.Tensor | None = None, use_pdl: bool = False) -> torch.Tensor:
     _check(x, weight)
     if weight.shape[0] % 2:
         raise ValueError(f"skinny gated GEMM: weight {tuple(weight.shape)} has an odd number of rows")
@@ -328,7 +332,7 @@ def _launch_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # Same weight bytes per program as the ungated tiles of the whole [2D, K] weight.
     block_n, block_k, num_stages = skinny_tiles(weight.shape[0], _num_sms(x.device))
     launch_skinny_gemm(x, weight, bias, out, block_n // 2, NORM_BLOCK_K if norm else block_k, num_stages,
-                       gated=True, norm=norm, sumsq=sumsq)
+                       gated=True, norm=norm, sumsq=sumsq, use_pdl=use_pdl)
     return out
 
 
@@ -341,16 +345,18 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 def launch_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                        block_n: int, block_k: int, num_stages: int, num_warps: int = 4, gated: bool = False,
                        norm: tuple[torch.Tensor | None, float] | None = None, residual: torch.Tensor | None = None,
-                       sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None) -> None:
+                       sumsq: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None,
+                       use_pdl: bool = False) -> None:
     """Launch the kernel of :func:`skinny_linear` into ``out`` [M, N] with the
     given tiles (``benchmarks/skinny_gemm_probe.py`` sweeps them); ``gated``:
     as :func:`skinny_silu_and_mul_linear`; ``norm`` = ``(norm_weight or None, eps)``
     and ``sumsq``: as :func:`skinny_rms_norm_linear`; ``residual``: added in
     the epilogue; ``sumsq_out`` [cdiv(N, block_n), 16] float32: the result rows'
-    partial sums of squares (as :func:`skinny_linear` ``with_sumsq``). No checks."""
+    partial sums of squares (as :func:`skinny_linear` ``with_sumsq``); ``use_pdl``:
+    launch with PDL where the device supports it. No checks."""
     m, k = x.shape
     n = out.shape[1]
-    pdl = use_pdl(x.device)
+    pdl = use_pdl and pdl_supported(x.device)
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     ss = sumsq if sumsq is not None else sumsq_out
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](

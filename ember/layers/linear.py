@@ -1,9 +1,22 @@
-"""Linear layers, tensor-parallel ready (column / row split), with a
-``quant_method`` hook that owns the weights' format and the matmul.
+"""Linear layers, tensor-parallel (column / row split), with a ``quant_method``
+hook that owns the weights' format and the matmul.
 
-With tp_size 1 (the only size today) every layer holds the full weight. The
-split follows Megatron-LM (Shoeybi et al., 2019): column-parallel layers split
-the output dimension, row-parallel layers split the input dimension.
+The split follows Megatron-LM (Shoeybi et al., 2019): column-parallel layers
+split the output dimension, row-parallel layers split the input dimension and
+sum their partial products over the ranks. With tp_size 1 every layer holds
+the full weight and no collective runs.
+
+Each layer takes ``quant_config`` and ``prefix`` (its checkpoint name, e.g.
+``model.layers.0.self_attn.qkv_proj``); ``quant_config.get_quant_method(layer,
+prefix)`` decides its :class:`~ember.layers.quantization.base.LinearMethodBase`
+(None, or no config: :class:`UnquantizedLinearMethod`). ``forward`` is
+``quant_method.apply(layer, x, bias)`` plus the layer's collective.
+
+Loading: every parameter the method creates is sharded along its
+``output_dim`` attribute (default 0) by column-parallel layers and along its
+``input_dim`` attribute (default 1 for 2-D parameters, none for 1-D ones) by
+row-parallel layers; a parameter with a ``weight_loader`` attribute of its own
+is loaded by that instead (see :func:`ember.models.utils.load_hf_weights`).
 """
 
 from __future__ import annotations
@@ -12,232 +25,274 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.distributed.parallel_state import get_tp_rank, get_tp_size
-from ember.layers.activation import silu_and_mul
-from ember.layers.layernorm import PreNormInput
+from ember.distributed.parallel_state import get_tp_group, get_tp_rank, get_tp_size
+from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
-                 with_sumsq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-    """``x @ weight.T + bias``, as ``F.linear``, then ``.to(out_dtype)`` if given
-    (None or torch.float32), or ``+ residual`` if given ([num_tokens, out], x's
-    dtype: a pre-norm block's residual add). On CUDA, inputs of at most 16 rows
-    (decode steps) take the skinny Triton GEMM (:mod:`ember.kernels.triton_gemm`),
-    which writes ``out_dtype`` or adds the residual in its epilogue; everything
-    else cuBLAS.
+class UnquantizedLinearMethod(LinearMethodBase):
+    """Plain dense weights: ``weight`` [N, K] in the model dtype, ``y = x @ W.T + b``."""
 
-    With ``with_sumsq``, returns ``(y, sumsq)``: the skinny GEMM's partial sums
-    of squares of y's rows ([P, 16] float32, see
-    :func:`~ember.kernels.triton_gemm.skinny_linear`), None on the other paths.
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype) -> None:
+        weight = torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
 
-    Raises:
-        ValueError: both ``out_dtype`` and ``residual`` given.
-    """
-    if out_dtype is not None and residual is not None:
-        raise ValueError("dense_linear: out_dtype and residual do not combine")
-    if x.is_cuda:
-        from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
-
-        if use_skinny_linear(x, weight) and (residual is None or (residual.dtype == x.dtype
-                                                                  and residual.stride(1) == 1)):
-            return skinny_linear(x, weight, bias, out_dtype, residual, with_sumsq)
-    if residual is not None:
-        if x.is_cuda and bias is None:
-            # cuBLAS adds it in the GEMM (beta = 1), with one rounding instead of two.
-            y = torch.addmm(residual, x, weight.t())
-        else:
-            y = F.linear(x, weight, bias) + residual
-    else:
-        y = F.linear(x, weight, bias)
-        y = y if out_dtype is None else y.to(out_dtype)
-    return (y, None) if with_sumsq else y
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
 
 
-def dense_silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(g) * u`` of ``[g | u] = x @ weight.T + bias`` (a merged gate_up
-    weight [2D, K] -> [num_tokens, D]). On CUDA, inputs of at most 16 rows take
-    one skinny GEMM kernel with the activation in its epilogue, bit-identical to
-    the unfused pair; everything else :func:`dense_linear` then
-    :func:`ember.layers.activation.silu_and_mul`."""
-    if x.is_cuda:
-        from ember.kernels.triton_gemm import skinny_silu_and_mul_linear, use_skinny_linear
-
-        if use_skinny_linear(x, weight):
-            return skinny_silu_and_mul_linear(x, weight, bias)
-    return silu_and_mul(dense_linear(x, weight, bias))
+def output_dim(param: nn.Parameter) -> int:
+    """The dimension of ``param`` that runs over output features (its
+    ``output_dim`` attribute, default 0)."""
+    return getattr(param, "output_dim", 0)
 
 
-def dense_prenorm_linear(inp: PreNormInput, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         gated: bool = False) -> torch.Tensor:
-    """:func:`dense_linear` (``gated``: :func:`dense_silu_and_mul_linear`) of
-    ``inp.materialize()``. On CUDA, inputs of at most 16 rows (decode steps) to a
-    large enough projection (:func:`ember.kernels.triton_gemm.use_skinny_rms_norm_linear`)
-    take one skinny GEMM kernel with the RMSNorm folded in, when the stream is
-    one tensor (:func:`ember.kernels.triton_gemm.skinny_rms_norm_linear`, which
-    agrees with the unfused pair to the dtype's precision, not bit for bit).
-
-    When the norm's weight was folded into ``weight``
-    (:func:`~ember.layers.layernorm.fold_norm_weight`) and the stream's sums of
-    squares are given (``inp.sumsq``), any projection folds, since its K loop
-    is the plain GEMM's. With the norm's weight still to multiply in the loop,
-    the sums of squares computed there cost less than reading the given ones
-    (H200, gate_up: 57.5 against 58.1 us), so those are not used."""
-    if inp.x.is_cuda and inp.normed is None and inp.residual is None:
-        from ember.kernels.triton_gemm import skinny_rms_norm_linear, use_skinny_rms_norm_linear
-
-        g = None if inp.norm.weight_in_next else inp.norm.weight
-        sumsq = inp.sumsq if g is None else None
-        if use_skinny_rms_norm_linear(inp.x, weight, sumsq is not None) and inp.norm.weight.dtype == inp.x.dtype:
-            return skinny_rms_norm_linear(inp.x, weight, g, inp.norm.eps, bias, gated=gated, sumsq=sumsq)
-    x = inp.materialize()
-    return dense_silu_and_mul_linear(x, weight, bias) if gated else dense_linear(x, weight, bias)
+def input_dim(param: nn.Parameter) -> int | None:
+    """The dimension of ``param`` that runs over input features (its
+    ``input_dim`` attribute; default 1 for a 2-D parameter, None for a 1-D one
+    such as a bias or a per-channel scale)."""
+    return getattr(param, "input_dim", 1 if param.dim() > 1 else None)
 
 
-class UnquantizedLinearMethod:
-    """Plain dense weights: ``y = x @ W.T + b`` (:func:`dense_linear`); an input
-    still to be normalized (:class:`PreNormInput`) goes to :func:`dense_prenorm_linear`."""
-
-    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
-        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-
-    def apply(self, layer: nn.Module, x: torch.Tensor | PreNormInput, bias: torch.Tensor | None,
-              residual: torch.Tensor | PreNormInput | None = None) -> torch.Tensor:
-        block = residual if isinstance(residual, PreNormInput) else None
-        r = block.stream if block is not None else residual
-        if isinstance(x, PreNormInput):
-            y = dense_prenorm_linear(x, layer.weight, bias)
-            return y if r is None else y + r
-        if block is not None and block.want_out_sumsq:
-            y, block.out_sumsq = dense_linear(x, layer.weight, bias, residual=r, with_sumsq=True)
-            return y
-        return dense_linear(x, layer.weight, bias, residual=r)
-
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | PreNormInput,
-                           bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, PreNormInput):
-            return dense_prenorm_linear(x, layer.weight, bias, gated=True)
-        return dense_silu_and_mul_linear(x, layer.weight, bias)
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, layer: nn.Module) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"{type(layer).__name__} {getattr(layer, 'prefix', '')}: weight shape {tuple(src.shape)} "
+                         f"does not match {tuple(dst.shape)} (tp_size {getattr(layer, 'tp_size', 1)})")
+    dst.copy_(src)
 
 
 class LinearBase(nn.Module):
     """Base of all linear layers.
 
     Args:
-        in_features, out_features: this rank's shard sizes.
-        bias: whether to hold a bias of ``[out_features]``.
+        input_size_per_partition: this rank's input features (K).
+        output_partition_sizes: this rank's output features of each stacked
+            projection (their sum is N).
+        input_size, output_size: the full (unsharded) sizes.
+        bias: whether to hold a bias of this rank's ``[N]`` (row-parallel:
+            the full ``[output_size]``).
         dtype: parameter dtype (default: torch's default dtype).
+        quant_config: the model's quantization config, or None.
+        prefix: the layer's checkpoint name.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None) -> None:
+    def __init__(self, input_size_per_partition: int, output_partition_sizes: list[int], input_size: int,
+                 output_size: int, bias: bool, dtype: torch.dtype | None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        dtype = dtype or torch.get_default_dtype()
-        self.in_features, self.out_features = in_features, out_features
+        self.params_dtype = dtype or torch.get_default_dtype()
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = input_size_per_partition
+        self.output_partition_sizes = list(output_partition_sizes)
+        self.in_features, self.out_features = input_size_per_partition, sum(output_partition_sizes)
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.quant_method = UnquantizedLinearMethod()
-        self.quant_method.create_weights(self, in_features, out_features, dtype)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.prefix = prefix
+        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        self.quant_method: LinearMethodBase = method if method is not None else UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size_per_partition, self.output_partition_sizes, input_size,
+                                         output_size, self.params_dtype)
+        self.bias = (nn.Parameter(torch.empty(self._bias_size(), dtype=self.params_dtype), requires_grad=False)
+                     if bias else None)
 
-    def forward(self, x: torch.Tensor | PreNormInput, residual: torch.Tensor | PreNormInput | None = None
-                ) -> torch.Tensor:
-        """``x``: [num_tokens, in_features] (or a :class:`PreNormInput` of that
-        shape) -> [num_tokens, out_features], plus ``residual`` (same shape and
-        dtype as the output) if given: a pre-norm block's residual add, which
-        decode rows on CUDA do in the GEMM's epilogue. A :class:`PreNormInput`
-        residual adds its stream, and if it has ``want_out_sumsq`` the GEMM
-        records the result rows' sums of squares in its ``out_sumsq`` where it
-        can (see :func:`dense_linear`)."""
-        return self.quant_method.apply(self, x, self.bias, residual)
+    def _bias_size(self) -> int:
+        return self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [num_tokens, in_features] -> [num_tokens, out_features]."""
+        return self.quant_method.apply(self, x, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        """Copy the checkpoint tensor ``loaded`` (full size) into this rank's ``param``.
+
+        Raises:
+            ValueError: a shape that does not match.
+        """
         _copy_checked(param.data, loaded, self)
 
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, layer: nn.Module) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"{type(layer).__name__}: weight shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
-    dst.copy_(src)
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, tp_size={self.tp_size}")
 
 
 class ReplicatedLinear(LinearBase):
-    """Full weight on every rank."""
+    """Full weight on every rank: ``[num_tokens, in_features] -> [num_tokens, out_features]``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
-        super().__init__(in_features, out_features, bias, dtype)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__(in_features, [out_features], in_features, out_features, bias, dtype, quant_config, prefix)
 
 
 class ColumnParallelLinear(LinearBase):
-    """Splits the output dimension across ranks; the output stays split."""
+    """Splits the output dimension across ranks: rank r holds output features
+    ``[r * N / tp_size, (r + 1) * N / tp_size)``.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
-        self.full_out_features = out_features
-        super().__init__(in_features, out_features // get_tp_size(), bias, dtype)
+    Args:
+        in_features, out_features: full sizes (``out_features`` divisible by tp_size).
+        gather_output: all-gather the ranks' outputs into the full
+            ``[num_tokens, out_features]``; else the output stays split.
+
+    Raises:
+        ValueError: an output size that tp_size does not divide.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 gather_output: bool = False, output_sizes: list[int] | None = None) -> None:
+        tp = get_tp_size()
+        sizes = output_sizes if output_sizes is not None else [out_features]
+        for size in sizes:
+            if size % tp:
+                raise ValueError(f"{type(self).__name__} {prefix}: output size {size} is not divisible by "
+                                 f"tp_size {tp}")
+        self.gather_output = gather_output
+        super().__init__(in_features, [s // tp for s in sizes], in_features, out_features, bias, dtype,
+                         quant_config, prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [num_tokens, in_features] -> [num_tokens, out_features / tp_size]
+        ([num_tokens, out_features] with ``gather_output``)."""
+        y = self.quant_method.apply(self, x, self.bias)
+        if self.gather_output and self.tp_size > 1:
+            y = get_tp_group().all_gather(y, dim=-1)
+        return y
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-        shard = param.shape[0]
-        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * shard, shard), self)
+        dim = output_dim(param)
+        shard = param.shape[dim]
+        _copy_checked(param.data, loaded.narrow(dim, self.tp_rank * shard, shard), self)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel outputs stacked in one matmul (e.g. gate_up_proj).
+    """Several column-parallel outputs stacked in one matmul (e.g. gate_up_proj,
+    shard ids 0 and 1); each is split across ranks on its own.
 
     Args:
         output_sizes: full output size of each stacked projection.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None):
-        self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, dtype)
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 dtype: torch.dtype | None = None, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "", gather_output: bool = False) -> None:
+        self.output_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, dtype, quant_config, prefix, gather_output,
+                         output_sizes=self.output_sizes)
 
-    def _shard_offsets(self) -> list[tuple[int, int]]:
-        offsets, start = [], 0
-        for size in self.output_sizes:
-            offsets.append((start // self.tp_size, size // self.tp_size))
-            start += size
-        return offsets
-
-    def forward_silu_and_mul(self, x: torch.Tensor | PreNormInput) -> torch.Tensor:
-        """SwiGLU's gate for a gate_up projection of two equal outputs:
-        ``x`` [num_tokens, in_features] (or a :class:`PreNormInput`) -> ``silu(gate) * up`` [num_tokens,
-        out_features / 2] (fused into the GEMM on the decode path, see
-        :func:`dense_silu_and_mul_linear`)."""
-        return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+    def _shard(self, shard_id: str | int) -> tuple[int, int, int]:
+        """``(offset in this rank's output, size, offset in the checkpoint tensor)`` of one stacked projection."""
+        if not isinstance(shard_id, int):
+            raise ValueError(f"{type(self).__name__} {self.prefix}: needs an integer shard_id, got {shard_id!r}")
+        offset = sum(self.output_partition_sizes[:shard_id])
+        size = self.output_partition_sizes[shard_id]
+        return offset, size, self.tp_rank * size
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-        assert isinstance(shard_id, int), "MergedColumnParallelLinear needs an integer shard_id"
-        offset, size = self._shard_offsets()[shard_id]
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size), self)
+        if shard_id is None:  # the stacked projections already concatenated in the checkpoint
+            for i, size in enumerate(self.output_sizes):
+                start = sum(self.output_sizes[:i])
+                self.weight_loader(param, loaded.narrow(output_dim(param), start, size), i)
+            return
+        dim = output_dim(param)
+        offset, size, src_start = self._shard(shard_id)
+        _copy_checked(param.data.narrow(dim, offset, size), loaded.narrow(dim, src_start, size), self)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
     """Q, K and V projections in one matmul; shard ids ``"q"``, ``"k"``, ``"v"``.
 
+    Query heads are split across ranks. Key/value heads are split too while
+    tp_size divides them; with more ranks than KV heads each KV head is
+    replicated on ``tp_size / num_kv_heads`` consecutive ranks (GQA), so every
+    rank holds one.
+
     Args:
         hidden_size: input size.
         head_dim: size of one head.
-        num_heads, num_kv_heads: total query and key/value heads (GQA when they differ).
+        num_heads, num_kv_heads: total query and key/value heads.
+
+    Raises:
+        ValueError: tp_size does not divide the query heads, or neither
+            divides the other for the KV heads.
     """
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, dtype: torch.dtype | None = None):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        tp = get_tp_size()
+        if num_heads % tp or (num_kv_heads % tp and tp % num_kv_heads):
+            raise ValueError(f"QKVParallelLinear {prefix}: {num_heads} query / {num_kv_heads} KV heads do not "
+                             f"split over tp_size {tp}")
         self.head_dim = head_dim
-        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                         bias, dtype)
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.num_kv_head_replicas = max(1, tp // num_kv_heads)
+        # Full sizes as the layer sees them: KV replicated to tp_size heads when needed.
+        kv = self.num_kv_heads * tp * head_dim
+        super().__init__(hidden_size, [num_heads * head_dim, kv, kv], bias, dtype, quant_config, prefix)
+        self.output_size = (num_heads + 2 * num_kv_heads) * head_dim
+
+    def _shard(self, shard_id: str | int) -> tuple[int, int, int]:
+        index = {"q": 0, "k": 1, "v": 2}.get(shard_id) if isinstance(shard_id, str) else None
+        if index is None:
+            raise ValueError(f"QKVParallelLinear {self.prefix}: shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        offset = sum(self.output_partition_sizes[:index])
+        size = self.output_partition_sizes[index]
+        head_shard = self.tp_rank if index == 0 else self.tp_rank // self.num_kv_head_replicas
+        return offset, size, head_shard * size
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-        super().weight_loader(param, loaded, {"q": 0, "k": 1, "v": 2}[shard_id])
+        if shard_id is None:  # q, k and v concatenated in the checkpoint
+            q, kv = self.total_num_heads * self.head_dim, self.total_num_kv_heads * self.head_dim
+            dim = output_dim(param)
+            for sid, start, size in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                self.weight_loader(param, loaded.narrow(dim, start, size), sid)
+            return
+        super().weight_loader(param, loaded, shard_id)
 
 
 class RowParallelLinear(LinearBase):
-    """Splits the input dimension across ranks; outputs are summed over ranks
-    (an all-reduce, a no-op with tp_size 1)."""
+    """Splits the input dimension across ranks (rank r holds input features
+    ``[r * K / tp_size, (r + 1) * K / tp_size)``, its input already split, e.g.
+    the output of a column-parallel layer); the partial products are summed
+    over the ranks.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
-        super().__init__(in_features // get_tp_size(), out_features, bias, dtype)
+    Args:
+        in_features, out_features: full sizes (``in_features`` divisible by tp_size).
+        reduce_results: all-reduce the partial products (through
+            ``get_tp_group().all_reduce``) and add the bias once; else each
+            rank returns its partial sum (the bias added on rank 0 only).
+
+    Raises:
+        ValueError: an input size that tp_size does not divide.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 reduce_results: bool = True) -> None:
+        tp = get_tp_size()
+        if in_features % tp:
+            raise ValueError(f"RowParallelLinear {prefix}: input size {in_features} is not divisible by "
+                             f"tp_size {tp}")
+        self.reduce_results = reduce_results
+        super().__init__(in_features // tp, [out_features], in_features, out_features, bias, dtype, quant_config,
+                         prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [num_tokens, in_features / tp_size] -> [num_tokens, out_features]."""
+        if self.tp_size == 1:
+            return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x, None)
+        if self.reduce_results:
+            y = get_tp_group().all_reduce(y)
+        elif self.tp_rank > 0:
+            return y
+        return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-        if param.dim() == 1:  # the bias is not split
+        dim = input_dim(param)
+        if dim is None:  # the bias (and per-output-channel tensors) are not split
             _copy_checked(param.data, loaded, self)
             return
-        shard = param.shape[1]
-        _copy_checked(param.data, loaded.narrow(1, self.tp_rank * shard, shard), self)
+        shard = param.shape[dim]
+        _copy_checked(param.data, loaded.narrow(dim, self.tp_rank * shard, shard), self)

@@ -1,4 +1,12 @@
-"""Token embedding and LM head (vocabulary-parallel ready; tp_size 1 today)."""
+"""Token embedding and LM head, split over the vocabulary across
+tensor-parallel ranks.
+
+The vocabulary is padded to a multiple of tp_size; rank r holds rows
+``[r * V_pad / tp_size, (r + 1) * V_pad / tp_size)`` of the table (padding
+rows are zeros). The embedding looks up the ids of its shard, gives zeros for
+the others and all-reduces; the LM head computes its shard's logits and
+all-gathers them. With tp_size 1 both are the plain lookup and product.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +14,106 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.layers.linear import dense_linear
+from ember.distributed.parallel_state import get_tp_group, get_tp_rank, get_tp_size
+from ember.layers.linear import UnquantizedLinearMethod, _copy_checked
+from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
+
+
+def pad_vocab_size(vocab_size: int, tp_size: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``tp_size``."""
+    return -(-vocab_size // tp_size) * tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
-    """``[num_tokens] int64 -> [num_tokens, embedding_dim]``."""
+    """``[num_tokens] int64 -> [num_tokens, embedding_dim]``.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None) -> None:
+    Args:
+        num_embeddings: vocabulary size.
+        embedding_dim: hidden size.
+        dtype: parameter dtype (default: torch's default dtype).
+        quant_config: the model's quantization config, or None. The lookup
+            reads ``weight`` as a plain table, so a method that stores it
+            otherwise is refused for the embedding (the LM head takes any).
+        prefix: the layer's checkpoint name (e.g. ``model.embed_tokens``).
+
+    Raises:
+        ValueError: a quantization method for a (non-LM-head) embedding.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.num_embeddings = num_embeddings
-        self.weight = nn.Parameter(
-            torch.empty(num_embeddings, embedding_dim, dtype=dtype or torch.get_default_dtype()), requires_grad=False)
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.num_embeddings, self.embedding_dim, self.prefix = num_embeddings, embedding_dim, prefix
+        self.num_embeddings_padded = pad_vocab_size(num_embeddings, self.tp_size)
+        self.num_embeddings_per_partition = self.num_embeddings_padded // self.tp_size
+        self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        self.params_dtype = dtype or torch.get_default_dtype()
+        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        if method is not None and not self._accepts_quantized:
+            raise ValueError(f"{prefix}: the token embedding cannot take quantization method "
+                             f"{type(method).__name__}")
+        self.quant_method: LinearMethodBase = method if method is not None else UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, embedding_dim, [self.num_embeddings_per_partition], embedding_dim,
+                                         self.num_embeddings_padded, self.params_dtype)
+        if self.num_embeddings_padded != num_embeddings:  # padding rows stay zero
+            for p in self.parameters():
+                p.data.zero_()
+
+    _accepts_quantized = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        in_shard = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
+        local = torch.where(in_shard, input_ids - self.vocab_start_index, 0)
+        out = F.embedding(local, self.weight) * in_shard.unsqueeze(-1).to(self.weight.dtype)
+        return get_tp_group().all_reduce(out)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        """Copy this rank's rows of the full checkpoint table ``loaded``
+        [num_embeddings, ...] (the last shard's padding rows stay zero).
+
+        Raises:
+            ValueError: a shape that does not match.
+        """
+        dim = getattr(param, "output_dim", 0)
+        if loaded.shape[dim] != self.num_embeddings:
+            raise ValueError(f"{self.prefix}: checkpoint has {loaded.shape[dim]} rows, expected {self.num_embeddings}")
+        start = min(self.vocab_start_index, self.num_embeddings)
+        rows = min(self.vocab_end_index, self.num_embeddings) - start
+        _copy_checked(param.data.narrow(dim, 0, rows), loaded.narrow(dim, start, rows), self)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp_size={self.tp_size}"
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to vocabulary logits; may share its weight with
-    the embedding (``tie_word_embeddings``)."""
+    """Projects hidden states to vocabulary logits through its ``quant_method``;
+    may share its weight with the embedding (``tie_word_embeddings``)."""
+
+    _accepts_quantized = True
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__(num_embeddings, embedding_dim, dtype, quant_config, prefix)
+        self.bias = None
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
+        """Share ``embedding``'s table.
+
+        Raises:
+            ValueError: the head is quantized (its weight is not a plain table).
+        """
+        if not isinstance(self.quant_method, UnquantizedLinearMethod):
+            raise ValueError(f"{self.prefix}: a quantized LM head cannot be tied to the embedding")
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[n, hidden] -> [n, vocab]`` float32 logits."""
-        return dense_linear(hidden_states, self.weight, out_dtype=torch.float32)
+        logits = self.quant_method.apply(self, hidden_states, self.bias)
+        if self.tp_size > 1:
+            logits = get_tp_group().all_gather(logits, dim=-1)[:, : self.num_embeddings]
+        # NOTE: a no-op when the method wrote float32 already (the decode GEMM does).
+        return logits.float()

@@ -30,9 +30,10 @@ from ember.layers.attention import AttentionBackend, ForwardContext, KVCacheSpec
 from ember.layers.attention.mla import MLAAttention, mla_kv_cache_spec
 from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from ember.layers.mlp import GatedMLP
 from ember.layers.moe import FusedMoE, GroupedTopKRouter
+from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
-from ember.models.llama import LlamaMLP
 from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, PreNormDecoderLayer
 
 # NOTE: HF builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps,
@@ -44,8 +45,10 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 class DeepseekV3Attention(nn.Module):
     """MLA projections around :class:`MLAAttention`."""
 
-    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
+        q = quant_config
         total_heads = config.num_attention_heads
         self.num_heads = total_heads // get_tp_size()
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -54,15 +57,22 @@ class DeepseekV3Attention(nn.Module):
         hidden, bias = config.hidden_size, getattr(config, "attention_bias", False)
         self.q_lora_rank = config.q_lora_rank
         if self.q_lora_rank is not None:
-            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, quant_config=q,
+                                             prefix=f"{prefix}.q_a_proj")
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, _LATENT_NORM_EPS)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, total_heads * qk_head_dim)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, total_heads * qk_head_dim, quant_config=q,
+                                                 prefix=f"{prefix}.q_b_proj")
         else:
-            self.q_proj = ColumnParallelLinear(hidden, total_heads * qk_head_dim)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_proj = ColumnParallelLinear(hidden, total_heads * qk_head_dim, quant_config=q,
+                                               prefix=f"{prefix}.q_proj")
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias,
+                                                   quant_config=q, prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
-        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + config.v_head_dim))
-        self.o_proj = RowParallelLinear(total_heads * config.v_head_dim, hidden, bias=bias)
+        # NOTE: never quantized: the absorbed MLA decode reads its weight directly (as W_UK / W_UV).
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + config.v_head_dim),
+                                              prefix=f"{prefix}.kv_b_proj")
+        self.o_proj = RowParallelLinear(total_heads * config.v_head_dim, hidden, bias=bias, quant_config=q,
+                                        prefix=f"{prefix}.o_proj")
         rope_theta, rope_scaling = rope_parameters(config)
         self.rotary_emb = get_rope(self.rope_dim, self.rope_dim, config.max_position_embeddings, rope_theta,
                                    rope_scaling, is_neox_style=not getattr(config, "rope_interleave", True))
@@ -93,14 +103,16 @@ class DeepseekV3MoE(nn.Module):
     shared experts (``mlp.shared_experts``, one SwiGLU MLP of
     ``n_shared_experts * moe_intermediate_size``)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         self.gate = GroupedTopKRouter(
             config.hidden_size, config.n_routed_experts, config.num_experts_per_tok,
             renormalize=config.norm_topk_prob, num_expert_group=config.n_group or 1,
             topk_group=config.topk_group or 1, routed_scaling_factor=config.routed_scaling_factor)
-        self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = (LlamaMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                quant_config=quant_config, prefix=f"{prefix}.experts")
+        self.shared_experts = (GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
+                                        quant_config=quant_config, prefix=f"{prefix}.shared_experts")
                                if config.n_shared_experts else None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -113,16 +125,20 @@ class DeepseekV3MoE(nn.Module):
 
 
 class DeepseekV3DecoderLayer(PreNormDecoderLayer):
-    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend]) -> None:
-        mlp = (DeepseekV3MoE(config) if layer_idx >= config.first_k_dense_replace
-               else LlamaMLP(config.hidden_size, config.intermediate_size))
-        super().__init__(DeepseekV3Attention(config, layer_idx, attn_backend), mlp, config.hidden_size,
-                         config.rms_norm_eps)
+    def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        mlp = (DeepseekV3MoE(config, quant_config, f"{prefix}.mlp") if layer_idx >= config.first_k_dense_replace
+               else GatedMLP(config.hidden_size, config.intermediate_size, quant_config=quant_config,
+                             prefix=f"{prefix}.mlp"))
+        super().__init__(DeepseekV3Attention(config, layer_idx, attn_backend, quant_config, f"{prefix}.self_attn"),
+                         mlp, config.hidden_size, config.rms_norm_eps)
 
 
 class DeepseekV3Model(DecoderStack):
-    def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__(config, lambda i: DeepseekV3DecoderLayer(config, i, attn_backend))
+    def __init__(self, config, attn_backend: type[AttentionBackend],
+                 quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
+        super().__init__(config, lambda i, p: DeepseekV3DecoderLayer(config, i, attn_backend, quant_config, p),
+                         quant_config, prefix)
 
 
 class DeepseekV3ForCausalLM(CausalLM):
@@ -131,12 +147,14 @@ class DeepseekV3ForCausalLM(CausalLM):
     Args:
         config: HF ``DeepseekV3Config``.
         attn_backend: attention backend class chosen at start-up (its MLA sibling runs).
+        quant_config: the model's quantization config, or None.
     """
 
     stacked_params_mapping = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
-    def __init__(self, config, attn_backend: type[AttentionBackend]) -> None:
-        super().__init__(config, lambda: DeepseekV3Model(config, attn_backend))
+    def __init__(self, config, attn_backend: type[AttentionBackend],
+                 quant_config: QuantizationConfig | None = None) -> None:
+        super().__init__(config, lambda p: DeepseekV3Model(config, attn_backend, quant_config, p), quant_config)
 
     @classmethod
     def kv_cache_spec(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:

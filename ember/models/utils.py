@@ -9,21 +9,19 @@ import torch
 from torch import nn
 
 from ember.layers.attention import ForwardContext
-from ember.layers.layernorm import PreNormInput, RMSNorm, fold_norm_weight
+from ember.layers.layernorm import RMSNorm
+from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
+
 class PreNormDecoderLayer(nn.Module):
-    """``h += attn(norm(h)); h += mlp(norm(h))`` (Llama, Qwen2/3, DeepSeek-V3
-    blocks). Parameter names follow HF checkpoints: ``self_attn``, ``mlp``,
-    ``input_layernorm``, ``post_attention_layernorm``.
+    """``h = h + attn(norm(h)); h = h + mlp(norm(h))`` (Llama, Qwen2/3,
+    DeepSeek-V3 blocks). Parameter names follow HF checkpoints: ``self_attn``,
+    ``mlp``, ``input_layernorm``, ``post_attention_layernorm``.
 
     The residual stream travels as ``(hidden, residual)``, whose sum it is
-    (``residual`` None: ``hidden`` is the whole stream). A sub-module whose
-    class sets ``takes_prenorm_input = True`` receives a
-    :class:`~ember.layers.layernorm.PreNormInput` of the stream and returns the
-    stream after its block (on decode steps on CUDA the norm is folded into its
-    first GEMM and the residual add into its last). The others receive the
-    normalized stream, and the add is fused into the next RMSNorm.
+    (``residual`` None: ``hidden`` is the whole stream); each add is done by
+    the RMSNorm that follows it (``norm(hidden, residual)``).
 
     Args:
         self_attn: ``(positions, hidden [n, hidden], ctx) -> [n, hidden]``.
@@ -39,60 +37,15 @@ class PreNormDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden_states, residual = _residual_block(
-            self.self_attn, self.input_layernorm, hidden_states, residual, lambda x: self.self_attn(positions, x, ctx),
-            ctx, sumsq_for_next=False)
-        # The next layer's qkv takes the stream's sums of squares when its input
-        # norm's weight is in its weight (fold_input_norm_weights folds every
-        # layer's alike, so this layer's flag stands for the next one's).
-        return _residual_block(self.mlp, self.post_attention_layernorm, hidden_states, residual, self.mlp,
-                               ctx, sumsq_for_next=self.input_layernorm.weight_in_next)
-
-
-def _residual_block(module: nn.Module, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
-                    call: Callable, ctx: ForwardContext, sumsq_for_next: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pre-norm block ``h += module(norm(h))`` on the stream ``hidden + residual``.
-    The stream's sums of squares, when the previous block's last GEMM returned
-    them (``ctx.stream_sumsq``), go with it; with ``sumsq_for_next`` this
-    block's last GEMM returns those of the stream after it, for the next block."""
-    known, ctx.stream_sumsq = ctx.stream_sumsq, None
-    sumsq = known[1] if known is not None and known[0] is hidden and residual is None else None
-    inp = PreNormInput(hidden, norm, residual, sumsq, want_out_sumsq=sumsq_for_next)
-    if getattr(module, "takes_prenorm_input", False):
-        out = call(inp)
-        if inp.out_sumsq is not None:
-            ctx.stream_sumsq = (out, inp.out_sumsq)
-        return out, None
-    return call(inp.materialize()), inp.stream
-
-
-def fold_input_norm_weights(model: nn.Module) -> int:
-    """Multiply each pre-norm layer's input RMSNorm weight into its attention's
-    qkv projection (:func:`~ember.layers.layernorm.fold_norm_weight`), where
-    that projection takes the norm folded in (``takes_prenorm_input``) and
-    holds plain 16-bit weights. Decode steps on CUDA then fold the norm into
-    the qkv GEMM with the sums of squares the previous layer's down projection
-    returned, at the cost of the plain GEMM (H200, two hosts: 14.3 and 15.6 us
-    against 16.4 and 16.6 for the norm kernel and the GEMM). Called once, after
-    the weights are loaded.
-
-    Returns:
-        How many layers were folded.
-    """
-    from ember.layers.linear import UnquantizedLinearMethod
-
-    folded = 0
-    for layer in model.modules():
-        if not isinstance(layer, PreNormDecoderLayer) or not getattr(layer.self_attn, "takes_prenorm_input", False):
-            continue
-        qkv = getattr(layer.self_attn, "qkv_proj", None)
-        if (qkv is not None and isinstance(qkv.quant_method, UnquantizedLinearMethod)
-                and qkv.weight.dtype in (torch.bfloat16, torch.float16)
-                and layer.input_layernorm.weight.dtype == qkv.weight.dtype):
-            fold_norm_weight(layer.input_layernorm, qkv.weight)
-            folded += 1
-    return folded
+        """``hidden_states``, ``residual``: [num_tokens, hidden] -> the stream
+        after the layer, as ``(hidden, residual)``."""
+        if residual is None:
+            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 class DecoderStack(nn.Module):
@@ -100,23 +53,28 @@ class DecoderStack(nn.Module):
 
     Args:
         config: HF config (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``rms_norm_eps``).
-        make_layer: ``layer_idx -> decoder layer``.
+        make_layer: ``(layer_idx, prefix) -> decoder layer`` (prefix: ``{prefix}.layers.{i}``).
+        quant_config: the model's quantization config, or None.
+        prefix: the stack's checkpoint name (``model``).
     """
 
-    def __init__(self, config, make_layer: Callable[[int], nn.Module]) -> None:
+    def __init__(self, config, make_layer: Callable[[int, str], nn.Module],
+                 quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(make_layer(i, f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
         hidden_states, residual = self.embed_tokens(input_ids), None
         ctx.positions = positions  # for the attention layers' RoPE
-        ctx.stream_sumsq = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
-        return PreNormInput(hidden_states, self.norm, residual).materialize()
+        if residual is None:
+            return self.norm(hidden_states)
+        return self.norm(hidden_states, residual)[0]
 
 
 class CausalLM(nn.Module):
@@ -128,17 +86,22 @@ class CausalLM(nn.Module):
 
     Args:
         config: HF config (``vocab_size``, ``hidden_size``, ``tie_word_embeddings``).
-        build_model: builds the decoder stack (called after ``self.config`` is set).
+        build_model: ``prefix -> decoder stack`` (called with ``"model"`` after
+            ``self.config`` is set).
+        quant_config: the model's quantization config, or None.
     """
 
     # Checkpoint projections stacked into one parameter (see load_hf_weights).
     stacked_params_mapping: StackedMapping = ()
 
-    def __init__(self, config, build_model: Callable[[], DecoderStack]) -> None:
+    def __init__(self, config, build_model: Callable[[str], DecoderStack],
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = build_model()
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.quant_config = quant_config
+        self.model = build_model("model")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                      prefix="lm_head")
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
 
@@ -198,9 +161,10 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
                     skip: Callable[[str], bool] = lambda name: False) -> set[str]:
     """Copy HF-named checkpoint tensors into ``model``'s parameters.
 
-    Each tensor goes through the ``weight_loader`` of the module owning its
-    parameter when that module has one (stacked / sharded / expert layouts),
-    else it is copied as is.
+    Each tensor goes through the parameter's own ``weight_loader`` attribute
+    if it has one (set by a quantization method), else the ``weight_loader`` of
+    the module owning it when that module has one (stacked / sharded / expert
+    layouts), else it is copied as is.
 
     Args:
         stacked_params_mapping: checkpoint projections stacked into one parameter.
@@ -222,7 +186,7 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
             raise ValueError(f"checkpoint weight {name!r} has no matching parameter in {type(model).__name__}")
         param = params[target]
         owner = model.get_submodule(target.rsplit(".", 1)[0])
-        loader = getattr(owner, "weight_loader", None)
+        loader = getattr(param, "weight_loader", None) or getattr(owner, "weight_loader", None)
         if loader is not None:
             loader(param, tensor, *extra)
         else:

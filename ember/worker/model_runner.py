@@ -162,19 +162,26 @@ class ModelRunner:
 
     # ------------------------------------------------------------- start-up
     def load_model(self) -> None:
-        """Build the model and load its weights (prints the load time).
+        """Build the model (with the quantization config that
+        ``ModelConfig.quantization`` or the checkpoint names), load its weights
+        (or dummy ones), let every quant method process them, then swap in the
+        decode fusions that ``EngineConfig.kernel_config`` asks for where they
+        apply (:func:`ember.layers.fusion.apply_decode_fusions`). Logs the load time.
 
         Raises:
             ModelLoadError / ValueError: unreadable weights, a missing or
                 unexpected tensor, a shape mismatch.
         """
+        from ember.layers.fusion import apply_decode_fusions
+        from ember.layers.quantization import get_quant_config
         from ember.loader import iter_weights, resolve_model_source
 
         start = time.perf_counter()
         mc = self.model_config
         model_cls = ModelRegistry.load_class(mc.architecture)
+        quant_config = get_quant_config(mc.quantization, mc.hf_config)
         with _default_dtype(mc.dtype), self.device:
-            model = model_cls(mc.hf_config, self.attn_backend)
+            model = model_cls(mc.hf_config, self.attn_backend, quant_config=quant_config)
         if self.config.load_config.load_format == "dummy":
             # Seeded, so two engines with the same seed get the same random weights.
             gen = torch.Generator(device=self.device).manual_seed(mc.seed or 0)
@@ -186,12 +193,11 @@ class ModelRunner:
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")
-        if self.device.type == "cuda":
-            from ember.kernels.triton_gemm import FOLD_NORM_WEIGHTS
-            from ember.models.utils import fold_input_norm_weights
-
-            if FOLD_NORM_WEIGHTS:
-                fold_input_norm_weights(model)
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+        apply_decode_fusions(model, self.config.kernel_config, self.device)
         self.model = model.eval()
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "

@@ -5,7 +5,7 @@ from ember.layers.attention.backend import (
     get_attention_backend,
     standard_kv_cache_spec,
 )
-from ember.layers.attention.layer import Attention, ForwardContext
+from ember.layers.attention.layer import Attention, ForwardContext, QKVAttention
 
-__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "ForwardContext", "KVCacheSpec",
+__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "ForwardContext", "KVCacheSpec", "QKVAttention",
            "get_attention_backend", "standard_kv_cache_spec"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ class ForwardContext:
         positions: [num_tokens] int64, each new token's position (set by the
             model's forward; read by attention layers that apply RoPE).
         stream_sumsq: ``(stream, sumsq)``: the residual stream the last
-            pre-norm block returned and its rows' partial sums of squares,
-            which the GEMM that wrote it returned (decode rows on CUDA; see
-            :class:`ember.layers.layernorm.PreNormInput`), or None.
+            fused decoder layer returned and its rows' partial sums of squares,
+            which the GEMM that wrote it returned, for the next layer's fused
+            qkv projection (decode rows on CUDA; set and read only by the
+            decode fusions, see :mod:`ember.layers.fusion`), or None.
     """
 
     attn_metadata: AttentionMetadata
@@ -35,6 +37,27 @@ class ForwardContext:
     piecewise: Any = None
     positions: torch.Tensor | None = None
     stream_sumsq: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class QKVAttention(nn.Module, ABC):
+    """Base of a dense self-attention module in three steps: a fused
+    ``qkv_proj``, :meth:`attend` (split, per-head norms, RoPE, attention over
+    the cache) and ``o_proj``. Subclasses set ``qkv_proj`` and ``o_proj``
+    (linear layers) and implement :meth:`attend`; the decode fusions
+    (:mod:`ember.layers.fusion`) rely on nothing else."""
+
+    qkv_proj: nn.Module
+    o_proj: nn.Module
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``hidden_states``: [num_tokens, hidden] (normalized) -> [num_tokens, hidden].
+        ``positions`` are read from ``ctx.positions`` by the attention layer's RoPE."""
+        return self.o_proj(self.attend(self.qkv_proj(hidden_states), ctx))
+
+    @abstractmethod
+    def attend(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``qkv``: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim] ->
+        attention output [num_tokens, num_heads * head_dim] (before o_proj)."""
 
 
 class Attention(nn.Module):

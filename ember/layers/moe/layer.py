@@ -4,10 +4,12 @@ Weights: ``w13_weight`` [num_experts, 2 * intermediate, hidden] (gate rows,
 then up rows) and ``w2_weight`` [num_experts, hidden, intermediate], the
 layout fused-MoE kernels expect (vLLM's ``FusedMoE`` naming). With tensor
 parallelism the intermediate dimension is split (column-parallel w13,
-row-parallel w2; tp_size is 1 today).
+row-parallel w2).
 
-The implementation is picked once, when the layer is built, from the device
-it is built on (the model runner builds models inside ``with device:``).
+The weights' format and the computation belong to the layer's ``quant_method``
+(the quantization seam, as for linear layers). The unquantized method picks
+its implementation once, when the layer is built, from the device it is built
+on (the model runner builds models inside ``with device:``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ember.distributed.parallel_state import get_tp_rank, get_tp_size
+from ember.layers.quantization.base import QuantizationConfig
 from ember.utils import resolve_lazy
 
 # fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> [num_tokens, hidden]
@@ -42,40 +45,81 @@ def get_fused_moe_impl(name: str) -> FusedExpertsFn:
     return resolve_lazy(_FUSED_MOE_IMPLS, name, "fused MoE implementation")
 
 
+class UnquantizedFusedMoEMethod:
+    """Plain stacked expert weights in the model dtype, run by the fused-experts
+    implementation registered for the device the layer is built on
+    (:data:`_DEFAULT_IMPL`).
+
+    Args:
+        impl: implementation name (default: the one for torch's default device).
+    """
+
+    def __init__(self, impl: str | None = None) -> None:
+        self.impl_name = impl or _DEFAULT_IMPL.get(torch.get_default_device().type, "torch")
+        self.impl = get_fused_moe_impl(self.impl_name)
+        # NOTE: the torch experts loop reads the chosen expert ids on the host, which
+        # a CUDA graph cannot capture (the runner then stays eager); the Triton
+        # grouped GEMM needs no host sync.
+        self.cuda_graph_safe = self.impl_name != "torch"
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        """Register ``w13_weight`` [num_experts, 2 * intermediate, hidden] and
+        ``w2_weight`` [num_experts, hidden, intermediate] on ``layer``."""
+        inter = intermediate_size_per_partition
+        layer.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size, dtype=params_dtype),
+                                        requires_grad=False)
+        layer.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=params_dtype),
+                                       requires_grad=False)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Nothing to convert: the kernels read the loaded layout."""
+
+    def apply(self, layer: nn.Module, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        """See :meth:`FusedMoE.forward`."""
+        return self.impl(hidden_states, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids)
+
+
 class FusedMoE(nn.Module):
     """Routed SwiGLU experts; routing (top-k) is done by the caller's router.
+
+    The experts' storage format and computation belong to ``quant_method``:
+    ``quant_config.get_quant_method(self, prefix)`` if that gives one, else
+    :class:`UnquantizedFusedMoEMethod`. A method implements
+    ``create_weights(layer, num_experts, hidden_size,
+    intermediate_size_per_partition, params_dtype)``,
+    ``process_weights_after_loading(layer)`` and ``apply(layer, hidden_states,
+    topk_weights, topk_ids)``, and has a ``cuda_graph_safe`` flag.
 
     Args:
         num_experts: routed experts.
         hidden_size: model width.
         intermediate_size: width of one expert (``moe_intermediate_size``).
         dtype: parameter dtype (default: torch's default dtype).
+        quant_config: the model's quantization config, or None.
+        prefix: the layer's checkpoint name (e.g. ``model.layers.3.mlp.experts``).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.num_experts = num_experts
+        self.num_experts, self.hidden_size, self.prefix = num_experts, hidden_size, prefix
         self.intermediate_size = intermediate_size // self.tp_size
-        inter = self.intermediate_size
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype),
-                                       requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=dtype), requires_grad=False)
-        impl = _DEFAULT_IMPL.get(torch.get_default_device().type, "torch")
-        self.impl = get_fused_moe_impl(impl)
-        # NOTE: the torch experts loop reads the chosen expert ids on the host, which
-        # a CUDA graph cannot capture (the runner then stays eager); the Triton
-        # grouped GEMM needs no host sync.
-        self.cuda_graph_safe = impl != "torch"
+        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        self.quant_method = method if method is not None else UnquantizedFusedMoEMethod()
+        self.quant_method.create_weights(self, num_experts, hidden_size, self.intermediate_size, dtype)
+        self.cuda_graph_safe = getattr(self.quant_method, "cuda_graph_safe", False)
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
         """``hidden_states``: [num_tokens, hidden]; ``topk_weights`` / ``topk_ids``:
         [num_tokens, top_k]. Returns [num_tokens, hidden] (this rank's partial
         sum under tensor parallelism)."""
-        return self.impl(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
 
     @staticmethod
     def make_expert_params_mapping(num_experts: int, gate_proj: str = "gate_proj", down_proj: str = "down_proj",
