@@ -187,27 +187,44 @@ def check_qkv_fewer_kv_heads_than_ranks(rank: int) -> None:
     _check_qkv(rank, num_kv_heads=1)
 
 
-def check_vocab_embedding(rank: int) -> None:
+def _check_vocab_embedding(vocab: int) -> None:
     from ember.layers.vocab_embedding import VocabParallelEmbedding
 
-    w = _full((VOCAB, HIDDEN), 21)
-    emb = VocabParallelEmbedding(VOCAB, HIDDEN, prefix="model.embed_tokens")
+    w = _full((vocab, HIDDEN), 21)
+    emb = VocabParallelEmbedding(vocab, HIDDEN, prefix="model.embed_tokens")
     _load(emb, "weight", w)
     _finish(emb)
-    ids = torch.tensor([0, 1, VOCAB // 2 - 1, VOCAB // 2, VOCAB - 1, 5, 40])  # both ranks' rows
+    half = -(-vocab // WORLD)
+    ids = torch.tensor([0, 1, half - 1, half, vocab - 1, 5, 40])  # both ranks' rows
     _close(emb(ids), F.embedding(ids, w))
 
 
-def check_lm_head(rank: int) -> None:
+def check_vocab_embedding(rank: int) -> None:
+    _check_vocab_embedding(VOCAB)
+
+
+def check_vocab_embedding_padded(rank: int) -> None:
+    _check_vocab_embedding(VOCAB - 1)  # not a multiple of the ranks: the last shard is padded
+
+
+def _check_lm_head(vocab: int) -> None:
     from ember.layers.vocab_embedding import ParallelLMHead
 
-    w, h = _full((VOCAB, HIDDEN), 22), _full((3, HIDDEN), 23)
-    head = ParallelLMHead(VOCAB, HIDDEN, prefix="lm_head")
+    w, h = _full((vocab, HIDDEN), 22), _full((3, HIDDEN), 23)
+    head = ParallelLMHead(vocab, HIDDEN, prefix="lm_head")
     _load(head, "weight", w)
     _finish(head)
     logits = head(h)
     assert logits.dtype == torch.float32
     _close(logits, F.linear(h, w))
+
+
+def check_lm_head(rank: int) -> None:
+    _check_lm_head(VOCAB)
+
+
+def check_lm_head_padded(rank: int) -> None:
+    _check_lm_head(VOCAB - 1)
 
 
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
