@@ -434,8 +434,10 @@ def _fold_input_norm_weights(layers: list[FusedDecoderLayer]) -> int:
     kernel and the GEMM)."""
     folded = 0
     for layer in layers:
+        if not layer.fuse_attn:
+            continue
         qkv = layer.self_attn.qkv_proj
-        if (layer.fuse_attn and qkv.weight.dtype in (torch.bfloat16, torch.float16)
+        if (qkv.weight.dtype in (torch.bfloat16, torch.float16)
                 and layer.input_layernorm.weight.dtype == qkv.weight.dtype):
             _fold_norm_weight(layer.input_layernorm, qkv.weight.data)
             layer.norm_weight_in_qkv = True

@@ -1,5 +1,7 @@
 """The skinny decode GEMM against a float32 product, directly and through the
-linear layers. GPU only (Triton is not installed on CPU machines)."""
+layers the decode fusions (ember.layers.fusion) swap in. GPU only (the
+fusion transform's CPU test under Triton's interpreter is
+tests/layers/test_fusion.py)."""
 
 import pytest
 import torch
@@ -12,10 +14,17 @@ pytest.importorskip("triton")
 from ember.kernels.triton_gemm import (SKINNY_MAX_M, skinny_linear, skinny_rms_norm_linear,  # noqa: E402
                                        skinny_silu_and_mul_linear, skinny_tiles, use_skinny_linear,
                                        use_skinny_rms_norm_linear)
+from ember.config import KernelConfig  # noqa: E402
+from ember.kernels import triton_gemm  # noqa: E402
 from ember.kernels.triton_ops import rms_norm, silu_and_mul  # noqa: E402
-from ember.layers.layernorm import PreNormInput, RMSNorm, block_residual  # noqa: E402
+from ember.layers.attention import ForwardContext, QKVAttention  # noqa: E402
+from ember.layers.fusion import (SkinnyGatedMLP, SkinnyLinearMethod, _prenorm_linear, _PreNormInput,  # noqa: E402
+                                 _residual_linear, apply_decode_fusions)
+from ember.layers.layernorm import RMSNorm  # noqa: E402
 from ember.layers.linear import QKVParallelLinear, RowParallelLinear  # noqa: E402
-from ember.models.llama import LlamaMLP  # noqa: E402
+from ember.layers.mlp import GatedMLP  # noqa: E402
+
+CUDA = torch.device("cuda")
 
 
 def _rel(a, b):
@@ -72,6 +81,8 @@ def test_float32_output_is_the_rounded_result_widened(m):
     assert torch.equal(out, skinny_linear(x, w).float())
     head = ParallelLMHead(5000, 1024).to(torch.bfloat16).cuda()
     head.weight.data.copy_(w)
+    assert apply_decode_fusions(head, KernelConfig(), CUDA).skinny_linears == 1
+    assert isinstance(head.quant_method, SkinnyLinearMethod)
     assert torch.equal(head(x), out)
 
 
@@ -117,9 +128,12 @@ def test_gated_rejects_odd_rows():
 def test_mlp_fuses_the_gate_on_decode_rows(m):
     # Decode rows take the gated kernel, prefill rows (32) cuBLAS + silu_and_mul.
     torch.manual_seed(m)
-    mlp = LlamaMLP(512, 1024).to(torch.bfloat16).cuda()
-    for layer in (mlp.gate_up_proj, mlp.down_proj):
+    model = nn.ModuleList([GatedMLP(512, 1024)]).to(torch.bfloat16).cuda()
+    for layer in (model[0].gate_up_proj, model[0].down_proj):
         layer.weight.data.normal_(0, 0.05)
+    report = apply_decode_fusions(model, KernelConfig(), CUDA)
+    assert report.gated_mlps == 1 and isinstance(model[0], SkinnyGatedMLP)
+    mlp = model[0]
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     gate, up = F.linear(x.float(), mlp.gate_up_proj.weight.float()).split(1024, -1)
     ref = F.linear(F.silu(gate) * up, mlp.down_proj.weight.float())
@@ -137,6 +151,7 @@ def test_linear_layers_route_decode_rows_through_it(m):
         layer.weight.data.normal_(0, 0.05)
         if layer.bias is not None:
             layer.bias.data.normal_()
+    assert apply_decode_fusions(nn.ModuleList([qkv, o]), KernelConfig(), CUDA).skinny_linears == 2
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     for layer in (qkv, o):
         ref = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
@@ -258,7 +273,7 @@ def test_partial_sums_of_squares_add_up_to_the_rows_as_written(m, n, k, with_res
 def test_rms_norm_folded_with_given_sums_of_squares(m, n, k, gated, weight_folded):
     # The stream comes from a GEMM that returned its sums of squares (as down
     # returns them to the next layer's qkv); with the norm weight multiplied
-    # into the projection's (fold_norm_weight) the K loop is the plain GEMM's.
+    # into the projection's (as the decode fusions fold it at load) the K loop is the plain GEMM's.
     g = torch.Generator(device="cuda").manual_seed(m + n + k)
     dtype = torch.bfloat16
     h = torch.randn(m, 4096, generator=g, device="cuda").to(dtype)
@@ -293,22 +308,16 @@ def test_rms_norm_folded_rejects_malformed_sums_of_squares():
             skinny_rms_norm_linear(x, w, None, 1e-6, sumsq=sumsq)
 
 
-class _QKVOnlyAttention(nn.Module):
-    """A stand-in attention block with Llama's projections: o_proj of q (no KV
-    cache). Records whether its input came with sums of squares."""
-
-    takes_prenorm_input = True
+class _QKVOnlyAttention(QKVAttention):
+    """A stand-in attention block with Llama's projections: o_proj of q (no KV cache)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(hidden, 64, hidden // 64, 2, dtype=torch.bfloat16)
         self.o_proj = RowParallelLinear(hidden, hidden, dtype=torch.bfloat16)
-        self.seen_sumsq: list[bool] = []
 
-    def forward(self, positions, x, ctx):
-        self.seen_sumsq.append(isinstance(x, PreNormInput) and x.sumsq is not None)
-        q = self.qkv_proj(x)[:, :self.o_proj.in_features]
-        return self.o_proj(q, block_residual(x))
+    def attend(self, qkv, ctx):
+        return qkv[:, :self.o_proj.in_features]
 
     def reference(self, x):
         return F.linear(F.linear(x, self.qkv_proj.weight.float())[:, :self.o_proj.in_features],
@@ -316,21 +325,24 @@ class _QKVOnlyAttention(nn.Module):
 
 
 @pytest.mark.parametrize("m", [1, 4, 32])
-def test_input_norm_folded_into_qkv_across_layers(m):
-    # Three pre-norm layers with the input norms' weights multiplied into qkv
-    # (fold_input_norm_weights, as the model runner does on CUDA). On decode
-    # rows each down returns the stream's sums of squares and the next layer's
-    # qkv folds its norm with them; prefill rows (32) run the norm kernel with
-    # the ones left in the norm. Both match the unfolded layers in float32.
-    from ember.layers.attention.layer import ForwardContext
-    from ember.models.utils import PreNormDecoderLayer, fold_input_norm_weights
+def test_input_norm_folded_into_qkv_across_layers(monkeypatch, m):
+    # Three pre-norm layers fused by the transform, the input norms' weights
+    # multiplied into qkv. On decode rows each down returns the stream's sums
+    # of squares and the next layer's qkv folds its norm with them; prefill
+    # rows (32) run the norm kernel with the ones left in the norm. Both match
+    # the plain layers in float32.
+    from ember.models.utils import PreNormDecoderLayer
 
+    calls = []
+    real = triton_gemm.skinny_rms_norm_linear
+    monkeypatch.setattr(triton_gemm, "skinny_rms_norm_linear",
+                        lambda *a, **k: calls.append(k.get("sumsq") is not None) or real(*a, **k))
     torch.manual_seed(m)
     hidden = 1024
     model = nn.ModuleList()
     for _ in range(3):
-        mlp = LlamaMLP(hidden, 2816).to(torch.bfloat16)
-        layer = PreNormDecoderLayer(_QKVOnlyAttention(hidden), mlp, hidden, 1e-6).to(torch.bfloat16).cuda()
+        layer = PreNormDecoderLayer(_QKVOnlyAttention(hidden), GatedMLP(hidden, 2816), hidden, 1e-6)
+        layer = layer.to(torch.bfloat16).cuda()
         for p in layer.parameters():
             p.data.normal_(0, 0.03)
         layer.input_layernorm.weight.data.uniform_(0.5, 1.5)
@@ -343,7 +355,8 @@ def test_input_norm_folded_into_qkv_across_layers(m):
         h = _norm_reference(ref.to(torch.bfloat16), layer.post_attention_layernorm.weight, 1e-6)
         gate, up = F.linear(h, layer.mlp.gate_up_proj.weight.float()).split(2816, -1)
         ref = ref + F.linear(F.silu(gate) * up, layer.mlp.down_proj.weight.float())
-    assert fold_input_norm_weights(model) == 3
+    report = apply_decode_fusions(model, KernelConfig(), CUDA)
+    assert report.folded_norm_weights == 3 and report.sumsq_handoffs == 2
     assert all(torch.equal(l.input_layernorm.weight, torch.ones_like(l.input_layernorm.weight)) for l in model)
     ctx = ForwardContext(None, [])
     hidden_states, residual = x, None
@@ -351,8 +364,9 @@ def test_input_norm_folded_into_qkv_across_layers(m):
         hidden_states, residual = layer(None, hidden_states, residual, ctx)
     out = hidden_states if residual is None else hidden_states + residual
     assert _rel(out, ref) < 1e-2
-    # Layers 2 and 3 got the sums of squares on decode rows (layer 1's input is not a GEMM's output).
-    assert [l.self_attn.seen_sumsq[0] for l in model] == [False, m <= SKINNY_MAX_M, m <= SKINNY_MAX_M]
+    # The qkv of layers 2 and 3 got the sums of squares on decode rows (layer
+    # 1's input is not a GEMM's output; at <= 132 SMs its qkv does not fold).
+    assert calls.count(True) == (2 if m <= SKINNY_MAX_M else 0)
 
 
 def test_norm_folds_into_many_wave_projections_only():
@@ -366,7 +380,7 @@ def test_norm_folds_into_many_wave_projections_only():
 @pytest.mark.parametrize("m", [1, 4, 32])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_prenorm_input_through_the_layers(m, with_residual):
-    # QKV and the MLP given a PreNormInput and adding its stream at the end:
+    # QKV and the MLP of a fused layer given a pre-norm input and adding its stream at the end:
     # decode rows (m <= 16) of a one-tensor stream fold the norm into the GEMM
     # (the projections are large enough) and the add into the last GEMM;
     # prefill rows (32), or a stream still in two parts, materialize the norm.
@@ -376,7 +390,7 @@ def test_prenorm_input_through_the_layers(m, with_residual):
     norm = RMSNorm(hidden, 1e-6).to(torch.bfloat16).cuda()
     norm.weight.data.uniform_(0.5, 1.5)
     qkv = QKVParallelLinear(hidden, 64, 160, 8, bias=True, dtype=torch.bfloat16).cuda()  # 11,264 rows
-    mlp = LlamaMLP(hidden, 5632).to(torch.bfloat16).cuda()
+    mlp = GatedMLP(hidden, 5632).to(torch.bfloat16).cuda()
     for layer in (qkv, mlp.gate_up_proj, mlp.down_proj):
         layer.weight.data.normal_(0, 0.05)
     qkv.bias.data.normal_()
@@ -388,11 +402,13 @@ def test_prenorm_input_through_the_layers(m, with_residual):
     folds = m <= SKINNY_MAX_M and not with_residual
     for layer in (qkv, mlp.gate_up_proj):
         assert use_skinny_rms_norm_linear(x[:SKINNY_MAX_M], layer.weight)  # <= 132 SMs
-    inp = PreNormInput(x, norm, r)
-    assert _rel(qkv(inp), F.linear(h, qkv.weight.float(), qkv.bias.float())) < 1e-2
+    inp = _PreNormInput(x, norm, r)
+    assert _rel(_prenorm_linear(inp, qkv, use_pdl=True), F.linear(h, qkv.weight.float(), qkv.bias.float())) < 1e-2
     assert (inp.normed is None) == folds
-    assert torch.equal(block_residual(inp).stream, stream)
-    inp = PreNormInput(x, norm, r)
+    assert torch.equal(inp.stream, stream)
+    inp = _PreNormInput(x, norm, r)
     ref = F.linear(F.silu(gate) * up, mlp.down_proj.weight.float()) + stream.float()
-    assert _rel(mlp(inp), ref) < 1e-2
+    out = _residual_linear(_prenorm_linear(inp, mlp.gate_up_proj, use_pdl=True, gated=True), mlp.down_proj, inp,
+                           use_pdl=True)
+    assert _rel(out, ref) < 1e-2
     assert (inp.normed is None) == folds
