@@ -180,3 +180,11 @@ def test_allowed_token_ids_through_the_engine(smollm2_path, one_torch_thread) ->
     # Its log-probability is the raw one, as the unconstrained run reported it.
     assert greedy.logprobs[0].logprob == pytest.approx(top[2][1], abs=1e-4)
     assert greedy.logprobs[0].rank == 3
+
+
+def test_allowed_token_ids_cross_the_engine_core_wire() -> None:
+    import msgspec
+
+    params = SamplingParams(allowed_token_ids=[4, 2], temperature=0)
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
+    assert decoded.allowed_token_ids == [4, 2] and decoded == params
