@@ -30,8 +30,8 @@ HIDDEN, INTER, VOCAB, HEAD_DIM, NUM_HEADS = 16, 24, 64, 4, 4
 # ------------------------------------------------------------------ rank side
 
 def _full(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The same tensor on every rank."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    """The same tensor on every rank (on the default device)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(torch.get_default_device())
 
 
 def _load(layer: torch.nn.Module, name: str, full: torch.Tensor, shard_id: str | int | None = None) -> None:
@@ -230,16 +230,20 @@ def check_lm_head_padded(rank: int) -> None:
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
-def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
+def _rank_main(rank: int, init_file: str, out_dir: str, backend: str) -> None:
     from ember.distributed.parallel_state import (destroy_distributed_environment, get_tp_rank, get_tp_size,
                                                   init_distributed_environment)
 
     torch.set_num_threads(1)
     results: dict[str, str] = {}
     try:
-        init_distributed_environment(rank, WORLD, backend="gloo", init_method=f"file://{init_file}",
+        init_distributed_environment(rank, WORLD, backend=backend, init_method=f"file://{init_file}",
                                      timeout_s=_TIMEOUT_S / 2)
         assert (get_tp_rank(), get_tp_size()) == (rank, WORLD)
+        if backend == "nccl":
+            torch.set_default_device(torch.device("cuda", rank))
+            # float32 products as float32 (no TF32), for the tight tolerance.
+            torch.backends.cuda.matmul.allow_tf32 = False
         # Every rank runs every check in the same order: a check that fails
         # on one rank before a collective fails on the other by the timeout.
         for name, fn in CHECKS.items():
@@ -258,12 +262,10 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
 
 # ------------------------------------------------------------------ test side
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory) -> list[dict[str, str]]:
-    """Run every check on two gloo ranks; one dict of outcomes per rank."""
-    tmp = tmp_path_factory.mktemp("tp")
+def _run_ranks(tmp: Path, backend: str) -> list[dict[str, str]]:
+    """Run every check on two ranks; one dict of outcomes per rank."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp / "rendezvous"), str(tmp)), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp / "rendezvous"), str(tmp), backend), daemon=True)
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -283,10 +285,26 @@ def rank_results(tmp_path_factory) -> list[dict[str, str]]:
     return results
 
 
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict[str, str]]:
+    return _run_ranks(tmp_path_factory.mktemp("tp_gloo"), "gloo")
+
+
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_on_two_ranks(rank_results: list[dict[str, str]], check: str) -> None:
     for rank, res in enumerate(rank_results):
         assert res.get(check) == "ok", f"rank {rank}, {check}:\n{res.get(check)}"
+
+
+@pytest.mark.gpu
+def test_on_two_gpus_with_nccl(tmp_path) -> None:
+    """The same checks on two CUDA devices over NCCL."""
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} CUDA devices")
+    results = _run_ranks(tmp_path, "nccl")
+    failed = {f"rank {r}, {name}": out for r, res in enumerate(results) for name, out in res.items() if out != "ok"}
+    assert not failed, "\n".join(f"{k}:\n{v}" for k, v in failed.items())
+    assert all(set(res) == set(CHECKS) for res in results)
 
 
 def test_single_rank_collectives_are_identity() -> None:
