@@ -153,9 +153,14 @@ class TokenMaskMetadata:
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, ceil(vocab / 32)] int32 -> [rows, vocab_size] bool (True: allowed)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    """[rows, ceil(vocab / 32)] int32 -> [rows, vocab_size] bool (True: allowed).
+
+    NOTE: reads the words as little-endian bytes (token ``t`` is bit ``t % 8``
+    of byte ``t // 8``), as on x86, ARM and CUDA devices, so the transient
+    tensors are bytes, not int32 words: [rows, vocab] uint8 at most.
+    """
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = (bitmask.contiguous().view(torch.uint8).unsqueeze(-1) >> shifts) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 

@@ -188,3 +188,21 @@ def test_allowed_token_ids_cross_the_engine_core_wire() -> None:
     params = SamplingParams(allowed_token_ids=[4, 2], temperature=0)
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
     assert decoded.allowed_token_ids == [4, 2] and decoded == params
+
+
+@pytest.mark.gpu
+def test_token_mask_on_cuda_matches_cpu() -> None:
+    gen = torch.Generator().manual_seed(4)
+    vocab = 1000
+    logits = torch.randn(5, vocab, generator=gen)
+    params = [SamplingParams(temperature=0, allowed_token_ids=[3, 500, 999]), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, allowed_token_ids=list(range(31, 70))),
+              SamplingParams(temperature=0.9, seed=5, allowed_token_ids=[7, 8]), SamplingParams(temperature=0)]
+    token_ids = [[1, 2]] * 5
+    cpu = Sampler()(logits, SamplingMetadata.build(params, [0] * 5, CPU, token_ids=token_ids, vocab_size=vocab))
+    cuda = torch.device("cuda")
+    dev = Sampler()(logits.to(cuda), SamplingMetadata.build(params, [0] * 5, cuda, token_ids=token_ids,
+                                                           vocab_size=vocab))
+    ids = dev.sampled_token_ids.cpu()
+    assert torch.equal(ids[[0, 1, 2, 4]], cpu.sampled_token_ids[[0, 1, 2, 4]])
+    assert ids[3].item() in (7, 8)
