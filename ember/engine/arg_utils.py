@@ -277,15 +277,17 @@ def _quantization_names() -> list[str]:
 
 
 def _check_quantization(quantization: str | None, hf_config: object) -> None:
-    """Raises:
+    """Resolve the model's quantization method once at start-up, so that a
+    bad choice fails before the model loads.
+
+    Raises:
         ConfigError: ``quantization`` names no registered method, or one the
-            checkpoint's ``quantization_config`` contradicts.
+            checkpoint's ``quantization_config`` contradicts, or the
+            checkpoint's scheme is one its method cannot load.
     """
     from ember.layers.quantization import get_quant_config
 
-    if quantization is None:
-        return
-    if not isinstance(quantization, str):
+    if quantization is not None and not isinstance(quantization, str):
         raise ConfigError(f"quantization must be a method name or None, got {quantization!r}")
     try:
         get_quant_config(quantization, hf_config)
