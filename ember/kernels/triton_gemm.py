@@ -176,7 +176,8 @@ def use_skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`skinny_linear` applies: a CUDA 16-bit ``x`` (or a CPU
     one in Triton's interpreter) of at most :data:`SKINNY_MAX_M` rows with unit
     stride along K, and a weight of the same dtype with unit stride along K."""
-    return ((x.is_cuda or (INTERPRETED and x.device.type == "cpu")) and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
+    return ((x.is_cuda or (INTERPRETED and x.device.type == "cpu")) and x.dim() == 2
+            and 0 < x.shape[0] <= SKINNY_MAX_M and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1)
 
 

@@ -262,6 +262,8 @@ class RowParallelLinear(LinearBase):
         reduce_results: all-reduce the partial products (through
             ``get_tp_group().all_reduce``) and add the bias once; else each
             rank returns its partial sum (the bias added on rank 0 only).
+        input_is_parallel: the input is this rank's slice already; else the
+            layer takes its slice of the full input.
 
     Raises:
         ValueError: an input size that tp_size does not divide.
@@ -269,19 +271,23 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None,
                  quant_config: QuantizationConfig | None = None, prefix: str = "",
-                 reduce_results: bool = True) -> None:
+                 reduce_results: bool = True, input_is_parallel: bool = True) -> None:
         tp = get_tp_size()
         if in_features % tp:
             raise ValueError(f"RowParallelLinear {prefix}: input size {in_features} is not divisible by "
                              f"tp_size {tp}")
-        self.reduce_results = reduce_results
+        self.reduce_results, self.input_is_parallel = reduce_results, input_is_parallel
         super().__init__(in_features // tp, [out_features], in_features, out_features, bias, dtype, quant_config,
                          prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: [num_tokens, in_features / tp_size] -> [num_tokens, out_features]."""
+        """``x``: [num_tokens, in_features / tp_size] ([num_tokens, in_features]
+        without ``input_is_parallel``) -> [num_tokens, out_features]."""
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
+        if not self.input_is_parallel:
+            k = self.input_size_per_partition
+            x = x.narrow(-1, self.tp_rank * k, k)
         y = self.quant_method.apply(self, x, None)
         if self.reduce_results:
             y = get_tp_group().all_reduce(y)

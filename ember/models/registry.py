@@ -1,5 +1,7 @@
 """Model registry: architecture name (HF ``config.architectures[0]``) -> class,
-imported lazily."""
+imported lazily. Every class is built as ``cls(hf_config, attn_backend,
+quant_config=None)`` and names its layers by their checkpoint names
+(``prefix``), so a quantization config can choose per layer."""
 
 from __future__ import annotations
 

@@ -45,6 +45,13 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return model.eval()
 
 
+def _half(model: nn.Module) -> nn.Module:
+    """A float16 copy. NOTE: a copy, since the model shares its rotary module
+    with every model of the same RoPE (``get_rope`` caches it), whose cache
+    ``.half()`` would round for all of them."""
+    return copy.deepcopy(model).half()
+
+
 class _Request:
     def __init__(self, index: int, prompt: list[int]) -> None:
         self.blocks = list(range(index * 8, index * 8 + 8))
@@ -111,8 +118,8 @@ def test_fused_llama_matches_the_plain_model(monkeypatch, num_sms):
 
     monkeypatch.setattr(triton_gemm, "skinny_rms_norm_linear", spy)
     ref_model = _tiny_llama()
-    fused = copy.deepcopy(ref_model).half()
-    plain16 = copy.deepcopy(ref_model).half()
+    fused = _half(ref_model)
+    plain16 = _half(ref_model)
     report = apply_decode_fusions(fused, KernelConfig(), CPU, allow_interpreter=True)
     assert report == DecodeFusions(skinny_linears=13, gated_mlps=3, fused_attention_blocks=3, fused_mlp_blocks=3,
                                    folded_norm_weights=3, sumsq_handoffs=2, pdl=False)
@@ -139,7 +146,7 @@ def test_prefill_rows_take_the_plain_kernels(monkeypatch):
     launched = []
     monkeypatch.setattr(triton_gemm, "launch_skinny_gemm", lambda *a, **k: launched.append(1))
     ref_model = _tiny_llama(1)
-    fused = copy.deepcopy(ref_model).half()
+    fused = _half(ref_model)
     apply_decode_fusions(fused, KernelConfig(), CPU, allow_interpreter=True)
     prompts = [list(range(1, 21))]
     ref = _run(ref_model, torch.float32, prompts, steps=0, all_rows=True)
@@ -211,7 +218,7 @@ def test_mixed_layers_hand_the_stream_and_sums_of_squares_on_correctly(monkeypat
     with torch.no_grad():
         for name, p in ref.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
-    fused = copy.deepcopy(ref).half()
+    fused = _half(ref)
     report = apply_decode_fusions(fused, KernelConfig(), CPU, allow_interpreter=True)
     assert (report.fused_attention_blocks, report.fused_mlp_blocks) == (4, 4)
     assert report.folded_norm_weights == 4 and report.sumsq_handoffs == 3  # not from layer 1 (unfused MLP)
@@ -256,7 +263,7 @@ def _snapshot(model: nn.Module) -> list:
 
 @pytest.mark.parametrize("case", ["cpu", "no_skinny_gemm", "tp2"])
 def test_untouched_where_a_precondition_fails(monkeypatch, case):
-    model = _tiny_llama().half()
+    model = _half(_tiny_llama())
     before = _snapshot(model)
     weights = {n: p.clone() for n, p in model.named_parameters()}
     if case == "cpu":  # a CPU device outside tests: no interpreter allowed
@@ -275,7 +282,7 @@ def test_untouched_where_a_precondition_fails(monkeypatch, case):
 def test_quantized_layers_keep_their_method_and_block_the_layer_fusions():
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(config, TorchAttentionBackend, quant_config=_TestQuantConfig()).half()
+    model = _half(LlamaForCausalLM(config, TorchAttentionBackend, quant_config=_TestQuantConfig()))
     report = apply_decode_fusions(model, KernelConfig(), CPU, allow_interpreter=True)
     assert report.skinny_linears == 1  # the (unquantized) LM head only
     assert report.fused_attention_blocks == report.fused_mlp_blocks == report.gated_mlps == 0
@@ -286,7 +293,7 @@ def test_quantized_layers_keep_their_method_and_block_the_layer_fusions():
 
 @pytest.mark.parametrize("flags", [dict(fold_norm=False), dict(fold_norm_weights=False), dict(pdl=False)])
 def test_flags_choose_the_fusions(flags):
-    model = _tiny_llama().half()
+    model = _half(_tiny_llama())
     report = apply_decode_fusions(model, KernelConfig(**flags), CPU, allow_interpreter=True)
     assert report.skinny_linears == 13 and report.gated_mlps == 3 and not report.pdl
     fold = flags.get("fold_norm", True)

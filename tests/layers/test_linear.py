@@ -64,11 +64,14 @@ def test_row_shards_sum_to_the_full_output_with_the_bias_once(monkeypatch):
         layer.weight_loader(layer.bias, b)
         total = total + layer(x[:, rank * 4:(rank + 1) * 4])
     torch.testing.assert_close(total, x @ w.T + b)
-    # With the reduction (an identity here) each rank adds the bias after it.
+    # With the reduction (an identity here) each rank adds the bias after it;
+    # given the full input, a rank takes its slice.
     layer = _on_rank(monkeypatch, 1, 2, lambda: RowParallelLinear(8, 5, bias=True))
     layer.weight_loader(layer.weight, w)
     layer.weight_loader(layer.bias, b)
     torch.testing.assert_close(layer(x[:, 4:]), x[:, 4:] @ w[:, 4:].T + b)
+    layer.input_is_parallel = False
+    torch.testing.assert_close(layer(x), x[:, 4:] @ w[:, 4:].T + b)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
