@@ -66,6 +66,12 @@ class SamplingParams:
             the k most likely tokens at that position (as ``logprobs``; see
             ``RequestOutput.prompt_logprobs``). Such a request takes no
             prefix-cache hits: the logits of every prompt position are computed.
+        allowed_token_ids: None, or the only token ids the request may
+            generate (a non-empty list of ids in [0, vocab_size)); every other
+            token's logit is set to -inf before sampling, so greedy picks the
+            most likely allowed token. Log-probabilities stay those of the
+            raw distribution. Applied through the sampler's logits-processor
+            seam (:mod:`ember.sample.logits_processor`).
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: drop special tokens from the detokenized text.
         output_kind: see :class:`RequestOutputKind`.
@@ -92,6 +98,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -103,6 +110,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.allowed_token_ids, (tuple, set, frozenset)):
+            self.allowed_token_ids = list(self.allowed_token_ids)
         self._verify()
 
     def _verify(self) -> None:
@@ -156,8 +165,24 @@ class SamplingParams:
             all(is_int(t, 0, INT64_MAX) for t in self.stop_token_ids),
             f"stop_token_ids must be integers in [0, 2**63), got {self.stop_token_ids!r}",
         )
+        check(
+            self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                                               and all(is_int(t, 0, INT64_MAX) for t in self.allowed_token_ids)),
+            f"allowed_token_ids must be None or a non-empty list of token ids in [0, 2**63), "
+            f"got {self.allowed_token_ids!r}",
+        )
         if self.top_k == -1:
             self.top_k = 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Check the token ids that must lie in the model's vocabulary.
+
+        Raises:
+            ValueError: an ``allowed_token_ids`` entry is not below ``vocab_size``.
+        """
+        bad = [t for t in self.allowed_token_ids or () if t >= vocab_size]
+        if bad:
+            raise ValueError(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:

@@ -1,16 +1,29 @@
-"""Tensor-parallel process-group state.
+"""Process groups: the default group and the tensor-parallel group.
 
-Set once per process at start-up (``init_tensor_parallel``) and read by the
-parallel layers; model code never touches it. ``get_tp_group()`` is the
-tensor-parallel :class:`~ember.distributed.communicator.Communicator` every
-collective goes through (a world of one: every collective is a no-op).
+Set once per process at start-up and read by the parallel layers; model code
+never touches it. A worker process of a multi-rank engine calls
+:func:`init_distributed_environment` (which creates the ``torch.distributed``
+default group and the tensor-parallel group) and, when it stops,
+:func:`destroy_distributed_environment`. A single-device engine calls only
+``init_tensor_parallel(0, 1)``: no process group exists then, and
+``get_tp_group()`` is a world of one whose collectives are no-ops.
+``get_tp_group()`` is the tensor-parallel
+:class:`~ember.distributed.communicator.Communicator` every collective goes
+through.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+
 from ember.distributed.communicator import Communicator
 
 _TP = Communicator()
+
+# Seconds a collective (and start-up's rendezvous) may wait for the other
+# ranks before it raises, so that a rank that died does not hang the rest.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def init_tensor_parallel(rank: int, world_size: int, group: object | None = None) -> None:
@@ -30,6 +43,84 @@ def init_tensor_parallel(rank: int, world_size: int, group: object | None = None
     if world_size > 1 and group is None:
         raise ValueError("tensor parallelism over several ranks needs an initialized process group")
     _TP = Communicator(rank, world_size, group)
+
+
+def init_distributed_environment(rank: int, world_size: int, backend: str | None = None,
+                                 init_method: str = "env://", tensor_parallel_size: int | None = None,
+                                 local_rank: int | None = None,
+                                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the ``torch.distributed`` default group and set up the
+    tensor-parallel group (start-up of each rank's process).
+
+    The ranks are split into consecutive tensor-parallel groups of
+    ``tensor_parallel_size`` ranks (rank r is in group ``r // tp``, as its
+    rank ``r % tp``); with one group (the default) it is the whole world.
+
+    With NCCL, ``NCCL_NVLS_ENABLE`` is set to 0 unless the environment already
+    sets it: NVLink SHARP (multicast) buffers cost device memory for no gain
+    at the message sizes of a decode step, and not every host supports them.
+
+    Args:
+        rank, world_size: this process's global rank and the number of ranks.
+        backend: ``"nccl"`` or ``"gloo"``; None: NCCL where CUDA is available,
+            else gloo.
+        init_method: how the ranks meet (``"env://"`` reads MASTER_ADDR and
+            MASTER_PORT; ``"tcp://host:port"``; ``"file:///path"``).
+        tensor_parallel_size: ranks per tensor-parallel group (default:
+            ``world_size``).
+        local_rank: with NCCL, the CUDA device of this process (default:
+            ``rank`` modulo the visible devices).
+        timeout_s: seconds a collective or the rendezvous waits for the other
+            ranks before it raises.
+
+    Raises:
+        ValueError: a rank outside the world, a group size that does not
+            divide it, or an unknown backend.
+        RuntimeError: the default group already exists.
+    """
+    import torch
+    import torch.distributed as dist
+
+    tp = world_size if tensor_parallel_size is None else tensor_parallel_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must be a positive divisor of the world size {world_size}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"unknown distributed backend {backend!r}; known: gloo, nccl")
+    if dist.is_initialized():
+        raise RuntimeError("the torch.distributed default group is already initialized")
+    device_id = None
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        device = local_rank if local_rank is not None else rank % torch.cuda.device_count()
+        torch.cuda.set_device(device)
+        device_id = torch.device("cuda", device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
+    if tp == world_size:
+        init_tensor_parallel(rank, tp, dist.group.WORLD if tp > 1 else None)
+        return
+    # Every rank creates every group (new_group is collective over the world).
+    mine = None
+    for start in range(0, world_size, tp):
+        group = dist.new_group(list(range(start, start + tp)), timeout=datetime.timedelta(seconds=timeout_s))
+        if start <= rank < start + tp:
+            mine = group
+    init_tensor_parallel(rank % tp, tp, mine if tp > 1 else None)
+
+
+def destroy_distributed_environment() -> None:
+    """Leave every process group and reset the tensor-parallel state to a
+    world of one (a no-op where no group exists)."""
+    global _TP
+    _TP = Communicator()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_tp_group() -> Communicator:

@@ -82,6 +82,7 @@ class EngineArgs:
     device: str = "auto"
     load_format: str = "auto"
     tensor_parallel_size: int = 1
+    quantization: str | None = None
     seed: int | None = 0
     enforce_eager: bool = False
     piecewise_cuda_graphs: bool = True
@@ -150,6 +151,10 @@ class EngineArgs:
         parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
+                            help="quantize the weights with this method (see ember.layers.quantization); "
+                                 "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
+                                 "quantized at load (default: the checkpoint's own quantization_config, if any)")
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
         parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         parser.add_argument("--piecewise-cuda-graphs", action=argparse.BooleanOptionalAction,
@@ -212,6 +217,7 @@ class EngineArgs:
                 raise ConfigError(f"hf_overrides: the model config has no field {key!r}")
             setattr(hf_config, key, value)
         architecture = ModelRegistry.resolve(hf_config)
+        _check_quantization(self.quantization, hf_config)
 
         dtype_name = self.dtype
         if dtype_name == "auto":
@@ -234,6 +240,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             skip_tokenizer_init=self.skip_tokenizer_init or (source.format == "preset" and self.tokenizer is None),
             tokenizer=self.tokenizer,
+            quantization=self.quantization,
         )
         kv_bytes = self.kv_cache_memory
         if kv_bytes is None and device == "cpu":
@@ -261,6 +268,31 @@ class EngineArgs:
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
                             kernel_config=kernel_config)
+
+
+def _quantization_names() -> list[str]:
+    from ember.layers.quantization import QUANTIZATION_METHODS
+
+    return sorted(QUANTIZATION_METHODS)
+
+
+def _check_quantization(quantization: str | None, hf_config: object) -> None:
+    """Resolve the model's quantization method once at start-up, so that a
+    bad choice fails before the model loads.
+
+    Raises:
+        ConfigError: ``quantization`` names no registered method, or one the
+            checkpoint's ``quantization_config`` contradicts, or the
+            checkpoint's scheme is one its method cannot load.
+    """
+    from ember.layers.quantization import get_quant_config
+
+    if quantization is not None and not isinstance(quantization, str):
+        raise ConfigError(f"quantization must be a method name or None, got {quantization!r}")
+    try:
+        get_quant_config(quantization, hf_config)
+    except ValueError as e:
+        raise ConfigError(f"quantization: {e}") from None
 
 
 def _default_served_name(model: str) -> str:

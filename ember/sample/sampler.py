@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.sample.logits_processor import (LogitsProcessor, TokenMaskMetadata, apply_token_mask,
+                                           logits_processors_for, uses_logits_processor)
 from ember.sample.logprobs import LogprobsMetadata, compute_logprobs
 from ember.sample.penalties import PenaltyMetadata, apply_penalties, uses_penalty
 from ember.sampling_params import SamplingParams
@@ -37,6 +39,8 @@ class SamplingMetadata:
         penalties: None unless some row uses a repetition, presence or
             frequency penalty.
         logprobs: None unless some row asks for log-probabilities.
+        token_mask: None unless some row's logits processors constrain its
+            next token (see :mod:`ember.sample.logits_processor`).
     """
 
     temperature: torch.Tensor | None
@@ -50,10 +54,12 @@ class SamplingMetadata:
     use_top_k: bool = False
     use_top_p: bool = False
     use_min_p: bool = False
+    token_mask: TokenMaskMetadata | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device,
-              token_ids: list[list[int]] | None = None) -> SamplingMetadata:
+              token_ids: list[list[int]] | None = None, vocab_size: int | None = None,
+              logits_processors: list[list[LogitsProcessor]] | None = None) -> SamplingMetadata:
         """Args:
             params: per row, its request's sampling parameters.
             output_positions: per row, the index of the token it samples among
@@ -62,27 +68,40 @@ class SamplingMetadata:
             device: where the logits are.
             token_ids: per row, the request's prompt followed by its output
                 tokens so far (the last ``output_positions[i]`` of them); read
-                only when some row uses a penalty.
+                only when some row uses a penalty or a logits processor.
+            vocab_size: the logits' width; needed when some row has a logits
+                processor.
+            logits_processors: per row, its processors; None: those its
+                parameters ask for (:func:`~ember.sample.logits_processor.logits_processors_for`).
 
-        The per-row values travel in two asynchronous host-to-device copies;
-        nothing here waits for the device.
+        The per-row values travel in asynchronous host-to-device copies (two,
+        plus one or two per feature some row uses); nothing here waits for
+        the device.
 
         Raises:
-            ValueError: a row uses a penalty and ``token_ids`` is None.
+            ValueError: a row uses a penalty or a logits processor and
+                ``token_ids`` (or, for a processor, ``vocab_size``) is None.
         """
         all_greedy, any_penalty, any_logprobs = True, False, False
+        any_processor = logits_processors is not None
         for p in params:
             all_greedy &= p.greedy
             any_penalty = any_penalty or uses_penalty(p)
             any_logprobs = any_logprobs or p.logprobs is not None
+            any_processor = any_processor or uses_logits_processor(p)
         penalties = None
         if any_penalty:
             if token_ids is None:
                 raise ValueError("token_ids must be given when a row uses a penalty")
             penalties = PenaltyMetadata.build(params, token_ids, output_positions, device)
         logprobs = LogprobsMetadata.build(params, device) if any_logprobs else None
+        token_mask = None
+        if any_processor:
+            token_mask = _build_token_mask(params, output_positions, device, token_ids, vocab_size,
+                                           logits_processors)
         if all_greedy:
-            return cls(None, None, None, None, True, [None] * len(params), penalties, logprobs)
+            return cls(None, None, None, None, True, [None] * len(params), penalties, logprobs,
+                       token_mask=token_mask)
         seeds = [None if p.seed is None else _mix(p.seed, pos) for p, pos in zip(params, output_positions)]
         floats = torch.tensor([[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
                                [p.min_p for p in params]], dtype=torch.float32).to(device, non_blocking=True)
@@ -97,7 +116,24 @@ class SamplingMetadata:
             use_top_k=any(p.top_k > 0 for p in sampled),
             use_top_p=any(p.top_p < 1 for p in sampled),
             use_min_p=any(p.min_p > 0 for p in sampled),
+            token_mask=token_mask,
         )
+
+
+def _build_token_mask(params: list[SamplingParams], output_positions: list[int], device: torch.device,
+                      token_ids: list[list[int]] | None, vocab_size: int | None,
+                      logits_processors: list[list[LogitsProcessor]] | None) -> TokenMaskMetadata | None:
+    procs = logits_processors if logits_processors is not None else [logits_processors_for(p) for p in params]
+    if not any(procs):
+        return None
+    if token_ids is None or vocab_size is None:
+        raise ValueError("token_ids and vocab_size must be given when a row has a logits processor")
+    # NOTE: as for penalties, a token still in flight (asynchronous
+    # scheduling) is not in token_ids yet, so a processor that reads the
+    # output history needs steps without one.
+    outputs = [token_ids[i][max(0, len(token_ids[i]) - output_positions[i]):] if procs[i] else []
+               for i in range(len(params))]
+    return TokenMaskMetadata.build(procs, outputs, vocab_size, device)
 
 
 @dataclass(slots=True)
@@ -147,12 +183,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """``logits``: [num_rows, vocab] float32 raw logits (not modified).
 
-        Penalties apply to the raw logits first; greedy rows then take the
+        Rows with logits processors first lose their disallowed tokens (-inf);
+        penalties apply next; greedy rows then take the
         argmax of the penalized logits (as vLLM and HF do), the others are
         sampled after temperature and top-k/p/min-p. Log-probabilities come
-        from the raw logits.
+        from the raw logits (before the processors' masks too).
         """
         raw = logits
+        if meta.token_mask is not None:
+            logits = apply_token_mask(logits, meta.token_mask)
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         sampled = _argmax(logits)

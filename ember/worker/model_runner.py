@@ -410,7 +410,7 @@ class ModelRunner:
         sampling_meta = SamplingMetadata.build(
             [s.sampling_params for s in states],
             [len(s.token_ids) + s.num_in_flight - s.num_prompt_tokens for s in states], self.device,
-            token_ids=[s.token_ids for s in states])
+            token_ids=[s.token_ids for s in states], vocab_size=logits.shape[-1])
         out = self.sampler(logits, sampling_meta)
         for s in states:
             s.num_in_flight += 1

@@ -48,5 +48,8 @@ def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationCo
     return QUANTIZATION_METHODS[name].from_config(ckpt if ckpt_name == name else {})
 
 
+# The built-in methods register themselves on import (after the registry exists).
+from ember.layers.quantization import int8_weight_only  # noqa: E402,F401
+
 __all__ = ["LinearMethodBase", "QuantizationConfig", "QUANTIZATION_METHODS", "get_quant_config",
            "register_quantization_config"]
