@@ -2,7 +2,8 @@
 
 One rule covers prefill, chunked prefill and decode: every request has
 ``num_computed_tokens`` and each step gives it up to ``num_tokens -
-num_computed_tokens`` more, within the step's token budget
+num_computed_tokens`` more (and its tokens in flight and draft tokens, see
+below), within the step's token budget
 (``max_num_batched_tokens``) and the cap on running requests
 (``max_num_seqs``). Running requests are served first, in the policy's order
 (``ember.core.sched_policy``); then waiting requests join while budget and
@@ -82,15 +83,6 @@ class _StepPlan:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)
-
-    def add_running(self, req: Request, num_new: int, new_blocks: list) -> None:
-        """Schedule ``num_new`` tokens of running ``req``, with the blocks just
-        allocated for them."""
-        self.num_scheduled[req.request_id] = num_new
-        self.budget -= num_new
-        self.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
-                                                  req.num_computed_tokens))
-        _advance(req, num_new)
 
 
 def _advance(req: Request, num_new: int) -> None:
@@ -227,24 +219,27 @@ class Scheduler:
     def _schedule_running(self, plan: _StepPlan) -> None:
         """Give each running request its next tokens, in order; preempt from
         the end of the list when blocks run out."""
+        # NOTE: this loop runs for every running request every step: plain
+        # locals, no per-request helper calls on the common (decode) path.
+        running, allocate_slots = self.running, self.kv_cache_manager.allocate_slots
+        num_scheduled, cached_reqs = plan.num_scheduled, plan.cached_reqs
         idx = 0
-        while idx < len(self.running) and plan.budget > 0:
-            req = self.running[idx]
+        while idx < len(running) and plan.budget > 0:
+            req = running[idx]
             placeholders = req.num_output_placeholders
             if placeholders and req.num_output_tokens + placeholders >= req.max_tokens:
                 idx += 1  # its last token is in flight
                 continue
-            num_new = req.num_tokens + placeholders - req.num_computed_tokens
+            num_tokens, computed = req.num_tokens, req.num_computed_tokens
+            num_new = num_tokens + placeholders - computed
             assert num_new > 0, f"{req} has nothing to compute"
-            drafts = req.spec_token_ids
-            if drafts and num_new == 1 and not placeholders:
-                drafts = drafts[: min(plan.budget, req.max_tokens - req.num_output_tokens) - 1]
+            drafts = self._take_drafts(req, num_new, plan.budget) if req.spec_token_ids else None
+            if drafts:
                 num_new += len(drafts)
-            else:
-                drafts = None
-                num_new = min(num_new, plan.budget)
-            while (new_blocks := self.kv_cache_manager.allocate_slots(req, num_new)) is None:
-                victim = self.running.pop()
+            elif num_new > plan.budget:
+                num_new = plan.budget
+            while (new_blocks := allocate_slots(req, num_new)) is None:
+                victim = running.pop()
                 self._preempt(victim, plan)
                 if victim is req:
                     break
@@ -252,10 +247,23 @@ class Scheduler:
                 break
             if drafts:
                 plan.spec_tokens[req.request_id] = drafts
-            if req.spec_token_ids:
-                req.spec_token_ids = []
-            plan.add_running(req, num_new, new_blocks)
+            num_scheduled[req.request_id] = num_new
+            plan.budget -= num_new
+            cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks], computed))
+            req.num_computed_tokens = computed = computed + num_new
+            if computed >= num_tokens:
+                req.num_output_placeholders = placeholders + 1
             idx += 1
+
+    @staticmethod
+    def _take_drafts(req: Request, num_new: int, budget: int) -> list[int]:
+        """The draft tokens of ``req`` to schedule after its last token (within
+        the budget and its ``max_tokens``), consumed from ``req.spec_token_ids``.
+        Empty unless it decodes with no token in flight."""
+        drafts, req.spec_token_ids = req.spec_token_ids, []
+        if num_new != 1 or req.num_output_placeholders:
+            return []
+        return drafts[: min(budget, req.max_tokens - req.num_output_tokens) - 1]
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         """Admit waiting requests in policy order while budget, slots and

@@ -2,11 +2,11 @@
 
 The runner keeps a small state per request (its known tokens and block table)
 and is told only what changed each step; it mirrors the scheduler's
-``num_computed_tokens`` and never decides who runs or how far. Inputs are packed without padding:
-``input_ids``, ``positions`` and ``slot_mapping`` have one entry per scheduled
-token, ``block_table`` and ``seq_lens`` one row per scheduled request. Only the
-rows whose request reaches the end of its known tokens are turned into logits
-and sampled.
+``num_computed_tokens`` and never decides who runs or how far. Inputs are
+packed without padding: ``input_ids``, ``positions`` and ``slot_mapping`` have
+one entry per scheduled token, ``block_table`` and ``seq_lens`` one row per
+scheduled request. Only the rows whose request reaches the end of its tokens
+(known or in flight) are turned into logits and sampled.
 """
 
 from __future__ import annotations
