@@ -101,6 +101,8 @@ def test_outputs_unchanged_through_a_pickling_boundary(async_scheduling: bool) -
     for observer in (records.append, trace, times):
         core.add_step_observer(observer)
     assert run(engine, params) == want
+    while core.has_unfinished_requests():  # a step launched ahead may be left: it has nothing to say
+        assert core.step() == []
     assert wrapper.num_launched == len(records) == len(trace.steps) == times.num_steps > 0
     assert (times.num_steps_ahead > 0) == async_scheduling
     assert sum(r.sched.total_num_scheduled_tokens for r in records) == sum(s[2] + s[3] for s in trace.steps)
