@@ -137,11 +137,11 @@ class EngineCore:
             self.executor.launch(ahead)
             self._in_flight = ahead
         result = self.executor.collect()
-        t5 = time.perf_counter() if timed else 0.0
+        t4 = time.perf_counter() if timed else 0.0
         outputs = scheduler.update_from_output(sched, result)
         if timed:
-            t6 = time.perf_counter()
-            record = StepRecord(sched, t5, (t1 - t0) + (t3 - t2), (t2 - t1) + (t5 - t3), t6 - t5, launched_ahead)
+            t5 = time.perf_counter()
+            record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead)
             for observer in self._step_observers:
                 observer(record)
         return outputs
