@@ -70,6 +70,12 @@ class Request:
         prompt_logprobs: with ``SamplingParams.prompt_logprobs`` set, the
             log-probabilities of prompt tokens 1, 2, ... computed so far (the
             prompt may be computed in chunks); else None.
+        num_output_placeholders: tokens that scheduled steps will sample for
+            it and that are not known yet (a step in flight under asynchronous
+            scheduling). They count as tokens to compute: a step may continue
+            the request from the token still being sampled.
+        spec_token_ids: draft tokens a proposer made for its next step; the
+            scheduler schedules (and consumes) them after its last token.
     """
 
     def __init__(
@@ -104,6 +110,8 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.prompt_logprobs: list[SampleLogprob] | None = (
             None if sampling_params.prompt_logprobs is None else [])
+        self.num_output_placeholders = 0
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -72,6 +72,9 @@ class SchedulerOutput:
             by swap; their device blocks may be reused by this very step).
         blocks_to_swap_in: (device_block_id, host_block_id) pairs to copy
             host -> device before the forward pass, after the swap-outs.
+        scheduled_spec_decode_tokens: req_id -> draft tokens it computes after
+            its last token (counted in ``num_scheduled_tokens``); the step
+            returns the accepted ones and one more.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -82,6 +85,7 @@ class SchedulerOutput:
     num_preemptions: int = 0
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -93,10 +97,12 @@ class ModelRunnerOutput:
     """One step's results.
 
     Attributes:
-        sampled_token_ids: req_id -> the token sampled for it; only requests
-            whose scheduled tokens reached the end of their known tokens sample
-            (a prefill chunk that stops mid-prompt does not).
-        logprobs: req_id -> log-probabilities of its sampled token, for the
+        sampled_token_ids: req_id -> the tokens it generated, in order: one
+            sampled token, or with draft tokens scheduled the accepted drafts
+            and one more. Only requests whose scheduled tokens reached the end
+            of their tokens sample (a prefill chunk that stops mid-prompt does
+            not).
+        logprobs: req_id -> log-probabilities of each of its tokens, for the
             sampling requests whose ``SamplingParams.logprobs`` is set.
         prompt_logprobs: req_id -> ``(first, entries)`` for requests whose
             ``SamplingParams.prompt_logprobs`` is set and whose step computed
@@ -104,8 +110,8 @@ class ModelRunnerOutput:
             ``first + j`` given the tokens before it (``first`` >= 1).
     """
 
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, SampleLogprob] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, list[SampleLogprob]] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[SampleLogprob]]] = field(default_factory=dict)
 
 

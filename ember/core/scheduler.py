@@ -2,7 +2,8 @@
 
 One rule covers prefill, chunked prefill and decode: every request has
 ``num_computed_tokens`` and each step gives it up to ``num_tokens -
-num_computed_tokens`` more, within the step's token budget
+num_computed_tokens`` more (and its tokens in flight and draft tokens, see
+below), within the step's token budget
 (``max_num_batched_tokens``) and the cap on running requests
 (``max_num_seqs``). Running requests are served first, in the policy's order
 (``ember.core.sched_policy``); then waiting requests join while budget and
@@ -17,6 +18,20 @@ later; recompute when the host pool is full). Under ``priority`` a waiting
 request that outranks the last running one also preempts it when it cannot
 start otherwise, and the fairness guard promotes requests that waited longer
 than ``max_waiting_time_s``. (Design as in vLLM's v1 scheduler.)
+
+Asynchronous scheduling uses the same :meth:`Scheduler.schedule`: a step may be
+scheduled while the previous one still runs on the device. ``num_computed_tokens``
+advances as soon as a step is scheduled, and a request whose next token that
+step samples carries an output placeholder (``Request.num_output_placeholders``)
+until :meth:`Scheduler.update_from_output` brings the token: the next step then
+computes the token in flight (the runner feeds it on the device). A request
+whose last allowed token is in flight is not scheduled again; one that stops on
+a stop token in flight is computed once more and that token dropped. A request
+preempted with a token in flight gets that token while it waits (it is known
+before the request can resume). Only penalties need the token in flight on the
+host (:meth:`Scheduler.can_schedule_ahead`). Draft tokens (``Request.spec_token_ids``)
+are scheduled after a request's last token like any other tokens; the step
+returns the accepted ones and ``num_computed_tokens`` goes back over the rest.
 
 NOTE: a request is never preempted in a step that already scheduled it: victims
 are taken from the end of ``running``, past the requests served so far, or
@@ -33,7 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Container, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ember.config import SchedulerConfig
@@ -48,6 +64,7 @@ from ember.core.sched_output import (
 from ember.core.sched_policy import SCHEDULING_POLICIES
 from ember.core.stats import SchedulerStats
 from ember.logger import init_logger
+from ember.outputs import SampleLogprob
 from ember.request import Request, RequestStatus
 from ember.sample.penalties import uses_penalty
 
@@ -65,13 +82,15 @@ class _StepPlan:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)
 
-    def add_running(self, req: Request, num_new: int, new_blocks: list, num_computed: int) -> None:
-        """Schedule ``num_new`` tokens of running ``req`` from position
-        ``num_computed``, with the blocks just allocated for them."""
-        self.num_scheduled[req.request_id] = num_new
-        self.budget -= num_new
-        self.cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks], num_computed))
+
+def _advance(req: Request, num_new: int) -> None:
+    """Count ``num_new`` scheduled tokens of ``req`` as computed; a step that
+    reaches its last token samples the next one (a placeholder until then)."""
+    req.num_computed_tokens += num_new
+    if req.num_computed_tokens >= req.num_tokens:
+        req.num_output_placeholders += 1
 
 
 class Scheduler:
@@ -95,6 +114,14 @@ class Scheduler:
         # Requests the runner must forget at the next step.
         self._forget_req_ids: set[str] = set()
         self.counters = SchedulerStats()
+        # Steps scheduled and not yet passed to update_from_output, oldest first.
+        self._in_flight: deque[SchedulerOutput] = deque()
+        # Ids of requests that finished while steps that compute them were in
+        # flight -> how many such steps: their results are dropped, and a new
+        # request with the same id waits until they are all in.
+        self._finished_in_flight: dict[str, int] = {}
+        # Ids of unfinished requests that use penalties.
+        self._penalized: set[str] = set()
 
     # ------------------------------------------------------------------ queue
     def add_request(self, request: Request) -> None:
@@ -103,6 +130,8 @@ class Scheduler:
         self.requests[request.request_id] = request
         request.waiting_since = self._clock()
         self.policy.add_waiting(request)
+        if uses_penalty(request.sampling_params):
+            self._penalized.add(request.request_id)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
         """End requests from outside the step loop (abort, stop string).
@@ -137,6 +166,12 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or self.policy.num_waiting() > 0
 
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the steps in flight
+        are updated: False while a request that uses penalties has a token in
+        flight (its logits need that token on the host)."""
+        return not any(self.requests[r].num_output_placeholders for r in self._penalized)
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.running) + self.policy.num_waiting()
 
@@ -150,7 +185,9 @@ class Scheduler:
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's work. Never returns more than the token budget."""
+        """Pick the next step's work and count it as computed. Never returns
+        more than the token budget. Steps in flight (scheduled, not yet
+        updated) are allowed: see the module docstring."""
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
         self._promote_starved()
         self._preempt_for_waiting(plan)
@@ -159,7 +196,9 @@ class Scheduler:
         # NOTE: the runner copies swap-outs before swap-ins; a host block must not
         # be both written and read in one step (swap-ins follow every swap-out here).
         assert not {h for _, h in plan.swap_out} & {h for _, h in plan.swap_in}
-        return self._output(plan)
+        out = self._output(plan)
+        self._in_flight.append(out)
+        return out
 
     def _output(self, plan: _StepPlan) -> SchedulerOutput:
         """The step ``plan`` describes; the runner forgets the finished requests with it."""
@@ -172,91 +211,68 @@ class Scheduler:
             num_preemptions=len(plan.preempted),
             blocks_to_swap_out=plan.swap_out,
             blocks_to_swap_in=plan.swap_in,
+            scheduled_spec_decode_tokens=plan.spec_tokens,
         )
         self._forget_req_ids = set()
         return out
 
-    def schedule_ahead(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
-        """Asynchronous scheduling: the next step, picked while ``in_flight`` (the
-        last step, whose tokens are not known yet) still runs on the device.
-
-        The running requests get what :meth:`schedule` would give them, in the
-        same order and budget, without their tokens in flight being known: one
-        that samples its next token in ``in_flight`` gets that token (the runner
-        feeds it from the device without a round trip to the host); one whose
-        prompt ``in_flight`` only partly prefills (or that it did not schedule)
-        gets its next chunk of known tokens. A request with a token in flight
-        and a penalty makes the step wait (its logits need that token). Then new
-        requests are admitted as :meth:`schedule` would, when that needs no
-        preemption (FCFS with only new requests waiting). A request that reaches
-        ``max_tokens`` in ``in_flight`` is left out; one that stops on a stop
-        token there is computed once more and that token dropped
-        (:meth:`update_from_output` skips finished requests). Prefix-cache
-        hashes only cover known tokens, so the block holding a token in flight
-        is registered one step later.
-
-        Returns:
-            The step, or None when it cannot be planned ahead (a penalty, a
-            policy that may preempt, or a missing block): the caller then waits
-            for ``in_flight`` and calls :meth:`schedule`.
-        """
-        num_scheduled = in_flight.num_scheduled_tokens
-        if not self.running or len(self.running) > self.config.max_num_batched_tokens:
-            return None
-        if self.policy.num_waiting() and (self.policy.name != "fcfs"
-                                          or self.policy.peek_waiting().status != RequestStatus.WAITING):
-            return None  # admission may preempt (FCFS requeues preempted requests at the front)
-        for req in self.running:
-            n = num_scheduled.get(req.request_id, 0)
-            if n and req.num_computed_tokens + n == req.num_tokens and uses_penalty(req.sampling_params):
-                return None
-        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
-        for req in self.running:
-            if plan.budget <= 0:
-                break
-            # NOTE: positions count as if in_flight were done; the request itself
-            # still counts num_computed_tokens from before it.
-            start = req.num_computed_tokens + num_scheduled.get(req.request_id, 0)
-            if start == req.num_tokens:  # samples in flight: this step computes that token
-                if req.num_output_tokens + 1 >= req.max_tokens:
-                    continue  # finishes in flight
-                num_new = 1
-            else:  # the rest of its known tokens (a prompt chunk)
-                num_new = min(req.num_tokens - start, plan.budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(req, start + num_new - req.num_computed_tokens)
-            if new_blocks is None:
-                return None  # blocks allocated so far stay with their requests (they need them next)
-            plan.add_running(req, num_new, new_blocks, start)
-        # NOTE: a new request reusing the id of an aborted one still in flight
-        # waits until that step is collected (results are matched by id).
-        self._schedule_waiting(plan, exclude=num_scheduled)
-        return self._output(plan) if plan.num_scheduled else None
-
     def _schedule_running(self, plan: _StepPlan) -> None:
         """Give each running request its next tokens, in order; preempt from
         the end of the list when blocks run out."""
+        # NOTE: this loop runs for every running request every step: plain
+        # locals, no per-request helper calls on the common (decode) path.
+        running, allocate_slots = self.running, self.kv_cache_manager.allocate_slots
+        num_scheduled, cached_reqs = plan.num_scheduled, plan.cached_reqs
         idx = 0
-        while idx < len(self.running) and plan.budget > 0:
-            req = self.running[idx]
-            num_new = min(req.num_tokens - req.num_computed_tokens, plan.budget)
+        while idx < len(running) and plan.budget > 0:
+            req = running[idx]
+            placeholders = req.num_output_placeholders
+            if placeholders and req.num_output_tokens + placeholders >= req.max_tokens:
+                idx += 1  # its last token is in flight
+                continue
+            num_tokens, computed = req.num_tokens, req.num_computed_tokens
+            num_new = num_tokens + placeholders - computed
             assert num_new > 0, f"{req} has nothing to compute"
-            while (new_blocks := self.kv_cache_manager.allocate_slots(req, num_new)) is None:
-                victim = self.running.pop()
+            drafts = self._take_drafts(req, num_new, plan.budget) if req.spec_token_ids else None
+            if drafts:
+                num_new += len(drafts)
+            elif num_new > plan.budget:
+                num_new = plan.budget
+            while (new_blocks := allocate_slots(req, num_new)) is None:
+                victim = running.pop()
                 self._preempt(victim, plan)
                 if victim is req:
                     break
             if new_blocks is None:
                 break
-            plan.add_running(req, num_new, new_blocks, req.num_computed_tokens)
+            if drafts:
+                plan.spec_tokens[req.request_id] = drafts
+            num_scheduled[req.request_id] = num_new
+            plan.budget -= num_new
+            cached_reqs.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks], computed))
+            req.num_computed_tokens = computed = computed + num_new
+            if computed >= num_tokens:
+                req.num_output_placeholders = placeholders + 1
             idx += 1
 
-    def _schedule_waiting(self, plan: _StepPlan, exclude: Container[str] = ()) -> None:
+    @staticmethod
+    def _take_drafts(req: Request, num_new: int, budget: int) -> list[int]:
+        """The draft tokens of ``req`` to schedule after its last token (within
+        the budget and its ``max_tokens``), consumed from ``req.spec_token_ids``.
+        Empty unless it decodes with no token in flight."""
+        drafts, req.spec_token_ids = req.spec_token_ids, []
+        if num_new != 1 or req.num_output_placeholders:
+            return []
+        return drafts[: min(budget, req.max_tokens - req.num_output_tokens) - 1]
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
         """Admit waiting requests in policy order while budget, slots and
-        blocks last (stopping at one whose id is in ``exclude``)."""
+        blocks last (stopping at one with a token in flight, or whose id is
+        that of a finished request still in flight: results are matched by id)."""
         while (self.policy.num_waiting() and plan.budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.policy.peek_waiting()
-            if req.request_id in exclude:
+            if req.num_output_placeholders or req.request_id in self._finished_in_flight:
                 break
             # NOTE: a request preempted this step must not be overtaken by one it
             # outranks (FCFS: by anyone), or the two would trade places every step.
@@ -278,6 +294,7 @@ class Scheduler:
                 block_ids=self.kv_cache_manager.get_block_ids(req.request_id),
                 num_computed_tokens=req.num_computed_tokens,
             ))
+            _advance(req, num_new)
 
     def _admit(self, req: Request, plan: _StepPlan) -> int | None:
         """Give a waiting request blocks for its first chunk: swap a swapped
@@ -324,6 +341,8 @@ class Scheduler:
         if not self.policy.num_waiting():
             return
         cand = self.policy.peek_waiting()
+        if cand.num_output_placeholders:
+            return  # it cannot start before its token in flight is known
         while self.running and self.policy.outranks(cand, self.running[-1]) and not self._fits(cand, plan.budget):
             self._preempt(self.running.pop(), plan)
 
@@ -351,6 +370,7 @@ class Scheduler:
             kv.free(req)
             req.status = RequestStatus.PREEMPTED
             req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.counters.num_preemptions += 1
         req.waiting_since = self._clock()
@@ -361,33 +381,84 @@ class Scheduler:
 
     # ----------------------------------------------------------------- update
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Advance requests by what the step computed and sampled; finish those
-        that hit a stop token or their length limit."""
+        """Take a step's results (steps are updated in the order they were
+        scheduled): append each request's new tokens, take back the rejected
+        draft tokens, finish requests that hit a stop token or their length
+        limit. Results of requests that finished meanwhile are dropped.
+
+        Returns:
+            One output per request that got tokens.
+        """
+        if self._in_flight and self._in_flight[0] is sched:
+            self._in_flight.popleft()
+        elif sched in self._in_flight:
+            self._in_flight.remove(sched)
+        stale = self._retire_finished_in_flight(sched) if self._finished_in_flight else ()
+        if result.prompt_logprobs:
+            self._update_prompt_logprobs(result.prompt_logprobs, stale)
+        spec = sched.scheduled_spec_decode_tokens
+        all_logprobs = result.logprobs
         outputs: list[EngineCoreOutput] = []
-        for req_id, n in sched.num_scheduled_tokens.items():
-            req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran (its id may be waiting again already)
-            req.num_computed_tokens += n
-            if req.prompt_logprobs is not None and req_id in result.prompt_logprobs:
-                first, entries = result.prompt_logprobs[req_id]
-                if first == len(req.prompt_logprobs) + 1:  # not a recomputation after preemption
-                    req.prompt_logprobs.extend(entries)
-            token = result.sampled_token_ids.get(req_id)
-            if token is None:
+        for req_id, tokens in result.sampled_token_ids.items():
+            if stale and req_id in stale:
                 continue
-            req.append_output_token(token)
-            self._check_stop(req, token)
+            req = self.requests.get(req_id)
+            if req is None:
+                continue  # aborted while the step ran
+            req.num_output_placeholders -= 1
+            if spec:
+                # NOTE: the step computed every draft; the K/V of rejected ones is
+                # overwritten when their positions are computed again.
+                num_rejected = len(spec.get(req_id, ())) + 1 - len(tokens)
+                req.num_computed_tokens -= num_rejected
+            was_running = req.status == RequestStatus.RUNNING
+            if len(tokens) == 1:
+                req.append_output_token(tokens[0])
+                self._check_stop(req, tokens[0])
+            else:
+                tokens = self._append_tokens(req, tokens)
             finish = req.status.finish_reason
-            logprob = result.logprobs.get(req_id)
-            first_token = req.prompt_logprobs is not None and req.num_output_tokens == 1
-            outputs.append(EngineCoreOutput(req_id, [token], finish, req.stop_reason,
-                                            None if logprob is None else [logprob],
-                                            req.prompt_logprobs if first_token else None))
+            logprobs = all_logprobs.get(req_id) if all_logprobs else None
+            if logprobs is not None and len(logprobs) > len(tokens):
+                logprobs = logprobs[: len(tokens)]
+            first_tokens = req.prompt_logprobs is not None and req.num_output_tokens == len(tokens)
+            outputs.append(EngineCoreOutput(req_id, tokens, finish, req.stop_reason, logprobs,
+                                            req.prompt_logprobs if first_tokens else None))
             if finish is not None:
-                self.running.remove(req)
+                if was_running:
+                    self.running.remove(req)
+                else:  # preempted with this token in flight
+                    self.policy.remove_waiting(req)
                 self._free_request(req)
         return outputs
+
+    def _append_tokens(self, req: Request, tokens: list[int]) -> list[int]:
+        """Append ``tokens`` up to the first that finishes ``req``; returns those appended."""
+        for i, token in enumerate(tokens):
+            req.append_output_token(token)
+            self._check_stop(req, token)
+            if req.status.is_finished:
+                return tokens[: i + 1]
+        return tokens
+
+    def _update_prompt_logprobs(self, prompt_logprobs: dict[str, tuple[int, list[SampleLogprob]]],
+                                stale: set[str] | tuple) -> None:
+        for req_id, (first, entries) in prompt_logprobs.items():
+            req = self.requests.get(req_id)
+            if req is None or req.prompt_logprobs is None or req_id in stale:
+                continue
+            if first == len(req.prompt_logprobs) + 1:  # not a recomputation after preemption
+                req.prompt_logprobs.extend(entries)
+
+    def _retire_finished_in_flight(self, sched: SchedulerOutput) -> set[str]:
+        """The ids of finished requests whose results in ``sched`` are stale;
+        forgets those with no other step in flight."""
+        stale = {r for r in self._finished_in_flight if r in sched.num_scheduled_tokens}
+        for r in stale:
+            self._finished_in_flight[r] -= 1
+            if not self._finished_in_flight[r]:
+                del self._finished_in_flight[r]
+        return stale
 
     def _check_stop(self, req: Request, token: int) -> None:
         if token in req.stop_token_ids:
@@ -398,6 +469,12 @@ class Scheduler:
             req.status = RequestStatus.FINISHED_LENGTH_CAPPED
 
     def _free_request(self, req: Request) -> None:
+        req_id = req.request_id
         self.kv_cache_manager.free(req)
-        self._forget_req_ids.add(req.request_id)
-        del self.requests[req.request_id]
+        self._forget_req_ids.add(req_id)
+        del self.requests[req_id]
+        self._penalized.discard(req_id)
+        if self._in_flight:
+            num_steps = sum(1 for s in self._in_flight if req_id in s.num_scheduled_tokens)
+            if num_steps:
+                self._finished_in_flight[req_id] = num_steps

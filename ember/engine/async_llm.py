@@ -25,14 +25,9 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
-from ember.engine.core_client import (
-    AsyncMPClient,
-    EngineCoreOutputs,
-    EngineDeadError,
-    EngineLoadingError,
-    EngineOverloadedError,
-)
+from ember.engine.core_client import AsyncMPClient, EngineDeadError, EngineLoadingError, EngineOverloadedError
 from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt
+from ember.engine.messages import EngineCoreOutputs
 from ember.logger import init_logger
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams

@@ -4,49 +4,33 @@ With asynchronous scheduling (``SchedulerConfig.async_scheduling``) a step is
 launched on the device before the previous one's sampled ids are read: while
 the device runs step N+1, the host reads step N's tokens, checks stops and
 builds the outputs, so the device does not wait for the host between decode
-steps. A step is scheduled ahead when its plan needs no token in flight
-beyond feeding it as an input: decodes, prompt chunks and FCFS admissions
-(:meth:`~ember.core.scheduler.Scheduler.schedule_ahead`); anything else (a
-preemption, a priority-policy admission, a penalty on a request with a token
-in flight) waits for the step in flight and is scheduled as before. The
-outputs are the same either way (token for token under greedy or seeded
-sampling); a request that hits a stop token costs one extra token of compute,
-and a request arriving while a step is in flight starts one step later.
+steps. Step N+1 comes from the same :meth:`Scheduler.schedule` as any step:
+requests whose token step N samples continue from it (the worker feeds it on
+the device). The core waits for step N before scheduling only when
+:meth:`Scheduler.can_schedule_ahead` says a request needs its token on the host
+(penalties). The outputs are the same either way (token for token under greedy
+or seeded sampling); a request that hits a stop token costs one extra token of
+compute, and a request arriving while a step is in flight starts one step later.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.sched_output import EngineCoreOutput, SchedulerOutput
 from ember.core.scheduler import Scheduler
 from ember.core.stats import SchedulerStats
-from ember.engine.core_client import EngineCoreOutputs
+from ember.engine.messages import EngineCoreOutputs
+from ember.engine.step_stats import StepRecord
+from ember.executor.base import Executor
 from ember.executor.uniproc import UniProcExecutor
-from ember.request import Request, RequestStatus
 from ember.logger import init_logger
+from ember.request import Request, RequestStatus
 
 logger = init_logger(__name__)
-
-
-@dataclass
-class StepTimes:
-    """Cumulative wall time of engine steps (seconds) and their count.
-
-    ``schedule_s`` + ``update_s`` + the runner's ``prepare_s`` is the host work
-    of a step that the device may wait on; ``execute_s`` includes the device
-    work and the wait for the sampled ids.
-    """
-
-    num_steps: int = 0
-    num_steps_ahead: int = 0  # launched before the previous step's tokens were read
-    schedule_s: float = 0.0
-    execute_s: float = 0.0
-    update_s: float = 0.0
 
 
 class EngineCore:
@@ -61,7 +45,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor = UniProcExecutor(config)
+        self.executor: Executor = UniProcExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
         self.num_gpu_blocks = num_blocks
@@ -73,14 +57,10 @@ class EngineCore:
         num_host_blocks = self._init_swap_space()
         kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
-        self.step_times = StepTimes()
-        # Per-step records for benchmarks (None: off): (collect time from
-        # time.perf_counter in s, requests, decode tokens (requests computing
-        # one token), other (prefill) tokens, preemptions).
-        self.step_trace: list[tuple[float, int, int, int, int]] | None = None
         self.async_scheduling = config.scheduler_config.async_scheduling
         # The step launched and not yet collected (asynchronous scheduling).
-        self._in_flight: tuple[SchedulerOutput, Any] | None = None
+        self._in_flight: SchedulerOutput | None = None
+        self._step_observers: list[Callable[[StepRecord], None]] = []
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -94,6 +74,14 @@ class EngineCore:
         self.executor.initialize_host_kv_cache(num_host_blocks)
         logger.info(f"swap space: {num_host_blocks} blocks ({num_host_blocks * per_block / (1 << 30):.2f} GiB)")
         return num_host_blocks
+
+    def add_step_observer(self, observer: Callable[[StepRecord], None]) -> None:
+        """Call ``observer`` with a :class:`StepRecord` after every collected
+        step (e.g. :class:`~ember.engine.step_stats.StepTimes`)."""
+        self._step_observers.append(observer)
+
+    def remove_step_observer(self, observer: Callable[[StepRecord], None]) -> None:
+        self._step_observers.remove(observer)
 
     def get_stats(self) -> SchedulerStats:
         """Scheduler and KV-cache counters: queue sizes, KV usage, prefix-cache
@@ -126,38 +114,36 @@ class EngineCore:
     def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
         """Collect one step's results; launch it first unless it is in flight,
         and launch the next one ahead of the collection when it can be."""
-        st = self.step_times
-        t0 = time.perf_counter()
-        if self._in_flight is None:
-            if not self.scheduler.has_unfinished_requests():
+        scheduler = self.scheduler
+        timed = bool(self._step_observers)
+        t0 = t1 = time.perf_counter() if timed else 0.0
+        sched = self._in_flight
+        launched_ahead = sched is not None
+        if sched is None:
+            if not scheduler.has_unfinished_requests():
                 return []
-            sched = self.scheduler.schedule()
+            sched = scheduler.schedule()
             self._note_first_scheduled(sched, scheduled_times)
-            t1 = time.perf_counter()
-            pending = self.executor.launch(sched)
-        else:
-            (sched, pending), t1 = self._in_flight, t0
+            if timed:
+                t1 = time.perf_counter()
+            self.executor.launch(sched)
         self._in_flight = None
-        t2 = time.perf_counter()
-        ahead = self.scheduler.schedule_ahead(sched) if self.async_scheduling else None
-        t3 = time.perf_counter()
-        if ahead is not None:
+        t2 = t3 = time.perf_counter() if timed else 0.0
+        if self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead():
+            ahead = scheduler.schedule()
             self._note_first_scheduled(ahead, scheduled_times)
-            self._in_flight = (ahead, self.executor.launch(ahead))
-            st.num_steps_ahead += 1
-        result = self.executor.collect(pending)
-        t4 = time.perf_counter()
-        outputs = self.scheduler.update_from_output(sched, result)
-        t5 = time.perf_counter()
-        st.num_steps += 1
-        st.schedule_s += (t1 - t0) + (t3 - t2)
-        st.execute_s += (t2 - t1) + (t4 - t3)
-        st.update_s += t5 - t4
-        if self.step_trace is not None:
-            n = sched.num_scheduled_tokens
-            num_decode = sum(1 for v in n.values() if v == 1)
-            self.step_trace.append((t4, len(n), num_decode, sched.total_num_scheduled_tokens - num_decode,
-                                    sched.num_preemptions))
+            if timed:
+                t3 = time.perf_counter()
+            self.executor.launch(ahead)
+            self._in_flight = ahead
+        result = self.executor.collect()
+        t4 = time.perf_counter() if timed else 0.0
+        outputs = scheduler.update_from_output(sched, result)
+        if timed:
+            t5 = time.perf_counter()
+            record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead)
+            for observer in self._step_observers:
+                observer(record)
         return outputs
 
     def _note_first_scheduled(self, sched: SchedulerOutput, scheduled_times: dict[str, float]) -> None:

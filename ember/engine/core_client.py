@@ -13,11 +13,11 @@ detokenization, HTTP) talks to the :class:`~ember.engine.core.EngineCore`
   fast as the device allows while the front end's process does the HTTP and
   text work on another core (the design of vLLM's V1 engine core).
 
-Wire format: multipart ZMQ messages ``[kind, msgpack payload]``, kinds
-:data:`ADD` (an :class:`EngineCoreRequest`), :data:`ABORT` (an
-:class:`AbortRequests`), :data:`SHUTDOWN` (front end -> core) and :data:`READY`
-(a :class:`CoreReady`), :data:`OUTPUTS` (:class:`EngineCoreOutputs`),
-:data:`DEAD` (a :class:`CoreDead`) (core -> front end).
+Wire format (``ember.engine.messages``): multipart ZMQ messages ``[kind,
+msgpack payload]``, kinds ``ADD`` (an ``EngineCoreRequest``), ``ABORT`` (an
+``AbortRequests``), ``SHUTDOWN`` (front end -> core) and ``READY`` (a
+``CoreReady``), ``OUTPUTS`` (``EngineCoreOutputs``), ``DEAD`` (a ``CoreDead``)
+(core -> front end).
 
 The core process exits when told to shut down, when its parent process is
 gone, or after a fatal error, which it reports as :data:`DEAD` first. The
@@ -34,7 +34,6 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -42,19 +41,28 @@ import zmq
 import zmq.asyncio
 
 from ember.config import EngineConfig
-from ember.core.sched_output import EngineCoreOutput
 from ember.core.stats import SchedulerStats
+from ember.engine.messages import (
+    ABORT,
+    ADD,
+    DEAD,
+    OUTPUTS,
+    READY,
+    SHUTDOWN,
+    AbortRequests,
+    CoreDead,
+    CoreReady,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    make_core_request,
+)
 from ember.logger import init_logger
-from ember.request import Request, RequestStatus
-from ember.sampling_params import SamplingParams
+from ember.request import RequestStatus
 
-if TYPE_CHECKING:  # core.py imports this module
+if TYPE_CHECKING:  # imported lazily below: the front end's process needs no model code
     from ember.engine.core import EngineCore
 
 logger = init_logger(__name__)
-
-ADD, ABORT, SHUTDOWN = b"ADD", b"ABORT", b"SHUTDOWN"
-READY, OUTPUTS, DEAD = b"READY", b"OUTPUTS", b"DEAD"
 
 # Seconds the core process waits for input while idle before it checks that
 # its parent is still alive.
@@ -76,72 +84,6 @@ class EngineOverloadedError(RuntimeError):
     """Too many requests already wait for a slot in the running batch; retry later."""
 
 
-# --------------------------------------------------------------- messages
-
-
-@dataclass
-class EngineCoreRequest:
-    """A request as the front end hands it to the core (already tokenized and
-    validated; ``sampling_params`` has the model's EOS ids attached).
-
-    Attributes:
-        arrival_time: ``time.monotonic()`` seconds in the front end's process
-            (CLOCK_MONOTONIC is system-wide on Linux, so it compares across
-            processes).
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    arrival_time: float
-    priority: int = 0
-    cache_salt: str | None = None
-
-
-@dataclass
-class AbortRequests:
-    """End these requests now. ``status``: a final :class:`RequestStatus` value
-    (FINISHED_ABORTED for aborts, FINISHED_STOPPED for stop strings the front
-    end found)."""
-
-    request_ids: list[str]
-    status: int = int(RequestStatus.FINISHED_ABORTED)
-
-
-@dataclass
-class EngineCoreOutputs:
-    """What one engine step produced.
-
-    Attributes:
-        outputs: one entry per request that generated a token or finished.
-        stats: the scheduler's counters after the step.
-        scheduled_times: request id -> ``time.monotonic()`` when it was first
-            scheduled (requests first scheduled in this step only); arrival to
-            this is its queue time.
-        rejected: request id -> why the core refused to add it.
-    """
-
-    outputs: list[EngineCoreOutput] = field(default_factory=list)
-    stats: SchedulerStats | None = None
-    scheduled_times: dict[str, float] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class CoreReady:
-    """Sent once the model is loaded and the KV cache is allocated."""
-
-    num_gpu_blocks: int
-
-
-@dataclass
-class CoreDead:
-    """Sent by a dying core: the error's type name and message."""
-
-    error_type: str
-    message: str
-
-
 # --------------------------------------------------------------- clients
 
 
@@ -160,12 +102,6 @@ class EngineCoreClient(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop the core and release its resources (idempotent)."""
-
-
-def make_core_request(req: EngineCoreRequest, max_model_len: int) -> Request:
-    """The core's :class:`Request` for a front-end request."""
-    return Request(req.request_id, req.prompt_token_ids, req.sampling_params, max_model_len, req.arrival_time,
-                   priority=req.priority, cache_salt=req.cache_salt)
 
 
 class InprocClient(EngineCoreClient):

@@ -13,7 +13,8 @@ from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.core import EngineCore
 from ember.core.sched_output import EngineCoreOutput
-from ember.engine.core_client import EngineCoreClient, EngineCoreRequest, InprocClient, SyncMPClient
+from ember.engine.core_client import EngineCoreClient, InprocClient, SyncMPClient
+from ember.engine.messages import EngineCoreRequest
 from ember.engine.input_processor import InputProcessor
 from ember.engine.output_processor import OutputProcessor
 from ember.outputs import RequestOutput

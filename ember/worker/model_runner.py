@@ -1,11 +1,12 @@
 """ModelRunner: SchedulerOutput -> packed tensors -> forward -> sampled tokens.
 
-The runner keeps a small state per request (its tokens and block table) and
-is told only what changed each step. Inputs are packed without padding:
-``input_ids``, ``positions`` and ``slot_mapping`` have one entry per scheduled
-token, ``block_table`` and ``seq_lens`` one row per scheduled request. Only the
-rows whose request reaches the end of its known tokens are turned into logits
-and sampled.
+The runner keeps a small state per request (its known tokens and block table)
+and is told only what changed each step; it mirrors the scheduler's
+``num_computed_tokens`` and never decides who runs or how far. Inputs are
+packed without padding: ``input_ids``, ``positions`` and ``slot_mapping`` have
+one entry per scheduled token, ``block_table`` and ``seq_lens`` one row per
+scheduled request. Only the rows whose request reaches the end of its tokens
+(known or in flight) are turned into logits and sampled.
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    # Tokens sampled by launched steps and not yet read back (asynchronous
-    # scheduling): they follow ``token_ids``.
-    num_in_flight: int = 0
 
 
 @dataclass(slots=True)
@@ -58,6 +56,8 @@ class HostInputs:
     ``block_table``: [num_reqs, max_blocks] int32. ``in_flight_dst`` /
     ``in_flight_src``: the input positions whose token the previous step is
     still sampling, and that token's row in the previous step's sampled ids.
+    ``sample_seq_lens``: per sampling request, its tokens once the step is done
+    (the sampled token's position).
     """
 
     input_ids: np.ndarray
@@ -73,6 +73,7 @@ class HostInputs:
     req_ids: list[str] = field(default_factory=list)  # the packing order
     in_flight_dst: list[int] = field(default_factory=list)
     in_flight_src: list[int] = field(default_factory=list)
+    sample_seq_lens: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -147,7 +148,8 @@ class ModelRunner:
         self.piecewise_graphs = None  # PiecewiseCUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
         # The last launched step's sampled ids (device, [num_rows] int64) and the
-        # requests of its rows, in order: the inputs of a step scheduled ahead.
+        # requests of its rows, in order, until it is collected: the source of
+        # the tokens still in flight when the next step is launched first.
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_req_ids: list[str] = []
         self._prompt_logprobs_req_ids: set[str] = set()  # live requests asking for prompt logprobs
@@ -294,17 +296,20 @@ class ModelRunner:
         positions = computed[req_of_token] + np.arange(total) - query_start[:-1][req_of_token]
         in_flight_dst: list[int] = []
         in_flight_src: list[int] = []
-        if any(s.num_in_flight for s in states):
+        if self._last_sample_req_ids:
             # NOTE: asynchronous scheduling: a request's last input token may be
-            # the one the previous step is still sampling. Its id is a 0 here;
-            # the device copies it from that step's sampled ids.
+            # the one the previous step (launched, not collected) is still
+            # sampling. Its id is a 0 here; the device copies it from that
+            # step's sampled ids.
             ids: list[int] = []
-            last_rows = {r: i for i, r in enumerate(self._last_sample_req_ids)}
+            last_rows = None
             for s, c, n in zip(states, comp, cnt):
                 known = s.token_ids[c: c + n]
                 ids.extend(known)
                 if len(known) < n:
-                    assert len(known) == n - 1 and s.num_in_flight == 1, f"{s.req_id}: tokens missing"
+                    assert len(known) == n - 1, f"{s.req_id}: tokens missing"
+                    if last_rows is None:
+                        last_rows = {r: i for i, r in enumerate(self._last_sample_req_ids)}
                     in_flight_dst.append(len(ids))
                     in_flight_src.append(last_rows[s.req_id])
                     ids.append(0)
@@ -321,14 +326,17 @@ class ModelRunner:
                         + positions % self.block_size)
         seq_lens = computed + counts
 
-        sample_req_ids, sample_rows = [], []
+        # NOTE: a request samples when the step reaches its last token, known
+        # or in flight (the scheduler counts it as sampling by the same rule).
+        sample_req_ids, sample_rows, sample_seq_lens = [], [], []
         for req_id, s, c, n, end in zip(req_ids, states, comp, cnt, query_start[1:].tolist()):
-            if c + n == len(s.token_ids) + s.num_in_flight:
+            if c + n >= len(s.token_ids):
                 sample_req_ids.append(req_id)
                 sample_rows.append(end - 1)
+                sample_seq_lens.append(c + n)
         return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
                           seq_lens.astype(np.int32), block_table, max(cnt), sample_req_ids, sample_rows,
-                          cnt.count(1), req_ids, in_flight_dst, in_flight_src)
+                          cnt.count(1), req_ids, in_flight_dst, in_flight_src, sample_seq_lens)
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -356,7 +364,8 @@ class ModelRunner:
     @property
     def last_sampled(self) -> torch.Tensor | None:
         """The last launched step's sampled ids ([rows] int64, on the device;
-        still being computed on CUDA): the source of in-flight input ids."""
+        still being computed on CUDA) while it is not collected: the source of
+        in-flight input ids."""
         return self._last_sampled
 
     def fill_in_flight_ids(self, input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -381,12 +390,17 @@ class ModelRunner:
         logits and sampling for the requests whose tokens are all computed are
         enqueued, and the sampled ids start their copy to the host; nothing
         waits for the device (on CUDA). The step may continue requests whose
-        last token an earlier launched step is still sampling (asynchronous
+        last token the previous launched step is still sampling (asynchronous
         scheduling): that token is fed on the device.
 
         Returns:
             What :meth:`collect` turns into the step's output.
+        Raises:
+            NotImplementedError: the step schedules draft tokens (no
+                rejection sampler yet).
         """
+        if sched.scheduled_spec_decode_tokens:
+            raise NotImplementedError("draft tokens (speculative decoding) are not supported by the model runner yet")
         self._update_states(sched)
         if sched.blocks_to_swap_out or sched.blocks_to_swap_in:
             self._swap_blocks(sched)
@@ -397,8 +411,6 @@ class ModelRunner:
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(host)
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
-        for req_id, n in sched.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += n
         if not host.sample_req_ids:
             return PendingOutput([], prompt_logprobs=prompt_logprobs)
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
@@ -409,11 +421,9 @@ class ModelRunner:
         states = [self.requests[r] for r in host.sample_req_ids]
         sampling_meta = SamplingMetadata.build(
             [s.sampling_params for s in states],
-            [len(s.token_ids) + s.num_in_flight - s.num_prompt_tokens for s in states], self.device,
+            [n - s.num_prompt_tokens for s, n in zip(states, host.sample_seq_lens)], self.device,
             token_ids=[s.token_ids for s in states], vocab_size=logits.shape[-1])
         out = self.sampler(logits, sampling_meta)
-        for s in states:
-            s.num_in_flight += 1
         self._last_sampled = out.sampled_token_ids
         self._last_sample_req_ids = host.sample_req_ids
         pending = PendingOutput(host.sample_req_ids, logprobs=out.logprobs, logprobs_meta=sampling_meta.logprobs,
@@ -429,7 +439,8 @@ class ModelRunner:
 
     def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
         """Wait for a launched step's sampled ids and append them to the
-        requests' tokens (requests forgotten meanwhile are skipped).
+        requests' tokens (requests forgotten meanwhile are skipped). Steps
+        are collected in launch order.
 
         Returns:
             The step's output (the token of every sampling request).
@@ -437,20 +448,22 @@ class ModelRunner:
         prompt_logprobs = self._unpack_prompt_logprobs(pending.prompt_logprobs)
         if not pending.req_ids:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
+        if pending.req_ids is self._last_sample_req_ids:  # no later step reads its ids on the device
+            self._last_sampled, self._last_sample_req_ids = None, []
         if pending.event is not None:
             pending.event.synchronize()
         sampled = pending.sampled_host.tolist()
+        requests = self.requests
         for req_id, tok in zip(pending.req_ids, sampled):
-            s = self.requests.get(req_id)
+            s = requests.get(req_id)
             if s is not None:
                 s.token_ids.append(tok)
-                s.num_in_flight -= 1
         logprobs = {}
         if pending.logprobs is not None:
             rows = pending.logprobs_meta.row_ids
             entries = unpack_logprobs(pending.logprobs.tolist(), [sampled[i] for i in rows], pending.logprobs_meta)
-            logprobs = {pending.req_ids[i]: e for i, e in zip(rows, entries)}
-        return ModelRunnerOutput(dict(zip(pending.req_ids, sampled)), logprobs, prompt_logprobs)
+            logprobs = {pending.req_ids[i]: [e] for i, e in zip(rows, entries)}
+        return ModelRunnerOutput({r: [t] for r, t in zip(pending.req_ids, sampled)}, logprobs, prompt_logprobs)
 
     # Rows of prompt logits computed at once (bounds the [rows, vocab] float32 buffer).
     _PROMPT_LOGITS_ROWS = 512

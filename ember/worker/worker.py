@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from ember.config import ConfigError, EngineConfig
@@ -24,6 +26,11 @@ class Worker:
         if config.device_config.device == "cuda":
             torch.cuda.set_device(rank)
         self.model_runner = ModelRunner(config)
+        # Launched steps, oldest first, until collected.
+        self._in_flight: deque[PendingOutput] = deque()
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.model_runner.kv_cache_bytes_per_block()
 
     def load_model(self) -> None:
         self.model_runner.load_model()
@@ -76,8 +83,22 @@ class Worker:
         """Allocate ``num_blocks`` blocks of host swap space."""
         self.model_runner.initialize_host_kv_cache(num_blocks)
 
-    def launch(self, sched: SchedulerOutput) -> PendingOutput:
-        return self.model_runner.launch(sched)
+    @property
+    def num_in_flight(self) -> int:
+        """Steps launched and not yet collected."""
+        return len(self._in_flight)
 
-    def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
-        return self.model_runner.collect(pending)
+    def launch(self, sched: SchedulerOutput) -> None:
+        """Start a step on the device (see :meth:`ModelRunner.launch`); its
+        output waits in a FIFO for :meth:`collect`."""
+        self._in_flight.append(self.model_runner.launch(sched))
+
+    def collect(self) -> ModelRunnerOutput:
+        """The oldest launched step's output (see :meth:`ModelRunner.collect`).
+
+        Raises:
+            RuntimeError: no step is in flight.
+        """
+        if not self._in_flight:
+            raise RuntimeError("collect() with no step in flight")
+        return self.model_runner.collect(self._in_flight.popleft())

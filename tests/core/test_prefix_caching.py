@@ -4,10 +4,10 @@ LRU eviction, in the KV cache manager and through the scheduler."""
 from ember.config import SchedulerConfig
 from ember.core.kv_cache_manager import KVCacheManager
 from ember.core.kv_cache_utils import hash_block_tokens, update_block_hashes
-from ember.core.sched_output import ModelRunnerOutput
 from ember.core.scheduler import Scheduler
 from ember.request import Request
 from ember.sampling_params import SamplingParams
+from tests.core.test_scheduler import fake_run
 
 
 def req(rid: str, tokens: list[int], max_tokens: int = 4, salt: str | None = None) -> Request:
@@ -144,9 +144,7 @@ def make(num_blocks=16, block_size=4, budget=64, caching=True):
 
 def run_step(sched):
     s = sched.schedule()
-    sampled = {rid: 7 for rid, n in s.num_scheduled_tokens.items()
-               if sched.requests[rid].num_computed_tokens + n == sched.requests[rid].num_tokens}
-    return s, sched.update_from_output(s, ModelRunnerOutput(sampled))
+    return s, sched.update_from_output(s, fake_run(s, sched))
 
 
 def test_scheduler_computes_only_the_uncached_suffix():

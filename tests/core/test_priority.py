@@ -8,10 +8,10 @@ import pytest
 
 from ember.config import ConfigError, SchedulerConfig
 from ember.core.kv_cache_manager import KVCacheManager
-from ember.core.sched_output import ModelRunnerOutput
 from ember.core.scheduler import Scheduler
 from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
+from tests.core.test_scheduler import fake_run
 
 
 class FakeClock:
@@ -40,9 +40,7 @@ def req(rid, prio, n=4, max_tokens=4):
 
 def step(sched):
     s = sched.schedule()
-    sampled = {rid: 7 for rid, n in s.num_scheduled_tokens.items()
-               if sched.requests[rid].num_computed_tokens + n == sched.requests[rid].num_tokens}
-    return s, sched.update_from_output(s, ModelRunnerOutput(sampled))
+    return s, sched.update_from_output(s, fake_run(s, sched))
 
 
 def run_to_end(sched, max_steps=500):

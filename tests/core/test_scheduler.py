@@ -18,11 +18,13 @@ def req(rid, n, max_tokens=4, **kw):
 
 
 def fake_run(s: SchedulerOutput, sched: Scheduler, token=7) -> ModelRunnerOutput:
+    """What a runner returns for step ``s`` (call it right after ``schedule``):
+    ``token`` for every request the step brings to the end of its tokens."""
     sampled = {}
-    for rid, n in s.num_scheduled_tokens.items():
+    for rid in s.num_scheduled_tokens:
         r = sched.requests[rid]
-        if r.num_computed_tokens + n == r.num_tokens:
-            sampled[rid] = token
+        if r.num_computed_tokens >= r.num_tokens:
+            sampled[rid] = [token]
     return ModelRunnerOutput(sampled)
 
 

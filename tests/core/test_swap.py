@@ -4,10 +4,10 @@ when the host pool is full."""
 
 from ember.config import SchedulerConfig
 from ember.core.kv_cache_manager import KVCacheManager
-from ember.core.sched_output import ModelRunnerOutput
 from ember.core.scheduler import Scheduler
 from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
+from tests.core.test_scheduler import fake_run
 
 
 def make(num_host_blocks, num_blocks=6, block_size=4, caching=True):
@@ -22,9 +22,7 @@ def req(rid, first, n=8, max_tokens=12):
 
 def step(sched):
     s = sched.schedule()
-    sampled = {rid: 7 for rid, n in s.num_scheduled_tokens.items()
-               if sched.requests[rid].num_computed_tokens + n == sched.requests[rid].num_tokens}
-    return s, sched.update_from_output(s, ModelRunnerOutput(sampled))
+    return s, sched.update_from_output(s, fake_run(s, sched))
 
 
 def step_until_preemption(sched):

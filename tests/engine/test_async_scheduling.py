@@ -14,6 +14,7 @@ import pytest
 from ember import SamplingParams
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.llm_engine import LLMEngine
+from ember.engine.step_stats import StepTimes
 from ember.sampling_params import RequestOutputKind
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -27,7 +28,10 @@ def make_engine(async_scheduling: bool, **overrides) -> LLMEngine:
     args = {"model": "Qwen3-8B", "load_format": "dummy", "hf_overrides": TINY, "max_model_len": 256,
             "kv_cache_memory": 8 << 20, "skip_tokenizer_init": True, "max_num_batched_tokens": 32,
             "max_num_seqs": 4, "dtype": "float32", "async_scheduling": async_scheduling, **overrides}
-    return LLMEngine.from_engine_args(EngineArgs(**args))
+    engine = LLMEngine.from_engine_args(EngineArgs(**args))
+    engine.step_times = StepTimes()
+    engine.engine_core.add_step_observer(engine.step_times)
+    return engine
 
 
 def run(engine: LLMEngine, params: list[SamplingParams], abort_at: dict[str, int] | None = None) -> dict:
@@ -101,7 +105,7 @@ def test_same_tokens_as_sync_with_stops_lengths_seeds_n_logprobs() -> None:
     out, engine = compare(params)
     assert {out[f"r{i}"][0][1] for i in (0, 4, 6)} == {"stop"} and out["r1"][0][1] == "length"
     assert len(out["r3"]) == 2 and out["r2"][0][2] is not None
-    steps = engine.engine_core.step_times
+    steps = engine.step_times
     assert steps.num_steps_ahead > steps.num_steps // 3, (steps.num_steps_ahead, steps.num_steps)
 
 
@@ -112,7 +116,7 @@ def test_penalties_turn_it_off_for_their_steps_only() -> None:
         return ps
 
     _, engine = compare(params)
-    assert engine.engine_core.step_times.num_steps_ahead > 0
+    assert engine.step_times.num_steps_ahead > 0
 
 
 @pytest.mark.parametrize("preemption_mode,policy", [("recompute", "fcfs"), ("swap", "fcfs"),
@@ -128,7 +132,7 @@ def test_preemption_and_aborts(preemption_mode: str, policy: str) -> None:
     assert out["r1"][0][1] == "abort" and out["r5"][0][1] == "abort"
     stats = engine.engine_core.get_stats()
     assert stats.num_preemptions > 0 and (stats.num_swap_outs > 0) == (preemption_mode == "swap")
-    assert engine.engine_core.step_times.num_steps_ahead > 0
+    assert engine.step_times.num_steps_ahead > 0
 
 
 @pytest.mark.parametrize("caching", [True, False])

@@ -22,13 +22,9 @@ from ember.core.sched_output import EngineCoreOutput
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.async_llm import AsyncLLM
-from ember.engine.core_client import (
-    EngineCoreOutputs,
-    EngineCoreRequest,
-    EngineDeadError,
-    EngineOverloadedError,
-)
+from ember.engine.core_client import EngineDeadError, EngineOverloadedError
 from ember.engine.llm_engine import LLMEngine
+from ember.engine.messages import EngineCoreOutputs, EngineCoreRequest
 from ember.outputs import RequestOutput
 from ember.sampling_params import RequestOutputKind
 from tests.models.prompts import RAW_PROMPTS

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from ember.engine.step_stats import StepTimes
 from tests.models.tiny import hf_greedy
 
 pytestmark = pytest.mark.gpu
@@ -36,6 +37,8 @@ def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager, async_scheduling, piec
     llm = LLM(path, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
               kv_cache_memory=64 << 20, max_num_batched_tokens=128, max_num_seqs=8, enforce_eager=enforce_eager,
               async_scheduling=async_scheduling, piecewise_cuda_graphs=piecewise)
+    times = StepTimes()
+    llm.llm_engine.engine_core.add_step_observer(times)
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     together = llm.generate(prompts, params, use_tqdm=False)
     for i, (out, ref) in enumerate(zip(together, refs)):
@@ -49,7 +52,7 @@ def test_gpu_greedy_matches_hf(tiny_llama, enforce_eager, async_scheduling, piec
     assert (runner.piecewise_graphs is not None) == graphed
     if graphed:  # chunks of 128 tokens with decodes: the steps with prefill tokens replayed pieces
         assert runner.piecewise_graphs.num_runs > 0
-    assert (llm.llm_engine.engine_core.step_times.num_steps_ahead > 0) == async_scheduling
+    assert (times.num_steps_ahead > 0) == async_scheduling
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])

@@ -29,13 +29,17 @@ def test_summary_splits_steps_by_kind_and_times_them_from_the_previous_collectio
 def test_engine_records_one_entry_per_step_with_its_token_counts(smollm2_path, one_torch_thread) -> None:
     from ember.engine.llm import LLM
 
+    from ember.engine.step_stats import StepTimes, StepTrace
+
     llm = LLM(model=smollm2_path, max_num_seqs=2, max_num_batched_tokens=64)
     core = llm.llm_engine.engine_core
-    core.step_trace = []
+    tracer, times = StepTrace(), StepTimes()
+    core.add_step_observer(tracer)
+    core.add_step_observer(times)
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     llm.generate([[5] * 40, [6] * 40, [7] * 10], params, use_tqdm=False)
-    trace = core.step_trace
-    assert len(trace) == core.step_times.num_steps
+    trace = tracer.steps
+    assert len(trace) == times.num_steps > 0
     times = [t for t, *_ in trace]
     assert times == sorted(times)
     # Every prompt token and every output token but the prompts' first is computed once.

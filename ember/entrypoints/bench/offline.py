@@ -25,14 +25,19 @@ import time
 from typing import Any
 
 from ember.engine.arg_utils import EngineArgs
+from ember.engine.step_stats import StepTimes, StepTrace
 from ember.entrypoints.bench.roofline import measure_ceilings, model_cost
 from ember.sampling_params import SamplingParams
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace) -> tuple[Any, StepTimes]:
+    """The offline LLM, and a :class:`StepTimes` observer on its core."""
     from ember.engine.llm import LLM
 
-    return LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
+    llm = LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
+    times = StepTimes()
+    llm.llm_engine.engine_core.add_step_observer(times)
+    return llm, times
 
 
 def _random_prompts(n: int, length: int, vocab: int, rng: random.Random) -> list[list[int]]:
@@ -43,20 +48,17 @@ def _runner(llm):
     return llm.llm_engine.engine_core.executor.worker.model_runner
 
 
-def _host_time_per_step(llm, before: tuple[float, int]) -> float:
-    core = llm.llm_engine.engine_core
-    st = core.step_times
+def _host_time_per_step(llm, st: StepTimes, before: tuple[float, int]) -> float:
     host = st.schedule_s + st.update_s + _runner(llm).prepare_s
     return (host - before[0]) / max(1, st.num_steps - before[1])
 
 
-def _host_mark(llm) -> tuple[float, int]:
-    st = llm.llm_engine.engine_core.step_times
+def _host_mark(llm, st: StepTimes) -> tuple[float, int]:
     return st.schedule_s + st.update_s + _runner(llm).prepare_s, st.num_steps
 
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
-    llm = _engine(args)
+    llm, times = _engine(args)
     runner = _runner(llm)
     mc = llm.llm_engine.model_config
     rng = random.Random(0)
@@ -73,7 +75,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     ceilings = measure_ceilings(runner.device)
     cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
     prefill_times, total_times = [], []
-    mark = _host_mark(llm)
+    mark = _host_mark(llm, times)
     cache_mark = llm.get_stats().prefix_cache
     for _ in range(args.iters):
         t = time.perf_counter()
@@ -82,7 +84,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         llm.generate(fresh(), full, use_tqdm=False)
         total_times.append(time.perf_counter() - t)
-    host_per_step = _host_time_per_step(llm, mark)
+    host_per_step = _host_time_per_step(llm, times, mark)
     prefill = sorted(prefill_times)[len(prefill_times) // 2]
     total = sorted(total_times)[len(total_times) // 2]
     steps = max(1, args.output_len - 1)
@@ -104,7 +106,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
-    llm = _engine(args)
+    llm, times = _engine(args)
     runner = _runner(llm)
     mc = llm.llm_engine.model_config
     rng = random.Random(0)
@@ -122,22 +124,23 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     llm.generate(warm, params[: len(warm)], use_tqdm=False)
     ceilings = measure_ceilings(runner.device)
     cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
-    mark = _host_mark(llm)
+    mark = _host_mark(llm, times)
     cache_mark = llm.get_stats().prefix_cache
     core = llm.llm_engine.engine_core
-    if args.step_trace:
-        core.step_trace = []
+    tracer = StepTrace() if args.step_trace else None
+    if tracer is not None:
+        core.add_step_observer(tracer)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - t
     trace_fields = {}
-    if args.step_trace:
-        trace, core.step_trace = core.step_trace, None
+    if tracer is not None:
+        core.remove_step_observer(tracer)
+        trace = tracer.steps
         trace_fields = summarize_step_trace(trace, t, llm.llm_engine.config.scheduler_config.max_num_seqs)
         with open(args.step_trace, "w") as f:
-            json.dump({"start": t, "fields": ["collect_s", "num_reqs", "num_decode", "num_prefill_tokens",
-                                              "num_preemptions"], "steps": trace}, f)
-    host_per_step = _host_time_per_step(llm, mark)
+            json.dump({"start": t, "fields": list(StepTrace.FIELDS), "steps": trace}, f)
+    host_per_step = _host_time_per_step(llm, times, mark)
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     num_in = sum(in_lens)
     flops = cost.flops_per_token * (num_in + num_out)
@@ -161,7 +164,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarize_step_trace(trace: list[tuple], start: float, max_batch: int) -> dict[str, Any]:
-    """Where a run's wall time went, from :attr:`EngineCore.step_trace`.
+    """Where a run's wall time went, from a :class:`StepTrace`'s steps.
 
     A step's time is the gap between its collection and the previous one's
     (the first from ``start``, in ``time.perf_counter`` seconds), so with
