@@ -11,24 +11,18 @@ turns that into a :class:`ModelSource`; the three readers below dispatch on its
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ember.loader.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 GGUF_MAGIC = b"GGUF"
-
-
-class ModelLoadError(ValueError):
-    """A model path is missing or its files are not a readable model.
-
-    The message names the path and the problem.
-    """
 
 
 class UnsupportedArchitectureError(ModelLoadError):
@@ -199,7 +193,3 @@ def load_tokenizer_for(model: str, tokenizer: str | None = None) -> PreTrainedTo
         raise ModelLoadError(f"{tokenizer}: an architecture preset has no tokenizer")
     return found
 
-
-def ember_cache_dir() -> Path:
-    """Ember's cache root: ``$EMBER_CACHE_DIR``, default ``~/.cache/ember``."""
-    return Path(os.environ.get("EMBER_CACHE_DIR") or "~/.cache/ember").expanduser()
