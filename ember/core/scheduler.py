@@ -200,6 +200,15 @@ class Scheduler:
         self._in_flight.append(out)
         return out
 
+    def unschedule_empty(self, sched: SchedulerOutput) -> None:
+        """Take back ``sched``, the last scheduled step, when it computes
+        nothing and copies no block out and so need not run (e.g. every
+        running request has its last token in flight): the requests it tells
+        the runner to forget go with the next step instead."""
+        assert sched.is_empty and not sched.blocks_to_swap_out and self._in_flight[-1] is sched
+        self._in_flight.pop()
+        self._forget_req_ids |= sched.finished_req_ids
+
     def _output(self, plan: _StepPlan) -> SchedulerOutput:
         """The step ``plan`` describes; the runner forgets the finished requests with it."""
         out = SchedulerOutput(

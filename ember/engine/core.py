@@ -131,11 +131,14 @@ class EngineCore:
         t2 = t3 = time.perf_counter() if timed else 0.0
         if self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead():
             ahead = scheduler.schedule()
-            self._note_first_scheduled(ahead, scheduled_times)
             if timed:
                 t3 = time.perf_counter()
-            self.executor.launch(ahead)
-            self._in_flight = ahead
+            if ahead.is_empty and not ahead.blocks_to_swap_out:
+                scheduler.unschedule_empty(ahead)  # nothing to run before this step's tokens are known
+            else:
+                self._note_first_scheduled(ahead, scheduled_times)
+                self.executor.launch(ahead)
+                self._in_flight = ahead
         result = self.executor.collect()
         t4 = time.perf_counter() if timed else 0.0
         outputs = scheduler.update_from_output(sched, result)

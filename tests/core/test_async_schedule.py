@@ -322,8 +322,11 @@ def _run(seed: int, async_steps: bool) -> dict[str, tuple[list[int], str]]:
     in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
     pending = list(reqs)
 
-    def launch() -> None:
+    def launch(ahead: bool = False) -> None:
         s = sched.schedule()
+        if ahead and s.is_empty and not s.blocks_to_swap_out:
+            sched.unschedule_empty(s)  # as the engine core does
+            return
         sampled = {rid: [_token(rid, sched.requests[rid].num_computed_tokens)] for rid in s.num_scheduled_tokens
                    if sched.requests[rid].num_computed_tokens >= sched.requests[rid].num_tokens}
         in_flight.append((s, ModelRunnerOutput(sampled)))
@@ -336,7 +339,7 @@ def _run(seed: int, async_steps: bool) -> dict[str, tuple[list[int], str]]:
                 break
             launch()
         if async_steps and sched.has_unfinished_requests():
-            launch()
+            launch(ahead=True)
         s, out = in_flight.popleft()
         for o in sched.update_from_output(s, out):
             toks = results.setdefault(o.request_id, ([], None))[0]
@@ -358,3 +361,19 @@ def test_same_outputs_as_synchronous_scheduling(seed: int) -> None:
     sync = _run(seed, async_steps=False)
     assert len(sync) == 10
     assert _run(seed, async_steps=True) == sync
+
+
+def test_an_empty_step_is_taken_back_and_its_forgotten_ids_go_with_the_next() -> None:
+    sched = make()
+    sched.add_request(req("a", 2, max_tokens=1))
+    sched.add_request(req("b", 2, max_tokens=3))
+    s1 = sched.schedule()
+    out1 = fake_run(s1, sched)
+    sched.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    empty = sched.schedule()  # a's only token is in flight; b is gone
+    assert empty.is_empty and empty.finished_req_ids == {"b"}
+    sched.unschedule_empty(empty)
+    sched.update_from_output(s1, out1)
+    sched.add_request(req("c", 2))
+    s2 = sched.schedule()
+    assert s2.finished_req_ids == {"a", "b"} and s2.num_scheduled_tokens == {"c": 2}
