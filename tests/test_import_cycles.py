@@ -16,7 +16,6 @@ PACKAGE = "ember"
 # Cycles known and left to their modules' owners; each entry must still be a
 # cycle (remove it once broken).
 KNOWN_CYCLES = [
-    {"ember.loader.download", "ember.loader.source"},  # source's bundled-model lookup <-> download's errors/cache dir
 ]
 
 

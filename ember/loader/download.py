@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ember.loader.errors import ModelLoadError, ember_cache_dir
+from ember.loader.base import ModelLoadError, ember_cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,7 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from ember.loader.errors import ModelLoadError, ember_cache_dir
-from ember.loader.source import FormatLoader, UnsupportedArchitectureError, check_gguf_file
+from ember.loader.base import FormatLoader, ModelLoadError, UnsupportedArchitectureError, check_gguf_file, ember_cache_dir
 
 logger = logging.getLogger(__name__)
 

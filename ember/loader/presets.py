@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ember.loader.source import FormatLoader, ModelLoadError
+from ember.loader.base import FormatLoader, ModelLoadError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from ember.config import FP8_DTYPES
-from ember.loader.source import FormatLoader, ModelLoadError
+from ember.loader.base import FormatLoader, ModelLoadError
 from ember.loader.weight_utils import DEFAULT_FP8_BLOCK, SCALE_INV_SUFFIX, dequant_fp8_block, fp8_block_size
 
 INDEX_FILE = "model.safetensors.index.json"

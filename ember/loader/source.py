@@ -16,20 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ember.loader.errors import ModelLoadError
+from ember.loader.base import (
+    FormatLoader,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+    check_gguf_file,
+)
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-GGUF_MAGIC = b"GGUF"
 
-
-class UnsupportedArchitectureError(ModelLoadError):
-    """The model's architecture is not one Ember can load.
-
-    The message names the architecture and lists the supported ones.
-    """
 
 
 @dataclass(frozen=True)
@@ -50,15 +48,6 @@ class ModelSource:
         if self.format not in _FORMAT_MODULES:
             raise ModelLoadError(f"{self.path}: unknown model format {self.format!r}; "
                                  f"expected one of {sorted(_FORMAT_MODULES)}")
-
-
-@dataclass(frozen=True)
-class FormatLoader:
-    """The three readers one model format provides (each takes ``ModelSource.path``)."""
-
-    read_config: Callable[[str], PretrainedConfig]
-    iter_weights: Callable[[str, torch.dtype], Iterator[tuple[str, torch.Tensor]]]
-    load_tokenizer: Callable[[str], PreTrainedTokenizerFast]
 
 
 # Format -> module defining ``LOADER: FormatLoader``; imported on first use so
@@ -102,22 +91,6 @@ def resolve_model_source(model: str) -> ModelSource:
         hint = "; Ember does not download from the Hugging Face Hub: pass a local path"
     raise ModelLoadError(f"model {model!r} not found: {path.absolute()} does not exist and it is not a "
                          f"bundled model name ({', '.join(BUNDLED_MODELS)}){hint}")
-
-
-def check_gguf_file(path: Path) -> Path:
-    """``path``, after checking that it starts with the GGUF magic.
-
-    Raises:
-        ModelLoadError: it does not (the message names the file).
-        OSError: it cannot be read.
-    """
-    with open(path, "rb") as f:
-        magic = f.read(len(GGUF_MAGIC))
-    if magic != GGUF_MAGIC:
-        hint = " (pass the model's directory instead)" if path.suffix in (".safetensors", ".json") else ""
-        raise ModelLoadError(f"{path} is not a GGUF file: it starts with {magic!r}, "
-                             f"expected {GGUF_MAGIC!r}{hint}")
-    return path
 
 
 def _check_hf_dir(path: Path) -> Path:

@@ -3,19 +3,28 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 
-# name -> QuantizationConfig subclass. A method registers itself with
-# ``register_quantization_config``; model code never names one.
-QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {}
+# name -> (module, QuantizationConfig subclass), imported on first use; model
+# code never names a method. A new method is one module plus one line here.
+QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
+    "int8_weight_only": ("ember.layers.quantization.int8_weight_only", "Int8WeightOnlyConfig"),
+}
 
 
-def register_quantization_config(cls: type[QuantizationConfig]) -> type[QuantizationConfig]:
-    """Class decorator: make ``cls`` available under ``cls.get_name()``."""
-    QUANTIZATION_METHODS[cls.get_name()] = cls
-    return cls
+def get_quantization_config_class(name: str) -> type[QuantizationConfig]:
+    """The :class:`QuantizationConfig` subclass registered as ``name``.
+
+    Raises:
+        ValueError: no method has that name.
+    """
+    if name not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; known: {sorted(QUANTIZATION_METHODS)}")
+    module, cls = QUANTIZATION_METHODS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationConfig | None:
@@ -41,15 +50,10 @@ def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationCo
     if quantization is not None and ckpt_name is not None and quantization != ckpt_name:
         raise ValueError(f"--quantization {quantization!r} does not match the checkpoint's "
                          f"quantization_config.quant_method {ckpt_name!r}")
-    if name not in QUANTIZATION_METHODS:
-        if quantization is None:
-            return None
-        raise ValueError(f"unknown quantization method {name!r}; known: {sorted(QUANTIZATION_METHODS)}")
-    return QUANTIZATION_METHODS[name].from_config(ckpt if ckpt_name == name else {})
+    if name not in QUANTIZATION_METHODS and quantization is None:
+        return None
+    return get_quantization_config_class(name).from_config(ckpt if ckpt_name == name else {})
 
-
-# The built-in methods register themselves on import (after the registry exists).
-from ember.layers.quantization import int8_weight_only  # noqa: E402,F401
 
 __all__ = ["LinearMethodBase", "QuantizationConfig", "QUANTIZATION_METHODS", "get_quant_config",
-           "register_quantization_config"]
+           "get_quantization_config_class"]

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.layers.quantization import register_quantization_config
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 
 INT8_MAX = 127
@@ -78,7 +77,6 @@ class Int8WeightOnlyLinearMethod(LinearMethodBase):
         return F.linear(x, w, bias)
 
 
-@register_quantization_config
 class Int8WeightOnlyConfig(QuantizationConfig):
     """``--quantization int8_weight_only``: every linear layer in int8 with
     per-output-channel scales, quantized at load."""

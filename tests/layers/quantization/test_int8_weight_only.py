@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.layers.quantization import QUANTIZATION_METHODS, get_quant_config
+from ember.layers.quantization import get_quant_config, get_quantization_config_class
 from ember.layers.quantization.int8_weight_only import (Int8WeightOnlyConfig, Int8WeightOnlyLinearMethod,
                                                         quantize_per_channel_int8)
 
@@ -73,7 +73,7 @@ def test_apply_keeps_activation_dtype() -> None:
 
 
 def test_registry_and_get_quant_config_errors() -> None:
-    assert QUANTIZATION_METHODS["int8_weight_only"] is Int8WeightOnlyConfig
+    assert get_quantization_config_class("int8_weight_only") is Int8WeightOnlyConfig
     plain = types.SimpleNamespace()
     assert get_quant_config(None, plain) is None
     assert isinstance(get_quant_config("int8_weight_only", plain), Int8WeightOnlyConfig)
