@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ember import LLM, SamplingParams
+from ember.engine.step_stats import StepTimes
 
 
 def make_engine(args: argparse.Namespace, caching: bool) -> LLM:
@@ -124,6 +125,9 @@ def zero_hit_overhead(engines: dict[str, LLM], args: argparse.Namespace, tokens:
     thr: dict[str, list[float]] = {name: [] for name in engines}
     host: dict[str, list[float]] = {name: [] for name in engines}
     step: dict[str, list[float]] = {name: [] for name in engines}
+    step_times = {name: StepTimes() for name in engines}
+    for name, llm in engines.items():
+        llm.llm_engine.engine_core.add_step_observer(step_times[name])
     hit_rates = []
     for _ in range(args.zero_warmup):  # untimed: the first batch of new shapes compiles kernels
         prompts = [tokens(args.unique_len) for _ in range(args.num_requests)]
@@ -133,7 +137,7 @@ def zero_hit_overhead(engines: dict[str, LLM], args: argparse.Namespace, tokens:
         prompts = [tokens(args.unique_len) for _ in range(args.num_requests)]
         order = list(engines) if rep % 2 == 0 else list(reversed(engines))
         for name in order:
-            st = engines[name].llm_engine.engine_core.step_times
+            st = step_times[name]
             host0, steps0 = st.schedule_s + st.update_s, st.num_steps
             r = run_batch(engines[name], prompts, args.output_len)
             num_steps = max(1, st.num_steps - steps0)

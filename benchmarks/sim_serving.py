@@ -94,13 +94,18 @@ def simulate(budget: int, concurrency: int, num_requests: int, input_len: int, o
     for _ in range(concurrency):
         send(0.0)
     device_free = 0.0
-    in_flight: tuple[SchedulerOutput, float] | None = None
+    # A launched step: its schedule, when the device finishes it, and its fake
+    # sampled tokens (one for each request whose scheduled tokens reach the end of
+    # its known tokens, decided when it is scheduled, as the runner does).
+    in_flight: tuple[SchedulerOutput, float, dict[str, list[int]]] | None = None
 
-    def launch(sched: SchedulerOutput, t: float) -> float:
+    def launch(sched: SchedulerOutput, t: float) -> tuple[SchedulerOutput, float, dict[str, list[int]]]:
         nonlocal device_free
         end = max(max(device_free, t) + model.device_ms(sched), t + model.issue_ms(sched))
         device_free = end
-        return end
+        sampled = {rid: [7] for rid in sched.num_scheduled_tokens
+                   if (r := scheduler.requests.get(rid)) is not None and r.num_computed_tokens >= r.num_tokens}
+        return sched, end, sampled
 
     while arrivals or scheduler.has_unfinished_requests() or in_flight:
         while arrivals and arrivals[0][0] <= now:
@@ -110,18 +115,20 @@ def simulate(budget: int, concurrency: int, num_requests: int, input_len: int, o
             if not scheduler.has_unfinished_requests():
                 now = arrivals[0][0]
                 continue
-            sched = scheduler.schedule()
-            pending = (sched, launch(sched, now))
+            pending = launch(scheduler.schedule(), now)
         else:
             pending = in_flight
         in_flight = None
-        ahead = scheduler.schedule_ahead(pending[0]) if async_scheduling else None
-        if ahead is not None:
-            in_flight = (ahead, launch(ahead, now))
+        # The engine core's order: the next step is scheduled and launched before
+        # this one's tokens are read, unless a penalty needs them.
+        if async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead():
+            ahead = scheduler.schedule()
+            if ahead.is_empty and not ahead.blocks_to_swap_out:
+                scheduler.unschedule_empty(ahead)
+            else:
+                in_flight = launch(ahead, now)
         now = max(now, pending[1]) + model.host_ms
-        sampled = {rid: 7 for rid, n in pending[0].num_scheduled_tokens.items()
-                   if (r := scheduler.requests.get(rid)) is not None
-                   and r.num_computed_tokens + n >= r.num_tokens}
+        sampled = pending[2]
         for out in scheduler.update_from_output(pending[0], ModelRunnerOutput(sampled)):
             rt = times[out.request_id]
             seen = now + model.api_out_ms
