@@ -88,8 +88,10 @@ class InputProcessor:
         """Validate length limits and attach the model's EOS ids to ``params``.
 
         Raises:
-            ValueError: the prompt leaves no room for output in the context window.
+            ValueError: the prompt leaves no room for output in the context
+                window, or an ``allowed_token_ids`` entry is outside the vocabulary.
         """
+        params.check_vocab(self.model_config.vocab_size)
         max_len = self.model_config.max_model_len
         n = len(prompt_token_ids)
         if n >= max_len:

@@ -60,6 +60,7 @@ def test_bad_offline_inputs_raise_value_error_naming_the_parameter(llm: LLM) -> 
         (lambda: llm.generate("hi", cache_salt="", use_tqdm=False), "cache_salt"),
         (lambda: llm.generate("hi", sampled(seed=INT64_MAX + 1), use_tqdm=False), "seed"),
         (lambda: llm.generate("hi", sampled(stop=["\ud800"]), use_tqdm=False), "stop"),
+        (lambda: llm.generate("hi", sampled(allowed_token_ids=[1, vocab]), use_tqdm=False), "allowed_token_ids"),
         # LLMEngine with a pre-tokenized prompt: the ids are still checked.
         (lambda: llm.llm_engine.add_request("x", "hi", sampled(), prompt_token_ids=[1, vocab]), "prompt"),
         (lambda: llm.llm_engine.add_request("x", "hi", sampled(), prompt_token_ids=[2 ** 64]), "prompt"),
