@@ -12,13 +12,14 @@ waits more than ``_TIMEOUT_S``.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests.distributed.ranks import run_ranks
 
 WORLD = 2
 _TIMEOUT_S = 90
@@ -264,25 +265,7 @@ def _rank_main(rank: int, init_file: str, out_dir: str, backend: str) -> None:
 
 def _run_ranks(tmp: Path, backend: str) -> list[dict[str, str]]:
     """Run every check on two ranks; one dict of outcomes per rank."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp / "rendezvous"), str(tmp), backend), daemon=True)
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(_TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results = []
-    for r in range(WORLD):
-        path = tmp / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no results (exit code {procs[r].exitcode})"
-        results.append(json.loads(path.read_text()))
-    for r, res in enumerate(results):
-        assert "init" not in res, f"rank {r} failed to initialize:\n{res['init']}"
-    return results
+    return run_ranks(_rank_main, WORLD, tmp, backend, timeout_s=_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ layers follow the process group.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import traceback
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.distributed.ranks import run_ranks
 from tests.models.tiny import TOKENIZER_VOCAB, hf_prefill_logits, make_prompts, randomize_norms_, save_tiny
 
 pytestmark = pytest.mark.slow
@@ -80,24 +80,7 @@ def rank_results(tmp_path_factory) -> list[dict[str, str]]:
         randomize_norms_(hf)
         save_tiny(hf, work / f"kv{kv}")
         torch.save([hf_prefill_logits(hf, p) for p in prompts], work / f"kv{kv}.pt")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(work / "rendezvous"), str(work)), daemon=True)
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(_TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results = []
-    for r in range(WORLD):
-        path = work / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no results (exit code {procs[r].exitcode})"
-        results.append(json.loads(path.read_text()))
-        assert "init" not in results[-1], f"rank {r} failed to initialize:\n{results[-1]['init']}"
-    return results
+    return run_ranks(_rank_main, WORLD, work, timeout_s=_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
