@@ -29,6 +29,8 @@
 #
 # Output: $OUT/ab_<workload>[_r<round>]_<old|new>.json (the `ember bench` JSON),
 # $OUT/ab_summary.json, and a table of old, new and new/old per figure.
+# ONLY picks workloads (default "latency short long"), e.g. to give the long run a call
+# of its own: ONLY=long LONG_PROMPTS=1000.
 # Usage: OUT=results OLD=.carry/old bash benchmarks/gpu/ab_same_host.sh
 source "$(dirname "$0")/_common.sh"
 OLD_DIR=${OLD:+$(cd "$OLD" && pwd)}
@@ -36,6 +38,7 @@ OLD_DIR=${OLD_DIR:-$ROOT}
 ROUNDS=${ROUNDS:-2}
 LONG_PROMPTS=${LONG_PROMPTS:-500}
 BUDGET_S=${BUDGET_S:-560}
+ONLY=${ONLY:-latency short long}  # which workloads: latency (batch 1), short (5000 x 128/128), long
 gpu_name
 echo "old: $OLD_DIR ${OLD_FLAGS:-}"
 echo "new: $ROOT ${NEW_FLAGS:-}"
@@ -64,12 +67,15 @@ pair() {  # NAME ESTIMATE_S ARGS...: old then new, if both fit in what is left
   side new "$name" "$@"
 }
 
-for r in $(seq 1 "$ROUNDS"); do
-  pair "latency_b1_r$r" 30 bench latency $COMMON --batch-size 1 --input-len 128 --output-len 256
-done
-pair thr_128 70 bench throughput $COMMON --no-progress --num-prompts 5000 --input-len 128 --output-len 128
-pair "thr_${LONG_PROMPTS}x1024" $(( 25 + LONG_PROMPTS * 15 / 100 )) bench throughput $COMMON --no-progress \
-    --num-prompts "$LONG_PROMPTS" --input-len 1024 --output-len 1024
+runs() { [[ " $ONLY " == *" $1 "* ]]; }
+if runs latency; then
+  for r in $(seq 1 "$ROUNDS"); do
+    pair "latency_b1_r$r" 30 bench latency $COMMON --batch-size 1 --input-len 128 --output-len 256
+  done
+fi
+runs short && pair thr_128 70 bench throughput $COMMON --no-progress --num-prompts 5000 --input-len 128 --output-len 128
+runs long && pair "thr_${LONG_PROMPTS}x1024" $(( 25 + LONG_PROMPTS * 15 / 100 )) bench throughput $COMMON \
+    --no-progress --num-prompts "$LONG_PROMPTS" --input-len 1024 --output-len 1024
 
 python3 - "$OUT" "${SKIPPED[@]}" <<'EOF'
 import glob, json, os, re, sys
