@@ -251,7 +251,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-parser", default=None, choices=reasoning_parser_names(),
                    help="return the text between <think> and </think> as reasoning_content in chat completions")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EMBER_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /metrics, /version and "
+                        "the API docs (default: $EMBER_API_KEY, else none)")
+    p.add_argument("--max-request-body-bytes", type=_bounded_number(int, "--max-request-body-bytes", 1),
+                   default=16 * 1024 * 1024, metavar="BYTES",
+                   help="answer 413 to a larger request body, judged from Content-Length before reading it, or "
+                        "as soon as a chunked body passes the limit (default 16 MiB: a prompt filling a "
+                        "128K-token context is about 1 MiB, as text or as token ids, so this leaves room for "
+                        "batches and long chats while bounding what one request makes the server hold and parse)")
     p.add_argument("--max-waiting-requests", type=_bounded_number(int, "--max-waiting-requests", 0), default=None,
                    help="answer 429 (with Retry-After) while this many requests wait for a slot (default: no bound)")
     p.add_argument("--request-timeout", type=_bounded_number(float, "--request-timeout", 0, inclusive=False),

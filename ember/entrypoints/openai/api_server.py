@@ -1,18 +1,29 @@
 """The OpenAI-compatible HTTP server: FastAPI app and its uvicorn runner.
 
-Routes: ``GET /health``, ``GET /version``, ``GET /v1/models``,
-``POST /v1/completions``, ``POST /v1/chat/completions``.
+Routes: ``GET|HEAD /health``, ``GET /metrics``, ``GET /version``, ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
+``POST /detokenize``.
 
 Every error is answered with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``: 400 for the client's mistakes
 (malformed JSON, wrong types, unknown fields, prompts that do not fit the context,
 invalid sampling values), 401 for a missing or wrong API key, 404 for unknown routes
-and an unknown model (code ``model_not_found``, as OpenAI and vLLM), 429 when overloaded,
+and an unknown model (code ``model_not_found``, as OpenAI and vLLM), 405 (with ``Allow``)
+for a known route with the wrong method, 413 for a body over ``--max-request-body-bytes``
+(code ``request_too_large``), 429 when overloaded,
 503 while the model loads (code ``model_loading``: the server listens from the
 start, while the engine core process loads the model), when the engine has died
 (``engine_dead``) or the server is shutting down, 504 when a request
 ran past ``--request-timeout``, 500 for internal errors (the server stays up).
 429 and 503 carry ``Retry-After``.
+
+Hostile or careless clients: with ``--api-key`` every route but the probes
+(:data:`OPEN_PATHS`) needs the key, checked before the body is read; a body over
+``--max-request-body-bytes`` is refused from its ``Content-Length`` before it is
+read, or, sent chunked, as soon as the bytes received pass the limit (at most the
+limit is held); a prompt text too long to fit the context is refused before it is
+tokenized, and large inputs are tokenized off the event loop so that other streams
+keep flowing (:mod:`ember.entrypoints.openai.input_limits`).
 
 Shutdown (SIGTERM or Ctrl-C): the server keeps its socket open but answers new
 generation requests and ``/health`` with 503 (code ``server_shutting_down``), gives
@@ -32,6 +43,7 @@ import logging
 import os
 import signal
 import socket
+from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 
@@ -43,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
 from ember.engine.core_client import EngineDeadError, EngineLoadingError, EngineOverloadedError
+from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -69,6 +82,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 # After the drain, seconds that other open connections (e.g. a slow /metrics scrape) get.
 _CONNECTIONS_CLOSE_S = 5
+# ``--max-request-body-bytes``' default. The largest legitimate body is a prompt filling
+# a long context: a 128K-token context is about 0.5 MiB of English text (4 characters per
+# token) or 1 MiB as a JSON token-id list (up to 8 bytes per id); 16 MiB leaves room for a
+# batch of such prompts or a long chat history, and still bounds what one request makes
+# the server hold in memory and parse on its event loop.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+# Routes that answer without the API key: probes, metrics scrapes and the API docs.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        "/openapi.json"})
 
 
 class _ASCIIJSONResponse(JSONResponse):
@@ -87,15 +109,18 @@ def model_loading_error() -> APIError:
                     code="model_loading")
 
 
-def _error_response(err: APIError) -> JSONResponse:
+def _error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     # NOTE: an overloaded or stopping server tells well-behaved clients when to come back.
-    headers = {"Retry-After": "1"} if err.status_code in (429, 503) else None
-    return _ASCIIJSONResponse(err.body.model_dump(), status_code=err.status_code, headers=headers)
+    headers = dict(headers or {})
+    if err.status_code in (429, 503):
+        headers["Retry-After"] = "1"
+    return _ASCIIJSONResponse(err.body.model_dump(), status_code=err.status_code, headers=headers or None)
 
 
 class ApiKeyMiddleware:
-    """ASGI middleware: ``/v1/*`` requires ``Authorization: Bearer <api_key>``
-    (compared in constant time); otherwise 401 with an OpenAI error body.
+    """ASGI middleware: every route but :data:`OPEN_PATHS` requires
+    ``Authorization: Bearer <api_key>`` (compared in constant time); otherwise 401
+    with an OpenAI error body, before the request body is read.
 
     NOTE: plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which pipes
     every streamed chunk through an extra task and memory stream.
@@ -106,7 +131,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
                 err = APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", 401,
@@ -114,6 +139,77 @@ class ApiKeyMiddleware:
                 await _error_response(err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def request_too_large_error(max_bytes: int) -> APIError:
+    """413 ``request_too_large``: the body is over ``--max-request-body-bytes``."""
+    return APIError(f"the request body is larger than this server's limit of {max_bytes} bytes "
+                    "(--max-request-body-bytes)", 413, code="request_too_large")
+
+
+class BodySizeLimitMiddleware:
+    """ASGI middleware: refuses a request body over ``max_bytes`` with 413 and an
+    OpenAI error body, and closes the connection (the rest of the body is not read).
+
+    A ``Content-Length`` over the limit is refused before any of the body is read.
+    A chunked body (no ``Content-Length``) is read ahead here, chunk by chunk, and
+    refused as soon as the bytes received pass the limit; otherwise its chunks are
+    handed on as they came. Requests without a body pass untouched, and so do
+    bodies whose ``Content-Length`` is within the limit (the HTTP server delivers
+    no more bytes than it declares).
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length, chunked = None, False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_bytes
+            except ValueError:
+                await self._refuse(APIError(f"invalid Content-Length header {length[:40]!r}"), scope, receive, send)
+                return
+            if too_large:
+                await self._refuse(request_too_large_error(self.max_bytes), scope, receive, send)
+                return
+        elif chunked:
+            parts: deque[dict] = deque()
+            received = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went: nobody to answer
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    parts.clear()
+                    await self._refuse(request_too_large_error(self.max_bytes), scope, receive, send)
+                    return
+                parts.append(message)
+                if not message.get("more_body", False):
+                    break
+
+            async def replay() -> dict:
+                return parts.popleft() if parts else await receive()
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(err: APIError, scope: dict, receive: Any, send: Any) -> None:
+        # NOTE: "Connection: close" makes the HTTP server close the connection after
+        # the answer instead of reading (and discarding) the rest of the body.
+        await _error_response(err, {"Connection": "close"})(scope, receive, send)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -184,15 +280,18 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | None = None,
-              request_timeout: float | None = None) -> FastAPI:
+              request_timeout: float | None = None,
+              max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
 
     Args:
         reasoning_parser: an :mod:`ember.reasoning` parser for chat completions.
-        api_key: if set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``
-            (401 otherwise; compared in constant time).
+        api_key: if set, every route but :data:`OPEN_PATHS` requires
+            ``Authorization: Bearer <api_key>`` (401 otherwise; compared in constant time).
         request_timeout: seconds a generation request may run before the server
             aborts it (None: no limit); see :mod:`ember.entrypoints.openai.supervisor`.
+        max_request_body_bytes: larger request bodies get 413 (see
+            :class:`BodySizeLimitMiddleware`); None: no limit.
 
     ``app.state.supervisor`` is the :class:`RequestSupervisor` whose ``drain``
     the server runs on shutdown.
@@ -201,8 +300,11 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     see ``AsyncLLM(max_waiting_requests=...)``) gets 429 with ``Retry-After``.
 
     Raises:
-        ValueError: ``request_timeout`` is not positive.
+        ValueError: ``request_timeout`` or ``max_request_body_bytes`` is not positive.
     """
+    if max_request_body_bytes is not None and not max_request_body_bytes > 0:
+        raise ValueError(f"max_request_body_bytes must be a positive number of bytes or None, "
+                         f"got {max_request_body_bytes!r}")
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
     model_name = engine.model_config.served_model_name
@@ -215,6 +317,10 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     chat = OpenAIServingChat(supervisor, reasoning_parser)
     completion = OpenAIServingCompletion(supervisor)
 
+    # NOTE: the middleware added last runs first: the key is checked before the body
+    # size, so that a client without the key cannot make the server read its body.
+    if max_request_body_bytes is not None:
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
@@ -227,9 +333,16 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         return _error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(str(exc.detail), exc.status_code, type=kind))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # NOTE: Starlette's Allow names the methods of the first route on the path
+            # only; a path can have several (GET and HEAD /health).
+            methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
+                       for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return _error_response(APIError(str(exc.detail), exc.status_code, type=kind), headers)
 
     @app.exception_handler(EngineLoadingError)
     async def _engine_loading(_: Request, exc: EngineLoadingError) -> JSONResponse:
@@ -261,6 +374,9 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             return _error_response(model_loading_error())
         return Response(status_code=200)
 
+    # HEAD: the same answer without a body (the HTTP server drops it), for probes that use HEAD.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -273,28 +389,53 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.model_config.max_model_len)])
 
-    @app.post("/tokenize")
-    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(request: TokenizeRequest) -> Response:
         completion.check_model(request.model)
+        max_model_len = engine.model_config.max_model_len
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content or ""} for m in request.messages]
+            location, num_chars = "messages", sum(len(m["content"]) for m in messages)
+
+            def encode() -> list[int]:
+                return engine.input_processor.apply_chat_template(messages)
+        elif isinstance(request.prompt, str):
+            prompt, add_special_tokens = request.prompt, request.add_special_tokens
+            location, num_chars = "prompt", len(prompt)
+
+            def encode() -> list[int]:
+                return engine.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            raise APIError("give either 'prompt' or 'messages'")
+        check_prompt_chars(num_chars, max_model_len, location)
+
+        def work() -> bytes:
+            # NOTE: the answer is serialized here too: for a large input, validating and
+            # encoding its token list on the event loop would stall it as tokenizing would.
+            ids = encode()
+            return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=max_model_len).model_dump_json(
+            ).encode()
+
         try:
-            if request.messages is not None:
-                ids = engine.input_processor.apply_chat_template(
-                    [{"role": m.role, "content": m.content or ""} for m in request.messages])
-            elif isinstance(request.prompt, str):
-                ids = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
-            else:
-                raise ValueError("give either 'prompt' or 'messages'")
+            body = await run_input_work(work, num_chars)
         except ValueError as e:
-            raise APIError(str(e)) from e
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.model_config.max_model_len)
+            raise APIError(str(e), param=location) from e
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
         completion.check_model(request.model)
-        vocab = engine.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in request.tokens):
+        tokens, vocab = request.tokens, engine.model_config.vocab_size
+
+        def work() -> str | None:
+            if any(not 0 <= t < vocab for t in tokens):
+                return None
+            return engine.tokenizer.decode(tokens)
+
+        text = await run_input_work(work, num_tokens=len(tokens))
+        if text is None:
             raise APIError(f"tokens must be token ids in [0, {vocab}) (the vocabulary)", param="tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
+        return DetokenizeResponse(prompt=text)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
@@ -330,7 +471,8 @@ def _bind_socket(host: str, port: int) -> socket.socket:
 
 async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None,
                 api_key: str | None = None, request_timeout: float | None = None,
-                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+                shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
     """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM, then drain:
     running requests get ``shutdown_timeout`` seconds to finish (see the module
     docstring). The engine itself is not shut down here.
@@ -340,7 +482,7 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
     """
     if not shutdown_timeout >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
-    app = build_app(engine, reasoning_parser, api_key, request_timeout)
+    app = build_app(engine, reasoning_parser, api_key, request_timeout, max_request_body_bytes)
     server = _make_server(app, log_level, shutdown_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -412,7 +554,8 @@ def run_server(args: argparse.Namespace) -> None:
         api_key = getattr(args, "api_key", None) or os.environ.get("EMBER_API_KEY") or None
         asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None),
                           api_key, getattr(args, "request_timeout", None),
-                          getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S)))
+                          getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S),
+                          getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)))
     except KeyboardInterrupt:
         pass
     finally:

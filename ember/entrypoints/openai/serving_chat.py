@@ -73,7 +73,8 @@ class OpenAIServingChat(OpenAIServing):
         """Raises APIError for invalid requests (before anything is sent)."""
         self.check_model(request.model)
         messages = request.message_dicts()
-        prompt_ids = self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages), "messages")
+        prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
+                                         "messages", sum(len(m["content"]) for m in messages))
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)

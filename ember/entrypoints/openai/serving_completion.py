@@ -43,6 +43,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     MAX_COMPLETIONS_PER_REQUEST,
     APIError,
@@ -231,12 +232,16 @@ class OpenAIServing:
                 404, param="model", code="model_not_found",
             )
 
-    @staticmethod
-    def tokenize(fn: Callable[[], list[int]], location: str) -> list[int]:
-        """Run a tokenizing call; its ValueError becomes a 400 about ``location``
+    async def tokenize(self, fn: Callable[[], list[int]], location: str, num_chars: int,
+                       num_tokens: int = 0) -> list[int]:
+        """Run a tokenizing call on an input of ``num_chars`` characters of text (or
+        ``num_tokens`` token ids): refused unread when the text cannot fit the context
+        (:func:`check_prompt_chars`), run off the event loop when large
+        (:func:`run_input_work`). Its ValueError becomes a 400 about ``location``
         (a field, or one item of it: see :func:`at_location`)."""
+        check_prompt_chars(num_chars, self.max_model_len, location)
         try:
-            return fn()
+            return await run_input_work(fn, num_chars, num_tokens)
         except ValueError as e:
             raise APIError(at_location(str(e), location), param=field_of(location)) from e
 
@@ -458,7 +463,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(f"this request asks for {len(located)} prompts x n={n} = {len(located) * n} "
                            f"completions; at most {MAX_COMPLETIONS_PER_REQUEST} are allowed in one request "
                            "(lower n or split the batch)", param="n")
-        prompts = [self._prepare(request, location, prompt) for location, prompt in located]
+        prompts = [await self._prepare(request, location, prompt) for location, prompt in located]
         request_id = random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
@@ -502,11 +507,16 @@ class OpenAIServingCompletion(OpenAIServing):
         rest, _ = self.completion_logprobs(out.prompt_logprobs[1:], p.params.prompt_logprobs, len(first))
         return head.merged_with(rest)
 
-    def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
+    async def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
         """Tokenize and check one prompt (errors name ``location``, e.g. ``prompt[2]``)."""
-        ids = self.tokenize(lambda: self.engine.input_processor.tokenize(prompt), location)
+        is_text = isinstance(prompt, str)
+        ids = await self.tokenize(lambda: self.engine.input_processor.tokenize(prompt), location,
+                                  len(prompt) if is_text else 0, 0 if is_text else len(prompt))
         params = self.make_params(request, ids, request.max_tokens, location)
-        return _Prompt(ids, params, self._echo_text(prompt, ids) if request.echo else "")
+        echo = ""
+        if request.echo:
+            echo = await run_input_work(lambda: self._echo_text(prompt, ids), num_tokens=0 if is_text else len(ids))
+        return _Prompt(ids, params, echo)
 
     def _echo_text(self, prompt: str | list[int], prompt_ids: list[int]) -> str:
         """The prompt as text: as given, or the decoded token ids (special tokens kept)."""
