@@ -301,12 +301,12 @@ class SlowTokenizer(CharTokenizer):
 
 def test_large_prompts_do_not_stall_another_clients_stream() -> None:
     engine = EchoEngine(step_delay=0.05)
-    # A context long enough that 3 MB prompts pass the character bound and get tokenized.
+    # A context long enough that 2 MB prompts pass the character bound and get tokenized.
     engine.model_config = dataclasses.replace(engine.model_config, max_model_len=1 << 17)
     engine.tokenizer = SlowTokenizer()
     engine.input_processor = InputProcessor(engine.model_config, engine.tokenizer)
-    assert 3 * LARGE < (1 << 17) * MAX_CHARS_PER_TOKEN < 6_000_000 and LARGE > OFFLOAD_MIN_CHARS
-    big = "z" * (3 * LARGE)
+    assert 2 * LARGE < (1 << 17) * MAX_CHARS_PER_TOKEN < 6_000_000 and LARGE > OFFLOAD_MIN_CHARS
+    big = "z" * (2 * LARGE)
     requests = {  # name: (path, body bytes), prebuilt so that the client threads only send
         "completion": ("/v1/completions", json.dumps({**BODY, "prompt": big}).encode()),
         "chat": ("/v1/chat/completions", json.dumps({**CHAT, "messages": [{"role": "user", "content": big}]}
@@ -343,16 +343,19 @@ def test_large_prompts_do_not_stall_another_clients_stream() -> None:
             t.join(30)
         streamer.join(30)
 
-    assert engine.tokenizer.slow_calls == 3  # the three 3 MB inputs were tokenized (slowly)
+    assert engine.tokenizer.slow_calls == 3  # the three 2 MB inputs were tokenized (slowly)
     for name in ("completion", "chat"):  # tokenized, then refused for their token count
         status, body, _ = answers[name]
         assert status == 400 and "tokens long" in body["error"]["message"], (name, body)
     status, body, _ = answers["tokenize"]
-    assert status == 200 and body["count"] == 3 * LARGE
+    assert status == 200 and body["count"] == 2 * LARGE
     status, body, _ = answers["six_mb"]  # refused by its length alone
     assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
     # The stream ran all along: it outlived the tokenizations, and no chunk waited long.
     assert len(arrivals) >= 50 and arrivals[-1] > max(answers[n][2] for n in ("completion", "chat", "tokenize"))
+    # NOTE: the slow tokenizer holds the GIL, so the server's loop (and this process's
+    # client threads) still wait for it at each thread switch: gaps of a few 0.1 s
+    # happen on a loaded 2-core machine; run on the loop, tokenizing stalls it >= BUSY_S.
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert max(gaps) < 0.5, f"the stream stalled for {max(gaps):.2f} s"
 
