@@ -6,6 +6,7 @@ Some tests run a real uvicorn server in a thread, to see what a socket sees."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -59,11 +60,12 @@ def uvicorn_server(app) -> Iterator[str]:
         sock.close()
 
 
-def raw_exchange(url: str, head: bytes, body_chunks: Iterator[bytes] = iter(()), timeout: float = 5.0
+def raw_exchange(url: str, head: bytes, body_chunks: Iterator[bytes] | None = None, timeout: float = 5.0
                  ) -> tuple[bytes, int, float]:
     """Send an HTTP/1.1 request head, then body chunks until the server answers or
     closes; return (the answer's bytes, body bytes sent, seconds until the answer)."""
     host, port = url.removeprefix("http://").split(":")
+    body_chunks = body_chunks if body_chunks is not None else iter(())
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         start = time.monotonic()
         s.sendall(head)
@@ -168,8 +170,6 @@ def _chunked_scope() -> dict:
 
 
 def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
-    import asyncio
-
     pulled: list[int] = []
     sent: list[dict] = []
     inner_called = []
@@ -192,8 +192,6 @@ def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
 
 
 def test_chunked_body_within_the_limit_reaches_the_app_intact() -> None:
-    import asyncio
-
     parts = [b"ab", b"", b"cde", b"f"]
     messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
     seen: list[dict] = []
