@@ -53,6 +53,7 @@ from ember.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    chat_template_messages,
 )
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -271,15 +272,15 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.model_config.max_model_len)])
+        return ModelList(data=[ModelCard(id=model_name, root=engine.model_config.model,
+                                         max_model_len=engine.model_config.max_model_len)])
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         completion.check_model(request.model)
         try:
             if request.messages is not None:
-                ids = engine.input_processor.apply_chat_template(
-                    [{"role": m.role, "content": m.content or ""} for m in request.messages])
+                ids = engine.input_processor.apply_chat_template(chat_template_messages(request.messages))
             elif isinstance(request.prompt, str):
                 ids = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
             else:
