@@ -166,7 +166,7 @@ class SamplingFields(StrictRequestModel):
     @classmethod
     def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         # As OpenAI and vLLM: options of a stream make no sense without one.
-        if v is not None and not info.data.get("stream", False):
+        if v is not None and info.data.get("stream") is False:  # (absent: stream itself was invalid)
             raise ValueError("stream_options can only be set when stream is true")
         return v
 

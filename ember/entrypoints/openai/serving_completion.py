@@ -73,7 +73,8 @@ def sse_event(payload: dict[str, Any]) -> str:
 
 
 def drop_null_usage(chunk: dict[str, Any]) -> dict[str, Any]:
-    """Stream chunks carry ``usage`` only in the last one (``stream_options.include_usage``)."""
+    """A stream chunk without ``usage`` leaves the field out (only the last chunk has
+    it with ``stream_options.include_usage``; every chunk with ``continuous_usage_stats``)."""
     if chunk.get("usage", 0) is None:
         del chunk["usage"]
     return chunk
