@@ -8,7 +8,6 @@ answers every request with the same tokens, decoded by the real tokenizer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
