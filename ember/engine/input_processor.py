@@ -61,11 +61,15 @@ class InputProcessor:
         """Render ``messages`` with the model's chat template and tokenize.
 
         Args:
-            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            messages: ``[{"role": str, "content": str, ...}, ...]`` in Hugging Face's
+                conversation format: roles ``system``, ``user``, ``assistant``,
+                ``tool``; other keys (``name``, ``tool_call_id``, ``tool_calls``)
+                are passed to the template as given.
 
         Raises:
-            ValueError: no chat template, or malformed messages (not dicts, no
-                string role / content, or a string that is not Unicode text).
+            ValueError: no chat template, malformed messages (not dicts, no
+                string role / content, or a string that is not Unicode text), or
+                a conversation the template cannot render (the message says why).
         """
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use a completion prompt instead")
@@ -89,9 +93,14 @@ class InputProcessor:
 
         Raises:
             ValueError: the prompt leaves no room for output in the context
-                window, or an ``allowed_token_ids`` entry is outside the vocabulary.
+                window, or an ``allowed_token_ids`` or ``stop_token_ids`` entry is
+                outside the vocabulary (the message then starts with the field's name).
         """
-        params.check_vocab(self.model_config.vocab_size)
+        vocab = self.model_config.vocab_size
+        params.check_vocab(vocab)
+        bad = [t for t in params.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         max_len = self.model_config.max_model_len
         n = len(prompt_token_ids)
         if n >= max_len:

@@ -61,6 +61,8 @@ def test_bad_offline_inputs_raise_value_error_naming_the_parameter(llm: LLM) -> 
         (lambda: llm.generate("hi", sampled(seed=INT64_MAX + 1), use_tqdm=False), "seed"),
         (lambda: llm.generate("hi", sampled(stop=["\ud800"]), use_tqdm=False), "stop"),
         (lambda: llm.generate("hi", sampled(allowed_token_ids=[1, vocab]), use_tqdm=False), "allowed_token_ids"),
+        (lambda: llm.generate("hi", sampled(stop_token_ids=[1, vocab]), use_tqdm=False),
+         f"stop_token_ids: token id {vocab} is outside the vocabulary"),
         # LLMEngine with a pre-tokenized prompt: the ids are still checked.
         (lambda: llm.llm_engine.add_request("x", "hi", sampled(), prompt_token_ids=[1, vocab]), "prompt"),
         (lambda: llm.llm_engine.add_request("x", "hi", sampled(), prompt_token_ids=[2 ** 64]), "prompt"),
@@ -72,7 +74,9 @@ def test_bad_offline_inputs_raise_value_error_naming_the_parameter(llm: LLM) -> 
 
 
 def test_int64_edges_are_served_in_process(llm: LLM) -> None:
-    edge = sampled(seed=INT64_MAX, n=2, top_k=INT64_MAX, stop_token_ids=[INT64_MAX])
+    # The last vocabulary id as a stop token (stop token ids are checked against the vocabulary).
+    last = llm.llm_engine.model_config.vocab_size - 1
+    edge = sampled(seed=INT64_MAX, n=2, top_k=INT64_MAX, stop_token_ids=[last])
     out = llm.generate("Hello", edge, priority=INT64_MIN, cache_salt="\U0001F600", use_tqdm=False)[0]
     assert [len(c.token_ids) for c in out.outputs] == [NUM_NEW, NUM_NEW]
     # Completion 1's seed INT64_MAX + 1 wraps to INT64_MIN: the same tokens as a
@@ -90,7 +94,8 @@ def test_core_process_carries_int64_edges_and_refuses_beyond(llm: LLM) -> None:
                     lambda: engine.add_request("b2", "hi\udfff", sampled())):
             with pytest.raises(ValueError, match="^(priority|prompt) "):
                 bad()
-        params = sampled(seed=INT64_MAX, n=2, top_k=INT64_MAX, stop_token_ids=[INT64_MAX],
+        last = llm.llm_engine.model_config.vocab_size - 1
+        params = sampled(seed=INT64_MAX, n=2, top_k=INT64_MAX, stop_token_ids=[last],
                          output_kind=RequestOutputKind.FINAL_ONLY)
         engine.add_request("edge", "Hello", params, priority=INT64_MIN, cache_salt="s")
         final = None

@@ -85,9 +85,12 @@ def test_requests_are_strict() -> None:
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({**chat, **bad})
     # Harmless standard fields are accepted; an int is a valid float.
-    req = CompletionRequest.model_validate({"prompt": "x", "user": "u1", "stream_options": {"include_usage": True},
+    req = CompletionRequest.model_validate({"prompt": "x", "user": "u1", "stream_options": None,
                                             "temperature": 0, "stop": "\n"})
-    assert req.temperature == 0.0 and req.stop == ["\n"] and req.include_usage is False  # not streaming
+    assert req.temperature == 0.0 and req.stop == ["\n"] and req.include_usage is False
+    for stream in ({}, {"stream": False}):  # stream_options without a stream (as OpenAI and vLLM)
+        with pytest.raises(ValidationError, match="stream_options can only be set when stream is true"):
+            CompletionRequest.model_validate({"prompt": "x", "stream_options": {"include_usage": True}, **stream})
     assert CompletionRequest.model_validate({"prompt": "x", "stream": True,
                                              "stream_options": {"include_usage": True}}).include_usage
 
@@ -143,9 +146,11 @@ def test_chat_request() -> None:
                      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         "max_tokens": 5, "max_completion_tokens": 7})
     assert req.resolved_max_tokens() == 7
-    assert req.message_dicts() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    # Text parts are joined with newlines (as vLLM does).
+    assert req.message_dicts() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
     assert ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "q"}]}).resolved_max_tokens() is None
-    for bad in ({"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},
+    for bad in ({"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},  # no tool_call_id
+                {"messages": [{"role": "function", "content": "x"}]},
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                 {"messages": "hi"}):
         with pytest.raises(ValidationError):
@@ -413,7 +418,7 @@ def test_integers_beyond_int64_get_400_naming_the_field(client: TestClient, path
 def test_int64_edges_are_served(engine: EchoEngine, client: TestClient, path: str) -> None:
     good = CHAT_GOOD if path.endswith("chat/completions") else {"prompt": "hi"}
     for extra in ({"seed": INT64_MAX, "n": 3}, {"seed": INT64_MIN, "n": 2}, {"priority": INT64_MIN},
-                  {"priority": INT64_MAX}, {"top_k": INT64_MAX}, {"stop_token_ids": [INT64_MAX, 0]}):
+                  {"priority": INT64_MAX}, {"top_k": INT64_MAX}, {"stop_token_ids": [255, 0]}):
         resp = post_json(client, path, {**good, "max_tokens": 2, **extra})
         assert resp.status_code == 200, (extra, resp.text)
         sent = engine.sent  # as the engine core would receive them
@@ -425,7 +430,10 @@ def test_int64_edges_are_served(engine: EchoEngine, client: TestClient, path: st
         if "top_k" in extra:
             assert sent[0].sampling_params.top_k == INT64_MAX
         if "stop_token_ids" in extra:
-            assert sent[0].sampling_params.stop_token_ids == [INT64_MAX, 0]
+            assert sent[0].sampling_params.stop_token_ids == [255, 0]
+    # An int64 stop token id is carried, but it lies outside the vocabulary (256 ids).
+    assert_error(post_json(client, path, {**good, "stop_token_ids": [INT64_MAX, 0]}), 400, "stop_token_ids",
+                 f"stop_token_ids: token id {INT64_MAX} is outside the vocabulary [0, 256)")
 
 
 def test_detokenize_token_ids_are_checked(client: TestClient) -> None:

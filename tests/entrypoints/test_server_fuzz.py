@@ -114,7 +114,7 @@ SHARED = {
     "repetition_penalty": unit(0.5, 2),
     "seed": st.integers(INT64_MIN, INT64_MAX) | st.sampled_from([INT64_MIN, INT64_MAX]),
     "stop": st.text(min_size=1, max_size=10) | st.lists(st.text(min_size=1, max_size=10), max_size=3),
-    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1) | st.just(INT64_MAX), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
     "ignore_eos": st.booleans(),
     "skip_special_tokens": st.booleans(),
     "priority": st.integers(-10, 10) | st.sampled_from([INT64_MIN, INT64_MAX]),
@@ -132,7 +132,7 @@ COMPLETION = {
     "echo": st.booleans(),
 }
 text_part = st.fixed_dictionaries({"type": st.just("text"), "text": texts})
-message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"])},
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"])},
                                 optional={"content": texts | st.lists(text_part, max_size=2), "name": texts})
 CHAT = {
     **SHARED,
@@ -189,6 +189,8 @@ def request_bodies(draw: st.DrawFn, fields: dict[str, st.SearchStrategy], requir
     # Combinations that are invalid on purpose (tested on their own elsewhere).
     if "top_logprobs" in body and required == "messages":
         body["logprobs"] = True
+    if "stream_options" in body:
+        body["stream"] = True
     faults: list[str] = []
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 1, 2, 3]))):
         kind = draw(st.sampled_from(["wrong", "wrong", "wrong", "missing", "unknown"]))
@@ -365,10 +367,13 @@ def test_former_server_errors_get_400_naming_the_field(http: httpx.Client, path:
 
 def test_int64_edges_are_served(http: httpx.Client) -> None:
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "n": 2, "seed": INT64_MAX, "priority": INT64_MIN,
-            "top_k": INT64_MAX, "stop_token_ids": [INT64_MAX]}
+            "top_k": INT64_MAX, "stop_token_ids": [VOCAB - 1]}
     resp = http.post("/v1/completions", json=body)
     assert resp.status_code == 200, resp.text
     assert [c["index"] for c in resp.json()["choices"]] == [0, 1]
+    # An int64 stop token id passes the type check but lies outside the vocabulary.
+    assert_openai_error(http.post("/v1/completions", json={**body, "stop_token_ids": [INT64_MAX]}), 400,
+                        param="stop_token_ids")
 
 
 def test_server_healthy_after_fuzzing(server: str, http: httpx.Client) -> None:

@@ -66,6 +66,7 @@ from ember.entrypoints.openai.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    chat_template_messages,
 )
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -387,14 +388,15 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.model_config.max_model_len)])
+        return ModelList(data=[ModelCard(id=model_name, root=engine.model_config.model,
+                                         max_model_len=engine.model_config.max_model_len)])
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(request: TokenizeRequest) -> Response:
         completion.check_model(request.model)
         max_model_len = engine.model_config.max_model_len
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content or ""} for m in request.messages]
+            messages = chat_template_messages(request.messages)
             location, num_chars = "messages", sum(len(m["content"]) for m in messages)
 
             def encode() -> list[int]:

@@ -22,6 +22,7 @@ boundary, so that nothing the engine core cannot carry gets past it):
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -33,6 +34,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from ember.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
@@ -115,8 +117,15 @@ Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class StreamOptions(StrictRequestModel):
+    """``stream_options`` (only with ``stream: true``).
+
+    ``include_usage``: a last chunk carries the request's ``usage``.
+    ``continuous_usage_stats`` (vLLM's extra, with ``include_usage``): every chunk
+    also carries ``usage`` with the running counts of its choice (the prompt's
+    tokens, and the tokens that choice generated so far).
+    """
+
     include_usage: bool = False
-    # Accepted for compatibility; usage in every chunk is not implemented.
     continuous_usage_stats: bool = False
 
 
@@ -152,6 +161,14 @@ class SamplingFields(StrictRequestModel):
     stream_options: StreamOptions | None = None
     # Harmless standard field (end-user id for abuse monitoring); Ember ignores it.
     user: Text | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # As OpenAI and vLLM: options of a stream make no sense without one.
+        if v is not None and info.data.get("stream") is False:  # (absent: stream itself was invalid)
+            raise ValueError("stream_options can only be set when stream is true")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -217,6 +234,12 @@ class SamplingFields(StrictRequestModel):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (``stream_options`` only counts when streaming)."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every stream chunk carries the running ``usage`` (vLLM's
+        ``continuous_usage_stats``; like vLLM, only together with ``include_usage``)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 # Ember's cap on the prompts of one completion request (a 400 beyond it): each
@@ -300,26 +323,104 @@ class CompletionRequest(SamplingFields):
                          "token-id lists")
 
 
-class ContentPart(StrictRequestModel):
-    type: Literal["text"]
-    text: Text
+class ToolCallFunction(StrictRequestModel):
+    """The function an assistant message called: ``arguments`` is a JSON text."""
+
+    name: Text
+    arguments: Text
+
+
+class ToolCall(StrictRequestModel):
+    """One entry of an assistant message's ``tool_calls``."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+def _text_of_parts(parts: list[Any]) -> str:
+    """The text of a content-part array, its ``text`` parts joined with newlines
+    (as vLLM renders them for templates that take string content).
+
+    Raises:
+        ValueError: a part that is not ``{"type": "text", "text": str}`` (named).
+    """
+    texts = []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"type {kind!r}" if isinstance(kind, str) else "no string 'type'"
+            raise ValueError(f"content[{i}] has {what}; only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                             "are supported")
+        if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise ValueError(f"content[{i}] must be {{\"type\": \"text\", \"text\": <string>}}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 class ChatMessage(StrictRequestModel):
-    """A chat message; ``content`` may be a string or a list of text parts."""
+    """A chat message, as OpenAI's API and vLLM take it.
 
-    role: Literal["system", "user", "assistant"]
+    ``role``: ``system``, ``developer`` (OpenAI's newer name for ``system``, given
+    to the chat template as ``system``), ``user``, ``assistant`` or ``tool`` (a
+    tool's result, with the ``tool_call_id`` it answers). ``content``: a string,
+    an array of text parts (joined with newlines, as vLLM does), or null (empty).
+    An assistant message may carry the ``tool_calls`` it made; every message may
+    carry a ``name``. All of it reaches the chat template, which renders what it
+    knows of.
+    """
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | None = None
     name: Text | None = None
+    tool_call_id: Text | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, v: Any) -> Any:
-        # OpenAI clients may send [{"type": "text", "text": "..."}]; only text is supported.
-        if isinstance(v, list):
-            parts = [ContentPart.model_validate(p) for p in v]
-            return "".join(p.text for p in parts)
-        return v
+        return _text_of_parts(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the id of the tool call it answers)")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError(f"tool_call_id belongs to tool messages, not to a {self.role} message")
+        if self.role != "assistant" and self.tool_calls is not None:
+            raise ValueError(f"tool_calls belongs to assistant messages, not to a {self.role} message")
+        return self
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates take it (Hugging Face's conversation format):
+        ``developer`` becomes ``system``, null content ``""``, and each tool call's
+        ``arguments`` a dict (parsed from its JSON; ``{}`` when it is not a JSON
+        object, as vLLM does), since templates render them with ``tojson``."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:  # an empty list keeps templates on the plain assistant path
+            out["tool_calls"] = [{"id": c.id, "type": c.type,
+                                  "function": {"name": c.function.name,
+                                               "arguments": _json_arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        return out
+
+
+def _json_arguments(arguments: str) -> Any:
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, (dict, list)) else {}
+
+
+def chat_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """``messages`` as the chat template wants them (see :meth:`ChatMessage.template_dict`)."""
+    return [m.template_dict() for m in messages]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -353,9 +454,9 @@ class ChatCompletionRequest(SamplingFields):
     def max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        """Messages as the chat template wants them (``content`` None becomes "")."""
-        return [{"role": m.role, "content": m.content or ""} for m in self.messages]
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """Messages as the chat template wants them (see :meth:`ChatMessage.template_dict`)."""
+        return chat_template_messages(self.messages)
 
 
 class TokenizeRequest(StrictRequestModel):
@@ -523,6 +624,10 @@ class ModelCard(OpenAIBaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "ember"
+    # vLLM's fields: ``root`` is the served model's path, ``parent`` the model it
+    # adapts (null: no adapters are served).
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
 
 

@@ -5,7 +5,9 @@ chunk with ``delta.role = "assistant"``, then one chunk per engine step and choi
 with new text in ``delta.content`` (and its tokens' ``logprobs``), and for each
 choice a last chunk with an empty delta and ``finish_reason``; then an optional
 usage chunk (``stream_options.include_usage``; ``choices`` is empty there, the
-completion tokens sum the n choices), then ``[DONE]``. Every choice chunk carries
+completion tokens sum the n choices), then ``[DONE]``. With
+``stream_options.continuous_usage_stats`` every choice chunk carries ``usage``
+too: the prompt's tokens and the tokens its choice generated so far. Every choice chunk carries
 its ``index``. Which tokens get log-probabilities: see
 :mod:`ember.entrypoints.openai.serving_completion`.
 
@@ -79,7 +81,8 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         if request.stream:
-            events = self._stream(request_id, first, rest, params, len(prompt_ids), request.include_usage)
+            events = self._stream(request_id, first, rest, params, len(prompt_ids), request.include_usage,
+                                  request.continuous_usage)
             return self.sse_response(request_id, events, rest)
         outputs = await final_outputs(first, rest)
         return ChatCompletionResponse(
@@ -111,9 +114,11 @@ class OpenAIServingChat(OpenAIServing):
         return ChatChoiceLogprobs(content=content)
 
     async def _stream(self, request_id: str, first: RequestOutput, rest: AsyncIterator[RequestOutput],
-                      params: SamplingParams, num_prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                      params: SamplingParams, num_prompt_tokens: int, include_usage: bool,
+                      continuous_usage: bool = False) -> AsyncIterator[str]:
         created = now()
         num_output_tokens = 0
+        choice_tokens = [0] * params.n  # per choice, for continuous usage
         previous_texts = [""] * params.n  # per choice, for the reasoning parser
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -127,8 +132,9 @@ class OpenAIServingChat(OpenAIServing):
                   stop_reason: Any = None, role: str | None = None, reasoning_content: str | None = None,
                   logprobs: ChatChoiceLogprobs | None = None) -> str:
             message = DeltaMessage(role=role, content=content, reasoning_content=reasoning_content)
+            usage = UsageInfo.of(num_prompt_tokens, choice_tokens[index]) if continuous_usage else None
             return chunk([ChatCompletionStreamChoice(index=index, delta=message, logprobs=logprobs,
-                                                     finish_reason=finish_reason, stop_reason=stop_reason)])
+                                                     finish_reason=finish_reason, stop_reason=stop_reason)], usage)
 
         for i in range(params.n):
             yield delta(i, role="assistant", content="")
@@ -136,6 +142,7 @@ class OpenAIServingChat(OpenAIServing):
         while out is not None:
             for c in out.outputs:
                 num_output_tokens += len(c.token_ids)
+                choice_tokens[c.index] += len(c.token_ids)
                 logprobs = self._logprobs(c, params)
                 if self.reasoning_parser is not None:
                     reasoning, content = self.reasoning_parser.extract_reasoning_streaming(

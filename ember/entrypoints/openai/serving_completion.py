@@ -27,7 +27,9 @@ which ends a completion without being part of its text (it still counts in
 that produced it stay in the log-probabilities although the string is cut from
 the text (as in vLLM). A token's text is the tokenizer's decoding of that one id
 (special tokens included); its ``bytes`` are its raw bytes (see
-:meth:`OpenAIServing.token_text`).
+:meth:`OpenAIServing.token_text`). A completion's ``text_offset`` counts only
+text the choice holds: a special token left out of the text
+(``skip_special_tokens``, the default) does not advance it.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def sse_event(payload: dict[str, Any]) -> str:
 
 
 def drop_null_usage(chunk: dict[str, Any]) -> dict[str, Any]:
-    """Stream chunks carry ``usage`` only in the last one (``stream_options.include_usage``)."""
+    """A stream chunk without ``usage`` leaves the field out (only the last chunk has
+    it with ``stream_options.include_usage``; every chunk with ``continuous_usage_stats``)."""
     if chunk.get("usage", 0) is None:
         del chunk["usage"]
     return chunk
@@ -192,6 +195,7 @@ class OpenAIServing:
         self.tokenizer: Any = getattr(engine, "tokenizer", None)
         # At most one entry per vocabulary id.
         self._token_texts: dict[int, tuple[str, list[int]]] = {}
+        self._special: dict[int, bool] = {}  # likewise
 
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
         """The text of one token and its raw bytes, for log-probabilities.
@@ -218,6 +222,16 @@ class OpenAIServing:
                 raw = None  # the spelling does not explain the decoded text: do not guess
         cached = self._token_texts[token_id] = (text, list(raw if raw is not None else text.encode()))
         return cached
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether decoding with ``skip_special_tokens`` drops ``token_id`` (a special
+        token such as ``<|im_end|>``), as the engine's detokenizer does."""
+        special = self._special.get(token_id)
+        if special is None:
+            special = self._special[token_id] = bool(
+                self.tokenizer is not None and self.token_text(token_id)[0]
+                and not self.tokenizer.decode([token_id], skip_special_tokens=True))
+        return special
 
     def sse_response(self, request_id: str, events: AsyncIterator[str], rest: AsyncIterator[Any]) -> SSEResponse:
         """The streaming answer: ``events`` wrapped by :func:`guarded_stream`."""
@@ -271,6 +285,10 @@ class OpenAIServing:
         try:
             params = self.engine.input_processor.check(prompt_ids, params)
         except ValueError as e:
+            field = str(e).split(" ", 1)[0].removesuffix(":")
+            if field != field_of(prompt_param) and field in type(request).model_fields:
+                # A sampling field's token id outside the vocabulary (``stop_token_ids``).
+                raise APIError(str(e), param=field) from e
             raise APIError(at_location(str(e), prompt_param), param=field_of(prompt_param)) from e
         n = len(prompt_ids)
         if max_tokens is not None and n + max_tokens > self.max_model_len:
@@ -469,7 +487,7 @@ class OpenAIServingCompletion(OpenAIServing):
         merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
                                        for p, engine_id in zip(prompts, engine_ids, strict=True)])
         if request.stream:
-            events = self._stream(request_id, prompts, merged, request.include_usage)
+            events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage)
             return self.sse_response(request_id, events, merged)
         finals: list[RequestOutput | None] = [None for _ in prompts]
         try:
@@ -504,7 +522,9 @@ class OpenAIServingCompletion(OpenAIServing):
             return None
         first = self.token_text(p.ids[0])[0]
         head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
-        rest, _ = self.completion_logprobs(out.prompt_logprobs[1:], p.params.prompt_logprobs, len(first))
+        # The echoed prompt keeps its special tokens, so each token advances the offset.
+        rest, _ = self.completion_logprobs(out.prompt_logprobs[1:], p.params.prompt_logprobs, len(first),
+                                           skip_special_tokens=False)
         return head.merged_with(rest)
 
     async def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
@@ -532,13 +552,13 @@ class OpenAIServingCompletion(OpenAIServing):
         logprobs = None
         if params.logprobs is not None:
             logprobs, text_offset = self.completion_logprobs(reported_logprobs(c, params), params.logprobs,
-                                                             text_offset)
+                                                             text_offset, params.skip_special_tokens)
         choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=logprobs,
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         return choice, text_offset
 
-    def completion_logprobs(self, entries: list[SampleLogprob], num_top: int,
-                            text_offset: int) -> tuple[CompletionLogprobs, int]:
+    def completion_logprobs(self, entries: list[SampleLogprob], num_top: int, text_offset: int,
+                            skip_special_tokens: bool) -> tuple[CompletionLogprobs, int]:
         """Legacy-completions ``logprobs`` of ``entries`` (see :class:`CompletionLogprobs`).
 
         ``top_logprobs[i]`` holds the ``num_top`` most likely tokens and the chosen
@@ -547,6 +567,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
         Args:
             text_offset: the character offset of the first entry's token.
+            skip_special_tokens: whether the choice's text leaves special tokens out
+                (then they do not advance the offset: it counts only text the choice holds).
 
         Returns:
             The logprobs, and the offset just after the last token.
@@ -562,17 +584,22 @@ class OpenAIServingCompletion(OpenAIServing):
             out.token_logprobs.append(finite_logprob(e.logprob))
             out.top_logprobs.append(top)
             out.text_offset.append(text_offset)
-            text_offset += len(text)
+            if not (skip_special_tokens and self.is_special(e.token_id)):
+                text_offset += len(text)
         return out, text_offset
 
     async def _stream(self, request_id: str, prompts: list[_Prompt], merged: MergedOutputs,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
         created = now()
         n = prompts[0].params.n
         num_output_tokens = 0
         text_offsets = [len(p.echo) for p in prompts for _ in range(n)]  # per choice
+        choice_tokens = [0] * (len(prompts) * n)  # per choice, for continuous usage
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+            if continuous_usage and choices:  # the running counts of the chunk's choice
+                (choice,) = choices
+                usage = UsageInfo.of(len(prompts[choice.index // n].ids), choice_tokens[choice.index])
             return sse_event(drop_null_usage(CompletionResponse(
                 id=request_id, created=created, model=self.model_name, choices=choices, usage=usage).model_dump()))
 
@@ -585,6 +612,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for c in out.outputs:
                 index = i * n + c.index
                 num_output_tokens += len(c.token_ids)
+                choice_tokens[index] += len(c.token_ids)
                 choice, text_offsets[index] = self._choice(c, prompts[i].params, "", text_offsets[index], index)
                 if c.text or c.finish_reason is not None or (choice.logprobs is not None and choice.logprobs.tokens):
                     yield chunk([choice])
