@@ -21,7 +21,7 @@ from tests.entrypoints.test_protocol import MODEL, EchoEngine
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 
 
-def test_api_key_required_on_v1_only() -> None:
+def test_api_key_required_except_on_probes() -> None:
     client = TestClient(build_app(EchoEngine(), api_key="s3cret"), raise_server_exceptions=False)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         resp = client.post("/v1/completions", json=BODY, headers=headers)
