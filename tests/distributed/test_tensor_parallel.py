@@ -11,15 +11,14 @@ waits more than ``_TIMEOUT_S``.
 
 from __future__ import annotations
 
-import json
-import traceback
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed.ranks import run_ranks
+from tests.distributed.ranks import run_checks_on_rank, run_ranks
 
 WORLD = 2
 _TIMEOUT_S = 90
@@ -232,33 +231,18 @@ CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_"
 
 
 def _rank_main(rank: int, init_file: str, out_dir: str, backend: str) -> None:
-    from ember.distributed.parallel_state import (destroy_distributed_environment, get_tp_rank, get_tp_size,
-                                                  init_distributed_environment)
+    from ember.distributed.parallel_state import get_tp_rank, get_tp_size
 
-    torch.set_num_threads(1)
-    results: dict[str, str] = {}
-    try:
-        init_distributed_environment(rank, WORLD, backend=backend, init_method=f"file://{init_file}",
-                                     timeout_s=_TIMEOUT_S / 2)
+    def setup() -> None:
         assert (get_tp_rank(), get_tp_size()) == (rank, WORLD)
         if backend == "nccl":
             torch.set_default_device(torch.device("cuda", rank))
             # float32 products as float32 (no TF32), for the tight tolerance.
             torch.backends.cuda.matmul.allow_tf32 = False
-        # Every rank runs every check in the same order: a check that fails
-        # on one rank before a collective fails on the other by the timeout.
-        for name, fn in CHECKS.items():
-            try:
-                fn(rank)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    except Exception:
-        results["init"] = traceback.format_exc()
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        destroy_distributed_environment()
-        assert get_tp_size() == 1
+
+    run_checks_on_rank(rank, WORLD, init_file, out_dir, {name: partial(fn, rank) for name, fn in CHECKS.items()},
+                       backend=backend, timeout_s=_TIMEOUT_S, setup=setup)
+    assert get_tp_size() == 1
 
 
 # ------------------------------------------------------------------ test side

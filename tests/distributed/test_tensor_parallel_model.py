@@ -14,14 +14,14 @@ layers follow the process group.
 from __future__ import annotations
 
 import json
-import traceback
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.distributed.ranks import run_ranks
+from tests.distributed.ranks import run_checks_on_rank, run_ranks
 from tests.models.tiny import TOKENIZER_VOCAB, hf_prefill_logits, make_prompts, randomize_norms_, save_tiny
 
 pytestmark = pytest.mark.slow
@@ -30,40 +30,30 @@ _TIMEOUT_S = 120
 KV_HEADS = (2, 1)
 
 
-def _rank_main(rank: int, init_file: str, work: str) -> None:
-    from ember.distributed.parallel_state import destroy_distributed_environment, init_distributed_environment
+def _check_model(work: str, name: str) -> None:
+    """The checkpoint ``work/name`` on this rank: its shard of qkv, and the
+    prompt logits against HF's on the unsplit model."""
     from ember.engine.arg_utils import EngineArgs
     from ember.worker.model_runner import ModelRunner
 
-    torch.set_num_threads(1)
-    results: dict[str, str] = {}
-    try:
-        init_distributed_environment(rank, WORLD, backend="gloo", init_method=f"file://{init_file}",
-                                     timeout_s=_TIMEOUT_S / 2)
-        prompts = json.loads(Path(work, "prompts.json").read_text())
-        for kv in KV_HEADS:
-            name = f"kv{kv}"
-            try:
-                config = EngineArgs(model=str(Path(work, name)), device="cpu", dtype="float32", block_size=4,
-                                    kv_cache_memory=1 << 20, enforce_eager=True).create_engine_config()
-                runner = ModelRunner(config)
-                runner.load_model()
-                # Really split: this rank's qkv rows are 2 of the 4 query heads and
-                # one KV head (its own, or the replicated single one) of k and v.
-                qkv = runner.model.model.layers[0].self_attn.qkv_proj.weight
-                assert qkv.shape == ((2 + 2 * 1) * 16, 64), qkv.shape
-                runner.initialize_kv_cache(64)
-                refs = torch.load(Path(work, f"{name}.pt"))
-                for prompt, ref in zip(prompts, refs):
-                    torch.testing.assert_close(runner.compute_prompt_logits(prompt), ref, atol=1e-4, rtol=1e-4)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    except Exception:
-        results["init"] = traceback.format_exc()
-    finally:
-        Path(work, f"rank{rank}.json").write_text(json.dumps(results))
-        destroy_distributed_environment()
+    prompts = json.loads(Path(work, "prompts.json").read_text())
+    config = EngineArgs(model=str(Path(work, name)), device="cpu", dtype="float32", block_size=4,
+                        kv_cache_memory=1 << 20, enforce_eager=True).create_engine_config()
+    runner = ModelRunner(config)
+    runner.load_model()
+    # Really split: this rank's qkv rows are 2 of the 4 query heads and
+    # one KV head (its own, or the replicated single one) of k and v.
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.shape == ((2 + 2 * 1) * 16, 64), qkv.shape
+    runner.initialize_kv_cache(64)
+    refs = torch.load(Path(work, f"{name}.pt"))
+    for prompt, ref in zip(prompts, refs):
+        torch.testing.assert_close(runner.compute_prompt_logits(prompt), ref, atol=1e-4, rtol=1e-4)
+
+
+def _rank_main(rank: int, init_file: str, work: str) -> None:
+    checks = {f"kv{kv}": partial(_check_model, work, f"kv{kv}") for kv in KV_HEADS}
+    run_checks_on_rank(rank, WORLD, init_file, work, checks, timeout_s=_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
