@@ -63,11 +63,5 @@ class Executor(ABC):
     def num_in_flight(self) -> int:
         """Steps launched and not yet collected."""
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step to completion (nothing else may be in flight)."""
-        assert self.num_in_flight == 0, "execute_model with a step in flight"
-        self.launch(sched)
-        return self.collect()
-
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""

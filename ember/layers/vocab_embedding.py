@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel_state import get_tp_group, get_tp_rank, get_tp_size
-from ember.layers.linear import UnquantizedLinearMethod, _copy_checked
+from ember.layers.linear import UnquantizedLinearMethod, _copy_checked, output_dim
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 
 
@@ -78,7 +78,7 @@ class VocabParallelEmbedding(nn.Module):
         Raises:
             ValueError: a shape that does not match.
         """
-        dim = getattr(param, "output_dim", 0)
+        dim = output_dim(param)
         if loaded.shape[dim] != self.num_embeddings:
             raise ValueError(f"{self.prefix}: checkpoint has {loaded.shape[dim]} rows, expected {self.num_embeddings}")
         start = min(self.vocab_start_index, self.num_embeddings)

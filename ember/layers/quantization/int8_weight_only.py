@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.layers.linear import LinearBase, UnquantizedLinearMethod
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 
 INT8_MAX = 127
@@ -58,8 +59,8 @@ class Int8WeightOnlyLinearMethod(LinearMethodBase):
                        params_dtype: torch.dtype) -> None:
         # The checkpoint's floating-point weight is loaded as the unquantized
         # layer's would be (same shape, same sharding), then quantized.
-        weight = torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype)
-        layer.weight = nn.Parameter(weight, requires_grad=False)
+        UnquantizedLinearMethod().create_weights(layer, input_size_per_partition, output_partition_sizes,
+                                                 input_size, output_size, params_dtype)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Quantize ``layer.weight`` and drop it (its memory is freed)."""
@@ -98,6 +99,4 @@ class Int8WeightOnlyConfig(QuantizationConfig):
         return cls()
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
-        from ember.layers.linear import LinearBase
-
         return Int8WeightOnlyLinearMethod() if isinstance(layer, LinearBase) else None
