@@ -55,7 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
 from ember.engine.core_client import EngineDeadError, EngineLoadingError, EngineOverloadedError
-from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
+from ember.entrypoints.openai.input_limits import check_prompt_chars, messages_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -397,7 +397,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         max_model_len = engine.model_config.max_model_len
         if request.messages is not None:
             messages = chat_template_messages(request.messages)
-            location, num_chars = "messages", sum(len(m["content"]) for m in messages)
+            location, num_chars = "messages", messages_chars(messages)
 
             def encode() -> list[int]:
                 return engine.input_processor.apply_chat_template(messages)

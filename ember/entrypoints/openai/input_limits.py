@@ -43,6 +43,12 @@ def max_prompt_chars(max_model_len: int) -> int:
     return max_model_len * MAX_CHARS_PER_TOKEN
 
 
+def messages_chars(messages: list[dict]) -> int:
+    """Characters of text in chat messages as the template gets them (their
+    ``content`` strings): what :func:`check_prompt_chars` bounds for a chat."""
+    return sum(len(m["content"]) for m in messages)
+
+
 def check_prompt_chars(num_chars: int, max_model_len: int, location: str) -> None:
     """Refuse a prompt text of ``num_chars`` characters that is too long to fit
     ``max_model_len`` tokens, without tokenizing it.

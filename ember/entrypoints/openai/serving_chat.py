@@ -36,6 +36,7 @@ from ember.entrypoints.openai.protocol import (
     now,
     random_id,
 )
+from ember.entrypoints.openai.input_limits import messages_chars
 from ember.entrypoints.openai.serving_completion import (
     OpenAIServing,
     SSEResponse,
@@ -76,7 +77,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         messages = request.message_dicts()
         prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
-                                         "messages", sum(len(m["content"]) for m in messages))
+                                         "messages", messages_chars(messages))
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
