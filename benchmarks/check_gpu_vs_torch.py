@@ -30,7 +30,7 @@ def run(model: str, layers: int, backend: str | None, eager: bool, prompts: list
 
         for module in runner.model.modules():
             if isinstance(module, FusedMoE):
-                module.impl = get_fused_moe_impl("torch")
+                module.quant_method.impl = get_fused_moe_impl("torch")
     logits = runner.compute_prompt_logits(prompts[0]).float().cpu()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outs]
