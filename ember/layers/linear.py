@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel_state import get_tp_group, get_tp_rank, get_tp_size
-from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
+from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig, quant_method_for
 
 
 class UnquantizedLinearMethod(LinearMethodBase):
@@ -88,8 +88,7 @@ class LinearBase(nn.Module):
         self.in_features, self.out_features = input_size_per_partition, sum(output_partition_sizes)
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.prefix = prefix
-        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
-        self.quant_method: LinearMethodBase = method if method is not None else UnquantizedLinearMethod()
+        self.quant_method: LinearMethodBase = quant_method_for(quant_config, self, prefix, UnquantizedLinearMethod)
         self.quant_method.create_weights(self, input_size_per_partition, self.output_partition_sizes, input_size,
                                          output_size, self.params_dtype)
         self.bias = (nn.Parameter(torch.empty(self._bias_size(), dtype=self.params_dtype), requires_grad=False)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ember.distributed.parallel_state import get_tp_group, get_tp_rank, get_tp_size
 from ember.layers.linear import UnquantizedLinearMethod, _copy_checked, output_dim
-from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
+from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig, quant_method_for
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -50,11 +50,10 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.params_dtype = dtype or torch.get_default_dtype()
-        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
-        if method is not None and not self._accepts_quantized:
+        self.quant_method: LinearMethodBase = quant_method_for(quant_config, self, prefix, UnquantizedLinearMethod)
+        if not isinstance(self.quant_method, UnquantizedLinearMethod) and not self._accepts_quantized:
             raise ValueError(f"{prefix}: the token embedding cannot take quantization method "
-                             f"{type(method).__name__}")
-        self.quant_method: LinearMethodBase = method if method is not None else UnquantizedLinearMethod()
+                             f"{type(self.quant_method).__name__}")
         self.quant_method.create_weights(self, embedding_dim, [self.num_embeddings_per_partition], embedding_dim,
                                          self.num_embeddings_padded, self.params_dtype)
         if self.num_embeddings_padded != num_embeddings:  # padding rows stay zero

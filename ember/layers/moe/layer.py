@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ember.distributed.parallel_state import get_tp_rank, get_tp_size
-from ember.layers.quantization.base import QuantizationConfig
+from ember.layers.quantization.base import QuantizationConfig, quant_method_for
 from ember.utils import resolve_lazy
 
 # fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> [num_tokens, hidden]
@@ -109,8 +109,7 @@ class FusedMoE(nn.Module):
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.num_experts, self.hidden_size, self.prefix = num_experts, hidden_size, prefix
         self.intermediate_size = intermediate_size // self.tp_size
-        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
-        self.quant_method = method if method is not None else UnquantizedFusedMoEMethod()
+        self.quant_method = quant_method_for(quant_config, self, prefix, UnquantizedFusedMoEMethod)
         self.quant_method.create_weights(self, num_experts, hidden_size, self.intermediate_size, dtype)
         self.cuda_graph_safe = getattr(self.quant_method, "cuda_graph_safe", False)
 

@@ -13,7 +13,8 @@ The design follows vLLM's ``QuantizationConfig`` / ``LinearMethodBase``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +49,18 @@ class LinearMethodBase(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [num_tokens, K] (activation dtype) -> ``x @ W.T + bias``
         [num_tokens, N] in ``x``'s dtype."""
+
+
+M = TypeVar("M")
+
+
+def quant_method_for(quant_config: QuantizationConfig | None, layer: nn.Module, prefix: str,
+                     default: Callable[[], M]) -> Any:
+    """The method a layer holds: ``quant_config``'s for ``layer`` (checkpoint
+    name ``prefix``), or ``default()`` when there is no config or it leaves the
+    layer unquantized."""
+    method = quant_config.get_quant_method(layer, prefix) if quant_config is not None else None
+    return method if method is not None else default()
 
 
 class QuantizationConfig(ABC):
