@@ -21,6 +21,49 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output, enforced token by token with a
+    grammar engine (xgrammar): exactly one of the fields is set.
+
+    Attributes:
+        json: a JSON schema (dict or its JSON text); the output is one JSON
+            value valid against it.
+        json_object: True for any one JSON object (OpenAI's ``json_object``).
+        regex: the output matches this regular expression in full.
+        choice: the output is exactly one of these strings.
+        grammar: an EBNF grammar (GBNF / xgrammar's EBNF dialect, start rule
+            ``root``); the output is a sentence of it.
+
+    Raises:
+        ValueError: none or more than one constraint set, or a field of the
+            wrong type (the message names it).
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        set_fields = [name for name in ("json", "regex", "choice", "grammar")
+                      if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(set_fields) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, json_object, regex, choice, "
+                             f"grammar; got {set_fields or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (object or string), got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r}")
+
+
 _GREEDY_EPS = 1e-5
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -72,6 +115,9 @@ class SamplingParams:
             most likely allowed token. Log-probabilities stay those of the
             raw distribution. Applied through the sampler's logits-processor
             seam (:mod:`ember.sample.logits_processor`).
+        structured_outputs: None, or a :class:`StructuredOutputsParams`
+            constraint (JSON schema, regex, choice or grammar) the output
+            must satisfy, applied through the logits-processor seam.
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: drop special tokens from the detokenized text.
         output_kind: see :class:`RequestOutputKind`.
@@ -99,6 +145,7 @@ class SamplingParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
