@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from ember.utils import INT64_MAX, INT64_MIN, check_text, is_int
@@ -67,6 +68,8 @@ class StructuredOutputsParams:
 _GREEDY_EPS = 1e-5
 MAX_N = 128
 MAX_LOGPROBS = 20
+# OpenAI's range for one logit_bias value; -100 bans a token for any model in practice.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -88,8 +91,13 @@ class SamplingParams:
             ``seed + i`` wraps around within that range.
         max_tokens: maximum number of generated tokens, in [1, 2**63); None means
             "up to the context window" (generation never runs past it anyway).
+        min_tokens: generate at least this many tokens before an EOS token or
+            one of ``stop_token_ids`` may be sampled (their logits are -inf
+            until then) and before a stop string is looked for; in
+            [0, max_tokens].
         stop: strings that end generation; the matched string is not in the
-            text. Non-empty Unicode text (no lone surrogates).
+            text (unless ``include_stop_str_in_output``). Non-empty Unicode
+            text (no lone surrogates).
         stop_token_ids: token ids that end generation (finish reason ``stop``),
             in [0, 2**63).
         presence_penalty: subtracted once from the logit of every token already
@@ -118,8 +126,29 @@ class SamplingParams:
         structured_outputs: None, or a :class:`StructuredOutputsParams`
             constraint (JSON schema, regex, choice or grammar) the output
             must satisfy, applied through the logits-processor seam.
+        logit_bias: None, or token id -> bias added to that token's logit
+            before sampling (OpenAI's ``logit_bias``): ids in [0, vocab_size),
+            biases real numbers in [-100, 100]; -100 in practice bans the
+            token, +100 in practice forces it. Log-probabilities stay those of
+            the raw distribution.
+        bad_words: None, or words that must not be generated (non-empty
+            Unicode text). Each word is tokenized twice, as is (less leading
+            spaces) and after one space, and a word's last token is banned
+            (-inf) at every position where the output's last tokens equal the
+            word's other tokens; a one-token word is banned everywhere.
+        include_stop_str_in_output: keep the stop string that ended the text
+            in it (and the text of a final stop token: EOS, ``stop_token_ids``;
+            a special token still only with ``skip_special_tokens`` off).
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: drop special tokens from the detokenized text.
+        spaces_between_special_tokens: with ``skip_special_tokens`` off,
+            False joins a special token to a special token just before it
+            without the space some tokenizers' decoders put between them
+            (WordPiece); True keeps the tokenizer's own decoding.
+        truncate_prompt_tokens: None, or k >= 1: keep only the prompt's last k
+            tokens (the first ones are dropped before anything else checks
+            the prompt); -1: keep the last ones that leave room for
+            ``max_tokens`` (at least one token) in the context window.
         output_kind: see :class:`RequestOutputKind`.
 
     Integers are bounded by the int64 range at most, as the engine core's wire
@@ -149,8 +178,17 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
     # Filled in by the engine: the model's EOS token ids (not user-settable).
     _eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
+    # Filled in by the engine from ``bad_words`` (its tokenizer): the banned
+    # token sequences (not user-settable).
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -159,7 +197,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if isinstance(self.allowed_token_ids, (tuple, set, frozenset)):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         self._verify()
+        self._verify_extras()
 
     def _verify(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -221,15 +262,51 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
 
+    def _verify_extras(self) -> None:
+        """min_tokens, logit_bias, bad_words, truncate_prompt_tokens and the flags."""
+        if not is_int(self.min_tokens, 0, INT64_MAX):
+            raise ValueError(f"min_tokens must be an integer in [0, 2**63), got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be None or a dict of token id -> bias, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                if not is_int(token, 0, INT64_MAX):
+                    raise ValueError(f"logit_bias keys must be token ids in [0, 2**63), got {token!r}")
+                if (isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias)
+                        or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                    raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} "
+                                     f"for token {token}")
+        if self.bad_words is not None:
+            if not (isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip()
+                                                              for w in self.bad_words)):
+                raise ValueError(f"bad_words must be None or a list of words (strings with a non-space "
+                                 f"character), got {self.bad_words!r}")
+            for w in self.bad_words:
+                check_text(w, "bad_words")
+        if self.truncate_prompt_tokens is not None and not (
+                self.truncate_prompt_tokens == -1 or is_int(self.truncate_prompt_tokens, 1, INT64_MAX)):
+            raise ValueError(f"truncate_prompt_tokens must be None, -1 or an integer >= 1, "
+                             f"got {self.truncate_prompt_tokens!r}")
+        for name in ("include_stop_str_in_output", "spaces_between_special_tokens", "skip_special_tokens",
+                     "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
     def check_vocab(self, vocab_size: int) -> None:
         """Check the token ids that must lie in the model's vocabulary.
 
         Raises:
-            ValueError: an ``allowed_token_ids`` entry is not below ``vocab_size``.
+            ValueError: an ``allowed_token_ids`` entry or a ``logit_bias`` key
+                is not below ``vocab_size`` (the message starts with the field).
         """
         bad = [t for t in self.allowed_token_ids or () if t >= vocab_size]
         if bad:
             raise ValueError(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        bad = [t for t in self.logit_bias or () if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:

@@ -28,8 +28,9 @@ computes the token in flight (the runner feeds it on the device). A request
 whose last allowed token is in flight is not scheduled again; one that stops on
 a stop token in flight is computed once more and that token dropped. A request
 preempted with a token in flight gets that token while it waits (it is known
-before the request can resume). Only penalties need the token in flight on the
-host (:meth:`Scheduler.can_schedule_ahead`). Draft tokens (``Request.spec_token_ids``)
+before the request can resume). Only penalties and logits processors that read
+the output (bad words) need the token in flight on the host
+(:meth:`Scheduler.can_schedule_ahead`). Draft tokens (``Request.spec_token_ids``)
 are scheduled after a request's last token like any other tokens; the step
 returns the accepted ones and ``num_computed_tokens`` goes back over the rest.
 
@@ -66,6 +67,7 @@ from ember.core.stats import SchedulerStats
 from ember.logger import init_logger
 from ember.outputs import SampleLogprob
 from ember.request import Request, RequestStatus
+from ember.sample.logits_processor import reads_output_history
 from ember.sample.penalties import uses_penalty
 
 logger = init_logger(__name__)
@@ -120,7 +122,8 @@ class Scheduler:
         # flight -> how many such steps: their results are dropped, and a new
         # request with the same id waits until they are all in.
         self._finished_in_flight: dict[str, int] = {}
-        # Ids of unfinished requests that use penalties.
+        # Ids of unfinished requests that use penalties (or a logits processor
+        # that reads the output tokens).
         self._penalized: set[str] = set()
 
     # ------------------------------------------------------------------ queue
@@ -130,7 +133,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         request.waiting_since = self._clock()
         self.policy.add_waiting(request)
-        if uses_penalty(request.sampling_params):
+        if uses_penalty(request.sampling_params) or reads_output_history(request.sampling_params):
             self._penalized.add(request.request_id)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
@@ -168,8 +171,8 @@ class Scheduler:
 
     def can_schedule_ahead(self) -> bool:
         """Whether the next step may be scheduled before the steps in flight
-        are updated: False while a request that uses penalties has a token in
-        flight (its logits need that token on the host)."""
+        are updated: False while a request that uses penalties (or bad words)
+        has a token in flight (its logits need that token on the host)."""
         return not any(self.requests[r].num_output_placeholders for r in self._penalized)
 
     def get_num_unfinished_requests(self) -> int:
@@ -470,7 +473,9 @@ class Scheduler:
         return stale
 
     def _check_stop(self, req: Request, token: int) -> None:
-        if token in req.stop_token_ids:
+        # NOTE: the sampler bans stop tokens within min_tokens; this guards
+        # rows whose every other token was masked too.
+        if token in req.stop_token_ids and req.num_output_tokens > req.sampling_params.min_tokens:
             req.status = RequestStatus.FINISHED_STOPPED
             if token in req.sampling_params.stop_token_ids:
                 req.stop_reason = token

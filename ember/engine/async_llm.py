@@ -141,7 +141,8 @@ class AsyncLLM(EngineFrontEnd):
             raise EngineLoadingError("the model is still loading; retry in a few seconds")
         priority = 0 if priority is None else priority
         check_priority_and_salt(priority, cache_salt)
-        ids = self.input_processor.tokenize(prompt)
+        ids = self.input_processor.truncate(self.input_processor.tokenize(prompt),
+                                            sampling_params.truncate_prompt_tokens, sampling_params.max_tokens)
         self.input_processor.check(ids, sampling_params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -30,21 +30,40 @@ class IncrementalDetokenizer:
             getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer)
         self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
         self.stop = list(params.stop or [])
-        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self.include_stop = params.include_stop_str_in_output
+        self._hold = 0 if self.include_stop else max((len(s) for s in self.stop), default=1) - 1
+        self.min_tokens = params.min_tokens
+        self.num_tokens = 0
+        self._stop_from = 0  # text before this offset belongs to the first min_tokens tokens
+        # Added tokens' contents by id, when consecutive ones must not be spaced.
+        self._added: dict[int, str] | None = None
+        self._last_added = False
+        if self._tokenizer is not None and not (params.skip_special_tokens or params.spaces_between_special_tokens):
+            self._added = {i: t.content for i, t in self._tokenizer.get_added_tokens_decoder().items()}
         self.output_text = ""
         self._sent = 0
 
     def update(self, token_ids: list[int]) -> str | None:
         """Add tokens; returns the stop string if one now appears in the text
-        (the text is cut just before it)."""
+        (the text is cut just before it, or just after it with
+        ``include_stop_str_in_output``)."""
         if self._tokenizer is None:
             return None
         for tid in token_ids:
             before = len(self.output_text)
             piece = self._stream.step(self._tokenizer, tid)
+            if self._added is not None:
+                content = self._added.get(tid)
+                if content is not None and self._last_added:
+                    piece = content
+                self._last_added = content is not None
+            self.num_tokens += 1
             if piece:
                 self.output_text += piece
-                stop = self._find_stop(before)
+                if self.num_tokens <= self.min_tokens:
+                    self._stop_from = len(self.output_text)
+                    continue
+                stop = self._find_stop(max(before, self._stop_from))
                 if stop is not None:
                     return stop
         return None
@@ -52,16 +71,15 @@ class IncrementalDetokenizer:
     def _find_stop(self, new_text_start: int) -> str | None:
         if not self.stop:
             return None
-        # A stop string may begin up to len(stop) - 1 characters before the new text.
-        search_from = max(0, new_text_start - self._hold)
         best: tuple[int, str] | None = None
         for s in self.stop:
-            i = self.output_text.find(s, search_from)
+            # A stop string ending in the new text begins at most len(s) - 1 characters before it.
+            i = self.output_text.find(s, max(0, new_text_start - len(s) + 1))
             if i != -1 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
             return None
-        self.output_text = self.output_text[: best[0]]
+        self.output_text = self.output_text[: best[0] + (len(best[1]) if self.include_stop else 0)]
         return best[1]
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:

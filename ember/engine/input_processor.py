@@ -88,19 +88,71 @@ class InputProcessor:
         # The template already contains the special tokens (BOS, role markers).
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def truncate(self, prompt_token_ids: list[int], truncate_prompt_tokens: int | None,
+                 max_tokens: int | None) -> list[int]:
+        """The prompt as ``truncate_prompt_tokens`` cuts it
+        (``SamplingParams.truncate_prompt_tokens``): its last k tokens (all of
+        them when it is shorter), or with -1 its last ``max_model_len -
+        max_tokens`` (``max_tokens`` None counting as 1); None keeps it whole.
+
+        Raises:
+            ValueError: k is greater than ``max_model_len`` (the message starts
+                with ``truncate_prompt_tokens``).
+        """
+        k = truncate_prompt_tokens
+        if k is None:
+            return prompt_token_ids
+        max_len = self.model_config.max_model_len
+        if k == -1:
+            k = max(1, max_len - (max_tokens or 1))
+        elif k > max_len:
+            raise ValueError(f"truncate_prompt_tokens ({k}) is greater than the context window of {max_len} "
+                             "tokens (max_model_len); select a smaller truncation size")
+        return prompt_token_ids[-k:] if len(prompt_token_ids) > k else prompt_token_ids
+
+    def bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """The token sequences ``bad_words`` bans: each word tokenized as is
+        (less leading spaces) and after one space (a word inside text), the
+        two kept when they differ; no special tokens added.
+
+        Raises:
+            ValueError: no tokenizer, or a word that tokenizes to nothing or
+                to ids outside the vocabulary (the message starts with
+                ``bad_words``).
+        """
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer (this engine runs without one: skip_tokenizer_init)")
+        vocab = self.model_config.vocab_size
+        sequences: list[list[int]] = []
+        for word in bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if not ids:
+                    raise ValueError(f"bad_words: {word!r} tokenizes to no tokens")
+                if any(not 0 <= t < vocab for t in ids):
+                    raise ValueError(f"bad_words: {word!r} tokenizes to ids outside the vocabulary [0, {vocab})")
+                if ids not in sequences:
+                    sequences.append(ids)
+        return sequences
+
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Validate length limits and attach the model's EOS ids to ``params``.
+        """Validate length limits and attach the model's EOS ids (and the
+        token sequences of ``bad_words``) to ``params``.
 
         Raises:
             ValueError: the prompt leaves no room for output in the context
-                window, or an ``allowed_token_ids`` or ``stop_token_ids`` entry is
-                outside the vocabulary (the message then starts with the field's name).
+                window, an ``allowed_token_ids``, ``logit_bias`` or
+                ``stop_token_ids`` entry is outside the vocabulary, or a bad
+                word cannot be tokenized (the message then starts with the
+                field's name).
         """
         vocab = self.model_config.vocab_size
         params.check_vocab(vocab)
         bad = [t for t in params.stop_token_ids or () if t >= vocab]
         if bad:
             raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.bad_words:
+            params._bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
         max_len = self.model_config.max_model_len
         n = len(prompt_token_ids)
         if n >= max_len:

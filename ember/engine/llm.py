@@ -84,6 +84,8 @@ class LLM:
         params = _per_prompt(sampling_params, n, "sampling_params")
         priorities = _per_prompt(0 if priority is None else priority, n, "priority")
         salts = _per_prompt(cache_salt, n, "cache_salt")
+        token_lists = [engine.input_processor.truncate(ids, p.truncate_prompt_tokens, p.max_tokens)
+                       for ids, p in zip(token_lists, params)]
         for p, ids, prio, salt in zip(params, token_lists, priorities, salts):
             engine.input_processor.check(ids, p)
             check_priority_and_salt(prio, salt)

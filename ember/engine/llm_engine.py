@@ -139,6 +139,7 @@ class LLMEngine(EngineFrontEnd):
         """
         check_priority_and_salt(priority, cache_salt)
         ids = self.input_processor.tokenize(prompt_token_ids if prompt_token_ids is not None else prompt)
+        ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens, params.max_tokens)
         params = self.input_processor.check(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         self._submit(request_id, prompt if isinstance(prompt, str) else None, ids, params, arrival, priority,

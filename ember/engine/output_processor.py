@@ -148,8 +148,10 @@ class OutputProcessor:
             if out.prompt_logprobs is not None and state.prompt_logprobs is None:
                 state.prompt_logprobs = [None, *out.prompt_logprobs]
             finish, stop_reason = out.finish_reason, out.stop_reason
-            # NOTE: a stop token (EOS or stop_token_ids) ends the text without being part of it.
-            to_detok = out.new_token_ids[:-1] if finish == "stop" else out.new_token_ids
+            # NOTE: a stop token (EOS or stop_token_ids) ends the text without being part of
+            # it, unless include_stop_str_in_output.
+            to_detok = (out.new_token_ids[:-1] if finish == "stop" and not comp.detokenizer.include_stop
+                        else out.new_token_ids)
             stop_str = comp.detokenizer.update(to_detok)
             if stop_str is not None and finish is None:
                 finish, stop_reason = "stop", stop_str

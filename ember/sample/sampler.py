@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.sample.logits_processor import (LogitsProcessor, TokenMaskMetadata, apply_token_mask,
-                                           logits_processors_for, uses_logits_processor)
+from ember.sample.logits_processor import (LogitBiasMetadata, LogitsProcessor, TokenMaskMetadata,
+                                           apply_logit_bias, apply_token_mask, logits_processors_for,
+                                           uses_logits_processor)
 from ember.sample.logprobs import LogprobsMetadata, compute_logprobs
 from ember.sample.penalties import PenaltyMetadata, apply_penalties, uses_penalty
 from ember.sampling_params import SamplingParams
@@ -41,6 +42,8 @@ class SamplingMetadata:
         logprobs: None unless some row asks for log-probabilities.
         token_mask: None unless some row's logits processors constrain its
             next token (see :mod:`ember.sample.logits_processor`).
+        logit_bias: None unless some row's logits processors bias (or ban)
+            some of its tokens (``logit_bias``, ``min_tokens``, ``bad_words``).
     """
 
     temperature: torch.Tensor | None
@@ -55,6 +58,7 @@ class SamplingMetadata:
     use_top_p: bool = False
     use_min_p: bool = False
     token_mask: TokenMaskMetadata | None = None
+    logit_bias: LogitBiasMetadata | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device,
@@ -95,13 +99,13 @@ class SamplingMetadata:
                 raise ValueError("token_ids must be given when a row uses a penalty")
             penalties = PenaltyMetadata.build(params, token_ids, output_positions, device)
         logprobs = LogprobsMetadata.build(params, device) if any_logprobs else None
-        token_mask = None
+        token_mask = logit_bias = None
         if any_processor:
-            token_mask = _build_token_mask(params, output_positions, device, token_ids, vocab_size,
-                                           logits_processors)
+            token_mask, logit_bias = _build_processor_metadata(params, output_positions, device, token_ids,
+                                                               vocab_size, logits_processors)
         if all_greedy:
             return cls(None, None, None, None, True, [None] * len(params), penalties, logprobs,
-                       token_mask=token_mask)
+                       token_mask=token_mask, logit_bias=logit_bias)
         seeds = [None if p.seed is None else _mix(p.seed, pos) for p, pos in zip(params, output_positions)]
         floats = torch.tensor([[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
                                [p.min_p for p in params]], dtype=torch.float32).to(device, non_blocking=True)
@@ -117,23 +121,28 @@ class SamplingMetadata:
             use_top_p=any(p.top_p < 1 for p in sampled),
             use_min_p=any(p.min_p > 0 for p in sampled),
             token_mask=token_mask,
+            logit_bias=logit_bias,
         )
 
 
-def _build_token_mask(params: list[SamplingParams], output_positions: list[int], device: torch.device,
-                      token_ids: list[list[int]] | None, vocab_size: int | None,
-                      logits_processors: list[list[LogitsProcessor]] | None) -> TokenMaskMetadata | None:
+def _build_processor_metadata(params: list[SamplingParams], output_positions: list[int], device: torch.device,
+                              token_ids: list[list[int]] | None, vocab_size: int | None,
+                              logits_processors: list[list[LogitsProcessor]] | None
+                              ) -> tuple[TokenMaskMetadata | None, LogitBiasMetadata | None]:
     procs = logits_processors if logits_processors is not None else [logits_processors_for(p) for p in params]
     if not any(procs):
-        return None
+        return None, None
     if token_ids is None or vocab_size is None:
         raise ValueError("token_ids and vocab_size must be given when a row has a logits processor")
     # NOTE: as for penalties, a token still in flight (asynchronous
     # scheduling) is not in token_ids yet, so a processor that reads the
     # output history needs steps without one.
+    # (Its length is the output position all the same: processors that only
+    # count, such as min_tokens', need no such steps.)
     outputs = [token_ids[i][max(0, len(token_ids[i]) - output_positions[i]):] if procs[i] else []
                for i in range(len(params))]
-    return TokenMaskMetadata.build(procs, outputs, vocab_size, device)
+    return (TokenMaskMetadata.build(procs, outputs, vocab_size, device),
+            LogitBiasMetadata.build(procs, outputs, vocab_size, device))
 
 
 @dataclass(slots=True)
@@ -183,8 +192,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """``logits``: [num_rows, vocab] float32 raw logits (not modified).
 
-        Rows with logits processors first lose their disallowed tokens (-inf);
-        penalties apply next; greedy rows then take the
+        Rows with logits processors first lose their disallowed tokens (-inf)
+        and get their biases; penalties apply next; greedy rows then take the
         argmax of the penalized logits (as vLLM and HF do), the others are
         sampled after temperature and top-k/p/min-p. Log-probabilities come
         from the raw logits (before the processors' masks too).
@@ -192,6 +201,8 @@ class Sampler:
         raw = logits
         if meta.token_mask is not None:
             logits = apply_token_mask(logits, meta.token_mask)
+        if meta.logit_bias is not None:
+            logits = apply_logit_bias(logits, meta.logit_bias)
         if meta.penalties is not None:
             logits = apply_penalties(logits, meta.penalties)
         sampled = _argmax(logits)

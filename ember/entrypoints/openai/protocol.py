@@ -3,7 +3,9 @@
 Shapes follow OpenAI's API reference for ``/v1/completions`` and
 ``/v1/chat/completions`` (https://platform.openai.com/docs/api-reference), plus the
 sampling extensions vLLM users expect (``top_k``, ``min_p``, ``repetition_penalty``,
-``stop_token_ids``, ``ignore_eos``, ``skip_special_tokens``).
+``stop_token_ids``, ``ignore_eos``, ``skip_special_tokens``, ``min_tokens``,
+``bad_words``, ``allowed_token_ids``, ``prompt_logprobs``, ...; see
+:class:`SamplingFields`).
 
 Requests are strict: a wrong JSON type (``"max_tokens": "16"``) or a field Ember does
 not support is rejected (HTTP 400 naming the field) rather than coerced or ignored,
@@ -153,6 +155,19 @@ class SamplingFields(StrictRequestModel):
     stop_token_ids: list[Int64] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # OpenAI's logit_bias: token id (a string, as JSON object keys are) -> bias in [-100, 100].
+    logit_bias: dict[Text, float] | None = None
+    # vLLM's sampling extras, with SamplingParams' meaning (ranges checked there).
+    min_tokens: Int64 = 0
+    allowed_token_ids: list[Int64] | None = None
+    bad_words: list[Text] | None = None
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Int64 | None = None
+    # The prompt tokens' log-probabilities (0..20 alternatives each; not with stream),
+    # and "token_id:<id>" instead of token texts in every logprobs field.
+    prompt_logprobs: Int64 | None = None
+    return_tokens_as_token_ids: bool = False
     # vLLM extras: scheduling priority (lower runs first, with --scheduling-policy
     # priority) and a salt that keeps this request's prefix-cache blocks private.
     priority: Int64 = 0
@@ -168,6 +183,34 @@ class SamplingFields(StrictRequestModel):
         # As OpenAI and vLLM: options of a stream make no sense without one.
         if v is not None and info.data.get("stream") is False:  # (absent: stream itself was invalid)
             raise ValueError("stream_options can only be set when stream is true")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is None:
+            return v
+        if not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {v}")
+        # As vLLM: the prompt's logprobs come in the response body, which a stream does not have.
+        if v > 0 and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available when stream is true")
+        return v
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v < 1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 or an integer >= 1, got {v}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or ():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers written as strings), "
+                                 f"got {key!r}")
         return v
 
     @field_validator("stop", mode="before")
@@ -195,8 +238,15 @@ class SamplingFields(StrictRequestModel):
 
     def num_prompt_logprobs(self) -> int | None:
         """``SamplingParams.prompt_logprobs``: None unless the request asks for the
-        prompt tokens' log-probabilities."""
-        return None
+        prompt tokens' log-probabilities (a stream never gets them: 0 is then
+        accepted and ignored, as vLLM does)."""
+        return None if self.stream else self.prompt_logprobs
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with integer token ids (ranges are checked by SamplingParams)."""
+        if self.logit_bias is None:
+            return None
+        return {int(token): bias for token, bias in self.logit_bias.items()}
 
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Build validated SamplingParams (DELTA output when streaming).
@@ -226,6 +276,13 @@ class SamplingFields(StrictRequestModel):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            min_tokens=self.min_tokens,
+            logit_bias=self.token_logit_bias(),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -288,7 +345,9 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
     def num_prompt_logprobs(self) -> int | None:
-        return self.logprobs if self.echo else None
+        # The echoed prompt's logprobs and the choices' prompt_logprobs share one computation.
+        asked = [k for k in (super().num_prompt_logprobs(), self.logprobs if self.echo else None) if k is not None]
+        return max(asked) if asked else None
 
     def located_prompts(self) -> list[tuple[str, str | list[int]]]:
         """The prompts, each with its place in the request for error messages:
@@ -526,6 +585,26 @@ class CompletionLogprobs(OpenAIBaseModel):
                                   text_offset=self.text_offset + more.text_offset)
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+class PromptLogprob(OpenAIBaseModel):
+    """vLLM's ``Logprob``, one entry of ``prompt_logprobs``: a token's natural-log
+    probability (-inf as -9999.0), its rank in the distribution (1 = most likely)
+    and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's ``prompt_logprobs``: one entry per prompt token, null for the first (nothing
+# predicts it), else {token id: PromptLogprob} of the prompt's token followed by the
+# ``prompt_logprobs`` most likely tokens at that position (JSON keys are strings).
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
@@ -533,6 +612,8 @@ class CompletionChoice(OpenAIBaseModel):
     finish_reason: str | None = None
     # vLLM extension: the stop string or token id that ended the completion.
     stop_reason: str | int | None = None
+    # vLLM extension, only with ``prompt_logprobs`` (not streamed): the prompt's logprobs.
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -542,10 +623,6 @@ class CompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
-
-
-def _is_none(value: Any) -> bool:
-    return value is None
 
 
 class ChatResponseMessage(OpenAIBaseModel):
@@ -594,6 +671,8 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    # vLLM extension, only with ``prompt_logprobs``: the prompt's logprobs (see PromptLogprobs).
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)
 
 
 class DeltaMessage(OpenAIBaseModel):

@@ -2,8 +2,9 @@
 
 Streaming follows OpenAI's chunk sequence: for each of the n choices a first
 chunk with ``delta.role = "assistant"``, then one chunk per engine step and choice
-with new text in ``delta.content`` (and its tokens' ``logprobs``), and for each
-choice a last chunk with an empty delta and ``finish_reason``; then an optional
+with new text in ``delta.content`` (and its tokens' ``logprobs``); a step that
+ends a choice sends its last text (``""`` when none) in the chunk that carries
+``finish_reason`` (as vLLM places it); then an optional
 usage chunk (``stream_options.include_usage``; ``choices`` is empty there, the
 completion tokens sum the n choices), then ``[DONE]``. With
 ``stream_options.continuous_usage_stats`` every choice chunk carries ``usage``
@@ -41,7 +42,6 @@ from ember.entrypoints.openai.serving_completion import (
     OpenAIServing,
     SSEResponse,
     drop_null_usage,
-    final_outputs,
     finite_logprob,
     reported_logprobs,
     sse_event,
@@ -78,34 +78,41 @@ class OpenAIServingChat(OpenAIServing):
         messages = request.message_dicts()
         prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
                                          "messages", messages_chars(messages))
+        prompt_ids = self.prompt_ids_for(request, prompt_ids, request.resolved_max_tokens())
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
+        as_ids = request.return_tokens_as_token_ids
         if request.stream:
             events = self._stream(request_id, first, rest, params, len(prompt_ids), request.include_usage,
-                                  request.continuous_usage)
+                                  request.continuous_usage, as_ids)
             return self.sse_response(request_id, events, rest)
-        outputs = await final_outputs(first, rest)
+        final = first
+        async for out in rest:
+            final = out
+        outputs = sorted(final.outputs, key=lambda c: c.index)
         return ChatCompletionResponse(
             id=request_id,
             model=self.model_name,
             choices=[ChatCompletionChoice(index=c.index, message=self._message(c.text),
-                                          logprobs=self._logprobs(c, params), finish_reason=c.finish_reason,
+                                          logprobs=self._logprobs(c, params, as_ids), finish_reason=c.finish_reason,
                                           stop_reason=c.stop_reason) for c in outputs],
             usage=UsageInfo.of(len(prompt_ids), sum(len(c.token_ids) for c in outputs)),
+            prompt_logprobs=self.prompt_logprobs(final.prompt_logprobs, request.num_prompt_logprobs()),
         )
 
-    def _logprobs(self, c: CompletionOutput, params: SamplingParams) -> ChatChoiceLogprobs | None:
+    def _logprobs(self, c: CompletionOutput, params: SamplingParams, as_ids: bool = False) -> ChatChoiceLogprobs | None:
         if params.logprobs is None:
             return None
-        return self.chat_logprobs(reported_logprobs(c, params), params.logprobs)
+        return self.chat_logprobs(reported_logprobs(c, params), params.logprobs, as_ids)
 
-    def chat_logprobs(self, entries: list[SampleLogprob], num_top: int) -> ChatChoiceLogprobs:
-        """Chat ``logprobs`` of ``entries``: each chosen token with its text, logprob
-        and bytes, and the ``num_top`` most likely tokens at its position."""
+    def chat_logprobs(self, entries: list[SampleLogprob], num_top: int, as_ids: bool = False) -> ChatChoiceLogprobs:
+        """Chat ``logprobs`` of ``entries``: each chosen token with its text (or
+        ``token_id:<id>`` with ``as_ids``), logprob and bytes (of its text), and
+        the ``num_top`` most likely tokens at its position."""
         def top(token_id: int, logprob: float) -> ChatTopLogprob:
-            text, raw = self.token_text(token_id)
-            return ChatTopLogprob(token=text, logprob=finite_logprob(logprob), bytes=raw)
+            _, raw = self.token_text(token_id)
+            return ChatTopLogprob(token=self.shown_token(token_id, as_ids), logprob=finite_logprob(logprob), bytes=raw)
 
         content = []
         for e in entries:
@@ -116,7 +123,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, request_id: str, first: RequestOutput, rest: AsyncIterator[RequestOutput],
                       params: SamplingParams, num_prompt_tokens: int, include_usage: bool,
-                      continuous_usage: bool = False) -> AsyncIterator[str]:
+                      continuous_usage: bool = False, as_ids: bool = False) -> AsyncIterator[str]:
         created = now()
         num_output_tokens = 0
         choice_tokens = [0] * params.n  # per choice, for continuous usage
@@ -144,21 +151,22 @@ class OpenAIServingChat(OpenAIServing):
             for c in out.outputs:
                 num_output_tokens += len(c.token_ids)
                 choice_tokens[c.index] += len(c.token_ids)
-                logprobs = self._logprobs(c, params)
+                logprobs = self._logprobs(c, params, as_ids)
                 if self.reasoning_parser is not None:
                     reasoning, content = self.reasoning_parser.extract_reasoning_streaming(
                         previous_texts[c.index], c.text, final=c.finish_reason is not None)
                     previous_texts[c.index] += c.text
                 else:
                     reasoning, content = None, c.text or None
-                if reasoning or content or (logprobs is not None and logprobs.content):
+                finished = c.finish_reason is not None
+                if reasoning or content or (logprobs is not None and logprobs.content) or finished:
                     # Tokens whose text is still held back (a partial character or a
-                    # possible stop string) send their logprobs with an empty content.
+                    # possible stop string) send their logprobs with an empty content;
+                    # so does a last step without text (an EOS token).
                     if not reasoning and not content:
                         content = ""
-                    yield delta(c.index, content=content, reasoning_content=reasoning, logprobs=logprobs)
-                if c.finish_reason is not None:
-                    yield delta(c.index, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                    yield delta(c.index, content=content, reasoning_content=reasoning, logprobs=logprobs,
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason if finished else None)
             out = await anext(rest, None)
         if include_usage:
             yield chunk([], UsageInfo.of(num_prompt_tokens, num_output_tokens))

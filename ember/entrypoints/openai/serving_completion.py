@@ -29,7 +29,17 @@ the text (as in vLLM). A token's text is the tokenizer's decoding of that one id
 (special tokens included); its ``bytes`` are its raw bytes (see
 :meth:`OpenAIServing.token_text`). A completion's ``text_offset`` counts only
 text the choice holds: a special token left out of the text
-(``skip_special_tokens``, the default) does not advance it.
+(``skip_special_tokens``, the default) does not advance it. With
+``return_tokens_as_token_ids`` every token of a logprobs field is spelled
+``token_id:<id>`` instead (its offsets still count its text). With
+``include_stop_str_in_output`` a final stop token is part of the text, and of
+the log-probabilities.
+
+``prompt_logprobs`` (not with streaming) puts vLLM's prompt log-probabilities
+(:data:`~ember.entrypoints.openai.protocol.PromptLogprobs`) in every choice of
+a completion and at the top of a chat completion. ``truncate_prompt_tokens``
+cuts the prompt to its last tokens before anything else checks it (``usage``
+counts what is left).
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ from ember.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
+    PromptLogprobs,
     SamplingFields,
     UsageInfo,
     now,
@@ -170,7 +182,7 @@ def reported_logprobs(c: CompletionOutput, params: SamplingParams) -> list[Sampl
         got = "none" if c.logprobs is None else len(c.logprobs)
         raise RuntimeError(f"the engine returned {got} logprobs for {len(c.token_ids)} tokens")
     if (c.finish_reason == "stop" and not isinstance(c.stop_reason, str) and c.token_ids
-            and c.token_ids[-1] in params.all_stop_token_ids):
+            and c.token_ids[-1] in params.all_stop_token_ids and not params.include_stop_str_in_output):
         return c.logprobs[:-1]
     return c.logprobs
 
@@ -222,6 +234,44 @@ class OpenAIServing:
                 raw = None  # the spelling does not explain the decoded text: do not guess
         cached = self._token_texts[token_id] = (text, list(raw if raw is not None else text.encode()))
         return cached
+
+    def shown_token(self, token_id: int, as_ids: bool) -> str:
+        """How a logprobs field spells a token: its text, or ``token_id:<id>``
+        (``return_tokens_as_token_ids``)."""
+        return f"token_id:{token_id}" if as_ids else self.token_text(token_id)[0]
+
+    def prompt_logprobs(self, entries: list[SampleLogprob | None] | None, num_top: int | None) -> PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs`` of a request's prompt (see
+        :data:`~ember.entrypoints.openai.protocol.PromptLogprobs`): each prompt
+        token, then its ``num_top`` most likely alternatives (where one of them
+        is the token itself, it appears once)."""
+        if entries is None or num_top is None:
+            return None
+        out: PromptLogprobs = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            ranked = {e.token_id: PromptLogprob(logprob=finite_logprob(e.logprob), rank=e.rank,
+                                                decoded_token=self.token_text(e.token_id)[0])}
+            for rank, (token_id, logprob) in enumerate(e.top[:num_top], 1):
+                if token_id not in ranked:
+                    ranked[token_id] = PromptLogprob(logprob=finite_logprob(logprob), rank=rank,
+                                                     decoded_token=self.token_text(token_id)[0])
+            out.append(ranked)
+        return out
+
+    def prompt_ids_for(self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None) -> list[int]:
+        """``prompt_ids`` as ``truncate_prompt_tokens`` cuts them.
+
+        Raises:
+            APIError: 400 (``param`` ``truncate_prompt_tokens``) for a truncation
+                longer than the context window.
+        """
+        try:
+            return self.engine.input_processor.truncate(prompt_ids, request.truncate_prompt_tokens, max_tokens)
+        except ValueError as e:
+            raise APIError(str(e), param="truncate_prompt_tokens") from e
 
     def is_special(self, token_id: int) -> bool:
         """Whether decoding with ``skip_special_tokens`` drops ``token_id`` (a special
@@ -486,8 +536,10 @@ class OpenAIServingCompletion(OpenAIServing):
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
                                        for p, engine_id in zip(prompts, engine_ids, strict=True)])
+        as_ids = request.return_tokens_as_token_ids
         if request.stream:
-            events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage)
+            events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage,
+                                  as_ids)
             return self.sse_response(request_id, events, merged)
         finals: list[RequestOutput | None] = [None for _ in prompts]
         try:
@@ -498,11 +550,13 @@ class OpenAIServingCompletion(OpenAIServing):
         n = prompts[0].params.n
         choices = []
         for i, (p, final) in enumerate(zip(prompts, finals, strict=True)):
-            echoed = self._echo_logprobs(p, final)
+            echoed = self._echo_logprobs(p, final, as_ids)
+            prompt_logprobs = self.prompt_logprobs(final.prompt_logprobs, request.prompt_logprobs)
             for c in sorted(final.outputs, key=lambda c: c.index):
-                choice = self._choice(c, p.params, p.echo, len(p.echo), i * n + c.index)[0]
+                choice = self._choice(c, p.params, p.echo, len(p.echo), i * n + c.index, as_ids)[0]
                 if echoed is not None:
                     choice.logprobs = echoed.merged_with(choice.logprobs)
+                choice.prompt_logprobs = prompt_logprobs
                 choices.append(choice)
         return CompletionResponse(
             id=request_id,
@@ -512,7 +566,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                sum(len(c.token_ids) for final in finals for c in final.outputs)),
         )
 
-    def _echo_logprobs(self, p: _Prompt, out: RequestOutput) -> CompletionLogprobs | None:
+    def _echo_logprobs(self, p: _Prompt, out: RequestOutput, as_ids: bool = False) -> CompletionLogprobs | None:
         """With ``echo`` and ``logprobs``: the echoed prompt's logprobs (its first
         token with null values, as OpenAI); otherwise None.
 
@@ -521,10 +575,11 @@ class OpenAIServingCompletion(OpenAIServing):
         if not p.echo or p.params.prompt_logprobs is None or out.prompt_logprobs is None:
             return None
         first = self.token_text(p.ids[0])[0]
-        head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        head = CompletionLogprobs(tokens=[self.shown_token(p.ids[0], as_ids)], token_logprobs=[None],
+                                  top_logprobs=[None], text_offset=[0])
         # The echoed prompt keeps its special tokens, so each token advances the offset.
         rest, _ = self.completion_logprobs(out.prompt_logprobs[1:], p.params.prompt_logprobs, len(first),
-                                           skip_special_tokens=False)
+                                           skip_special_tokens=False, as_ids=as_ids)
         return head.merged_with(rest)
 
     async def _prepare(self, request: CompletionRequest, location: str, prompt: str | list[int]) -> _Prompt:
@@ -532,14 +587,18 @@ class OpenAIServingCompletion(OpenAIServing):
         is_text = isinstance(prompt, str)
         ids = await self.tokenize(lambda: self.engine.input_processor.tokenize(prompt), location,
                                   len(prompt) if is_text else 0, 0 if is_text else len(prompt))
+        whole = len(ids)
+        ids = self.prompt_ids_for(request, ids, request.max_tokens)
         params = self.make_params(request, ids, request.max_tokens, location)
         echo = ""
-        if request.echo:
-            echo = await run_input_work(lambda: self._echo_text(prompt, ids), num_tokens=0 if is_text else len(ids))
+        if request.echo:  # a truncated text prompt echoes what is left of it
+            shown = prompt if len(ids) == whole else ids
+            echo = await run_input_work(lambda: self._echo_text(shown, ids), num_tokens=0 if is_text else len(ids))
         return _Prompt(ids, params, echo)
 
     def _echo_text(self, prompt: str | list[int], prompt_ids: list[int]) -> str:
-        """The prompt as text: as given, or the decoded token ids (special tokens kept)."""
+        """The prompt as text: as given, or the decoded token ids (special tokens
+        kept; ``prompt`` is then ignored: it was given as ids, or truncated)."""
         if isinstance(prompt, str):
             return prompt
         if self.tokenizer is None:
@@ -547,18 +606,18 @@ class OpenAIServingCompletion(OpenAIServing):
         return self.tokenizer.decode(prompt_ids)
 
     def _choice(self, c: CompletionOutput, params: SamplingParams, prefix: str, text_offset: int,
-                index: int) -> tuple[CompletionChoice, int]:
+                index: int, as_ids: bool = False) -> tuple[CompletionChoice, int]:
         """Choice ``index`` (``prefix`` + the completion's text), and the text offset after it."""
         logprobs = None
         if params.logprobs is not None:
             logprobs, text_offset = self.completion_logprobs(reported_logprobs(c, params), params.logprobs,
-                                                             text_offset, params.skip_special_tokens)
+                                                             text_offset, params.skip_special_tokens, as_ids)
         choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=logprobs,
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         return choice, text_offset
 
     def completion_logprobs(self, entries: list[SampleLogprob], num_top: int, text_offset: int,
-                            skip_special_tokens: bool) -> tuple[CompletionLogprobs, int]:
+                            skip_special_tokens: bool, as_ids: bool = False) -> tuple[CompletionLogprobs, int]:
         """Legacy-completions ``logprobs`` of ``entries`` (see :class:`CompletionLogprobs`).
 
         ``top_logprobs[i]`` holds the ``num_top`` most likely tokens and the chosen
@@ -569,6 +628,7 @@ class OpenAIServingCompletion(OpenAIServing):
             text_offset: the character offset of the first entry's token.
             skip_special_tokens: whether the choice's text leaves special tokens out
                 (then they do not advance the offset: it counts only text the choice holds).
+            as_ids: spell tokens ``token_id:<id>`` (``return_tokens_as_token_ids``).
 
         Returns:
             The logprobs, and the offset just after the last token.
@@ -576,11 +636,12 @@ class OpenAIServingCompletion(OpenAIServing):
         out = CompletionLogprobs()
         for e in entries:
             text, _ = self.token_text(e.token_id)
+            shown = self.shown_token(e.token_id, as_ids)
             top: dict[str, float] = {}
             for token_id, logprob in e.top[:num_top]:
-                top.setdefault(self.token_text(token_id)[0], finite_logprob(logprob))
-            top.setdefault(text, finite_logprob(e.logprob))
-            out.tokens.append(text)
+                top.setdefault(self.shown_token(token_id, as_ids), finite_logprob(logprob))
+            top.setdefault(shown, finite_logprob(e.logprob))
+            out.tokens.append(shown)
             out.token_logprobs.append(finite_logprob(e.logprob))
             out.top_logprobs.append(top)
             out.text_offset.append(text_offset)
@@ -589,7 +650,8 @@ class OpenAIServingCompletion(OpenAIServing):
         return out, text_offset
 
     async def _stream(self, request_id: str, prompts: list[_Prompt], merged: MergedOutputs,
-                      include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
+                      include_usage: bool, continuous_usage: bool = False, as_ids: bool = False
+                      ) -> AsyncIterator[str]:
         created = now()
         n = prompts[0].params.n
         num_output_tokens = 0
@@ -605,7 +667,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
         for i, (p, first) in enumerate(zip(prompts, merged.firsts)):
             if p.echo:  # the prompt comes first in every choice (with its logprobs, if asked)
-                logprobs = self._echo_logprobs(p, first)
+                logprobs = self._echo_logprobs(p, first, as_ids)
                 for k in range(n):
                     yield chunk([CompletionChoice(index=i * n + k, text=p.echo, logprobs=logprobs)])
         async for i, out in merged:
@@ -613,7 +675,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 index = i * n + c.index
                 num_output_tokens += len(c.token_ids)
                 choice_tokens[index] += len(c.token_ids)
-                choice, text_offsets[index] = self._choice(c, prompts[i].params, "", text_offsets[index], index)
+                choice, text_offsets[index] = self._choice(c, prompts[i].params, "", text_offsets[index], index,
+                                                           as_ids)
                 if c.text or c.finish_reason is not None or (choice.logprobs is not None and choice.logprobs.tokens):
                     yield chunk([choice])
         if include_usage:
