@@ -347,8 +347,10 @@ def test_chat_stream(client: TestClient) -> None:
     assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "[us"
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length",
-                                        "stop_reason": None}
+    # As vLLM: the chunk of the last token carries the finish reason (no empty chunk after it).
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {"content": "s"}, "logprobs": None,
+                                        "finish_reason": "length", "stop_reason": None}
+    assert len(chunks) == 1 + 3  # the role chunk, then one chunk per token
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
@@ -667,7 +669,8 @@ def test_chat_stream_n_logprobs(client: TestClient) -> None:
         mine = [c[0] for c in choices[3:] if c[0]["index"] == i]
         assert "".join(c["delta"].get("content", "") for c in mine) == expected_texts(prompt, 3, 4)[i]
         finishes = [c for c in mine if c["finish_reason"] is not None]
-        assert len(finishes) == 1 and finishes[0] is mine[-1] and finishes[0]["delta"] == {}
+        # The last step's text (or "") and the finish reason come in one chunk.
+        assert len(finishes) == 1 and finishes[0] is mine[-1] and set(finishes[0]["delta"]) == {"content"}
         assert finishes[0]["finish_reason"] == ("stop" if i == 1 else "length")
         content = [e for c in mine if c["logprobs"] for e in c["logprobs"]["content"]]
         assert {"content": content} == expected_chat_logprobs(prompt, i, 4, 1)

@@ -187,14 +187,9 @@ class SamplingFields(StrictRequestModel):
 
     @field_validator("prompt_logprobs")
     @classmethod
-    def _prompt_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is None:
-            return v
-        if not 0 <= v <= MAX_LOGPROBS:
+    def _prompt_logprobs(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
             raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {v}")
-        # As vLLM: the prompt's logprobs come in the response body, which a stream does not have.
-        if v > 0 and info.data.get("stream"):
-            raise ValueError("prompt_logprobs are not available when stream is true")
         return v
 
     @field_validator("truncate_prompt_tokens")
@@ -239,8 +234,17 @@ class SamplingFields(StrictRequestModel):
     def num_prompt_logprobs(self) -> int | None:
         """``SamplingParams.prompt_logprobs``: None unless the request asks for the
         prompt tokens' log-probabilities (a stream never gets them: 0 is then
-        accepted and ignored, as vLLM does)."""
-        return None if self.stream else self.prompt_logprobs
+        accepted and ignored, as vLLM does).
+
+        Raises:
+            ValueError: ``prompt_logprobs`` above 0 with ``stream``.
+        """
+        if self.stream:
+            # As vLLM: the prompt's logprobs come in the response body, which a stream does not have.
+            if self.prompt_logprobs:
+                raise ValueError("prompt_logprobs are not available when stream is true")
+            return None
+        return self.prompt_logprobs
 
     def token_logit_bias(self) -> dict[int, float] | None:
         """``logit_bias`` with integer token ids (ranges are checked by SamplingParams)."""
