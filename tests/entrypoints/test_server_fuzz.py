@@ -123,6 +123,16 @@ SHARED = {
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
                                                          "continuous_usage_stats": st.booleans()}),
     "user": texts,
+    # vLLM's sampling extras.
+    "min_tokens": st.integers(0, 1),
+    "logit_bias": st.dictionaries(st.integers(0, VOCAB - 1).map(str), unit(-100, 100), max_size=3),
+    "allowed_token_ids": st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5),
+    "bad_words": st.lists(st.text(min_size=1, max_size=10).filter(str.strip), max_size=3),
+    "include_stop_str_in_output": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
+    "truncate_prompt_tokens": st.just(-1) | st.integers(1, 50),
+    "prompt_logprobs": st.integers(0, 3),
+    "return_tokens_as_token_ids": st.booleans(),
 }
 COMPLETION = {
     **SHARED,
@@ -155,7 +165,8 @@ odd_floats = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-3
 scalars = st.none() | st.booleans() | edge_ints | st.floats() | odd_floats | odd_texts
 any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                         | st.dictionaries(any_text, inner, max_size=3), max_leaves=6)
-INT_FIELDS = ("n", "top_k", "seed", "priority", "max_tokens", "max_completion_tokens", "top_logprobs")
+INT_FIELDS = ("n", "top_k", "seed", "priority", "max_tokens", "max_completion_tokens", "top_logprobs", "min_tokens",
+              "truncate_prompt_tokens", "prompt_logprobs")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 EDGES = {
     **{name: edge_ints | st.booleans() | odd_floats for name in INT_FIELDS},
@@ -191,6 +202,8 @@ def request_bodies(draw: st.DrawFn, fields: dict[str, st.SearchStrategy], requir
         body["logprobs"] = True
     if "stream_options" in body:
         body["stream"] = True
+    if body.get("stream") and body.get("prompt_logprobs"):
+        body["prompt_logprobs"] = 0  # a stream carries no prompt logprobs
     faults: list[str] = []
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 1, 2, 3]))):
         kind = draw(st.sampled_from(["wrong", "wrong", "wrong", "missing", "unknown"]))
