@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ember.beam_search import BeamSearch, BeamSearchParams
 from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
@@ -29,7 +30,7 @@ from ember.engine.core_client import AsyncMPClient, EngineDeadError, EngineLoadi
 from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt
 from ember.engine.messages import EngineCoreOutputs
 from ember.logger import init_logger
-from ember.outputs import RequestOutput
+from ember.outputs import RequestOutput, SampleLogprob
 from ember.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -172,6 +173,54 @@ class AsyncLLM(EngineFrontEnd):
             if not finished and not self.errored:
                 self._abort_request(request_id)
 
+    async def beam_search(self, prompt: str | list[int], params: BeamSearchParams, request_id: str, *,
+                          priority: int | None = None, cache_salt: str | None = None) -> RequestOutput:
+        """Beam search from one prompt (see :mod:`ember.beam_search`): each step
+        submits one engine request per live beam, all together, as
+        ``f"{request_id}-{step}-{beam}"`` (each counts as a request in the
+        metrics and the request log). Cancelling the call aborts the step's
+        requests.
+
+        Returns:
+            A finished RequestOutput whose ``outputs`` are the ``beam_width``
+            sequences, best score first (``index`` is the rank), each with its
+            ``cumulative_logprob``.
+        Raises:
+            ValueError: invalid input (see :meth:`generate`), a prompt that fills
+                the context window or a ``stop_token_ids`` entry outside the vocabulary.
+            EngineDeadError, EngineLoadingError, EngineOverloadedError: as :meth:`generate`.
+        """
+        arrival = time.monotonic()
+        ids = self.input_processor.tokenize(prompt)
+        step_params = params.step_sampling_params()
+        self.input_processor.check(ids, step_params)
+        search = BeamSearch(ids, params, self.input_processor.eos_token_ids, self.model_config.max_model_len)
+        extra = {"priority": priority, "cache_salt": cache_salt}
+        step = 0
+        first_token_time = None
+        while not search.done:
+            entries = await _gather_or_cancel([self._next_token_logprobs(p, step_params, f"{request_id}-{step}-{i}",
+                                                                         **extra)
+                                               for i, p in enumerate(search.step_prompts())])
+            first_token_time = first_token_time or time.monotonic()
+            search.advance(entries)
+            step += 1
+        seqs = search.result(self.tokenizer)
+        outputs = [seq.as_completion(i) for i, seq in enumerate(seqs)]
+        metrics = {"arrival_time": arrival, "first_token_time": first_token_time, "finished_time": time.monotonic(),
+                   "num_generation_tokens": sum(len(c.token_ids) for c in outputs),
+                   "max_completion_tokens": max(len(c.token_ids) for c in outputs)}
+        return RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids, outputs, True, metrics)
+
+    async def _next_token_logprobs(self, prompt: list[int], params: SamplingParams, request_id: str,
+                                   **kwargs: Any) -> SampleLogprob:
+        """Run one beam's step request; the log-probabilities of its next token."""
+        final = None
+        async for out in self.generate(prompt, params, request_id, **kwargs):
+            final = out
+        assert final is not None and final.outputs[0].logprobs, "a step request ended without log-probabilities"
+        return final.outputs[0].logprobs[0]
+
     def num_waiting_requests(self) -> int:
         """Engine-core requests (n per user request) submitted here that are not
         in the running batch (as of the last step; for overload protection)."""
@@ -293,6 +342,23 @@ class _Timing:
         self.num_prompt_tokens = num_prompt_tokens
         self.first_scheduled: float | None = None
         self.last_token: dict[str, float] = {}
+
+
+async def _gather_or_cancel(coros: list[Any]) -> list[Any]:
+    """Run ``coros`` concurrently; their results in order. If one fails or this
+    call is cancelled, the others are cancelled (and awaited) first."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for t in tasks:  # retrieve every failure, so that none is logged as lost
+            if t.done() and not t.cancelled():
+                t.exception()
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

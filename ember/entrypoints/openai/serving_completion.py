@@ -45,6 +45,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from ember.beam_search import BeamSearchParams
 from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     MAX_COMPLETIONS_PER_REQUEST,
@@ -333,6 +334,34 @@ class OpenAIServing:
             raise
         return first, gen
 
+    async def beam_search_all(self, searches: list[tuple[list[int], BeamSearchParams]], request_ids: list[str],
+                              priority: int = 0, cache_salt: str | None = None) -> list[RequestOutput]:
+        """Run the beam searches of a request's prompts concurrently (see
+        ``AsyncLLM.beam_search``); their outputs in order. If one fails, or the
+        client goes, the others are cancelled (which aborts their engine requests).
+
+        Raises:
+            APIError: 400 when the engine rejects an input, 503 when it is not running.
+        """
+        if getattr(self.engine, "errored", False):
+            raise APIError("the engine is not running (it stopped after an error)", 503, type="server_error")
+        tasks = [asyncio.ensure_future(self.engine.beam_search(ids, params, request_id, priority=priority,
+                                                               cache_salt=cache_salt))
+                 for (ids, params), request_id in zip(searches, request_ids, strict=True)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        finally:  # also when cancelled
+            pending = [t for t in tasks if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            for t in tasks:  # retrieve every failure, so that none is logged as lost
+                if t.done() and not t.cancelled():
+                    t.exception()
+
     async def start_all(self, starts: list[Awaitable[tuple[RequestOutput, AsyncIterator[RequestOutput]]]]
                         ) -> MergedOutputs:
         """Run several :meth:`start` calls concurrently (so that the engine gets the
@@ -484,17 +513,22 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = [await self._prepare(request, location, prompt) for location, prompt in located]
         request_id = random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
-                                       for p, engine_id in zip(prompts, engine_ids, strict=True)])
-        if request.stream:
-            events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage)
-            return self.sse_response(request_id, events, merged)
         finals: list[RequestOutput | None] = [None for _ in prompts]
-        try:
-            async for i, out in merged:  # FINAL_ONLY: a prompt's last output holds its n completions
-                finals[i] = out
-        finally:
-            await merged.aclose()
+        if request.use_beam_search:
+            finals = await self.beam_search_all([(p.ids, request.to_beam_search_params(p.params)) for p in prompts],
+                                                engine_ids, request.priority, request.cache_salt)
+        else:
+            merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority,
+                                                      request.cache_salt)
+                                           for p, engine_id in zip(prompts, engine_ids, strict=True)])
+            if request.stream:
+                events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage)
+                return self.sse_response(request_id, events, merged)
+            try:
+                async for i, out in merged:  # FINAL_ONLY: a prompt's last output holds its n completions
+                    finals[i] = out
+            finally:
+                await merged.aclose()
         n = prompts[0].params.n
         choices = []
         for i, (p, final) in enumerate(zip(prompts, finals, strict=True)):
