@@ -125,7 +125,8 @@ class BeamSearchSequence:
         cum_logprob: sum of the log-probabilities of ``token_ids`` (natural log).
         score: its length-penalized score (see :func:`beam_score`).
         finish_reason: ``"stop"`` (a stop token) or ``"length"``.
-        stop_reason: the stop token id that ended it, if one did.
+        stop_reason: the ``stop_token_ids`` entry that ended it, if one did
+            (None for EOS, as in :class:`~ember.outputs.CompletionOutput`).
         logprobs: with ``BeamSearchParams.logprobs``, one entry per token of
             ``token_ids``; else None.
         prompt_token_ids: the prompt it continues.
@@ -170,6 +171,7 @@ class _Beam:
     token_ids: list[int]
     cum_logprob: float
     logprobs: list[SampleLogprob] | None
+    stopped: bool = False  # ended on a stop token
     stop_reason: int | None = None
 
 
@@ -237,7 +239,9 @@ class BeamSearch:
                 *beam.logprobs, SampleLogprob(token, logprob, rank, entry.top[:num_top])]
             new = _Beam([*beam.token_ids, token], cum, logprobs)
             if token in self.stop_ids:
-                new.stop_reason = token
+                # As the engine reports it: the id for stop_token_ids, None for EOS.
+                new.stopped = True
+                new.stop_reason = token if token in self.params.stop_token_ids else None
                 self.finished.append(new)
             elif len(new.token_ids) >= self.max_tokens:
                 self.finished.append(new)
@@ -256,7 +260,7 @@ class BeamSearch:
         p = self.params
         seqs = []
         for beam in self.finished:
-            ends_with_stop = beam.stop_reason is not None
+            ends_with_stop = beam.stopped
             detok = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=p.skip_special_tokens))
             detok.update(beam.token_ids[:-1] if ends_with_stop else beam.token_ids)
             seqs.append(BeamSearchSequence(
