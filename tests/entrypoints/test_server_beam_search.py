@@ -1,0 +1,117 @@
+"""Beam search through the real server (``ember serve`` in a subprocess, bundled
+SmolLM2, float32 on CPU) with the official ``openai`` client: vLLM's
+``use_beam_search`` (``n`` the beam width) and ``length_penalty`` in ``extra_body``,
+on completions and chat, checked against a plain-PyTorch beam search over HF
+transformers' model on the same weights; bad values answer 400 naming the field."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.engine.beam_reference import reference_beam_search
+from tests.entrypoints.server_process import MODEL, launch_server
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "Say hi."}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with launch_server("--kv-cache-memory", "128M", "--max-model-len", "256") as srv:
+        yield srv.url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_path, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
+
+
+def _tokens(server: str, **body) -> list[int]:
+    resp = httpx.post(f"{server}/tokenize", json={"model": MODEL, **body})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["tokens"]
+
+
+def _detokenize(server: str, ids: list[int]) -> str:
+    resp = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": ids})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["prompt"]
+
+
+def test_completions_beam_search_equals_reference(server, client, hf):
+    prompt = _tokens(server, prompt="The best thing about living by the sea is")
+    resp = client.completions.create(model=MODEL, prompt=prompt, n=4, max_tokens=6, logprobs=1,
+                                     extra_body={"use_beam_search": True, "ignore_eos": True})
+    ref, gap = reference_beam_search(hf, prompt, 4, 6, set())
+    assert gap > 1e-3
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert len({c.text for c in resp.choices}) == 4
+    cums = []
+    for choice, r in zip(resp.choices, ref):
+        assert choice.text == _detokenize(server, r.token_ids)
+        assert choice.finish_reason == "length"
+        assert len(choice.logprobs.token_logprobs) == 6
+        cums.append(sum(choice.logprobs.token_logprobs))
+        assert cums[-1] == pytest.approx(r.cum_logprob, abs=1e-3)
+    assert cums == sorted(cums, reverse=True)  # equal lengths: best cumulative log-probability first
+    assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == 24
+
+
+def test_chat_beam_search_equals_reference(server, client, hf):
+    prompt = _tokens(server, messages=QUESTION)
+    eos = {_tokens(server, prompt="<|im_end|>", add_special_tokens=False)[0]}
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, n=4, max_tokens=10,
+                                          extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    ref, gap = reference_beam_search(hf, prompt, 4, 10, eos, length_penalty=0.5)
+    assert gap > 1e-3
+    assert len(resp.choices) == 4
+    for choice, r in zip(resp.choices, ref):
+        stop = r.finish_reason == "stop"
+        assert choice.message.content == _detokenize(server, r.token_ids[:-1] if stop else r.token_ids)
+        assert choice.finish_reason == r.finish_reason
+    assert any(r.finish_reason == "stop" for r in ref)
+    assert resp.usage.completion_tokens == sum(len(r.token_ids) for r in ref)
+
+
+@pytest.mark.parametrize("endpoint, extra, field", [
+    ("completions", {"use_beam_search": True, "n": 11}, "n"),
+    ("completions", {"use_beam_search": True, "n": 0}, "n"),
+    ("completions", {"use_beam_search": True, "n": 2, "stream": True}, "stream"),
+    ("chat", {"use_beam_search": True, "n": 2, "temperature": 0.7}, "temperature"),
+    ("chat", {"use_beam_search": True, "top_p": 0.5}, "top_p"),
+    ("completions", {"use_beam_search": True, "stop": ["."]}, "stop"),
+    ("completions", {"use_beam_search": True, "echo": True, "logprobs": 1}, "echo"),
+    ("chat", {"length_penalty": 2.0}, "length_penalty"),
+    ("completions", {"use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
+    ("completions", {"use_beam_search": "yes"}, "use_beam_search"),
+])
+def test_bad_beam_search_values(server, endpoint, extra, field):
+    if endpoint == "chat":
+        url, body = f"{server}/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
+    else:
+        url, body = f"{server}/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+    resp = httpx.post(url, json={**body, **extra})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == field and field in err["message"], err
+
+
+def test_client_stream_with_beam_search_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, stream=True,
+                                       extra_body={"use_beam_search": True})
+    assert exc.value.response.json()["error"]["param"] == "stream"
