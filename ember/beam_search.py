@@ -11,20 +11,20 @@ next live beams. The search ends when no beam is live or the live ones reach
 ``max_tokens`` (they finish with ``length``). The ``W`` finished beams with the
 best length-penalized score ``cum_logprob / length ** length_penalty`` are the
 result, best first, where ``length`` is the number of generated tokens without
-a final stop token (Hugging Face transformers' ``BeamHypotheses`` scoring of the
-generated length; vLLM's step rule of keeping the best ``W`` of ``2 * W`` per
-beam). Taking ``2 * W`` candidates per beam keeps ``W`` candidates even when a
-beam's best tokens end it.
+a final stop token (the score of Hugging Face transformers' ``BeamHypotheses``
+over the generated length; vLLM's step rule, in which finished candidates take
+places among the ``W`` kept, so fewer beams may stay live).
 
 How beams share the KV cache: each step, each live beam is one engine request
 whose prompt is the user's prompt followed by the beam's tokens, with
 ``max_tokens=1`` and greedy sampling, asking for the ``2 * W`` top
-log-probabilities. The ``W`` requests of a step run in one batch and start with
-the same prompt, so the prefix cache hands every one of them the prompt's full
-blocks (each block's ``ref_cnt`` counts the beams that hold it) and the
-beams' shared full blocks: a beam forks from its parent by reference, block by
-block, and writes only into blocks of its own (copy-on-write at block
-granularity). The prompt is computed once, by the first step, and never copied.
+log-probabilities. The requests of a step run in one batch and all start with
+the prompt, so the prefix cache hands every one of them the prompt's full
+blocks (each block's ``ref_cnt`` counts the beams that hold it), and beams with
+a common start share the full blocks of their common tokens too: a beam forks
+from its parent by reference, block by block, and writes only into blocks of
+its own (copy-on-write at block granularity). The prompt is computed once, by
+the first step (one request), and never copied.
 A beam's partly filled last block is not shared: it recomputes those tokens
 (fewer than ``block_size``, plus its new token) rather than copying the block on
 the device. This keeps the scheduler's one rule (a request computes the tokens

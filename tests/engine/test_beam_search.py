@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 
@@ -105,6 +106,30 @@ def test_step_requests_ask_for_twice_the_width():
     p = BeamSearchParams(beam_width=10, max_tokens=4, logprobs=3).step_sampling_params()
     assert (p.max_tokens, p.greedy, p.logprobs) == (1, True, 20)
     assert BeamSearchParams(beam_width=2, max_tokens=4, logprobs=7).step_sampling_params().logprobs == 7
+
+
+def test_a_failing_step_request_cancels_its_siblings():
+    from ember.engine.async_llm import _gather_or_cancel
+
+    ended = []
+
+    async def step_request(i: int, fail: bool) -> int:
+        try:
+            await asyncio.sleep(0 if fail else 60)
+            if fail:
+                raise ValueError("rejected")
+            return i
+        finally:
+            ended.append(i)  # where AsyncLLM.generate aborts its engine request
+
+    async def main() -> None:
+        assert await _gather_or_cancel([step_request(i, False) for i in range(0)]) == []
+        with pytest.raises(ValueError, match="rejected"):
+            await _gather_or_cancel([step_request(0, False), step_request(1, True), step_request(2, False)])
+        # Every sibling has ended (cancelled) by the time the error reaches the caller.
+        assert sorted(ended) == [0, 1, 2]
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
 # ------------------------------------------------------------- on the model

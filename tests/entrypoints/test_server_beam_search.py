@@ -69,6 +69,14 @@ def test_completions_beam_search_equals_reference(server, client, hf):
         assert cums[-1] == pytest.approx(r.cum_logprob, abs=1e-3)
     assert cums == sorted(cums, reverse=True)  # equal lengths: best cumulative log-probability first
     assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == 24
+    # A batch of prompts: prompt p's beams are choices p * n .. p * n + n - 1.
+    other = _tokens(server, prompt="My favourite colour is")
+    batch = client.completions.create(model=MODEL, prompt=[other, prompt], n=4, max_tokens=6,
+                                      extra_body={"use_beam_search": True, "ignore_eos": True})
+    assert [c.index for c in batch.choices] == list(range(8))
+    assert [c.text for c in batch.choices[4:]] == [c.text for c in resp.choices]
+    assert len({c.text for c in batch.choices[:4]}) == 4
+    assert batch.usage.prompt_tokens == len(prompt) + len(other) and batch.usage.completion_tokens == 48
 
 
 def test_chat_beam_search_equals_reference(server, client, hf):
