@@ -120,7 +120,7 @@ class AsyncLLM(EngineFrontEnd):
     # -------------------------------------------------------------- public
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str, *, priority: int | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, check_overload: bool = True) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as the engine produces them
         (per ``sampling_params.output_kind``). Stopping the iteration early
         (e.g. a client disconnect) aborts the request; its KV blocks are freed
@@ -130,6 +130,8 @@ class AsyncLLM(EngineFrontEnd):
             priority: lower runs first under ``--scheduling-policy priority``
                 (None: 0).
             cache_salt: only requests with equal salts share prefix-cache blocks.
+            check_overload: False skips the ``max_waiting_requests`` check (for
+                the step requests of a beam search, checked once when it started).
         Raises:
             ValueError: invalid input (before anything is yielded).
             EngineDeadError: the engine core is not running, or died meanwhile.
@@ -148,9 +150,8 @@ class AsyncLLM(EngineFrontEnd):
             raise ValueError(f"request id {request_id!r} is already in use")
         # NOTE: checked here, with no await before the submit below, so that a
         # burst arriving in one event-loop turn cannot all pass the check.
-        limit = self.max_waiting_requests
-        if limit is not None and self.num_waiting_requests() >= limit:
-            raise EngineOverloadedError(f"{limit} requests are already waiting for a slot")
+        if check_overload:
+            self._check_overload()
         self._ensure_output_handler()
         arrival = time.monotonic()
         # NOTE: the queue is registered after the submit (which may still refuse
@@ -178,8 +179,9 @@ class AsyncLLM(EngineFrontEnd):
         """Beam search from one prompt (see :mod:`ember.beam_search`): each step
         submits one engine request per live beam, all together, as
         ``f"{request_id}-{step}-{beam}"`` (each counts as a request in the
-        metrics and the request log). Cancelling the call aborts the step's
-        requests.
+        metrics and the request log). The search is checked against
+        ``max_waiting_requests`` once, before its first step. Cancelling the
+        call aborts the step's requests.
 
         Returns:
             A finished RequestOutput whose ``outputs`` are the ``beam_width``
@@ -191,11 +193,17 @@ class AsyncLLM(EngineFrontEnd):
             EngineDeadError, EngineLoadingError, EngineOverloadedError: as :meth:`generate`.
         """
         arrival = time.monotonic()
+        if self.errored:
+            raise EngineDeadError("the engine core is not running")
+        if not self.ready:
+            raise EngineLoadingError("the model is still loading; retry in a few seconds")
         ids = self.input_processor.tokenize(prompt)
         step_params = params.step_sampling_params()
         self.input_processor.check(ids, step_params)
         search = BeamSearch(ids, params, self.input_processor.eos_token_ids, self.model_config.max_model_len)
-        extra = {"priority": priority, "cache_salt": cache_salt}
+        # Admitted (or refused) once: its step requests skip the overload check.
+        self._check_overload()
+        extra = {"priority": priority, "cache_salt": cache_salt, "check_overload": False}
         step = 0
         first_token_time = None
         while not search.done:
@@ -220,6 +228,11 @@ class AsyncLLM(EngineFrontEnd):
             final = out
         assert final is not None and final.outputs[0].logprobs, "a step request ended without log-probabilities"
         return final.outputs[0].logprobs[0]
+
+    def _check_overload(self) -> None:
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_waiting_requests() >= limit:
+            raise EngineOverloadedError(f"{limit} requests are already waiting for a slot")
 
     def num_waiting_requests(self) -> int:
         """Engine-core requests (n per user request) submitted here that are not

@@ -23,7 +23,9 @@ QUESTION = [{"role": "user", "content": "Say hi."}]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with launch_server("--kv-cache-memory", "128M", "--max-model-len", "256") as srv:
+    # A waiting-request limit below the beam width: a search is admitted once, its
+    # step requests (up to n at a time) are not refused one by one.
+    with launch_server("--kv-cache-memory", "128M", "--max-model-len", "256", "--max-waiting-requests", "2") as srv:
         yield srv.url
 
 
