@@ -70,14 +70,17 @@ class LLM:
         token_lists = [self.llm_engine.input_processor.apply_chat_template(c) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params, use_tqdm, priority, cache_salt)
 
-    def beam_search(self, prompts: str | list[str] | list[int] | list[list[int]], params: BeamSearchParams,
-                    use_tqdm: bool = False, cache_salt: str | None = None) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts: str | list[int] | dict[str, Any] | list[str | list[int] | dict[str, Any]],
+                    params: BeamSearchParams, use_tqdm: bool = False,
+                    cache_salt: str | None = None) -> list[BeamSearchOutput]:
         """Beam search from each prompt (see :mod:`ember.beam_search`); the
         searches of all prompts step together, their beams batched in one engine
         step.
 
         Args:
-            prompts: a string, a list of token ids, or a list of either.
+            prompts: a string, a list of token ids, or a list of prompts, each a
+                string, a list of token ids, ``{"prompt": str}`` or
+                ``{"prompt_token_ids": list[int]}`` (vLLM's prompt dicts).
             params: width, length, stop and scoring settings (shared by all prompts).
             cache_salt: as in :meth:`generate`.
         Returns:
@@ -89,9 +92,10 @@ class LLM:
         """
         engine = self.llm_engine
         ip = engine.input_processor
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         check_priority_and_salt(0, cache_salt)
+        prompts = [_prompt_of(p) for p in prompts]
         token_lists = [ip.tokenize(p) for p in prompts]
         step_params = params.step_sampling_params()
         searches = []
@@ -152,6 +156,20 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [finished[r] for r in ids_in_order]
+
+
+def _prompt_of(prompt: Any) -> Any:
+    """The text or token ids of a prompt given as vLLM's ``{"prompt": ...}`` or
+    ``{"prompt_token_ids": ...}`` dict; any other prompt as is.
+
+    Raises:
+        ValueError: a dict with neither key, or other keys.
+    """
+    if not isinstance(prompt, dict):
+        return prompt
+    if len(prompt) == 1 and ("prompt" in prompt or "prompt_token_ids" in prompt):
+        return next(iter(prompt.values()))
+    raise ValueError(f"prompt dict must have one key, 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
 
 
 def _per_prompt(value: Any, n: int, name: str) -> list[Any]:

@@ -157,7 +157,8 @@ def test_width_one_equals_greedy(llm):
     chat = llm.llm_engine.input_processor.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
     for prompt, max_tokens in (("The capital of France is", 12), (chat, 40)):
         greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)[0]
-        (beam,) = llm.beam_search(prompt, BeamSearchParams(beam_width=1, max_tokens=max_tokens))
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        (beam,) = llm.beam_search([{key: prompt}], BeamSearchParams(beam_width=1, max_tokens=max_tokens))
         (seq,) = beam.sequences
         g = greedy.outputs[0]
         assert seq.token_ids == g.token_ids and seq.text == g.text
