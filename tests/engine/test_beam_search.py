@@ -244,3 +244,28 @@ def test_beams_share_the_prompt_blocks(llm):
             assert block_ids[:num_full] == prompt_blocks  # the prompt's blocks, not copies
             assert ref_cnts[:num_full] == [width] * num_full  # held by every beam of the step
             assert len(block_ids) == shared + 1  # one block of its own
+
+
+@pytest.mark.slow
+def test_without_prefix_caching_same_result_with_full_recompute(llm, smollm2_path):
+    prompt = llm.llm_engine.input_processor.tokenize("Beam search without a prefix cache. " + LONG_TEXT[:120])
+    params = BeamSearchParams(beam_width=3, max_tokens=4, ignore_eos=True)
+    (cached,) = llm.beam_search([prompt], params)
+    plain = LLM(smollm2_path, dtype="float32", max_model_len=512, block_size=16, kv_cache_memory=64 << 20,
+                enable_prefix_caching=False)
+    scheduler = plain.llm_engine.engine_core.scheduler
+    computed = []
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        computed.append(out.total_num_scheduled_tokens)
+        return out
+
+    scheduler.schedule = recording_schedule
+    (uncached,) = plain.beam_search([prompt], params)
+    assert [s.token_ids for s in uncached.sequences] == [s.token_ids for s in cached.sequences]
+    for a, b in zip(uncached.sequences, cached.sequences):
+        assert a.cum_logprob == pytest.approx(b.cum_logprob, abs=1e-4)
+    # Each step recomputes every beam from its first token.
+    assert computed == [len(prompt)] + [3 * (len(prompt) + t) for t in range(1, 4)]
