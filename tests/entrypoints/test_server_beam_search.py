@@ -1,8 +1,9 @@
 """Beam search through the real server (``ember serve`` in a subprocess, bundled
 SmolLM2, float32 on CPU) with the official ``openai`` client: vLLM's
 ``use_beam_search`` (``n`` the beam width) and ``length_penalty`` in ``extra_body``,
-on completions and chat, checked against a plain-PyTorch beam search over HF
-transformers' model on the same weights; bad values answer 400 naming the field."""
+on completions and chat (streamed and not), checked against a plain-PyTorch beam
+search over HF transformers' model on the same weights; bad values answer 400
+naming the field."""
 
 from __future__ import annotations
 
@@ -100,7 +101,6 @@ def test_chat_beam_search_equals_reference(server, client, hf):
 @pytest.mark.parametrize("endpoint, extra, field", [
     ("completions", {"use_beam_search": True, "n": 11}, "n"),
     ("completions", {"use_beam_search": True, "n": 0}, "n"),
-    ("completions", {"use_beam_search": True, "n": 2, "stream": True}, "stream"),
     ("chat", {"use_beam_search": True, "n": 2, "temperature": 0.7}, "temperature"),
     ("chat", {"use_beam_search": True, "top_p": 0.5}, "top_p"),
     ("completions", {"use_beam_search": True, "stop": ["."]}, "stop"),
@@ -120,8 +120,27 @@ def test_bad_beam_search_values(server, endpoint, extra, field):
     assert err["param"] == field and field in err["message"], err
 
 
-def test_client_stream_with_beam_search_is_refused(client):
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, stream=True,
-                                       extra_body={"use_beam_search": True})
-    assert exc.value.response.json()["error"]["param"] == "stream"
+def test_streamed_beam_search_carries_the_finished_sequences(client):
+    """The search ends before the stream starts: each choice's whole text comes in
+    one chunk, with its finish reason (as vLLM streams a beam search)."""
+    beam = {"use_beam_search": True, "ignore_eos": True}
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", n=3, max_tokens=5, extra_body=beam)
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", n=3, max_tokens=5,
+                                            stream=True, stream_options={"include_usage": True}, extra_body=beam))
+    texts, reasons = {}, {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        reasons[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=6,
+                                           extra_body={"use_beam_search": True})
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=6, stream=True,
+                                                 extra_body={"use_beam_search": True}))
+    for choice in whole.choices:
+        deltas = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert deltas[0].delta.role == "assistant"
+        assert "".join(d.delta.content or "" for d in deltas) == choice.message.content
+        assert [d.finish_reason for d in deltas][-1] == choice.finish_reason

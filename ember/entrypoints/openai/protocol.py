@@ -210,8 +210,9 @@ class SamplingFields(StrictRequestModel):
         generated length in the score (see :mod:`ember.beam_search`). Beams are
         ranked by the model's raw log-probabilities, so the fields that shape
         sampling (``temperature`` other than 0, ``top_p``, ``top_k``, ``min_p``,
-        the penalties), stop strings, streaming and the prompt's log-probabilities
-        (``echo`` with ``logprobs``) are refused with it rather than ignored.
+        the penalties), stop strings and the prompt's log-probabilities (``echo``
+        with ``logprobs``) are refused with it rather than ignored. A stream gets
+        the finished sequences (the search ranks them only at its end).
 
         Raises:
             ValueError: the message starts with the field at fault.
@@ -224,9 +225,6 @@ class SamplingFields(StrictRequestModel):
         if not 1 <= n <= MAX_BEAM_WIDTH:
             raise ValueError(f"n (the beam width with use_beam_search) must be an integer in [1, {MAX_BEAM_WIDTH}], "
                              f"got {n}")
-        if self.stream:
-            raise ValueError("stream is not supported with use_beam_search: the beams are ranked only once all "
-                             "have finished")
         if self.temperature not in (None, 0):
             raise ValueError(f"temperature must be 0 or unset with use_beam_search (beams are ranked by the "
                              f"model's raw log-probabilities), got {self.temperature}")

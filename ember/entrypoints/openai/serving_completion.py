@@ -20,6 +20,11 @@ is a batch of one. When one prompt's request fails, or the client goes, or the
 server ends the request (timeout, shutdown), every prompt's engine request is
 aborted.
 
+With ``use_beam_search`` (vLLM's extra; chat too) each prompt runs a beam search
+of width ``n`` (``AsyncLLM.beam_search``) and its ``n`` choices are the finished
+sequences, best score first. The search ends before anything is sent: a stream
+then carries each choice's whole text in one chunk (as vLLM streams it).
+
 Log-probabilities are reported for the tokens of the returned text: every
 generated token except a final stop token (EOS or one of ``stop_token_ids``),
 which ends a completion without being part of its text (it still counts in
@@ -407,6 +412,13 @@ def at_location(message: str, location: str) -> str:
 _END = object()  # the end of an output stream
 
 
+async def no_more_outputs() -> AsyncIterator[RequestOutput]:
+    """An output stream that has ended: what follows a request's only output
+    (a beam search answers once, finished)."""
+    return
+    yield
+
+
 async def _next_or_end(outputs: AsyncIterator[RequestOutput]) -> Any:
     return await anext(outputs, _END)
 
@@ -513,22 +525,23 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = [await self._prepare(request, location, prompt) for location, prompt in located]
         request_id = random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        finals: list[RequestOutput | None] = [None for _ in prompts]
         if request.use_beam_search:
-            finals = await self.beam_search_all([(p.ids, request.to_beam_search_params(p.params)) for p in prompts],
-                                                engine_ids, request.priority, request.cache_salt)
+            results = await self.beam_search_all([(p.ids, request.to_beam_search_params(p.params))
+                                                  for p in prompts], engine_ids, request.priority, request.cache_salt)
+            merged = MergedOutputs([(result, no_more_outputs()) for result in results])
         else:
             merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority,
                                                       request.cache_salt)
                                            for p, engine_id in zip(prompts, engine_ids, strict=True)])
-            if request.stream:
-                events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage)
-                return self.sse_response(request_id, events, merged)
-            try:
-                async for i, out in merged:  # FINAL_ONLY: a prompt's last output holds its n completions
-                    finals[i] = out
-            finally:
-                await merged.aclose()
+        if request.stream:
+            events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage)
+            return self.sse_response(request_id, events, merged)
+        finals: list[RequestOutput | None] = [None for _ in prompts]
+        try:
+            async for i, out in merged:  # FINAL_ONLY: a prompt's last output holds its n completions
+                finals[i] = out
+        finally:
+            await merged.aclose()
         n = prompts[0].params.n
         choices = []
         for i, (p, final) in enumerate(zip(prompts, finals, strict=True)):
