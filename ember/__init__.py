@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput",
+           "CompletionOutput", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,4 +15,8 @@ def __getattr__(name: str):
         from ember.engine.llm import LLM
 
         return LLM
+    if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):
+        import ember.beam_search
+
+        return getattr(ember.beam_search, name)
     raise AttributeError(name)

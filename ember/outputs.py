@@ -37,6 +37,8 @@ class CompletionOutput:
         stop_reason: the stop string or stop token id that ended it, if any.
         logprobs: with ``SamplingParams.logprobs`` set, one entry per token of
             ``token_ids`` (cumulative or delta like them); else None.
+        cumulative_logprob: the sum of the log-probabilities of ``token_ids``
+            (natural log); set by beam search, else None.
     """
 
     index: int
@@ -45,6 +47,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[SampleLogprob] | None = None
+    cumulative_logprob: float | None = None
 
     @property
     def finished(self) -> bool:

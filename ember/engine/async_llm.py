@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ember.beam_search import BeamSearch, BeamSearchParams
 from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
@@ -29,7 +30,7 @@ from ember.engine.core_client import AsyncMPClient, EngineDeadError, EngineLoadi
 from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt
 from ember.engine.messages import EngineCoreOutputs
 from ember.logger import init_logger
-from ember.outputs import RequestOutput
+from ember.outputs import RequestOutput, SampleLogprob
 from ember.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -119,7 +120,7 @@ class AsyncLLM(EngineFrontEnd):
     # -------------------------------------------------------------- public
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str, *, priority: int | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, check_overload: bool = True) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as the engine produces them
         (per ``sampling_params.output_kind``). Stopping the iteration early
         (e.g. a client disconnect) aborts the request; its KV blocks are freed
@@ -129,6 +130,8 @@ class AsyncLLM(EngineFrontEnd):
             priority: lower runs first under ``--scheduling-policy priority``
                 (None: 0).
             cache_salt: only requests with equal salts share prefix-cache blocks.
+            check_overload: False skips the ``max_waiting_requests`` check (for
+                the step requests of a beam search, checked once when it started).
         Raises:
             ValueError: invalid input (before anything is yielded).
             EngineDeadError: the engine core is not running, or died meanwhile.
@@ -148,9 +151,8 @@ class AsyncLLM(EngineFrontEnd):
             raise ValueError(f"request id {request_id!r} is already in use")
         # NOTE: checked here, with no await before the submit below, so that a
         # burst arriving in one event-loop turn cannot all pass the check.
-        limit = self.max_waiting_requests
-        if limit is not None and self.num_waiting_requests() >= limit:
-            raise EngineOverloadedError(f"{limit} requests are already waiting for a slot")
+        if check_overload:
+            self._check_overload()
         self._ensure_output_handler()
         arrival = time.monotonic()
         # NOTE: the queue is registered after the submit (which may still refuse
@@ -172,6 +174,66 @@ class AsyncLLM(EngineFrontEnd):
             self._queues.pop(request_id, None)
             if not finished and not self.errored:
                 self._abort_request(request_id)
+
+    async def beam_search(self, prompt: str | list[int], params: BeamSearchParams, request_id: str, *,
+                          priority: int | None = None, cache_salt: str | None = None) -> RequestOutput:
+        """Beam search from one prompt (see :mod:`ember.beam_search`): each step
+        submits one engine request per live beam, all together, as
+        ``f"{request_id}-{step}-{beam}"`` (each counts as a request in the
+        metrics and the request log). The search is checked against
+        ``max_waiting_requests`` once, before its first step. Cancelling the
+        call aborts the step's requests.
+
+        Returns:
+            A finished RequestOutput whose ``outputs`` are the ``beam_width``
+            sequences, best score first (``index`` is the rank), each with its
+            ``cumulative_logprob``.
+        Raises:
+            ValueError: invalid input (see :meth:`generate`), a prompt that fills
+                the context window or a ``stop_token_ids`` entry outside the vocabulary.
+            EngineDeadError, EngineLoadingError, EngineOverloadedError: as :meth:`generate`.
+        """
+        arrival = time.monotonic()
+        if self.errored:
+            raise EngineDeadError("the engine core is not running")
+        if not self.ready:
+            raise EngineLoadingError("the model is still loading; retry in a few seconds")
+        ids = self.input_processor.tokenize(prompt)
+        step_params = params.step_sampling_params()
+        self.input_processor.check(ids, step_params)
+        search = BeamSearch(ids, params, self.input_processor.eos_token_ids, self.model_config.max_model_len)
+        # Admitted (or refused) once: its step requests skip the overload check.
+        self._check_overload()
+        extra = {"priority": priority, "cache_salt": cache_salt, "check_overload": False}
+        step = 0
+        first_token_time = None
+        while not search.done:
+            entries = await _gather_or_cancel([self._next_token_logprobs(p, step_params, f"{request_id}-{step}-{i}",
+                                                                         **extra)
+                                               for i, p in enumerate(search.step_prompts())])
+            first_token_time = first_token_time or time.monotonic()
+            search.advance(entries)
+            step += 1
+        seqs = search.result(self.tokenizer)
+        outputs = [seq.as_completion(i) for i, seq in enumerate(seqs)]
+        metrics = {"arrival_time": arrival, "first_token_time": first_token_time, "finished_time": time.monotonic(),
+                   "num_generation_tokens": sum(len(c.token_ids) for c in outputs),
+                   "max_completion_tokens": max(len(c.token_ids) for c in outputs)}
+        return RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids, outputs, True, metrics)
+
+    async def _next_token_logprobs(self, prompt: list[int], params: SamplingParams, request_id: str,
+                                   **kwargs: Any) -> SampleLogprob:
+        """Run one beam's step request; the log-probabilities of its next token."""
+        final = None
+        async for out in self.generate(prompt, params, request_id, **kwargs):
+            final = out
+        assert final is not None and final.outputs[0].logprobs, "a step request ended without log-probabilities"
+        return final.outputs[0].logprobs[0]
+
+    def _check_overload(self) -> None:
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_waiting_requests() >= limit:
+            raise EngineOverloadedError(f"{limit} requests are already waiting for a slot")
 
     def num_waiting_requests(self) -> int:
         """Engine-core requests (n per user request) submitted here that are not
@@ -294,6 +356,23 @@ class _Timing:
         self.num_prompt_tokens = num_prompt_tokens
         self.first_scheduled: float | None = None
         self.last_token: dict[str, float] = {}
+
+
+async def _gather_or_cancel(coros: list[Any]) -> list[Any]:
+    """Run ``coros`` concurrently; their results in order. If one fails or this
+    call is cancelled, the others are cancelled (and awaited) first."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for t in tasks:  # retrieve every failure, so that none is logged as lost
+            if t.done() and not t.cancelled():
+                t.exception()
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ember.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from ember.engine.arg_utils import EngineArgs
 from ember.core.stats import SchedulerStats
 from ember.engine.llm_engine import LLMEngine, check_priority_and_salt
@@ -69,6 +70,58 @@ class LLM:
         token_lists = [self.llm_engine.input_processor.apply_chat_template(c) for c in conversations]
         return self._run([None] * len(token_lists), token_lists, sampling_params, use_tqdm, priority, cache_salt)
 
+    def beam_search(self, prompts: str | list[int] | dict[str, Any] | list[str | list[int] | dict[str, Any]],
+                    params: BeamSearchParams, use_tqdm: bool = False,
+                    cache_salt: str | None = None) -> list[BeamSearchOutput]:
+        """Beam search from each prompt (see :mod:`ember.beam_search`); the
+        searches of all prompts step together, their beams batched in one engine
+        step.
+
+        Args:
+            prompts: a string, a list of token ids, or a list of prompts, each a
+                string, a list of token ids, ``{"prompt": str}`` or
+                ``{"prompt_token_ids": list[int]}`` (vLLM's prompt dicts).
+            params: width, length, stop and scoring settings (shared by all prompts).
+            cache_salt: as in :meth:`generate`.
+        Returns:
+            Per prompt, in order, its ``beam_width`` sequences, best score first.
+        Raises:
+            ValueError: an invalid prompt, one that fills the context window, a
+                ``stop_token_ids`` entry outside the vocabulary, or an invalid
+                ``cache_salt`` (nothing is run then).
+        """
+        engine = self.llm_engine
+        ip = engine.input_processor
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        check_priority_and_salt(0, cache_salt)
+        prompts = [_prompt_of(p) for p in prompts]
+        token_lists = [ip.tokenize(p) for p in prompts]
+        step_params = params.step_sampling_params()
+        searches = []
+        for ids in token_lists:
+            ip.check(ids, step_params)
+            searches.append(BeamSearch(ids, params, ip.eos_token_ids, engine.model_config.max_model_len))
+        bar = tqdm(total=len(searches), desc="Beam search", disable=not use_tqdm)
+        while live := [s for s in searches if not s.done]:
+            step_ids = []
+            for search in live:
+                ids = []
+                for prompt in search.step_prompts():
+                    ids.append(engine.next_request_id())
+                    engine.add_request(ids[-1], prompt, step_params, prompt_token_ids=prompt, cache_salt=cache_salt)
+                step_ids.append(ids)
+            finished: dict[str, RequestOutput] = {}
+            while engine.has_unfinished_requests():
+                finished.update((out.request_id, out) for out in engine.step() if out.finished)
+            for search, ids in zip(live, step_ids):
+                search.advance([finished[r].outputs[0].logprobs[0] for r in ids])
+                bar.update(int(search.done))
+        bar.close()
+        tokenizer = self.get_tokenizer()
+        return [BeamSearchOutput(p if isinstance(p, str) else None, s.prompt_token_ids, s.result(tokenizer))
+                for p, s in zip(prompts, searches)]
+
     def get_stats(self) -> SchedulerStats:
         """Engine counters: prefix-cache queries/hits, preemptions, swaps, ..."""
         return self.llm_engine.get_stats()
@@ -105,6 +158,20 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [finished[r] for r in ids_in_order]
+
+
+def _prompt_of(prompt: Any) -> Any:
+    """The text or token ids of a prompt given as vLLM's ``{"prompt": ...}`` or
+    ``{"prompt_token_ids": ...}`` dict; any other prompt as is.
+
+    Raises:
+        ValueError: a dict with neither key, or other keys.
+    """
+    if not isinstance(prompt, dict):
+        return prompt
+    if len(prompt) == 1 and ("prompt" in prompt or "prompt_token_ids" in prompt):
+        return next(iter(prompt.values()))
+    raise ValueError(f"prompt dict must have one key, 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
 
 
 def _per_prompt(value: Any, n: int, name: str) -> list[Any]:

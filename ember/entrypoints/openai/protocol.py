@@ -25,6 +25,7 @@ boundary, so that nothing the engine core cannot carry gets past it):
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -39,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from ember.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from ember.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from ember.utils import INT64_MAX, INT64_MIN, check_text
 
@@ -174,6 +176,9 @@ class SamplingFields(StrictRequestModel):
     cache_salt: Annotated[Text, AfterValidator(_non_empty)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM extras: beam search, with n as the beam width (see check_beam_search).
+    use_beam_search: bool = False
+    length_penalty: float | None = None
     # Harmless standard field (end-user id for abuse monitoring); Ember ignores it.
     user: Text | None = None
 
@@ -252,8 +257,65 @@ class SamplingFields(StrictRequestModel):
             return None
         return {int(token): bias for token, bias in self.logit_bias.items()}
 
+    def check_beam_search(self) -> None:
+        """Check the beam-search fields (vLLM's): ``use_beam_search`` runs a beam
+        search of width ``n`` (in [1, 10]) and answers its ``n`` sequences, best
+        first; ``length_penalty`` (default 1.0, finite) is the exponent of the
+        generated length in the score (see :mod:`ember.beam_search`). Beams are
+        ranked by the model's raw log-probabilities, so the fields that shape
+        sampling (``temperature`` other than 0, ``top_p``, ``top_k``, ``min_p``,
+        the penalties, ``logit_bias``, ``allowed_token_ids``, ``bad_words``,
+        ``min_tokens``), stop strings (and ``include_stop_str_in_output``) and the
+        prompt's log-probabilities (``prompt_logprobs``, ``echo`` with ``logprobs``)
+        are refused with it rather than ignored. A stream gets
+        the finished sequences (the search ranks them only at its end).
+
+        Raises:
+            ValueError: the message starts with the field at fault.
+        """
+        if not self.use_beam_search:
+            if self.length_penalty is not None:
+                raise ValueError("length_penalty applies only with use_beam_search: true")
+            return
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_BEAM_WIDTH:
+            raise ValueError(f"n (the beam width with use_beam_search) must be an integer in [1, {MAX_BEAM_WIDTH}], "
+                             f"got {n}")
+        if self.temperature not in (None, 0):
+            raise ValueError(f"temperature must be 0 or unset with use_beam_search (beams are ranked by the "
+                             f"model's raw log-probabilities), got {self.temperature}")
+        neutral = {"top_p": (1,), "top_k": (0, -1), "min_p": (0,), "presence_penalty": (0,),
+                   "frequency_penalty": (0,), "repetition_penalty": (1,)}
+        for name, values in neutral.items():
+            value = getattr(self, name)
+            if value is not None and value not in values:
+                raise ValueError(f"{name} is not supported with use_beam_search (beams are ranked by the model's "
+                                 f"raw log-probabilities), got {value}")
+        if self.stop:
+            raise ValueError("stop strings are not supported with use_beam_search (stop_token_ids are)")
+        for name in ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "prompt_logprobs",
+                     "include_stop_str_in_output"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported with use_beam_search")
+        if self.num_prompt_logprobs() is not None:
+            raise ValueError("echo with logprobs is not supported with use_beam_search")
+        if self.length_penalty is not None and not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+
+    def to_beam_search_params(self, params: SamplingParams) -> BeamSearchParams:
+        """The beam search of a ``use_beam_search`` request, from its checked
+        SamplingParams (:meth:`to_sampling_params`; ``max_tokens`` None: up to the
+        context window)."""
+        return BeamSearchParams(
+            beam_width=params.n, max_tokens=INT64_MAX if params.max_tokens is None else params.max_tokens,
+            ignore_eos=params.ignore_eos, length_penalty=1.0 if self.length_penalty is None else self.length_penalty,
+            stop_token_ids=params.stop_token_ids, logprobs=params.logprobs,
+            skip_special_tokens=params.skip_special_tokens)
+
     def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """Build validated SamplingParams (DELTA output when streaming).
+        """Build validated SamplingParams (DELTA output when streaming). With
+        ``use_beam_search`` they describe the answer (``n`` sequences, greedy, the
+        logprobs and stop ids to report); see :meth:`to_beam_search_params`.
 
         Args:
             max_tokens: the resolved output budget in tokens (None: up to the context).
@@ -261,6 +323,7 @@ class SamplingFields(StrictRequestModel):
         Raises:
             ValueError: a value out of range (the message names the parameter first).
         """
+        self.check_beam_search()
         optional = {
             "n": self.n,
             "temperature": self.temperature,
@@ -271,6 +334,8 @@ class SamplingFields(StrictRequestModel):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
+        if self.use_beam_search:
+            optional["temperature"] = 0.0
         return SamplingParams(
             logprobs=self.num_logprobs(),
             prompt_logprobs=self.num_prompt_logprobs(),

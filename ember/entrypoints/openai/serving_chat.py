@@ -43,6 +43,7 @@ from ember.entrypoints.openai.serving_completion import (
     SSEResponse,
     drop_null_usage,
     finite_logprob,
+    no_more_outputs,
     reported_logprobs,
     sse_event,
 )
@@ -81,7 +82,12 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = self.prompt_ids_for(request, prompt_ids, request.resolved_max_tokens())
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
         request_id = random_id("chatcmpl")
-        first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
+        if request.use_beam_search:
+            (first,) = await self.beam_search_all([(prompt_ids, request.to_beam_search_params(params))], [request_id],
+                                                  request.priority, request.cache_salt)
+            rest = no_more_outputs()
+        else:
+            first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         as_ids = request.return_tokens_as_token_ids
         if request.stream:
             events = self._stream(request_id, first, rest, params, len(prompt_ids), request.include_usage,

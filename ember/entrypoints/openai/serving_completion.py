@@ -20,6 +20,11 @@ is a batch of one. When one prompt's request fails, or the client goes, or the
 server ends the request (timeout, shutdown), every prompt's engine request is
 aborted.
 
+With ``use_beam_search`` (vLLM's extra; chat too) each prompt runs a beam search
+of width ``n`` (``AsyncLLM.beam_search``) and its ``n`` choices are the finished
+sequences, best score first. The search ends before anything is sent: a stream
+then carries each choice's whole text in one chunk (as vLLM streams it).
+
 Log-probabilities are reported for the tokens of the returned text: every
 generated token except a final stop token (EOS or one of ``stop_token_ids``),
 which ends a completion without being part of its text (it still counts in
@@ -55,6 +60,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from ember.beam_search import BeamSearchParams
 from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     MAX_COMPLETIONS_PER_REQUEST,
@@ -383,6 +389,34 @@ class OpenAIServing:
             raise
         return first, gen
 
+    async def beam_search_all(self, searches: list[tuple[list[int], BeamSearchParams]], request_ids: list[str],
+                              priority: int = 0, cache_salt: str | None = None) -> list[RequestOutput]:
+        """Run the beam searches of a request's prompts concurrently (see
+        ``AsyncLLM.beam_search``); their outputs in order. If one fails, or the
+        client goes, the others are cancelled (which aborts their engine requests).
+
+        Raises:
+            APIError: 400 when the engine rejects an input, 503 when it is not running.
+        """
+        if getattr(self.engine, "errored", False):
+            raise APIError("the engine is not running (it stopped after an error)", 503, type="server_error")
+        tasks = [asyncio.ensure_future(self.engine.beam_search(ids, params, request_id, priority=priority,
+                                                               cache_salt=cache_salt))
+                 for (ids, params), request_id in zip(searches, request_ids, strict=True)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except ValueError as e:
+            raise APIError(str(e)) from e
+        finally:  # also when cancelled
+            pending = [t for t in tasks if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            for t in tasks:  # retrieve every failure, so that none is logged as lost
+                if t.done() and not t.cancelled():
+                    t.exception()
+
     async def start_all(self, starts: list[Awaitable[tuple[RequestOutput, AsyncIterator[RequestOutput]]]]
                         ) -> MergedOutputs:
         """Run several :meth:`start` calls concurrently (so that the engine gets the
@@ -426,6 +460,13 @@ def at_location(message: str, location: str) -> str:
 
 
 _END = object()  # the end of an output stream
+
+
+async def no_more_outputs() -> AsyncIterator[RequestOutput]:
+    """An output stream that has ended: what follows a request's only output
+    (a beam search answers once, finished)."""
+    return
+    yield
 
 
 async def _next_or_end(outputs: AsyncIterator[RequestOutput]) -> Any:
@@ -534,8 +575,14 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = [await self._prepare(request, location, prompt) for location, prompt in located]
         request_id = random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
-                                       for p, engine_id in zip(prompts, engine_ids, strict=True)])
+        if request.use_beam_search:
+            results = await self.beam_search_all([(p.ids, request.to_beam_search_params(p.params))
+                                                  for p in prompts], engine_ids, request.priority, request.cache_salt)
+            merged = MergedOutputs([(result, no_more_outputs()) for result in results])
+        else:
+            merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority,
+                                                      request.cache_salt)
+                                           for p, engine_id in zip(prompts, engine_ids, strict=True)])
         as_ids = request.return_tokens_as_token_ids
         if request.stream:
             events = self._stream(request_id, prompts, merged, request.include_usage, request.continuous_usage,
