@@ -915,3 +915,14 @@ def test_completion_batch_shutdown_aborts_all() -> None:
         assert sorted(engine.aborted) == sorted(engine.started) and len(engine.started) == len(BATCH)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", {"5": 1.0}), ("allowed_token_ids", [5]),
+                                          ("bad_words", ["x"]), ("min_tokens", 1), ("prompt_logprobs", 0),
+                                          ("include_stop_str_in_output", True)])
+def test_beam_search_refuses_sampling_fields(field: str, value: object) -> None:
+    from ember.entrypoints.openai.protocol import CompletionRequest
+
+    request = CompletionRequest.model_validate({"prompt": "hi", "use_beam_search": True, "n": 2, field: value})
+    with pytest.raises(ValueError, match=f"^{field} is not supported with use_beam_search"):
+        request.check_beam_search()

@@ -295,7 +295,7 @@ class SamplingFields(StrictRequestModel):
             raise ValueError("stop strings are not supported with use_beam_search (stop_token_ids are)")
         for name in ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "prompt_logprobs",
                      "include_stop_str_in_output"):
-            if getattr(self, name):
+            if getattr(self, name) or (name == "prompt_logprobs" and self.prompt_logprobs is not None):
                 raise ValueError(f"{name} is not supported with use_beam_search")
         if self.num_prompt_logprobs() is not None:
             raise ValueError("echo with logprobs is not supported with use_beam_search")
