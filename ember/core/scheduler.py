@@ -29,7 +29,9 @@ whose last allowed token is in flight is not scheduled again; one that stops on
 a stop token in flight is computed once more and that token dropped. A request
 preempted with a token in flight gets that token while it waits (it is known
 before the request can resume). Only penalties need the token in flight on the
-host (:meth:`Scheduler.can_schedule_ahead`). Draft tokens (``Request.spec_token_ids``)
+host (:meth:`Scheduler.can_schedule_ahead`); grammar-constrained requests are
+scheduled ahead too, their token masks are filled once the token in flight is
+known (``SchedulerOutput.structured_output_req_ids``). Draft tokens (``Request.spec_token_ids``)
 are scheduled after a request's last token like any other tokens; the step
 returns the accepted ones and ``num_computed_tokens`` goes back over the rest.
 
@@ -122,6 +124,8 @@ class Scheduler:
         self._finished_in_flight: dict[str, int] = {}
         # Ids of unfinished requests that use penalties.
         self._penalized: set[str] = set()
+        # Ids of unfinished requests with a grammar (Request.structured_output).
+        self._structured: set[str] = set()
 
     # ------------------------------------------------------------------ queue
     def add_request(self, request: Request) -> None:
@@ -132,6 +136,8 @@ class Scheduler:
         self.policy.add_waiting(request)
         if uses_penalty(request.sampling_params):
             self._penalized.add(request.request_id)
+        if request.structured_output is not None:
+            self._structured.add(request.request_id)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
         """End requests from outside the step loop (abort, stop string).
@@ -222,6 +228,14 @@ class Scheduler:
             blocks_to_swap_in=plan.swap_in,
             scheduled_spec_decode_tokens=plan.spec_tokens,
         )
+        if self._structured:
+            # NOTE: a request samples when the step reaches its last token (the
+            # runner's rule); its mask is filled later, when its tokens up to
+            # this one are known (EngineCore).
+            requests = self.requests
+            out.structured_output_req_ids = [
+                r for r in plan.num_scheduled
+                if r in self._structured and requests[r].num_computed_tokens >= requests[r].num_tokens]
         self._forget_req_ids = set()
         return out
 
@@ -426,6 +440,8 @@ class Scheduler:
                 self._check_stop(req, tokens[0])
             else:
                 tokens = self._append_tokens(req, tokens)
+            if req.structured_output is not None:
+                self._advance_grammar(req, tokens)
             finish = req.status.finish_reason
             logprobs = all_logprobs.get(req_id) if all_logprobs else None
             if logprobs is not None and len(logprobs) > len(tokens):
@@ -440,6 +456,13 @@ class Scheduler:
                     self.policy.remove_waiting(req)
                 self._free_request(req)
         return outputs
+
+    @staticmethod
+    def _advance_grammar(req: Request, tokens: list[int]) -> None:
+        """Advance ``req``'s grammar over its new tokens; it finishes (stopped)
+        when the grammar terminates, even when EOS does not stop it (``ignore_eos``)."""
+        if not req.structured_output.accept_tokens(tokens) and not req.status.is_finished:
+            req.status = RequestStatus.FINISHED_STOPPED
 
     def _append_tokens(self, req: Request, tokens: list[int]) -> list[int]:
         """Append ``tokens`` up to the first that finishes ``req``; returns those appended."""
@@ -483,6 +506,7 @@ class Scheduler:
         self._forget_req_ids.add(req_id)
         del self.requests[req_id]
         self._penalized.discard(req_id)
+        self._structured.discard(req_id)
         if self._in_flight:
             num_steps = sum(1 for s in self._in_flight if req_id in s.num_scheduled_tokens)
             if num_steps:

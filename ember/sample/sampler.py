@@ -59,7 +59,8 @@ class SamplingMetadata:
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device,
               token_ids: list[list[int]] | None = None, vocab_size: int | None = None,
-              logits_processors: list[list[LogitsProcessor]] | None = None) -> SamplingMetadata:
+              logits_processors: list[list[LogitsProcessor]] | None = None,
+              token_mask: TokenMaskMetadata | None = None) -> SamplingMetadata:
         """Args:
             params: per row, its request's sampling parameters.
             output_positions: per row, the index of the token it samples among
@@ -73,6 +74,8 @@ class SamplingMetadata:
                 processor.
             logits_processors: per row, its processors; None: those its
                 parameters ask for (:func:`~ember.sample.logits_processor.logits_processors_for`).
+            token_mask: the step's masks, already built (then no row's
+                processors are asked).
 
         The per-row values travel in asynchronous host-to-device copies (two,
         plus one or two per feature some row uses); nothing here waits for
@@ -95,8 +98,7 @@ class SamplingMetadata:
                 raise ValueError("token_ids must be given when a row uses a penalty")
             penalties = PenaltyMetadata.build(params, token_ids, output_positions, device)
         logprobs = LogprobsMetadata.build(params, device) if any_logprobs else None
-        token_mask = None
-        if any_processor:
+        if token_mask is None and any_processor:
             token_mask = _build_token_mask(params, output_positions, device, token_ids, vocab_size,
                                            logits_processors)
         if all_greedy:
