@@ -79,6 +79,9 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
                                          "messages", messages_chars(messages))
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
+        if self.reasoning_parser is not None and params.structured_outputs is not None:
+            # The reasoning stays free; the constraint applies to the answer.
+            params.structured_outputs.reasoning = self.reasoning_parser.structured_output_reasoning
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         if request.stream:

@@ -60,6 +60,7 @@ from ember.entrypoints.openai.protocol import (
 )
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import SamplingParams
+from ember.structured_output.grammar import validate_structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,25 @@ def finite_logprob(logprob: float) -> float:
     return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB  # noqa: FURB136 (max() would keep NaN)
 
 
+def check_structured_outputs(request: SamplingFields, params: SamplingParams) -> None:
+    """Validate the request's output constraint in the API process, before the
+    engine sees it (the grammar is parsed; no token tables are built).
+
+    Raises:
+        APIError: 400 naming the field (``response_format`` or
+            ``structured_outputs``) and the problem: an invalid JSON schema,
+            an unsupported schema keyword, an invalid regex or EBNF grammar.
+    """
+    field = request.structured_outputs_field()
+    try:
+        validate_structured_outputs(params.structured_outputs)
+    except ValueError as e:
+        message = str(e)
+        if field == "response_format":
+            message = message.replace("structured_outputs.json", "response_format.json_schema.schema")
+        raise APIError(message, param=field) from e
+
+
 class OpenAIServing:
     """Shared request handling: model check, validation, submission to the engine.
 
@@ -282,6 +302,8 @@ class OpenAIServing:
             if first_word == "max_tokens":  # SamplingParams' name for the budget, whatever the field
                 first_word, message = budget_field, budget_field + message.removeprefix("max_tokens")
             raise APIError(message, param=first_word if first_word in type(request).model_fields else None) from e
+        if params.structured_outputs is not None:
+            check_structured_outputs(request, params)
         try:
             params = self.engine.input_processor.check(prompt_ids, params)
         except ValueError as e:
