@@ -27,7 +27,6 @@ position). A step without constrained requests launches in one part, as before.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -112,11 +111,14 @@ class EngineCore:
         structured-output counters; with ``drain_compile_times``, the grammar
         compile times since the last such call."""
         so = self.structured_output
-        stats = self.scheduler.get_stats()
-        stats.num_waiting += len(self._waiting_for_grammar)
-        return dataclasses.replace(
-            stats, num_structured_output_requests=so.num_requests, num_grammar_cache_hits=so.num_cache_hits,
-            grammar_compile_times=so.drain_compile_times() if drain_compile_times else [])
+        stats = self.scheduler.get_stats()  # a fresh snapshot: filled in place
+        if so.num_requests:
+            stats.num_waiting += len(self._waiting_for_grammar)
+            stats.num_structured_output_requests = so.num_requests
+            stats.num_grammar_cache_hits = so.num_cache_hits
+            if drain_compile_times:
+                stats.grammar_compile_times = so.drain_compile_times()
+        return stats
 
     def add_request(self, request: Request) -> None:
         """Queue a request; one with a grammar constraint joins the scheduler
@@ -235,12 +237,10 @@ class EngineCore:
         start = time.perf_counter()
         req_ids = sched.structured_output_req_ids
         bitmask = np.full((len(req_ids), self.structured_output.num_words), -1, dtype=np.int32)
-        rows = torch.from_numpy(bitmask)
         requests = self.scheduler.requests
-        for i, req_id in enumerate(req_ids):
-            req = requests.get(req_id)
-            if req is not None and not req.is_finished():
-                req.structured_output.fill_bitmask(rows, i)
+        states = [None if (req := requests.get(r)) is None or req.is_finished() else req.structured_output
+                  for r in req_ids]
+        self.structured_output.fill_bitmasks(states, torch.from_numpy(bitmask))
         self.mask_s += time.perf_counter() - start
         self.executor.sample_with_bitmask(GrammarBitmask(list(req_ids), bitmask))
 

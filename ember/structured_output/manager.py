@@ -34,6 +34,10 @@ from ember.structured_output.grammar import GrammarKey, build_grammar, grammar_k
 logger = init_logger(__name__)
 
 
+# Constrained rows from which one step's masks are filled on xgrammar's threads.
+BATCH_FILL_MIN = 4
+
+
 class ReasoningMode(enum.Enum):
     """Where a reasoning model's output leaves room for the constraint.
 
@@ -150,6 +154,9 @@ class StructuredOutputRequest:
             bitmask[row].fill_(-1)
             return
         self._matcher().fill_next_token_bitmask(bitmask, row)
+        self._allow_opening(bitmask, row)
+
+    def _allow_opening(self, bitmask: torch.Tensor, row: int) -> None:
         if self.may_open:
             t = self.think_start_id
             bitmask[row, t >> 5] |= _bit(t & 31)
@@ -197,6 +204,7 @@ class StructuredOutputManager:
         self._cache: OrderedDict[GrammarKey, Future] = OrderedDict()
         self._cache_size = cache_size
         self._think_ids: tuple[int | None, int | None] | None = None
+        self._batch_matcher: Any = None
         # Counters, cumulative; compile times (seconds) since the last drain.
         self.num_requests = 0
         self.num_cache_hits = 0
@@ -269,6 +277,25 @@ class StructuredOutputManager:
             self._think_ids = (vocab.get(THINK_START), vocab.get(THINK_END))
         start_id, end_id = self._think_ids or (None, None)
         state.start(prompt_token_ids, start_id, end_id)
+
+    def fill_bitmasks(self, states: list[StructuredOutputRequest | None], bitmask: torch.Tensor) -> None:
+        """Fill ``bitmask`` ([len(states), words] int32 CPU, all ones on entry)
+        with each sequence's allowed next tokens; a None state's row stays all
+        ones. From :data:`BATCH_FILL_MIN` constrained rows on, xgrammar fills
+        them on its own threads (``BatchGrammarMatcher``)."""
+        constrained = [(i, st) for i, st in enumerate(states) if st is not None and st.constraining]
+        if len(constrained) < BATCH_FILL_MIN:
+            for i, st in constrained:
+                st.fill_bitmask(bitmask, i)
+            return
+        if self._batch_matcher is None:
+            import xgrammar as xgr
+
+            self._batch_matcher = xgr.BatchGrammarMatcher("auto")
+        self._batch_matcher.batch_fill_next_token_bitmask([st._matcher() for _, st in constrained], bitmask,
+                                                          [i for i, _ in constrained])
+        for i, st in constrained:
+            st._allow_opening(bitmask, i)
 
     def drain_compile_times(self) -> list[float]:
         """Compile times (seconds) since the last call."""

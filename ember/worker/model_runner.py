@@ -404,7 +404,9 @@ class ModelRunner:
         enqueued, and the sampled ids start their copy to the host; nothing
         waits for the device (on CUDA). The step may continue requests whose
         last token the previous launched step is still sampling (asynchronous
-        scheduling): that token is fed on the device.
+        scheduling): that token is fed on the device. A step that names
+        constrained requests (``sched.structured_output_req_ids``) stops after
+        the logits: :meth:`sample_with_bitmask` samples it.
 
         Returns:
             What :meth:`collect` turns into the step's output.

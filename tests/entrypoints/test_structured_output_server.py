@@ -15,6 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.entrypoints import server_process
 from tests.entrypoints.server_process import launch_server
 
 pytestmark = pytest.mark.slow
@@ -98,8 +99,13 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(qwen_path):
-    with launch_server("--model", qwen_path, "--max-model-len", "1024", "--kv-cache-memory", "128M") as srv:
-        yield srv
+    timeout = server_process.STARTUP_TIMEOUT_S
+    server_process.STARTUP_TIMEOUT_S = max(timeout, 400)  # a 0.5B model loads slowly on a busy CPU
+    try:
+        with launch_server("--model", qwen_path, "--max-model-len", "1024", "--kv-cache-memory", "128M") as srv:
+            yield srv
+    finally:
+        server_process.STARTUP_TIMEOUT_S = timeout
 
 
 @pytest.fixture(scope="module")

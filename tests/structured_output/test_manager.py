@@ -140,3 +140,26 @@ def test_reasoning_is_unconstrained_until_the_end_tag(manager, tokenizer) -> Non
     allowed = unpack_bitmask(_our_mask(state3), VOCAB)[0]
     assert allowed[start] and allowed.sum() < 20
     assert state3.accept_tokens([start]) and not state3.constraining
+
+
+def test_batch_fill_equals_one_by_one(manager, tokenizer) -> None:
+    from ember.structured_output.manager import BATCH_FILL_MIN
+
+    specs = [SO(json=SCHEMA), SO(regex="[a-z]+@[a-z]+\\.com"), SO(choice=["alpha", "beta"]), SO(json_object=True),
+             SO(grammar='root ::= "x" [0-9]*')]
+    prefixes = ['{"name": "B', "bob@", "", '{"a": [1, ', "x12"]
+    states = []
+    for so, prefix in zip(specs, prefixes):
+        st = _state(manager, so)
+        assert st.accept_tokens(tokenizer.encode(prefix, add_special_tokens=False))
+        states.append(st)
+    states.insert(2, None)  # a finished request's row: stays all ones
+    assert sum(s is not None for s in states) >= BATCH_FILL_MIN
+    words = (VOCAB + 31) // 32
+    batch = torch.full((len(states), words), -1, dtype=torch.int32)
+    manager.fill_bitmasks(states, batch)
+    for i, st in enumerate(states):
+        if st is None:
+            assert bool((batch[i] == -1).all())
+        else:
+            assert torch.equal(batch[i], _our_mask(st)[0]), i
