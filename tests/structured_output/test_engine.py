@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from ember import LLM, SamplingParams
+from ember.engine.step_stats import StepRecord
 from ember.sampling_params import StructuredOutputsParams as SO
 
 pytestmark = pytest.mark.slow
@@ -90,11 +91,19 @@ def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(llm) -> 
     free = [chat(llm, "Count to five."), chat(llm, "Say something about the sea.")]
     greedy = SamplingParams(temperature=0, max_tokens=20)
     alone = [o.outputs[0].token_ids for o in llm.generate(free, [greedy] * 2, use_tqdm=False)]
+    core = llm.llm_engine.engine_core
+    records: list[StepRecord] = []
+    core.add_step_observer(records.append)
     mixed = llm.generate([free[0], chat(llm, "Pick a city."), free[1], chat(llm, "A scientist?")],
                          [greedy, SamplingParams(temperature=0, max_tokens=8, structured_outputs=SO(choice=CHOICES)),
                           greedy, SamplingParams(temperature=0.5, seed=2, max_tokens=20,
                                                  structured_outputs=SO(regex=REGEX))], use_tqdm=False)
+    core.remove_step_observer(records.append)
     assert [mixed[0].outputs[0].token_ids, mixed[2].outputs[0].token_ids] == alone
+    constrained = [r for r in records if r.sched.structured_output_req_ids]
+    assert constrained and sum(r.mask_s for r in records) > 0
+    if core.async_scheduling:  # constrained requests keep being scheduled ahead
+        assert any(r.launched_ahead for r in constrained)
     assert mixed[1].outputs[0].text in CHOICES and re.fullmatch(REGEX, mixed[3].outputs[0].text)
 
 

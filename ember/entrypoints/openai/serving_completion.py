@@ -301,7 +301,8 @@ class OpenAIServing:
             first_word = message.split(" ", 1)[0]
             if first_word == "max_tokens":  # SamplingParams' name for the budget, whatever the field
                 first_word, message = budget_field, budget_field + message.removeprefix("max_tokens")
-            raise APIError(message, param=first_word if first_word in type(request).model_fields else None) from e
+            field = first_word.split(".", 1)[0]  # structured_outputs.choice -> structured_outputs
+            raise APIError(message, param=field if field in type(request).model_fields else None) from e
         if params.structured_outputs is not None:
             check_structured_outputs(request, params)
         try:
