@@ -185,7 +185,7 @@ def summarize_step_trace(trace: list[tuple], start: float, max_batch: int) -> di
         prev = t
     out: dict[str, Any] = {"trace_steps": len(trace),
                            "trace_preemptions": sum(s[4] for s in trace),
-                           "trace_mask_s": sum(s[5] for s in trace)}
+                           "trace_mask_s": sum(s[5] for s in trace if len(s) > 5)}  # older traces: 5 fields
     for kind, steps in kinds.items():
         secs = sum(d for d, _, _ in steps)
         n = max(1, len(steps))
