@@ -470,8 +470,9 @@ class ModelRunner:
     def sample_with_bitmask(self, grammar: GrammarBitmask) -> None:
         """Sample the last launched step, whose schedule named constrained
         requests: their rows of ``grammar.bitmask`` mask their logits (the
-        mask travels in one asynchronous host-to-device copy); a no-op when
-        the step samples nothing."""
+        step's masks, [sampling rows, words] int32 with all-ones rows for the
+        unconstrained ones, travel in one asynchronous host-to-device copy);
+        a no-op when the step samples nothing."""
         awaiting, self._awaiting_bitmask = self._awaiting_bitmask, None
         if awaiting is None:
             return
@@ -489,10 +490,15 @@ class ModelRunner:
                           for i, s in enumerate(states)]
             self._sample(pending, logits, states, seq_lens, processors=processors)
         else:
+            # NOTE: one row per sampling row (all ones where unconstrained): the
+            # masks travel in one copy and apply in one masked fill, no gather.
             rows, mask_rows = zip(*pairs)
-            if list(mask_rows) != list(range(masks.shape[0])):
-                masks = masks[list(mask_rows)]
-            token_mask = TokenMaskMetadata.from_rows(masks, rows, len(states), self.device)
+            if len(rows) == len(states) and list(rows) == list(mask_rows):
+                full = masks
+            else:
+                full = torch.full((len(states), masks.shape[1]), -1, dtype=torch.int32)
+                full[list(rows)] = masks[list(mask_rows)]
+            token_mask = TokenMaskMetadata.from_rows(full, range(len(states)), len(states), self.device)
             self._sample(pending, logits, states, seq_lens, token_mask=token_mask)
 
     def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
