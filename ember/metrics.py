@@ -19,6 +19,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                  0.75, 1.0, 2.5)
 
+_COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
 
 class PrometheusMetrics:
     """Gauges, counters and histograms of one served model.
@@ -60,6 +62,10 @@ class PrometheusMetrics:
                              _TPOT_BUCKETS)
         self.queue_time = histogram("ember:request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
+        self.structured_output_requests = counter(
+            "ember:structured_output_requests", "Sequences with a grammar constraint (JSON schema, regex, ...).")
+        self.grammar_compile_time = histogram("ember:grammar_compile_time_seconds",
+                                              "Time compiling one grammar (cache misses only).", _COMPILE_BUCKETS)
         self._model_name = model_name
         self._last = (SchedulerStats(), 0, 0)
 
@@ -76,6 +82,11 @@ class PrometheusMetrics:
         self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache.queries - last.prefix_cache.queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache.hits - last.prefix_cache.hits))
+        self.structured_output_requests.inc(
+            max(0, stats.num_structured_output_requests - last.num_structured_output_requests))
+        if stats is not last:  # the compile times are the step's, not cumulative
+            for seconds in stats.grammar_compile_times:
+                self.grammar_compile_time.observe(seconds)
         self._last = (stats, prompt_tokens_total, generation_tokens_total)
         for out in outputs:
             if out.finished:

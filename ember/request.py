@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from ember.outputs import SampleLogprob
 from ember.sampling_params import SamplingParams
@@ -76,6 +77,10 @@ class Request:
             the request from the token still being sampled.
         spec_token_ids: draft tokens a proposer made for its next step; the
             scheduler schedules (and consumes) them after its last token.
+        structured_output: with ``SamplingParams.structured_outputs``, its
+            grammar state (a
+            :class:`~ember.structured_output.manager.StructuredOutputRequest`,
+            set by the engine core); else None.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class Request:
             None if sampling_params.prompt_logprobs is None else [])
         self.num_output_placeholders = 0
         self.spec_token_ids: list[int] = []
+        self.structured_output: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

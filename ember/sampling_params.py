@@ -35,6 +35,13 @@ class StructuredOutputsParams:
         choice: the output is exactly one of these strings.
         grammar: an EBNF grammar (GBNF / xgrammar's EBNF dialect, start rule
             ``root``); the output is a sentence of it.
+        reasoning: None (the constraint applies from the first token), or,
+            for a reasoning model, where its ``<think> ... </think>`` block
+            may be: ``"required"`` (the output starts inside one, as
+            DeepSeek-R1's, unless the prompt closed it) or ``"optional"`` (the
+            first token may open one, as Qwen3's). The block is unconstrained;
+            the constraint applies after ``</think>``. The chat server sets it
+            from its reasoning parser.
 
     Raises:
         ValueError: none or more than one constraint set, or a field of the
@@ -46,6 +53,7 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    reasoning: str | None = None
 
     def __post_init__(self) -> None:
         set_fields = [name for name in ("json", "regex", "choice", "grammar")
@@ -63,6 +71,9 @@ class StructuredOutputsParams:
                                             and all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
                              f"got {self.choice!r}")
+        if self.reasoning not in (None, "required", "optional"):
+            raise ValueError(f"structured_outputs.reasoning must be None, 'required' or 'optional', "
+                             f"got {self.reasoning!r}")
 
 
 _GREEDY_EPS = 1e-5

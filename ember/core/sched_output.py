@@ -12,6 +12,7 @@ scalars, so that they can cross process boundaries with msgpack.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ember.outputs import SampleLogprob
 from ember.sampling_params import SamplingParams
@@ -75,6 +76,11 @@ class SchedulerOutput:
         scheduled_spec_decode_tokens: req_id -> draft tokens it computes after
             its last token (counted in ``num_scheduled_tokens``); the step
             returns the accepted ones and one more.
+        structured_output_req_ids: the requests with a grammar constraint
+            that sample this step. When any, the runner launches the step's
+            forward pass and logits but samples only once it is given their
+            token bitmask (``Executor.sample_with_bitmask``), which the engine
+            core fills on the host meanwhile.
     """
 
     scheduled_new_reqs: list[NewRequestData]
@@ -86,10 +92,26 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    structured_output_req_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class GrammarBitmask:
+    """The allowed-token masks of one step's constrained requests.
+
+    Attributes:
+        req_ids: the step's ``structured_output_req_ids``, in row order.
+        bitmask: [len(req_ids), ceil(vocab / 32)] int32 numpy array, packed as
+            :mod:`ember.sample.logits_processor` describes (a row of all ones
+            leaves its request unconstrained at this position).
+    """
+
+    req_ids: list[str]
+    bitmask: Any
 
 
 @dataclass

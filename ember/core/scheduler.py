@@ -30,7 +30,9 @@ a stop token in flight is computed once more and that token dropped. A request
 preempted with a token in flight gets that token while it waits (it is known
 before the request can resume). Only penalties and logits processors that read
 the output (bad words) need the token in flight on the host
-(:meth:`Scheduler.can_schedule_ahead`). Draft tokens (``Request.spec_token_ids``)
+(:meth:`Scheduler.can_schedule_ahead`); grammar-constrained requests are
+scheduled ahead too, their token masks are filled once the token in flight is
+known (``SchedulerOutput.structured_output_req_ids``). Draft tokens (``Request.spec_token_ids``)
 are scheduled after a request's last token like any other tokens; the step
 returns the accepted ones and ``num_computed_tokens`` goes back over the rest.
 
@@ -125,6 +127,8 @@ class Scheduler:
         # Ids of unfinished requests that use penalties (or a logits processor
         # that reads the output tokens).
         self._penalized: set[str] = set()
+        # Ids of unfinished requests with a grammar (Request.structured_output).
+        self._structured: set[str] = set()
 
     # ------------------------------------------------------------------ queue
     def add_request(self, request: Request) -> None:
@@ -135,6 +139,8 @@ class Scheduler:
         self.policy.add_waiting(request)
         if uses_penalty(request.sampling_params) or reads_output_history(request.sampling_params):
             self._penalized.add(request.request_id)
+        if request.structured_output is not None:
+            self._structured.add(request.request_id)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
         """End requests from outside the step loop (abort, stop string).
@@ -225,6 +231,14 @@ class Scheduler:
             blocks_to_swap_in=plan.swap_in,
             scheduled_spec_decode_tokens=plan.spec_tokens,
         )
+        if self._structured:
+            # NOTE: a request samples when the step reaches its last token (the
+            # runner's rule); its mask is filled later, when its tokens up to
+            # this one are known (EngineCore).
+            requests = self.requests
+            out.structured_output_req_ids = [
+                r for r in plan.num_scheduled
+                if r in self._structured and requests[r].num_computed_tokens >= requests[r].num_tokens]
         self._forget_req_ids = set()
         return out
 
@@ -429,6 +443,8 @@ class Scheduler:
                 self._check_stop(req, tokens[0])
             else:
                 tokens = self._append_tokens(req, tokens)
+            if req.structured_output is not None:
+                self._advance_grammar(req, tokens)
             finish = req.status.finish_reason
             logprobs = all_logprobs.get(req_id) if all_logprobs else None
             if logprobs is not None and len(logprobs) > len(tokens):
@@ -443,6 +459,13 @@ class Scheduler:
                     self.policy.remove_waiting(req)
                 self._free_request(req)
         return outputs
+
+    @staticmethod
+    def _advance_grammar(req: Request, tokens: list[int]) -> None:
+        """Advance ``req``'s grammar over its new tokens; it finishes (stopped)
+        when the grammar terminates, even when EOS does not stop it (``ignore_eos``)."""
+        if not req.structured_output.accept_tokens(tokens) and not req.status.is_finished:
+            req.status = RequestStatus.FINISHED_STOPPED
 
     def _append_tokens(self, req: Request, tokens: list[int]) -> list[int]:
         """Append ``tokens`` up to the first that finishes ``req``; returns those appended."""
@@ -488,6 +511,7 @@ class Scheduler:
         self._forget_req_ids.add(req_id)
         del self.requests[req_id]
         self._penalized.discard(req_id)
+        self._structured.discard(req_id)
         if self._in_flight:
             num_steps = sum(1 for s in self._in_flight if req_id in s.num_scheduled_tokens)
             if num_steps:

@@ -42,6 +42,12 @@ class SchedulerStats:
         num_blocks_swapped_out / num_blocks_swapped_in: blocks copied to / from
             host memory (a swap-in skips blocks found in the prefix cache).
         num_priority_promotions: requests the fairness guard promoted.
+        num_structured_output_requests: sequences with a grammar constraint
+            (cumulative; ``n > 1`` counts each).
+        num_grammar_cache_hits: of those, ones whose grammar was compiled
+            already (or was compiling).
+        grammar_compile_times: grammar compile times (s) since the previous
+            step's snapshot (not cumulative).
     """
 
     num_running: int = 0
@@ -55,3 +61,6 @@ class SchedulerStats:
     num_blocks_swapped_out: int = 0
     num_blocks_swapped_in: int = 0
     num_priority_promotions: int = 0
+    num_structured_output_requests: int = 0
+    num_grammar_cache_hits: int = 0
+    grammar_compile_times: list[float] = field(default_factory=list)

@@ -11,16 +11,32 @@ the device). The core waits for step N before scheduling only when
 (penalties). The outputs are the same either way (token for token under greedy
 or seeded sampling); a request that hits a stop token costs one extra token of
 compute, and a request arriving while a step is in flight starts one step later.
+
+Grammar-constrained requests (``SamplingParams.structured_outputs``) wait
+outside the scheduler until their grammar is compiled (on the
+:class:`~ember.structured_output.manager.StructuredOutputManager`'s threads),
+so other requests keep running meanwhile. A step that samples constrained
+requests is launched in two parts: the forward pass and logits first, then,
+once the host has filled their token bitmask, sampling
+(``Executor.sample_with_bitmask``). The host fills the masks while the device
+runs the forward pass: right after the launch for a step scheduled now, and,
+for a step scheduled ahead, after the previous step's tokens are read and
+the grammars advanced over them (a mask needs every token before its
+position). A step without constrained requests launches in one part, as before.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
+
+import numpy as np
+import torch
 
 from ember.config import EngineConfig
 from ember.core.kv_cache_manager import KVCacheManager
-from ember.core.sched_output import EngineCoreOutput, SchedulerOutput
+from ember.core.sched_output import EngineCoreOutput, GrammarBitmask, SchedulerOutput
 from ember.core.scheduler import Scheduler
 from ember.core.stats import SchedulerStats
 from ember.engine.messages import EngineCoreOutputs
@@ -29,6 +45,7 @@ from ember.executor.base import Executor
 from ember.executor.uniproc import UniProcExecutor
 from ember.logger import init_logger
 from ember.request import Request, RequestStatus
+from ember.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
 
@@ -61,6 +78,11 @@ class EngineCore:
         # The step launched and not yet collected (asynchronous scheduling).
         self._in_flight: SchedulerOutput | None = None
         self._step_observers: list[Callable[[StepRecord], None]] = []
+        mc = config.model_config
+        self.structured_output = StructuredOutputManager(mc.model, mc.tokenizer, mc.vocab_size)
+        # Constrained requests whose grammar is still compiling, by id.
+        self._waiting_for_grammar: dict[str, Request] = {}
+        self.mask_s = 0.0  # cumulative host time filling token bitmasks (seconds)
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -83,22 +105,68 @@ class EngineCore:
     def remove_step_observer(self, observer: Callable[[StepRecord], None]) -> None:
         self._step_observers.remove(observer)
 
-    def get_stats(self) -> SchedulerStats:
+    def get_stats(self, drain_compile_times: bool = False) -> SchedulerStats:
         """Scheduler and KV-cache counters: queue sizes, KV usage, prefix-cache
-        queries/hits, evictions, preemptions and swaps (cumulative)."""
-        return self.scheduler.get_stats()
+        queries/hits, evictions, preemptions and swaps (cumulative), and the
+        structured-output counters; with ``drain_compile_times``, the grammar
+        compile times since the last such call."""
+        so = self.structured_output
+        stats = self.scheduler.get_stats()  # a fresh snapshot: filled in place
+        if so.num_requests:
+            stats.num_waiting += len(self._waiting_for_grammar)
+            stats.num_structured_output_requests = so.num_requests
+            stats.num_grammar_cache_hits = so.num_cache_hits
+            if drain_compile_times:
+                stats.grammar_compile_times = so.drain_compile_times()
+        return stats
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; one with a grammar constraint joins the scheduler
+        once its grammar is compiled.
+
+        Raises:
+            ValueError: its id is in use, or its constraint is malformed.
+        """
+        if request.sampling_params.structured_outputs is not None:
+            req_id = request.request_id
+            if req_id in self.scheduler.requests or req_id in self._waiting_for_grammar:
+                raise ValueError(f"request id {req_id!r} is already in use")
+            request.structured_output = self.structured_output.new_request(request.sampling_params)
+            if not request.structured_output.ready:
+                self._waiting_for_grammar[req_id] = request
+                return
+            self.structured_output.start(request.structured_output, request.prompt_token_ids)
         self.scheduler.add_request(request)
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Move requests whose grammar is compiled into the scheduler; those
+        whose compilation failed finish (aborted), with the error logged."""
+        failed = []
+        for req_id, req in list(self._waiting_for_grammar.items()):
+            state = req.structured_output
+            if not state.ready:
+                continue
+            del self._waiting_for_grammar[req_id]
+            error = state.error()
+            if error is not None:
+                logger.error(f"request {req_id}: grammar compilation failed: {error}")
+                failed.append(EngineCoreOutput(req_id, [], "abort"))
+                continue
+            self.structured_output.start(state, req.prompt_token_ids)
+            self.scheduler.add_request(req)
+        return failed
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
                        ) -> list[str]:
         """End requests now; returns the ids that were still running or waiting."""
-        return self.scheduler.finish_requests(request_ids, status)
+        waiting = [r for r in request_ids if self._waiting_for_grammar.pop(r, None) is not None]
+        return waiting + self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        """Requests still to run, or a launched step still to collect."""
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        """Requests still to run (or waiting for their grammar), or a launched
+        step still to collect."""
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or bool(self._waiting_for_grammar))
 
     def step(self) -> list[EngineCoreOutput]:
         """One engine step; returns what each request generated."""
@@ -106,27 +174,36 @@ class EngineCore:
 
     def step_with_stats(self) -> EngineCoreOutputs:
         """One engine step (none when idle), with the scheduler's counters after
-        it and the requests it scheduled for the first time (with the time)."""
+        it (and the grammar compile times since the last step) and the requests
+        it scheduled for the first time (with the time)."""
         scheduled_times: dict[str, float] = {}
         outputs = self._step(scheduled_times)
-        return EngineCoreOutputs(outputs, self.get_stats(), scheduled_times)
+        return EngineCoreOutputs(outputs, self.get_stats(drain_compile_times=True), scheduled_times)
 
     def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
         """Collect one step's results; launch it first unless it is in flight,
         and launch the next one ahead of the collection when it can be."""
         scheduler = self.scheduler
+        failed = self._admit_compiled() if self._waiting_for_grammar else []
         timed = bool(self._step_observers)
         t0 = t1 = time.perf_counter() if timed else 0.0
         sched = self._in_flight
         launched_ahead = sched is not None
+        mask_s = self.mask_s
         if sched is None:
             if not scheduler.has_unfinished_requests():
-                return []
+                if self._waiting_for_grammar and not failed:
+                    # Nothing runs until a grammar is compiled: wait for one (briefly).
+                    wait([r.structured_output.grammar for r in self._waiting_for_grammar.values()], 0.05,
+                         FIRST_COMPLETED)
+                return failed
             sched = scheduler.schedule()
             self._note_first_scheduled(sched, scheduled_times)
             if timed:
                 t1 = time.perf_counter()
             self.executor.launch(sched)
+            if sched.structured_output_req_ids:
+                self._sample_with_bitmask(sched)
         self._in_flight = None
         t2 = t3 = time.perf_counter() if timed else 0.0
         if self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead():
@@ -142,12 +219,30 @@ class EngineCore:
         result = self.executor.collect()
         t4 = time.perf_counter() if timed else 0.0
         outputs = scheduler.update_from_output(sched, result)
+        if self._in_flight is not None and self._in_flight.structured_output_req_ids:
+            self._sample_with_bitmask(self._in_flight)  # its grammars now know every earlier token
         if timed:
             t5 = time.perf_counter()
-            record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead)
+            record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead,
+                                self.mask_s - mask_s)
             for observer in self._step_observers:
                 observer(record)
-        return outputs
+        return failed + outputs if failed else outputs
+
+    def _sample_with_bitmask(self, sched: SchedulerOutput) -> None:
+        """Fill the token bitmask of ``sched``'s constrained requests (their
+        grammars have seen every token before the position sampled) and let
+        the executor sample the launched step with it. A request that finished
+        meanwhile gets an all-ones row (its token is dropped)."""
+        start = time.perf_counter()
+        req_ids = sched.structured_output_req_ids
+        bitmask = np.full((len(req_ids), self.structured_output.num_words), -1, dtype=np.int32)
+        requests = self.scheduler.requests
+        states = [None if (req := requests.get(r)) is None or req.is_finished() else req.structured_output
+                  for r in req_ids]
+        self.structured_output.fill_bitmasks(states, torch.from_numpy(bitmask))
+        self.mask_s += time.perf_counter() - start
+        self.executor.sample_with_bitmask(GrammarBitmask(list(req_ids), bitmask))
 
     def _note_first_scheduled(self, sched: SchedulerOutput, scheduled_times: dict[str, float]) -> None:
         if sched.scheduled_new_reqs:
@@ -158,4 +253,5 @@ class EngineCore:
                     req.first_scheduled_time = scheduled_times[new.req_id] = now
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         self.executor.shutdown()

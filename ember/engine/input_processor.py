@@ -6,6 +6,7 @@ from typing import Any
 
 from ember.config import ModelConfig
 from ember.sampling_params import SamplingParams
+from ember.structured_output.grammar import validate_structured_outputs
 from ember.utils import check_text
 
 
@@ -144,10 +145,18 @@ class InputProcessor:
                 window, an ``allowed_token_ids``, ``logit_bias`` or
                 ``stop_token_ids`` entry is outside the vocabulary, or a bad
                 word cannot be tokenized (the message then starts with the
-                field's name).
+                field's name), or ``structured_outputs`` is invalid (an
+                invalid schema, regex or grammar, an unsupported schema
+                keyword; the message starts with ``structured_outputs.<field>``)
+                or used without a tokenizer.
         """
         vocab = self.model_config.vocab_size
         params.check_vocab(vocab)
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs the model's tokenizer (this engine runs with "
+                                 "skip_tokenizer_init)")
+            validate_structured_outputs(params.structured_outputs)
         bad = [t for t in params.stop_token_ids or () if t >= vocab]
         if bad:
             raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")

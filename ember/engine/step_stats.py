@@ -23,6 +23,10 @@ class StepRecord:
         update_s: host time applying its results (s).
         launched_ahead: it was launched before the previous step's tokens were
             read (asynchronous scheduling).
+        mask_s: host time filling grammar token bitmasks during this call
+            (s; 0 without constrained requests): the masks of this step, or,
+            for a step scheduled ahead, of that one. It overlaps the device's
+            forward pass and is part of ``execute_s`` / ``update_s``.
     """
 
     sched: SchedulerOutput
@@ -31,6 +35,7 @@ class StepRecord:
     execute_s: float
     update_s: float
     launched_ahead: bool
+    mask_s: float = 0.0
 
 
 @dataclass
@@ -48,6 +53,7 @@ class StepTimes:
     schedule_s: float = 0.0
     execute_s: float = 0.0
     update_s: float = 0.0
+    mask_s: float = 0.0  # grammar token bitmasks (see StepRecord.mask_s)
 
     def __call__(self, r: StepRecord) -> None:
         self.num_steps += 1
@@ -55,20 +61,22 @@ class StepTimes:
         self.schedule_s += r.schedule_s
         self.execute_s += r.execute_s
         self.update_s += r.update_s
+        self.mask_s += r.mask_s
 
 
 class StepTrace:
     """A step observer: one tuple per step, ``(collect time (perf_counter s),
     requests, decode tokens (requests computing one token), other (prefill)
-    tokens, preemptions)``, in :attr:`steps`."""
+    tokens, preemptions, grammar mask time (s, see StepRecord.mask_s))``, in
+    :attr:`steps`."""
 
-    FIELDS = ("collect_s", "num_reqs", "num_decode", "num_prefill_tokens", "num_preemptions")
+    FIELDS = ("collect_s", "num_reqs", "num_decode", "num_prefill_tokens", "num_preemptions", "mask_s")
 
     def __init__(self) -> None:
-        self.steps: list[tuple[float, int, int, int, int]] = []
+        self.steps: list[tuple[float, int, int, int, int, float]] = []
 
     def __call__(self, r: StepRecord) -> None:
         n = r.sched.num_scheduled_tokens
         num_decode = sum(1 for v in n.values() if v == 1)
         self.steps.append((r.collect_time, len(n), num_decode, r.sched.total_num_scheduled_tokens - num_decode,
-                           r.sched.num_preemptions))
+                           r.sched.num_preemptions, r.mask_s))

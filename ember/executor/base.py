@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(ABC):
@@ -49,6 +49,17 @@ class Executor(ABC):
         """Start a step; returns without waiting for the device. Its output is
         what a later :meth:`collect` returns (steps are collected in launch
         order)."""
+
+    def sample_with_bitmask(self, bitmask: GrammarBitmask) -> None:
+        """Finish launching the last launched step, whose
+        ``structured_output_req_ids`` is not empty: sample it with those
+        requests' token masks (every worker that samples needs them).
+        Returns without waiting for the device.
+
+        Raises:
+            NotImplementedError: this executor cannot run constrained requests.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not run grammar-constrained requests")
 
     @abstractmethod
     def collect(self) -> ModelRunnerOutput:

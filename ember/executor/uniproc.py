@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ember.config import EngineConfig
-from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ember.executor.base import Executor
 from ember.worker.worker import Worker
 
@@ -33,6 +33,9 @@ class UniProcExecutor(Executor):
 
     def launch(self, sched: SchedulerOutput) -> None:
         self.worker.launch(sched)
+
+    def sample_with_bitmask(self, bitmask: GrammarBitmask) -> None:
+        self.worker.sample_with_bitmask(bitmask)
 
     def collect(self) -> ModelRunnerOutput:
         return self.worker.collect()

@@ -19,6 +19,9 @@ class ReasoningParser(ABC):
     """
 
     name: str = ""
+    # Where the model's output may hold its reasoning, for constrained output
+    # (StructuredOutputsParams.reasoning): "required" or "optional".
+    structured_output_reasoning: str = "required"
 
     @abstractmethod
     def split(self, text: str, final: bool) -> tuple[str, str]:

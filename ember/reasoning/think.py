@@ -59,6 +59,7 @@ class Qwen3ReasoningParser(ReasoningParser):
     """Reasoning only inside ``<think>`` (see the module docstring)."""
 
     name = "qwen3"
+    structured_output_reasoning = "optional"
 
     def split(self, text: str, final: bool) -> tuple[str, str]:
         start = text.find(THINK_START)

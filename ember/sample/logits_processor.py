@@ -29,8 +29,10 @@ Processors come from a request's :class:`~ember.sampling_params.SamplingParams`
 (:func:`logits_processors_for`): ``allowed_token_ids`` (a mask), ``logit_bias``
 (biases), ``min_tokens`` (-inf on the stop tokens while the output is shorter)
 and ``bad_words`` (-inf on a bad word's last token where the output ends with
-its other tokens); structured output (a grammar matcher's bitmask) is one more
-processor.
+its other tokens). Structured output's grammar masks are filled by the engine
+core (:mod:`ember.structured_output`) and reach the sampler stacked
+(:meth:`TokenMaskMetadata.from_rows`), or as :class:`BitmaskProcessor` rows
+when a row also has other processors.
 """
 
 from __future__ import annotations
@@ -98,6 +100,31 @@ class LogitsProcessor(ABC):
             float32 values (-inf bans), or None when nothing applies.
         """
         return None
+
+
+class BitmaskProcessor(LogitsProcessor):
+    """A mask computed elsewhere for this position (e.g. a grammar's, filled
+    by the engine core): ``bitmask`` is a [ceil(vocab / 32)] int32 CPU row."""
+
+    def __init__(self, bitmask: torch.Tensor) -> None:
+        self.bitmask = bitmask
+
+    def allowed_token_bitmask(self, output_token_ids: Sequence[int], vocab_size: int) -> torch.Tensor | None:
+        return fit_bitmask(self.bitmask, vocab_size)
+
+
+def fit_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``bitmask`` ([..., words] int32) cut or zero-padded to
+    ``bitmask_words(vocab_size)`` words (tokens past its end disallowed)."""
+    words = bitmask_words(vocab_size)
+    have = bitmask.shape[-1]
+    if have == words:
+        return bitmask
+    if have > words:
+        return bitmask[..., :words]
+    out = torch.zeros(*bitmask.shape[:-1], words, dtype=torch.int32)
+    out[..., :have] = bitmask
+    return out
 
 
 class AllowedTokenIdsProcessor(LogitsProcessor):
@@ -235,12 +262,28 @@ class TokenMaskMetadata:
                 masks.append(mask)
         if not row_ids:
             return None
-        bitmask = torch.stack(masks)
+        return cls.from_rows(torch.stack(masks), row_ids, len(processors), device)
+
+    @classmethod
+    def from_rows(cls, bitmask: torch.Tensor, row_ids: Sequence[int], num_rows: int,
+                  device: torch.device) -> TokenMaskMetadata:
+        """Masks already stacked on the host.
+
+        Args:
+            bitmask: [len(row_ids), words] int32 CPU, row i for sampling row
+                ``row_ids[i]``.
+            row_ids: distinct row indices, in any order.
+            num_rows: the step's sampling rows.
+            device: where the logits are.
+
+        The bitmask travels in one asynchronous host-to-device copy (from
+        pinned memory on CUDA).
+        """
         if device.type == "cuda":
             bitmask = bitmask.pin_memory()
         bitmask = bitmask.to(device, non_blocking=True)
         rows = None
-        if len(row_ids) < len(processors):
+        if list(row_ids) != list(range(num_rows)):
             rows = torch.tensor(row_ids, dtype=torch.int64).to(device, non_blocking=True)
         return cls(bitmask, rows)
 

@@ -63,7 +63,8 @@ class SamplingMetadata:
     @classmethod
     def build(cls, params: list[SamplingParams], output_positions: list[int], device: torch.device,
               token_ids: list[list[int]] | None = None, vocab_size: int | None = None,
-              logits_processors: list[list[LogitsProcessor]] | None = None) -> SamplingMetadata:
+              logits_processors: list[list[LogitsProcessor]] | None = None,
+              token_mask: TokenMaskMetadata | None = None) -> SamplingMetadata:
         """Args:
             params: per row, its request's sampling parameters.
             output_positions: per row, the index of the token it samples among
@@ -77,6 +78,8 @@ class SamplingMetadata:
                 processor.
             logits_processors: per row, its processors; None: those its
                 parameters ask for (:func:`~ember.sample.logits_processor.logits_processors_for`).
+            token_mask: the step's masks, already built (the rows'
+                processors may still add logit biases, but must not mask).
 
         The per-row values travel in asynchronous host-to-device copies (two,
         plus one or two per feature some row uses); nothing here waits for
@@ -99,10 +102,14 @@ class SamplingMetadata:
                 raise ValueError("token_ids must be given when a row uses a penalty")
             penalties = PenaltyMetadata.build(params, token_ids, output_positions, device)
         logprobs = LogprobsMetadata.build(params, device) if any_logprobs else None
-        token_mask = logit_bias = None
+        logit_bias = None
         if any_processor:
-            token_mask, logit_bias = _build_processor_metadata(params, output_positions, device, token_ids,
+            built_mask, logit_bias = _build_processor_metadata(params, output_positions, device, token_ids,
                                                                vocab_size, logits_processors)
+            if built_mask is not None and token_mask is not None:
+                raise ValueError("token_mask was given but some row's logits processors also mask tokens; "
+                                 "pass the masks as processors (BitmaskProcessor) instead")
+            token_mask = token_mask if token_mask is not None else built_mask
         if all_greedy:
             return cls(None, None, None, None, True, [None] * len(params), penalties, logprobs,
                        token_mask=token_mask, logit_bias=logit_bias)

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from ember.config import ConfigError, EngineConfig
-from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import as_copyable, default_backend_name
 from ember.models.registry import ModelRegistry
 from ember.sample.logprobs import LogprobsMetadata, compute_logprobs, unpack_logprobs
 from ember.outputs import SampleLogprob
+from ember.sample.logits_processor import (BitmaskProcessor, LogitsProcessor, TokenMaskMetadata, fit_bitmask,
+                                           logits_processors_for, uses_logits_processor)
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
@@ -106,6 +108,16 @@ class _PromptLogprobs:
     packed: torch.Tensor
 
 
+@dataclass(slots=True)
+class _AwaitingBitmask:
+    """A launched step whose sampling waits for its grammar masks."""
+
+    pending: PendingOutput
+    logits: torch.Tensor
+    states: list[CachedRequestState]
+    seq_lens: list[int]
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -153,6 +165,7 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._last_sample_req_ids: list[str] = []
         self._prompt_logprobs_req_ids: set[str] = set()  # live requests asking for prompt logprobs
+        self._awaiting_bitmask: _AwaitingBitmask | None = None  # see sample_with_bitmask
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -391,7 +404,9 @@ class ModelRunner:
         enqueued, and the sampled ids start their copy to the host; nothing
         waits for the device (on CUDA). The step may continue requests whose
         last token the previous launched step is still sampling (asynchronous
-        scheduling): that token is fed on the device.
+        scheduling): that token is fed on the device. A step that names
+        constrained requests (``sched.structured_output_req_ids``) stops after
+        the logits: :meth:`sample_with_bitmask` samples it.
 
         Returns:
             What :meth:`collect` turns into the step's output.
@@ -419,15 +434,30 @@ class ModelRunner:
             rows = torch.from_numpy(np.array(host.sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden[rows])
         states = [self.requests[r] for r in host.sample_req_ids]
+        pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs)
+        if sched.structured_output_req_ids:
+            # NOTE: the forward pass and logits are enqueued; sampling waits for
+            # the constrained rows' masks, which the host fills meanwhile
+            # (sample_with_bitmask, before any later launch or collect).
+            self._awaiting_bitmask = _AwaitingBitmask(pending, logits, states, host.sample_seq_lens)
+            return pending
+        self._sample(pending, logits, states, host.sample_seq_lens)
+        return pending
+
+    def _sample(self, pending: PendingOutput, logits: torch.Tensor, states: list[CachedRequestState],
+                sample_seq_lens: list[int], token_mask: TokenMaskMetadata | None = None,
+                processors: list[list[LogitsProcessor]] | None = None) -> None:
+        """Sample ``logits`` ([rows, vocab], one row per state) and start the
+        sampled ids' copy to the host, into ``pending``."""
         sampling_meta = SamplingMetadata.build(
             [s.sampling_params for s in states],
-            [n - s.num_prompt_tokens for s, n in zip(states, host.sample_seq_lens)], self.device,
-            token_ids=[s.token_ids for s in states], vocab_size=logits.shape[-1])
+            [n - s.num_prompt_tokens for s, n in zip(states, sample_seq_lens)], self.device,
+            token_ids=[s.token_ids for s in states], vocab_size=logits.shape[-1],
+            logits_processors=processors, token_mask=token_mask)
         out = self.sampler(logits, sampling_meta)
         self._last_sampled = out.sampled_token_ids
-        self._last_sample_req_ids = host.sample_req_ids
-        pending = PendingOutput(host.sample_req_ids, logprobs=out.logprobs, logprobs_meta=sampling_meta.logprobs,
-                                prompt_logprobs=prompt_logprobs)
+        self._last_sample_req_ids = pending.req_ids
+        pending.logprobs, pending.logprobs_meta = out.logprobs, sampling_meta.logprobs
         if self.device.type == "cuda":
             pending.sampled_host = torch.empty(len(states), dtype=torch.int64, pin_memory=True)
             pending.sampled_host.copy_(out.sampled_token_ids, non_blocking=True)
@@ -435,7 +465,41 @@ class ModelRunner:
             pending.event.record()
         else:
             pending.sampled_host = out.sampled_token_ids
-        return pending
+
+    @torch.inference_mode()
+    def sample_with_bitmask(self, grammar: GrammarBitmask) -> None:
+        """Sample the last launched step, whose schedule named constrained
+        requests: their rows of ``grammar.bitmask`` mask their logits (the
+        step's masks, [sampling rows, words] int32 with all-ones rows for the
+        unconstrained ones, travel in one asynchronous host-to-device copy);
+        a no-op when the step samples nothing."""
+        awaiting, self._awaiting_bitmask = self._awaiting_bitmask, None
+        if awaiting is None:
+            return
+        pending, logits, states, seq_lens = awaiting.pending, awaiting.logits, awaiting.states, awaiting.seq_lens
+        masks = fit_bitmask(torch.from_numpy(grammar.bitmask), logits.shape[-1])
+        row_of = {r: i for i, r in enumerate(pending.req_ids)}
+        pairs = [(row_of[r], i) for i, r in enumerate(grammar.req_ids) if r in row_of]
+        if not pairs:
+            self._sample(pending, logits, states, seq_lens)
+        elif any(uses_logits_processor(s.sampling_params) for s in states):
+            # Other processors too: one mask per row, ANDed (the general path).
+            mask_of = dict(pairs)
+            processors = [logits_processors_for(s.sampling_params)
+                          + ([BitmaskProcessor(masks[mask_of[i]])] if i in mask_of else [])
+                          for i, s in enumerate(states)]
+            self._sample(pending, logits, states, seq_lens, processors=processors)
+        else:
+            # NOTE: one row per sampling row (all ones where unconstrained): the
+            # masks travel in one copy and apply in one masked fill, no gather.
+            rows, mask_rows = zip(*pairs)
+            if len(rows) == len(states) and list(rows) == list(mask_rows):
+                full = masks
+            else:
+                full = torch.full((len(states), masks.shape[1]), -1, dtype=torch.int32)
+                full[list(rows)] = masks[list(mask_rows)]
+            token_mask = TokenMaskMetadata.from_rows(full, range(len(states)), len(states), self.device)
+            self._sample(pending, logits, states, seq_lens, token_mask=token_mask)
 
     def collect(self, pending: PendingOutput) -> ModelRunnerOutput:
         """Wait for a launched step's sampled ids and append them to the
@@ -450,6 +514,8 @@ class ModelRunner:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         if pending.req_ids is self._last_sample_req_ids:  # no later step reads its ids on the device
             self._last_sampled, self._last_sample_req_ids = None, []
+        if pending.sampled_host is None:
+            raise RuntimeError("collect() of a step still waiting for its token bitmask (sample_with_bitmask)")
         if pending.event is not None:
             pending.event.synchronize()
         sampled = pending.sampled_host.tolist()

@@ -7,7 +7,7 @@ from collections import deque
 import torch
 
 from ember.config import ConfigError, EngineConfig
-from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ember.distributed.parallel_state import init_tensor_parallel
 from ember.worker.model_runner import ModelRunner, PendingOutput
 
@@ -92,6 +92,11 @@ class Worker:
         """Start a step on the device (see :meth:`ModelRunner.launch`); its
         output waits in a FIFO for :meth:`collect`."""
         self._in_flight.append(self.model_runner.launch(sched))
+
+    def sample_with_bitmask(self, bitmask: GrammarBitmask) -> None:
+        """Sample the last launched step with its constrained requests' masks
+        (see :meth:`ModelRunner.sample_with_bitmask`)."""
+        self.model_runner.sample_with_bitmask(bitmask)
 
     def collect(self) -> ModelRunnerOutput:
         """The oldest launched step's output (see :meth:`ModelRunner.collect`).

@@ -24,6 +24,9 @@ def test_summary_splits_steps_by_kind_and_times_them_from_the_previous_collectio
     assert s["trace_decode_full_steps"] == 1 and s["trace_decode_full_s"] == pytest.approx(0.1)
     assert s["trace_decode_partial_steps"] == 1 and s["trace_decode_partial_mean_decode"] == pytest.approx(3.0)
     assert s["trace_decode_partial_ms_per_step"] == pytest.approx(300.0)
+    assert s["trace_mask_s"] == 0
+    masked = summarize_step_trace([(*step, 0.002) for step in trace], start=10.0, max_batch=4)
+    assert masked["trace_mask_s"] == pytest.approx(0.008)
 
 
 def test_engine_records_one_entry_per_step_with_its_token_counts(smollm2_path, one_torch_thread) -> None:
@@ -43,6 +46,7 @@ def test_engine_records_one_entry_per_step_with_its_token_counts(smollm2_path, o
     times = [t for t, *_ in trace]
     assert times == sorted(times)
     # Every prompt token and every output token but the prompts' first is computed once.
-    assert sum(p for *_, p, _ in trace) + sum(d for _, _, d, _, _ in trace) == 90 + 3 * 2
-    assert all(n <= 2 and d <= n for _, n, d, _, _ in trace)
+    assert sum(p for _, _, _, p, *_ in trace) + sum(d for _, _, d, *_ in trace) == 90 + 3 * 2
+    assert all(n <= 2 and d <= n for _, n, d, *_ in trace)
+    assert all(s[5] == 0 for s in trace)  # no constrained request: no mask time
     assert trace[0][3] == 64 and trace[0][2] == 0  # the first step: one budget of prefill

@@ -179,12 +179,13 @@ def summarize_step_trace(trace: list[tuple], start: float, max_batch: int) -> di
     """
     kinds: dict[str, list[tuple[float, int, int]]] = {"decode_full": [], "decode_partial": [], "mixed": []}
     prev = start
-    for t, _num_reqs, num_decode, num_prefill, _ in trace:
+    for t, _num_reqs, num_decode, num_prefill, *_ in trace:
         kind = "mixed" if num_prefill else ("decode_full" if num_decode >= 0.9 * max_batch else "decode_partial")
         kinds[kind].append((t - prev, num_decode, num_prefill))
         prev = t
     out: dict[str, Any] = {"trace_steps": len(trace),
-                           "trace_preemptions": sum(s[4] for s in trace)}
+                           "trace_preemptions": sum(s[4] for s in trace),
+                           "trace_mask_s": sum(s[5] for s in trace if len(s) > 5)}  # older traces: 5 fields
     for kind, steps in kinds.items():
         secs = sum(d for d, _, _ in steps)
         n = max(1, len(steps))

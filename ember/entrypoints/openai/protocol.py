@@ -41,7 +41,7 @@ from pydantic import (
 )
 
 from ember.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
-from ember.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from ember.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 from ember.utils import INT64_MAX, INT64_MIN, check_text
 
 
@@ -133,6 +133,49 @@ class StreamOptions(StrictRequestModel):
     continuous_usage_stats: bool = False
 
 
+class JSONSchemaFormat(StrictRequestModel):
+    """``response_format.json_schema``: ``schema`` is the JSON schema the
+    output must validate against (``strict`` is accepted; Ember always
+    enforces the schema)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: Text
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictRequestModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object``
+    (any JSON object) or ``json_schema`` (output valid against
+    ``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"response_format.json_schema belongs to type json_schema, not {self.type}")
+        return self
+
+
+class StructuredOutputsField(StrictRequestModel):
+    """vLLM's ``structured_outputs`` extra: exactly one of ``json`` (a JSON
+    schema), ``json_object``, ``regex``, ``choice`` or ``grammar`` (EBNF)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_schema: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+
+
 class SamplingFields(StrictRequestModel):
     """Sampling fields shared by completion and chat requests.
 
@@ -181,6 +224,9 @@ class SamplingFields(StrictRequestModel):
     length_penalty: float | None = None
     # Harmless standard field (end-user id for abuse monitoring); Ember ignores it.
     user: Text | None = None
+    # Constrained output: OpenAI's response_format, or vLLM's structured_outputs extra.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -265,7 +311,8 @@ class SamplingFields(StrictRequestModel):
         ranked by the model's raw log-probabilities, so the fields that shape
         sampling (``temperature`` other than 0, ``top_p``, ``top_k``, ``min_p``,
         the penalties, ``logit_bias``, ``allowed_token_ids``, ``bad_words``,
-        ``min_tokens``), stop strings (and ``include_stop_str_in_output``) and the
+        ``min_tokens``, ``response_format``, ``structured_outputs``), stop strings
+        (and ``include_stop_str_in_output``) and the
         prompt's log-probabilities (``prompt_logprobs``, ``echo`` with ``logprobs``)
         are refused with it rather than ignored. A stream gets
         the finished sequences (the search ranks them only at its end).
@@ -294,7 +341,7 @@ class SamplingFields(StrictRequestModel):
         if self.stop:
             raise ValueError("stop strings are not supported with use_beam_search (stop_token_ids are)")
         for name in ("logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "prompt_logprobs",
-                     "include_stop_str_in_output"):
+                     "include_stop_str_in_output", "response_format", "structured_outputs"):
             if getattr(self, name) or (name == "prompt_logprobs" and self.prompt_logprobs is not None):
                 raise ValueError(f"{name} is not supported with use_beam_search")
         if self.num_prompt_logprobs() is not None:
@@ -353,8 +400,33 @@ class SamplingFields(StrictRequestModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=self.structured_outputs_params(),
             **{k: v for k, v in optional.items() if v is not None},
         )
+
+    def structured_outputs_field(self) -> str:
+        """The request field that gave the output constraint (for errors)."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The output constraint of ``response_format`` or ``structured_outputs``.
+
+        Raises:
+            ValueError: both are set, or ``structured_outputs`` does not set
+                exactly one constraint (the message starts with the field).
+        """
+        rf = self.response_format
+        if rf is not None and rf.type != "text" and self.structured_outputs is not None:
+            raise ValueError("structured_outputs cannot be combined with a response_format other than text")
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            return StructuredOutputsParams(json=so.json_schema, json_object=bool(so.json_object), regex=so.regex,
+                                           choice=so.choice, grammar=so.grammar)
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=rf.json_schema.json_schema)  # type: ignore[union-attr]
 
     @property
     def include_usage(self) -> bool:

@@ -81,6 +81,9 @@ class OpenAIServingChat(OpenAIServing):
                                          "messages", messages_chars(messages))
         prompt_ids = self.prompt_ids_for(request, prompt_ids, request.resolved_max_tokens())
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
+        if self.reasoning_parser is not None and params.structured_outputs is not None:
+            # The reasoning stays free; the constraint applies to the answer.
+            params.structured_outputs.reasoning = self.reasoning_parser.structured_output_reasoning
         request_id = random_id("chatcmpl")
         if request.use_beam_search:
             (first,) = await self.beam_search_all([(prompt_ids, request.to_beam_search_params(params))], [request_id],

@@ -78,6 +78,7 @@ from ember.entrypoints.openai.protocol import (
 )
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import SamplingParams
+from ember.structured_output.grammar import validate_structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,25 @@ def reported_logprobs(c: CompletionOutput, params: SamplingParams) -> list[Sampl
 def finite_logprob(logprob: float) -> float:
     """``logprob`` with -inf (and NaN) as OpenAI's -9999.0, so the JSON stays valid."""
     return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB  # noqa: FURB136 (max() would keep NaN)
+
+
+def check_structured_outputs(request: SamplingFields, params: SamplingParams) -> None:
+    """Validate the request's output constraint in the API process, before the
+    engine sees it (the grammar is parsed; no token tables are built).
+
+    Raises:
+        APIError: 400 naming the field (``response_format`` or
+            ``structured_outputs``) and the problem: an invalid JSON schema,
+            an unsupported schema keyword, an invalid regex or EBNF grammar.
+    """
+    field = request.structured_outputs_field()
+    try:
+        validate_structured_outputs(params.structured_outputs)
+    except ValueError as e:
+        message = str(e)
+        if field == "response_format":
+            message = message.replace("structured_outputs.json", "response_format.json_schema.schema")
+        raise APIError(message, param=field) from e
 
 
 class OpenAIServing:
@@ -337,7 +357,10 @@ class OpenAIServing:
             first_word = message.split(" ", 1)[0]
             if first_word == "max_tokens":  # SamplingParams' name for the budget, whatever the field
                 first_word, message = budget_field, budget_field + message.removeprefix("max_tokens")
-            raise APIError(message, param=first_word if first_word in type(request).model_fields else None) from e
+            field = first_word.split(".", 1)[0]  # structured_outputs.choice -> structured_outputs
+            raise APIError(message, param=field if field in type(request).model_fields else None) from e
+        if params.structured_outputs is not None:
+            check_structured_outputs(request, params)
         try:
             params = self.engine.input_processor.check(prompt_ids, params)
         except ValueError as e:
