@@ -14,6 +14,10 @@ its ``index``. Which tokens get log-probabilities: see
 With a reasoning parser (``--reasoning-parser``), the text between ``<think>``
 and ``</think>`` goes to ``message.reasoning_content`` / ``delta.reasoning_content``
 instead of ``content`` (see :mod:`ember.reasoning`).
+
+With ``tools``, the tool parser reads calls from the answer (the content after
+any reasoning) into ``message.tool_calls`` / ``delta.tool_calls`` (see
+:mod:`ember.entrypoints.openai.tool_calls`).
 """
 
 from __future__ import annotations
@@ -32,11 +36,19 @@ from ember.entrypoints.openai.protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
     DeltaMessage,
+    DeltaToolCall,
     UsageInfo,
     now,
     random_id,
 )
 from ember.entrypoints.openai.input_limits import messages_chars
+from ember.entrypoints.openai.tool_calls import (
+    ToolCallStream,
+    ToolUse,
+    finish_reason_with_calls,
+    resolve_tool_use,
+    tool_call_results,
+)
 from ember.entrypoints.openai.serving_completion import (
     OpenAIServing,
     SSEResponse,
@@ -49,6 +61,7 @@ from ember.entrypoints.openai.serving_completion import (
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.reasoning import ReasoningParser, get_reasoning_parser
 from ember.sampling_params import SamplingParams
+from ember.tool_parsers import ToolParser, get_tool_parser, tool_parser_for_chat_template
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -57,41 +70,59 @@ class OpenAIServingChat(OpenAIServing):
     Args:
         engine: see :class:`OpenAIServing`.
         reasoning_parser: name of a registered reasoning parser, or None.
+        tool_call_parser: name of a registered tool parser; None: the one the
+            model's chat template teaches (none if it teaches no known format).
     Raises:
         ValueError: unknown parser name.
     """
 
-    def __init__(self, engine: Any, reasoning_parser: str | None = None) -> None:
+    def __init__(self, engine: Any, reasoning_parser: str | None = None,
+                 tool_call_parser: str | None = None) -> None:
         super().__init__(engine)
         self.reasoning_parser: ReasoningParser | None = (
             get_reasoning_parser(reasoning_parser) if reasoning_parser else None)
+        tool_call_parser = tool_call_parser or tool_parser_for_chat_template(
+            getattr(self.tokenizer, "chat_template", None))
+        self.tool_parser: ToolParser | None = get_tool_parser(tool_call_parser) if tool_call_parser else None
 
-    def _message(self, text: str) -> ChatResponseMessage:
-        if self.reasoning_parser is None:
-            return ChatResponseMessage(content=text)
-        reasoning, content = self.reasoning_parser.extract_reasoning(text)
-        return ChatResponseMessage(content=content, reasoning_content=reasoning)
+    def _choice(self, c: CompletionOutput, params: SamplingParams, tool_use: ToolUse) -> ChatCompletionChoice:
+        reasoning, content = None, c.text
+        if self.reasoning_parser is not None:
+            reasoning, content = self.reasoning_parser.extract_reasoning(c.text)
+        tool_calls = None
+        finish_reason = c.finish_reason
+        if tool_use.parser is not None:
+            parsed = tool_use.parser.extract_tool_calls(content or "")
+            content = parsed.content or None
+            calls = tool_use.calls_of(parsed.calls)
+            tool_calls = tool_call_results(calls) or None
+            finish_reason = finish_reason_with_calls(c.finish_reason, bool(calls))
+        message = ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=tool_calls)
+        return ChatCompletionChoice(index=c.index, message=message, logprobs=self._logprobs(c, params),
+                                    finish_reason=finish_reason, stop_reason=c.stop_reason)
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
         self.check_model(request.model)
+        tool_use = resolve_tool_use(request, self.tool_parser)
         messages = request.message_dicts()
-        prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
-                                         "messages", messages_chars(messages))
+        template_kwargs = {"tools": tool_use.template_tools} if tool_use.template_tools else {}
+        prompt_ids = await self.tokenize(
+            lambda: self.engine.input_processor.apply_chat_template(messages, **template_kwargs),
+            "messages", messages_chars(messages) + tool_use.num_chars)
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
+        tool_use.constrain(params)
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         if request.stream:
             events = self._stream(request_id, first, rest, params, len(prompt_ids), request.include_usage,
-                                  request.continuous_usage)
+                                  request.continuous_usage, tool_use)
             return self.sse_response(request_id, events, rest)
         outputs = await final_outputs(first, rest)
         return ChatCompletionResponse(
             id=request_id,
             model=self.model_name,
-            choices=[ChatCompletionChoice(index=c.index, message=self._message(c.text),
-                                          logprobs=self._logprobs(c, params), finish_reason=c.finish_reason,
-                                          stop_reason=c.stop_reason) for c in outputs],
+            choices=[self._choice(c, params, tool_use) for c in outputs],
             usage=UsageInfo.of(len(prompt_ids), sum(len(c.token_ids) for c in outputs)),
         )
 
@@ -116,11 +147,13 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, request_id: str, first: RequestOutput, rest: AsyncIterator[RequestOutput],
                       params: SamplingParams, num_prompt_tokens: int, include_usage: bool,
-                      continuous_usage: bool = False) -> AsyncIterator[str]:
+                      continuous_usage: bool = False, tool_use: ToolUse | None = None) -> AsyncIterator[str]:
         created = now()
         num_output_tokens = 0
         choice_tokens = [0] * params.n  # per choice, for continuous usage
         previous_texts = [""] * params.n  # per choice, for the reasoning parser
+        tool_streams = ([ToolCallStream(tool_use) for _ in range(params.n)]
+                        if tool_use is not None and tool_use.parser is not None else None)
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
             body: dict[str, Any] = ChatCompletionStreamResponse(
@@ -131,8 +164,9 @@ class OpenAIServingChat(OpenAIServing):
 
         def delta(index: int, content: str | None = None, finish_reason: str | None = None,
                   stop_reason: Any = None, role: str | None = None, reasoning_content: str | None = None,
-                  logprobs: ChatChoiceLogprobs | None = None) -> str:
-            message = DeltaMessage(role=role, content=content, reasoning_content=reasoning_content)
+                  logprobs: ChatChoiceLogprobs | None = None, tool_calls: list[DeltaToolCall] | None = None) -> str:
+            message = DeltaMessage(role=role, content=content, reasoning_content=reasoning_content,
+                                   tool_calls=tool_calls)
             usage = UsageInfo.of(num_prompt_tokens, choice_tokens[index]) if continuous_usage else None
             return chunk([ChatCompletionStreamChoice(index=index, delta=message, logprobs=logprobs,
                                                      finish_reason=finish_reason, stop_reason=stop_reason)], usage)
@@ -151,14 +185,23 @@ class OpenAIServingChat(OpenAIServing):
                     previous_texts[c.index] += c.text
                 else:
                     reasoning, content = None, c.text or None
+                call_chunks: list[list[DeltaToolCall]] = []
+                if tool_streams is not None:
+                    content, call_chunks = tool_streams[c.index].feed(content or "", final=c.finish_reason is not None)
+                    content = content or None
                 if reasoning or content or (logprobs is not None and logprobs.content):
-                    # Tokens whose text is still held back (a partial character or a
-                    # possible stop string) send their logprobs with an empty content.
+                    # Tokens whose text is still held back (a partial character, a
+                    # possible stop string or tool call) send their logprobs with an empty content.
                     if not reasoning and not content:
                         content = ""
                     yield delta(c.index, content=content, reasoning_content=reasoning, logprobs=logprobs)
+                for calls in call_chunks:
+                    yield delta(c.index, tool_calls=calls)
                 if c.finish_reason is not None:
-                    yield delta(c.index, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                    finish_reason = c.finish_reason
+                    if tool_streams is not None:
+                        finish_reason = finish_reason_with_calls(finish_reason, tool_streams[c.index].num_calls > 0)
+                    yield delta(c.index, finish_reason=finish_reason, stop_reason=c.stop_reason)
             out = await anext(rest, None)
         if include_usage:
             yield chunk([], UsageInfo.of(num_prompt_tokens, num_output_tokens))
