@@ -143,6 +143,9 @@ class ToolParser(ABC):
     calls_begin: str = ""
     call_separator: str = ""
     calls_end: str = ""
+    # The format's tags are tokens a tokenizer may mark special: requests read
+    # by this parser keep special tokens in their text (skip_special_tokens off).
+    keeps_special_tokens: bool = False
 
     @abstractmethod
     def split(self, text: str, final: bool) -> ToolParse:

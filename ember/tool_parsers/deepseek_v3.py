@@ -12,7 +12,10 @@ Format (DeepSeek-V3's chat template and tokenizer)::
 The ``<｜tool▁calls▁begin｜>`` / ``<｜tool▁calls▁end｜>`` group markers are
 dropped from the content; each ``<｜tool▁call▁begin｜> ... <｜tool▁call▁end｜>``
 holds one call: its type (``function``), the separator token, the name, then
-the arguments as a fenced JSON block.
+the arguments as a fenced JSON block. These are added tokens of DeepSeek's
+vocabulary; so that they reach the parser whether or not a tokenizer marks
+them special, requests read by this parser keep special tokens in their text
+(the EOS token that ends the answer is never part of it).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class DeepSeekV3ToolParser(TaggedToolParser):
     calls_begin = CALLS_BEGIN
     call_separator = "\n"
     calls_end = CALLS_END
+    keeps_special_tokens = True
 
     def parse_body(self, body: str) -> ParsedToolCall | None:
         kind, sep, rest = body.partition(TOOL_SEP)

@@ -309,3 +309,13 @@ def test_langchain_bind_tools_round_trip(qwen_tokenizer):
     for chunk in chunks[1:]:
         streamed = streamed + chunk
     assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_deepseek_v3_reads_its_tokens_with_special_tokens_kept(qwen_tokenizer):
+    call = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n```json\n"
+            '{"a": 2, "b": 3}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+    engine = ToolScriptEngine(qwen_tokenizer, call)
+    choice = chat(client_for(engine, tool_call_parser="deepseek_v3"), tools=TOOLS, tool_choice="required").choices[0]
+    assert message_calls(choice.message) == [{"name": "add", "arguments": '{"a": 2, "b": 3}'}]
+    params = engine.params[0]
+    assert params.skip_special_tokens is False and _is_grammar_accept_string(params.structured_outputs.grammar, call)

@@ -82,11 +82,14 @@ class ToolUse:
         return len(json.dumps(self.template_tools)) if self.template_tools else 0
 
     def constrain(self, params: SamplingParams) -> None:
-        """Put the forcing grammar (if any) on ``params``.
+        """Put the forcing grammar (if any) on ``params``, and keep special tokens
+        in the text for a parser whose tags may be special tokens.
 
         Raises:
             APIError: ``params`` already carries another output constraint.
         """
+        if self.parser is not None and self.parser.keeps_special_tokens:
+            params.skip_special_tokens = False
         if self.grammar is None:
             return
         if params.structured_outputs is not None:
