@@ -253,6 +253,8 @@ def test_bad_tool_requests_are_400_naming_the_problem(qwen_tokenizer):
     assert err["param"] == "tool_choice" and "needs tools" in err["message"]
     err = bad_request(client, tool_choice={"type": "function", "function": {"name": "add"}})
     assert err["param"] == "tool_choice" and "needs tools" in err["message"]
+    err = bad_request(client, tools=[])
+    assert err["param"] == "tools"
     err = bad_request(client, tools=[ADD, ADD])
     assert err["param"] == "tools" and "repeats the function name 'add'" in err["message"]
     err = bad_request(client, tools=[{"type": "function", "function": {"name": "a b"}}])

@@ -487,7 +487,7 @@ class ChatCompletionRequest(SamplingFields):
     ``max_completion_tokens`` (OpenAI's current name) wins over ``max_tokens``
     (deprecated there); with neither, generation may run to the end of the context.
 
-    ``tools`` (at most :data:`MAX_TOOLS`, distinct names), ``tool_choice`` and
+    ``tools`` (1 to :data:`MAX_TOOLS`, distinct names), ``tool_choice`` and
     ``parallel_tool_calls`` as OpenAI's API: see
     :mod:`ember.entrypoints.openai.tool_calls` for what each choice does.
     """
@@ -497,7 +497,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int64 | None = None
     logprobs: bool | None = None
     top_logprobs: Int64 | None = None
-    tools: list[ChatCompletionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tools: list[ChatCompletionTool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
