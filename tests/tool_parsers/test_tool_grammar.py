@@ -14,8 +14,8 @@ from ember.tool_parsers import ToolSpec, get_tool_parser, tool_calls_grammar, to
 WEATHER = ToolSpec("get_weather", {"type": "object", "properties": {
     "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
     "required": ["city"]})
-ADD = ToolSpec("add", {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}, "b": {"type": "number"}},
-                       "required": ["a", "b"]})
+ADD = ToolSpec("add", {"type": "object", "required": ["a", "b"],
+                       "properties": {"a": {"type": "integer", "minimum": 0}, "b": {"type": "number"}}})
 NESTED = ToolSpec("plan", {"type": "object", "$defs": {"step": {"type": "object", "properties": {
     "title": {"type": "string"}}, "required": ["title"]}},
     "properties": {"steps": {"type": "array", "items": {"$ref": "#/$defs/step"}, "minItems": 1}},
@@ -27,7 +27,8 @@ def render(parser: str, calls: list[tuple[str, dict]]) -> str:
     """``calls`` written as the model writes them in ``parser``'s format."""
     args = [json.dumps(a, ensure_ascii=False) for _, a in calls]
     if parser == "hermes":
-        return "\n".join(f'<tool_call>\n{{"name": "{n}", "arguments": {a}}}\n</tool_call>' for (n, _), a in zip(calls, args))
+        return "\n".join(f'<tool_call>\n{{"name": "{n}", "arguments": {a}}}\n</tool_call>'
+                         for (n, _), a in zip(calls, args))
     if parser == "llama3_json":
         return "; ".join(f'{{"name": "{n}", "parameters": {a}}}' for (n, _), a in zip(calls, args))
     body = "\n".join(f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{n}\n```json\n{a}\n```<｜tool▁call▁end｜>"

@@ -507,7 +507,8 @@ class ChatCompletionRequest(SamplingFields):
         seen: set[str] = set()
         for i, tool in enumerate(v or []):
             if tool.function.name in seen:
-                raise ValueError(f"tools[{i}] repeats the function name {tool.function.name!r} (names must be distinct)")
+                raise ValueError(f"tools[{i}] repeats the function name {tool.function.name!r} "
+                                 "(names must be distinct)")
             seen.add(tool.function.name)
         return v
 
