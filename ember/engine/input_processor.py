@@ -58,7 +58,8 @@ class InputProcessor:
                              "prompt tokenizes to no tokens (the tokenizer drops all of its characters)")
         return ids
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize.
 
         Args:
@@ -66,6 +67,9 @@ class InputProcessor:
                 conversation format: roles ``system``, ``user``, ``assistant``,
                 ``tool``; other keys (``name``, ``tool_call_id``, ``tool_calls``)
                 are passed to the template as given.
+            tools: function definitions in OpenAI's shape
+                (``{"type": "function", "function": {...}}``), given to the
+                template as ``tools`` (templates that know no tools ignore them).
 
         Raises:
             ValueError: no chat template, malformed messages (not dicts, no
@@ -83,7 +87,9 @@ class InputProcessor:
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            extra = {"tools": tools} if tools else {}
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False, **extra)
         except Exception as e:  # jinja errors: the template rejected the conversation
             raise ValueError(f"chat template failed: {e}") from e
         # The template already contains the special tokens (BOS, role markers).

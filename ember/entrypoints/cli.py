@@ -28,6 +28,7 @@ from typing import Any
 from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
 from ember.reasoning import reasoning_parser_names
+from ember.tool_parsers import tool_parser_names
 from ember.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("ember.cli")
@@ -250,6 +251,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--reasoning-parser", default=None, choices=reasoning_parser_names(),
                    help="return the text between <think> and </think> as reasoning_content in chat completions")
+    p.add_argument("--tool-call-parser", default=None, choices=tool_parser_names(),
+                   help="read chat completions' tool calls in this format (default: the format the model's chat "
+                        "template teaches: hermes for Qwen2.5/Qwen3, llama3_json for Llama 3.1+, deepseek_v3 for "
+                        "DeepSeek-V3/R1)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: Ember always honours tool_choice 'auto' when the server "
+                        "has a tool-call parser")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, /metrics, /version and "
                         "the API docs (default: $EMBER_API_KEY, else none)")

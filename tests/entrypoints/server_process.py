@@ -52,13 +52,15 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def launch_server(*args: str, env: dict[str, str] | None = None, check_exit: bool = True) -> Iterator[ServerProcess]:
+def launch_server(*args: str, env: dict[str, str] | None = None, check_exit: bool = True,
+                  startup_timeout: float = STARTUP_TIMEOUT_S) -> Iterator[ServerProcess]:
     """Run ``ember serve --port <free> *args`` until healthy; yield it; stop it.
 
     Args:
         args: extra CLI flags, e.g. ``("--max-model-len", "256")``.
         env: the subprocess environment (None: inherit).
         check_exit: assert that SIGTERM makes it exit with 0.
+        startup_timeout: seconds to wait for ``/health`` to answer 200.
     """
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="ember-serve-", suffix=".log")
@@ -67,7 +69,7 @@ def launch_server(*args: str, env: dict[str, str] | None = None, check_exit: boo
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
     rc: int | None = 0
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"ember serve exited with {proc.returncode}:\n{server.log_tail()}")
@@ -77,7 +79,7 @@ def launch_server(*args: str, env: dict[str, str] | None = None, check_exit: boo
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"ember serve not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+                pytest.fail(f"ember serve not healthy after {startup_timeout} s:\n{server.log_tail()}")
             time.sleep(0.5)
         yield server
     finally:

@@ -282,11 +282,14 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | None = None,
               request_timeout: float | None = None,
-              max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
 
     Args:
         reasoning_parser: an :mod:`ember.reasoning` parser for chat completions.
+        tool_call_parser: an :mod:`ember.tool_parsers` parser for chat
+            completions' tool calls (None: the one the chat template teaches).
         api_key: if set, every route but :data:`OPEN_PATHS` requires
             ``Authorization: Bearer <api_key>`` (401 otherwise; compared in constant time).
         request_timeout: seconds a generation request may run before the server
@@ -315,7 +318,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     supervisor = RequestSupervisor(engine, request_timeout)
     app.state.supervisor = supervisor
     app.add_middleware(SupervisorMiddleware, supervisor=supervisor, error_response=_error_response)
-    chat = OpenAIServingChat(supervisor, reasoning_parser)
+    chat = OpenAIServingChat(supervisor, reasoning_parser, tool_call_parser)
     completion = OpenAIServingCompletion(supervisor)
 
     # NOTE: the middleware added last runs first: the key is checked before the body
@@ -474,7 +477,8 @@ def _bind_socket(host: str, port: int) -> socket.socket:
 async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reasoning_parser: str | None = None,
                 api_key: str | None = None, request_timeout: float | None = None,
                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
-                max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
+                max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                tool_call_parser: str | None = None) -> None:
     """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM, then drain:
     running requests get ``shutdown_timeout`` seconds to finish (see the module
     docstring). The engine itself is not shut down here.
@@ -484,7 +488,7 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
     """
     if not shutdown_timeout >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
-    app = build_app(engine, reasoning_parser, api_key, request_timeout, max_request_body_bytes)
+    app = build_app(engine, reasoning_parser, api_key, request_timeout, max_request_body_bytes, tool_call_parser)
     server = _make_server(app, log_level, shutdown_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -557,7 +561,8 @@ def run_server(args: argparse.Namespace) -> None:
         asyncio.run(serve(engine, sock, getattr(args, "log_level", "info"), getattr(args, "reasoning_parser", None),
                           api_key, getattr(args, "request_timeout", None),
                           getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S),
-                          getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)))
+                          getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES),
+                          getattr(args, "tool_call_parser", None)))
     except KeyboardInterrupt:
         pass
     finally:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -623,11 +624,72 @@ def chat_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [m.template_dict() for m in messages]
 
 
+# The most tools one chat request may offer (OpenAI's limit).
+MAX_TOOLS = 128
+# OpenAI's characters for a function name (letters, digits, ``_``, ``-``), plus
+# ``.`` (namespaced tools such as ``browser.search``); at most 64.
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class FunctionDefinition(StrictRequestModel):
+    """A function a chat request offers the model (``tools[i].function``).
+
+    ``parameters``: the JSON schema of its arguments, an object schema (omitted:
+    no arguments). ``strict`` is accepted for OpenAI compatibility; arguments
+    are grammar-enforced exactly when ``tool_choice`` forces a call.
+    """
+
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, v: str) -> str:
+        if not _FUNCTION_NAME.fullmatch(v):
+            raise ValueError(f"name must be 1 to 64 letters, digits, '_', '-' or '.', got {v[:80]!r}")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON schema of type 'object', got type {v.get('type')!r}")
+        return v
+
+    def parameters_schema(self) -> dict[str, Any]:
+        """``parameters``, or the schema of no arguments (``{}`` only) when omitted."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ChatCompletionTool(StrictRequestModel):
+    """One entry of ``tools``: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictRequestModel):
+    name: Text
+
+
+class NamedToolChoice(StrictRequestModel):
+    """``tool_choice`` forcing one function: ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``.
 
     ``max_completion_tokens`` (OpenAI's current name) wins over ``max_tokens``
     (deprecated there); with neither, generation may run to the end of the context.
+
+    ``tools`` (1 to :data:`MAX_TOOLS`, distinct names), ``tool_choice`` and
+    ``parallel_tool_calls`` as OpenAI's API: see
+    :mod:`ember.entrypoints.openai.tool_calls` for what each choice does.
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -635,6 +697,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int64 | None = None
     logprobs: bool | None = None
     top_logprobs: Int64 | None = None
+    tools: list[ChatCompletionTool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, v: list[ChatCompletionTool] | None) -> list[ChatCompletionTool] | None:
+        seen: set[str] = set()
+        for i, tool in enumerate(v or []):
+            if tool.function.name in seen:
+                raise ValueError(f"tools[{i}] repeats the function name {tool.function.name!r} "
+                                 "(names must be distinct)")
+            seen.add(tool.function.name)
+        return v
 
     def num_logprobs(self) -> int | None:
         """``logprobs: true`` returns the chosen tokens' log-probabilities, plus the
@@ -766,14 +842,31 @@ class CompletionResponse(OpenAIBaseModel):
     usage: UsageInfo | None = None
 
 
+class FunctionCallResult(OpenAIBaseModel):
+    """The function a response's tool call calls: ``arguments`` is JSON text of an object."""
+
+    name: str
+    arguments: str
+
+
+class ChatToolCallResult(OpenAIBaseModel):
+    """One entry of a response message's ``tool_calls``; ``id`` is ``call_<hex>``."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallResult
+
+
 class ChatResponseMessage(OpenAIBaseModel):
-    """``content`` is None only when a reasoning parser found no answer after the
-    reasoning; ``reasoning_content`` (vLLM/SGLang extension, ``--reasoning-parser``)
-    appears only when set."""
+    """``content`` is None when there is no text: a reasoning parser found no
+    answer after the reasoning, or the answer is only tool calls;
+    ``reasoning_content`` (vLLM/SGLang extension, ``--reasoning-parser``) and
+    ``tool_calls`` appear only when set."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
+    tool_calls: list[ChatToolCallResult] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatTopLogprob(OpenAIBaseModel):
@@ -816,10 +909,29 @@ class ChatCompletionResponse(OpenAIBaseModel):
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    """A streamed piece of a call's function: ``name`` in its first chunk, then
+    ``arguments`` fragments (their concatenation is the arguments' JSON text)."""
+
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A streamed piece of tool call ``index`` (the call's place in the
+    message's ``tool_calls``); ``id`` and ``type`` come in its first chunk."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
