@@ -74,7 +74,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
-        self.check_model(request.model)
+        self.check_request(request)
         messages = request.message_dicts()
         prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
                                          "messages", messages_chars(messages))
