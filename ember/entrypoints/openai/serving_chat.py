@@ -76,8 +76,8 @@ class OpenAIServingChat(OpenAIServing):
         """Raises APIError for invalid requests (before anything is sent)."""
         self.check_request(request)
         messages = request.message_dicts()
-        prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
-                                         "messages", messages_chars(messages))
+        prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(
+            messages, special_tokens_in_content=self.special_tokens_in_content), "messages", messages_chars(messages))
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
         request_id = random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)

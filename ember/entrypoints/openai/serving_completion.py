@@ -194,13 +194,16 @@ class OpenAIServing:
             ``input_processor``, ``generate``, ``errored``, ``tokenizer``).
 
     ``max_stop_strings`` and ``max_stop_string_chars`` bound a request's ``stop``
-    (see :func:`check_stop_strings`); the server sets them from its flags.
+    (see :func:`check_stop_strings`); ``special_tokens_in_content`` lets chat
+    messages' special-token strings become control tokens. The server sets them
+    from its flags.
     """
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.max_stop_strings = DEFAULT_MAX_STOP_STRINGS
         self.max_stop_string_chars = DEFAULT_MAX_STOP_STRING_CHARS
+        self.special_tokens_in_content = False
         self.model_name: str = engine.model_config.served_model_name
         self.max_model_len: int = engine.model_config.max_model_len
         self.tokenizer: Any = getattr(engine, "tokenizer", None)
