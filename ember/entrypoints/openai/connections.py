@@ -29,6 +29,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -154,7 +155,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.guard.set_waiting(self, True)
+        self.guard.connection_made(self)
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -228,6 +229,7 @@ class ConnectionGuard:
         self.timeout_header_read = timeout_header_read
         self.backlog = backlog
         self.num_open = 0  # accepted sockets not yet closed
+        self.num_starting = 0  # ... of which the protocol has not been told of the connection yet
         self.num_evicted = 0
         self._waiting: dict[GuardedH11Protocol, None] = {}  # oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -251,6 +253,11 @@ class ConnectionGuard:
         self._loop = None
 
     # ---------------------------------------------------------- protocol reports
+
+    def connection_made(self, protocol: GuardedH11Protocol) -> None:
+        """``protocol``'s connection is made: it waits for its request head."""
+        self.num_starting -= 1
+        self.set_waiting(protocol, True)
 
     def set_waiting(self, protocol: GuardedH11Protocol, waiting: bool) -> None:
         """``protocol``'s connection waits for a request head (evictable) or not."""
@@ -282,14 +289,18 @@ class ConnectionGuard:
 
     def _accept_ready(self) -> None:
         assert self._loop is not None
-        for _ in range(ACCEPT_BATCH):
+        for i in range(ACCEPT_BATCH):
             if self.num_open >= self.max_connections:
-                if not self._evict():
+                if i and not select.select([self.sock], [], [], 0)[0]:
+                    return  # nobody else is queueing: no need to make room
+                if self._evict():
+                    # NOTE: an evicted socket's descriptor is closed by a callback already
+                    # queued on the loop; accept again after it has run.
+                    self._pause(0)
+                elif self.num_starting:
+                    self._pause(ACCEPT_RETRY_S)  # connections just accepted will be evictable soon
+                else:
                     self._set_reading(False)  # every connection is in a request: let new ones queue
-                    return
-                # NOTE: an evicted socket's descriptor is closed by a callback already
-                # queued on the loop; accept again after it has run.
-                self._pause(0)
                 return
             try:
                 conn, _ = self.sock.accept()
@@ -304,6 +315,7 @@ class ConnectionGuard:
                 self._pause(ACCEPT_RETRY_S)
                 return
             self.num_open += 1
+            self.num_starting += 1
             task = self._loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -344,3 +356,4 @@ class ConnectionGuard:
             conn.close()
             if not made:  # otherwise the protocol reports its connection closed
                 self.num_open -= 1
+                self.num_starting -= 1
