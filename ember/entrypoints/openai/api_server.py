@@ -77,6 +77,7 @@ from ember.entrypoints.openai.input_limits import (
     messages_chars,
     run_input_work,
 )
+from ember.entrypoints.openai.openapi import install_openapi
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -92,6 +93,7 @@ from ember.entrypoints.openai.protocol import (
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from ember.entrypoints.openai.supervisor import (
+    GENERATION_PATHS,
     RequestSupervisor,
     SupervisorMiddleware,
     shutting_down_error,
@@ -516,6 +518,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         return await _cancel_on_disconnect(raw_request, chat.create_chat_completion(request))
 
+    install_openapi(app, OPEN_PATHS, GENERATION_PATHS)
     return app
 
 
