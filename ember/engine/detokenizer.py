@@ -13,6 +13,7 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
+from ember.engine.stop_strings import StopStringMatcher
 from ember.sampling_params import SamplingParams
 
 
@@ -22,9 +23,12 @@ class IncrementalDetokenizer:
     Args:
         tokenizer: a ``transformers`` fast tokenizer.
         params: gives ``stop`` and ``skip_special_tokens``.
+        stop_matcher: ``params.stop`` prepared for matching, when the caller shares
+            one between the completions of a request (built here otherwise).
     """
 
-    def __init__(self, tokenizer: Any | None, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Any | None, params: SamplingParams,
+                 stop_matcher: StopStringMatcher | None = None) -> None:
         # NOTE: without a tokenizer (skip_tokenizer_init) the text stays empty.
         self._tokenizer = None if tokenizer is None else (
             getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer)
@@ -32,6 +36,9 @@ class IncrementalDetokenizer:
         self.stop = list(params.stop or [])
         self.include_stop = params.include_stop_str_in_output
         self._hold = 0 if self.include_stop else max((len(s) for s in self.stop), default=1) - 1
+        if self.stop and stop_matcher is None:
+            stop_matcher = StopStringMatcher(self.stop)
+        self._stop_state = stop_matcher.new_state() if self.stop else None
         self.min_tokens = params.min_tokens
         self.num_tokens = 0
         self._stop_from = 0  # text before this offset belongs to the first min_tokens tokens
@@ -69,18 +76,13 @@ class IncrementalDetokenizer:
         return None
 
     def _find_stop(self, new_text_start: int) -> str | None:
-        if not self.stop:
+        if self._stop_state is None:
             return None
-        best: tuple[int, str] | None = None
-        for s in self.stop:
-            # A stop string ending in the new text begins at most len(s) - 1 characters before it.
-            i = self.output_text.find(s, max(0, new_text_start - len(s) + 1))
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
+        match = self._stop_state.feed(self.output_text, new_text_start)
+        if match is None:
             return None
-        self.output_text = self.output_text[: best[0] + (len(best[1]) if self.include_stop else 0)]
-        return best[1]
+        self.output_text = self.output_text[: match.start + (len(match.stop) if self.include_stop else 0)]
+        return match.stop
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """The text to report now: everything safe so far (cumulative) or only

@@ -1,7 +1,23 @@
-"""Turn user prompts into validated token ids (tokenization, chat templates)."""
+"""Turn user prompts into validated token ids (tokenization, chat templates).
+
+Chat messages are tokenized so that their text stays text: a special token's
+string inside a message (``<|im_end|>`` in a user's content) is encoded as the
+characters it spells, never as the control token, so that no message can close
+its own turn and open another role's (role spoofing). Only the special tokens
+the chat template itself writes become control tokens. How: each special-token
+string in the messages is replaced by a random placeholder before rendering;
+the rendered text is cut at the template's special tokens, and each piece between
+them is tokenized with the placeholders restored and special-token matching off
+(a copy of the tokenizer with ``encode_special_tokens``). A conversation without
+special-token strings takes the plain path (render, then encode), which gives the
+same ids as this one would.
+"""
 
 from __future__ import annotations
 
+import re
+import threading
+import uuid
 from typing import Any
 
 from ember.config import ModelConfig
@@ -30,6 +46,14 @@ class InputProcessor:
             elif isinstance(source, (list, tuple)):
                 eos.update(source)
         self.eos_token_ids = frozenset(eos)
+        # The special tokens' strings (longest first, so that a regex alternation
+        # prefers the longest match), and the matcher of any of them.
+        specials = sorted({t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                           if getattr(t, "special", False) and t.content}, key=len, reverse=True)
+        self._special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._text_tokenizer: Any = None  # built on first use (see _encode_as_text)
+        self._text_tokenizer_lock = threading.Lock()
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's special tokens) or a
@@ -59,7 +83,8 @@ class InputProcessor:
         return ids
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+                            tools: list[dict[str, Any]] | None = None,
+                            special_tokens_in_content: bool = False) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize.
 
         Args:
@@ -70,6 +95,9 @@ class InputProcessor:
             tools: function definitions in OpenAI's shape
                 (``{"type": "function", "function": {...}}``), given to the
                 template as ``tools`` (templates that know no tools ignore them).
+            special_tokens_in_content: let special-token strings in the messages
+                become control tokens (for trusted clients that write them on
+                purpose); by default they stay text (see the module docstring).
 
         Raises:
             ValueError: no chat template, malformed messages (not dicts, no
@@ -86,14 +114,63 @@ class InputProcessor:
             for key, value in m.items():
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
+        if (not special_tokens_in_content and self._special_re is not None
+                and (_has_match(self._special_re, messages) or (tools and _has_match(self._special_re, tools)))):
+            return self._apply_chat_template_as_text(messages, add_generation_prompt, tools)
+        text = self._render(messages, add_generation_prompt, tools)
+        # The template already contains the special tokens (BOS, role markers).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
-            extra = {"tools": tools} if tools else {}
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                       tokenize=False, **extra)
         except Exception as e:  # jinja errors: the template rejected the conversation
             raise ValueError(f"chat template failed: {e}") from e
-        # The template already contains the special tokens (BOS, role markers).
-        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _apply_chat_template_as_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                                     tools: list[dict[str, Any]] | None) -> list[int]:
+        """The messages' token ids with every special-token string in them encoded
+        as text (see the module docstring)."""
+        assert self._special_re is not None
+        nonce = f"x{uuid.uuid4().hex}"  # letters and digits: templates and JSON keep it as is
+        found: dict[str, int] = {}
+
+        def hide(match: re.Match[str]) -> str:
+            return f"{nonce}{found.setdefault(match.group(), len(found))}_"
+
+        rendered = self._render(_map_strings(messages, lambda v: self._special_re.sub(hide, v)),
+                                add_generation_prompt,
+                                _map_strings(tools, lambda v: self._special_re.sub(hide, v)) if tools else None)
+        strings = list(found)
+        placeholder = re.compile(rf"{nonce}(\d+)_")
+        ids: list[int] = []
+        end = 0
+        for match in [*self._special_re.finditer(rendered), None]:  # the template's own special tokens
+            piece = rendered[end:match.start() if match is not None else len(rendered)]
+            if piece:
+                ids.extend(self._encode_as_text(placeholder.sub(lambda m: strings[int(m.group(1))], piece)))
+            if match is not None:
+                ids.append(self._special_ids[match.group()])
+                end = match.end()
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token strings in it encoded as the
+        characters they spell (no BOS/EOS added)."""
+        with self._text_tokenizer_lock:
+            if self._text_tokenizer is None:
+                from tokenizers import Tokenizer
+
+                # NOTE: a copy: encode_special_tokens is a setting of the tokenizer
+                # object, and the shared one is used from other threads meanwhile.
+                backend = self.tokenizer.backend_tokenizer
+                copy = Tokenizer.from_str(backend.to_str())
+                copy.encode_special_tokens = True
+                self._text_tokenizer = copy
+        return self._text_tokenizer.encode(text, add_special_tokens=False).ids
 
     def truncate(self, prompt_token_ids: list[int], truncate_prompt_tokens: int | None,
                  max_tokens: int | None) -> list[int]:
@@ -177,3 +254,26 @@ class InputProcessor:
             )
         params._eos_token_ids = self.eos_token_ids
         return params
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings, numbers) with ``fn`` applied
+    to every string in it, dict keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+def _has_match(pattern: re.Pattern[str], value: Any) -> bool:
+    """Whether ``pattern`` occurs in any string in ``value`` (JSON-like), dict keys included."""
+    if isinstance(value, str):
+        return pattern.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_match(pattern, k) or _has_match(pattern, v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_match(pattern, v) for v in value)
+    return False

@@ -18,6 +18,7 @@ from typing import Any
 
 from ember.core.sched_output import EngineCoreOutput
 from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.stop_strings import StopStringMatcher
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import RequestOutputKind, SamplingParams
 from ember.utils import wrap_int64
@@ -102,7 +103,9 @@ class OutputProcessor:
         in_use = [rid for rid in ids if rid in self.states or rid in self._by_engine_id]
         if in_use:
             raise ValueError(f"request id {in_use[0]!r} is already in use")
-        completions = [CompletionState(i, engine_id, IncrementalDetokenizer(self.tokenizer, child_params),
+        # NOTE: one stop-string matcher per request, shared by its n completions.
+        matcher = StopStringMatcher(params.stop) if params.stop and self.tokenizer is not None else None
+        completions = [CompletionState(i, engine_id, IncrementalDetokenizer(self.tokenizer, child_params, matcher),
                                        logprobs=None if params.logprobs is None else [])
                        for i, (engine_id, child_params) in enumerate(children)]
         state = RequestState(request_id, prompt, prompt_token_ids, params, arrival_time, completions)

@@ -113,6 +113,35 @@ def _bounded_number(kind: type, flag: str, low: float, inclusive: bool = True) -
     return parse
 
 
+def _add_hygiene_args(p: argparse.ArgumentParser) -> None:
+    """``ember serve``'s bounds on connections and on what a request may ask."""
+    from ember.entrypoints.openai.connections import DEFAULT_TIMEOUT_HEADER_READ_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S
+    from ember.entrypoints.openai.input_limits import DEFAULT_MAX_STOP_STRING_CHARS, DEFAULT_MAX_STOP_STRINGS
+
+    p.add_argument("--limit-concurrency", type=_bounded_number(int, "--limit-concurrency", 1), default=None,
+                   metavar="N",
+                   help="answer 503 (code too_many_requests, with Retry-After) while N requests are in progress, "
+                        "streams included; /health and /metrics are not counted (default: no bound)")
+    p.add_argument("--timeout-keep-alive", type=_bounded_number(float, "--timeout-keep-alive", 0, inclusive=False),
+                   default=DEFAULT_TIMEOUT_KEEP_ALIVE_S, metavar="SECONDS",
+                   help=f"close a kept-alive connection idle this long (default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:g})")
+    p.add_argument("--timeout-header-read", type=_bounded_number(float, "--timeout-header-read", 0, inclusive=False),
+                   default=DEFAULT_TIMEOUT_HEADER_READ_S, metavar="SECONDS",
+                   help="close a connection that has not sent a whole request head this long after connecting "
+                        f"or starting its next request (default {DEFAULT_TIMEOUT_HEADER_READ_S:g})")
+    p.add_argument("--max-stop-strings", type=_bounded_number(int, "--max-stop-strings", 1),
+                   default=DEFAULT_MAX_STOP_STRINGS, metavar="N",
+                   help=f"answer 400 to a request with more stop strings (default {DEFAULT_MAX_STOP_STRINGS})")
+    p.add_argument("--max-stop-string-chars", type=_bounded_number(int, "--max-stop-string-chars", 1),
+                   default=DEFAULT_MAX_STOP_STRING_CHARS, metavar="N",
+                   help=f"answer 400 to a stop string longer than N characters "
+                        f"(default {DEFAULT_MAX_STOP_STRING_CHARS})")
+    p.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="let special-token strings inside chat messages (e.g. '<|im_end|>') become control tokens; "
+                        "by default they are tokenized as text, so that a message cannot pose as another role. "
+                        "Only for clients trusted to write the template's markers")
+
+
 # ---------------------------------------------------------------- generate
 
 
@@ -278,6 +307,7 @@ def make_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they are aborted; "
                         "new requests get 503 meanwhile (default 30)")
+    _add_hygiene_args(p)
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -53,7 +53,8 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def launch_server(*args: str, env: dict[str, str] | None = None, check_exit: bool = True,
-                  startup_timeout: float = STARTUP_TIMEOUT_S) -> Iterator[ServerProcess]:
+                  startup_timeout: float = STARTUP_TIMEOUT_S,
+                  preexec_fn: Callable[[], None] | None = None) -> Iterator[ServerProcess]:
     """Run ``ember serve --port <free> *args`` until healthy; yield it; stop it.
 
     Args:
@@ -61,11 +62,12 @@ def launch_server(*args: str, env: dict[str, str] | None = None, check_exit: boo
         env: the subprocess environment (None: inherit).
         check_exit: assert that SIGTERM makes it exit with 0.
         startup_timeout: seconds to wait for ``/health`` to answer 200.
+        preexec_fn: run in the child before ``ember serve`` starts (e.g. to set rlimits).
     """
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="ember-serve-", suffix=".log")
     cmd = [sys.executable, "-m", "ember.entrypoints.cli", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
     rc: int | None = 0
     try:

@@ -11,6 +11,7 @@ invalid sampling values), 401 for a missing or wrong API key, 404 for unknown ro
 and an unknown model (code ``model_not_found``, as OpenAI and vLLM), 405 (with ``Allow``)
 for a known route with the wrong method, 413 for a body over ``--max-request-body-bytes``
 (code ``request_too_large``), 429 when overloaded,
+503 beyond ``--limit-concurrency`` requests in progress (code ``too_many_requests``),
 503 while the model loads (code ``model_loading``: the server listens from the
 start, while the engine core process loads the model), when the engine has died
 (``engine_dead``) or the server is shutting down, 504 when a request
@@ -23,7 +24,12 @@ Hostile or careless clients: with ``--api-key`` every route but the probes
 read, or, sent chunked, as soon as the bytes received pass the limit (at most the
 limit is held); a prompt text too long to fit the context is refused before it is
 tokenized, and large inputs are tokenized off the event loop so that other streams
-keep flowing (:mod:`ember.entrypoints.openai.input_limits`).
+keep flowing (:mod:`ember.entrypoints.openai.input_limits`); a request's stop strings
+are bounded in number and length. Slow or idle connections are closed (header-read
+and keep-alive timeouts) and evicted at the connection cap, and accept errors are
+logged at a bounded rate (:mod:`ember.entrypoints.openai.connections`). Special-token
+strings inside chat messages stay text (``--allow-special-tokens-in-content`` turns
+this off for trusted clients; see :mod:`ember.engine.input_processor`).
 
 Shutdown (SIGTERM or Ctrl-C): the server keeps its socket open but answers new
 generation requests and ``/health`` with 503 (code ``server_shutting_down``), gives
@@ -55,7 +61,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ember
 from ember.engine.core_client import EngineDeadError, EngineLoadingError, EngineOverloadedError
-from ember.entrypoints.openai.input_limits import check_prompt_chars, messages_chars, run_input_work
+from ember.entrypoints.openai.connections import (
+    DEFAULT_TIMEOUT_HEADER_READ_S,
+    DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    ConnectionGuard,
+    GuardedH11Protocol,
+    default_max_connections,
+    install_log_rate_limit,
+    raise_open_file_limit,
+)
+from ember.entrypoints.openai.input_limits import (
+    DEFAULT_MAX_STOP_STRING_CHARS,
+    DEFAULT_MAX_STOP_STRINGS,
+    check_prompt_chars,
+    messages_chars,
+    run_input_work,
+)
+from ember.entrypoints.openai.openapi import install_openapi
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -71,6 +93,7 @@ from ember.entrypoints.openai.protocol import (
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from ember.entrypoints.openai.supervisor import (
+    GENERATION_PATHS,
     RequestSupervisor,
     SupervisorMiddleware,
     shutting_down_error,
@@ -213,6 +236,33 @@ class BodySizeLimitMiddleware:
         await _error_response(err, {"Connection": "close"})(scope, receive, send)
 
 
+class ConcurrencyLimitMiddleware:
+    """ASGI middleware: at most ``limit`` HTTP requests in progress (a stream until
+    its last chunk is sent); beyond, 503 with code ``too_many_requests`` and
+    ``Retry-After``. The probes ``/health`` and ``/metrics`` are not counted, so that
+    a busy server is not taken for a dead one."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/health", "/metrics"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            err = APIError(f"the server is at its limit of {self.limit} concurrent requests (--limit-concurrency); "
+                           "retry later", 503, type="server_error", code="too_many_requests")
+            await _error_response(err)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """Turn FastAPI's body validation errors (its 422) into one OpenAI-style 400.
 
@@ -283,7 +333,10 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | None = None,
               request_timeout: float | None = None,
               max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None,
+              limit_concurrency: int | None = None, max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS,
+              max_stop_string_chars: int = DEFAULT_MAX_STOP_STRING_CHARS,
+              special_tokens_in_content: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
 
     Args:
@@ -296,6 +349,12 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             aborts it (None: no limit); see :mod:`ember.entrypoints.openai.supervisor`.
         max_request_body_bytes: larger request bodies get 413 (see
             :class:`BodySizeLimitMiddleware`); None: no limit.
+        limit_concurrency: requests in progress beyond this get 503 (see
+            :class:`ConcurrencyLimitMiddleware`); None: no limit.
+        max_stop_strings, max_stop_string_chars: a request's ``stop`` may hold at
+            most this many strings of at most this many characters (400 beyond).
+        special_tokens_in_content: let special-token strings in chat messages
+            become control tokens (default: they are tokenized as text).
 
     ``app.state.supervisor`` is the :class:`RequestSupervisor` whose ``drain``
     the server runs on shutdown.
@@ -304,11 +363,16 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     see ``AsyncLLM(max_waiting_requests=...)``) gets 429 with ``Retry-After``.
 
     Raises:
-        ValueError: ``request_timeout`` or ``max_request_body_bytes`` is not positive.
+        ValueError: ``request_timeout``, ``max_request_body_bytes``, ``limit_concurrency``
+            or a stop-string bound is not positive.
     """
     if max_request_body_bytes is not None and not max_request_body_bytes > 0:
         raise ValueError(f"max_request_body_bytes must be a positive number of bytes or None, "
                          f"got {max_request_body_bytes!r}")
+    for name, value in (("limit_concurrency", limit_concurrency), ("max_stop_strings", max_stop_strings),
+                        ("max_stop_string_chars", max_stop_string_chars)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
     model_name = engine.model_config.served_model_name
@@ -320,9 +384,15 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     app.add_middleware(SupervisorMiddleware, supervisor=supervisor, error_response=_error_response)
     chat = OpenAIServingChat(supervisor, reasoning_parser, tool_call_parser)
     completion = OpenAIServingCompletion(supervisor)
+    for serving in (chat, completion):
+        serving.max_stop_strings, serving.max_stop_string_chars = max_stop_strings, max_stop_string_chars
+        serving.special_tokens_in_content = special_tokens_in_content
 
     # NOTE: the middleware added last runs first: the key is checked before the body
-    # size, so that a client without the key cannot make the server read its body.
+    # size, so that a client without the key cannot make the server read its body,
+    # and both before the concurrency count.
+    if limit_concurrency is not None:
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=limit_concurrency)
     if max_request_body_bytes is not None:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key is not None:
@@ -403,7 +473,8 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             location, num_chars = "messages", messages_chars(messages)
 
             def encode() -> list[int]:
-                return engine.input_processor.apply_chat_template(messages)
+                return engine.input_processor.apply_chat_template(
+                    messages, special_tokens_in_content=special_tokens_in_content)
         elif isinstance(request.prompt, str):
             prompt, add_special_tokens = request.prompt, request.add_special_tokens
             location, num_chars = "prompt", len(prompt)
@@ -450,6 +521,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         return await _cancel_on_disconnect(raw_request, chat.create_chat_completion(request))
 
+    install_openapi(app, OPEN_PATHS, GENERATION_PATHS)
     return app
 
 
@@ -478,18 +550,29 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
                 api_key: str | None = None, request_timeout: float | None = None,
                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
                 max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
-                tool_call_parser: str | None = None) -> None:
+                timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+                timeout_header_read: float = DEFAULT_TIMEOUT_HEADER_READ_S,
+                max_connections: int | None = None, **app_options: Any) -> None:
     """Serve ``engine`` on the bound ``sock`` until Ctrl-C / SIGTERM, then drain:
     running requests get ``shutdown_timeout`` seconds to finish (see the module
     docstring). The engine itself is not shut down here.
+
+    Args:
+        timeout_keep_alive: seconds an idle kept-alive connection stays open.
+        timeout_header_read: seconds a connection gets to send a whole request head.
+        max_connections: connections held at most (None: from the open-file
+            limit, :func:`default_max_connections`).
+        app_options: the other options of :func:`build_app`.
 
     Raises:
         ValueError: ``shutdown_timeout`` is negative (and see :func:`build_app`).
     """
     if not shutdown_timeout >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
-    app = build_app(engine, reasoning_parser, api_key, request_timeout, max_request_body_bytes, tool_call_parser)
-    server = _make_server(app, log_level, shutdown_timeout)
+    app = build_app(engine, reasoning_parser, api_key, request_timeout, max_request_body_bytes, **app_options)
+    install_log_rate_limit()
+    server = make_server(app, log_level, shutdown_timeout, timeout_keep_alive, timeout_header_read,
+                         max_connections)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     load_error: list[BaseException] = []
@@ -516,25 +599,51 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
         raise load_error[0]
 
 
-def _make_server(app: FastAPI, log_level: str, shutdown_timeout: float) -> Any:
+def make_server(app: FastAPI, log_level: str = "info", shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+                timeout_header_read: float = DEFAULT_TIMEOUT_HEADER_READ_S,
+                max_connections: int | None = None) -> Any:
+    """The uvicorn server for ``app`` (from :func:`build_app`): it drains on
+    shutdown, and accepts its connections through a :class:`ConnectionGuard`
+    (header-read timeout, connection cap with eviction). ``server.serve(sockets=[sock])``
+    runs it on one bound socket; ``server.guard`` is the guard while it runs.
+    """
     import uvicorn
 
     supervisor: RequestSupervisor = app.state.supervisor
 
-    class DrainingServer(uvicorn.Server):
-        """uvicorn, with the drain before it closes the socket and its connections."""
+    class GuardedServer(uvicorn.Server):
+        """uvicorn, with the drain before it closes the socket and its connections,
+        and Ember's own accept loop."""
+
+        guard: ConnectionGuard | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self.should_exit:  # a second signal: stop waiting for running requests
                 supervisor.cut_grace()
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            assert sockets is not None and len(sockets) == 1, "serve on one bound socket"
+            await super().startup(sockets=[])  # the lifespan; no listener of uvicorn's own
+
+            def protocol(guard: ConnectionGuard) -> GuardedH11Protocol:
+                return GuardedH11Protocol(config=self.config, server_state=self.server_state,
+                                          app_state=self.lifespan.state, guard=guard)
+
+            self.guard = ConnectionGuard(sockets[0], protocol, max_connections or default_max_connections(),
+                                         timeout_header_read, backlog=self.config.backlog)
+            self.guard.start()
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             await supervisor.drain(shutdown_timeout)
+            if self.guard is not None:
+                self.guard.stop()
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=_CONNECTIONS_CLOSE_S)
-    return DrainingServer(config)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=_CONNECTIONS_CLOSE_S,
+                            timeout_keep_alive=timeout_keep_alive)  # type: ignore[arg-type]
+    return GuardedServer(config)
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -546,6 +655,7 @@ def run_server(args: argparse.Namespace) -> None:
     from ember.engine.arg_utils import EngineArgs
     from ember.engine.async_llm import AsyncLLM
 
+    raise_open_file_limit()
     # uvicorn handles SIGINT/SIGTERM while serving and then re-raises the signal; a
     # default SIGTERM would kill the process before the engine shuts down.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -562,7 +672,13 @@ def run_server(args: argparse.Namespace) -> None:
                           api_key, getattr(args, "request_timeout", None),
                           getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_S),
                           getattr(args, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES),
-                          getattr(args, "tool_call_parser", None)))
+                          tool_call_parser=getattr(args, "tool_call_parser", None),
+                          timeout_keep_alive=getattr(args, "timeout_keep_alive", DEFAULT_TIMEOUT_KEEP_ALIVE_S),
+                          timeout_header_read=getattr(args, "timeout_header_read", DEFAULT_TIMEOUT_HEADER_READ_S),
+                          limit_concurrency=getattr(args, "limit_concurrency", None),
+                          max_stop_strings=getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS),
+                          max_stop_string_chars=getattr(args, "max_stop_string_chars", DEFAULT_MAX_STOP_STRING_CHARS),
+                          special_tokens_in_content=getattr(args, "allow_special_tokens_in_content", False)))
     except KeyboardInterrupt:
         pass
     finally:

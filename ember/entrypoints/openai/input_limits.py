@@ -5,6 +5,9 @@ that work runs.
   :data:`MAX_CHARS_PER_TOKEN` characters is refused (HTTP 400) before it is
   tokenized: tokenizing a few megabytes costs seconds of CPU for a prompt that
   cannot fit the context window anyway.
+* :func:`check_stop_strings`: at most ``--max-stop-strings`` stop strings of at
+  most ``--max-stop-string-chars`` characters each (HTTP 400 naming ``stop``):
+  each is held and matched for every completion of the request.
 * :func:`run_input_work`: tokenizing, chat-template rendering and detokenizing
   a large input run in a worker thread (``asyncio.to_thread``), so that the
   event loop keeps streaming the other clients' tokens meanwhile; small inputs
@@ -35,6 +38,12 @@ MAX_CHARS_PER_TOKEN = 32
 # be a measurable share of the work, above it the work would stall other streams.
 OFFLOAD_MIN_CHARS = 4096
 OFFLOAD_MIN_TOKENS = 2048
+
+# Defaults of ``--max-stop-strings`` and ``--max-stop-string-chars``. OpenAI's API
+# takes up to 4 stop sequences; 64 leaves room for clients that list every
+# end-of-turn marker of several templates, and 256 characters for multi-line markers.
+DEFAULT_MAX_STOP_STRINGS = 64
+DEFAULT_MAX_STOP_STRING_CHARS = 256
 
 
 def max_prompt_chars(max_model_len: int) -> int:
@@ -68,6 +77,24 @@ def check_prompt_chars(num_chars: int, max_model_len: int, location: str) -> Non
             f"{max_model_len} tokens: the server refuses texts over {limit} characters "
             f"({MAX_CHARS_PER_TOKEN} per token of context) without tokenizing them",
             param=location.split("[", 1)[0], code="context_length_exceeded")
+
+
+def check_stop_strings(stop: list[str] | None, max_strings: int, max_chars: int) -> None:
+    """Refuse more than ``max_strings`` stop strings, or one longer than
+    ``max_chars`` characters.
+
+    Raises:
+        APIError: 400 with ``param`` ``stop``.
+    """
+    if not stop:
+        return
+    if len(stop) > max_strings:
+        raise APIError(f"stop holds {len(stop)} strings; this server takes at most {max_strings} "
+                       "(--max-stop-strings)", param="stop")
+    longest = max(range(len(stop)), key=lambda i: len(stop[i]))
+    if len(stop[longest]) > max_chars:
+        raise APIError(f"stop[{longest}] is {len(stop[longest])} characters long; this server takes stop strings "
+                       f"of at most {max_chars} characters (--max-stop-string-chars)", param="stop")
 
 
 async def run_input_work(fn: Callable[[], T], num_chars: int = 0, num_tokens: int = 0) -> T:

@@ -105,12 +105,13 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
-        self.check_model(request.model)
+        self.check_request(request)
         tool_use = resolve_tool_use(request, self.tool_parser)
         messages = request.message_dicts()
-        template_kwargs = {"tools": tool_use.template_tools} if tool_use.template_tools else {}
         prompt_ids = await self.tokenize(
-            lambda: self.engine.input_processor.apply_chat_template(messages, **template_kwargs),
+            lambda: self.engine.input_processor.apply_chat_template(
+                messages, tools=tool_use.template_tools or None,
+                special_tokens_in_content=self.special_tokens_in_content),
             "messages", messages_chars(messages) + tool_use.num_chars)
         prompt_ids = self.prompt_ids_for(request, prompt_ids, request.resolved_max_tokens())
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")

@@ -61,7 +61,13 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from ember.beam_search import BeamSearchParams
-from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
+from ember.entrypoints.openai.input_limits import (
+    DEFAULT_MAX_STOP_STRING_CHARS,
+    DEFAULT_MAX_STOP_STRINGS,
+    check_prompt_chars,
+    check_stop_strings,
+    run_input_work,
+)
 from ember.entrypoints.openai.protocol import (
     MAX_COMPLETIONS_PER_REQUEST,
     APIError,
@@ -224,10 +230,18 @@ class OpenAIServing:
     Args:
         engine: an ``AsyncLLM`` (or anything with its interface: ``model_config``,
             ``input_processor``, ``generate``, ``errored``, ``tokenizer``).
+
+    ``max_stop_strings`` and ``max_stop_string_chars`` bound a request's ``stop``
+    (see :func:`check_stop_strings`); ``special_tokens_in_content`` lets chat
+    messages' special-token strings become control tokens. The server sets them
+    from its flags.
     """
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self.max_stop_strings = DEFAULT_MAX_STOP_STRINGS
+        self.max_stop_string_chars = DEFAULT_MAX_STOP_STRING_CHARS
+        self.special_tokens_in_content = False
         self.model_name: str = engine.model_config.served_model_name
         self.max_model_len: int = engine.model_config.max_model_len
         self.tokenizer: Any = getattr(engine, "tokenizer", None)
@@ -321,6 +335,15 @@ class OpenAIServing:
                 f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                 404, param="model", code="model_not_found",
             )
+
+    def check_request(self, request: SamplingFields) -> None:
+        """The checks that need no tokenizing: the model name, then the stop strings.
+
+        Raises:
+            APIError: 404 for another model, 400 for too many or too long stop strings.
+        """
+        self.check_model(request.model)
+        check_stop_strings(request.stop, self.max_stop_strings, self.max_stop_string_chars)
 
     async def tokenize(self, fn: Callable[[], list[int]], location: str, num_chars: int,
                        num_tokens: int = 0) -> list[int]:
@@ -588,7 +611,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEResponse:
         """Raises APIError for invalid requests (before anything is sent)."""
-        self.check_model(request.model)
+        self.check_request(request)
         located = request.located_prompts()
         n = request.n or 1
         if len(located) > 1 and len(located) * n > MAX_COMPLETIONS_PER_REQUEST:
