@@ -240,7 +240,8 @@ class MPClient(EngineCoreClient):
         return kind, payload
 
     def process_exit_error(self) -> EngineDeadError:
-        """The error for a core process that has exited (or is about to be treated so)."""
+        """The error for a core process that has exited, naming its exit code or
+        signal; from now on this client treats the core as gone."""
         self.core_gone = True
         code = self.process.exitcode
         how = f"exited with code {code}"
@@ -325,6 +326,10 @@ class MPClient(EngineCoreClient):
                 logger.warning("engine core did not exit in time: terminating it")
                 self.process.terminate()
                 self.process.join(5)
+            if self.process.is_alive():  # e.g. stopped (SIGSTOP), where SIGTERM waits
+                logger.warning("engine core did not stop on SIGTERM: killing it")
+                self.process.kill()
+                self.process.join(5)
         self._close_sockets()
         for address in (self.input_address, self.output_address):
             try:
@@ -402,13 +407,16 @@ class AsyncMPClient(MPClient):
         :meth:`shutdown`.
         """
         loop = asyncio.get_running_loop()
-        if self._watched_loop is loop or self._closed:
+        if self._watched_loop is loop or self._closed or self.core_gone:
             return
         sentinel = self.process.sentinel
 
         def exited() -> None:
             loop.remove_reader(sentinel)
-            self._watched_loop = None
+            # NOTE: the sentinel fires when the process has closed its files, just
+            # before the kernel makes it a zombie: reap it (at once in practice) so
+            # that its exit code or signal is known.
+            self.process.join(0.1)
             on_exit()
 
         loop.add_reader(sentinel, exited)

@@ -4,7 +4,14 @@ under open-loop traffic, five times each: ``/health`` turns 503 (code
 the cause within 2 s (a non-streaming one with a 5xx body, a stream with an
 error event and then ``data: [DONE]``), new requests get 503, no request hangs,
 and the server exits with a non-zero status on its own within the documented
-time, or at once on SIGTERM, leaving no process behind."""
+time, or at once on SIGTERM, leaving no process behind.
+
+NOTE: the 1 s and 2 s run from the core's death, the moment the kernel has
+closed its files (when its sockets drop and its sentinel fires: nothing outside
+the process can notice it earlier). ``kill -9`` first makes the kernel tear down
+the process's memory, which on an overloaded machine takes a good part of a
+second for a process holding a model; that part is bounded separately.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +34,8 @@ RUNS = 5
 SERVER_ARGS = ("--max-model-len", "256", "--kv-cache-memory", "64M")
 HEALTH_WITHIN_S = 1.0
 IN_FLIGHT_END_WITHIN_S = 2.0
+# From the SIGKILL to the core's death (the kernel tearing it down), at most.
+TEARDOWN_WITHIN_S = 2.0
 # Documented: the server exits ENGINE_DEAD_EXIT_DELAY_S after the death, then closes
 # (no grace period; requests have already ended). Slack for a busy test machine.
 EXIT_WITHIN_S = ENGINE_DEAD_EXIT_DELAY_S + 8.0
@@ -69,6 +79,31 @@ def _engine_core_pid(server_pid: int) -> int:
                 cores.append(pid)
     assert len(cores) == 1, f"expected one engine core process among {_children(server_pid)}"
     return cores[0]
+
+
+class CoreKill:
+    """SIGKILL the engine core process; :meth:`died_at` is when the kernel had
+    finished it off (its files closed), seen by a thread polling ``/proc``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._died: list[float] = []
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+        self.killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+
+    def _watch(self) -> None:
+        while _alive(self.pid) and os.path.exists(f"/proc/{self.pid}/fd/0"):
+            time.sleep(0.001)
+        self._died.append(time.monotonic())
+
+    def died_at(self) -> float:
+        self._watcher.join(30)
+        assert self._died, "the engine core survived SIGKILL"
+        assert self._died[0] - self.killed_at <= TEARDOWN_WITHIN_S, \
+            f"the kernel took {self._died[0] - self.killed_at:.2f} s to end the core"
+        return self._died[0]
 
 
 def _assert_engine_dead(body: dict, what: str) -> None:
@@ -160,7 +195,7 @@ async def _health_503(client: httpx.AsyncClient, url: str) -> tuple[float, dict]
         await asyncio.sleep(0.02)
 
 
-def _wait_for_exit(srv: ServerProcess, t_kill: float, sigterm_at: float | None) -> None:
+def _wait_for_exit(srv: ServerProcess, t_death: float, sigterm_at: float | None) -> None:
     """The server exits with a non-zero status in time (on its own, or after SIGTERM
     at ``sigterm_at``), and no process it started outlives it."""
     processes = _descendants(srv.proc.pid)
@@ -168,7 +203,7 @@ def _wait_for_exit(srv: ServerProcess, t_kill: float, sigterm_at: float | None) 
         srv.proc.send_signal(signal.SIGTERM)
         limit, what = sigterm_at + SIGTERM_EXIT_WITHIN_S, "after SIGTERM"
     else:
-        limit, what = t_kill + EXIT_WITHIN_S, "on its own"
+        limit, what = t_death + EXIT_WITHIN_S, "on its own"
     try:
         rc = srv.proc.wait(timeout=max(0.1, limit - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -188,10 +223,10 @@ def test_core_killed_while_idle(run: int) -> None:
 
         async def main() -> tuple[float, float]:
             async with httpx.AsyncClient(timeout=HANG_S) as client:
-                t_kill = time.monotonic()
-                os.kill(core, signal.SIGKILL)
+                kill = CoreKill(core)
                 t_503, body = await _health_503(client, srv.url)
-                assert t_503 - t_kill <= HEALTH_WITHIN_S, f"/health turned 503 after {t_503 - t_kill:.2f} s"
+                t_death = kill.died_at()
+                assert t_503 - t_death <= HEALTH_WITHIN_S, f"/health turned 503 {t_503 - t_death:.2f} s after the death"
                 _assert_engine_dead(body, "/health")
                 for stream in (False, True):
                     resp = await client.post(f"{srv.url}/v1/completions", json={
@@ -199,10 +234,10 @@ def test_core_killed_while_idle(run: int) -> None:
                     assert resp.status_code == 503, resp.text
                     assert resp.headers.get("retry-after"), "503 should carry Retry-After"
                     _assert_engine_dead(resp.json(), f"a new request (stream={stream})")
-                return t_kill, t_503
+                return t_death
 
-        t_kill, t_503 = asyncio.run(main())
-        _wait_for_exit(srv, t_kill, time.monotonic() if run % 2 else None)
+        t_death = asyncio.run(main())
+        _wait_for_exit(srv, t_death, time.monotonic() if run % 2 else None)
 
 
 @pytest.mark.parametrize("run", range(RUNS))
@@ -232,19 +267,19 @@ def test_core_killed_under_open_loop_traffic(run: int) -> None:
 
                 arriving = asyncio.create_task(arrivals())
                 await asyncio.sleep(1.0 + 0.1 * run)
-                t_kill = time.monotonic()
-                os.kill(core, signal.SIGKILL)
+                kill = CoreKill(core)
                 t_503, body = await _health_503(client, srv.url)
-                await asyncio.sleep(max(0.0, t_kill + 1.5 - time.monotonic()))
+                await asyncio.sleep(max(0.0, kill.killed_at + 1.5 - time.monotonic()))
                 stop_arrivals.set()
                 await arriving
                 _, pending = await asyncio.wait(tasks, timeout=HANG_S + 5)
                 assert not pending, f"{len(pending)} requests still running long after the engine died"
-                assert t_503 - t_kill <= HEALTH_WITHIN_S, f"/health turned 503 after {t_503 - t_kill:.2f} s"
+                t_death = kill.died_at()
+                assert t_503 - t_death <= HEALTH_WITHIN_S, f"/health turned 503 {t_503 - t_death:.2f} s after the death"
                 _assert_engine_dead(body, "/health")
-                return t_kill, t_503
+                return kill.killed_at, t_death
 
-        t_kill, t_503 = asyncio.run(main())
+        t_kill, t_death = asyncio.run(main())
         hung = [o for o in outcomes if o.hung]
         assert not hung, f"{len(hung)} of {len(outcomes)} requests hung"
         in_flight = [o for o in outcomes if o.start < t_kill and o.end is not None and o.end > t_kill]
@@ -257,7 +292,7 @@ def test_core_killed_under_open_loop_traffic(run: int) -> None:
             assert o.transport_error is None, f"{what}: cut without an answer: {o.transport_error}"
             if o.completed and o.error is None:
                 continue  # its last outputs had left the engine before it died: a full answer
-            assert o.end - t_kill <= IN_FLIGHT_END_WITHIN_S, f"{what}: ended {o.end - t_kill:.2f} s after the kill"
+            assert o.end - t_death <= IN_FLIGHT_END_WITHIN_S, f"{what}: ended {o.end - t_death:.2f} s after the death"
             assert o.error is not None, f"{what}: ended without an error"
             _assert_engine_dead(o.error, what)
             if o.stream and o.status == 200:
@@ -272,5 +307,6 @@ def test_core_killed_under_open_loop_traffic(run: int) -> None:
             assert not o.completed, f"{what} was served by a dead engine"
             assert o.status == 503, what
             _assert_engine_dead(o.error, what)
-            assert o.end - o.start <= 1.0, f"{what}: answered after {o.end - o.start:.2f} s"
-        _wait_for_exit(srv, t_kill, time.monotonic() if run % 2 else None)
+            waited = o.end - max(o.start, t_death)
+            assert waited <= 1.0, f"{what}: answered {waited:.2f} s after it was sent or the engine died"
+        _wait_for_exit(srv, t_death, time.monotonic() if run % 2 else None)

@@ -256,8 +256,9 @@ def _abort_output(last: RequestOutput, params: SamplingParams, finished: set[int
 
 class SupervisorMiddleware:
     """ASGI middleware for the generation routes: refuses them with 503 while the
-    server drains or once the engine is dead (code ``engine_dead``), counts the running ones (until their response is fully sent) and
-    puts a server-side abort's error event in front of a stream's ``data: [DONE]``.
+    server drains or once the engine is dead (code ``engine_dead``), counts the
+    running ones (until their response is fully sent) and puts a server-side
+    abort's error event in front of a stream's ``data: [DONE]``.
 
     Args:
         app: the ASGI app.
