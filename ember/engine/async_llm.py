@@ -138,6 +138,8 @@ class AsyncLLM(EngineFrontEnd):
         error = await done
         if error is not None:
             self.errored = True
+            if isinstance(error, EngineDeadError):
+                self.dead_error = error
             raise error
 
     # -------------------------------------------------------------- public
