@@ -8,6 +8,14 @@ each RequestOutput to the asyncio queue of its request. Requests that arrive
 while a step runs join the next one (continuous batching), and the model's
 compute never waits on HTTP or text work.
 
+The core process is supervised from the moment the model is loaded, whether
+or not requests are in flight: its exit is seen at once (the process sentinel,
+waited on by the event loop) and so is a fatal error it reports. Then
+:attr:`AsyncLLM.errored` is set, every request in flight fails with
+:class:`EngineDeadError` naming the cause, new requests are refused with it,
+and :meth:`AsyncLLM.wait_until_dead` returns (the server then exits, so that
+whatever runs it can restart it).
+
 Per finished request it logs one structured line (logger ``ember.request``,
 JSON): id, prompt and output tokens, queue time, TTFT, end-to-end time and
 finish reason.
@@ -35,6 +43,10 @@ from ember.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
 request_logger = init_logger("ember.request")
+
+# Seconds between the core process's exit and failing the requests, in which
+# the output loop reads what the core sent last (e.g. its fatal error's cause).
+_EXIT_GRACE_S = 0.05
 
 __all__ = ["AsyncLLM", "EngineDeadError", "EngineLoadingError", "EngineOverloadedError"]
 
@@ -66,6 +78,9 @@ class AsyncLLM(EngineFrontEnd):
         # The core process loads the model while this one loads the tokenizer.
         super().__init__(config, AsyncMPClient(config))
         self.errored = False
+        # Why the running core stopped (set with ``errored``; None while it runs).
+        self.dead_error: EngineDeadError | None = None
+        self._dead = asyncio.Event()
         self.max_waiting_requests = max_waiting_requests
         # A PrometheusMetrics the server attaches; updated after each step.
         self.metrics: Any = None
@@ -92,13 +107,22 @@ class AsyncLLM(EngineFrontEnd):
 
     async def wait_until_ready(self) -> None:
         """Wait (without blocking the event loop) until the core has loaded the
-        model.
+        model, then supervise it from this event loop (see the module docstring).
 
         Raises:
             EngineDeadError: the core failed to start; ``errored`` is set then.
         """
-        if self.ready:
-            return
+        if not self.ready:
+            await self._wait_for_core()
+        self._start_supervision()
+
+    async def wait_until_dead(self) -> EngineDeadError:
+        """Wait until the running core is found dead; returns why (``dead_error``)."""
+        await self._dead.wait()
+        assert self.dead_error is not None
+        return self.dead_error
+
+    async def _wait_for_core(self) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -115,6 +139,8 @@ class AsyncLLM(EngineFrontEnd):
         error = await done
         if error is not None:
             self.errored = True
+            if isinstance(error, EngineDeadError):
+                self.dead_error = error
             raise error
 
     # -------------------------------------------------------------- public
@@ -139,7 +165,7 @@ class AsyncLLM(EngineFrontEnd):
             EngineOverloadedError: ``max_waiting_requests`` requests already wait.
         """
         if self.errored:
-            raise EngineDeadError("the engine core is not running")
+            raise self.dead_error or EngineDeadError("the engine core is not running")
         if not self.ready:
             raise EngineLoadingError("the model is still loading; retry in a few seconds")
         priority = 0 if priority is None else priority
@@ -153,7 +179,7 @@ class AsyncLLM(EngineFrontEnd):
         # burst arriving in one event-loop turn cannot all pass the check.
         if check_overload:
             self._check_overload()
-        self._ensure_output_handler()
+        self._start_supervision()
         arrival = time.monotonic()
         # NOTE: the queue is registered after the submit (which may still refuse
         # the request); no output can arrive in between, on this one event loop.
@@ -259,9 +285,21 @@ class AsyncLLM(EngineFrontEnd):
         self.core_client.shutdown()
 
     # ----------------------------------------------------- output handling
-    def _ensure_output_handler(self) -> None:
+    def _start_supervision(self) -> None:
+        """From the running event loop (once the core is ready): receive its
+        outputs and watch its process."""
+        if self.dead_error is not None:
+            return
+        self.core_client.watch_process(self._on_core_exit)
         if self._output_task is None or self._output_task.done():
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
+
+    def _on_core_exit(self) -> None:
+        asyncio.get_running_loop().call_later(_EXIT_GRACE_S, self._core_exited)
+
+    def _core_exited(self) -> None:
+        if self.dead_error is None:
+            self._mark_dead(self.core_client.process_exit_error())
 
     def _abort_request(self, request_id: str) -> list[RequestOutput]:
         """Abort one user request; record and log its final output."""
@@ -337,11 +375,21 @@ class AsyncLLM(EngineFrontEnd):
             request_logger.info(json.dumps(record))
 
     def _mark_dead(self, error: BaseException) -> None:
+        """The core is gone: fail every request in flight and refuse new ones."""
+        if self.dead_error is not None:
+            return
         logger.error(f"engine core died: {error}")
-        self.errored = True
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine core died: {error!r}")
+        self.errored = True
+        self.dead_error = dead
+        self.core_client.core_gone = True
+        self.core_client.forget_pending()
+        task = self._output_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
         for req_id in list(self._queues):
             self._deliver(dead, req_id)
+        self._dead.set()
 
 
 class _Timing:

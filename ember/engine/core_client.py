@@ -20,20 +20,36 @@ msgpack payload]``, kinds ``ADD`` (an ``EngineCoreRequest``), ``ABORT`` (an
 (core -> front end).
 
 The core process exits when told to shut down, when its parent process is
-gone, or after a fatal error, which it reports as :data:`DEAD` first. The
-front end also watches the process itself, so a crash that sends nothing
-(segfault, OOM kill) is detected too.
+gone (checked by a thread blocked on the parent's sentinel, so also while it
+is busy stepping), or after a fatal error, which it reports as :data:`DEAD`
+first. The front end also watches the process itself, so a crash that sends
+nothing (segfault, OOM kill, ``kill -9``) is detected too: the asyncio client
+waits on the process sentinel from the event loop (:meth:`AsyncMPClient.watch_process`).
+
+Sends never block: a request is handed to ZMQ without waiting (``NOBLOCK``).
+With no high-water mark ZMQ queues for a connected core however busy it is, so
+a send can only find no room when the core is not connected (not yet, or no
+longer: a PUSH socket without a peer would block the sender forever). Such a
+message waits in a bounded queue of the client's own until the core connects;
+the blocking client waits for it while checking that the core is alive, the
+asyncio client flushes it from a task, so a dead core never stalls the event
+loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import tempfile
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -69,6 +85,10 @@ logger = init_logger(__name__)
 _IDLE_POLL_MS = 500
 # Seconds a shut-down core process gets to exit before it is terminated.
 _SHUTDOWN_TIMEOUT_S = 10
+# Messages that may wait for an unconnected core before new requests are refused.
+# NOTE: a connected core never leaves a message waiting (no high-water mark), so
+# the queue only fills in the moments between a core's death and its detection.
+MAX_PENDING_SENDS = 4096
 
 
 class EngineDeadError(RuntimeError):
@@ -162,6 +182,8 @@ class MPClient(EngineCoreClient):
         self._output.setsockopt(zmq.LINGER, 0)
         self._output.bind(self.output_address)
         self._encoder = msgspec.msgpack.Encoder()
+        # Messages waiting for a core that is not connected (see the module docstring).
+        self._pending_sends: collections.deque[list[bytes]] = collections.deque()
         self._outputs_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         # NOTE: spawn, not fork: the parent may hold CUDA state and threads.
         self.process = multiprocessing.get_context("spawn").Process(
@@ -169,6 +191,8 @@ class MPClient(EngineCoreClient):
             name="ember-engine-core", daemon=True)
         self.process.start()
         self._ready = False
+        # Set once this client has seen the core process gone.
+        self.core_gone = False
 
     @property
     def ready(self) -> bool:
@@ -209,15 +233,24 @@ class MPClient(EngineCoreClient):
         """
         while not self._output.poll(200):
             if not self.process.is_alive():
-                raise self._process_gone()
+                raise self.process_exit_error()
             if deadline is not None and time.monotonic() > deadline:
                 return None
         kind, payload = self._output.recv_multipart()
         return kind, payload
 
-    def _process_gone(self) -> EngineDeadError:
-        return EngineDeadError(f"the engine core process exited with code {self.process.exitcode} "
-                               "(see the log above)")
+    def process_exit_error(self) -> EngineDeadError:
+        """The error for a core process that has exited, naming its exit code or
+        signal; from now on this client treats the core as gone."""
+        self.core_gone = True
+        code = self.process.exitcode
+        how = f"exited with code {code}"
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        return EngineDeadError(f"the engine core process {how} (see the engine log)")
 
     @staticmethod
     def _dead_error(payload: bytes) -> EngineDeadError:
@@ -225,29 +258,77 @@ class MPClient(EngineCoreClient):
         return EngineDeadError(f"engine core failed: {dead.error_type}: {dead.message}")
 
     def _send(self, kind: bytes, payload: object = None) -> None:
-        self._input.send_multipart([kind, b"" if payload is None else self._encoder.encode(payload)], copy=False)
+        """Hand a message to ZMQ without blocking; with no connected core, queue it
+        (:meth:`_queue_send`).
+
+        Raises:
+            EngineDeadError: the core is gone (see :meth:`_queue_send`).
+        """
+        frames = [kind, b"" if payload is None else self._encoder.encode(payload)]
+        if not self._pending_sends and self._try_send(frames):
+            return
+        self._queue_send(frames)
+
+    def _try_send(self, frames: list[bytes]) -> bool:
+        """Send now if the core is connected; False if it is not.
+
+        NOTE: ZMQ takes a multipart message whole or not at all: once its first
+        frame is queued, the rest follow on the same pipe.
+        """
+        try:
+            self._input.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _queue_send(self, frames: list[bytes]) -> None:
+        """Deliver a message the core is not connected for: wait (blocking) until it
+        connects, checking every 200 ms that its process is alive.
+
+        Raises:
+            EngineDeadError: the core process is gone.
+        """
+        while not self._try_send(frames):
+            if not self._input.poll(200, zmq.POLLOUT) and not self.process.is_alive():
+                raise self.process_exit_error()
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        """Raises:
+            EngineDeadError: the core is known to be gone, or does not take input.
+        """
+        if self.core_gone or self._closed:
+            raise self.process_exit_error()
+        if len(self._pending_sends) >= MAX_PENDING_SENDS:
+            raise EngineDeadError(f"the engine core has not taken input for a while ({len(self._pending_sends)} "
+                                  "messages wait for it)")
         self._send(ADD, request)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
                        ) -> None:
-        if request_ids:
+        """Nothing to do once the core is known to be gone (its requests died with it)."""
+        if request_ids and not (self.core_gone or self._closed):
             self._send(ABORT, AbortRequests(list(request_ids), int(status)))
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._pending_sends.clear()
         if self.process.is_alive():
+            # NOTE: never blocks: a core that is alive but not connected gets the
+            # timeout below and is terminated.
             try:
-                self._send(SHUTDOWN)
+                self._try_send([SHUTDOWN, b""])
             except zmq.ZMQError:
                 pass
             self.process.join(_SHUTDOWN_TIMEOUT_S)
             if self.process.is_alive():
                 logger.warning("engine core did not exit in time: terminating it")
                 self.process.terminate()
+                self.process.join(5)
+            if self.process.is_alive():  # e.g. stopped (SIGSTOP), where SIGTERM waits
+                logger.warning("engine core did not stop on SIGTERM: killing it")
+                self.process.kill()
                 self.process.join(5)
         self._close_sockets()
         for address in (self.input_address, self.output_address):
@@ -285,12 +366,81 @@ class SyncMPClient(MPClient):
 
 class AsyncMPClient(MPClient):
     """asyncio access to a core process (the server's ``AsyncLLM``). The output
-    socket is polled from the running event loop, which is bound on first use."""
+    socket is polled from the running event loop, which is bound on first use.
+
+    Nothing here blocks the event loop: a message the core is not connected for
+    waits in the client's queue, flushed by a task (see the module docstring),
+    and :meth:`watch_process` reports the core's exit from the loop itself.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        # The same libzmq socket, awaited from whichever event loop runs.
+        # The same libzmq sockets, awaited from whichever event loop runs.
         self._async_output = zmq.asyncio.Socket.shadow(self._output.underlying)
+        self._async_input = zmq.asyncio.Socket.shadow(self._input.underlying)
+        self._flush_task: asyncio.Task | None = None
+        self._watched_loop: asyncio.AbstractEventLoop | None = None
+
+    def _queue_send(self, frames: list[bytes]) -> None:
+        """Queue a message for a core that is not connected; a task of the running
+        event loop sends the queue in order once it is (without a running loop,
+        e.g. at shutdown, the message is dropped: the core is then stopped anyway)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._pending_sends.append(frames)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = loop.create_task(self._flush_sends())
+
+    async def _flush_sends(self) -> None:
+        while self._pending_sends and not (self._closed or self.core_gone):
+            if self._try_send(self._pending_sends[0]):
+                self._pending_sends.popleft()
+            else:
+                await self._async_input.poll(500, zmq.POLLOUT)
+
+    def watch_process(self, on_exit: Callable[[], None]) -> None:
+        """Call ``on_exit()`` from the running event loop as soon as the core
+        process exits, for whatever reason (it waits on the process's sentinel:
+        no polling, no thread). Idempotent per event loop; the watch ends with
+        :meth:`shutdown`.
+        """
+        loop = asyncio.get_running_loop()
+        if self._watched_loop is loop or self._closed or self.core_gone:
+            return
+        sentinel = self.process.sentinel
+
+        def exited() -> None:
+            loop.remove_reader(sentinel)
+            # NOTE: the sentinel fires when the process has closed its files, just
+            # before the kernel makes it a zombie: reap it (at once in practice) so
+            # that its exit code or signal is known.
+            self.process.join(0.1)
+            on_exit()
+
+        loop.add_reader(sentinel, exited)
+        self._watched_loop = loop
+
+    def forget_pending(self) -> None:
+        """Drop the messages waiting for the core (it is gone) and stop the task
+        that would send them."""
+        self._pending_sends.clear()
+        if self._flush_task is not None and not self._flush_task.done():
+            try:
+                self._flush_task.cancel()
+            except RuntimeError:  # its event loop is already closed
+                pass
+
+    def shutdown(self) -> None:
+        self.forget_pending()
+        loop, self._watched_loop = self._watched_loop, None
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.remove_reader(self.process.sentinel)
+            except (RuntimeError, ValueError, OSError):  # another thread's loop, or the fd is closed
+                pass
+        super().shutdown()
 
     async def get_output_async(self) -> EngineCoreOutputs:
         """Wait for the next step's outputs.
@@ -300,7 +450,7 @@ class AsyncMPClient(MPClient):
         """
         while not await self._async_output.poll(500):
             if not self.process.is_alive():
-                raise self._process_gone()
+                raise self.process_exit_error()
         return self._decode_outputs(*await self._async_output.recv_multipart())
 
 
@@ -317,6 +467,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.dup2(2, 1)  # the core prints nothing for users: its reports go to stderr
+    _exit_with_parent()
     _leave_a_core_for_the_front_end(config)
     ctx = zmq.Context()
     input_socket = ctx.socket(zmq.PULL)
@@ -341,6 +492,26 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     output_socket.close(linger=2000)
     input_socket.close(linger=0)
     ctx.term()
+
+
+def _exit_with_parent() -> None:
+    """End this process as soon as its parent (the front end) is gone, also while
+    it is busy stepping: a daemon thread waits on the parent's sentinel.
+
+    NOTE: without it a busy core whose front end was killed would keep stepping
+    and then block forever sending outputs to nobody (an orphan holding the device).
+    The thread sleeps in the kernel until then: it costs the step loop nothing.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        logger.warning("engine core: the front-end process is gone; exiting")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ember-parent-watch", daemon=True).start()
 
 
 def _leave_a_core_for_the_front_end(config: EngineConfig) -> None:

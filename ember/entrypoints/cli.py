@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import sys
 import uuid
 from typing import Any
@@ -87,13 +88,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ember.engine.core_client import EngineDeadError
     from ember.entrypoints.openai.api_server import run_server
 
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             raise SystemExit("ember serve: give the model either as MODEL or as --model, not both")
         args.model = args.model_tag
-    run_server(args)
+    try:
+        run_server(args)
+    except EngineDeadError as e:
+        # NOTE: the server has shut down and its engine core is gone: exit now, not
+        # after the interpreter has torn down a large heap (seconds on a busy
+        # machine), so that a process supervisor restarts the server sooner.
+        print(f"ember serve: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 

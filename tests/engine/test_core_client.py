@@ -147,34 +147,51 @@ def test_dead_core_is_detected(async_engine: AsyncLLM) -> None:
         params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
         stream = async_engine.generate("Once upon a time", params, "victim")
         await anext(stream)
-        os.kill(async_engine.core_client.process.pid, signal.SIGKILL)
-        with pytest.raises(EngineDeadError):
+        dead = asyncio.ensure_future(async_engine.wait_until_dead())
+        process = async_engine.core_client.process
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(30)  # gone, and this event loop has not looked yet
+        # A request sent to the dead core before anyone noticed: the send must not
+        # block the event loop (a PUSH socket without a peer would block forever).
+        start = time.monotonic()
+        late = async_engine.generate("Hi", params, "late")
+        with pytest.raises(EngineDeadError, match="SIGKILL"):
+            await asyncio.wait_for(anext(late), 5)
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(EngineDeadError, match="SIGKILL"):
             async for _ in stream:
                 pass
         assert async_engine.errored
-        with pytest.raises(EngineDeadError):
+        assert await asyncio.wait_for(dead, 1) is async_engine.dead_error
+        with pytest.raises(EngineDeadError, match="SIGKILL"):
             await anext(async_engine.generate("Hi", params, "refused"))
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_orphaned_core_exits(smollm2_path: str, tmp_path) -> None:
-    # A front end that dies without shutting down (SIGKILL) must not leave its core behind.
+    # A front end that dies without shutting down (as SIGKILL would) must not leave its
+    # core behind, also while the core is busy generating (it then never idles, and
+    # its sends to the gone front end would block).
     script = tmp_path / "front.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
+        from ember import SamplingParams
         from ember.engine.arg_utils import EngineArgs
         from ember.engine.llm_engine import LLMEngine
         if __name__ == "__main__":
             engine = LLMEngine.from_engine_args(EngineArgs(model={smollm2_path!r}, max_model_len=256,
                                                            kv_cache_memory=16 << 20), multiprocess=True)
+            engine.add_request("busy", "Once upon a time", SamplingParams(max_tokens=240, ignore_eos=True))
+            while not any(out.outputs[0].token_ids for out in engine.step()):
+                pass
             print(engine.core_client.process.pid, flush=True)
             os._exit(0)
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     core_pid = int(out.stdout.split()[-1])
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 5
     while _alive(core_pid):
         assert time.monotonic() < deadline, "the orphaned engine core is still running"
         time.sleep(0.2)

@@ -31,6 +31,18 @@ logged at a bounded rate (:mod:`ember.entrypoints.openai.connections`). Special-
 strings inside chat messages stay text (``--allow-special-tokens-in-content`` turns
 this off for trusted clients; see :mod:`ember.engine.input_processor`).
 
+Engine death: the engine core process is watched from the moment the model is
+loaded, idle or not (:mod:`ember.engine.async_llm`). When it dies (crash, OOM kill,
+``kill -9``), within a fraction of a second ``/health`` and new generation requests
+get 503 with code ``engine_dead`` and a message naming the cause, and every request
+in flight ends: a non-streaming one with that 503, a stream with a last
+``finish_reason: "abort"`` chunk, an ``engine_dead`` error event and ``data: [DONE]``.
+The server keeps answering so for :data:`ENGINE_DEAD_EXIT_DELAY_S` seconds (so that
+probes and clients see the cause rather than a refused connection), then shuts down
+as below without a grace period and exits with status 1, for a process supervisor
+(systemd, Kubernetes) to restart it; SIGTERM stops it at once meanwhile, also with
+status 1.
+
 Shutdown (SIGTERM or Ctrl-C): the server keeps its socket open but answers new
 generation requests and ``/health`` with 503 (code ``server_shutting_down``), gives
 the running requests ``--shutdown-timeout`` seconds to finish, aborts the rest (see
@@ -96,6 +108,8 @@ from ember.entrypoints.openai.supervisor import (
     GENERATION_PATHS,
     RequestSupervisor,
     SupervisorMiddleware,
+    engine_dead_cause,
+    engine_dead_error,
     shutting_down_error,
 )
 from ember.metrics import PrometheusMetrics
@@ -106,6 +120,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 # After the drain, seconds that other open connections (e.g. a slow /metrics scrape) get.
 _CONNECTIONS_CLOSE_S = 5
+# Seconds the server keeps answering 503 ``engine_dead`` after the engine core died,
+# before it shuts down and exits with status 1 (the requests in flight have failed by
+# then: the engine fails them as soon as it sees the core gone).
+ENGINE_DEAD_EXIT_DELAY_S = 2.0
 # ``--max-request-body-bytes``' default. The largest legitimate body is a prompt filling
 # a long context: a 128K-token context is about 0.5 MiB of English text (4 characters per
 # token) or 1 MiB as a JSON token-id list (up to 8 bytes per id); 16 MiB leaves room for a
@@ -429,8 +447,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return _error_response(APIError(f"the engine stopped: {exc}", 503, type="server_error",
-                                        code="engine_dead"))
+        return _error_response(engine_dead_error(exc))
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -440,10 +457,11 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.get("/health")
     async def health() -> Response:
+        dead = engine_dead_cause(engine)
+        if dead is not None:
+            return _error_response(dead)
         if supervisor.draining:
             return _error_response(shutting_down_error())
-        if getattr(engine, "errored", False):
-            return _error_response(APIError("the engine stopped after an error", 503, type="server_error"))
         if not getattr(engine, "ready", True):
             return _error_response(model_loading_error())
         return Response(status_code=200)
@@ -557,6 +575,10 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
     running requests get ``shutdown_timeout`` seconds to finish (see the module
     docstring). The engine itself is not shut down here.
 
+    An engine with ``wait_until_dead`` (``AsyncLLM``) is supervised: when its core
+    dies the server stops :data:`ENGINE_DEAD_EXIT_DELAY_S` seconds later (see the
+    module docstring) and this raises the engine's error.
+
     Args:
         timeout_keep_alive: seconds an idle kept-alive connection stays open.
         timeout_header_read: seconds a connection gets to send a whole request head.
@@ -566,6 +588,7 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
 
     Raises:
         ValueError: ``shutdown_timeout`` is negative (and see :func:`build_app`).
+        EngineDeadError: the engine failed to start, or its core died while serving.
     """
     if not shutdown_timeout >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
@@ -576,27 +599,43 @@ async def serve(engine: Any, sock: socket.socket, log_level: str = "info", reaso
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     load_error: list[BaseException] = []
+    dead: list[BaseException] = []
 
-    async def wait_for_model() -> None:
+    async def supervise_engine() -> None:
         # The server answers (503 ``model_loading``) while the engine core loads.
-        try:
-            await engine.wait_until_ready()
-        except Exception as e:  # noqa: BLE001 - reported after the server stops
-            load_error.append(e)
-            server.should_exit = True
+        if not getattr(engine, "ready", True):
+            try:
+                await engine.wait_until_ready()
+            except Exception as e:  # noqa: BLE001 - reported after the server stops
+                load_error.append(e)
+                server.should_exit = True
+                return
+            logger.info("the model is loaded: serving requests")
+        else:
+            await engine.wait_until_ready()  # starts watching the core from this event loop
+        if not hasattr(engine, "wait_until_dead"):
             return
-        logger.info("the model is loaded: serving requests")
+        dead.append(await engine.wait_until_dead())
+        logger.error("the engine core died (%s): answering 503 engine_dead, exiting with status 1 in %g s",
+                     dead[0], ENGINE_DEAD_EXIT_DELAY_S)
+        await asyncio.sleep(ENGINE_DEAD_EXIT_DELAY_S)
+        server.should_exit = True
 
-    loading = asyncio.ensure_future(wait_for_model()) if not getattr(engine, "ready", True) else None
+    supervising = asyncio.ensure_future(supervise_engine()) if hasattr(engine, "wait_until_ready") else None
     logger.info("Ember serves %s at http://%s:%d/v1 (health: /health)",
                 engine.model_config.served_model_name, shown, port)
     try:
         await server.serve(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises a SIGTERM it handled
+        if not dead:
+            raise
     finally:
-        if loading is not None and not loading.done():
-            loading.cancel()
+        if supervising is not None and not supervising.done():
+            supervising.cancel()
     if load_error:
         raise load_error[0]
+    if dead:
+        raise dead[0]
 
 
 def make_server(app: FastAPI, log_level: str = "info", shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,

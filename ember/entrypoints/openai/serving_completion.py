@@ -82,6 +82,7 @@ from ember.entrypoints.openai.protocol import (
     now,
     random_id,
 )
+from ember.entrypoints.openai.supervisor import engine_dead_cause
 from ember.outputs import CompletionOutput, RequestOutput, SampleLogprob
 from ember.sampling_params import SamplingParams
 from ember.structured_output.grammar import validate_structured_outputs
@@ -415,8 +416,9 @@ class OpenAIServing:
         Raises:
             APIError: 400 when the engine rejects the input, 503 when it is not running.
         """
-        if getattr(self.engine, "errored", False):
-            raise APIError("the engine is not running (it stopped after an error)", 503, type="server_error")
+        dead = engine_dead_cause(self.engine)
+        if dead is not None:
+            raise dead
         # Only non-default scheduling fields are passed, so engines without them keep working.
         extra: dict[str, Any] = {}
         if priority != 0:

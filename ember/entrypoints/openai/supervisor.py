@@ -20,6 +20,11 @@ What the client sees when the server ends its request (the contract):
   error event is what makes the official ``openai`` client raise ``APIError``
   instead of returning a silently truncated answer.
 
+The engine core dying ends every running generation the same way, with 503 and
+code ``engine_dead`` (the message names the cause, e.g. the signal that killed
+the core process); new generation requests get that 503 before their body is
+read.
+
 504 rather than 408: 408 means the server gave up waiting for the client's
 request, which is not what happened; 504 is the status of a server that did not
 get an answer from the component doing the work in time. Both are retried by
@@ -38,6 +43,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ember.engine.core_client import EngineDeadError
 from ember.entrypoints.openai.protocol import APIError
 from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import RequestOutputKind, SamplingParams
@@ -65,6 +71,20 @@ def shutting_down_error(message: str = "the server is shutting down; retry on an
     return APIError(message, 503, type="server_error", code="server_shutting_down")
 
 
+def engine_dead_error(cause: BaseException | str | None = None) -> APIError:
+    """503 ``engine_dead``: the engine core stopped (``cause``: why, e.g. the
+    engine's ``dead_error``); nothing can be served any more."""
+    why = str(cause) if cause is not None and str(cause) else "the engine core is not running"
+    return APIError(f"the engine stopped: {why}", 503, type="server_error", code="engine_dead")
+
+
+def engine_dead_cause(engine: Any) -> APIError | None:
+    """:func:`engine_dead_error` for an engine whose ``errored`` is set, else None."""
+    if not getattr(engine, "errored", False):
+        return None
+    return engine_dead_error(getattr(engine, "dead_error", None))
+
+
 @dataclass(slots=True)
 class _HTTPRequest:
     """One generation request as the middleware sees it."""
@@ -81,7 +101,7 @@ _current_request: contextvars.ContextVar[_HTTPRequest | None] = contextvars.Cont
 @dataclass(eq=False, slots=True)
 class _Generation:
     deadline: float | None  # event-loop time (seconds), None: no limit
-    reason: str | None = None  # "timeout" or "shutdown" once the server ends it
+    reason: str | None = None  # "timeout", "shutdown" or "engine_dead" once the server ends it
     scope: asyncio.Timeout | None = None  # set while waiting for the engine
     finished_indices: set[int] = field(default_factory=set)
 
@@ -125,13 +145,15 @@ class RequestSupervisor:
                        **kwargs: Any) -> AsyncIterator[RequestOutput]:
         """The engine's ``generate``, ended by the server on deadline or shutdown.
 
-        Yields what the engine yields; a DELTA stream the server ends gets one more
-        output with ``finish_reason="abort"`` for each unfinished completion.
+        Yields what the engine yields; a DELTA stream the server ends (or the
+        engine's death ends) gets one more output with ``finish_reason="abort"``
+        for each unfinished completion.
 
         Raises:
-            APIError: 504 (deadline) or 503 (shutdown) when the server ends a request
-                before it yielded anything, or one whose outputs are not DELTA.
-            Whatever the engine's ``generate`` raises.
+            APIError: 504 (deadline), 503 (shutdown) or 503 ``engine_dead`` when the
+                server or the engine's death ends a request before it yielded
+                anything, or one whose outputs are not DELTA.
+            Whatever else the engine's ``generate`` raises.
         """
         if self._aborted:
             raise shutting_down_error()
@@ -140,6 +162,7 @@ class RequestSupervisor:
         self._generations.add(gen)
         inner = self.engine.generate(prompt, sampling_params, request_id, **kwargs)
         last: RequestOutput | None = None
+        dead: EngineDeadError | None = None
         try:
             while gen.reason is None:
                 try:
@@ -148,6 +171,9 @@ class RequestSupervisor:
                         out = await anext(inner)
                 except StopAsyncIteration:
                     return
+                except EngineDeadError as e:
+                    gen.reason, dead = "engine_dead", e
+                    break
                 except TimeoutError:
                     if not scope.expired():
                         raise  # the engine's own TimeoutError, not our deadline
@@ -162,8 +188,13 @@ class RequestSupervisor:
                     return
             # The server ended it: abort it in the engine now, whatever the client does.
             await inner.aclose()
-            error = timeout_error(self.request_timeout or 0) if gen.reason == "timeout" else shutting_down_error(
-                "the server is shutting down and aborted the request after its grace period")
+            if gen.reason == "engine_dead":
+                error = engine_dead_error(dead)
+            elif gen.reason == "timeout":
+                error = timeout_error(self.request_timeout or 0)
+            else:
+                error = shutting_down_error("the server is shutting down and aborted the request after its grace "
+                                            "period")
             logger.warning("request %s aborted: %s", request_id, error.body.error.message)
             if last is None or sampling_params.output_kind != RequestOutputKind.DELTA:
                 raise error
@@ -203,7 +234,9 @@ class RequestSupervisor:
         deadline = loop.time() + grace_s
         if self.num_active:
             logger.info("Shutting down: waiting up to %g s for %d running requests", grace_s, self.num_active)
-        while self.num_active and loop.time() < deadline and not self._cut_grace:
+        # NOTE: with the engine dead nothing can finish: no grace period then.
+        while (self.num_active and loop.time() < deadline and not self._cut_grace
+               and not getattr(self.engine, "errored", False)):
             await asyncio.sleep(_POLL_S)
         if self.num_active:
             logger.warning("Shutting down: aborting %d requests still running after the %g s grace period",
@@ -223,8 +256,9 @@ def _abort_output(last: RequestOutput, params: SamplingParams, finished: set[int
 
 class SupervisorMiddleware:
     """ASGI middleware for the generation routes: refuses them with 503 while the
-    server drains, counts the running ones (until their response is fully sent) and
-    puts a server-side abort's error event in front of a stream's ``data: [DONE]``.
+    server drains or once the engine is dead (code ``engine_dead``), counts the
+    running ones (until their response is fully sent) and puts a server-side
+    abort's error event in front of a stream's ``data: [DONE]``.
 
     Args:
         app: the ASGI app.
@@ -242,8 +276,9 @@ class SupervisorMiddleware:
             await self.app(scope, receive, send)
             return
         sup = self.supervisor
-        if sup.draining:
-            await self.error_response(shutting_down_error())(scope, receive, send)
+        refusal = engine_dead_cause(sup.engine) or (shutting_down_error() if sup.draining else None)
+        if refusal is not None:
+            await self.error_response(refusal)(scope, receive, send)
             return
         request = _HTTPRequest()
         token = _current_request.set(request)
