@@ -31,7 +31,23 @@ SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "require
 OTHER_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
 
-def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, times: StepTimes) -> dict[str, float]:
+def grammar_accepts(llm: LLM, token_lists: list[list[int]]) -> float:
+    """The fraction of outputs that xgrammar's own matcher accepts token by token
+    under SCHEMA (an independent check of the masks the engine applied)."""
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(llm.get_tokenizer(),
+                                              vocab_size=llm.llm_engine.model_config.vocab_size)
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA))
+    ok = 0
+    for tokens in token_lists:
+        matcher = xgr.GrammarMatcher(compiled)
+        ok += all(matcher.accept_token(t) for t in tokens)
+    return ok / max(1, len(token_lists))
+
+
+def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, times: StepTimes,
+        check: bool = False) -> dict[str, float]:
     before = (times.num_steps, times.mask_s)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -41,7 +57,9 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, times: StepT
     return {"elapsed_s": elapsed, "output_tokens": num_out, "output_tok_s": num_out / elapsed,
             "mean_output_len": num_out / len(prompts), "steps": steps,
             "ms_per_step": elapsed / max(1, steps) * 1e3,
-            "mask_us_per_step": (times.mask_s - before[1]) / max(1, steps) * 1e6}
+            "mask_us_per_step": (times.mask_s - before[1]) / max(1, steps) * 1e6,
+            **({"outputs_grammar_valid": grammar_accepts(llm, [list(o.outputs[0].token_ids) for o in outs])}
+               if check else {})}
 
 
 def main() -> None:
@@ -80,7 +98,7 @@ def main() -> None:
     run(llm, prompts[:2], constrained, times)
     for batch in sorted({1, args.batch_size}):
         for tag, params in (("free", free), ("json", constrained)):
-            best = min((run(llm, prompts[:batch], params, times) for _ in range(args.repeats)),
+            best = min((run(llm, prompts[:batch], params, times, check=tag == "json") for _ in range(args.repeats)),
                        key=lambda r: r["elapsed_s"] / r["output_tokens"])
             for k, v in best.items():
                 result[f"b{batch}_{tag}_{k}"] = v
