@@ -3,9 +3,9 @@ same process: output throughput at a batch of 64 and time per output token at
 batch 1, plus grammar compile time (first use and a cached repeat).
 
 Every request decodes ``--output-len`` tokens: the unconstrained ones with
-``ignore_eos``; the constrained ones under a schema whose one string field can
-grow without end (``{"text": "..."}``), so with random weights they too run to
-``--output-len`` unless the model happens to close the string (the script
+``ignore_eos``; the constrained ones under a schema of one string field whose
+``minLength`` (64 characters per output token) keeps the string open, so they
+too run to ``--output-len`` whatever the random weights prefer (the script
 reports the mean output length of both, and tokens per second counts the
 tokens really produced). Speed depends on shapes, not on weight values, so the
 model is a preset with random weights; the tokenizer (needed by the grammar)
@@ -26,19 +26,24 @@ from ember.engine.llm import LLM
 from ember.engine.step_stats import StepTimes
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
 
-SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
-          "additionalProperties": False}
+
+
+def long_string_schema(output_len: int) -> dict:
+    """One string field that cannot close within ``output_len`` tokens."""
+    return {"type": "object", "properties": {"text": {"type": "string", "minLength": 64 * output_len}},
+            "required": ["text"], "additionalProperties": False}
+
 OTHER_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
 
-def grammar_accepts(llm: LLM, token_lists: list[list[int]]) -> float:
+def grammar_accepts(llm: LLM, token_lists: list[list[int]], schema: dict) -> float:
     """The fraction of outputs that xgrammar's own matcher accepts token by token
-    under SCHEMA (an independent check of the masks the engine applied)."""
+    under ``schema`` (an independent check of the masks the engine applied)."""
     import xgrammar as xgr
 
     info = xgr.TokenizerInfo.from_huggingface(llm.get_tokenizer(),
                                               vocab_size=llm.llm_engine.model_config.vocab_size)
-    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA))
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema))
     ok = 0
     for tokens in token_lists:
         matcher = xgr.GrammarMatcher(compiled)
@@ -47,7 +52,7 @@ def grammar_accepts(llm: LLM, token_lists: list[list[int]]) -> float:
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, times: StepTimes,
-        check: bool = False) -> dict[str, float]:
+        check: dict | None = None) -> dict[str, float]:
     before = (times.num_steps, times.mask_s)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -58,8 +63,8 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, times: StepT
             "mean_output_len": num_out / len(prompts), "steps": steps,
             "ms_per_step": elapsed / max(1, steps) * 1e3,
             "mask_us_per_step": (times.mask_s - before[1]) / max(1, steps) * 1e6,
-            **({"outputs_grammar_valid": grammar_accepts(llm, [list(o.outputs[0].token_ids) for o in outs])}
-               if check else {})}
+            **({"outputs_grammar_valid": grammar_accepts(llm, [list(o.outputs[0].token_ids) for o in outs], check)}
+               if check is not None else {})}
 
 
 def main() -> None:
@@ -81,9 +86,10 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, min(vocab, 100_000)) for _ in range(args.input_len)]
                for _ in range(args.batch_size)]
+    schema = long_string_schema(args.output_len)
     free = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     constrained = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
-                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
+                                 structured_outputs=StructuredOutputsParams(json=schema))
 
     result: dict[str, object] = {"model": args.model, "batch_size": args.batch_size, "input_len": args.input_len,
                                  "output_len": args.output_len}
@@ -98,7 +104,7 @@ def main() -> None:
     run(llm, prompts[:2], constrained, times)
     for batch in sorted({1, args.batch_size}):
         for tag, params in (("free", free), ("json", constrained)):
-            best = min((run(llm, prompts[:batch], params, times, check=tag == "json") for _ in range(args.repeats)),
+            best = min((run(llm, prompts[:batch], params, times, check=schema if tag == "json" else None) for _ in range(args.repeats)),
                        key=lambda r: r["elapsed_s"] / r["output_tokens"])
             for k, v in best.items():
                 result[f"b{batch}_{tag}_{k}"] = v
