@@ -6,6 +6,7 @@ import enum
 import time
 
 from ember.outputs import SampleLogprob
+from ember.pooling_params import PoolingParams
 from ember.sampling_params import SamplingParams
 
 
@@ -76,6 +77,9 @@ class Request:
             the request from the token still being sampled.
         spec_token_ids: draft tokens a proposer made for its next step; the
             scheduler schedules (and consumes) them after its last token.
+        pooling_params: set for a pooling request (an embedding): it computes
+            its prompt, returns the pooled hidden states and finishes, sampling
+            nothing (its ``max_tokens`` is 1: it is never scheduled again).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -112,6 +117,7 @@ class Request:
             None if sampling_params.prompt_logprobs is None else [])
         self.num_output_placeholders = 0
         self.spec_token_ids: list[int] = []
+        self.pooling_params = pooling_params
 
     @property
     def num_prompt_tokens(self) -> int:

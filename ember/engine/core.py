@@ -61,6 +61,7 @@ class EngineCore:
         # The step launched and not yet collected (asynchronous scheduling).
         self._in_flight: SchedulerOutput | None = None
         self._step_observers: list[Callable[[StepRecord], None]] = []
+        self._last_num_batched_tokens = 0  # tokens the last collected step computed
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -109,7 +110,8 @@ class EngineCore:
         it and the requests it scheduled for the first time (with the time)."""
         scheduled_times: dict[str, float] = {}
         outputs = self._step(scheduled_times)
-        return EngineCoreOutputs(outputs, self.get_stats(), scheduled_times)
+        return EngineCoreOutputs(outputs, self.get_stats(), scheduled_times,
+                                 num_batched_tokens=self._last_num_batched_tokens)
 
     def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
         """Collect one step's results; launch it first unless it is in flight,
@@ -119,6 +121,7 @@ class EngineCore:
         t0 = t1 = time.perf_counter() if timed else 0.0
         sched = self._in_flight
         launched_ahead = sched is not None
+        self._last_num_batched_tokens = 0
         if sched is None:
             if not scheduler.has_unfinished_requests():
                 return []
@@ -140,6 +143,7 @@ class EngineCore:
                 self.executor.launch(ahead)
                 self._in_flight = ahead
         result = self.executor.collect()
+        self._last_num_batched_tokens = sched.total_num_scheduled_tokens
         t4 = time.perf_counter() if timed else 0.0
         outputs = scheduler.update_from_output(sched, result)
         if timed:

@@ -9,6 +9,51 @@ from ember.sampling_params import SamplingParams
 from ember.utils import check_text
 
 
+class ChatTemplateError(ValueError):
+    """A chat the template cannot render; ``param`` is the request field at fault
+    (``messages`` or ``chat_template``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_template_syntax(template: str, name: str) -> None:
+    """Parse a Jinja chat template.
+
+    Raises:
+        ChatTemplateError: it does not parse (``param`` is ``name``; the message
+            gives the line and Jinja's reason).
+    """
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{name} is not a valid Jinja template: {e.message} (line {e.lineno})", name) from e
+
+
+def load_chat_template(value: str) -> str:
+    """The chat template ``--chat-template`` names: a file's contents, or
+    ``value`` itself when it is a template (it holds ``{{`` or ``{%``).
+
+    Raises:
+        ValueError: neither a readable file nor a template, or a template that
+            does not parse.
+    """
+    import os
+
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    check_template_syntax(template, "--chat-template")
+    return template
+
+
 class InputProcessor:
     """Tokenizes and validates prompts against the model's limits.
 
@@ -29,6 +74,8 @@ class InputProcessor:
             elif isinstance(source, (list, tuple)):
                 eos.update(source)
         self.eos_token_ids = frozenset(eos)
+        # The server's chat template (``--chat-template``); None: the tokenizer's.
+        self.chat_template: str | None = None
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's special tokens) or a
@@ -57,22 +104,34 @@ class InputProcessor:
                              "prompt tokenizes to no tokens (the tokenizer drops all of its characters)")
         return ids
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Render ``messages`` with the model's chat template and tokenize.
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, chat_template: str | None = None,
+                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Render ``messages`` with a chat template and tokenize.
 
         Args:
             messages: ``[{"role": str, "content": str, ...}, ...]`` in Hugging Face's
                 conversation format: roles ``system``, ``user``, ``assistant``,
                 ``tool``; other keys (``name``, ``tool_call_id``, ``tool_calls``)
                 are passed to the template as given.
+            add_generation_prompt: end with the opening of an assistant turn.
+            continue_final_message: leave the last message (an assistant's) open,
+                for the model to continue it.
+            chat_template: a Jinja template to use instead of :attr:`chat_template`
+                (the server's ``--chat-template``) or the tokenizer's.
+            chat_template_kwargs: extra template variables (e.g. ``enable_thinking``).
 
         Raises:
-            ValueError: no chat template, malformed messages (not dicts, no
-                string role / content, or a string that is not Unicode text), or
-                a conversation the template cannot render (the message says why).
+            ChatTemplateError: no chat template, a template that does not parse
+                (``param`` ``chat_template``), or a conversation the template cannot
+                render (``param`` ``messages``; the message says why).
+            ValueError: malformed messages (not dicts, no string role / content, or
+                a string that is not Unicode text).
         """
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use a completion prompt instead")
+        template = chat_template or self.chat_template
+        if self.tokenizer is None or not (template or getattr(self.tokenizer, "chat_template", None)):
+            raise ChatTemplateError("this model has no chat template; use a completion prompt instead or give "
+                                    "chat_template", "messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
         for i, m in enumerate(messages):
@@ -81,10 +140,14 @@ class InputProcessor:
             for key, value in m.items():
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
+        if chat_template is not None:
+            check_template_syntax(chat_template, "chat_template")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}))
         except Exception as e:  # jinja errors: the template rejected the conversation
-            raise ValueError(f"chat template failed: {e}") from e
+            raise ChatTemplateError(f"chat template failed: {e}", "messages") from e
         # The template already contains the special tokens (BOS, role markers).
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -72,14 +72,21 @@ class OpenAIServingChat(OpenAIServing):
         reasoning, content = self.reasoning_parser.extract_reasoning(text)
         return ChatResponseMessage(content=content, reasoning_content=reasoning)
 
-    async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
-        """Raises APIError for invalid requests (before anything is sent)."""
+    async def create_chat_completion(self, request: ChatCompletionRequest, request_id: str | None = None
+                                     ) -> ChatCompletionResponse | SSEResponse:
+        """Raises APIError for invalid requests (before anything is sent).
+
+        Args:
+            request_id: the client's id for the request (``X-Request-Id``); the
+                engine request and the response are named ``chatcmpl-<request_id>``.
+        """
         self.check_model(request.model)
         messages = request.message_dicts()
-        prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages),
+        options = request.template_options()
+        prompt_ids = await self.tokenize(lambda: self.engine.input_processor.apply_chat_template(messages, **options),
                                          "messages", messages_chars(messages))
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
-        request_id = random_id("chatcmpl")
+        request_id = f"chatcmpl-{request_id}" if request_id else random_id("chatcmpl")
         first, rest = await self.start(prompt_ids, params, request_id, request.priority, request.cache_salt)
         if request.stream:
             events = self._stream(request_id, first, rest, params, len(prompt_ids), request.include_usage,

@@ -45,6 +45,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from ember.engine.input_processor import ChatTemplateError
 from ember.entrypoints.openai.input_limits import check_prompt_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     MAX_COMPLETIONS_PER_REQUEST,
@@ -256,6 +257,8 @@ class OpenAIServing:
         check_prompt_chars(num_chars, self.max_model_len, location)
         try:
             return await run_input_work(fn, num_chars, num_tokens)
+        except ChatTemplateError as e:
+            raise APIError(str(e), param=e.param) from e
         except ValueError as e:
             raise APIError(at_location(str(e), location), param=field_of(location)) from e
 
@@ -472,8 +475,15 @@ class _Prompt:
 class OpenAIServingCompletion(OpenAIServing):
     """Answers ``POST /v1/completions`` (one prompt or a batch: see the module doc)."""
 
-    async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEResponse:
-        """Raises APIError for invalid requests (before anything is sent)."""
+    async def create_completion(self, request: CompletionRequest, request_id: str | None = None
+                                ) -> CompletionResponse | SSEResponse:
+        """Raises APIError for invalid requests (before anything is sent).
+
+        Args:
+            request_id: the client's id for the request (``X-Request-Id``); the
+                response is named ``cmpl-<request_id>`` (and so is its engine
+                request; a batch's prompt i is ``cmpl-<request_id>-i``).
+        """
         self.check_model(request.model)
         located = request.located_prompts()
         n = request.n or 1
@@ -482,7 +492,7 @@ class OpenAIServingCompletion(OpenAIServing):
                            f"completions; at most {MAX_COMPLETIONS_PER_REQUEST} are allowed in one request "
                            "(lower n or split the batch)", param="n")
         prompts = [await self._prepare(request, location, prompt) for location, prompt in located]
-        request_id = random_id("cmpl")
+        request_id = f"cmpl-{request_id}" if request_id else random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         merged = await self.start_all([self.start(p.ids, p.params, engine_id, request.priority, request.cache_salt)
                                        for p, engine_id in zip(prompts, engine_ids, strict=True)])
