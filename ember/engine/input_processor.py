@@ -142,10 +142,15 @@ class InputProcessor:
                     check_text(value, f"messages[{i}].{key}")
         if chat_template is not None:
             check_template_syntax(chat_template, "chat_template")
+        # Only what differs from the defaults is passed on (any tokenizer-like object serves).
+        options: dict[str, Any] = dict(chat_template_kwargs or {})
+        if template is not None:
+            options["chat_template"] = template
+        if continue_final_message:
+            options["continue_final_message"] = True
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}))
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False, **options)
         except Exception as e:  # jinja errors: the template rejected the conversation
             raise ChatTemplateError(f"chat template failed: {e}", "messages") from e
         # The template already contains the special tokens (BOS, role markers).

@@ -459,20 +459,22 @@ class ChatTemplateFields(StrictRequestModel):
                                  "field of that name where there is one)")
         return v
 
-    @model_validator(mode="after")
-    def _continue_needs_an_open_assistant_turn(self) -> ChatTemplateFields:
+    def template_options(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`InputProcessor.apply_chat_template`.
+
+        Raises:
+            APIError: 400 naming ``continue_final_message`` when it is set together
+                with ``add_generation_prompt`` or the last message is not an
+                assistant's (as vLLM answers).
+        """
         if self.continue_final_message:
             if self.add_generation_prompt:
-                raise ValueError("continue_final_message cannot be used with add_generation_prompt (set "
-                                 "add_generation_prompt to false)")
+                raise APIError("continue_final_message cannot be used with add_generation_prompt (set "
+                               "add_generation_prompt to false)", param="continue_final_message")
             messages = getattr(self, "messages", None)
             if messages and messages[-1].role != "assistant":
-                raise ValueError("continue_final_message needs the last message to be an assistant message "
-                                 f"(it is a {messages[-1].role} message)")
-        return self
-
-    def template_options(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`InputProcessor.apply_chat_template`."""
+                raise APIError("continue_final_message needs the last message to be an assistant message "
+                               f"(it is a {messages[-1].role} message)", param="continue_final_message")
         return {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message,
                 "chat_template": self.chat_template, "chat_template_kwargs": self.chat_template_kwargs}
