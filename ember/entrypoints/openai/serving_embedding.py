@@ -70,7 +70,7 @@ class OpenAIServingEmbedding(OpenAIServing):
         prompts = []
         for location, value in located:
             is_text = isinstance(value, str)
-            ids = await self.tokenize(lambda v=value: self.engine.input_processor.tokenize(v), location,
+            ids = await self.tokenize(lambda v=value: self._tokenize(v), location,
                                       len(value) if is_text else 0, 0 if is_text else len(value))
             if len(ids) >= self.max_model_len:
                 raise APIError(f"{location} is {len(ids)} tokens long; this model's context window holds "
@@ -97,6 +97,16 @@ class OpenAIServingEmbedding(OpenAIServing):
         num_tokens = sum(len(ids) for ids in prompts)
         return EmbeddingResponse(id=response_id, model=self.model_name, data=data,
                                  usage=EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
+
+    def _tokenize(self, value: str | list[int]) -> list[int]:
+        """The input's token ids; errors speak of ``input`` (not ``prompt``)."""
+        try:
+            return self.engine.input_processor.tokenize(value)
+        except ValueError as e:
+            message = str(e)
+            if message.startswith("prompt"):
+                raise ValueError("input" + message[len("prompt"):]) from e
+            raise
 
     async def _pool(self, ids: list[int], engine_id: str, pooling: PoolingParams, priority: int,
                     location: str) -> RequestOutput:
