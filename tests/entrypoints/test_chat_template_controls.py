@@ -6,9 +6,11 @@ the app on the scripted engine of :mod:`tests.entrypoints.test_vllm_compat`
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -244,3 +246,51 @@ def test_bad_request_ids(engine) -> None:
     resp = http.post("/v1/completions", json=body, headers={"X-Request-Id": ""})
     assert resp.status_code == 400
 
+
+
+class GatedEngine(RecordingEngine):
+    """Refuses a request id in use (as AsyncLLM does) and holds every request
+    until ``gate`` is set."""
+
+    def __init__(self, tokenizer: Any, script: list[int]) -> None:
+        super().__init__(tokenizer, script)
+        self.active: set[str] = set()
+        self.gate = asyncio.Event()
+
+    async def generate(self, prompt: list[int], params: Any, request_id: str, **kw: Any):
+        if request_id in self.active:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.active.add(request_id)
+        try:
+            await self.gate.wait()
+            async for out in super().generate(prompt, params, request_id, **kw):
+                yield out
+        finally:
+            self.active.discard(request_id)
+
+
+def test_a_request_id_in_use_is_a_400(smollm2_tokenizer) -> None:
+    engine = GatedEngine(smollm2_tokenizer, smollm2_tokenizer.encode(" four"))
+    app = build_app(engine)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            body = {"model": MODEL, "messages": CHAT}
+            first = asyncio.ensure_future(http.post("/v1/chat/completions", json=body,
+                                                    headers={"X-Request-Id": "dup"}))
+            while "chatcmpl-dup" not in engine.active:
+                await asyncio.sleep(0.01)
+            second = await http.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "dup"})
+            other = asyncio.ensure_future(http.post("/v1/chat/completions", json=body,
+                                                    headers={"X-Request-Id": "other"}))
+            await asyncio.sleep(0.05)
+            engine.gate.set()
+            return await first, second, await other
+
+    first, second, other = asyncio.run(scenario())
+    assert first.status_code == 200 and first.json()["id"] == "chatcmpl-dup"
+    assert other.status_code == 200 and other.json()["id"] == "chatcmpl-other"
+    assert second.status_code == 400 and second.headers["x-request-id"] == "dup"
+    err = second.json()["error"]
+    assert err["param"] == "X-Request-Id" and "another running request has the same X-Request-Id" in err["message"]

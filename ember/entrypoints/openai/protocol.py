@@ -427,9 +427,13 @@ def chat_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [m.template_dict() for m in messages]
 
 
-# Names the chat template gets from the server itself; chat_template_kwargs cannot set them.
-_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt", "continue_final_message",
-                                       "chat_template", "tokenize", "return_dict", "tools", "documents"})
+# Names the chat template gets from the server itself, and the options of Hugging Face's
+# apply_chat_template (which takes the template's variables as its other keyword
+# arguments): chat_template_kwargs cannot set them.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "add_generation_prompt", "continue_final_message", "chat_template", "tools",
+    "documents", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class ChatTemplateFields(StrictRequestModel):

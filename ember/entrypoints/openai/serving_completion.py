@@ -328,7 +328,7 @@ class OpenAIServing:
         try:
             first = await anext(gen)
         except ValueError as e:
-            raise APIError(str(e)) from e
+            raise request_error(e) from e
         except StopAsyncIteration:
             raise APIError("the engine returned no output", 500, type="internal_server_error") from None
         except BaseException:
@@ -362,6 +362,15 @@ class OpenAIServing:
             if error is not None:
                 raise error
         return MergedOutputs([t.result() for t in tasks])
+
+
+def request_error(e: ValueError) -> APIError:
+    """The 400 for the engine refusing a request: a request id in use names the
+    ``X-Request-Id`` header it came from."""
+    message = str(e)
+    if message.startswith("request id "):
+        return APIError(f"{message}: another running request has the same X-Request-Id", param="X-Request-Id")
+    return APIError(message)
 
 
 def field_of(location: str) -> str:

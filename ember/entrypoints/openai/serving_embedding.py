@@ -24,7 +24,7 @@ from ember.entrypoints.openai.protocol import (
     EmbeddingUsage,
     random_id,
 )
-from ember.entrypoints.openai.serving_completion import OpenAIServing, at_location, field_of
+from ember.entrypoints.openai.serving_completion import OpenAIServing, at_location, field_of, request_error
 from ember.engine.llm_engine import pooling_sampling_params
 from ember.outputs import RequestOutput
 from ember.pooling_params import PoolingParams
@@ -120,6 +120,8 @@ class OpenAIServingEmbedding(OpenAIServing):
             async for out in gen:
                 final = out
         except ValueError as e:
+            if str(e).startswith("request id "):
+                raise request_error(e) from e
             raise APIError(at_location(str(e), location), param=field_of(location)) from e
         finally:
             await gen.aclose()
