@@ -97,3 +97,49 @@ def test_embed_token_ids_and_prompt_limits(llm):
         llm.embed([[1] * 256], use_tqdm=False)
     with pytest.raises(ValueError, match="pooling_type must be one of LAST, MEAN"):
         PoolingParams("CLS")
+
+
+def test_preempted_pooling_request_starts_over(smollm2_path, hf_hidden):
+    """A MEAN pooling request preempted half-way through its prompt (its partial
+    sum is dropped) is recomputed from the start and still equals HF."""
+    llm = LLM(smollm2_path, dtype="float32", max_model_len=80, block_size=16, num_gpu_blocks_override=5,
+              max_num_batched_tokens=16, enable_prefix_caching=False)
+    engine = llm.llm_engine
+    tok = llm.get_tokenizer()
+    long_prompt = tok.encode(" ".join(["word"] * 80))[:60]
+    emb_ids = tok.encode(PROMPTS[1])
+    assert 16 < len(emb_ids) <= 32  # two blocks: the second cannot be had until "gen" finishes
+    engine.add_request("gen", long_prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.add_request("emb", emb_ids, None, pooling_params=PoolingParams("MEAN", False))  # type: ignore[arg-type]
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert llm.get_stats().num_preemptions >= 1
+    assert len(finals["gen"].outputs[0].token_ids) == 8
+    torch.testing.assert_close(torch.tensor(finals["emb"].pooled_output), hf_hidden[1].mean(dim=0),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_pooling_under_asynchronous_scheduling(smollm2_path, hf_hidden):
+    """With steps launched ahead, a pooling request finishing while a decode step
+    is in flight is still right, and is never scheduled again."""
+    llm = LLM(smollm2_path, dtype="float32", max_model_len=128, block_size=16, kv_cache_memory=16 << 20,
+              max_num_batched_tokens=16, async_scheduling=True)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine.add_request("gen", PROMPTS[0], params)
+    for i in range(2):  # the first step computes "gen"'s prompt; these join its decode steps
+        engine.step()
+    engine.add_request("emb", PROMPTS[1], None, pooling_params=PoolingParams("LAST", True))  # type: ignore[arg-type]
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    ref = torch.nn.functional.normalize(hf_hidden[1][-1], dim=0)
+    torch.testing.assert_close(torch.tensor(finals["emb"].pooled_output), ref, atol=1e-4, rtol=1e-4)
+    alone = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert finals["gen"].outputs[0].token_ids == alone and len(alone) == 12
+    assert engine.engine_core.scheduler.kv_cache_manager.usage == 0
