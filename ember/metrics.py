@@ -1,7 +1,8 @@
 """Prometheus metrics of a serving engine: vLLM's metric set (vLLM's v1 engine,
 ``vllm/v1/metrics/loggers.py``), named as vLLM names them with the ``ember:``
-prefix instead of ``vllm:``, with vLLM's label names (``model_name``, and
-``finished_reason`` on ``request_success``) and buckets, so that a vLLM
+prefix instead of ``vllm:``, with vLLM's label names (``model_name`` and
+``engine``, the engine core's index, always ``"0"`` here; ``finished_reason`` on
+``request_success``) and buckets, so that a vLLM
 dashboard works after replacing ``vllm:`` by ``ember:`` (see
 ``examples/grafana/ember-dashboard.json``).
 
@@ -54,6 +55,8 @@ _REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 
                             240.0, 480.0, 960.0, 1920.0, 7680.0)
 _ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _N_BUCKETS = (1, 2, 5, 10, 20)
+# The ``engine`` label: vLLM numbers its engine cores (data parallelism); Ember runs one.
+ENGINE_INDEX = "0"
 
 
 def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
@@ -81,16 +84,16 @@ class PrometheusMetrics:
     def __init__(self, model_name: str, max_model_len: int = 2048, cache_config_info: dict[str, Any] | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
+        r, labels, values = self.registry, ["model_name", "engine"], (model_name, ENGINE_INDEX)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
+            return Gauge(name, doc, labels, registry=r).labels(*values)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=r).labels(model_name)
+            return Counter(name, doc, labels, registry=r).labels(*values)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
 
         tokens = buckets_1_2_5(max_model_len)
         self.num_requests_running = gauge("ember:num_requests_running", "Requests in the running batch.")
@@ -107,7 +110,7 @@ class PrometheusMetrics:
         self.gpu_prefix_cache_hits = counter("ember:gpu_prefix_cache_hits",
                                              "Prefix-cache hits, in tokens (vLLM's older name).")
         self.request_success = Counter("ember:request_success", "Finished requests by finish reason.",
-                                       ["model_name", "finished_reason"], registry=r)
+                                       ["model_name", "engine", "finished_reason"], registry=r)
         self.iteration_tokens = histogram("ember:iteration_tokens_total", "Tokens computed per engine step.",
                                           _ITERATION_TOKENS_BUCKETS)
         self.request_prompt_tokens = histogram("ember:request_prompt_tokens", "Prompt tokens per request.", tokens)
@@ -142,6 +145,7 @@ class PrometheusMetrics:
                                                                             cache_config_info.items()}
         self._cache_info: Gauge | None = None
         if self._cache_info_labels is not None:
+            self._cache_info_labels["engine"] = ENGINE_INDEX
             self._cache_info = Gauge("ember:cache_config_info", "The KV cache's settings (labels); value 1.",
                                      [*self._cache_info_labels, "num_gpu_blocks"], registry=r)
             self._cache_info.labels(**self._cache_info_labels, num_gpu_blocks="").set(1)
@@ -195,7 +199,7 @@ class PrometheusMetrics:
         """
         m = out.metrics
         reason = next((c.finish_reason for c in out.outputs if c.finish_reason), None) or "abort"
-        self.request_success.labels(self._model_name, reason).inc()
+        self.request_success.labels(self._model_name, ENGINE_INDEX, reason).inc()
         self.request_prompt_tokens.observe(num_prompt_tokens)
         self.request_generation_tokens.observe(m.get("num_generation_tokens", 0))
         longest = m.get("max_completion_tokens", 0)

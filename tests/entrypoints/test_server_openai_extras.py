@@ -179,7 +179,8 @@ def test_request_metrics_are_counted_once_per_request(server, client) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     info = re.search(r"^ember:cache_config_info\{(.*)\} 1\.0$", text, re.M)
     assert info and 'block_size="16"' in info.group(1) and re.search(r'num_gpu_blocks="\d+"', info.group(1))
-    assert f'model_name="{MODEL}"' in text
+    assert f'ember:request_success_total{{engine="0",finished_reason="length",model_name="{MODEL}"}}' in text
+    assert 'engine="0"' in info.group(1)
 
 
 def dashboard_metric_names() -> set[str]:
