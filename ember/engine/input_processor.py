@@ -27,8 +27,13 @@ def check_template_syntax(template: str, name: str) -> None:
     """
     import jinja2
 
+    try:  # the environment Hugging Face renders templates in (its extensions and tags)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # transformers without it: plain Jinja with loop controls
+        def compile_template(text: str) -> object:
+            return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
     try:
-        jinja2.Environment().parse(template)
+        compile_template(template)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"{name} is not a valid Jinja template: {e.message} (line {e.lineno})", name) from e
 

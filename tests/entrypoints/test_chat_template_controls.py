@@ -294,3 +294,12 @@ def test_a_request_id_in_use_is_a_400(smollm2_tokenizer) -> None:
     assert second.status_code == 400 and second.headers["x-request-id"] == "dup"
     err = second.json()["error"]
     assert err["param"] == "X-Request-Id" and "another running request has the same X-Request-Id" in err["message"]
+
+
+def test_templates_use_hugging_face_jinja_extensions(engine) -> None:
+    """Loop controls and the ``generation`` tag (assistant masks) parse, as in
+    Hugging Face's template environment."""
+    template = ("{% for m in messages %}{% if m.role == 'user' %}{% generation %}[{{ m.content }}]"
+                "{% endgeneration %}{% break %}{% endif %}{% endfor %}")
+    assert load_chat_template(template) == template
+    assert rendered(http_of(engine), messages=CHAT, chat_template=template) == "[2+2?]"
