@@ -3,6 +3,7 @@
 ::
 
     ember serve    [MODEL] [--host 127.0.0.1] [--port 8000] [engine flags]   OpenAI-compatible server
+    ember run-batch -i IN.jsonl -o OUT.jsonl [engine flags]                 an OpenAI batch file, offline
     ember generate [--model M] --prompt TEXT [--chat] [sampling flags]     one-shot generation
     ember chat     [--model M] [--system TEXT] [sampling flags]            interactive chat (stdin)
     ember download [NAME ...]                                              fetch the bundled models
