@@ -11,7 +11,8 @@ What is counted when:
 * after every engine step (:meth:`PrometheusMetrics.record`): the scheduler
   gauges (``num_requests_running``, ``num_requests_waiting``,
   ``kv_cache_usage_perc`` and its older name ``gpu_cache_usage_perc``), the
-  counters ``prompt_tokens``, ``generation_tokens``, ``num_preemptions``,
+  counters ``prompt_tokens`` (each of a request's n completions counts its
+  prompt, as in vLLM), ``generation_tokens``, ``num_preemptions``,
   ``prefix_cache_queries`` / ``prefix_cache_hits`` (and their older
   ``gpu_``-prefixed names), and ``iteration_tokens_total``: the tokens the step
   computed (prompt chunks and decode tokens of every request);

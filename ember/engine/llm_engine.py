@@ -68,7 +68,8 @@ class EngineFrontEnd:
         for engine_id, child_params in children:
             self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
                                                            cache_salt, pooling_params))
-        self.num_prompt_tokens_total += len(ids)
+        # As vLLM counts prompt tokens: once per engine-core request (n per user request).
+        self.num_prompt_tokens_total += len(ids) * len(children)
 
     def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """End user requests (all their completions); returns their final outputs."""

@@ -164,7 +164,7 @@ def test_request_metrics_are_counted_once_per_request(server, client) -> None:
     assert delta("ember:request_prompt_tokens_sum") == prompt_tokens
     assert delta("ember:request_generation_tokens_sum") == 15
     assert delta("ember:request_max_num_generation_tokens_sum") == 5
-    assert delta("ember:prompt_tokens_total") == prompt_tokens  # the user request's prompt, once
+    assert delta("ember:prompt_tokens_total") == 3 * prompt_tokens  # each completion's prompt, as vLLM counts
     assert delta("ember:generation_tokens_total") == 15
     assert delta("ember:gpu_prefix_cache_queries_total") == delta("ember:prefix_cache_queries_total") > 0
     # Every step computed some tokens: prefill chunks (at most 16 tokens each) and decode steps.
