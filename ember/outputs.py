@@ -74,6 +74,8 @@ class RequestOutput:
             ``arrival_time``, ``first_token_time`` (the first token of any
             completion), ``finished_time`` (when the last one finished); and
             ``num_generation_tokens``, summed over the n completions.
+        pooled_output: a pooling request's pooled hidden states
+            ([hidden_size] floats, see :mod:`ember.pooling_params`); else None.
     """
 
     request_id: str
@@ -83,3 +85,4 @@ class RequestOutput:
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
     prompt_logprobs: list[SampleLogprob | None] | None = None
+    pooled_output: list[float] | None = None

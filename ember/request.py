@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ember.outputs import SampleLogprob
+from ember.pooling_params import PoolingParams
 from ember.sampling_params import SamplingParams
 
 
@@ -81,6 +82,9 @@ class Request:
             grammar state (a
             :class:`~ember.structured_output.manager.StructuredOutputRequest`,
             set by the engine core); else None.
+        pooling_params: set for a pooling request (an embedding): it computes
+            its prompt, returns the pooled hidden states and finishes, sampling
+            nothing (its ``max_tokens`` is 1: it is never scheduled again).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -118,6 +123,7 @@ class Request:
         self.num_output_placeholders = 0
         self.spec_token_ids: list[int] = []
         self.structured_output: Any = None
+        self.pooling_params = pooling_params
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -71,12 +71,13 @@ class KVCacheManager:
         least one token is computed and there are logits to sample from. No
         reference is taken (pass the blocks to :meth:`allocate_slots`). A
         request that wants prompt log-probabilities takes none: the logits of
-        every prompt position must be computed.
+        every prompt position must be computed; nor does a pooling request (its
+        pooling may need every position's hidden state).
 
         Returns:
             The cached blocks and the number of tokens they hold.
         """
-        if not self.enable_caching or request.prompt_logprobs is not None:
+        if not self.enable_caching or request.prompt_logprobs is not None or request.pooling_params is not None:
             return [], 0
         hashes = update_block_hashes(request, self.block_size)
         max_blocks = (request.num_tokens - 1) // self.block_size

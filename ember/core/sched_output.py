@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.outputs import SampleLogprob
+from ember.pooling_params import PoolingParams
 from ember.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ class NewRequestData:
         block_ids: its block table.
         num_computed_tokens: tokens already in the KV cache: prefix-cache hits,
             or everything computed before a swap-out for a swapped-in request.
+        pooling_params: set for a pooling request (it samples nothing).
     """
 
     req_id: str
@@ -39,6 +41,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    pooling_params: PoolingParams | None = None
 
 
 @dataclass(slots=True)
@@ -130,11 +133,15 @@ class ModelRunnerOutput:
             ``SamplingParams.prompt_logprobs`` is set and whose step computed
             prompt tokens: ``entries[j]`` is the log-probability of prompt token
             ``first + j`` given the tokens before it (``first`` >= 1).
+        pooler_output: req_id -> pooled hidden states ([hidden_size] floats)
+            of each pooling request whose prompt this step finished (such a
+            request is not in ``sampled_token_ids``).
     """
 
     sampled_token_ids: dict[str, list[int]]
     logprobs: dict[str, list[SampleLogprob]] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[SampleLogprob]]] = field(default_factory=dict)
+    pooler_output: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -151,6 +158,8 @@ class EngineCoreOutput:
         prompt_logprobs: with ``SamplingParams.prompt_logprobs`` set, on the
             output that carries the first generated token: one entry per prompt
             token after the first; else None.
+        pooled: a pooling request's pooled hidden states ([hidden_size]
+            floats), on its one (finishing) output; else None.
     """
 
     request_id: str
@@ -159,3 +168,4 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     new_logprobs: list[SampleLogprob] | None = None
     prompt_logprobs: list[SampleLogprob] | None = None
+    pooled: list[float] | None = None

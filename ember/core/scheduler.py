@@ -319,6 +319,7 @@ class Scheduler:
                 sampling_params=req.sampling_params,
                 block_ids=self.kv_cache_manager.get_block_ids(req.request_id),
                 num_computed_tokens=req.num_computed_tokens,
+                pooling_params=req.pooling_params,
             ))
             _advance(req, num_new)
 
@@ -425,6 +426,8 @@ class Scheduler:
         spec = sched.scheduled_spec_decode_tokens
         all_logprobs = result.logprobs
         outputs: list[EngineCoreOutput] = []
+        if result.pooler_output:
+            self._finish_pooled(result.pooler_output, stale, outputs)
         for req_id, tokens in result.sampled_token_ids.items():
             if stale and req_id in stale:
                 continue
@@ -466,6 +469,22 @@ class Scheduler:
         when the grammar terminates, even when EOS does not stop it (``ignore_eos``)."""
         if not req.structured_output.accept_tokens(tokens) and not req.status.is_finished:
             req.status = RequestStatus.FINISHED_STOPPED
+    def _finish_pooled(self, pooler_output: dict[str, list[float]], stale: set[str] | tuple,
+                       outputs: list[EngineCoreOutput]) -> None:
+        """Finish the pooling requests whose prompt a step completed, each with
+        its pooled hidden states (finish reason ``stop``; no token)."""
+        for req_id, pooled in pooler_output.items():
+            req = self.requests.get(req_id)
+            if req is None or req_id in stale:
+                continue
+            req.num_output_placeholders -= 1
+            req.status = RequestStatus.FINISHED_STOPPED
+            if req in self.running:
+                self.running.remove(req)
+            else:  # preempted after its last step was launched
+                self.policy.remove_waiting(req)
+            outputs.append(EngineCoreOutput(req_id, [], "stop", pooled=pooled))
+            self._free_request(req)
 
     def _append_tokens(self, req: Request, tokens: list[int]) -> list[int]:
         """Append ``tokens`` up to the first that finishes ``req``; returns those appended."""

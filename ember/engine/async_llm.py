@@ -35,10 +35,11 @@ from ember.config import EngineConfig
 from ember.core.stats import SchedulerStats
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.core_client import AsyncMPClient, EngineDeadError, EngineLoadingError, EngineOverloadedError
-from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt
+from ember.engine.llm_engine import EngineFrontEnd, check_priority_and_salt, pooling_sampling_params
 from ember.engine.messages import EngineCoreOutputs
 from ember.logger import init_logger
 from ember.outputs import RequestOutput, SampleLogprob
+from ember.pooling_params import PoolingParams
 from ember.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -90,6 +91,7 @@ class AsyncLLM(EngineFrontEnd):
         # last-token times (time.monotonic seconds), for metrics and the log line.
         self._timing: dict[str, _Timing] = {}
         self._output_task: asyncio.Task | None = None
+        self._reported_blocks = False  # cache_config_info's num_gpu_blocks is set
         if wait_until_ready:
             self.core_client.wait_until_ready()
 
@@ -146,7 +148,8 @@ class AsyncLLM(EngineFrontEnd):
     # -------------------------------------------------------------- public
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str, *, priority: int | None = None,
-                       cache_salt: str | None = None, check_overload: bool = True) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, check_overload: bool = True,
+                       pooling_params: PoolingParams | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as the engine produces them
         (per ``sampling_params.output_kind``). Stopping the iteration early
         (e.g. a client disconnect) aborts the request; its KV blocks are freed
@@ -158,6 +161,9 @@ class AsyncLLM(EngineFrontEnd):
             cache_salt: only requests with equal salts share prefix-cache blocks.
             check_overload: False skips the ``max_waiting_requests`` check (for
                 the step requests of a beam search, checked once when it started).
+            pooling_params: make it a pooling request: its one output holds the
+                pooled hidden states (``pooled_output``); ``sampling_params`` is
+                ignored (see :mod:`ember.pooling_params`).
         Raises:
             ValueError: invalid input (before anything is yielded).
             EngineDeadError: the engine core is not running, or died meanwhile.
@@ -170,8 +176,10 @@ class AsyncLLM(EngineFrontEnd):
             raise EngineLoadingError("the model is still loading; retry in a few seconds")
         priority = 0 if priority is None else priority
         check_priority_and_salt(priority, cache_salt)
-        ids = self.input_processor.truncate(self.input_processor.tokenize(prompt),
-                                            sampling_params.truncate_prompt_tokens, sampling_params.max_tokens)
+        ids = self.input_processor.tokenize(prompt)
+        if pooling_params is not None:
+            sampling_params = pooling_sampling_params()
+        ids = self.input_processor.truncate(ids, sampling_params.truncate_prompt_tokens, sampling_params.max_tokens)
         self.input_processor.check(ids, sampling_params)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -184,10 +192,11 @@ class AsyncLLM(EngineFrontEnd):
         # NOTE: the queue is registered after the submit (which may still refuse
         # the request); no output can arrive in between, on this one event loop.
         self._submit(request_id, prompt if isinstance(prompt, str) else None, ids, sampling_params, arrival,
-                     priority, cache_salt)
+                     priority, cache_salt, pooling_params)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        self._timing[request_id] = _Timing(arrival, len(ids))
+        self._timing[request_id] = _Timing(arrival, len(ids), sampling_params.n,
+                                           sampling_params.max_tokens or self.model_config.max_model_len - len(ids))
         finished = False
         try:
             while not finished:
@@ -333,8 +342,6 @@ class AsyncLLM(EngineFrontEnd):
             timing = self._timing.get(parent_of(engine_id) or engine_id)
             if timing is not None:
                 timing.first_scheduled = t if timing.first_scheduled is None else min(t, timing.first_scheduled)
-                if self.metrics is not None:
-                    self.metrics.observe_queue_time(t - timing.arrival)
         for engine_id, why in core_outputs.rejected.items():
             parent = parent_of(engine_id) or engine_id
             for out in self._abort_request(parent):  # its siblings too
@@ -348,7 +355,11 @@ class AsyncLLM(EngineFrontEnd):
                 timing.last_token[out.request_id] = now
         results = self._process_core_outputs(core_outputs.outputs)
         if self.metrics is not None:
-            self.metrics.record(self._stats, self.num_prompt_tokens_total, self.num_generation_tokens_total, results)
+            if not self._reported_blocks and getattr(self.core_client, "num_gpu_blocks", None) is not None:
+                self.metrics.set_num_gpu_blocks(self.core_client.num_gpu_blocks)
+                self._reported_blocks = True
+            self.metrics.record(self._stats, self.num_prompt_tokens_total, self.num_generation_tokens_total, results,
+                                core_outputs.num_batched_tokens)
         self._finish_requests([r for r in results if r.finished])
         for result in results:
             self._deliver(result)
@@ -361,6 +372,9 @@ class AsyncLLM(EngineFrontEnd):
                 continue
             m = out.metrics
             end = m.get("finished_time", time.monotonic())
+            if self.metrics is not None:
+                self.metrics.record_request(out, timing.first_scheduled, timing.num_prompt_tokens, timing.n,
+                                            timing.max_tokens)
             first_token = m.get("first_token_time")
             record = {
                 "request_id": out.request_id,
@@ -397,11 +411,13 @@ class _Timing:
     first completion was first scheduled, and each completion's last token
     (keyed by engine-core request id)."""
 
-    __slots__ = ("arrival", "num_prompt_tokens", "first_scheduled", "last_token")
+    __slots__ = ("arrival", "num_prompt_tokens", "n", "max_tokens", "first_scheduled", "last_token")
 
-    def __init__(self, arrival: float, num_prompt_tokens: int) -> None:
+    def __init__(self, arrival: float, num_prompt_tokens: int, n: int, max_tokens: int) -> None:
         self.arrival = arrival
         self.num_prompt_tokens = num_prompt_tokens
+        self.n = n  # the request's n and max_tokens (for metrics)
+        self.max_tokens = max_tokens
         self.first_scheduled: float | None = None
         self.last_token: dict[str, float] = {}
 

@@ -83,6 +83,7 @@ class EngineCore:
         # Constrained requests whose grammar is still compiling, by id.
         self._waiting_for_grammar: dict[str, Request] = {}
         self.mask_s = 0.0  # cumulative host time filling token bitmasks (seconds)
+        self._last_num_batched_tokens = 0  # tokens the last collected step computed
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -178,7 +179,8 @@ class EngineCore:
         it scheduled for the first time (with the time)."""
         scheduled_times: dict[str, float] = {}
         outputs = self._step(scheduled_times)
-        return EngineCoreOutputs(outputs, self.get_stats(drain_compile_times=True), scheduled_times)
+        return EngineCoreOutputs(outputs, self.get_stats(drain_compile_times=True), scheduled_times,
+                                 num_batched_tokens=self._last_num_batched_tokens)
 
     def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
         """Collect one step's results; launch it first unless it is in flight,
@@ -190,6 +192,7 @@ class EngineCore:
         sched = self._in_flight
         launched_ahead = sched is not None
         mask_s = self.mask_s
+        self._last_num_batched_tokens = 0
         if sched is None:
             if not scheduler.has_unfinished_requests():
                 if self._waiting_for_grammar and not failed:
@@ -217,6 +220,7 @@ class EngineCore:
                 self.executor.launch(ahead)
                 self._in_flight = ahead
         result = self.executor.collect()
+        self._last_num_batched_tokens = sched.total_num_scheduled_tokens
         t4 = time.perf_counter() if timed else 0.0
         outputs = scheduler.update_from_output(sched, result)
         if self._in_flight is not None and self._in_flight.structured_output_req_ids:

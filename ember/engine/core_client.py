@@ -193,6 +193,7 @@ class MPClient(EngineCoreClient):
         self._ready = False
         # Set once this client has seen the core process gone.
         self.core_gone = False
+        self.num_gpu_blocks: int | None = None  # the KV cache's size, once the core is ready
 
     @property
     def ready(self) -> bool:
@@ -223,6 +224,7 @@ class MPClient(EngineCoreClient):
             raise EngineDeadError(f"unexpected message from a starting engine core: {kind!r}")
         ready = msgspec.msgpack.decode(payload, type=CoreReady)
         logger.info(f"engine core running in process {self.process.pid} ({ready.num_gpu_blocks} KV blocks)")
+        self.num_gpu_blocks = ready.num_gpu_blocks
 
     def _wait_message(self, deadline: float | None = None) -> tuple[bytes, bytes] | None:
         """The next ``[kind, payload]`` from the core (blocking); None once

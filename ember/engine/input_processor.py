@@ -26,6 +26,56 @@ from ember.structured_output.grammar import validate_structured_outputs
 from ember.utils import check_text
 
 
+class ChatTemplateError(ValueError):
+    """A chat the template cannot render; ``param`` is the request field at fault
+    (``messages`` or ``chat_template``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_template_syntax(template: str, name: str) -> None:
+    """Parse a Jinja chat template.
+
+    Raises:
+        ChatTemplateError: it does not parse (``param`` is ``name``; the message
+            gives the line and Jinja's reason).
+    """
+    import jinja2
+
+    try:  # the environment Hugging Face renders templates in (its extensions and tags)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # transformers without it: plain Jinja with loop controls
+        def compile_template(text: str) -> object:
+            return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{name} is not a valid Jinja template: {e.message} (line {e.lineno})", name) from e
+
+
+def load_chat_template(value: str) -> str:
+    """The chat template ``--chat-template`` names: a file's contents, or
+    ``value`` itself when it is a template (it holds ``{{`` or ``{%``).
+
+    Raises:
+        ValueError: neither a readable file nor a template, or a template that
+            does not parse.
+    """
+    import os
+
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    check_template_syntax(template, "--chat-template")
+    return template
+
+
 class InputProcessor:
     """Tokenizes and validates prompts against the model's limits.
 
@@ -54,6 +104,8 @@ class InputProcessor:
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._text_tokenizer: Any = None  # built on first use (see _encode_as_text)
         self._text_tokenizer_lock = threading.Lock()
+        # The server's chat template (``--chat-template``); None: the tokenizer's.
+        self.chat_template: str | None = None
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's special tokens) or a
@@ -84,14 +136,22 @@ class InputProcessor:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None,
-                            special_tokens_in_content: bool = False) -> list[int]:
-        """Render ``messages`` with the model's chat template and tokenize.
+                            special_tokens_in_content: bool = False,
+                            continue_final_message: bool = False, chat_template: str | None = None,
+                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Render ``messages`` with a chat template and tokenize.
 
         Args:
             messages: ``[{"role": str, "content": str, ...}, ...]`` in Hugging Face's
                 conversation format: roles ``system``, ``user``, ``assistant``,
                 ``tool``; other keys (``name``, ``tool_call_id``, ``tool_calls``)
                 are passed to the template as given.
+            add_generation_prompt: end with the opening of an assistant turn.
+            continue_final_message: leave the last message (an assistant's) open,
+                for the model to continue it.
+            chat_template: a Jinja template to use instead of :attr:`chat_template`
+                (the server's ``--chat-template``) or the tokenizer's.
+            chat_template_kwargs: extra template variables (e.g. ``enable_thinking``).
             tools: function definitions in OpenAI's shape
                 (``{"type": "function", "function": {...}}``), given to the
                 template as ``tools`` (templates that know no tools ignore them).
@@ -100,12 +160,16 @@ class InputProcessor:
                 purpose); by default they stay text (see the module docstring).
 
         Raises:
-            ValueError: no chat template, malformed messages (not dicts, no
-                string role / content, or a string that is not Unicode text), or
-                a conversation the template cannot render (the message says why).
+            ChatTemplateError: no chat template, a template that does not parse
+                (``param`` ``chat_template``), or a conversation the template cannot
+                render (``param`` ``messages``; the message says why).
+            ValueError: malformed messages (not dicts, no string role / content, or
+                a string that is not Unicode text).
         """
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use a completion prompt instead")
+        template = chat_template or self.chat_template
+        if self.tokenizer is None or not (template or getattr(self.tokenizer, "chat_template", None)):
+            raise ChatTemplateError("this model has no chat template; use a completion prompt instead or give "
+                                    "chat_template", "messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
         for i, m in enumerate(messages):
@@ -114,24 +178,33 @@ class InputProcessor:
             for key, value in m.items():
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
+        if chat_template is not None:
+            check_template_syntax(chat_template, "chat_template")
+        # Only what differs from the defaults is passed on (any tokenizer-like object serves).
+        options: dict[str, Any] = dict(chat_template_kwargs or {})
+        if template is not None:
+            options["chat_template"] = template
+        if continue_final_message:
+            options["continue_final_message"] = True
         if (not special_tokens_in_content and self._special_re is not None
                 and (_has_match(self._special_re, messages) or (tools and _has_match(self._special_re, tools)))):
-            return self._apply_chat_template_as_text(messages, add_generation_prompt, tools)
-        text = self._render(messages, add_generation_prompt, tools)
+            return self._apply_chat_template_as_text(messages, add_generation_prompt, tools, options)
+        text = self._render(messages, add_generation_prompt, tools, options)
         # The template already contains the special tokens (BOS, role markers).
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                tools: list[dict[str, Any]] | None) -> str:
+                tools: list[dict[str, Any]] | None, options: dict[str, Any]) -> str:
         extra = {"tools": tools} if tools else {}
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False, **extra)
+                                                      tokenize=False, **extra, **options)
         except Exception as e:  # jinja errors: the template rejected the conversation
-            raise ValueError(f"chat template failed: {e}") from e
+            raise ChatTemplateError(f"chat template failed: {e}", "messages") from e
 
     def _apply_chat_template_as_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                                     tools: list[dict[str, Any]] | None) -> list[int]:
+                                     tools: list[dict[str, Any]] | None,
+                                     options: dict[str, Any] | None = None) -> list[int]:
         """The messages' token ids with every special-token string in them encoded
         as text (see the module docstring)."""
         assert self._special_re is not None
@@ -143,7 +216,8 @@ class InputProcessor:
 
         rendered = self._render(_map_strings(messages, lambda v: self._special_re.sub(hide, v)),
                                 add_generation_prompt,
-                                _map_strings(tools, lambda v: self._special_re.sub(hide, v)) if tools else None)
+                                _map_strings(tools, lambda v: self._special_re.sub(hide, v)) if tools else None,
+                                options or {})
         strings = list(found)
         placeholder = re.compile(rf"{nonce}(\d+)_")
         ids: list[int] = []

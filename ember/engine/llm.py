@@ -9,8 +9,9 @@ from tqdm import tqdm
 from ember.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from ember.engine.arg_utils import EngineArgs
 from ember.core.stats import SchedulerStats
-from ember.engine.llm_engine import LLMEngine, check_priority_and_salt
+from ember.engine.llm_engine import LLMEngine, check_priority_and_salt, pooling_sampling_params
 from ember.outputs import RequestOutput
+from ember.pooling_params import PoolingParams
 from ember.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -121,6 +122,33 @@ class LLM:
         tokenizer = self.get_tokenizer()
         return [BeamSearchOutput(p if isinstance(p, str) else None, s.prompt_token_ids, s.result(tokenizer))
                 for p, s in zip(prompts, searches)]
+    def embed(self, prompts: str | list[str] | list[list[int]], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[RequestOutput]:
+        """The pooled final hidden states of each prompt (see
+        :mod:`ember.pooling_params`), in each output's ``pooled_output``
+        ([hidden_size] floats); outputs come back in prompt order.
+
+        Args:
+            prompts: a string, a list of strings, or a list of token-id lists.
+            pooling_params: how to pool (default: ``LAST``, normalized).
+        Raises:
+            ValueError: an invalid prompt, or one that does not fit the context
+                (nothing is run then).
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        engine = self.llm_engine
+        pooling_params = pooling_params or PoolingParams()
+        token_lists = [engine.input_processor.tokenize(p) for p in prompts]
+        for ids in token_lists:
+            engine.input_processor.check(ids, pooling_sampling_params())
+        ids_in_order = []
+        for prompt, ids in zip(prompts, token_lists):
+            req_id = engine.next_request_id()
+            engine.add_request(req_id, prompt, None, prompt_token_ids=ids,  # type: ignore[arg-type]
+                               pooling_params=pooling_params)
+            ids_in_order.append(req_id)
+        return self._collect(ids_in_order, use_tqdm)
 
     def get_stats(self) -> SchedulerStats:
         """Engine counters: prefix-cache queries/hits, preemptions, swaps, ..."""
@@ -149,6 +177,11 @@ class LLM:
             engine.add_request(req_id, text if text is not None else ids, p, prompt_token_ids=ids, priority=prio,
                                cache_salt=salt)
             ids_in_order.append(req_id)
+        return self._collect(ids_in_order, use_tqdm)
+
+    def _collect(self, ids_in_order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step the engine until every request has finished; their outputs in ``ids_in_order``."""
+        engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids_in_order), desc="Processed prompts", disable=not use_tqdm)
         while engine.has_unfinished_requests():

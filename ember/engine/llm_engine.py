@@ -18,6 +18,7 @@ from ember.engine.messages import EngineCoreRequest
 from ember.engine.input_processor import InputProcessor
 from ember.engine.output_processor import OutputProcessor
 from ember.outputs import RequestOutput
+from ember.pooling_params import PoolingParams
 from ember.request import RequestStatus
 from ember.sampling_params import SamplingParams
 from ember.utils import check_text, is_int
@@ -54,9 +55,11 @@ class EngineFrontEnd:
         self.num_generation_tokens_total = 0
 
     def _submit(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams, arrival: float,
-                priority: int, cache_salt: str | None) -> None:
+                priority: int, cache_salt: str | None, pooling_params: PoolingParams | None = None) -> None:
         """Hand a validated request to the output processor and the core: n > 1
         becomes n engine-core requests, submitted together (see OutputProcessor).
+        With ``pooling_params`` it is a pooling request (``params`` must then
+        ask for one completion of one token: see :func:`pooling_sampling_params`).
 
         Raises:
             ValueError: an engine request id already in use (nothing is submitted).
@@ -64,8 +67,9 @@ class EngineFrontEnd:
         children = self.output_processor.add_request(request_id, prompt, ids, params, arrival)
         for engine_id, child_params in children:
             self.core_client.add_request(EngineCoreRequest(engine_id, ids, child_params, arrival, priority,
-                                                           cache_salt))
-        self.num_prompt_tokens_total += len(ids)
+                                                           cache_salt, pooling_params))
+        # As vLLM counts prompt tokens: once per engine-core request (n per user request).
+        self.num_prompt_tokens_total += len(ids) * len(children)
 
     def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """End user requests (all their completions); returns their final outputs."""
@@ -121,7 +125,8 @@ class LLMEngine(EngineFrontEnd):
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
-                    priority: int = 0, cache_salt: str | None = None) -> None:
+                    priority: int = 0, cache_salt: str | None = None,
+                    pooling_params: PoolingParams | None = None) -> None:
         """Queue a request.
 
         Args:
@@ -132,6 +137,8 @@ class LLMEngine(EngineFrontEnd):
                 (an integer in [-2**63, 2**63); ignored under fcfs).
             cache_salt: only requests with the same salt share prefix-cache
                 blocks (e.g. one salt per tenant); None shares with all unsalted.
+            pooling_params: make it a pooling request (an embedding in its
+                final output's ``pooled_output``; ``params`` is then ignored).
         Raises:
             ValueError: invalid prompt (see :meth:`InputProcessor.tokenize`), one
                 too long for the context window, a priority outside int64 or an
@@ -139,11 +146,13 @@ class LLMEngine(EngineFrontEnd):
         """
         check_priority_and_salt(priority, cache_salt)
         ids = self.input_processor.tokenize(prompt_token_ids if prompt_token_ids is not None else prompt)
+        if pooling_params is not None:
+            params = pooling_sampling_params()
         ids = self.input_processor.truncate(ids, params.truncate_prompt_tokens, params.max_tokens)
         params = self.input_processor.check(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         self._submit(request_id, prompt if isinstance(prompt, str) else None, ids, params, arrival, priority,
-                     cache_salt)
+                     cache_salt, pooling_params)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         """Abort requests; returns their final outputs (finish reason ``abort``)."""
@@ -168,6 +177,15 @@ class LLMEngine(EngineFrontEnd):
     def shutdown(self) -> None:
         """Stop the engine core (its process, if it has one)."""
         self.core_client.shutdown()
+
+
+def pooling_sampling_params() -> SamplingParams:
+    """The SamplingParams a pooling request travels with: one completion of at
+    most one token (nothing is sampled; the limit keeps the scheduler from
+    scheduling it again after its prompt), returned when finished."""
+    from ember.sampling_params import RequestOutputKind
+
+    return SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 def check_priority_and_salt(priority: int, cache_salt: str | None) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ember.core.sched_output import EngineCoreOutput
 from ember.core.stats import SchedulerStats
+from ember.pooling_params import PoolingParams
 from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
 
@@ -38,6 +39,8 @@ class EngineCoreRequest:
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
+    # Set: a pooling request (an embedding: prefill only, see ember.pooling_params).
+    pooling_params: PoolingParams | None = None
 
 
 @dataclass
@@ -61,12 +64,15 @@ class EngineCoreOutputs:
             scheduled (requests first scheduled in this step only); arrival to
             this is its queue time.
         rejected: request id -> why the core refused to add it.
+        num_batched_tokens: tokens the step computed (prefill and decode, all
+            requests; 0 when idle).
     """
 
     outputs: list[EngineCoreOutput] = field(default_factory=list)
     stats: SchedulerStats | None = None
     scheduled_times: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    num_batched_tokens: int = 0
 
 
 @dataclass
@@ -89,4 +95,4 @@ class CoreDead:
 def make_core_request(req: EngineCoreRequest, max_model_len: int) -> Request:
     """The core's :class:`Request` for a front-end request."""
     return Request(req.request_id, req.prompt_token_ids, req.sampling_params, max_model_len, req.arrival_time,
-                   priority=req.priority, cache_salt=req.cache_salt)
+                   priority=req.priority, cache_salt=req.cache_salt, pooling_params=req.pooling_params)

@@ -70,6 +70,7 @@ class RequestState:
     # With SamplingParams.prompt_logprobs: None for the first prompt token, then
     # one entry per token (from the first completion to report them).
     prompt_logprobs: list[SampleLogprob | None] | None = None
+    pooled_output: list[float] | None = None  # a pooling request's result
 
     @property
     def finished(self) -> bool:
@@ -150,6 +151,8 @@ class OutputProcessor:
                 comp.logprobs.extend(out.new_logprobs)
             if out.prompt_logprobs is not None and state.prompt_logprobs is None:
                 state.prompt_logprobs = [None, *out.prompt_logprobs]
+            if out.pooled is not None:
+                state.pooled_output = out.pooled
             finish, stop_reason = out.finish_reason, out.stop_reason
             # NOTE: a stop token (EOS or stop_token_ids) ends the text without being part of
             # it, unless include_stop_str_in_output.
@@ -220,13 +223,16 @@ class OutputProcessor:
             c.changed = False
         metrics = {"arrival_time": state.arrival_time,
                    "num_generation_tokens": sum(len(c.token_ids) for c in state.completions),
-                   "max_completion_tokens": max(len(c.token_ids) for c in state.completions)}
+                   "max_completion_tokens": max(len(c.token_ids) for c in state.completions),
+                   "n": len(state.completions)}
+        if state.params.max_tokens is not None:
+            metrics["max_tokens"] = state.params.max_tokens
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time
         if finished:
             metrics["finished_time"] = now
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished, metrics,
-                             state.prompt_logprobs)
+                             state.prompt_logprobs, state.pooled_output)
 
     @staticmethod
     def _completion_output(comp: CompletionState, delta: bool) -> CompletionOutput:

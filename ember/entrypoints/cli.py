@@ -3,6 +3,7 @@
 ::
 
     ember serve    [MODEL] [--host 127.0.0.1] [--port 8000] [engine flags]   OpenAI-compatible server
+    ember run-batch -i IN.jsonl -o OUT.jsonl [engine flags]                 an OpenAI batch file, offline
     ember generate [--model M] --prompt TEXT [--chat] [sampling flags]     one-shot generation
     ember chat     [--model M] [--system TEXT] [sampling flags]            interactive chat (stdin)
     ember download [NAME ...]                                              fetch the bundled models
@@ -123,6 +124,34 @@ def _bounded_number(kind: type, flag: str, low: float, inclusive: bool = True) -
     return parse
 
 
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from ember.entrypoints.openai.run_batch import run_batch_cli
+
+    return run_batch_cli(args)
+
+
+def _chat_template_arg(value: str) -> str:
+    from ember.engine.input_processor import load_chat_template
+
+    try:
+        return load_chat_template(value)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_frontend_args(p: argparse.ArgumentParser) -> None:
+    """The OpenAI front end's flags (``ember serve`` and ``ember run-batch``)."""
+    from ember.pooling_params import POOLING_TYPES
+
+    p.add_argument("--chat-template", type=_chat_template_arg, default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the chat template for chats that give none: a Jinja file, or the template itself "
+                        "(default: the tokenizer's)")
+    p.add_argument("--pooling-type", default="LAST", choices=POOLING_TYPES,
+                   help="how /v1/embeddings pools the final hidden states of an input: the last token's (LAST, "
+                        "default) or the mean over its tokens (MEAN)")
+    p.add_argument("--no-embedding-normalize", action="store_true",
+                   help="return embeddings as pooled, not scaled to unit L2 norm (requests may still ask with "
+                        "'normalize')")
 def _add_hygiene_args(p: argparse.ArgumentParser) -> None:
     """``ember serve``'s bounds on connections and on what a request may ask."""
     from ember.entrypoints.openai.connections import DEFAULT_TIMEOUT_HEADER_READ_S, DEFAULT_TIMEOUT_KEEP_ALIVE_S
@@ -318,8 +347,19 @@ def make_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they are aborted; "
                         "new requests get 503 meanwhile (default 30)")
     _add_hygiene_args(p)
+    add_frontend_args(p)
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL requests in, JSONL responses out)")
+    p.add_argument("-i", "--input-file", required=True, help="the batch's requests, one JSON object a line")
+    p.add_argument("-o", "--output-file", required=True, help="where to write the responses, one a line")
+    p.add_argument("--max-concurrency", type=_bounded_number(int, "--max-concurrency", 1), default=256,
+                   help="requests sent to the engine at once (default 256)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_frontend_args(p)
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(func=cmd_run_batch)
 
     p = sub.add_parser("generate", help="generate text for one or more prompts and print it")
     p.add_argument("--prompt", "-p", action="append", default=None,

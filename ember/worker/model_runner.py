@@ -6,7 +6,8 @@ and is told only what changed each step; it mirrors the scheduler's
 packed without padding: ``input_ids``, ``positions`` and ``slot_mapping`` have
 one entry per scheduled token, ``block_table`` and ``seq_lens`` one row per
 scheduled request. Only the rows whose request reaches the end of its tokens
-(known or in flight) are turned into logits and sampled.
+(known or in flight) are turned into logits and sampled; a pooling request's
+rows are pooled instead (:meth:`ModelRunner._pool`) and it samples nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ember.sample.logprobs import LogprobsMetadata, compute_logprobs, unpack_log
 from ember.outputs import SampleLogprob
 from ember.sample.logits_processor import (BitmaskProcessor, LogitsProcessor, TokenMaskMetadata, fit_bitmask,
                                            logits_processors_for, uses_logits_processor)
+from ember.pooling_params import PoolingParams
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
@@ -93,6 +95,9 @@ class PendingOutput:
     logprobs: torch.Tensor | None = None
     logprobs_meta: Any = None
     prompt_logprobs: _PromptLogprobs | None = None
+    # Pooling requests this step finished, and their pooled vectors ([n, hidden] float32).
+    pooled_req_ids: list[str] = field(default_factory=list)
+    pooled: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -166,6 +171,9 @@ class ModelRunner:
         self._last_sample_req_ids: list[str] = []
         self._prompt_logprobs_req_ids: set[str] = set()  # live requests asking for prompt logprobs
         self._awaiting_bitmask: _AwaitingBitmask | None = None  # see sample_with_bitmask
+        self._pooling: dict[str, PoolingParams] = {}  # live pooling requests
+        # MEAN pooling over a prompt computed in chunks: the float32 sum of its rows so far ([hidden]).
+        self._pool_sums: dict[str, torch.Tensor] = {}
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -271,9 +279,15 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
             self._prompt_logprobs_req_ids.discard(req_id)
+            if self._pooling:
+                self._pooling.pop(req_id, None)
+                self._pool_sums.pop(req_id, None)
         for new in sched.scheduled_new_reqs:
             if new.sampling_params.prompt_logprobs is not None:
                 self._prompt_logprobs_req_ids.add(new.req_id)
+            if new.pooling_params is not None:
+                self._pooling[new.req_id] = new.pooling_params
+                self._pool_sums.pop(new.req_id, None)  # a preempted request starts over
             self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id,
                 num_prompt_tokens=len(new.prompt_token_ids),
@@ -426,15 +440,17 @@ class ModelRunner:
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(host)
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
+        pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
-            return PendingOutput([], prompt_logprobs=prompt_logprobs)
+            return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
         else:
             rows = torch.from_numpy(np.array(host.sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
             logits = self.model.compute_logits(hidden[rows])
         states = [self.requests[r] for r in host.sample_req_ids]
-        pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs)
+        pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids,
+                                pooled=pooled)
         if sched.structured_output_req_ids:
             # NOTE: the forward pass and logits are enqueued; sampling waits for
             # the constrained rows' masks, which the host fills meanwhile
@@ -510,8 +526,10 @@ class ModelRunner:
             The step's output (the token of every sampling request).
         """
         prompt_logprobs = self._unpack_prompt_logprobs(pending.prompt_logprobs)
+        pooler_output = ({} if pending.pooled is None else
+                         dict(zip(pending.pooled_req_ids, pending.pooled.tolist(), strict=True)))
         if not pending.req_ids:
-            return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
+            return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs, pooler_output=pooler_output)
         if pending.req_ids is self._last_sample_req_ids:  # no later step reads its ids on the device
             self._last_sampled, self._last_sample_req_ids = None, []
         if pending.sampled_host is None:
@@ -529,7 +547,54 @@ class ModelRunner:
             rows = pending.logprobs_meta.row_ids
             entries = unpack_logprobs(pending.logprobs.tolist(), [sampled[i] for i in rows], pending.logprobs_meta)
             logprobs = {pending.req_ids[i]: [e] for i, e in zip(rows, entries)}
-        return ModelRunnerOutput({r: [t] for r, t in zip(pending.req_ids, sampled)}, logprobs, prompt_logprobs)
+        return ModelRunnerOutput({r: [t] for r, t in zip(pending.req_ids, sampled)}, logprobs, prompt_logprobs,
+                                 pooler_output)
+
+    def _pool(self, host: HostInputs, hidden: torch.Tensor) -> tuple[list[str], torch.Tensor | None]:
+        """Pool the hidden states of the step's pooling requests (see
+        :mod:`ember.pooling_params`) and take the ones whose prompt the step
+        finishes out of ``host``'s sampling rows (they sample nothing).
+
+        Args:
+            hidden: [num_tokens, hidden] final hidden states of the packed batch.
+        Returns:
+            The requests finished here and their pooled vectors, [n, hidden]
+            float32 on the device (None if none finished).
+        """
+        finished: list[str] = []
+        vectors: list[torch.Tensor] = []
+        qsl = host.query_start_loc
+        for i, req_id in enumerate(host.req_ids):
+            params = self._pooling.get(req_id)
+            if params is None:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            s = self.requests[req_id]
+            done = s.num_computed_tokens + (end - start) >= len(s.token_ids)
+            if params.pooling_type == "MEAN":
+                total = hidden[start:end].float().sum(dim=0)
+                if req_id in self._pool_sums:
+                    total = total + self._pool_sums.pop(req_id)
+                if not done:
+                    self._pool_sums[req_id] = total
+                    continue
+                vector = total / s.num_prompt_tokens
+            elif done:
+                vector = hidden[end - 1].float()
+            else:
+                continue
+            if params.normalize:
+                vector = torch.nn.functional.normalize(vector, dim=0)
+            finished.append(req_id)
+            vectors.append(vector)
+        if not finished:
+            return [], None
+        gone = set(finished)
+        keep = [j for j, r in enumerate(host.sample_req_ids) if r not in gone]
+        host.sample_req_ids = [host.sample_req_ids[j] for j in keep]
+        host.sample_rows = [host.sample_rows[j] for j in keep]
+        host.sample_seq_lens = [host.sample_seq_lens[j] for j in keep]
+        return finished, torch.stack(vectors)
 
     # Rows of prompt logits computed at once (bounds the [rows, vocab] float32 buffer).
     _PROMPT_LOGITS_ROWS = 512

@@ -73,3 +73,36 @@ def test_gpu_fp8_kv_cache_matches_torch_backend(tiny_llama, kv_cache_dtype):
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     assert outs["triton"] == outs["torch"]
+
+
+@pytest.mark.parametrize("pooling_type", ["LAST", "MEAN"])
+def test_gpu_embeddings_match_hf_next_to_decoding(tiny_llama, pooling_type):
+    """Pooling requests on CUDA (CUDA graphs, asynchronous scheduling, chunked
+    prompts) next to decoding ones: the pooled vectors equal HF's
+    ``last_hidden_state`` pooled the same way, and the decodes stay greedy-exact."""
+    from ember.pooling_params import PoolingParams
+
+    path, hf = tiny_llama
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (1, 17, 300)]
+    llm = LLM(path, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
+              kv_cache_memory=64 << 20, max_num_batched_tokens=128, max_num_seqs=8)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    pooling = PoolingParams(pooling_type, normalize=False)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"gen{i}", p, params)
+        engine.add_request(f"emb{i}", p, None, pooling_params=pooling)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            hidden = hf.model(input_ids=torch.tensor([p], device="cuda")).last_hidden_state[0].float()
+            ref = hidden[-1] if pooling_type == "LAST" else hidden.mean(dim=0)
+            got = torch.tensor(finals[f"emb{i}"].pooled_output, device="cuda")
+            torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+            assert finals[f"gen{i}"].outputs[0].token_ids == hf_greedy(hf, p, 16), f"prompt {i}"
+    assert engine.engine_core.scheduler.kv_cache_manager.usage == 0

@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI app and its uvicorn runner.
 
 Routes: ``GET|HEAD /health``, ``GET /metrics``, ``GET /version``, ``GET /v1/models``,
-``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
-``POST /detokenize``.
+``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
+
+Every response carries ``X-Request-Id``: the client's, or one the server made
+up (see :mod:`ember.entrypoints.openai.request_id`).
 
 Every error is answered with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``: 400 for the client's mistakes
@@ -90,20 +93,26 @@ from ember.entrypoints.openai.input_limits import (
     run_input_work,
 )
 from ember.entrypoints.openai.openapi import install_openapi
+from ember.engine.input_processor import ChatTemplateError
+from ember.entrypoints.openai.input_limits import check_prompt_chars, messages_chars, run_input_work
 from ember.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     chat_template_messages,
 )
+from ember.entrypoints.openai.request_id import RequestIdMiddleware, request_id_of
 from ember.entrypoints.openai.serving_chat import OpenAIServingChat
 from ember.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from ember.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from ember.entrypoints.openai.supervisor import (
     GENERATION_PATHS,
     RequestSupervisor,
@@ -113,6 +122,7 @@ from ember.entrypoints.openai.supervisor import (
     shutting_down_error,
 )
 from ember.metrics import PrometheusMetrics
+from ember.pooling_params import PoolingParams
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +364,8 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
               tool_call_parser: str | None = None,
               limit_concurrency: int | None = None, max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS,
               max_stop_string_chars: int = DEFAULT_MAX_STOP_STRING_CHARS,
-              special_tokens_in_content: bool = False) -> FastAPI:
+              special_tokens_in_content: bool = False,
+              chat_template: str | None = None, pooling: PoolingParams | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``AsyncLLM`` or the same interface).
 
     Args:
@@ -373,6 +384,11 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             most this many strings of at most this many characters (400 beyond).
         special_tokens_in_content: let special-token strings in chat messages
             become control tokens (default: they are tokenized as text).
+        chat_template: the chat template (Jinja text) for chats that give none,
+            instead of the tokenizer's (``--chat-template``, see
+            :func:`ember.engine.input_processor.load_chat_template`).
+        pooling: how ``/v1/embeddings`` pools hidden states (default ``LAST``,
+            normalized; see :mod:`ember.pooling_params`).
 
     ``app.state.supervisor`` is the :class:`RequestSupervisor` whose ``drain``
     the server runs on shutdown.
@@ -393,8 +409,10 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     app = FastAPI(title="Ember OpenAI-compatible API", version=ember.__version__)
     app.state.engine = engine
+    if chat_template is not None:
+        engine.input_processor.chat_template = chat_template
     model_name = engine.model_config.served_model_name
-    metrics = PrometheusMetrics(model_name)
+    metrics = PrometheusMetrics(model_name, engine.model_config.max_model_len, _cache_config_info(engine))
     if hasattr(engine, "metrics"):
         engine.metrics = metrics
     supervisor = RequestSupervisor(engine, request_timeout)
@@ -405,6 +423,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
     for serving in (chat, completion):
         serving.max_stop_strings, serving.max_stop_string_chars = max_stop_strings, max_stop_string_chars
         serving.special_tokens_in_content = special_tokens_in_content
+    embedding = OpenAIServingEmbedding(supervisor, pooling)
 
     # NOTE: the middleware added last runs first: the key is checked before the body
     # size, so that a client without the key cannot make the server read its body,
@@ -415,6 +434,7 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestIdMiddleware, error_response=_error_response)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -489,10 +509,11 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
         if request.messages is not None:
             messages = chat_template_messages(request.messages)
             location, num_chars = "messages", messages_chars(messages)
+            options = request.template_options()
 
             def encode() -> list[int]:
                 return engine.input_processor.apply_chat_template(
-                    messages, special_tokens_in_content=special_tokens_in_content)
+                    messages, special_tokens_in_content=special_tokens_in_content, **options)
         elif isinstance(request.prompt, str):
             prompt, add_special_tokens = request.prompt, request.add_special_tokens
             location, num_chars = "prompt", len(prompt)
@@ -512,9 +533,18 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
         try:
             body = await run_input_work(work, num_chars)
+        except ChatTemplateError as e:
+            raise APIError(str(e), param=e.param) from e
         except ValueError as e:
             raise APIError(str(e), param=location) from e
         return Response(body, media_type="application/json")
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+    async def tokenizer_info() -> Response:
+        if engine.tokenizer is None:
+            raise APIError("this server runs without a tokenizer (--skip-tokenizer-init)", 404,
+                           type="not_found_error")
+        return _ASCIIJSONResponse(tokenizer_info_of(engine.tokenizer, engine.input_processor.chat_template))
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
@@ -533,14 +563,66 @@ def build_app(engine: Any, reasoning_parser: str | None = None, api_key: str | N
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
-        return await _cancel_on_disconnect(raw_request, completion.create_completion(request))
+        return await _cancel_on_disconnect(raw_request,
+                                           completion.create_completion(request, request_id_of(raw_request)))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
-        return await _cancel_on_disconnect(raw_request, chat.create_chat_completion(request))
+        return await _cancel_on_disconnect(raw_request,
+                                           chat.create_chat_completion(request, request_id_of(raw_request)))
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Any:
+        return await _cancel_on_disconnect(raw_request,
+                                           embedding.create_embedding(request, request_id_of(raw_request)))
 
     install_openapi(app, OPEN_PATHS, GENERATION_PATHS)
     return app
+
+
+def _cache_config_info(engine: Any) -> dict[str, Any] | None:
+    """``cache_config_info``'s labels: the engine's KV cache settings."""
+    import dataclasses
+
+    config = getattr(getattr(engine, "config", None), "cache_config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def tokenizer_info_of(tokenizer: Any, chat_template: str | None = None) -> dict[str, Any]:
+    """``/tokenizer_info``'s body: ``tokenizer_class`` and the tokenizer's
+    settings (its ``init_kwargs``, e.g. ``model_max_length``, ``bos_token``,
+    ``added_tokens_decoder`` as ``{id: {"content", "special", ...}}``), leaving out
+    values that are not JSON; ``chat_template`` is the one chats are rendered
+    with (the server's ``--chat-template``, else the tokenizer's)."""
+    info: dict[str, Any] = {"tokenizer_class": type(tokenizer).__name__}
+    for key, value in getattr(tokenizer, "init_kwargs", {}).items():
+        value = _json_value(value)
+        if value is not _NOT_JSON:
+            info[key] = value
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template is not None:
+        info["chat_template"] = template
+    return info
+
+
+_NOT_JSON = object()
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON data (added-token objects as their dicts), or :data:`_NOT_JSON`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_json_value(v) for v in value]
+        return _NOT_JSON if any(v is _NOT_JSON for v in items) else items
+    if isinstance(value, dict):
+        out = {str(k): _json_value(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _NOT_JSON}
+    if hasattr(value, "__getstate__") and type(value).__name__ == "AddedToken":
+        return _json_value(value.__getstate__())
+    return _NOT_JSON
 
 
 def _bind_socket(host: str, port: int) -> socket.socket:
@@ -717,7 +799,8 @@ def run_server(args: argparse.Namespace) -> None:
                           limit_concurrency=getattr(args, "limit_concurrency", None),
                           max_stop_strings=getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS),
                           max_stop_string_chars=getattr(args, "max_stop_string_chars", DEFAULT_MAX_STOP_STRING_CHARS),
-                          special_tokens_in_content=getattr(args, "allow_special_tokens_in_content", False)))
+                          special_tokens_in_content=getattr(args, "allow_special_tokens_in_content", False),
+                          chat_template=getattr(args, "chat_template", None), pooling=pooling_of(args)))
     except KeyboardInterrupt:
         pass
     finally:
@@ -726,6 +809,11 @@ def run_server(args: argparse.Namespace) -> None:
         sock.close()
         signal.signal(signal.SIGTERM, previous)
     logger.info("Ember server stopped")
+
+
+def pooling_of(args: argparse.Namespace) -> PoolingParams:
+    """The embeddings' pooling that ``--pooling-type`` and ``--no-embedding-normalize`` ask for."""
+    return PoolingParams(getattr(args, "pooling_type", "LAST"), not getattr(args, "no_embedding_normalize", False))
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

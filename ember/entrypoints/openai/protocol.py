@@ -501,7 +501,11 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_forms(cls, v: Any) -> Any:
+    def _prompt_field(cls, v: Any) -> Any:
+        return cls._prompt_forms(v)
+
+    @staticmethod
+    def _prompt_forms(v: Any) -> Any:
         # Token ids are checked against the vocabulary later (InputProcessor.tokenize).
         if isinstance(v, str):
             return _prompt_text(v, "prompt")
@@ -681,7 +685,64 @@ class NamedToolChoice(StrictRequestModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(SamplingFields):
+# Names the chat template gets from the server itself, and the options of Hugging Face's
+# apply_chat_template (which takes the template's variables as its other keyword
+# arguments): chat_template_kwargs cannot set them.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "add_generation_prompt", "continue_final_message", "chat_template", "tools",
+    "documents", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class ChatTemplateFields(StrictRequestModel):
+    """vLLM's chat template controls, on chat completions and ``/tokenize``.
+
+    ``add_generation_prompt`` (default true): end the prompt with the template's
+    opening of an assistant turn. ``continue_final_message``: the conversation's
+    last message, which must be an assistant message, is left open so that the
+    model continues it (it needs ``add_generation_prompt: false``).
+    ``chat_template``: a Jinja template (text) used instead of the server's.
+    ``chat_template_kwargs``: extra variables for the template (e.g.
+    ``{"enable_thinking": false}`` for Qwen3's); the names the server passes
+    itself (``messages``, ``add_generation_prompt``, ...) are refused.
+    """
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Annotated[Text, AfterValidator(_non_empty)] | None = None
+    chat_template_kwargs: dict[Text, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs_not_reserved(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in v or ():
+            if key in _RESERVED_TEMPLATE_KWARGS:
+                raise ValueError(f"chat_template_kwargs cannot set {key!r} (the server sets it; use the request "
+                                 "field of that name where there is one)")
+        return v
+
+    def template_options(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`InputProcessor.apply_chat_template`.
+
+        Raises:
+            APIError: 400 naming ``continue_final_message`` when it is set together
+                with ``add_generation_prompt`` or the last message is not an
+                assistant's (as vLLM answers).
+        """
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError("continue_final_message cannot be used with add_generation_prompt (set "
+                               "add_generation_prompt to false)", param="continue_final_message")
+            messages = getattr(self, "messages", None)
+            if messages and messages[-1].role != "assistant":
+                raise APIError("continue_final_message needs the last message to be an assistant message "
+                               f"(it is a {messages[-1].role} message)", param="continue_final_message")
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "chat_template": self.chat_template, "chat_template_kwargs": self.chat_template_kwargs}
+
+
+class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     """``POST /v1/chat/completions``.
 
     ``max_completion_tokens`` (OpenAI's current name) wins over ``max_tokens``
@@ -735,14 +796,24 @@ class ChatCompletionRequest(SamplingFields):
         return chat_template_messages(self.messages)
 
 
-class TokenizeRequest(StrictRequestModel):
+class TokenizeRequest(ChatTemplateFields):
     """``POST /tokenize`` (vLLM's): a ``prompt`` string, or chat ``messages``
-    rendered with the model's chat template."""
+    rendered with the chat template (with the same template controls as chat
+    completions: see :class:`ChatTemplateFields`)."""
 
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+
+
+class TokenizerInfoResponse(OpenAIBaseModel):
+    """``GET /tokenizer_info`` (vLLM's): the tokenizer's class and its
+    configuration (``tokenizer_config.json``'s settings, JSON values only),
+    with the chat template the server renders chats with."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
 
 
 class DetokenizeRequest(StrictRequestModel):
@@ -966,3 +1037,62 @@ class ModelCard(OpenAIBaseModel):
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(StrictRequestModel):
+    """``POST /v1/embeddings`` (OpenAI's, as vLLM serves it for the served model's
+    pooled hidden states; see :mod:`ember.pooling_params`).
+
+    ``input``: a string, a list of strings, a list of token ids or a list of
+    token-id lists (up to :data:`MAX_PROMPTS_PER_REQUEST` inputs, none empty);
+    ``encoding_format``: ``float`` (a list of numbers) or ``base64`` (the
+    float32 little-endian bytes, base64-encoded: what OpenAI's client asks for
+    by default); ``dimensions``: accepted only when it equals the model's
+    hidden size (the model has no shorter, Matryoshka-trained embeddings).
+    ``normalize`` (vLLM's extra): L2-normalize (default: the server's setting).
+    """
+
+    model: Text | None = None
+    input: str | list[int] | list[str] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int64 | None = None
+    user: Text | None = None
+    normalize: bool | None = None
+    priority: Int64 = 0
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_forms(cls, v: Any) -> Any:
+        try:
+            return CompletionRequest._prompt_forms(v)
+        except ValueError as e:
+            raise ValueError(str(e).replace("prompt", "input")) from None
+
+    def located_inputs(self) -> list[tuple[str, str | list[int]]]:
+        """The inputs with their place in the request (``input``, ``input[2]``)."""
+        if isinstance(self.input, str) or _is_token_id(self.input[0]):
+            return [("input", self.input)]  # type: ignore[list-item]
+        return [(f"input[{i}]", p) for i, p in enumerate(self.input)]  # type: ignore[misc]
+
+
+class EmbeddingData(OpenAIBaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(OpenAIBaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage

@@ -103,15 +103,22 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionChoice(index=c.index, message=message, logprobs=self._logprobs(c, params, as_ids),
                                     finish_reason=finish_reason, stop_reason=c.stop_reason)
 
-    async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
-        """Raises APIError for invalid requests (before anything is sent)."""
+    async def create_chat_completion(self, request: ChatCompletionRequest, request_id: str | None = None
+                                     ) -> ChatCompletionResponse | SSEResponse:
+        """Raises APIError for invalid requests (before anything is sent).
+
+        Args:
+            request_id: the client's id for the request (``X-Request-Id``); the
+                engine request and the response are named ``chatcmpl-<request_id>``.
+        """
         self.check_request(request)
         tool_use = resolve_tool_use(request, self.tool_parser)
         messages = request.message_dicts()
+        options = request.template_options()
         prompt_ids = await self.tokenize(
             lambda: self.engine.input_processor.apply_chat_template(
                 messages, tools=tool_use.template_tools or None,
-                special_tokens_in_content=self.special_tokens_in_content),
+                special_tokens_in_content=self.special_tokens_in_content, **options),
             "messages", messages_chars(messages) + tool_use.num_chars)
         prompt_ids = self.prompt_ids_for(request, prompt_ids, request.resolved_max_tokens())
         params = self.make_params(request, prompt_ids, request.resolved_max_tokens(), "messages")
@@ -119,7 +126,7 @@ class OpenAIServingChat(OpenAIServing):
         if self.reasoning_parser is not None and params.structured_outputs is not None:
             # The reasoning stays free; the constraint applies to the answer.
             params.structured_outputs.reasoning = self.reasoning_parser.structured_output_reasoning
-        request_id = random_id("chatcmpl")
+        request_id = f"chatcmpl-{request_id}" if request_id else random_id("chatcmpl")
         if request.use_beam_search:
             (first,) = await self.beam_search_all([(prompt_ids, request.to_beam_search_params(params))], [request_id],
                                                   request.priority, request.cache_salt)

@@ -61,6 +61,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from ember.beam_search import BeamSearchParams
+from ember.engine.input_processor import ChatTemplateError
 from ember.entrypoints.openai.input_limits import (
     DEFAULT_MAX_STOP_STRING_CHARS,
     DEFAULT_MAX_STOP_STRINGS,
@@ -356,6 +357,8 @@ class OpenAIServing:
         check_prompt_chars(num_chars, self.max_model_len, location)
         try:
             return await run_input_work(fn, num_chars, num_tokens)
+        except ChatTemplateError as e:
+            raise APIError(str(e), param=e.param) from e
         except ValueError as e:
             raise APIError(at_location(str(e), location), param=field_of(location)) from e
 
@@ -429,7 +432,7 @@ class OpenAIServing:
         try:
             first = await anext(gen)
         except ValueError as e:
-            raise APIError(str(e)) from e
+            raise request_error(e) from e
         except StopAsyncIteration:
             raise APIError("the engine returned no output", 500, type="internal_server_error") from None
         except BaseException:
@@ -491,6 +494,15 @@ class OpenAIServing:
             if error is not None:
                 raise error
         return MergedOutputs([t.result() for t in tasks])
+
+
+def request_error(e: ValueError) -> APIError:
+    """The 400 for the engine refusing a request: a request id in use names the
+    ``X-Request-Id`` header it came from."""
+    message = str(e)
+    if message.startswith("request id "):
+        return APIError(f"{message}: another running request has the same X-Request-Id", param="X-Request-Id")
+    return APIError(message)
 
 
 def field_of(location: str) -> str:
@@ -611,8 +623,15 @@ class _Prompt:
 class OpenAIServingCompletion(OpenAIServing):
     """Answers ``POST /v1/completions`` (one prompt or a batch: see the module doc)."""
 
-    async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEResponse:
-        """Raises APIError for invalid requests (before anything is sent)."""
+    async def create_completion(self, request: CompletionRequest, request_id: str | None = None
+                                ) -> CompletionResponse | SSEResponse:
+        """Raises APIError for invalid requests (before anything is sent).
+
+        Args:
+            request_id: the client's id for the request (``X-Request-Id``); the
+                response is named ``cmpl-<request_id>`` (and so is its engine
+                request; a batch's prompt i is ``cmpl-<request_id>-i``).
+        """
         self.check_request(request)
         located = request.located_prompts()
         n = request.n or 1
@@ -621,7 +640,7 @@ class OpenAIServingCompletion(OpenAIServing):
                            f"completions; at most {MAX_COMPLETIONS_PER_REQUEST} are allowed in one request "
                            "(lower n or split the batch)", param="n")
         prompts = [await self._prepare(request, location, prompt) for location, prompt in located]
-        request_id = random_id("cmpl")
+        request_id = f"cmpl-{request_id}" if request_id else random_id("cmpl")
         engine_ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         if request.use_beam_search:
             results = await self.beam_search_all([(p.ids, request.to_beam_search_params(p.params))

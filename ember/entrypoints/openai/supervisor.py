@@ -51,7 +51,7 @@ from ember.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 # The routes that start generations: refused while draining, counted while running.
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
 # Seconds that aborted requests get to send their last bytes before the server stops.
 ABORT_FLUSH_S = 5.0
