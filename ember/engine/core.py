@@ -61,6 +61,12 @@ class EngineCore:
         # The step launched and not yet collected (asynchronous scheduling).
         self._in_flight: SchedulerOutput | None = None
         self._step_observers: list[Callable[[StepRecord], None]] = []
+        # Speculative decoding: drafts for the next step, made after each update.
+        self.drafter = None
+        if config.speculative_config is not None:
+            from ember.spec_decode.proposer import DraftScheduler
+
+            self.drafter = DraftScheduler(config.speculative_config)
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -129,7 +135,10 @@ class EngineCore:
             self.executor.launch(sched)
         self._in_flight = None
         t2 = t3 = time.perf_counter() if timed else 0.0
-        if self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead():
+        # NOTE: no step is scheduled ahead while speculation is on (drafts are
+        # proposed from the tokens the previous step returned).
+        if (self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead()
+                and not (self.drafter is not None and self.drafter.active)):
             ahead = scheduler.schedule()
             if timed:
                 t3 = time.perf_counter()
@@ -142,6 +151,8 @@ class EngineCore:
         result = self.executor.collect()
         t4 = time.perf_counter() if timed else 0.0
         outputs = scheduler.update_from_output(sched, result)
+        if self.drafter is not None:
+            self.drafter.propose(scheduler.running)
         if timed:
             t5 = time.perf_counter()
             record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead)
