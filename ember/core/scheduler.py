@@ -181,6 +181,8 @@ class Scheduler:
         return dataclasses.replace(
             self.counters, num_running=len(self.running), num_waiting=self.policy.num_waiting(),
             kv_cache_usage=kv.usage, prefix_cache=dataclasses.replace(kv.prefix_cache_stats),
+            spec_accepted_per_pos=list(self.counters.spec_accepted_per_pos),
+            spec_drafts_per_pos=list(self.counters.spec_drafts_per_pos),
             num_evicted_blocks=kv.block_pool.num_evicted_blocks)
 
     # --------------------------------------------------------------- schedule
@@ -418,8 +420,11 @@ class Scheduler:
             if spec:
                 # NOTE: the step computed every draft; the K/V of rejected ones is
                 # overwritten when their positions are computed again.
-                num_rejected = len(spec.get(req_id, ())) + 1 - len(tokens)
+                num_drafts = len(spec.get(req_id, ()))
+                num_rejected = num_drafts + 1 - len(tokens)
                 req.num_computed_tokens -= num_rejected
+                if num_drafts:
+                    self._count_drafts(num_drafts, len(tokens) - 1)
             was_running = req.status == RequestStatus.RUNNING
             if len(tokens) == 1:
                 req.append_output_token(tokens[0])
@@ -440,6 +445,19 @@ class Scheduler:
                     self.policy.remove_waiting(req)
                 self._free_request(req)
         return outputs
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        c = self.counters
+        c.spec_num_drafts += 1
+        c.spec_num_draft_tokens += num_drafts
+        c.spec_num_accepted_tokens += num_accepted
+        for per_pos in (c.spec_drafts_per_pos, c.spec_accepted_per_pos):
+            if len(per_pos) < num_drafts:
+                per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for j in range(num_drafts):
+            c.spec_drafts_per_pos[j] += 1
+        for j in range(num_accepted):
+            c.spec_accepted_per_pos[j] += 1
 
     def _append_tokens(self, req: Request, tokens: list[int]) -> list[int]:
         """Append ``tokens`` up to the first that finishes ``req``; returns those appended."""
