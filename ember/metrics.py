@@ -60,6 +60,17 @@ class PrometheusMetrics:
                              _TPOT_BUCKETS)
         self.queue_time = histogram("ember:request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
+        self.spec_num_drafts = counter("ember:spec_decode_num_drafts",
+                                       "Request-steps that verified draft tokens (speculative decoding).")
+        self.spec_num_draft_tokens = counter("ember:spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_num_accepted_tokens = counter("ember:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_accepted_per_pos = Counter("ember:spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted at each draft position (0-based).",
+                                             ["model_name", "position"], registry=r)
+        self.spec_acceptance_rate = gauge("ember:spec_decode_acceptance_rate",
+                                          "Accepted / verified draft tokens since start-up, 0..1.")
+        self.spec_mean_accepted_length = gauge("ember:spec_decode_mean_accepted_length",
+                                               "Tokens per request-step with drafts (accepted + 1) since start-up.")
         self._model_name = model_name
         self._last = (SchedulerStats(), 0, 0)
 
@@ -76,10 +87,24 @@ class PrometheusMetrics:
         self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache.queries - last.prefix_cache.queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache.hits - last.prefix_cache.hits))
+        if stats.spec_num_drafts != last.spec_num_drafts:
+            self._record_spec_decode(stats, last)
         self._last = (stats, prompt_tokens_total, generation_tokens_total)
         for out in outputs:
             if out.finished:
                 self._record_finished(out)
+
+    def _record_spec_decode(self, stats: SchedulerStats, last: SchedulerStats) -> None:
+        self.spec_num_drafts.inc(max(0, stats.spec_num_drafts - last.spec_num_drafts))
+        self.spec_num_draft_tokens.inc(max(0, stats.spec_num_draft_tokens - last.spec_num_draft_tokens))
+        self.spec_num_accepted_tokens.inc(max(0, stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens))
+        before = last.spec_accepted_per_pos
+        for j, n in enumerate(stats.spec_accepted_per_pos):
+            delta = n - (before[j] if j < len(before) else 0)
+            if delta > 0:
+                self.spec_accepted_per_pos.labels(self._model_name, str(j)).inc(delta)
+        self.spec_acceptance_rate.set(stats.spec_acceptance_rate)
+        self.spec_mean_accepted_length.set(stats.spec_mean_accepted_length)
 
     def observe_inter_token_latency(self, seconds: float) -> None:
         self.itl.observe(seconds)
