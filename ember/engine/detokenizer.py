@@ -32,6 +32,7 @@ class IncrementalDetokenizer:
         self.stop = list(params.stop or [])
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.output_text = ""
+        self.num_tokens_to_stop = 0  # set with each stop string found (see update)
         self._sent = 0
 
     def update(self, token_ids: list[int]) -> str | None:
@@ -39,13 +40,17 @@ class IncrementalDetokenizer:
         (the text is cut just before it)."""
         if self._tokenizer is None:
             return None
-        for tid in token_ids:
+        for i, tid in enumerate(token_ids):
             before = len(self.output_text)
             piece = self._stream.step(self._tokenizer, tid)
             if piece:
                 self.output_text += piece
                 stop = self._find_stop(before)
                 if stop is not None:
+                    # Tokens of this call up to the one that completed the stop
+                    # string (the rest follow it: several tokens per step with
+                    # speculative decoding).
+                    self.num_tokens_to_stop = i + 1
                     return stop
         return None
 

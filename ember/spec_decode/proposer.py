@@ -13,7 +13,8 @@ class DraftScheduler:
     """Gives each running request that decodes next (all its tokens but the
     last computed, no token in flight) up to k draft tokens in
     ``Request.spec_token_ids``, unless more requests run than
-    ``disable_by_batch_size``.
+    ``disable_by_batch_size``. Requests with structured outputs get none
+    (their grammar masks are computed one sampled token at a time).
 
     Args:
         config: the speculative decoding settings.
@@ -35,6 +36,8 @@ class DraftScheduler:
         for req in running:
             if req.num_output_placeholders or req.num_computed_tokens != req.num_tokens - 1:
                 continue
+            if getattr(req.sampling_params, "structured_outputs", None) is not None:
+                continue  # grammar state is advanced one sampled token at a time
             room = min(k, req.max_tokens - req.num_output_tokens - 1)
             if room > 0:
                 req.spec_token_ids = self.proposer.propose(req.all_token_ids, room)

@@ -106,6 +106,16 @@ def test_stop_token_and_max_tokens_inside_an_accepted_run(smollm2_path, one_torc
     ]:
         out = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         assert out.token_ids == want
+    # A stop string completed inside an accepted run: same text and tokens.
+    text = base.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].text
+    stop_str = text[len(text) // 2: len(text) // 2 + 2]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_str])
+    want = base.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    got = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+    assert len(got.token_ids) < 20
+    assert spec.llm_engine.engine_core.scheduler.counters.spec_num_accepted_tokens > 0
 
 
 def test_penalties_logprobs_and_seeded_sampling_with_drafts(smollm2_path, one_torch_thread):
