@@ -17,7 +17,7 @@ next step; the prefix cache hashes only known tokens, never drafts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,19 +28,18 @@ from ember.sample.sampler import SamplingMetadata
 
 if TYPE_CHECKING:
     from ember.core.sched_output import SchedulerOutput
-    from ember.worker.model_runner import HostInputs, ModelRunner
     from ember.outputs import SampleLogprob
 
 
-def verify_drafts(runner: ModelRunner, sched: SchedulerOutput, host: HostInputs, hidden: torch.Tensor
+def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor
                   ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
     """Sample every sampling request of a step with drafts.
 
     Args:
-        runner: the runner (its request states hold the known tokens, not the
-            drafts).
+        runner: the :class:`~ember.worker.model_runner.ModelRunner` (its
+            request states hold the known tokens, not the drafts).
         sched: the step; ``scheduled_spec_decode_tokens`` maps req_id -> drafts.
-        host: the packed inputs (``sample_rows`` is each sampling request's
+        host: the packed inputs, a ``model_runner.HostInputs`` (``sample_rows`` is each sampling request's
             last row; its drafts' rows precede it).
         hidden: [num_tokens, hidden] the step's hidden states.
     Returns:
