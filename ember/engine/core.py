@@ -11,6 +11,12 @@ the device). The core waits for step N before scheduling only when
 (penalties). The outputs are the same either way (token for token under greedy
 or seeded sampling); a request that hits a stop token costs one extra token of
 compute, and a request arriving while a step is in flight starts one step later.
+
+With speculative decoding (``EngineConfig.speculative_config``) the drafter
+proposes draft tokens for the running requests after each update
+(:mod:`ember.spec_decode.proposer`) and the next step verifies them. While it
+proposes (the batch is within ``disable_by_batch_size``), no step is scheduled
+ahead: drafts are made from the tokens the previous step returned.
 """
 
 from __future__ import annotations

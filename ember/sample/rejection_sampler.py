@@ -32,7 +32,7 @@ import torch
 
 from ember.sample.logits_processor import apply_token_mask
 from ember.sample.penalties import apply_penalties
-from ember.sample.sampler import SamplingMetadata, apply_top_k_top_p_min_p
+from ember.sample.sampler import SamplingMetadata, _argmax, apply_top_k_top_p_min_p
 
 
 @dataclass(slots=True)
@@ -62,7 +62,7 @@ def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Te
         logits = apply_token_mask(logits, meta.token_mask)
     if meta.penalties is not None:
         logits = apply_penalties(logits, meta.penalties)
-    argmax = logits.argmax(dim=-1)
+    argmax = _argmax(logits)  # the sampler's argmax (same ties on CUDA)
     if meta.all_greedy:
         return argmax, None
     is_greedy = meta.temperature == 0
