@@ -17,6 +17,7 @@ next step; the prefix cache hashes only known tokens, never drafts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +30,24 @@ from ember.sample.sampler import SamplingMetadata
 if TYPE_CHECKING:
     from ember.core.sched_output import SchedulerOutput
     from ember.outputs import SampleLogprob
+
+
+class _Histories(Sequence):
+    """Per row, the request's known tokens followed by the drafts before
+    that row (the history its penalties and processors see), built only for
+    the rows that read it."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[list[int], list[int], int]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.rows)))]
+        known, drafts, j = self.rows[i]
+        return known + drafts[:j] if j else known
 
 
 def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor
@@ -51,14 +70,15 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
     device = runner.device
     states = [runner.requests[r] for r in host.sample_req_ids]
     drafts = [list(spec.get(r, ())) for r in host.sample_req_ids]
-    rows, params, positions, histories, draft_rows = [], [], [], [], []
+    rows, params, positions, draft_rows = [], [], [], []
+    histories = _Histories()
     for s, d, last in zip(states, drafts, host.sample_rows):
         base = len(s.token_ids) - s.num_prompt_tokens
         for j in range(len(d) + 1):
             rows.append(last - len(d) + j)
             params.append(s.sampling_params)
             positions.append(base + j)
-            histories.append(s.token_ids + d[:j] if j else s.token_ids)
+            histories.rows.append((s.token_ids, d, j))
             draft_rows.append(d[j] if j < len(d) else -1)
     rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device)
     logits = runner.model.compute_logits(hidden[rows_dev])
