@@ -28,9 +28,17 @@ class DraftScheduler:
         self.active = False
 
     def propose(self, running: Sequence[Request]) -> None:
+        """After a step's update: set the drafts of ``running`` for the next
+        step, and :attr:`active` (whether speculation is on at this batch size)."""
         limit = self.config.disable_by_batch_size
+        was_active = self.active
         self.active = bool(running) and (limit is None or len(running) <= limit)
         if not self.active:
+            if was_active:
+                # NOTE: drafts left unscheduled must not reach a step scheduled
+                # ahead (the runner verifies drafts only with no step in flight).
+                for req in running:
+                    req.spec_token_ids = []
             return
         k = self.config.num_speculative_tokens
         for req in running:

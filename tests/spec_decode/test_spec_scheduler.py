@@ -89,3 +89,6 @@ def test_drafter_respects_batch_size_threshold_and_decode_state():
     b.num_computed_tokens = 1  # still prefilling: no drafts
     drafter.propose([b])
     assert b.spec_token_ids == []
+    # Turning off clears drafts left unscheduled.
+    drafter.propose([a, b])
+    assert not drafter.active and a.spec_token_ids == []
