@@ -290,6 +290,8 @@ class EngineConfig:
     device_config: DeviceConfig
     load_config: LoadConfig
     kernel_config: KernelConfig = field(default_factory=KernelConfig)
+    # ember.spec_decode.config.SpeculativeConfig, or None (no speculative decoding).
+    speculative_config: Any = None
 
 
 def parse_dtype(name: str) -> torch.dtype:

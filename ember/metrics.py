@@ -142,6 +142,17 @@ class PrometheusMetrics:
             "ember:structured_output_requests", "Sequences with a grammar constraint (JSON schema, regex, ...).")
         self.grammar_compile_time = histogram("ember:grammar_compile_time_seconds",
                                               "Time compiling one grammar (cache misses only).", _COMPILE_BUCKETS)
+        self.spec_num_drafts = counter("ember:spec_decode_num_drafts",
+                                       "Request-steps that verified draft tokens (speculative decoding).")
+        self.spec_num_draft_tokens = counter("ember:spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_num_accepted_tokens = counter("ember:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_accepted_per_pos = Counter("ember:spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted at each draft position (0-based).",
+                                             [*labels, "position"], registry=r)
+        self.spec_acceptance_rate = gauge("ember:spec_decode_acceptance_rate",
+                                          "Accepted / verified draft tokens since start-up, 0..1.")
+        self.spec_mean_accepted_length = gauge("ember:spec_decode_mean_accepted_length",
+                                               "Tokens per request-step with drafts (accepted + 1) since start-up.")
         self.inference_time = histogram("ember:request_inference_time_seconds", "First scheduled to finish.",
                                         _REQUEST_LATENCY_BUCKETS)
         self.prefill_time = histogram("ember:request_prefill_time_seconds", "First scheduled to first token.",
@@ -190,9 +201,23 @@ class PrometheusMetrics:
         if stats is not last:  # the compile times are the step's, not cumulative
             for seconds in stats.grammar_compile_times:
                 self.grammar_compile_time.observe(seconds)
+        if stats.spec_num_drafts != last.spec_num_drafts:
+            self._record_spec_decode(stats, last)
         self._last = (stats, prompt_tokens_total, generation_tokens_total)
         if num_batched_tokens > 0:
             self.iteration_tokens.observe(num_batched_tokens)
+
+    def _record_spec_decode(self, stats: SchedulerStats, last: SchedulerStats) -> None:
+        self.spec_num_drafts.inc(max(0, stats.spec_num_drafts - last.spec_num_drafts))
+        self.spec_num_draft_tokens.inc(max(0, stats.spec_num_draft_tokens - last.spec_num_draft_tokens))
+        self.spec_num_accepted_tokens.inc(max(0, stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens))
+        before = last.spec_accepted_per_pos
+        for j, n in enumerate(stats.spec_accepted_per_pos):
+            delta = n - (before[j] if j < len(before) else 0)
+            if delta > 0:
+                self.spec_accepted_per_pos.labels(self._model_name, ENGINE_INDEX, str(j)).inc(delta)
+        self.spec_acceptance_rate.set(stats.spec_acceptance_rate)
+        self.spec_mean_accepted_length.set(stats.spec_mean_accepted_length)
 
     def observe_inter_token_latency(self, seconds: float) -> None:
         self.itl.observe(seconds)

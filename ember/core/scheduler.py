@@ -190,6 +190,8 @@ class Scheduler:
         return dataclasses.replace(
             self.counters, num_running=len(self.running), num_waiting=self.policy.num_waiting(),
             kv_cache_usage=kv.usage, prefix_cache=dataclasses.replace(kv.prefix_cache_stats),
+            spec_accepted_per_pos=list(self.counters.spec_accepted_per_pos),
+            spec_drafts_per_pos=list(self.counters.spec_drafts_per_pos),
             num_evicted_blocks=kv.block_pool.num_evicted_blocks)
 
     # --------------------------------------------------------------- schedule
@@ -438,8 +440,11 @@ class Scheduler:
             if spec:
                 # NOTE: the step computed every draft; the K/V of rejected ones is
                 # overwritten when their positions are computed again.
-                num_rejected = len(spec.get(req_id, ())) + 1 - len(tokens)
+                num_drafts = len(spec.get(req_id, ()))
+                num_rejected = num_drafts + 1 - len(tokens)
                 req.num_computed_tokens -= num_rejected
+                if num_drafts:
+                    self._count_drafts(num_drafts, len(tokens) - 1)
             was_running = req.status == RequestStatus.RUNNING
             if len(tokens) == 1:
                 req.append_output_token(tokens[0])
@@ -469,6 +474,7 @@ class Scheduler:
         when the grammar terminates, even when EOS does not stop it (``ignore_eos``)."""
         if not req.structured_output.accept_tokens(tokens) and not req.status.is_finished:
             req.status = RequestStatus.FINISHED_STOPPED
+
     def _finish_pooled(self, pooler_output: dict[str, list[float]], stale: set[str] | tuple,
                        outputs: list[EngineCoreOutput]) -> None:
         """Finish the pooling requests whose prompt a step completed, each with
@@ -485,6 +491,19 @@ class Scheduler:
                 self.policy.remove_waiting(req)
             outputs.append(EngineCoreOutput(req_id, [], "stop", pooled=pooled))
             self._free_request(req)
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        c = self.counters
+        c.spec_num_drafts += 1
+        c.spec_num_draft_tokens += num_drafts
+        c.spec_num_accepted_tokens += num_accepted
+        for per_pos in (c.spec_drafts_per_pos, c.spec_accepted_per_pos):
+            if len(per_pos) < num_drafts:
+                per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for j in range(num_drafts):
+            c.spec_drafts_per_pos[j] += 1
+        for j in range(num_accepted):
+            c.spec_accepted_per_pos[j] += 1
 
     def _append_tokens(self, req: Request, tokens: list[int]) -> list[int]:
         """Append ``tokens`` up to the first that finishes ``req``; returns those appended."""

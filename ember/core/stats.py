@@ -48,6 +48,12 @@ class SchedulerStats:
             already (or was compiling).
         grammar_compile_times: grammar compile times (s) since the previous
             step's snapshot (not cumulative).
+        spec_num_drafts: request-steps that verified draft tokens.
+        spec_num_draft_tokens / spec_num_accepted_tokens: draft tokens
+            verified / accepted.
+        spec_accepted_per_pos: per draft position j (0-based), drafts
+            accepted there (position j is reached only when 0..j-1 were).
+        spec_drafts_per_pos: per draft position j, drafts verified there.
     """
 
     num_running: int = 0
@@ -64,3 +70,19 @@ class SchedulerStats:
     num_structured_output_requests: int = 0
     num_grammar_cache_hits: int = 0
     grammar_compile_times: list[float] = field(default_factory=list)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
+    spec_drafts_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted / verified draft tokens, in [0, 1] (0 before any draft)."""
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens emitted per request-step with drafts: accepted drafts + 1
+        (1 before any draft)."""
+        return 1 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 1.0

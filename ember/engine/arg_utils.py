@@ -64,6 +64,18 @@ def _parse_json_dict(text: str) -> dict:
     return value
 
 
+def _parse_speculative_config(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"speculative-config: not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("speculative-config: expected a JSON object")
+    return value
+
+
 @dataclass
 class EngineArgs:
     """Options that build an :class:`EngineConfig` (see ``ember serve --help``)."""
@@ -103,6 +115,8 @@ class EngineArgs:
     fold_norm: bool = True
     fold_norm_weights: bool = True
     pdl: bool = True
+    # Speculative decoding (ember.spec_decode.config.SpeculativeConfig fields), or None.
+    speculative_config: dict | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -174,6 +188,10 @@ class EngineArgs:
                                   "hand-off between layers)")
         kernels.add_argument("--no-pdl", dest="pdl", action="store_false",
                              help="launch the decode GEMMs without programmatic dependent launch (Hopper)")
+        parser.add_argument("--speculative-config", type=_parse_speculative_config, default=None,
+                            help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
+                                 '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
+                                 'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
         parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
@@ -264,10 +282,13 @@ class EngineArgs:
             max_waiting_time_s=None if self.max_waiting_time_s == 0 else self.max_waiting_time_s,
             async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
         )
+        from ember.spec_decode.config import SpeculativeConfig
+
+        speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
-                            kernel_config=kernel_config)
+                            kernel_config=kernel_config, speculative_config=speculative_config)
 
 
 def _quantization_names() -> list[str]:

@@ -23,6 +23,11 @@ runs the forward pass: right after the launch for a step scheduled now, and,
 for a step scheduled ahead, after the previous step's tokens are read and
 the grammars advanced over them (a mask needs every token before its
 position). A step without constrained requests launches in one part, as before.
+With speculative decoding (``EngineConfig.speculative_config``) the drafter
+proposes draft tokens for the running requests after each update
+(:mod:`ember.spec_decode.proposer`) and the next step verifies them. While it
+proposes (the batch is within ``disable_by_batch_size``), no step is scheduled
+ahead: drafts are made from the tokens the previous step returned.
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ class EngineCore:
         self._waiting_for_grammar: dict[str, Request] = {}
         self.mask_s = 0.0  # cumulative host time filling token bitmasks (seconds)
         self._last_num_batched_tokens = 0  # tokens the last collected step computed
+        # Speculative decoding: drafts for the next step, made after each update.
+        self.drafter = None
+        if config.speculative_config is not None:
+            from ember.spec_decode.proposer import DraftScheduler
+
+            self.drafter = DraftScheduler(config.speculative_config)
 
     def _init_swap_space(self) -> int:
         """Allocate the host swap pool (preemption by swap only); returns its
@@ -209,7 +220,10 @@ class EngineCore:
                 self._sample_with_bitmask(sched)
         self._in_flight = None
         t2 = t3 = time.perf_counter() if timed else 0.0
-        if self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead():
+        # NOTE: no step is scheduled ahead while speculation is on (drafts are
+        # proposed from the tokens the previous step returned).
+        if (self.async_scheduling and scheduler.has_unfinished_requests() and scheduler.can_schedule_ahead()
+                and not (self.drafter is not None and self.drafter.active)):
             ahead = scheduler.schedule()
             if timed:
                 t3 = time.perf_counter()
@@ -225,6 +239,8 @@ class EngineCore:
         outputs = scheduler.update_from_output(sched, result)
         if self._in_flight is not None and self._in_flight.structured_output_req_ids:
             self._sample_with_bitmask(self._in_flight)  # its grammars now know every earlier token
+        if self.drafter is not None:
+            self.drafter.propose(scheduler.running)
         if timed:
             t5 = time.perf_counter()
             record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead,

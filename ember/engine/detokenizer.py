@@ -48,6 +48,7 @@ class IncrementalDetokenizer:
         if self._tokenizer is not None and not (params.skip_special_tokens or params.spaces_between_special_tokens):
             self._added = {i: t.content for i, t in self._tokenizer.get_added_tokens_decoder().items()}
         self.output_text = ""
+        self.num_tokens_to_stop = 0  # set with each stop string found (see update)
         self._sent = 0
 
     def update(self, token_ids: list[int]) -> str | None:
@@ -56,7 +57,7 @@ class IncrementalDetokenizer:
         ``include_stop_str_in_output``)."""
         if self._tokenizer is None:
             return None
-        for tid in token_ids:
+        for i, tid in enumerate(token_ids):
             before = len(self.output_text)
             piece = self._stream.step(self._tokenizer, tid)
             if self._added is not None:
@@ -72,6 +73,10 @@ class IncrementalDetokenizer:
                     continue
                 stop = self._find_stop(max(before, self._stop_from))
                 if stop is not None:
+                    # Tokens of this call up to the one that completed the stop
+                    # string (the rest follow it: several tokens per step with
+                    # speculative decoding).
+                    self.num_tokens_to_stop = i + 1
                     return stop
         return None
 

@@ -161,6 +161,11 @@ class OutputProcessor:
             stop_str = comp.detokenizer.update(to_detok)
             if stop_str is not None and finish is None:
                 finish, stop_reason = "stop", stop_str
+                extra = len(out.new_token_ids) - comp.detokenizer.num_tokens_to_stop
+                if extra > 0:  # tokens after the stop string in one step (speculative decoding)
+                    del comp.token_ids[-extra:]
+                    if comp.logprobs is not None and out.new_logprobs:
+                        del comp.logprobs[-extra:]
                 stopped.append(out.request_id)
             comp.changed = True
             if finish is not None:

@@ -206,19 +206,8 @@ class Sampler:
         from the raw logits (before the processors' masks too).
         """
         raw = logits
-        if meta.token_mask is not None:
-            logits = apply_token_mask(logits, meta.token_mask)
-        if meta.logit_bias is not None:
-            logits = apply_logit_bias(logits, meta.logit_bias)
-        if meta.penalties is not None:
-            logits = apply_penalties(logits, meta.penalties)
-        sampled = _argmax(logits)
-        if not meta.all_greedy:
-            is_greedy = meta.temperature == 0
-            temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
-            logits = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p,
-                                              use_top_k=meta.use_top_k, use_top_p=meta.use_top_p,
-                                              use_min_p=meta.use_min_p)
+        sampled, logits, is_greedy = shape_logits(logits, meta)
+        if logits is not None:
             probs = logits.softmax(dim=-1)
             noise = self._exponential_noise(probs, meta.seeds)
             sampled = torch.where(is_greedy, sampled, _argmax(probs.div(noise)))
@@ -232,6 +221,35 @@ class Sampler:
                 g = torch.Generator(device=probs.device).manual_seed(seed)
                 noise[i].exponential_(generator=g)
         return noise
+
+
+def shape_logits(logits: torch.Tensor, meta: SamplingMetadata
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The sampler's view of ``logits`` ([rows, vocab] float32 raw, not
+    modified): the logits processors' masks (-inf) and biases, then penalties;
+    greedy rows take the argmax of that, the others sample from it after
+    temperature and top-k / top-p / min-p. One definition for the sampler and
+    the speculative-decoding verifier, so both draw from the same distribution.
+
+    Returns:
+        ``(argmax [rows] int64, the scaled and filtered logits [rows, vocab]
+        (None when every row is greedy), the greedy rows [rows] bool (None
+        likewise))``.
+    """
+    if meta.token_mask is not None:
+        logits = apply_token_mask(logits, meta.token_mask)
+    if meta.logit_bias is not None:
+        logits = apply_logit_bias(logits, meta.logit_bias)
+    if meta.penalties is not None:
+        logits = apply_penalties(logits, meta.penalties)
+    argmax = _argmax(logits)
+    if meta.all_greedy:
+        return argmax, None, None
+    is_greedy = meta.temperature == 0
+    temp = torch.where(is_greedy, torch.ones_like(meta.temperature), meta.temperature)
+    scaled = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p,
+                                     use_top_k=meta.use_top_k, use_top_p=meta.use_top_p, use_min_p=meta.use_min_p)
+    return argmax, scaled, is_greedy
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -98,6 +98,10 @@ class PendingOutput:
     # Pooling requests this step finished, and their pooled vectors ([n, hidden] float32).
     pooled_req_ids: list[str] = field(default_factory=list)
     pooled: torch.Tensor | None = None
+    # A step with draft tokens: per sampling request its emitted tokens (and
+    # their log-probabilities, for those that ask), already on the host.
+    spec_tokens: dict[str, list[int]] | None = None
+    spec_logprobs: dict[str, list[SampleLogprob]] | None = None
 
 
 @dataclass(slots=True)
@@ -365,6 +369,22 @@ class ModelRunner:
                           seq_lens.astype(np.int32), block_table, max(cnt), sample_req_ids, sample_rows,
                           cnt.count(1), req_ids, in_flight_dst, in_flight_src, sample_seq_lens)
 
+    def _prepare_spec_inputs(self, sched: SchedulerOutput) -> HostInputs:
+        """:meth:`_prepare_host_inputs` for a step with draft tokens: each
+        request's drafts follow its last token in the packed inputs (they are
+        not among its known tokens)."""
+        assert not self._last_sample_req_ids, "a step with drafts continues from a step in flight"
+        spec = sched.scheduled_spec_decode_tokens
+        extended = [(self.requests[r].token_ids, len(d)) for r, d in spec.items()]
+        for (ids, _), d in zip(extended, spec.values()):
+            ids.extend(d)
+        try:
+            return self._prepare_host_inputs(sched)
+        finally:
+            for ids, n in extended:
+                if n:
+                    del ids[-n:]
+
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
 
@@ -422,27 +442,37 @@ class ModelRunner:
         constrained requests (``sched.structured_output_req_ids``) stops after
         the logits: :meth:`sample_with_bitmask` samples it.
 
+        A step with draft tokens (``scheduled_spec_decode_tokens``) verifies
+        them (:mod:`ember.spec_decode.verify`) and waits for its tokens; it
+        must not continue from a step still in flight.
+
         Returns:
             What :meth:`collect` turns into the step's output.
-        Raises:
-            NotImplementedError: the step schedules draft tokens (no
-                rejection sampler yet).
         """
-        if sched.scheduled_spec_decode_tokens:
-            raise NotImplementedError("draft tokens (speculative decoding) are not supported by the model runner yet")
         self._update_states(sched)
         if sched.blocks_to_swap_out or sched.blocks_to_swap_in:
             self._swap_blocks(sched)
         if sched.is_empty:
             return PendingOutput([])
         t0 = time.perf_counter()
-        host = self._prepare_host_inputs(sched)
+        spec = sched.scheduled_spec_decode_tokens
+        if spec:
+            host = self._prepare_spec_inputs(sched)
+        else:
+            host = self._prepare_host_inputs(sched)
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(host)
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
         pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
             return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
+        if spec:
+            from ember.spec_decode.verify import verify_drafts
+
+            tokens, logprobs = verify_drafts(self, sched, host, hidden)
+            self._last_sampled, self._last_sample_req_ids = None, []
+            return PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
+                                 spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
         else:
@@ -530,6 +560,13 @@ class ModelRunner:
                          dict(zip(pending.pooled_req_ids, pending.pooled.tolist(), strict=True)))
         if not pending.req_ids:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs, pooler_output=pooler_output)
+        if pending.spec_tokens is not None:
+            for req_id, toks in pending.spec_tokens.items():
+                s = self.requests.get(req_id)
+                if s is not None:
+                    s.token_ids.extend(toks)
+            return ModelRunnerOutput(pending.spec_tokens, pending.spec_logprobs or {}, prompt_logprobs,
+                                     pooler_output=pooler_output)
         if pending.req_ids is self._last_sample_req_ids:  # no later step reads its ids on the device
             self._last_sampled, self._last_sample_req_ids = None, []
         if pending.sampled_host is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +18,6 @@ from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from ember.core.scheduler import Scheduler
 from ember.request import Request, RequestStatus
 from ember.sampling_params import SamplingParams
-from ember.worker.model_runner import ModelRunner
 from tests.core.test_scheduler import fake_run
 
 BLOCK = 4
@@ -289,12 +287,6 @@ def test_draft_tokens_within_budget_and_max_tokens_and_stop_per_token() -> None:
     s = sched.schedule()
     outs = sched.update_from_output(s, ModelRunnerOutput({"c": [11, 12, 13, 14]}))
     assert (outs[0].new_token_ids, outs[0].finish_reason, outs[0].stop_reason) == ([11, 12], "stop", 12)
-
-
-def test_model_runner_refuses_draft_tokens() -> None:
-    sched = SchedulerOutput([], [], {"a": 3}, 3, scheduled_spec_decode_tokens={"a": [1, 2]})
-    with pytest.raises(NotImplementedError, match="draft tokens"):
-        ModelRunner.launch(SimpleNamespace(), sched)
 
 
 # ------------------------------------------------- property: same as sync

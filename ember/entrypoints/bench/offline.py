@@ -101,6 +101,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         "bound_step_ms": bytes_per_step / ceilings.copy_bytes_per_s * 1e3,
         "mbu": bytes_per_step / step_time / ceilings.copy_bytes_per_s,
         **_prefix_cache_fields(llm, cache_mark),
+        **spec_decode_fields(llm.get_stats()),
         **_ceiling_fields(ceilings),
     }
 
@@ -158,6 +159,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "bound_s": bound, "fraction_of_bound": bound / elapsed,
         "bound_output_tok_s": num_out / bound,
         **_prefix_cache_fields(llm, cache_mark),
+        **spec_decode_fields(llm.get_stats()),
         **_ceiling_fields(ceilings),
         **trace_fields,
     }
@@ -205,6 +207,22 @@ def _prefix_cache_fields(llm, before) -> dict[str, Any]:
     hits = stats.prefix_cache.hits - before.hits
     return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
             "prefix_cache_hit_rate": hits / queries if queries else 0.0, "num_preemptions": stats.num_preemptions}
+
+
+def spec_decode_fields(stats) -> dict[str, Any]:
+    """Speculative decoding counters since start-up (warm-up included):
+    acceptance rate, mean accepted length (tokens per request-step with
+    drafts, the bonus token included) and per-position acceptance; empty when
+    no draft was verified."""
+    if not stats.spec_num_drafts:
+        return {}
+    out = {"spec_num_drafts": stats.spec_num_drafts, "spec_num_draft_tokens": stats.spec_num_draft_tokens,
+           "spec_num_accepted_tokens": stats.spec_num_accepted_tokens,
+           "spec_acceptance_rate": stats.spec_acceptance_rate,
+           "spec_mean_accepted_length": stats.spec_mean_accepted_length}
+    for j, (acc, n) in enumerate(zip(stats.spec_accepted_per_pos, stats.spec_drafts_per_pos)):
+        out[f"spec_acceptance_rate_pos{j}"] = acc / n if n else 0.0
+    return out
 
 
 def _ceiling_fields(c) -> dict[str, Any]:

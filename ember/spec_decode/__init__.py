@@ -1,0 +1,3 @@
+"""Speculative decoding: draft proposers (:mod:`ember.spec_decode.ngram`) and
+settings (:mod:`ember.spec_decode.config`); verification is in the model
+runner with :mod:`ember.sample.rejection_sampler`."""

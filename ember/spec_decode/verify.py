@@ -1,0 +1,106 @@
+"""Verification of a step's draft tokens in the model runner.
+
+The scheduler schedules a request's last token and its k drafts as k + 1
+query tokens (an extend over the paged KV cache, like a prefill chunk); the
+runner packs them as usual and, for every sampling request, turns its last
+``len(drafts) + 1`` hidden rows into logits. Each row gets the sampling
+settings of the output position it predicts (penalties and logits processors
+see the drafts before it as outputs), the target distribution is applied as
+the sampler does, and :mod:`ember.sample.rejection_sampler` decides which
+drafts stand. The emitted tokens are read back before the step returns (a
+step with drafts is never followed by a step launched ahead of it).
+
+Rejected drafts' KV entries stay in the blocks: the scheduler takes back
+``num_computed_tokens`` so those positions are computed again (overwritten)
+next step; the prefix cache hashes only known tokens, never drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ember.sample.logprobs import compute_logprobs, unpack_logprobs
+from ember.sample.rejection_sampler import draw_noise, emitted_tokens, rejection_sample, target_probs
+from ember.sample.sampler import SamplingMetadata
+
+if TYPE_CHECKING:
+    from ember.core.sched_output import SchedulerOutput
+    from ember.outputs import SampleLogprob
+
+
+class _Histories(Sequence):
+    """Per row, the request's known tokens followed by the drafts before
+    that row (the history its penalties and processors see), built only for
+    the rows that read it."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[list[int], list[int], int]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.rows)))]
+        known, drafts, j = self.rows[i]
+        return known + drafts[:j] if j else known
+
+
+def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor
+                  ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
+    """Sample every sampling request of a step with drafts.
+
+    Args:
+        runner: the :class:`~ember.worker.model_runner.ModelRunner` (its
+            request states hold the known tokens, not the drafts).
+        sched: the step; ``scheduled_spec_decode_tokens`` maps req_id -> drafts.
+        host: the packed inputs, a ``model_runner.HostInputs`` (``sample_rows`` is each sampling request's
+            last row; its drafts' rows precede it).
+        hidden: [num_tokens, hidden] the step's hidden states.
+    Returns:
+        ``(tokens, logprobs)``: per sampling request the emitted tokens (its
+        accepted drafts and one more), and for those that ask, one
+        log-probability entry per emitted token.
+    """
+    spec = sched.scheduled_spec_decode_tokens
+    device = runner.device
+    states = [runner.requests[r] for r in host.sample_req_ids]
+    drafts = [list(spec.get(r, ())) for r in host.sample_req_ids]
+    rows, params, positions, draft_rows = [], [], [], []
+    histories = _Histories()
+    for s, d, last in zip(states, drafts, host.sample_rows):
+        base = len(s.token_ids) - s.num_prompt_tokens
+        for j in range(len(d) + 1):
+            rows.append(last - len(d) + j)
+            params.append(s.sampling_params)
+            positions.append(base + j)
+            histories.rows.append((s.token_ids, d, j))
+            draft_rows.append(d[j] if j < len(d) else -1)
+    rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device)
+    logits = runner.model.compute_logits(hidden[rows_dev])
+    meta = SamplingMetadata.build(params, positions, device, token_ids=histories, vocab_size=logits.shape[-1])
+    argmax, probs = target_probs(logits, meta)
+    draft_dev = torch.tensor(draft_rows, dtype=torch.int64, device=device)
+    if probs is None:
+        result = rejection_sample(draft_dev, argmax, None, None, None, None)
+    else:
+        uniform, noise = draw_noise(len(rows), probs.shape[-1], meta.seeds, device, runner.sampler.generator)
+        result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise)
+    tokens = emitted_tokens(drafts, result.accepted.tolist(), result.fallback.tolist())
+    out = dict(zip(host.sample_req_ids, tokens))
+    logprobs: dict[str, list[SampleLogprob]] = {}
+    if meta.logprobs is not None:
+        per_row = [t for toks, d in zip(tokens, drafts) for t in toks + [0] * (len(d) + 1 - len(toks))]
+        packed = compute_logprobs(logits, torch.tensor(per_row, dtype=torch.int64, device=device), meta.logprobs)
+        entries = unpack_logprobs(packed.tolist(), [per_row[i] for i in meta.logprobs.row_ids], meta.logprobs)
+        by_row = dict(zip(meta.logprobs.row_ids, entries))
+        start = 0
+        for req_id, toks, d in zip(host.sample_req_ids, tokens, drafts):
+            if start in by_row:
+                logprobs[req_id] = [by_row[start + j] for j in range(len(toks))]
+            start += len(d) + 1
+    return out, logprobs
