@@ -20,6 +20,9 @@ import os
 from ember.distributed.communicator import Communicator
 
 _TP = Communicator()
+# Whether MoE layers split their experts over the tensor-parallel group
+# (expert parallelism) instead of splitting every expert.
+_EXPERT_PARALLEL = False
 
 # Seconds a collective (and start-up's rendezvous) may wait for the other
 # ranks before it raises, so that a rank that died does not hang the rest.
@@ -112,11 +115,29 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
     init_tensor_parallel(rank % tp, tp, mine if tp > 1 else None)
 
 
+def set_expert_parallel(enabled: bool) -> None:
+    """Record whether MoE layers shard whole experts over the tensor-parallel
+    group (start-up only, before the model is built)."""
+    global _EXPERT_PARALLEL
+    _EXPERT_PARALLEL = bool(enabled)
+
+
+def get_ep_size() -> int:
+    """Ranks the experts of an MoE layer are split over: the tensor-parallel
+    size with expert parallelism, else 1."""
+    return _TP.world_size if _EXPERT_PARALLEL else 1
+
+
+def get_ep_rank() -> int:
+    return _TP.rank if _EXPERT_PARALLEL else 0
+
+
 def destroy_distributed_environment() -> None:
     """Leave every process group and reset the tensor-parallel state to a
     world of one (a no-op where no group exists)."""
-    global _TP
+    global _TP, _EXPERT_PARALLEL
     _TP = Communicator()
+    _EXPERT_PARALLEL = False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import (
+    DISTRIBUTED_EXECUTOR_BACKENDS,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     PREEMPTION_MODES,
@@ -82,6 +83,9 @@ class EngineArgs:
     device: str = "auto"
     load_format: str = "auto"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: str | None = None
     quantization: str | None = None
     seed: int | None = 0
     enforce_eager: bool = False
@@ -150,7 +154,17 @@ class EngineArgs:
                                  "off for CPU, whose kernels run synchronously)")
         parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
-        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                            help="split every layer over this many devices (one worker process each)")
+        parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
+                            help="split the decoder layers into this many consecutive stages (one worker process "
+                                 "per stage and tensor-parallel rank)")
+        parser.add_argument("--enable-expert-parallel", action="store_true",
+                            help="MoE layers: each tensor-parallel rank holds whole experts (a share of them) "
+                                 "instead of a slice of every expert")
+        parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
+                            help="uni: the model runs in the engine core's process (one device); mp: one worker "
+                                 "process per rank (default: mp with several ranks, else uni)")
         parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
@@ -208,7 +222,10 @@ class EngineArgs:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device_config = DeviceConfig(device=device)
         load_config = LoadConfig(load_format=self.load_format)
-        parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
+        parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                         pipeline_parallel_size=self.pipeline_parallel_size,
+                                         enable_expert_parallel=self.enable_expert_parallel,
+                                         distributed_executor_backend=self.distributed_executor_backend)
 
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)

@@ -19,6 +19,11 @@ from abc import ABC, abstractmethod
 from ember.core.sched_output import ModelRunnerOutput, SchedulerOutput
 
 
+class WorkerDeadError(RuntimeError):
+    """A worker process failed or died; the executor has stopped the others
+    and serves no more steps. The message names the worker and its error."""
+
+
 class Executor(ABC):
     """Runs the model for the engine core (see the module docstring)."""
 
@@ -65,3 +70,4 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""
+
