@@ -169,5 +169,13 @@ class EngineCore:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = scheduled_times[new.req_id] = now
 
+    def check_health(self) -> None:
+        """Raise if the executor's workers can no longer run steps.
+
+        Raises:
+            WorkerDeadError: a worker process died or failed.
+        """
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

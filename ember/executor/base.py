@@ -68,6 +68,13 @@ class Executor(ABC):
     def num_in_flight(self) -> int:
         """Steps launched and not yet collected."""
 
+    def check_health(self) -> None:
+        """Raise if a worker can no longer run steps (cheap; no device work).
+
+        Raises:
+            WorkerDeadError: a worker process died or failed.
+        """
+
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""
 

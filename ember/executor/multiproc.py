@@ -227,17 +227,23 @@ class MultiprocExecutor(Executor):
                         self._fail(f"worker {rank} (pid {self.processes[rank].pid}) died "
                                    f"(exit code {self.processes[rank].exitcode})")
                 rank = conn_rank[id(obj)]
-                try:
-                    status, value = obj.recv()
-                except (EOFError, OSError):
-                    self._fail(f"worker {rank} (pid {self.processes[rank].pid}) died "
-                               f"(exit code {self.processes[rank].exitcode})")
-                if status == "error":
-                    self._fail(f"worker {rank} failed:\n{value}")
+                value = self._read(rank)
                 if rank not in ranks:
                     self._fail(f"worker {rank} sent an unexpected reply")
                 replies[rank] = value
         return [replies[r] for r in ranks]
+
+    def _read(self, rank: int) -> Any:
+        """The next reply of worker ``rank``; its error report or a closed
+        pipe fails the executor."""
+        try:
+            status, value = self.conns[rank].recv()
+        except (EOFError, OSError):
+            self._fail(f"worker {rank} (pid {self.processes[rank].pid}) died "
+                       f"(exit code {self.processes[rank].exitcode})")
+        if status == "error":
+            self._fail(f"worker {rank} failed:\n{value}")
+        return value
 
     def _call(self, method: str, *args: Any) -> list[Any]:
         """Run ``method`` on every worker; their results in rank order."""
@@ -245,6 +251,12 @@ class MultiprocExecutor(Executor):
         return self._wait_replies(range(self.world_size))
 
     def _fail(self, message: str) -> None:
+        """Stop every worker and raise :class:`WorkerDeadError`. Workers that
+        have died are named first: the others' errors (a collective whose
+        peer vanished) are their consequence."""
+        dead = [f"worker {r} (pid {p.pid}) died (exit code {p.exitcode})"
+                for r, p in enumerate(self.processes) if not p.is_alive() and p.exitcode != 1]
+        message = "; ".join([d for d in dead if d not in message] + [message])
         logger.error(f"stopping the engine's workers: {message}")
         self._dead = message
         self.shutdown()
@@ -277,6 +289,18 @@ class MultiprocExecutor(Executor):
     @property
     def num_in_flight(self) -> int:
         return self._num_in_flight
+
+    def check_health(self) -> None:
+        """Raises :class:`WorkerDeadError` once a worker process has exited or
+        reported an error (and stops the others)."""
+        if self._dead is not None:
+            raise WorkerDeadError(self._dead)
+        for rank, (proc, conn) in enumerate(zip(self.processes, self.conns)):
+            if conn.poll():  # a worker only speaks unasked to report its failure
+                self._read(rank)
+                self._fail(f"worker {rank} sent an unexpected reply")
+            if not proc.is_alive():
+                self._fail(f"worker {rank} (pid {proc.pid}) died (exit code {proc.exitcode})")
 
     def shutdown(self) -> None:
         """Ask the workers to leave, terminate those that do not in time (and
