@@ -279,8 +279,14 @@ class EngineArgs:
             policy=self.scheduling_policy,
             preemption_mode=self.preemption_mode,
             max_waiting_time_s=None if self.max_waiting_time_s == 0 else self.max_waiting_time_s,
-            async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
+            # NOTE: a pipeline's first stage needs the last stage's tokens on its host
+            # before the next step: no step is launched ahead there.
+            async_scheduling=(device == "cuda" and self.pipeline_parallel_size == 1 if self.async_scheduling is None
+                              else self.async_scheduling),
         )
+        if scheduler_config.async_scheduling and parallel_config.pipeline_parallel_size > 1:
+            raise ConfigError("async_scheduling is not supported with pipeline_parallel_size > 1 (the first stage "
+                              "needs each step's sampled tokens before the next step)")
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,

@@ -12,7 +12,9 @@ order.
 Replies: start-up calls are answered by every worker; a step's
 :meth:`launch` is answered by none (the core does not wait for the device);
 its :meth:`collect` only by the output rank, the first tensor-parallel rank
-of the last pipeline stage. Every rank of the last stage samples the same
+of the last pipeline stage, whose sampled tokens the core then sends to the
+ranks of the earlier stages (their next steps' inputs continue from them).
+Every rank of the last stage samples the same
 tokens from the same all-gathered logits with a generator seeded alike (the
 seed is fixed here when the config leaves it open), so the tokens a step
 samples are on every such rank without a broadcast, and asynchronous
@@ -52,7 +54,7 @@ logger = init_logger(__name__)
 _SHUTDOWN_TIMEOUT_S = 5.0
 
 # Calls the workers do not answer when they succeed (see the module docstring).
-_NO_REPLY = frozenset({"launch"})
+_NO_REPLY = frozenset({"launch", "collect_tokens"})
 
 
 def _free_port() -> int:
@@ -197,13 +199,14 @@ class MultiprocExecutor(Executor):
         self._wait_replies(range(self.world_size))
 
     # ----------------------------------------------------------- transport
-    def _send(self, method: str, *args: Any) -> None:
+    def _send(self, method: str, *args: Any, ranks: range | None = None) -> None:
+        """Send one call to ``ranks`` (default: every worker)."""
         if self._dead is not None:
             raise WorkerDeadError(self._dead)
         data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
-        for rank, conn in enumerate(self.conns):
+        for rank in ranks if ranks is not None else range(self.world_size):
             try:
-                conn.send_bytes(data)
+                self.conns[rank].send_bytes(data)
             except OSError:
                 self._fail(f"worker {rank} (pid {self.processes[rank].pid}) is gone "
                            f"(exit code {self.processes[rank].exitcode})")
@@ -282,9 +285,15 @@ class MultiprocExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         if not self._num_in_flight:
             raise RuntimeError("collect() with no step in flight")
-        self._send("collect")
         self._num_in_flight -= 1
-        return self._wait_replies([self.output_rank])[0]
+        if self.output_rank == 0:  # one pipeline stage
+            self._send("collect")
+            return self._wait_replies([self.output_rank])[0]
+        # Earlier pipeline stages learn the sampled tokens from the last one.
+        self._send("collect", ranks=range(self.output_rank, self.world_size))
+        output = self._wait_replies([self.output_rank])[0]
+        self._send("collect_tokens", output.sampled_token_ids, ranks=range(self.output_rank))
+        return output
 
     @property
     def num_in_flight(self) -> int:

@@ -123,3 +123,15 @@ class Worker:
         if not self._in_flight:
             raise RuntimeError("collect() with no step in flight")
         return self.model_runner.collect(self._in_flight.popleft())
+
+    def collect_tokens(self, sampled_token_ids: dict[str, list[int]]) -> None:
+        """On a pipeline stage before the last: retire the oldest launched step
+        and append the tokens the last stage sampled in it (its
+        ``ModelRunnerOutput.sampled_token_ids``), which the next steps' inputs
+        continue from.
+
+        Raises:
+            RuntimeError: no step is in flight.
+        """
+        self.collect()
+        self.model_runner.append_sampled_tokens(sampled_token_ids)

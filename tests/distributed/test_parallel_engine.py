@@ -84,3 +84,17 @@ def test_tensor_parallel_2_equals_1(checkpoints: dict[str, str], name: str) -> N
     assert_same(generate(checkpoints[name], tensor_parallel_size=2), ref)
     if name in ("qwen3_moe", "deepseek_v3"):
         assert_same(generate(checkpoints[name], tensor_parallel_size=2, enable_expert_parallel=True), ref)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "deepseek_v3"])
+def test_pipeline_parallel_2_equals_1(checkpoints: dict[str, str], name: str) -> None:
+    with one_thread():
+        ref = generate(checkpoints[name])
+    assert_same(generate(checkpoints[name], pipeline_parallel_size=2), ref)
+
+
+def test_tensor_2_by_pipeline_2_equals_1(checkpoints: dict[str, str]) -> None:
+    """Four ranks: two stages of two tensor-parallel ranks each."""
+    with one_thread():
+        ref = generate(checkpoints["qwen3_moe"])
+    assert_same(generate(checkpoints["qwen3_moe"], tensor_parallel_size=2, pipeline_parallel_size=2), ref)
