@@ -131,7 +131,10 @@ class DecoderStack(nn.Module):
             hidden_states, residual = self.embed_tokens(input_ids), None
         else:
             hidden_states, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
-        for layer in self.layers[self.start_layer: self.end_layer]:
+        # NOTE: the whole list when it is all here (one stage): no slice per step.
+        layers = self.layers if self.is_first_stage and self.is_last_stage else \
+            self.layers[self.start_layer: self.end_layer]
+        for layer in layers:
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
         if not self.is_last_stage:
             return IntermediateTensors(hidden_states, residual)

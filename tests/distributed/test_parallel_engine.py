@@ -51,13 +51,15 @@ MODELS = {
 }
 
 
-def generate(path: str, **kwargs) -> list[tuple[list[int], list[float]]]:
-    """Greedy tokens and their log-probabilities for :data:`PROMPTS`, all at once."""
-    llm = LLM(path, dtype="float32", block_size=BLOCK_SIZE, kv_cache_memory=KV_CACHE_BYTES,
-              max_num_batched_tokens=8, **kwargs)
+def generate(path: str, min_preemptions: int = 0, **kwargs) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probabilities for :data:`PROMPTS`, all at
+    once; asserts the engine preempted at least ``min_preemptions`` times."""
+    kwargs = dict(kv_cache_memory=KV_CACHE_BYTES) | kwargs
+    llm = LLM(path, dtype="float32", block_size=BLOCK_SIZE, max_num_batched_tokens=8, **kwargs)
     try:
         params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=0)
         outs = llm.generate([list(p) for p in PROMPTS], params, use_tqdm=False)
+        assert llm.get_stats().num_preemptions >= min_preemptions
     finally:
         llm.llm_engine.shutdown()
     return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs])
@@ -84,6 +86,15 @@ def test_tensor_parallel_2_equals_1(checkpoints: dict[str, str], name: str) -> N
     assert_same(generate(checkpoints[name], tensor_parallel_size=2), ref)
     if name in ("qwen3_moe", "deepseek_v3"):
         assert_same(generate(checkpoints[name], tensor_parallel_size=2, enable_expert_parallel=True), ref)
+
+
+def test_tensor_parallel_with_preemption(checkpoints: dict[str, str]) -> None:
+    """A KV cache of 10 blocks (40 tokens) for three requests that need 58:
+    requests are preempted and recomputed, on both ranks alike."""
+    tight = dict(num_gpu_blocks_override=10, max_model_len=32, min_preemptions=1)
+    with one_thread():
+        ref = generate(checkpoints["llama"], **tight)
+    assert_same(generate(checkpoints["llama"], tensor_parallel_size=2, **tight), ref)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "deepseek_v3"])
