@@ -104,3 +104,15 @@ def test_worker_error_reaches_the_engine_with_its_traceback(tiny_path: str) -> N
     # A KV cache too small for max_model_len fails on every worker at start-up.
     with pytest.raises(WorkerDeadError, match="fewer than max_model_len"):
         LLM(**(_args(tiny_path) | dict(kv_cache_memory=1024)))
+
+
+def test_workers_die_with_a_killed_engine_core(tiny_path: str) -> None:
+    engine = LLMEngine.from_engine_args(EngineArgs(**_args(tiny_path)), multiprocess=True)
+    try:
+        core = psutil.Process(engine.core_client.process.pid)
+        workers = core.children()
+        assert len(workers) == 2, workers
+        core.kill()
+        _wait_gone([w.pid for w in workers])
+    finally:
+        engine.shutdown()
