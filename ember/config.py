@@ -301,7 +301,7 @@ class LoadConfig:
 @dataclass(frozen=True)
 class KernelConfig:
     """Which fused decode kernels replace the plain layers after load (CUDA,
-    tensor-parallel size 1, unquantized weights; elsewhere the plain path runs
+    one rank (tensor and pipeline parallel size 1), unquantized weights; elsewhere the plain path runs
     whatever these say). Each switch exists for A/B timing (``--no-...`` flags).
 
     Attributes:

@@ -114,7 +114,8 @@ def test_tensor_2_by_pipeline_2_equals_1(checkpoints: dict[str, str]) -> None:
 def test_bundled_qwen_coder_tensor_parallel_2_equals_1(qwen_path: str) -> None:
     """The bundled Qwen2.5-Coder-0.5B GGUF (14 query heads, 2 KV heads: 7 and
     one KV head per rank; a 151,936-token vocabulary split in two). Each rank
-    dequantizes and loads only its half of every projection."""
+    keeps only its half of every projection (GGUF tensors are dequantized
+    whole, one at a time, and then sliced)."""
     kwargs = dict(max_model_len=64, kv_cache_memory=16 << 20)
     with one_thread():
         ref = generate(qwen_path, **kwargs)
