@@ -241,7 +241,9 @@ class MPClient(EngineCoreClient):
         self._closed = True
         if self.process.is_alive():
             try:
-                self._send(SHUTDOWN)
+                # NOTE: non-blocking: a core that is exiting has closed its socket, and a
+                # PUSH without a peer would wait forever.
+                self._input.send_multipart([SHUTDOWN, b""], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             self.process.join(_SHUTDOWN_TIMEOUT_S)

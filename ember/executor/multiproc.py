@@ -313,15 +313,21 @@ class MultiprocExecutor(Executor):
 
     def shutdown(self) -> None:
         """Ask the workers to leave, terminate those that do not in time (and
-        kill those that ignore that), then close the pipes."""
+        kill those that ignore that), then close the pipes. After a worker
+        died the others are killed at once."""
         if self._closed:
             return
         self._closed = True
+        if self._dead is not None:
+            # A rank is gone: the others cannot finish a collective; stop them now.
+            for proc in self.processes:
+                if proc.is_alive():
+                    proc.kill()
         for conn in self.conns:
             with contextlib.suppress(OSError, ValueError):
                 conn.send_bytes(pickle.dumps(("shutdown", ())))
         for proc in self.processes:
-            proc.join(_SHUTDOWN_TIMEOUT_S if self._dead is None else 0.5)
+            proc.join(_SHUTDOWN_TIMEOUT_S)
         for proc in self.processes:
             if proc.is_alive():
                 proc.terminate()
