@@ -215,15 +215,58 @@ class SchedulerConfig:
                  "max_waiting_time_s", "a positive number of seconds or None", self.max_waiting_time_s)
 
 
+DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor parallelism (only tp_size 1 runs today)."""
+    """How the model is spread over devices (one process per device).
+
+    Attributes:
+        tensor_parallel_size: ranks each layer is split over (Megatron-style
+            column/row sharding, see :mod:`ember.layers.linear`).
+        pipeline_parallel_size: stages the decoder layers are split into, in
+            order (see :func:`ember.models.utils.get_pp_layer_range`).
+        enable_expert_parallel: MoE layers hold a share of the experts on each
+            tensor-parallel rank (whole experts) instead of a slice of every
+            expert.
+        distributed_executor_backend: ``"uni"`` (the model in the engine
+            core's process; one device only) or ``"mp"`` (one worker process
+            per rank, see :mod:`ember.executor.multiproc`); None: ``"mp"`` when
+            ``world_size`` > 1, else ``"uni"``.
+    """
 
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.tensor_parallel_size == 1, "tensor_parallel_size", "1 (multi-GPU is not implemented yet)",
-                 self.tensor_parallel_size)
+        _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                 "a positive integer", self.tensor_parallel_size)
+        _require(_is_int(self.pipeline_parallel_size) and self.pipeline_parallel_size >= 1,
+                 "pipeline_parallel_size", "a positive integer", self.pipeline_parallel_size)
+        _require(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel", "True or False",
+                 self.enable_expert_parallel)
+        _require(self.distributed_executor_backend is None
+                 or self.distributed_executor_backend in DISTRIBUTED_EXECUTOR_BACKENDS,
+                 "distributed_executor_backend", f"one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}",
+                 self.distributed_executor_backend)
+        _require(self.executor_backend == "mp" or self.world_size == 1, "distributed_executor_backend",
+                 f"'mp' with {self.world_size} ranks (tensor x pipeline parallel)",
+                 self.distributed_executor_backend)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks (worker processes, one device each): tensor x pipeline parallel size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor that runs: ``distributed_executor_backend`` resolved."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if self.world_size > 1 else "uni"
 
 
 @dataclass(frozen=True)
@@ -258,7 +301,7 @@ class LoadConfig:
 @dataclass(frozen=True)
 class KernelConfig:
     """Which fused decode kernels replace the plain layers after load (CUDA,
-    tensor-parallel size 1, unquantized weights; elsewhere the plain path runs
+    one rank (tensor and pipeline parallel size 1), unquantized weights; elsewhere the plain path runs
     whatever these say). Each switch exists for A/B timing (``--no-...`` flags).
 
     Attributes:

@@ -1,4 +1,5 @@
-"""Process groups: the default group and the tensor-parallel group.
+"""Process groups: the default group, the tensor-parallel group and the
+pipeline stages.
 
 Set once per process at start-up and read by the parallel layers; model code
 never touches it. A worker process of a multi-rank engine calls
@@ -9,7 +10,8 @@ default group and the tensor-parallel group) and, when it stops,
 ``get_tp_group()`` is a world of one whose collectives are no-ops.
 ``get_tp_group()`` is the tensor-parallel
 :class:`~ember.distributed.communicator.Communicator` every collective goes
-through.
+through; ``get_pp_group()`` says which pipeline stage this rank is and sends
+activations to the next stage (point to point).
 """
 
 from __future__ import annotations
@@ -17,9 +19,70 @@ from __future__ import annotations
 import datetime
 import os
 
+import torch
+
 from ember.distributed.communicator import Communicator
 
 _TP = Communicator()
+# Whether MoE layers split their experts over the tensor-parallel group
+# (expert parallelism) instead of splitting every expert.
+_EXPERT_PARALLEL = False
+
+
+
+class PipelineGroup:
+    """This rank's place in the pipeline: stage ``rank`` of ``world_size``.
+    Rank r of the world is tensor-parallel rank ``r % tp`` of stage
+    ``r // tp``; it exchanges activations with the same tensor-parallel rank
+    of the stages before and after it.
+
+    Args:
+        rank, world_size: this stage and the number of stages.
+        global_rank, tp_size: this process's rank in the default group and
+            the tensor-parallel size.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, global_rank: int = 0, tp_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.global_rank, self.tp_size = global_rank, tp_size
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def send_next(self, tensors: list[torch.Tensor]) -> None:
+        """Send ``tensors`` (contiguous) to the next stage, in order (blocking).
+
+        Raises:
+            RuntimeError: on the last stage.
+        """
+        if self.is_last_rank:
+            raise RuntimeError("the last pipeline stage has no next stage")
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.send(t.contiguous(), self.global_rank + self.tp_size)
+
+    def recv_prev(self, tensors: list[torch.Tensor]) -> None:
+        """Fill ``tensors`` (their shapes and dtypes must match what the
+        previous stage sends) from the previous stage, in order (blocking).
+
+        Raises:
+            RuntimeError: on the first stage.
+        """
+        if self.is_first_rank:
+            raise RuntimeError("the first pipeline stage has no previous stage")
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.recv(t, self.global_rank - self.tp_size)
+
+
+_PP = PipelineGroup()
 
 # Seconds a collective (and start-up's rendezvous) may wait for the other
 # ranks before it raises, so that a rank that died does not hang the rest.
@@ -55,6 +118,7 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
     The ranks are split into consecutive tensor-parallel groups of
     ``tensor_parallel_size`` ranks (rank r is in group ``r // tp``, as its
     rank ``r % tp``); with one group (the default) it is the whole world.
+    Group g is pipeline stage g (see :class:`PipelineGroup`).
 
     With NCCL, ``NCCL_NVLS_ENABLE`` is set to 0 unless the environment already
     sets it: NVLink SHARP (multicast) buffers cost device memory for no gain
@@ -100,6 +164,8 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
         device_id = torch.device("cuda", device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
+    global _PP
+    _PP = PipelineGroup(rank // tp, world_size // tp, rank, tp)
     if tp == world_size:
         init_tensor_parallel(rank, tp, dist.group.WORLD if tp > 1 else None)
         return
@@ -112,11 +178,30 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
     init_tensor_parallel(rank % tp, tp, mine if tp > 1 else None)
 
 
+def set_expert_parallel(enabled: bool) -> None:
+    """Record whether MoE layers shard whole experts over the tensor-parallel
+    group (start-up only, before the model is built)."""
+    global _EXPERT_PARALLEL
+    _EXPERT_PARALLEL = bool(enabled)
+
+
+def get_ep_size() -> int:
+    """Ranks the experts of an MoE layer are split over: the tensor-parallel
+    size with expert parallelism, else 1."""
+    return _TP.world_size if _EXPERT_PARALLEL else 1
+
+
+def get_ep_rank() -> int:
+    return _TP.rank if _EXPERT_PARALLEL else 0
+
+
 def destroy_distributed_environment() -> None:
     """Leave every process group and reset the tensor-parallel state to a
     world of one (a no-op where no group exists)."""
-    global _TP
+    global _TP, _EXPERT_PARALLEL, _PP
     _TP = Communicator()
+    _PP = PipelineGroup()
+    _EXPERT_PARALLEL = False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -134,3 +219,8 @@ def get_tp_rank() -> int:
 
 def get_tp_size() -> int:
     return _TP.world_size
+
+
+def get_pp_group() -> PipelineGroup:
+    """This rank's pipeline stage (a single stage without a process group)."""
+    return _PP

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import (
+    DISTRIBUTED_EXECUTOR_BACKENDS,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     PREEMPTION_MODES,
@@ -94,6 +95,9 @@ class EngineArgs:
     device: str = "auto"
     load_format: str = "auto"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: str | None = None
     quantization: str | None = None
     seed: int | None = 0
     enforce_eager: bool = False
@@ -164,7 +168,17 @@ class EngineArgs:
                                  "off for CPU, whose kernels run synchronously)")
         parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         parser.add_argument("--load-format", default=d.load_format, choices=list(LOAD_FORMATS))
-        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                            help="split every layer over this many devices (one worker process each)")
+        parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
+                            help="split the decoder layers into this many consecutive stages (one worker process "
+                                 "per stage and tensor-parallel rank)")
+        parser.add_argument("--enable-expert-parallel", action="store_true",
+                            help="MoE layers: each tensor-parallel rank holds whole experts (a share of them) "
+                                 "instead of a slice of every expert")
+        parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
+                            help="uni: the model runs in the engine core's process (one device); mp: one worker "
+                                 "process per rank (default: mp with several ranks, else uni)")
         parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
@@ -226,7 +240,10 @@ class EngineArgs:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device_config = DeviceConfig(device=device)
         load_config = LoadConfig(load_format=self.load_format)
-        parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
+        parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                         pipeline_parallel_size=self.pipeline_parallel_size,
+                                         enable_expert_parallel=self.enable_expert_parallel,
+                                         distributed_executor_backend=self.distributed_executor_backend)
 
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)
@@ -280,11 +297,20 @@ class EngineArgs:
             policy=self.scheduling_policy,
             preemption_mode=self.preemption_mode,
             max_waiting_time_s=None if self.max_waiting_time_s == 0 else self.max_waiting_time_s,
-            async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
+            # NOTE: a pipeline's first stage needs the last stage's tokens on its host
+            # before the next step: no step is launched ahead there.
+            async_scheduling=(device == "cuda" and self.pipeline_parallel_size == 1 if self.async_scheduling is None
+                              else self.async_scheduling),
         )
+        if scheduler_config.async_scheduling and parallel_config.pipeline_parallel_size > 1:
+            raise ConfigError("async_scheduling is not supported with pipeline_parallel_size > 1 (the first stage "
+                              "needs each step's sampled tokens before the next step)")
         from ember.spec_decode.config import SpeculativeConfig
 
         speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if speculative_config is not None and parallel_config.world_size > 1:
+            raise ConfigError("speculative_config is not supported with tensor_parallel_size or "
+                              "pipeline_parallel_size above 1 yet")
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,

@@ -47,12 +47,24 @@ from ember.core.stats import SchedulerStats
 from ember.engine.messages import EngineCoreOutputs
 from ember.engine.step_stats import StepRecord
 from ember.executor.base import Executor
-from ember.executor.uniproc import UniProcExecutor
 from ember.logger import init_logger
 from ember.request import Request, RequestStatus
 from ember.structured_output.manager import StructuredOutputManager
 
 logger = init_logger(__name__)
+
+
+def create_executor(config: EngineConfig) -> Executor:
+    """The executor ``config.parallel_config.executor_backend`` names:
+    :class:`~ember.executor.uniproc.UniProcExecutor` (``"uni"``) or
+    :class:`~ember.executor.multiproc.MultiprocExecutor` (``"mp"``)."""
+    if config.parallel_config.executor_backend == "mp":
+        from ember.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    from ember.executor.uniproc import UniProcExecutor
+
+    return UniProcExecutor(config)
 
 
 class EngineCore:
@@ -67,7 +79,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor: Executor = UniProcExecutor(config)
+        self.executor: Executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
         self.num_gpu_blocks = num_blocks
@@ -271,6 +283,14 @@ class EngineCore:
                 req = self.scheduler.requests[new.req_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = scheduled_times[new.req_id] = now
+
+    def check_health(self) -> None:
+        """Raise if the executor's workers can no longer run steps.
+
+        Raises:
+            WorkerDeadError: a worker process died or failed.
+        """
+        self.executor.check_health()
 
     def shutdown(self) -> None:
         self.structured_output.shutdown()

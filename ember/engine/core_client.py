@@ -540,6 +540,7 @@ def _busy_loop(core: EngineCore, input_socket: zmq.Socket, output_socket: zmq.So
                 if os.getppid() != parent_pid:
                     logger.warning("engine core: the front-end process is gone; exiting")
                     return
+                core.check_health()  # a worker process that died while idle fails the core now
         rejected: dict[str, str] = {}
         while True:
             try:

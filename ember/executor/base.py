@@ -19,6 +19,11 @@ from abc import ABC, abstractmethod
 from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 
 
+class WorkerDeadError(RuntimeError):
+    """A worker process failed or died; the executor has stopped the others
+    and serves no more steps. The message names the worker and its error."""
+
+
 class Executor(ABC):
     """Runs the model for the engine core (see the module docstring)."""
 
@@ -74,5 +79,13 @@ class Executor(ABC):
     def num_in_flight(self) -> int:
         """Steps launched and not yet collected."""
 
+    def check_health(self) -> None:
+        """Raise if a worker can no longer run steps (cheap; no device work).
+
+        Raises:
+            WorkerDeadError: a worker process died or failed.
+        """
+
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""
+

@@ -26,7 +26,7 @@ transform makes the same model run the skinny Triton GEMMs of
 
 Steps of more than 16 rows keep cuBLAS and the norm kernels (the fused layers
 then add the residual in the cuBLAS GEMM, ``addmm``). Preconditions (else the
-model is left as it is): a CUDA device, tensor-parallel size 1, and per layer
+model is left as it is): a CUDA device, tensor-parallel size 1, one pipeline stage, and per layer
 the plain :class:`~ember.layers.linear.UnquantizedLinearMethod` and an
 :class:`~ember.layers.layernorm.RMSNorm`; each kernel call also checks its
 own conditions (row count, dtypes, strides, see
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.config import KernelConfig
-from ember.distributed.parallel_state import get_tp_size
+from ember.distributed.parallel_state import get_pp_group, get_tp_size
 from ember.layers.activation import silu_and_mul
 from ember.layers.attention import ForwardContext, QKVAttention
 from ember.layers.layernorm import RMSNorm
@@ -381,6 +381,8 @@ def apply_decode_fusions(model: nn.Module, kernel_config: KernelConfig, device: 
 
     report = DecodeFusions()
     if not kernel_config.skinny_gemm or not fusion_supported(device, get_tp_size(), allow_interpreter):
+        return report
+    if get_pp_group().world_size > 1:  # the fused layers hand state from layer to layer within one stage
         return report
     use_pdl = report.pdl = kernel_config.pdl and pdl_supported(device)
 

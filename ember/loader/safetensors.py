@@ -8,6 +8,8 @@ file format: https://huggingface.co/docs/safetensors.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +73,55 @@ def _tensor_names(file: Path) -> list[str]:
         raise ModelLoadError(f"{file}: unreadable safetensors file: {e}") from e
 
 
+# safetensors dtype names (https://huggingface.co/docs/safetensors, "Format").
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _MappedFile:
+    """A safetensors file's tensors as views of one copy-on-write memory map:
+    nothing is read until used, so a tensor-parallel rank that copies its
+    slice of a tensor (``narrow`` then ``copy_``) reads only the pages under
+    that slice and never holds the whole tensor.
+
+    File layout: an 8-byte little-endian header length, a JSON header
+    ``name -> {dtype, shape, data_offsets: [begin, end]}`` (offsets from the
+    end of the header), then the data.
+    """
+
+    def __init__(self, file: Path) -> None:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(header_len))
+            self.header.pop("__metadata__", None)
+            # ACCESS_COPY: writable for torch.frombuffer, never written back to the file.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if f.seek(0, 2) else None
+        self._base = 8 + header_len
+        self._bytes = (torch.frombuffer(self._map, dtype=torch.uint8) if self._map is not None
+                       else torch.empty(0, dtype=torch.uint8))
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The tensor ``name`` as a view of the map (a copy when the file
+        stores it misaligned for its dtype, which torch cannot view); None
+        for a dtype torch has no name for here.
+
+        Raises:
+            KeyError: an unknown name.
+        """
+        info = self.header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            return None
+        begin, end = (self._base + o for o in info["data_offsets"])
+        raw = self._bytes[begin:end]
+        if begin % dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).view(info["shape"])
+
+
 def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every tensor of every shard, file by file.
 
@@ -78,8 +129,10 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
     ``dtype``; integer tensors (e.g. quantized data, indices) keep theirs. An
     FP8 weight with a ``<name>_scale_inv`` companion (DeepSeek-V3's block
     quantization, see :mod:`ember.loader.weight_utils`) is dequantized to
-    ``dtype`` and the scale itself is not yielded. Only one tensor at a time is
-    materialized (safetensors reads lazily from an mmap).
+    ``dtype`` and the scale itself is not yielded. Tensors already in
+    ``dtype`` are views of a memory map of the file (see :class:`_MappedFile`):
+    a tensor-parallel rank reads only its slices; others are materialized one
+    at a time.
 
     Raises:
         ModelLoadError: see :func:`safetensors_files`; a corrupt file; an FP8
@@ -92,11 +145,14 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
     total = sum(map(len, names.values())) - len(scale_files)
     with tqdm(total=total, desc=f"Loading {Path(path).name}", unit="tensor") as bar:
         for file in files:
+            mapped = _mapped(file)
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names[file]:
                     if name in scale_files:
                         continue  # consumed with its weight
-                    tensor = f.get_tensor(name)
+                    tensor = mapped.get(name)
+                    if tensor is None:
+                        tensor = f.get_tensor(name)
                     scale_name = name + SCALE_INV_SUFFIX
                     if scale_name in scale_files:
                         tensor = _dequant(name, tensor, _read_scale(f, file, scale_files[scale_name], scale_name),
@@ -106,6 +162,13 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
                                              f"FP8 checkpoints (DeepSeek-V3 layout) are supported")
                     yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
                     bar.update()
+
+
+def _mapped(file: Path) -> _MappedFile:
+    try:
+        return _MappedFile(file)
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise ModelLoadError(f"{file}: unreadable safetensors file: {e}") from e
 
 
 def _read_scale(f, file: Path, scale_file: Path, scale_name: str) -> torch.Tensor:

@@ -1,17 +1,63 @@
 """Helpers shared by model files: the pre-norm decoder layer and stack every
-supported family uses, and HF checkpoint names -> Ember parameters."""
+supported family uses, and HF checkpoint names -> Ember parameters.
+
+Pipeline parallelism: a stack built on pipeline stage s of n holds only the
+decoder layers :func:`get_pp_layer_range` gives it; the others, the token
+embedding off the first stage, and the final norm and LM head off the last
+stage are :class:`PPMissingLayer` placeholders (no parameters; their
+checkpoint tensors are skipped at load). A stage other than the last returns
+:class:`IntermediateTensors` (the residual stream) for the next stage; the
+model runner moves them between stages.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ember.distributed.parallel_state import get_pp_group
 from ember.layers.attention import ForwardContext
 from ember.layers.layernorm import RMSNorm
 from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+
+
+def get_pp_layer_range(num_layers: int, pp_rank: int | None = None, pp_size: int | None = None
+                       ) -> tuple[int, int]:
+    """``(start_layer, end_layer)``: the decoder layers of pipeline stage
+    ``pp_rank`` of ``pp_size`` (default: this process's stage), as equal as
+    possible, the earlier stages taking one more when ``pp_size`` does not
+    divide ``num_layers``.
+
+    Raises:
+        ValueError: more stages than layers.
+    """
+    pp = get_pp_group()
+    pp_rank = pp.rank if pp_rank is None else pp_rank
+    pp_size = pp.world_size if pp_size is None else pp_size
+    if pp_size > num_layers:
+        raise ValueError(f"{num_layers} decoder layers cannot fill {pp_size} pipeline stages")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (pp_rank < extra)
+
+
+class PPMissingLayer(nn.Identity):
+    """Stands for a layer that lives on another pipeline stage: no
+    parameters, never called on this stage."""
+
+
+@dataclass(slots=True)
+class IntermediateTensors:
+    """The residual stream between pipeline stages, as ``(hidden, residual)``
+    (see :class:`PreNormDecoderLayer`): both [num_tokens, hidden] in the model
+    dtype."""
+
+    hidden_states: torch.Tensor
+    residual: torch.Tensor
 
 
 class PreNormDecoderLayer(nn.Module):
@@ -49,7 +95,9 @@ class PreNormDecoderLayer(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    """Token embedding, decoder layers, final norm (HF's ``model.`` submodule).
+    """Token embedding, decoder layers, final norm (HF's ``model.`` submodule);
+    on a pipeline stage, only its part (see the module docstring:
+    ``start_layer`` / ``end_layer``, placeholders elsewhere).
 
     Args:
         config: HF config (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``rms_norm_eps``).
@@ -61,17 +109,35 @@ class DecoderStack(nn.Module):
     def __init__(self, config, make_layer: Callable[[int, str], nn.Module],
                  quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config,
-                                                   prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(make_layer(i, f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.start_layer, self.end_layer = get_pp_layer_range(config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                                    prefix=f"{prefix}.embed_tokens")
+                             if self.is_first_stage else PPMissingLayer())
+        self.layers = nn.ModuleList(make_layer(i, f"{prefix}.layers.{i}")
+                                    if self.start_layer <= i < self.end_layer else PPMissingLayer()
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last_stage else PPMissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
-        hidden_states, residual = self.embed_tokens(input_ids), None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]
+        (the final hidden states), or, on a pipeline stage before the last,
+        the stream after its layers. A stage after the first starts from the
+        previous stage's ``intermediate_tensors`` instead of ``input_ids``."""
         ctx.positions = positions  # for the attention layers' RoPE
-        for layer in self.layers:
+        if intermediate_tensors is None:
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden_states, residual = intermediate_tensors.hidden_states, intermediate_tensors.residual
+        # NOTE: the whole list when it is all here (one stage): no slice per step.
+        layers = self.layers if self.is_first_stage and self.is_last_stage else \
+            self.layers[self.start_layer: self.end_layer]
+        for layer in layers:
             hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden_states, residual)
         if residual is None:
             return self.norm(hidden_states)
         return self.norm(hidden_states, residual)[0]
@@ -100,14 +166,21 @@ class CausalLM(nn.Module):
         self.config = config
         self.quant_config = quant_config
         self.model = build_model("model")
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
-                                      prefix="lm_head")
-        if getattr(config, "tie_word_embeddings", False):
+        pp = get_pp_group()
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                       prefix="lm_head") if pp.is_last_rank else PPMissingLayer())
+        # NOTE: a last stage without the embedding loads the tied table into its head.
+        self._embedding_into_head = (getattr(config, "tie_word_embeddings", False) and pp.is_last_rank
+                                     and not pp.is_first_rank)
+        if getattr(config, "tie_word_embeddings", False) and pp.world_size == 1:
             self.lm_head.tie_weights(self.model.embed_tokens)
+        self._missing = tuple(f"{name}." for name, m in self.named_modules() if isinstance(m, PPMissingLayer))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]."""
-        return self.model(input_ids, positions, ctx)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """``input_ids``, ``positions``: [num_tokens] int64 -> [num_tokens, hidden]
+        (see :meth:`DecoderStack.forward` for pipeline stages)."""
+        return self.model(input_ids, positions, ctx, intermediate_tensors)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32."""
@@ -123,6 +196,9 @@ class CausalLM(nn.Module):
         tied = getattr(self.config, "tie_word_embeddings", False)
         return "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight")
 
+    def _on_another_stage(self, name: str) -> bool:
+        return bool(self._missing) and name.startswith(self._missing)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into the parameters.
 
@@ -131,8 +207,15 @@ class CausalLM(nn.Module):
         Raises:
             ValueError: an unexpected weight name or a shape mismatch.
         """
+        if self._embedding_into_head:
+            weights = (("lm_head.weight" if n == "model.embed_tokens.weight" else n, t) for n, t in weights)
         return load_hf_weights(self, weights, self.stacked_params_mapping, self.expert_params_mapping(),
-                               skip=self.skip_weight)
+                               skip=self._skip_at_load)
+
+    def _skip_at_load(self, name: str) -> bool:
+        if self._embedding_into_head and name == "lm_head.weight":
+            return False
+        return self.skip_weight(name) or self._on_another_stage(name)
 
 
 # (Ember param fragment, checkpoint fragment, shard id), e.g. ("qkv_proj", "q_proj", "q").

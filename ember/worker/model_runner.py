@@ -23,9 +23,11 @@ import torch
 
 from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
+from ember.distributed.parallel_state import get_pp_group
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import as_copyable, default_backend_name
 from ember.models.registry import ModelRegistry
+from ember.models.utils import IntermediateTensors, get_pp_layer_range
 from ember.sample.logprobs import LogprobsMetadata, compute_logprobs, unpack_logprobs
 from ember.outputs import SampleLogprob
 from ember.sample.logits_processor import (BitmaskProcessor, LogitsProcessor, TokenMaskMetadata, fit_bitmask,
@@ -145,6 +147,8 @@ def _copy_blocks(src: list[torch.Tensor], src_ids: tuple[int, ...], dst: list[to
     src_idx = torch.tensor(src_ids, dtype=torch.int64, device=src[0].device)
     dst_idx = torch.tensor(dst_ids, dtype=torch.int64, device=dst[0].device)
     for s, d in zip(src, dst):
+        if not s.numel():  # a layer of another pipeline stage
+            continue
         s, d = as_copyable(s), as_copyable(d)
         d.index_copy_(block_dim, dst_idx, s.index_select(block_dim, src_idx).to(d.device))
 
@@ -246,25 +250,36 @@ class ModelRunner:
                               f"{mc.architecture} (MLA latent cache); use kv_cache_dtype 'auto'")
         return spec
 
+    def _local_layers(self, num_layers: int) -> range:
+        """The layers of this pipeline stage (all of them without pipeline parallelism)."""
+        return range(*get_pp_layer_range(num_layers))
+
     def kv_cache_bytes_per_block(self) -> int:
-        """Bytes one block takes across all layers."""
-        return self.kv_cache_spec().bytes_per_block
+        """Bytes one block takes across this stage's layers."""
+        spec = self.kv_cache_spec()
+        return spec.bytes_per_block * len(self._local_layers(spec.num_layers)) // spec.num_layers
+
+    def _allocate(self, num_blocks: int, device: torch.device | str, pin: bool = False,
+                  zero: bool = True) -> list[torch.Tensor]:
+        """One cache tensor per layer (:meth:`kv_cache_spec`); the layers of
+        other pipeline stages get empty placeholders."""
+        spec = self.kv_cache_spec()
+        local = self._local_layers(spec.num_layers)
+        make = torch.zeros if zero else torch.empty
+        return [make(spec.layer_shape(num_blocks), dtype=spec.dtype, device=device, pin_memory=pin)
+                if i in local else torch.empty(0, dtype=spec.dtype, device=device)
+                for i in range(spec.num_layers)]
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate one KV tensor per layer, shaped by :meth:`kv_cache_spec`
         (``[2, num_blocks, block_size, num_kv_heads, head_dim]`` for standard attention)."""
-        spec = self.kv_cache_spec()
-        shape = spec.layer_shape(num_blocks)
-        self.kv_caches = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.kv_caches = self._allocate(num_blocks, self.device)
 
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
         """Allocate the swap space: one host tensor per layer shaped like the
         device cache with ``num_blocks`` blocks (pinned on CUDA, for DMA; left
         uninitialised: only swapped-out blocks are ever read back)."""
-        spec = self.kv_cache_spec()
-        pin = self.device.type == "cuda"
-        self.host_kv_caches = [torch.empty(spec.layer_shape(num_blocks), dtype=spec.dtype, device="cpu", pin_memory=pin)
-                               for _ in range(spec.num_layers)]
+        self.host_kv_caches = self._allocate(num_blocks, "cpu", pin=self.device.type == "cuda", zero=False)
 
     def _swap_blocks(self, sched: SchedulerOutput) -> None:
         """Copy the step's swap-outs (device -> host), then its swap-ins (host ->
@@ -429,7 +444,28 @@ class ModelRunner:
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
             return self.piecewise_graphs.run(host, self)
         input_ids, positions, meta = self._device_inputs(host)
-        return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+        return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+                   ) -> torch.Tensor | None:
+        """The model's forward; on a pipeline stage it starts from the
+        previous stage's stream and hands its own to the next stage (then
+        returns None: only the last stage has final hidden states)."""
+        pp = get_pp_group()
+        if pp.world_size == 1:
+            return self.model(input_ids, positions, ctx)
+        intermediate = None
+        if not pp.is_first_rank:
+            shape = (positions.shape[0], self.model_config.hf_config.hidden_size)
+            hidden = torch.empty(shape, dtype=self.model_config.dtype, device=self.device)
+            residual = torch.empty_like(hidden)
+            pp.recv_prev([hidden, residual])
+            intermediate = IntermediateTensors(hidden, residual)
+        out = self.model(input_ids, positions, ctx, intermediate)
+        if pp.is_last_rank:
+            return out
+        pp.send_next([out.hidden_states, out.residual])
+        return None
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingOutput:
@@ -462,6 +498,8 @@ class ModelRunner:
             host = self._prepare_host_inputs(sched)
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(host)
+        if hidden is None:  # a pipeline stage before the last: the last one samples
+            return PendingOutput([])
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
         pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
@@ -633,6 +671,14 @@ class ModelRunner:
         host.sample_seq_lens = [host.sample_seq_lens[j] for j in keep]
         return finished, torch.stack(vectors)
 
+    def append_sampled_tokens(self, sampled_token_ids: dict[str, list[int]]) -> None:
+        """Append the tokens another rank sampled (the last pipeline stage's
+        output) to the requests' tokens; forgotten requests are skipped."""
+        for req_id, tokens in sampled_token_ids.items():
+            s = self.requests.get(req_id)
+            if s is not None:
+                s.token_ids.extend(tokens)
+
     # Rows of prompt logits computed at once (bounds the [rows, vocab] float32 buffer).
     _PROMPT_LOGITS_ROWS = 512
 
@@ -691,6 +737,9 @@ class ModelRunner:
         (CUDA, unless ``enforce_eager``); prints the capture times."""
         if self.device.type != "cuda" or self.model_config.enforce_eager:
             return
+        if get_pp_group().world_size > 1:
+            logger.info("pipeline stages exchange activations between layers: running eager")
+            return
         if not all(getattr(m, "cuda_graph_safe", True) for m in self.model.modules()):
             logger.info("the model has layers that cannot run in CUDA graphs (e.g. torch MoE/MLA): running eager")
             return
@@ -745,10 +794,11 @@ class ModelRunner:
             self.kv_caches = saved
 
     @torch.inference_mode()
-    def compute_prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def compute_prompt_logits(self, token_ids: list[int]) -> torch.Tensor | None:
         """Logits of every position of one prompt, [len, vocab] float32, using
         block 0.. of the KV cache as scratch (for tests and debugging; the
-        engine must be idle)."""
+        engine must be idle). Every pipeline stage must call it; those before
+        the last return None."""
         n = len(token_ids)
         num_blocks = -(-n // self.block_size)
         block_ids = list(range(num_blocks))
@@ -760,5 +810,5 @@ class ModelRunner:
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
             block_table=block_table, max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, pos, ForwardContext(meta, self.kv_caches))
-        return self.model.compute_logits(hidden)
+        hidden = self._run_model(ids, pos, ForwardContext(meta, self.kv_caches))
+        return None if hidden is None else self.model.compute_logits(hidden)

@@ -8,7 +8,7 @@ import torch
 
 from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
-from ember.distributed.parallel_state import init_tensor_parallel
+from ember.distributed.parallel_state import init_distributed_environment, init_tensor_parallel, set_expert_parallel
 from ember.worker.model_runner import ModelRunner, PendingOutput
 
 
@@ -17,14 +17,35 @@ class Worker:
 
     Args:
         config: the engine config.
-        rank: tensor-parallel rank of this worker.
+        rank: global rank of this worker (``ParallelConfig.world_size`` ranks;
+            rank r is tensor-parallel rank ``r % tp`` of pipeline stage
+            ``r // tp``); on CUDA it runs on device ``cuda:rank``.
+        distributed_init_method: where the ranks meet (``"tcp://host:port"``,
+            see :func:`~ember.distributed.parallel_state.init_distributed_environment`);
+            needed with several ranks, which join their process groups here
+            (NCCL on CUDA, gloo on CPU).
+
+    Raises:
+        ValueError: several ranks without ``distributed_init_method``.
     """
 
-    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0, distributed_init_method: str | None = None) -> None:
         self.config = config
-        init_tensor_parallel(rank, config.parallel_config.tensor_parallel_size)
-        if config.device_config.device == "cuda":
-            torch.cuda.set_device(rank)
+        pc = config.parallel_config
+        cuda = config.device_config.device == "cuda"
+        if pc.world_size == 1:
+            init_tensor_parallel(0, 1)
+            if cuda:
+                torch.cuda.set_device(rank)
+        else:
+            if distributed_init_method is None:
+                raise ValueError(f"a worker of {pc.world_size} ranks needs a distributed_init_method")
+            init_distributed_environment(rank, pc.world_size, backend="nccl" if cuda else "gloo",
+                                         init_method=distributed_init_method,
+                                         tensor_parallel_size=pc.tensor_parallel_size,
+                                         local_rank=rank if cuda else None)
+        set_expert_parallel(pc.enable_expert_parallel)
+        self.rank = rank
         self.model_runner = ModelRunner(config)
         # Launched steps, oldest first, until collected.
         self._in_flight: deque[PendingOutput] = deque()
@@ -107,3 +128,15 @@ class Worker:
         if not self._in_flight:
             raise RuntimeError("collect() with no step in flight")
         return self.model_runner.collect(self._in_flight.popleft())
+
+    def collect_tokens(self, sampled_token_ids: dict[str, list[int]]) -> None:
+        """On a pipeline stage before the last: retire the oldest launched step
+        and append the tokens the last stage sampled in it (its
+        ``ModelRunnerOutput.sampled_token_ids``), which the next steps' inputs
+        continue from.
+
+        Raises:
+            RuntimeError: no step is in flight.
+        """
+        self.collect()
+        self.model_runner.append_sampled_tokens(sampled_token_ids)

@@ -42,6 +42,22 @@ def test_sharded_weights_exact(sharded_dir):
         assert torch.equal(ours[name], w), name
 
 
+def test_weights_in_the_model_dtype_are_views_of_the_file(sharded_dir):
+    """No copy is made of a tensor already in the model dtype: each one is a
+    view of its file's memory map, so a tensor-parallel rank that copies its
+    slice (``narrow`` then ``copy_``) never holds a whole tensor. Writing to a
+    view leaves the file as it was (copy-on-write)."""
+    path, state, _ = sharded_dir
+    weights = dict(iter_weights(ModelSource("hf", str(path)), torch.float32))
+    storages = {w.untyped_storage().data_ptr(): w.untyped_storage().nbytes() for w in weights.values()}
+    files = sorted(path.glob("*.safetensors"))
+    assert len(storages) == len(files) < len(weights)  # one map per file, shared by its tensors
+    assert sorted(storages.values()) == sorted(f.stat().st_size for f in files)
+    name = next(iter(weights))
+    weights[name].zero_()
+    assert torch.equal(dict(iter_weights(ModelSource("hf", str(path)), torch.float32))[name], state[name])
+
+
 def test_dtype_cast(sharded_dir):
     path, state, _ = sharded_dir
     ours = dict(iter_weights(ModelSource("hf", str(path)), torch.bfloat16))

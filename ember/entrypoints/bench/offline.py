@@ -24,9 +24,11 @@ import random
 import time
 from typing import Any
 
+import torch
+
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.step_stats import StepTimes, StepTrace
-from ember.entrypoints.bench.roofline import measure_ceilings, model_cost
+from ember.entrypoints.bench.roofline import ModelCost, measure_ceilings, model_cost
 from ember.sampling_params import SamplingParams
 
 
@@ -45,21 +47,55 @@ def _random_prompts(n: int, length: int, vocab: int, rng: random.Random) -> list
 
 
 def _runner(llm):
-    return llm.llm_engine.engine_core.executor.worker.model_runner
+    """The in-process model runner; None when the model runs in worker
+    processes (``--distributed-executor-backend mp``)."""
+    worker = getattr(llm.llm_engine.engine_core.executor, "worker", None)
+    return None if worker is None else worker.model_runner
+
+
+def _prepare_s(llm) -> float:
+    """Host time the runner spent packing inputs; 0 when it runs in worker
+    processes (then the host time per step is the engine core's only)."""
+    runner = _runner(llm)
+    return 0.0 if runner is None else runner.prepare_s
+
+
+def _device_and_cost(llm) -> tuple[torch.device, ModelCost]:
+    """The device the model runs on and its roofline cost; with worker
+    processes, the cost of the whole model built on the meta device here."""
+    runner = _runner(llm)
+    mc = llm.llm_engine.model_config
+    if runner is not None:
+        return runner.device, model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
+    from ember.layers.attention import get_attention_backend
+    from ember.layers.quantization import get_quant_config
+    from ember.models.registry import ModelRegistry
+
+    config = llm.llm_engine.config
+    with torch.device("meta"):
+        saved = torch.get_default_dtype()
+        torch.set_default_dtype(mc.dtype)
+        try:
+            model = ModelRegistry.load_class(mc.architecture)(mc.hf_config, get_attention_backend("torch"),
+                                                              quant_config=get_quant_config(mc.quantization,
+                                                                                            mc.hf_config))
+        finally:
+            torch.set_default_dtype(saved)
+    kv_dtype = config.cache_config.kv_cache_torch_dtype(mc.dtype)
+    return config.device_config.torch_device, model_cost(model, mc, kv_dtype)
 
 
 def _host_time_per_step(llm, st: StepTimes, before: tuple[float, int]) -> float:
-    host = st.schedule_s + st.update_s + _runner(llm).prepare_s
+    host = st.schedule_s + st.update_s + _prepare_s(llm)
     return (host - before[0]) / max(1, st.num_steps - before[1])
 
 
 def _host_mark(llm, st: StepTimes) -> tuple[float, int]:
-    return st.schedule_s + st.update_s + _runner(llm).prepare_s, st.num_steps
+    return st.schedule_s + st.update_s + _prepare_s(llm), st.num_steps
 
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     llm, times = _engine(args)
-    runner = _runner(llm)
     mc = llm.llm_engine.model_config
     rng = random.Random(0)
 
@@ -72,8 +108,8 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     prefill_only = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     for _ in range(args.warmup):
         llm.generate(fresh(), full, use_tqdm=False)
-    ceilings = measure_ceilings(runner.device)
-    cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
+    device, cost = _device_and_cost(llm)
+    ceilings = measure_ceilings(device)
     prefill_times, total_times = [], []
     mark = _host_mark(llm, times)
     cache_mark = llm.get_stats().prefix_cache
@@ -108,7 +144,6 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     llm, times = _engine(args)
-    runner = _runner(llm)
     mc = llm.llm_engine.model_config
     rng = random.Random(0)
 
@@ -123,8 +158,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     # Warm-up on other prompts of the same lengths, so prefix caching has nothing of the timed run.
     warm = [_random_prompts(1, n, mc.vocab_size, rng)[0] for n in in_lens[:8]]
     llm.generate(warm, params[: len(warm)], use_tqdm=False)
-    ceilings = measure_ceilings(runner.device)
-    cost = model_cost(runner.model, mc, runner.kv_cache_spec().dtype)
+    device, cost = _device_and_cost(llm)
+    ceilings = measure_ceilings(device)
     mark = _host_mark(llm, times)
     cache_mark = llm.get_stats().prefix_cache
     core = llm.llm_engine.engine_core

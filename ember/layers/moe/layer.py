@@ -4,7 +4,13 @@ Weights: ``w13_weight`` [num_experts, 2 * intermediate, hidden] (gate rows,
 then up rows) and ``w2_weight`` [num_experts, hidden, intermediate], the
 layout fused-MoE kernels expect (vLLM's ``FusedMoE`` naming). With tensor
 parallelism the intermediate dimension is split (column-parallel w13,
-row-parallel w2).
+row-parallel w2); with expert parallelism (``--enable-expert-parallel``) each
+rank of the tensor-parallel group holds whole experts instead, a contiguous
+``num_experts / ep_size`` of them. Either way every rank sees every token
+(the router is replicated), computes its share, and the shares are summed by
+one all-reduce over the group: the all-gather / reduce-scatter form of
+expert-parallel dispatch and combine with the tokens already replicated
+(GShard, Lepikhin et al., 2020, describes the all-to-all form).
 
 The weights' format and the computation belong to the layer's ``quant_method``
 (the quantization seam, as for linear layers). The unquantized method picks
@@ -19,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ember.distributed.parallel_state import get_tp_rank, get_tp_size
+from ember.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_group, get_tp_rank, get_tp_size
 from ember.layers.quantization.base import QuantizationConfig, quant_method_for
 from ember.utils import resolve_lazy
 
@@ -99,6 +105,10 @@ class FusedMoE(nn.Module):
         dtype: parameter dtype (default: torch's default dtype).
         quant_config: the model's quantization config, or None.
         prefix: the layer's checkpoint name (e.g. ``model.layers.3.mlp.experts``).
+
+    Raises:
+        ValueError: expert parallelism over a number of ranks that does not
+            divide ``num_experts``.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -106,19 +116,41 @@ class FusedMoE(nn.Module):
                  prefix: str = "") -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.ep_rank, self.ep_size = get_ep_rank(), get_ep_size()
+        # NOTE: with expert parallelism the experts are whole on their rank.
+        self.tp_rank, self.tp_size = (0, 1) if self.ep_size > 1 else (get_tp_rank(), get_tp_size())
+        self.reduce_size = get_tp_size()  # ranks whose shares are summed
+        if num_experts % self.ep_size:
+            raise ValueError(f"FusedMoE {prefix}: {num_experts} experts do not split over {self.ep_size} "
+                             f"expert-parallel ranks")
         self.num_experts, self.hidden_size, self.prefix = num_experts, hidden_size, prefix
+        self.num_local_experts = num_experts // self.ep_size
+        self.expert_start = self.ep_rank * self.num_local_experts
         self.intermediate_size = intermediate_size // self.tp_size
         self.quant_method = quant_method_for(quant_config, self, prefix, UnquantizedFusedMoEMethod)
-        self.quant_method.create_weights(self, num_experts, hidden_size, self.intermediate_size, dtype)
+        self.quant_method.create_weights(self, self.num_local_experts, hidden_size, self.intermediate_size, dtype)
         self.cuda_graph_safe = getattr(self.quant_method, "cuda_graph_safe", False)
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
         """``hidden_states``: [num_tokens, hidden]; ``topk_weights`` / ``topk_ids``:
-        [num_tokens, top_k]. Returns [num_tokens, hidden] (this rank's partial
-        sum under tensor parallelism)."""
-        return self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
+        [num_tokens, top_k] (global expert ids). Returns [num_tokens, hidden],
+        summed over the tensor-parallel group."""
+        if self.ep_size > 1:
+            topk_weights, topk_ids = self._local_routing(topk_weights, topk_ids)
+        out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
+        if self.reduce_size > 1:
+            out = get_tp_group().all_reduce(out)
+        return out
+
+    def _local_routing(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing to this rank's experts: ids made local, choices of other
+        ranks' experts kept with weight 0 (on local expert 0), so the shapes
+        stay static (CUDA graphs) at the cost of computing them."""
+        local = topk_ids - self.expert_start
+        mine = (local >= 0) & (local < self.num_local_experts)
+        return torch.where(mine, topk_weights, 0.0), torch.where(mine, local, 0)
 
     @staticmethod
     def make_expert_params_mapping(num_experts: int, gate_proj: str = "gate_proj", down_proj: str = "down_proj",
@@ -158,6 +190,9 @@ class FusedMoE(nn.Module):
                 else:
                     self.weight_loader(param, loaded[e], shard_id, e)
             return
+        expert_id -= self.expert_start
+        if not 0 <= expert_id < self.num_local_experts:
+            return  # another expert-parallel rank's expert
         inter = self.intermediate_size
         if shard_id == "w2":
             dst, src = param.data[expert_id], loaded.narrow(1, self.tp_rank * inter, inter)
