@@ -33,7 +33,7 @@ def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[l
 
 def measure(args: argparse.Namespace, prompts: list[list[int]], spec: dict | None) -> dict:
     llm = LLM(args.model, load_format=args.load_format, max_model_len=4096, skip_tokenizer_init=True,
-              speculative_config=spec)
+              dtype=args.dtype, speculative_config=spec)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     timed(llm, prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
     result: dict = {}
@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="model dtype (float32 makes near-ties in the random "
+                                                     "model's argmax rarer than bf16 does)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -74,8 +76,11 @@ def main() -> None:
                                    "prompt_lookup_max": 4, "disable_by_batch_size": None})
     result: dict = {"model": args.model, "k": args.k, "output_len": args.output_len}
     for batch in sorted({1, args.batch_size}):
-        same = plain[f"b{batch}_tokens"] == spec[f"b{batch}_tokens"]
-        result[f"b{batch}_greedy_tokens_equal"] = same
+        a, b = plain[f"b{batch}_tokens"], spec[f"b{batch}_tokens"]
+        first_diff = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p)) for p, q in zip(a, b)]
+        result[f"b{batch}_greedy_tokens_equal"] = a == b
+        result[f"b{batch}_sequences_equal"] = sum(p == q for p, q in zip(a, b)) / len(a)
+        result[f"b{batch}_mean_first_difference"] = sum(first_diff) / len(first_diff)
         result[f"b{batch}_plain_tok_s"] = plain[f"b{batch}_output_tok_s"]
         result[f"b{batch}_ngram_tok_s"] = spec[f"b{batch}_output_tok_s"]
         result[f"b{batch}_speedup"] = spec[f"b{batch}_output_tok_s"] / plain[f"b{batch}_output_tok_s"]
