@@ -143,8 +143,8 @@ class InputProcessor:
 
         Args:
             messages: ``[{"role": str, "content": str, ...}, ...]`` in Hugging Face's
-                conversation format: roles ``system``, ``user``, ``assistant``,
-                ``tool``; other keys (``name``, ``tool_call_id``, ``tool_calls``)
+                conversation format: roles ``system`` (or ``developer``, OpenAI's
+                newer name for it), ``user``, ``assistant``, ``tool``; other keys (``name``, ``tool_call_id``, ``tool_calls``)
                 are passed to the template as given.
             add_generation_prompt: end with the opening of an assistant turn.
             continue_final_message: leave the last message (an assistant's) open,
@@ -178,6 +178,8 @@ class InputProcessor:
             for key, value in m.items():
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
+        # OpenAI's newer name for the system role, which chat templates do not know.
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         if chat_template is not None:
             check_template_syntax(chat_template, "chat_template")
         # Only what differs from the defaults is passed on (any tokenizer-like object serves).

@@ -91,3 +91,10 @@ def test_the_text_path_gives_the_plain_ids_when_there_is_nothing_to_hide(qwen: I
         return  # a whole special-token string happened to form: not this property
     plain = qwen.apply_chat_template(messages)
     assert qwen._apply_chat_template_as_text(messages, True, None) == plain
+
+
+def test_developer_role_renders_as_system(qwen: InputProcessor) -> None:
+    """OpenAI's ``developer`` role is the system role, offline too (``LLM.chat``)."""
+    turns = [{"role": "user", "content": "hi"}]
+    assert (qwen.apply_chat_template([{"role": "developer", "content": "Be brief."}, *turns])
+            == qwen.apply_chat_template([{"role": "system", "content": "Be brief."}, *turns]))
