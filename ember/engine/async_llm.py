@@ -243,7 +243,7 @@ class AsyncLLM(EngineFrontEnd):
         step = 0
         first_token_time = None
         while not search.done:
-            entries = await _gather_or_cancel([self._next_token_logprobs(p, step_params, f"{request_id}-{step}-{i}",
+            entries = await gather_or_cancel([self._next_token_logprobs(p, step_params, f"{request_id}-{step}-{i}",
                                                                          **extra)
                                                for i, p in enumerate(search.step_prompts())])
             first_token_time = first_token_time or time.monotonic()
@@ -422,7 +422,7 @@ class _Timing:
         self.last_token: dict[str, float] = {}
 
 
-async def _gather_or_cancel(coros: list[Any]) -> list[Any]:
+async def gather_or_cancel(coros: list[Any]) -> list[Any]:
     """Run ``coros`` concurrently; their results in order. If one fails or this
     call is cancelled, the others are cancelled (and awaited) first."""
     tasks = [asyncio.ensure_future(c) for c in coros]

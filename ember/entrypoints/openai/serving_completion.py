@@ -61,6 +61,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from ember.beam_search import BeamSearchParams
+from ember.engine.async_llm import gather_or_cancel
 from ember.engine.input_processor import ChatTemplateError
 from ember.entrypoints.openai.input_limits import (
     DEFAULT_MAX_STOP_STRING_CHARS,
@@ -451,22 +452,12 @@ class OpenAIServing:
         """
         if getattr(self.engine, "errored", False):
             raise APIError("the engine is not running (it stopped after an error)", 503, type="server_error")
-        tasks = [asyncio.ensure_future(self.engine.beam_search(ids, params, request_id, priority=priority,
-                                                               cache_salt=cache_salt))
-                 for (ids, params), request_id in zip(searches, request_ids, strict=True)]
         try:
-            return list(await asyncio.gather(*tasks))
+            return await gather_or_cancel([self.engine.beam_search(ids, params, request_id, priority=priority,
+                                                                   cache_salt=cache_salt)
+                                           for (ids, params), request_id in zip(searches, request_ids, strict=True)])
         except ValueError as e:
             raise APIError(str(e)) from e
-        finally:  # also when cancelled
-            pending = [t for t in tasks if not t.done()]
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending)
-            for t in tasks:  # retrieve every failure, so that none is logged as lost
-                if t.done() and not t.cancelled():
-                    t.exception()
 
     async def start_all(self, starts: list[Awaitable[tuple[RequestOutput, AsyncIterator[RequestOutput]]]]
                         ) -> MergedOutputs:
