@@ -109,7 +109,7 @@ def test_step_requests_ask_for_twice_the_width():
 
 
 def test_a_failing_step_request_cancels_its_siblings():
-    from ember.engine.async_llm import _gather_or_cancel
+    from ember.engine.async_llm import gather_or_cancel
 
     ended = []
 
@@ -123,9 +123,9 @@ def test_a_failing_step_request_cancels_its_siblings():
             ended.append(i)  # where AsyncLLM.generate aborts its engine request
 
     async def main() -> None:
-        assert await _gather_or_cancel([step_request(i, False) for i in range(0)]) == []
+        assert await gather_or_cancel([step_request(i, False) for i in range(0)]) == []
         with pytest.raises(ValueError, match="rejected"):
-            await _gather_or_cancel([step_request(0, False), step_request(1, True), step_request(2, False)])
+            await gather_or_cancel([step_request(0, False), step_request(1, True), step_request(2, False)])
         # Every sibling has ended (cancelled) by the time the error reaches the caller.
         assert sorted(ended) == [0, 1, 2]
 
