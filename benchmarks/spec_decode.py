@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import time
 
 import torch
 
 from ember.engine.llm import LLM
-from ember.entrypoints.bench.offline import spec_decode_fields
+from ember.entrypoints.bench.offline import print_and_save, spec_decode_fields
 from ember.sampling_params import SamplingParams
 
 
@@ -85,11 +84,7 @@ def main() -> None:
         result[f"b{batch}_ngram_tok_s"] = spec[f"b{batch}_output_tok_s"]
         result[f"b{batch}_speedup"] = spec[f"b{batch}_output_tok_s"] / plain[f"b{batch}_output_tok_s"]
     result.update({k: v for k, v in spec.items() if k.startswith("spec_")})
-    for k, v in result.items():
-        print(f"{k:<32} {v:.4g}" if isinstance(v, float) else f"{k:<32} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    print_and_save(result, args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 
 from ember.engine.llm import LLM
 from ember.engine.step_stats import StepTimes
+from ember.entrypoints.bench.offline import print_and_save
 from ember.sampling_params import SamplingParams, StructuredOutputsParams
 
 
@@ -110,11 +111,7 @@ def main() -> None:
                 result[f"b{batch}_{tag}_{k}"] = v
         result[f"b{batch}_json_vs_free_tok_s"] = (result[f"b{batch}_json_output_tok_s"]
                                                   / result[f"b{batch}_free_output_tok_s"])
-    for k, v in result.items():
-        print(f"{k:<32} {v:.4g}" if isinstance(v, float) else f"{k:<32} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    print_and_save(result, args.json)
 
 
 if __name__ == "__main__":

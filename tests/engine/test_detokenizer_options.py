@@ -9,8 +9,8 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.sampling_params import SamplingParams
+from tests.engine.test_detokenizer import _stream
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,7 @@ def wordpiece():
 
 
 def _run(tokenizer, ids, params, delta=True):
-    d = IncrementalDetokenizer(tokenizer, params)
-    pieces, stop = [], None
-    for i, t in enumerate(ids):
-        stop = d.update([t])
-        last = stop is not None or i == len(ids) - 1
-        pieces.append(d.get_next_output_text(last, delta))
-        if stop:
-            break
+    pieces, stop, _ = _stream(tokenizer, ids, params, delta)
     return pieces, stop
 
 
