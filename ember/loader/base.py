@@ -38,10 +38,17 @@ class UnsupportedArchitectureError(ModelLoadError):
 
 @dataclass(frozen=True)
 class FormatLoader:
-    """The three readers one model format provides (each takes ``ModelSource.path``)."""
+    """The three readers one model format provides (each takes ``ModelSource.path``).
+
+    ``iter_weights(path, dtype, keep_quantized)``: with ``keep_quantized``
+    False, quantized tensors are dequantized and floating ones cast to
+    ``dtype``; with True, tensors come as the checkpoint stores them, for a
+    quantization method that runs the stored format (see
+    :attr:`ember.layers.quantization.base.QuantizationConfig.raw_checkpoint`).
+    """
 
     read_config: Callable[[str], PretrainedConfig]
-    iter_weights: Callable[[str, torch.dtype], Iterator[tuple[str, torch.Tensor]]]
+    iter_weights: Callable[[str, torch.dtype, bool], Iterator[tuple[str, torch.Tensor]]]
     load_tokenizer: Callable[[str], PreTrainedTokenizerFast]
 
 

@@ -326,7 +326,8 @@ def _load_tensor(gf: GGUFFile, planned: _PlannedTensor, dtype: torch.dtype) -> t
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for each GGUF tensor, dequantized, in file order.
 
     Tensors are dequantized to float32 with ``gguf.quants.dequantize`` (F32, F16,
@@ -338,7 +339,11 @@ def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
         ModelLoadError: unreadable file, unknown tensor name, or a ggml type
             gguf-py cannot dequantize.
         UnsupportedArchitectureError: not llama/qwen2.
+        NotImplementedError: ``keep_quantized`` (no quantization method runs
+            GGUF's block formats yet).
     """
+    if keep_quantized:
+        raise NotImplementedError("GGUF tensors are dequantized at load; no method keeps them quantized")
     gf = read_gguf(path)
     plan = _weight_plan(gf, _build_config(gf))
     for planned in tqdm(plan, desc=f"Loading {Path(path).name}", unit="tensor"):

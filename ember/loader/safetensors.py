@@ -122,7 +122,8 @@ class _MappedFile:
         return raw.view(dtype).view(info["shape"])
 
 
-def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False
+                             ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every tensor of every shard, file by file.
 
     Names and shapes are exactly as stored. Floating tensors are cast to
@@ -132,7 +133,8 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
     ``dtype`` and the scale itself is not yielded. Tensors already in
     ``dtype`` are views of a memory map of the file (see :class:`_MappedFile`):
     a tensor-parallel rank reads only its slices; others are materialized one
-    at a time.
+    at a time. With ``keep_quantized`` every tensor (FP8 weights and their
+    ``_scale_inv`` companions included) is yielded as stored, uncast.
 
     Raises:
         ModelLoadError: see :func:`safetensors_files`; a corrupt file; an FP8
@@ -140,7 +142,8 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
     """
     files = safetensors_files(path)
     names = {file: _tensor_names(file) for file in files}
-    scale_files = {n: file for file, ns in names.items() for n in ns if n.endswith(SCALE_INV_SUFFIX)}
+    scale_files = {} if keep_quantized else {n: file for file, ns in names.items() for n in ns
+                                             if n.endswith(SCALE_INV_SUFFIX)}
     block = fp8_block_size(path) if scale_files else DEFAULT_FP8_BLOCK
     total = sum(map(len, names.values())) - len(scale_files)
     with tqdm(total=total, desc=f"Loading {Path(path).name}", unit="tensor") as bar:
@@ -157,6 +160,10 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[st
                     if scale_name in scale_files:
                         tensor = _dequant(name, tensor, _read_scale(f, file, scale_files[scale_name], scale_name),
                                           block, dtype)
+                    elif keep_quantized:
+                        yield name, tensor
+                        bar.update()
+                        continue
                     elif tensor.dtype in FP8_DTYPES:
                         raise ModelLoadError(f"{file}: FP8 tensor {name!r} has no {scale_name!r}; only block-scaled "
                                              f"FP8 checkpoints (DeepSeek-V3 layout) are supported")

@@ -119,7 +119,8 @@ def read_hf_config(source: ModelSource) -> PretrainedConfig:
     return _loader(source).read_config(source.path)
 
 
-def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, dtype: torch.dtype, keep_quantized: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every checkpoint tensor, one at a time.
 
     Names are HF parameter names (``"model.embed_tokens.weight"``,
@@ -128,10 +129,15 @@ def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str,
     tensors are cast to ``dtype``, on CPU. A checkpoint with tied embeddings has
     no ``lm_head.weight``.
 
+    With ``keep_quantized`` (a quantization method that runs the checkpoint's
+    stored format), every tensor keeps its stored dtype and quantized ones are
+    not dequantized: FP8 weights, their scales, packed integer weights; the
+    parameters they are copied into decide their dtype.
+
     Raises:
         ModelLoadError: a missing shard, an unknown tensor name or quant type.
     """
-    return _loader(source).iter_weights(source.path, dtype)
+    return _loader(source).iter_weights(source.path, dtype, keep_quantized)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerFast | None:

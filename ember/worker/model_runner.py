@@ -139,6 +139,21 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def _fill_dummy(t: torch.Tensor, gen: torch.Generator) -> None:
+    """Random weights for ``--load-format dummy`` (speed depends on shapes, not
+    values): floating tensors uniform in [-0.05, 0.05) (drawn in float32 and
+    cast for dtypes ``uniform_`` lacks, e.g. FP8), integer ones (packed
+    quantized weights, indices) random over their dtype's range."""
+    if t.is_floating_point():
+        if t.element_size() >= 2:
+            t.uniform_(-0.05, 0.05, generator=gen)
+        else:
+            t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).uniform_(-0.05, 0.05, generator=gen))
+    elif t.dtype != torch.bool:
+        info = torch.iinfo(t.dtype)
+        t.random_(info.min, info.max, generator=gen)
+
+
 def _copy_blocks(src: list[torch.Tensor], src_ids: tuple[int, ...], dst: list[torch.Tensor],
                  dst_ids: tuple[int, ...], block_dim: int) -> None:
     """``dst[layer][..., dst_ids[i], ...] = src[layer][..., src_ids[i], ...]`` along
@@ -217,10 +232,11 @@ class ModelRunner:
             # Seeded, so two engines with the same seed get the same random weights.
             gen = torch.Generator(device=self.device).manual_seed(mc.seed or 0)
             for p in model.parameters():
-                p.data.uniform_(-0.05, 0.05, generator=gen)
+                _fill_dummy(p.data, gen)
         else:
             source = resolve_model_source(mc.model)
-            loaded = model.load_weights(iter_weights(source, mc.dtype))
+            keep_quantized = quant_config is not None and quant_config.raw_checkpoint
+            loaded = model.load_weights(iter_weights(source, mc.dtype, keep_quantized))
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")

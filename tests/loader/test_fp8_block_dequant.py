@@ -104,3 +104,18 @@ def test_wrong_scale_shape_is_an_error(tmp_path, weight):
                       {"quant_method": "fp8", "weight_block_size": [128, 128]})
     with pytest.raises(ModelLoadError, match="w.weight"):
         list(iter_weights(ModelSource("hf", str(tmp_path)), torch.bfloat16))
+
+
+def test_keep_quantized_yields_tensors_as_stored(tmp_path, weight):
+    """For a method that runs FP8 itself: weight and scale come uncast, undequantized."""
+    q, scale = quantize(weight, block=64)
+    norm = torch.randn(200, dtype=torch.bfloat16)
+    _write_checkpoint(tmp_path, {"model.safetensors": {"model.layers.0.mlp.down_proj.weight": q,
+                                                       "model.layers.0.mlp.down_proj.weight_scale_inv": scale,
+                                                       "model.norm.weight": norm}},
+                      {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64]})
+    ours = dict(iter_weights(ModelSource("hf", str(tmp_path)), torch.float32, keep_quantized=True))
+    assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(ours["model.layers.0.mlp.down_proj.weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(ours["model.layers.0.mlp.down_proj.weight_scale_inv"], scale)
+    assert ours["model.norm.weight"].dtype == torch.bfloat16 and torch.equal(ours["model.norm.weight"], norm)

@@ -66,6 +66,12 @@ def quant_method_for(quant_config: QuantizationConfig | None, layer: nn.Module, 
 class QuantizationConfig(ABC):
     """A checkpoint's (or ``--quantization``'s) quantization scheme."""
 
+    #: True when the checkpoint stores this scheme (FP8 weights and scales,
+    #: packed integers): the loader then yields tensors as stored, neither
+    #: dequantized nor cast, and the methods' parameters take them as they are.
+    #: False for a method that quantizes a floating-point checkpoint at load.
+    raw_checkpoint: bool = False
+
     @classmethod
     @abstractmethod
     def get_name(cls) -> str:
