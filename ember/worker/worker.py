@@ -19,7 +19,8 @@ class Worker:
         config: the engine config.
         rank: global rank of this worker (``ParallelConfig.world_size`` ranks;
             rank r is tensor-parallel rank ``r % tp`` of pipeline stage
-            ``r // tp``); on CUDA it runs on device ``cuda:rank``.
+            ``r // tp``); on CUDA it runs on device ``cuda:(rank mod ranks per
+            node)``.
         distributed_init_method: where the ranks meet (``"tcp://host:port"``,
             see :func:`~ember.distributed.parallel_state.init_distributed_environment`);
             needed with several ranks, which join their process groups here
@@ -36,14 +37,14 @@ class Worker:
         if pc.world_size == 1:
             init_tensor_parallel(0, 1)
             if cuda:
-                torch.cuda.set_device(rank)
+                torch.cuda.set_device(rank % pc.local_world_size)
         else:
             if distributed_init_method is None:
                 raise ValueError(f"a worker of {pc.world_size} ranks needs a distributed_init_method")
             init_distributed_environment(rank, pc.world_size, backend="nccl" if cuda else "gloo",
                                          init_method=distributed_init_method,
                                          tensor_parallel_size=pc.tensor_parallel_size,
-                                         local_rank=rank if cuda else None)
+                                         local_rank=rank % pc.local_world_size if cuda else None)
         set_expert_parallel(pc.enable_expert_parallel)
         self.rank = rank
         self.model_runner = ModelRunner(config)
