@@ -418,6 +418,9 @@ class MultiprocExecutor(Executor):
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
         self._call("initialize_host_kv_cache", num_blocks)
 
+    def rank_reports(self, num_tokens: int) -> list[dict]:
+        return self._call("rank_report", num_tokens)
+
     def launch(self, sched: SchedulerOutput) -> None:
         self._send("launch", sched)
         self._num_in_flight += 1
