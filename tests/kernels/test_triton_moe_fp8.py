@@ -1,0 +1,167 @@
+"""Triton FP8 fused MoE (block scales with 1 x bk activation groups, per-channel
+scales with per-token activations, static activation scales) against a float32
+reference of the dequantized experts on the same quantized activations: on
+CUDA at DeepSeek-V3 and Qwen3-30B-A3B expert shapes, without it on CPU in
+Triton's interpreter at small shapes (tests/kernels/interpret.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.layers.moe.torch_moe import fused_experts_fp8_torch, quantize_fp8_torch
+from tests.kernels.interpret import DEVICE, ON_GPU, by_device
+
+triton = pytest.importorskip("triton")
+
+FP8_MAX = 448.0
+
+
+def _routing(num_tokens, num_experts, top_k, gen, device):
+    logits = torch.randn(num_tokens, num_experts, generator=gen, device=device)
+    w, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def quantize_blocks(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] float -> FP8 and block scales [E, ceil(N / bn), ceil(K / bk)] (absmax / 448 per block)."""
+    e, n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    blocks = F.pad(w.float(), (0, kb * bk - k, 0, nb * bn - n)).view(e, nb, bn, kb, bk)
+    scale = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-12) / FP8_MAX
+    q = (blocks / scale[:, :, None, :, None]).view(e, nb * bn, kb * bk)[:, :n, :k].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] float -> FP8 and per-row scales [E, N]."""
+    scale = w.float().abs().amax(dim=2).clamp(min=1e-12) / FP8_MAX
+    return (w.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def dequant(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    if block is None:
+        return q.float() * scale[..., None]
+    bn, bk = block
+    n, k = q.shape[-2:]
+    return q.float() * scale.repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :k]
+
+
+def fake_quant(x: torch.Tensor, group: int | None, static: torch.Tensor | None = None) -> torch.Tensor:
+    """Activations quantized to FP8 and back (float32), one scale per token and group."""
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, device=x.device)
+    group = group or cols
+    for g0 in range(0, cols, group):
+        part = x[:, g0:g0 + group].float()
+        s = static.float() if static is not None else part.abs().amax(1, keepdim=True).clamp(min=1e-10) / FP8_MAX
+        out[:, g0:g0 + group] = (part / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+    return out
+
+
+def reference(x, w13, w2, weights, ids, group, a13=None, a2=None):
+    """Per-token loop in float32 over dequantized experts ``w13`` [E, 2I, H], ``w2`` [E, H, I]."""
+    inter = w2.shape[-1]
+    xq = fake_quant(x, group, a13)
+    out = torch.zeros(x.shape, device=x.device)
+    for t in range(x.shape[0]):
+        for k, e in enumerate(ids[t].tolist()):
+            gu = xq[t:t + 1] @ w13[e].T
+            h = fake_quant(F.silu(gu[:, :inter]) * gu[:, inter:], group, a2)
+            out[t] += weights[t, k] * (h @ w2[e].T)[0]
+    return out
+
+
+def _experts(num_experts, hidden, inter, gen):
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen, device=DEVICE) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen, device=DEVICE) / inter ** 0.5
+    return w13, w2
+
+
+@pytest.mark.parametrize("group", by_device([64, 128], [16, 32]))
+def test_quant_fp8_matches_torch(group):
+    from ember.kernels.triton_moe import quant_fp8
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(5, 4 * group + 8, generator=gen, device=DEVICE)
+    x[1, 3] = 1e4
+    x[2] = 0.0
+    for g in (group, None):
+        q, s = quant_fp8(x, g)
+        q_ref, s_ref = quantize_fp8_torch(x, g)
+        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+        assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() * 2 ** -3 + 1e-30).all()
+        assert not q.float().isnan().any()
+    static = torch.tensor([0.01], device=DEVICE)
+    q, s = quant_fp8(x, None, static_scale=static)
+    assert bool((s == 0.01).all()) and q.float().abs().max() == FP8_MAX  # the outlier saturates
+    gate_up = torch.randn(3, 2 * group, generator=gen, device=DEVICE)
+    q, s = quant_fp8(gate_up, group, silu_mul=True)
+    q_ref, s_ref = quantize_fp8_torch(F.silu(gate_up[:, :group]) * gate_up[:, group:], group)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+
+
+SHAPES = by_device(
+    [(1, 16, 4, 512, 256), (37, 64, 8, 1024, 512), (300, 8, 2, 512, 256)],
+    # 16-row blocks with experts left idle; 64-row blocks; hidden not a multiple of the block width.
+    [(1, 8, 2, 64, 32), (9, 16, 4, 96, 32), (150, 4, 2, 72, 32)])
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", SHAPES)
+@pytest.mark.parametrize("scheme", ["block", "channel", "static"])
+def test_fused_moe_fp8_matches_reference(scheme, num_tokens, num_experts, top_k, hidden, inter):
+    from ember.kernels.triton_moe import fused_experts_fp8_triton
+
+    gen = torch.Generator(device=DEVICE).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden, generator=gen, device=DEVICE)
+    x[0, 1] = 1e4  # an outlier activation
+    w13, w2 = _experts(num_experts, hidden, inter, gen)
+    weights, ids = _routing(num_tokens, num_experts, top_k, gen, DEVICE)
+    block = by_device((128, 128), (16, 16)) if scheme == "block" else None
+    if block:
+        (q13, s13), (q2, s2) = quantize_blocks(w13, *block), quantize_blocks(w2, *block)
+    else:
+        (q13, s13), (q2, s2) = quantize_rows(w13), quantize_rows(w2)
+    a13 = a2 = None
+    if scheme == "static":
+        a13, a2 = torch.tensor([0.02], device=DEVICE), torch.tensor([0.05], device=DEVICE)
+    group = block[1] if block else None
+    w13_f, w2_f = dequant(q13, s13, block), dequant(q2, s2, block)
+    cpu = fused_experts_fp8_torch(x, q13, q2, s13, s2, weights, ids, block, a13, a2)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        ref = reference(xd.float(), w13_f, w2_f, weights, ids, group, a13, a2)
+        out = fused_experts_fp8_triton(xd, q13, q2, s13, s2, weights, ids, block, a13, a2)
+        assert out.dtype == dtype and not out.isnan().any()
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        # float32: only the order of the sums differs (and, rarely, an activation
+        # rounded to the neighbouring FP8 value); bf16: also its rounding of the
+        # first GEMM's output (before the second quantization) and of the result.
+        assert rel < (2e-3 if dtype == torch.float32 else 2e-2), (dtype, rel)
+        if dtype == torch.float32:  # the plain-PyTorch path too
+            assert ((cpu - ref).norm() / ref.norm()).item() < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("num_tokens", [1, 64, 1024])
+@pytest.mark.parametrize("shape", [(256, 8, 7168, 2048), (128, 8, 2048, 768)], ids=["deepseek-v3", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_fused_moe_fp8_real_shapes(scheme, shape, num_tokens):
+    """Real expert shapes, bf16 activations, against the plain-PyTorch FP8 path on
+    the GPU (dequantized float32 weights, the same activation quantization)."""
+    from ember.kernels.triton_moe import fused_experts_fp8_triton
+
+    num_experts, top_k, hidden, inter = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(num_tokens, hidden, generator=gen, device="cuda")
+    weights, ids = _routing(num_tokens, num_experts, top_k, gen, "cuda")
+    w13, w2 = _experts(num_experts, hidden, inter, gen)
+    block = (128, 128) if scheme == "block" else None
+    (q13, s13), (q2, s2) = (quantize_blocks(w13, 128, 128), quantize_blocks(w2, 128, 128)) if block else \
+        (quantize_rows(w13), quantize_rows(w2))
+    del w13, w2
+    ref = fused_experts_fp8_torch(x, q13, q2, s13, s2, weights, ids, block)
+    out = fused_experts_fp8_triton(x.bfloat16(), q13, q2, s13, s2, weights, ids, block)
+    assert not out.isnan().any()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, rel
