@@ -226,6 +226,10 @@ class FusedMoE(nn.Module):
             self._load_scale(param, loaded, shard_id, expert_id, kind)
             return
         inter = self.intermediate_size // getattr(param, "intermediate_block", 1)
+        dim = 1 if shard_id == "w2" else 0  # the intermediate dimension, split over tensor-parallel ranks
+        if loaded.dim() != 2 or loaded.shape[dim] != inter * self.tp_size:
+            raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} does not have "
+                                               f"{inter * self.tp_size} {'columns' if dim else 'rows'}"))
         if shard_id == "w2":
             dst, src = param.data[expert_id], _narrow(loaded, 1, self.tp_rank * inter, inter)
         else:
