@@ -85,27 +85,39 @@ def test_fused_moe_fp8_matches_reference(scheme, num_tokens, num_experts, top_k,
             assert ((cpu - ref).norm() / ref.norm()).item() < 2e-3
 
 
+def _quantized_experts(num_experts, hidden, inter, block, gen, device="cuda", chunk=16):
+    """Random experts quantized a few at a time (DeepSeek-V3's float32 experts
+    would not fit the GPU at once): FP8 w13 / w2 and their scales."""
+    parts = []
+    for e0 in range(0, num_experts, chunk):
+        w13 = torch.randn(min(chunk, num_experts - e0), 2 * inter, hidden, generator=gen, device=device) / hidden ** 0.5
+        w2 = torch.randn(w13.shape[0], hidden, inter, generator=gen, device=device) / inter ** 0.5
+        q = (quantize_blocks(w13, *block), quantize_blocks(w2, *block)) if block else (quantize_rows(w13),
+                                                                                      quantize_rows(w2))
+        parts.append(q)
+        del w13, w2
+    return [torch.cat([p[i][j] for p in parts]) for i in (0, 1) for j in (0, 1)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("num_tokens", [1, 64, 1024])
 @pytest.mark.parametrize("shape", [(256, 8, 7168, 2048), (128, 8, 2048, 768)], ids=["deepseek-v3", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("scheme", ["block", "channel"])
-def test_fused_moe_fp8_real_shapes(scheme, shape, num_tokens):
-    """Real expert shapes, bf16 activations, against the plain-PyTorch FP8 path on
-    the GPU (dequantized float32 weights, the same activation quantization)."""
+def test_fused_moe_fp8_real_shapes(scheme, shape):
+    """Real expert shapes, 1, 64 and 1024 tokens of bf16 activations, against
+    the plain-PyTorch FP8 path on the GPU (dequantized float32 weights, the same
+    activation quantization)."""
     from ember.kernels.triton_moe import fused_experts_fp8_triton
 
     num_experts, top_k, hidden, inter = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(num_tokens, hidden, generator=gen, device="cuda")
-    weights, ids = routing(num_tokens, num_experts, top_k, gen, "cuda")
-    w13, w2 = _experts(num_experts, hidden, inter, gen)
     block = (128, 128) if scheme == "block" else None
-    (q13, s13), (q2, s2) = (quantize_blocks(w13, 128, 128), quantize_blocks(w2, 128, 128)) if block else \
-        (quantize_rows(w13), quantize_rows(w2))
-    del w13, w2
-    ref = fused_experts_fp8_torch(x, q13, q2, s13, s2, weights, ids, block)
-    out = fused_experts_fp8_triton(x.bfloat16(), q13, q2, s13, s2, weights, ids, block)
-    assert not out.isnan().any()
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    assert rel < 2e-2, rel
+    q13, s13, q2, s2 = _quantized_experts(num_experts, hidden, inter, block, gen)
+    for num_tokens in (1, 64, 1024):
+        x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").bfloat16()
+        weights, ids = routing(num_tokens, num_experts, top_k, gen, "cuda")
+        ref = fused_experts_fp8_torch(x.float(), q13, q2, s13, s2, weights, ids, block)
+        out = fused_experts_fp8_triton(x, q13, q2, s13, s2, weights, ids, block)
+        assert not out.isnan().any()
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel < 3e-2, (num_tokens, rel)  # bf16 rounding of x, of the first GEMM output and of the result
