@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ember import LLM, SamplingParams
+
 from tests.layers.quantization.fp8_ref import dequant, fake_quant, quantize_blocks, reference
 from tests.models.tiny import (NUM_NEW, check_greedy, ember_llm, hf_greedy, hf_prefill_logits, make_prompts,
                                one_thread, runner_of, save_tiny)
@@ -160,3 +162,26 @@ def test_all_layers_block_fp8_end_to_end(tmp_path, model):
     assert len(linear) >= 12
     quantize_linear_activations_(hf, linear)
     check_fp8_vs_hf(hf, path, logit_tol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
+def test_qwen3_moe_block_fp8_experts_two_ranks(tmp_path, expert_parallel):
+    """Two CPU worker processes: each rank loads its half of the expert
+    intermediate blocks (tensor parallel) or half of the experts (expert
+    parallel) with their block scales; greedy tokens equal HF's."""
+    hf = qwen3_moe()
+    ignored = [f"model.layers.{i}.self_attn" for i in range(3)] + ["model.layers.1.mlp"]
+    path, _ = write_fp8_checkpoint(hf, tmp_path, ignored, quantize_linear=False)
+    quantize_expert_activations_(hf)
+    prompts = make_prompts()[:3]
+    with one_thread():
+        refs = [hf_greedy(hf.eval(), p, 8) for p in prompts]
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=4 << 20, max_num_batched_tokens=8,
+              tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    try:
+        outs = llm.generate([list(p) for p in prompts], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == refs
