@@ -231,10 +231,10 @@ class FusedMoE(nn.Module):
             raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} does not have "
                                                f"{inter * self.tp_size} {'columns' if dim else 'rows'}"))
         if shard_id == "w2":
-            dst, src = param.data[expert_id], _narrow(loaded, 1, self.tp_rank * inter, inter)
+            dst, src = param.data[expert_id], loaded.narrow(1, self.tp_rank * inter, inter)
         else:
             offset = 0 if shard_id == "w1" else inter
-            dst, src = param.data[expert_id, offset: offset + inter], _narrow(loaded, 0, self.tp_rank * inter, inter)
+            dst, src = param.data[expert_id, offset: offset + inter], loaded.narrow(0, self.tp_rank * inter, inter)
         if dst.shape != src.shape:
             raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} does not "
                                                                            f"match {tuple(dst.shape)}"))
@@ -250,18 +250,17 @@ class FusedMoE(nn.Module):
             param.data[expert_id, 1 if shard_id == "w3" else 0] = loaded.reshape(())
             return
         inter = self.intermediate_size
-        rows = param.data[expert_id] if shard_id == "w2" else \
-            param.data[expert_id, (0 if shard_id == "w1" else inter): (inter if shard_id == "w1" else 2 * inter)]
+        offset = 0 if shard_id == "w1" else inter
+        rows = param.data[expert_id] if shard_id == "w2" else param.data[expert_id, offset: offset + inter]
         flat = loaded.reshape(-1)
         if flat.numel() == 1:
             rows.fill_(flat[0])  # a per-tensor scale for every row
             return
-        src = flat if shard_id == "w2" else _narrow(flat, 0, self.tp_rank * inter, inter)
-        if loaded.dim() > 2 or (loaded.dim() == 2 and loaded.shape[1] != 1) or src.shape != rows.shape:
-            full_rows = rows.numel() if shard_id == "w2" else inter * self.tp_size
+        full = rows.numel() if shard_id == "w2" else inter * self.tp_size
+        if loaded.dim() > 2 or (loaded.dim() == 2 and loaded.shape[1] != 1) or flat.numel() != full:
             raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} is neither "
-                                                                           f"one scale nor {full_rows} (one per row)"))
-        rows.copy_(src)
+                                                                           f"one scale nor {full} (one per row)"))
+        rows.copy_(flat if shard_id == "w2" else flat.narrow(0, self.tp_rank * inter, inter))
 
     def _shard_error(self, param: nn.Parameter, shard_id: str, expert_id: int, what: str) -> str:
         name = getattr(param, "checkpoint_suffix", "weight")
@@ -270,8 +269,3 @@ class FusedMoE(nn.Module):
         return (f"FusedMoE {shard_id} of expert {expert_id}: {name} {what} (tp_size {self.tp_size}"
                 f"{', ' + scheme if scheme else ''}; checkpoint tensor {tensor})")
 
-
-def _narrow(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
-    """``t.narrow``, clipped to ``t`` (a short tensor then fails the caller's shape check, not narrow)."""
-    start = min(start, t.shape[dim])
-    return t.narrow(dim, start, min(length, t.shape[dim] - start))
