@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ember.layers.moe.torch_moe import FP8_E4M3_MAX
-from ember.layers.quantization.fp8 import Fp8Config
+from ember.layers.quantization.base import QuantizationConfig
 from ember.utils import resolve_lazy
 
 # name -> "module:function", imported lazily so the CPU path never imports GPU kernels.
@@ -48,12 +48,14 @@ class Fp8MoEMethod:
     """FP8 experts (see the module docstring).
 
     Args:
-        quant_config: the model's FP8 scheme.
+        quant_config: the model's FP8 scheme, an
+            :class:`~ember.layers.quantization.fp8.Fp8Config` (not imported
+            here: that module imports this one).
         impl: ``"triton"`` or ``"torch"`` (default: Triton when the layer is
             built on CUDA, else the plain-PyTorch loop).
     """
 
-    def __init__(self, quant_config: Fp8Config, impl: str | None = None) -> None:
+    def __init__(self, quant_config: QuantizationConfig, impl: str | None = None) -> None:
         self.quant_config = quant_config
         self.serialized = quant_config.is_checkpoint_fp8_serialized
         self.block_shape = quant_config.weight_block_size if self.serialized else None
