@@ -181,7 +181,8 @@ def main() -> None:
                          "method installed, fp8-block and fp8-online)")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--extra-overrides", type=json.loads, default=None,
-                    help="more config fields for the engine runs (a JSON object; e.g. a narrower model for a smoke run)")
+                    help="more config fields for the engine runs (a JSON object; e.g. a narrower model for a "
+                         "CPU smoke run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     result: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
