@@ -264,7 +264,9 @@ class EngineArgs:
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)
         for key, value in (self.hf_overrides or {}).items():
-            if not hasattr(hf_config, key):
+            # NOTE: quantization_config may be added: it describes a checkpoint's
+            # storage (e.g. block FP8 for a preset with --load-format dummy).
+            if not hasattr(hf_config, key) and key != "quantization_config":
                 raise ConfigError(f"hf_overrides: the model config has no field {key!r}")
             setattr(hf_config, key, value)
         architecture = ModelRegistry.resolve(hf_config)
