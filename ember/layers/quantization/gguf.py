@@ -267,16 +267,22 @@ class GGUFLinearMethod(LinearMethodBase):
         dtype (float32 for an LM head)."""
         out_dtype = torch.float32 if self.out_float32 else x.dtype
         if x.is_cuda and x.shape[0] <= GGUF_GEMV_MAX_M:
-            from ember.kernels.triton_gguf import gguf_gemv
-
-            out = torch.empty(x.shape[0], self.out_features, dtype=out_dtype, device=x.device)
-            for qtype, w, offset in self._segments(layer):
-                rows = w.shape[0]
-                gguf_gemv(x, w, qtype, out=out.narrow(1, offset, rows),
-                          bias=None if bias is None else bias.narrow(0, offset, rows))
-            return out
+            return self.apply_gemv(layer, x, bias, out_dtype)
         y = F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
         return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def apply_gemv(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+        """The Triton GEMV path of :meth:`apply` (one kernel per projection
+        type, each writing its slice of the output): [num_tokens, N] ``out_dtype``."""
+        from ember.kernels.triton_gguf import gguf_gemv
+
+        out = torch.empty(x.shape[0], self.out_features, dtype=out_dtype, device=x.device)
+        for qtype, w, offset in self._segments(layer):
+            rows = w.shape[0]
+            gguf_gemv(x, w, qtype, out=out.narrow(1, offset, rows),
+                      bias=None if bias is None else bias.narrow(0, offset, rows))
+        return out
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` [num_tokens] int64 of the table, dequantized ->
