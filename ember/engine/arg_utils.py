@@ -179,12 +179,12 @@ class EngineArgs:
         parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
                             help="uni: the model runs in the engine core's process (one device); mp: one worker "
                                  "process per rank (default: mp with several ranks, else uni)")
-        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
+        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names() + ["none"],
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
                                  "quantized at load; gguf: a GGUF file's quantized tensors run as stored "
                                  "(default: the checkpoint's own quantization_config, if any; gguf for GGUF "
-                                 "files on CUDA)")
+                                 "files on CUDA); none: no method forced (a GGUF file is dequantized at load)")
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
         parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         parser.add_argument("--piecewise-cuda-graphs", action=argparse.BooleanOptionalAction,
@@ -254,8 +254,8 @@ class EngineArgs:
                 raise ConfigError(f"hf_overrides: the model config has no field {key!r}")
             setattr(hf_config, key, value)
         architecture = ModelRegistry.resolve(hf_config)
-        quantization = self.quantization
-        if quantization is None and source.format == "gguf" and device == "cuda" and self.load_format != "dummy":
+        quantization = None if self.quantization == "none" else self.quantization
+        if self.quantization is None and source.format == "gguf" and device == "cuda" and self.load_format != "dummy":
             # NOTE: the one place a GGUF file's default is decided: on CUDA its
             # quantized tensors run as stored (ember.layers.quantization.gguf);
             # elsewhere they are dequantized at load unless --quantization gguf.

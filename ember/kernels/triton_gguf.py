@@ -26,9 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gguf import GGMLQuantizationType as GT
-
-from ember.layers.quantization.gguf import GGUF_BLOCK_SIZES
+from ember.layers.quantization.gguf import GGUF_BLOCK_SIZES, GT
 
 # Output features per program of the GEMV, and its row tile of x.
 _GEMV_BLOCK_N = 32
@@ -189,7 +187,7 @@ _QS_OFFSET = {_Q4_0: 2, _Q4_1: 4, _Q5_0: 6, _Q5_1: 8, _Q8_0: 2, _Q4_K: 16, _Q5_K
 
 
 def _type_args(qtype: int) -> dict[str, int]:
-    return {"QTYPE": qtype, "BS": GGUF_BLOCK_SIZES[qtype][1], "QS": _QS_OFFSET[qtype]}
+    return {"QTYPE": int(qtype), "BS": GGUF_BLOCK_SIZES[qtype][1], "QS": _QS_OFFSET[qtype]}
 
 
 def _geometry(w: torch.Tensor, qtype: int) -> tuple[int, int, int]:

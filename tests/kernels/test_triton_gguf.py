@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as GT
 
 from ember.kernels.triton_gguf import gguf_dequantize, gguf_gemv
-from ember.layers.quantization.gguf import GGUF_BLOCK_SIZES, GGUFLinearMethod, dequantize_gguf
+from ember.layers.quantization.gguf import GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GT, GGUFLinearMethod, dequantize_gguf
 from tests.kernels.interpret import DEVICE, faithful_interpreter
 
 TYPES = sorted(GGUF_BLOCK_SIZES, key=int)
@@ -35,7 +34,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, qtype: int, bias: torch.Tensor 
     return y if bias is None else y + bias.float()
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: GT(t).name)
+@pytest.mark.parametrize("qtype", TYPES, ids=GGML_TYPE_NAMES.get)
 def test_dequantize_kernel_matches_pytorch(qtype) -> None:
     # 18 blocks of 32 (a partial step of 8) or 2 super-blocks; 40 rows (a partial row tile).
     k = 576 if GGUF_BLOCK_SIZES[qtype][0] == 32 else 512
@@ -46,7 +45,7 @@ def test_dequantize_kernel_matches_pytorch(qtype) -> None:
     assert torch.equal(gguf_dequantize(w, qtype, torch.float32, rows=ids).cpu(), ref[ids.cpu()])
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: GT(t).name)
+@pytest.mark.parametrize("qtype", TYPES, ids=GGML_TYPE_NAMES.get)
 @pytest.mark.parametrize("m", [1, 5])
 def test_gemv_matches_float32_reference(qtype, m) -> None:
     k = 576 if GGUF_BLOCK_SIZES[qtype][0] == 32 else 512
@@ -102,7 +101,7 @@ def test_merged_layer_of_mixed_types_runs_one_product_per_projection() -> None:
 # ---------------------------------------------------------------- CUDA, real shapes
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: GT(t).name)
+@pytest.mark.parametrize("qtype", TYPES, ids=GGML_TYPE_NAMES.get)
 @pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336)])
 @pytest.mark.parametrize("m", [1, 16])
 def test_gemv_real_shapes_cuda(qtype, shape, m) -> None:
@@ -116,7 +115,7 @@ def test_gemv_real_shapes_cuda(qtype, shape, m) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: GT(t).name)
+@pytest.mark.parametrize("qtype", TYPES, ids=GGML_TYPE_NAMES.get)
 def test_dequantize_real_shape_cuda(qtype) -> None:
     w = random_blocks(qtype, 4096, 4096, device="cuda")
     ref = dequantize_gguf(w, qtype)

@@ -44,10 +44,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType as GT
 from torch import nn
 
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
+
+
+class GT:
+    """The ggml type ids this module runs (``enum ggml_type`` in ggml.h, the
+    values of gguf-py's ``GGMLQuantizationType``; stable in the file format),
+    so the kernels need no gguf package."""
+
+    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+
+
+GGML_TYPE_NAMES = {GT.Q4_0: "Q4_0", GT.Q4_1: "Q4_1", GT.Q5_0: "Q5_0", GT.Q5_1: "Q5_1", GT.Q8_0: "Q8_0",
+                   GT.Q4_K: "Q4_K", GT.Q5_K: "Q5_K", GT.Q6_K: "Q6_K"}
+
+
+def _type_name(qtype: int) -> str:
+    return GGML_TYPE_NAMES.get(int(qtype), getattr(qtype, "name", f"ggml type {int(qtype)}"))
+
 
 # ggml type -> (elements per block, bytes per block): gguf-py's GGML_QUANT_SIZES.
 GGUF_BLOCK_SIZES: dict[int, tuple[int, int]] = {
@@ -68,7 +84,7 @@ def gguf_row_bytes(qtype: int, k: int) -> int:
     """
     elems, nbytes = GGUF_BLOCK_SIZES[qtype]
     if k % elems:
-        raise ValueError(f"{GT(qtype).name} rows hold multiples of {elems} elements, got {k}")
+        raise ValueError(f"{_type_name(qtype)} rows hold multiples of {elems} elements, got {k}")
     return k // elems * nbytes
 
 
@@ -135,8 +151,8 @@ def _dequant_blocks(b: torch.Tensor, qtype: int) -> torch.Tensor:
         qh = ((b[:, 128:192].reshape(nb, 2, 1, 32) >> shifts) & 3).reshape(nb, 8, 32)
         q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(nb, 16, 16)
         return (d * q.to(torch.float32)).reshape(nb, 256)
-    raise ValueError(f"ggml type {GT(qtype).name} has no GGUF dequantizer here; "
-                     f"supported: {sorted(GT(t).name for t in GGUF_KERNEL_TYPES)}")
+    raise ValueError(f"{_type_name(qtype)} has no GGUF dequantizer here; "
+                     f"supported: {sorted(GGML_TYPE_NAMES.values())}")
 
 
 def dequantize_gguf(data: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -157,7 +173,7 @@ def dequantize_gguf(data: torch.Tensor, qtype: int) -> torch.Tensor:
         _dequant_blocks(data, qtype)  # raises
     elems, nbytes = GGUF_BLOCK_SIZES[qtype]
     if data.dtype != torch.uint8 or data.shape[-1] % nbytes:
-        raise ValueError(f"{GT(qtype).name} rows must be uint8 multiples of {nbytes} bytes, "
+        raise ValueError(f"{_type_name(qtype)} rows must be uint8 multiples of {nbytes} bytes, "
                          f"got {data.dtype} {tuple(data.shape)}")
     lead = data.shape[:-1]
     blocks = data.reshape(-1, nbytes)

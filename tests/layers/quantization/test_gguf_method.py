@@ -161,3 +161,12 @@ def test_bundled_model_runs_quantized_like_the_dequantized_path(which, smollm2_p
     ref, model = _generate(path, None, prompts, 3)
     assert _weight_bytes(model) > 3 * file_bytes
     assert ours == ref
+
+
+@pytest.mark.parametrize("asked, resolved", [(None, None), ("gguf", "gguf"), ("none", None)])
+def test_cpu_keeps_the_dequantized_path_unless_asked(smollm2_path, asked, resolved) -> None:
+    from ember.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=smollm2_path, device="cpu", quantization=asked).create_engine_config()
+    assert config.model_config.quantization == resolved
+    assert config.model_config.hf_config.gguf_weight_types["model.embed_tokens.weight"] == GT.Q8_0
