@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ember.layers.quantization.gguf import GGUF_BLOCK_SIZES, GT
+from ember.layers.quantization.gguf_types import GGUF_BLOCK_SIZES, GT
 
 # Output features per program of the GEMV, and its row tile of x.
 _GEMV_BLOCK_N = 32

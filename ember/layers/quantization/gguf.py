@@ -47,45 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
+from ember.layers.quantization.gguf_types import (GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GGUF_KERNEL_TYPES, GT,
+                                                  gguf_row_bytes)
+from ember.layers.quantization.gguf_types import type_name as _type_name
 
-
-class GT:
-    """The ggml type ids this module runs (``enum ggml_type`` in ggml.h, the
-    values of gguf-py's ``GGMLQuantizationType``; stable in the file format),
-    so the kernels need no gguf package."""
-
-    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
-
-
-GGML_TYPE_NAMES = {GT.Q4_0: "Q4_0", GT.Q4_1: "Q4_1", GT.Q5_0: "Q5_0", GT.Q5_1: "Q5_1", GT.Q8_0: "Q8_0",
-                   GT.Q4_K: "Q4_K", GT.Q5_K: "Q5_K", GT.Q6_K: "Q6_K"}
-
-
-def _type_name(qtype: int) -> str:
-    return GGML_TYPE_NAMES.get(int(qtype), getattr(qtype, "name", f"ggml type {int(qtype)}"))
-
-
-# ggml type -> (elements per block, bytes per block): gguf-py's GGML_QUANT_SIZES.
-GGUF_BLOCK_SIZES: dict[int, tuple[int, int]] = {
-    GT.Q4_0: (32, 18), GT.Q4_1: (32, 20), GT.Q5_0: (32, 22), GT.Q5_1: (32, 24), GT.Q8_0: (32, 34),
-    GT.Q4_K: (256, 144), GT.Q5_K: (256, 176), GT.Q6_K: (256, 210),
-}
-#: The ggml types this method runs quantized (the others are dequantized at load).
-GGUF_KERNEL_TYPES: frozenset[int] = frozenset(GGUF_BLOCK_SIZES)
 # More rows of x than this: dequantize the weight, then one dense GEMM.
 GGUF_GEMV_MAX_M = 16
-
-
-def gguf_row_bytes(qtype: int, k: int) -> int:
-    """Bytes of one row of ``k`` elements in ggml type ``qtype``.
-
-    Raises:
-        ValueError: ``k`` is not a multiple of the type's block size.
-    """
-    elems, nbytes = GGUF_BLOCK_SIZES[qtype]
-    if k % elems:
-        raise ValueError(f"{_type_name(qtype)} rows hold multiples of {elems} elements, got {k}")
-    return k // elems * nbytes
 
 
 # ---------------------------------------------------------------- dequantization (plain PyTorch)
