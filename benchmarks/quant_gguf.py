@@ -6,8 +6,10 @@
    inside one CUDA graph over enough weight copies to overflow the L2 (median
    of the replays), as GB/s of the quantized bytes; beside it the bf16 skinny
    GEMM Ember's dense decode runs at the same shape (its time, and the speed-up
-   of the quantized kernel over it), and the relative error of the kernel
-   against the float32 product of the dequantized weight (``ok`` below 1e-2).
+   of the quantized kernel over it), the relative error of the kernel
+   against the float32 product of the dequantized weight (``ok`` below 1e-2),
+   and the GEMV's time at 16, 32 and 64 output features per program (the
+   default picks by N).
 2. Models: batch-1 decode tok/s of each GGUF file given (32-token prompt,
    256 new tokens, from the difference of a 16- and a 272-token run, so the
    prefill cancels), quantized (``--quantization gguf``) against the
@@ -32,6 +34,7 @@ from ember.layers.quantization.gguf import GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GT
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 ROWS = [1, 16]
+BLOCK_NS = (16, 32, 64)  # the GEMV's output features per program, swept for tuning
 L2_BYTES = 50 << 20
 _SCALE_OFFSETS = {GT.Q4_0: (0,), GT.Q4_1: (0, 2), GT.Q5_0: (0,), GT.Q5_1: (0, 2), GT.Q8_0: (0,),
                   GT.Q4_K: (0, 2), GT.Q5_K: (0, 2), GT.Q6_K: (208,)}
@@ -75,7 +78,7 @@ def bench_kernels() -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     print(f"{'type':<5} {'N x K':>12} {'M':>3} {'gguf_us':>8} {'GB/s':>7} {'bf16_us':>8} {'speedup':>7} "
-          f"{'rel_err':>8}")
+          f"{'rel_err':>8} {'':>4}  " + " ".join(f"{f'us_bn{bn}':>6}" for bn in BLOCK_NS))
     for n, k in SHAPES:
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                  for _ in range(max(2, -(-2 * L2_BYTES // (n * k * 2))))]
@@ -89,14 +92,18 @@ def bench_kernels() -> list[dict]:
                 copies = [w0] + [random_blocks(qtype, n, k, gen) for _ in range(max(1, -(-2 * L2_BYTES // nbytes)) - 1)]
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
                 us = graph_time_us([lambda w=w: gguf_gemv(x, w, qtype, out=out) for w in copies])
+                by_block_n = {bn: graph_time_us([lambda w=w: gguf_gemv(x, w, qtype, out=out, block_n=bn)
+                                                 for w in copies]) for bn in BLOCK_NS}
                 gguf_gemv(x, w0, qtype, out=out)
                 ref = x.float() @ dequantize_gguf(w0, qtype).T
                 err = float((out.float() - ref).abs().max() / ref.abs().max())
                 row = dict(type=GGML_TYPE_NAMES[qtype], n=n, k=k, m=m, gguf_us=us, gb_s=nbytes / us / 1e3,
-                           bf16_us=bf16_us, speedup=bf16_us / us, rel_err=err, ok=err < 1e-2)
+                           bf16_us=bf16_us, speedup=bf16_us / us, rel_err=err, ok=err < 1e-2,
+                           us_by_block_n=by_block_n)
                 rows.append(row)
                 print(f"{row['type']:<5} {f'{n}x{k}':>12} {m:>3} {us:8.1f} {row['gb_s']:7.0f} {bf16_us:8.1f} "
-                      f"{row['speedup']:7.2f} {err:8.1e} {'ok' if row['ok'] else 'FAIL'}", flush=True)
+                      f"{row['speedup']:7.2f} {err:8.1e} {'ok' if row['ok'] else 'FAIL':>4}  "
+                      + " ".join(f"{by_block_n[bn]:6.1f}" for bn in BLOCK_NS), flush=True)
                 del copies, w0
             del y_dense
         del dense
@@ -123,7 +130,7 @@ def bench_model(path: str, quantization: str, new_tokens: int = 256) -> dict:
     run(16)  # warm-up
     short = min(run(16)[0] for _ in range(2))
     long, tokens = run(16 + new_tokens)
-    del llm, model
+    llm = model = None  # free the engine before the next one loads
     gc.collect()
     torch.cuda.empty_cache()
     return dict(model=os.path.basename(path), quantization=quantization, decode_tok_s=new_tokens / (long - short),

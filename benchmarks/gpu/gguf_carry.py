@@ -51,7 +51,8 @@ def split(models: list[str]) -> None:
                 part = CARRY / f"{src.name}.{i:02d}"
                 part.write_bytes(f.read(PART_BYTES))
                 print(part.relative_to(CARRY.parents[1]))
-    print(f"also carry, with any part: {', '.join(str(p.relative_to(CARRY.parents[1])) for p in sorted(CARRY.glob('*.sha256')))}")
+    pins = ", ".join(str(p.relative_to(CARRY.parents[1])) for p in sorted(CARRY.glob("*.sha256")))
+    print(f"also carry, with any part: {pins}")
 
 
 def join(out_dir: Path) -> None:

@@ -28,9 +28,14 @@ import triton
 import triton.language as tl
 from ember.layers.quantization.gguf_types import GGUF_BLOCK_SIZES, GT
 
-# Output features per program of the GEMV, and its row tile of x.
-_GEMV_BLOCK_N = 32
+# Row tile of x in the GEMV, and its output features per program: 16 up to
+# 8192 features (so a 4096-feature layer still spreads over ~2 programs per SM
+# of an H100, there being no split-K), else 32.
 _GEMV_BLOCK_M = 16
+
+
+def _gemv_block_n(n: int) -> int:
+    return 16 if n <= 8192 else 32
 _DEQUANT_BLOCK_N = 32
 # Elements of K decoded per step: eight 32-element blocks or one super-block.
 _TILE_K = 256
@@ -138,7 +143,8 @@ def _dequant_tile(W, row_off, kb, nblocks, QTYPE: tl.constexpr, BS: tl.constexpr
 
 @triton.jit(do_not_specialize=["M"])
 def _gguf_gemv_kernel(X, W, B, Y, M, N, K, nblocks, stride_xm, stride_wn, stride_ym,
-                      QTYPE: tl.constexpr, BS: tl.constexpr, QS: tl.constexpr, QK: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      QTYPE: tl.constexpr, BS: tl.constexpr, QS: tl.constexpr, QK: tl.constexpr, NB: tl.constexpr,
+                      HAS_BIAS: tl.constexpr,
                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -166,7 +172,8 @@ def _gguf_gemv_kernel(X, W, B, Y, M, N, K, nblocks, stride_xm, stride_wn, stride
 
 @triton.jit
 def _gguf_dequant_kernel(W, IDS, Y, R, K, nblocks, stride_wn, stride_ym,
-                         QTYPE: tl.constexpr, BS: tl.constexpr, QS: tl.constexpr, QK: tl.constexpr, NB: tl.constexpr, HAS_IDS: tl.constexpr,
+                         QTYPE: tl.constexpr, BS: tl.constexpr, QS: tl.constexpr, QK: tl.constexpr,
+                         NB: tl.constexpr, HAS_IDS: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     pid_r = tl.program_id(0)
     kb = tl.program_id(1) * NB
@@ -203,7 +210,7 @@ def _geometry(w: torch.Tensor, qtype: int) -> tuple[int, int, int]:
 
 
 def gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: int, out: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
     """``x @ dequant(w).T (+ bias)`` with the blocks decoded in registers.
 
     Args:
@@ -214,6 +221,7 @@ def gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: int, out: torch.Tensor | 
         out: [M, N] to write (any row stride, unit column stride); default a
             new tensor of x's dtype.
         bias: [N] or None.
+        block_n: output features per program (16, 32, 64; default by N).
     Returns:
         ``out``: [M, N], accumulated in float32 and rounded once.
     Raises:
@@ -227,11 +235,12 @@ def gguf_gemv(x: torch.Tensor, w: torch.Tensor, qtype: int, out: torch.Tensor | 
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if tuple(out.shape) != (M, N) or out.stride(1) != 1:
         raise ValueError(f"out must be [{M}, {N}] with unit column stride, got {tuple(out.shape)}")
-    grid = (triton.cdiv(N, _GEMV_BLOCK_N), triton.cdiv(M, _GEMV_BLOCK_M))
+    block_n = block_n or _gemv_block_n(N)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, _GEMV_BLOCK_M))
     _gguf_gemv_kernel[grid](x, w, bias if bias is not None else x, out, M, N, K, nblocks, x.stride(0), w.stride(0),
                             out.stride(0), QK=GGUF_BLOCK_SIZES[qtype][0], NB=nb, **_type_args(qtype),
                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                            BLOCK_M=_GEMV_BLOCK_M, BLOCK_N=_GEMV_BLOCK_N, num_warps=4)
+                            BLOCK_M=_GEMV_BLOCK_M, BLOCK_N=block_n, num_warps=4)
     return out
 
 

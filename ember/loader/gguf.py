@@ -311,11 +311,11 @@ _STACKED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def gguf_weight_types(gf: GGUFFile) -> dict[str, int]:
     """HF weight name -> ggml type of each 2-D weight that the ``gguf``
     quantization method runs as stored: its type is one of
-    :data:`ember.layers.quantization.gguf.GGUF_KERNEL_TYPES`, and so are the
+    :data:`ember.layers.quantization.gguf_types.GGUF_KERNEL_TYPES`, and so are the
     types of the projections stacked with it (q/k/v, gate/up). With
     ``keep_quantized``, :func:`iter_gguf_weights` yields exactly these as
     stored blocks and dequantizes the others."""
-    from ember.layers.quantization.gguf import GGUF_KERNEL_TYPES
+    from ember.layers.quantization.gguf_types import GGUF_KERNEL_TYPES
 
     kept: dict[str, int] = {}
     for tensor in gf.tensors.values():

@@ -53,7 +53,8 @@ def test_gemv_matches_float32_reference(qtype, m) -> None:
     x = torch.randn(m, k, device=w.device)
     bias = torch.randn(40, device=w.device)
     ref = _reference(x, w, qtype, bias)
-    torch.testing.assert_close(gguf_gemv(x, w, qtype, bias=bias), ref, rtol=1e-4, atol=1e-4)
+    for block_n in (None, 32):
+        torch.testing.assert_close(gguf_gemv(x, w, qtype, bias=bias, block_n=block_n), ref, rtol=1e-4, atol=1e-4)
     # A slice of a wider output (any row stride), as a merged layer writes it.
     out = torch.full((m, 100), 7.0, device=w.device)
     gguf_gemv(x, w, qtype, out=out.narrow(1, 30, 40))

@@ -16,7 +16,8 @@ matmul:
   to ``gguf.quants.dequantize``), then ``F.linear``.
 
 Which layers: every linear layer, the LM head and the token embedding whose
-GGUF tensors all have a type in :data:`GGUF_KERNEL_TYPES` (Q4_0, Q4_1, Q5_0,
+GGUF tensors all have a type in
+:data:`~ember.layers.quantization.gguf_types.GGUF_KERNEL_TYPES` (Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). The GGUF loader decides this once per file
 (``gguf_weight_types`` on the model's HF config, see
 :func:`ember.loader.gguf.gguf_hf_config`) and dequantizes every other tensor
@@ -47,8 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
-from ember.layers.quantization.gguf_types import (GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GGUF_KERNEL_TYPES, GT,
-                                                  gguf_row_bytes)
+from ember.layers.quantization.gguf_types import GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GT, gguf_row_bytes
 from ember.layers.quantization.gguf_types import type_name as _type_name
 
 # More rows of x than this: dequantize the weight, then one dense GEMM.

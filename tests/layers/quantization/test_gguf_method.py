@@ -25,8 +25,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize, quantize
 
 from ember.layers.quantization import get_quant_config
-from ember.layers.quantization.gguf import (GGUF_BLOCK_SIZES, GGUF_KERNEL_TYPES, GGUFConfig, GGUFLinearMethod,
-                                            dequantize_gguf)
+from ember.layers.quantization.gguf import GGUF_BLOCK_SIZES, GGUFConfig, GGUFLinearMethod, dequantize_gguf
 from ember.loader.gguf import gguf_weight_types, iter_gguf_weights, read_gguf
 
 QUANTIZABLE = [GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0]
