@@ -114,8 +114,9 @@ def bench_kernels() -> list[dict]:
 def bench_model(path: str, quantization: str, new_tokens: int = 256) -> dict:
     from ember import LLM, SamplingParams
 
+    # Few captured batch sizes and no piecewise (prefill) graphs: start-up stays short, batch 1 is the same.
     llm = LLM(path, dtype="bfloat16", max_model_len=1024, kv_cache_memory=1 << 30, quantization=quantization,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, max_num_seqs=4, piecewise_cuda_graphs=False)
     model = llm.llm_engine.engine_core.executor.worker.model_runner.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     prompt = [[(i * 7919) % 1000 + 100 for i in range(32)]]
