@@ -103,7 +103,7 @@ def test_merged_layer_of_mixed_types_runs_one_product_per_projection() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", TYPES, ids=GGML_TYPE_NAMES.get)
-@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096)])
 @pytest.mark.parametrize("m", [1, 16])
 def test_gemv_real_shapes_cuda(qtype, shape, m) -> None:
     n, k = shape

@@ -249,7 +249,7 @@ class GGUFLinearMethod(LinearMethodBase):
         """``x`` [num_tokens, K] -> ``x @ W.T + bias`` [num_tokens, N] in x's
         dtype (float32 for an LM head)."""
         out_dtype = torch.float32 if self.out_float32 else x.dtype
-        if x.is_cuda and x.shape[0] <= GGUF_GEMV_MAX_M:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= GGUF_GEMV_MAX_M and x.stride(1) == 1:
             return self.apply_gemv(layer, x, bias, out_dtype)
         y = F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
         return y if y.dtype == out_dtype else y.to(out_dtype)

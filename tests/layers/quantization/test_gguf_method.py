@@ -169,3 +169,36 @@ def test_cpu_keeps_the_dequantized_path_unless_asked(smollm2_path, asked, resolv
     config = EngineArgs(model=smollm2_path, device="cpu", quantization=asked).create_engine_config()
     assert config.model_config.quantization == resolved
     assert config.model_config.hf_config.gguf_weight_types["model.embed_tokens.weight"] == GT.Q8_0
+
+
+def _joined_file(pattern: str) -> str | None:
+    """A bundled GGUF file joined by benchmarks/gpu/gguf_carry.py on a GPU
+    machine (which has no package index to fetch the bundled models)."""
+    import glob
+
+    found = sorted(glob.glob(f"/tmp/ember-gguf/{pattern}"))
+    return found[0] if found else None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["SmolLM2-135M-Instruct*.gguf", "Qwen2.5-Coder-0.5B-Instruct*.gguf"])
+def test_bundled_model_on_cuda_runs_quantized_by_default(pattern) -> None:
+    """On CUDA a GGUF file runs quantized unless told otherwise; in float32 its
+    greedy tokens equal the dequantized path's."""
+    from ember import LLM, SamplingParams
+
+    path = _joined_file(pattern)
+    if path is None:
+        pytest.skip("the GGUF file is not in /tmp/ember-gguf (benchmarks/gpu/gguf_carry.py join)")
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 22, 23, 24, 25, 26, 27, 28]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for quantization in (None, "none"):
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory=256 << 20, quantization=quantization,
+                  skip_tokenizer_init=True, max_num_seqs=4, piecewise_cuda_graphs=False)
+        runner = llm.llm_engine.engine_core.executor.worker.model_runner
+        assert runner.model_config.quantization == ("gguf" if quantization is None else None)
+        tokens[quantization] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm, runner
+        torch.cuda.empty_cache()
+    assert tokens[None] == tokens["none"]
