@@ -33,9 +33,10 @@ unless ``--quantization gguf`` is given (see
 :func:`ember.engine.arg_utils.EngineArgs.create_engine_config`).
 
 Tensor parallelism: column-parallel layers and the vocabulary split whole
-rows; a row-parallel layer splits each row's blocks, which needs its input
-features per rank to be a multiple of ``block_elems`` (else ValueError at
-build time).
+rows; a row-parallel layer splits each row's blocks where its input features
+per rank are a multiple of ``block_elems``, else its blocks are dequantized at
+load (:class:`GGUFDequantizeAtLoadMethod`; e.g. a Q4_K down projection of
+4864 inputs over 2 ranks).
 """
 
 from __future__ import annotations
@@ -289,6 +290,43 @@ class GGUFLinearMethod(LinearMethodBase):
         head.weight = embedding.weight
 
 
+class GGUFDequantizeAtLoadMethod(LinearMethodBase):
+    """A layer whose GGUF blocks this rank cannot hold whole (a row-parallel
+    shard of K that is not a multiple of the block size): the checkpoint's
+    blocks are dequantized at load and the layer runs as a plain one.
+
+    Args:
+        qtypes: the ggml type of each stacked projection, in order.
+    """
+
+    def __init__(self, qtypes: list[int]) -> None:
+        from ember.layers.linear import UnquantizedLinearMethod
+
+        self.qtypes = list(qtypes)
+        self.plain = UnquantizedLinearMethod()
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype) -> None:
+        self.plain.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
+                                  output_size, params_dtype)
+        layer.weight.weight_loader = lambda param, loaded, *shard: self._load(layer, param, loaded, *shard)
+
+    def _load(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, *shard: str | int | None) -> None:
+        """Dequantize the full checkpoint blocks [N, row_bytes], then load them
+        as the layer loads a dense tensor (its own sharding)."""
+        if loaded.dtype == torch.uint8:
+            index = 0
+            if shard and shard[0] is not None and len(self.qtypes) > 1:
+                out_offset = layer._shard(shard[0])[0]
+                index = [sum(layer.output_partition_sizes[:i]) for i in range(len(self.qtypes))].index(out_offset)
+            loaded = dequantize_gguf(loaded, self.qtypes[index]).to(param.dtype)
+        layer.weight_loader(param, loaded, *shard)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.plain.apply(layer, x, bias)
+
+
 def _dequantize(w: torch.Tensor, qtype: int, dtype: torch.dtype) -> torch.Tensor:
     if w.is_cuda:
         from ember.kernels.triton_gguf import gguf_dequantize
@@ -358,4 +396,7 @@ class GGUFConfig(QuantizationConfig):
         types = self._types_of(prefix)
         if types is None:
             return None
+        if isinstance(layer, LinearBase) and any(layer.input_size_per_partition % GGUF_BLOCK_SIZES[t][0]
+                                                 for t in types):
+            return GGUFDequantizeAtLoadMethod(types)
         return GGUFLinearMethod(types, out_float32=isinstance(layer, ParallelLMHead))

@@ -202,3 +202,37 @@ def test_bundled_model_on_cuda_runs_quantized_by_default(pattern) -> None:
         del llm, runner
         torch.cuda.empty_cache()
     assert tokens[None] == tokens["none"]
+
+
+@pytest.mark.parametrize("qtype, k, split_blocks", [(GT.Q5_0, 896, True), (GT.Q4_K, 4864, False)],
+                         ids=["Q5_0-blocks-split", "Q4_K-dequantized-at-load"])
+def test_row_parallel_rank_holds_its_blocks_or_dequantizes_them(monkeypatch, qtype, k, split_blocks) -> None:
+    """Rank 1 of 2 of a row-parallel layer: 448 inputs of Q5_0 are 14 whole
+    blocks (kept as blocks, narrowed by bytes); 2432 inputs of Q4_K are 9.5
+    super-blocks (dequantized at load, narrowed as a dense weight). Either way
+    the rank's weight is its half of the dequantized checkpoint."""
+    import ember.layers.linear as linear
+    from ember.layers.quantization.gguf import GGUFDequantizeAtLoadMethod
+
+    monkeypatch.setattr(linear, "get_tp_size", lambda: 2)
+    monkeypatch.setattr(linear, "get_tp_rank", lambda: 1)
+    prefix = "model.layers.0.mlp.down_proj"
+    layer = linear.RowParallelLinear(k, 64, quant_config=GGUFConfig({f"{prefix}.weight": qtype}), prefix=prefix)
+    data = np.random.default_rng(0).standard_normal((64, k)).astype(np.float32)
+    if qtype == GT.Q4_K:  # gguf-py cannot quantize k-quants: random bytes, d and dmin 0.01
+        elems, nbytes = GGUF_BLOCK_SIZES[qtype]
+        blocks = np.random.default_rng(1).integers(0, 256, (64, k // elems, nbytes), dtype=np.uint8)
+        blocks[:, :, 0:4] = np.full((64, k // elems, 2), 0.01, np.float16).view(np.uint8)
+        blocks = blocks.reshape(64, -1)
+    else:
+        blocks = quantize(data, qtype)
+    full = torch.from_numpy(blocks)
+    loader = getattr(layer.weight, "weight_loader", None) or layer.weight_loader  # as load_hf_weights picks it
+    loader(layer.weight, full)
+    expected = dequantize_gguf(full, qtype)[:, k // 2:]
+    if split_blocks:
+        assert isinstance(layer.quant_method, GGUFLinearMethod) and layer.weight.dtype == torch.uint8
+        assert torch.equal(layer.quant_method.dequantized_weight(layer, torch.float32), expected)
+    else:
+        assert isinstance(layer.quant_method, GGUFDequantizeAtLoadMethod)
+        assert torch.equal(layer.weight, expected)
