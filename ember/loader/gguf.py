@@ -6,8 +6,9 @@ memory-mapped). Opening a reader is slow, since it builds numpy views for every
 element of the tokenizer's string arrays (~3 s for SmolLM2, ~10 s for Qwen2.5),
 so each entry point opens a file once. Dequantization is
 ``gguf.quants.dequantize`` (the numpy reference of llama.cpp's ggml quant
-formats); the tokenizer is converted by HF transformers' GGUF integration and
-cached on disk.
+formats), except for the weights the ``gguf`` quantization method runs as
+stored (``keep_quantized``, see :mod:`ember.layers.quantization.gguf`); the
+tokenizer is converted by HF transformers' GGUF integration and cached on disk.
 """
 
 from __future__ import annotations
