@@ -16,5 +16,5 @@ if python3 -c "import gguf" 2>/dev/null; then
 else
   echo "gguf is not installed: kernels only (carry .whl/ made with GGUF=1 for the models)"
 fi
-python3 "$ROOT/benchmarks/quant_gguf.py" --models "${MODELS[@]}" --json "$OUT/quant_gguf.json" 2>&1 \
+python3 "$ROOT/benchmarks/quant_gguf.py" --models ${MODELS[@]+"${MODELS[@]}"} --json "$OUT/quant_gguf.json" 2>&1 \
     | grep -v -E "Warning|warn\(|it/s\]|tensor/s\]"
