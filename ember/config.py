@@ -68,7 +68,8 @@ class ModelConfig:
             ``"triton"``); None picks the device's default.
         quantization: a quantization method by name (``--quantization``,
             see :mod:`ember.layers.quantization`); None: the checkpoint's own
-            ``quantization_config``, if any.
+            ``quantization_config``, if any. ``EngineArgs`` resolves a GGUF
+            file on CUDA to ``"gguf"``.
     """
 
     model: str

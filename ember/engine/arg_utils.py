@@ -191,10 +191,12 @@ class EngineArgs:
         parser.add_argument("--master-port", type=int, default=d.master_port,
                             help="rendezvous port on node 0; the engine's control connections use the next port "
                                  "(default: $MASTER_PORT; needed with several nodes)")
-        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
+        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names() + ["none"],
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
-                                 "quantized at load (default: the checkpoint's own quantization_config, if any)")
+                                 "quantized at load; gguf: a GGUF file's quantized tensors run as stored "
+                                 "(default: the checkpoint's own quantization_config, if any; gguf for GGUF "
+                                 "files on CUDA); none: no method forced (a GGUF file is dequantized at load)")
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
         parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         parser.add_argument("--piecewise-cuda-graphs", action=argparse.BooleanOptionalAction,
@@ -270,7 +272,14 @@ class EngineArgs:
                 raise ConfigError(f"hf_overrides: the model config has no field {key!r}")
             setattr(hf_config, key, value)
         architecture = ModelRegistry.resolve(hf_config)
-        _check_quantization(self.quantization, hf_config)
+        quantization = None if self.quantization == "none" else self.quantization
+        if self.quantization is None and source.format == "gguf" and device == "cuda" and self.load_format != "dummy":
+            # NOTE: the one place a GGUF file's default is decided: on CUDA its
+            # quantized tensors run as stored (ember.layers.quantization.gguf);
+            # elsewhere they are dequantized at load unless --quantization gguf.
+            # Dummy weights stay dense (random block bytes would hold NaN scales).
+            quantization = "gguf"
+        _check_quantization(quantization, hf_config)
 
         dtype_name = self.dtype
         if dtype_name == "auto":
@@ -293,7 +302,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             skip_tokenizer_init=self.skip_tokenizer_init or (source.format == "preset" and self.tokenizer is None),
             tokenizer=self.tokenizer,
-            quantization=self.quantization,
+            quantization=quantization,
         )
         kv_bytes = self.kv_cache_memory
         if kv_bytes is None and device == "cpu":

@@ -13,6 +13,7 @@ from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
     "int8_weight_only": ("ember.layers.quantization.int8_weight_only", "Int8WeightOnlyConfig"),
     "fp8": ("ember.layers.quantization.fp8", "Fp8Config"),
+    "gguf": ("ember.layers.quantization.gguf", "GGUFConfig"),
 }
 
 
@@ -53,7 +54,12 @@ def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationCo
                          f"quantization_config.quant_method {ckpt_name!r}")
     if name not in QUANTIZATION_METHODS and quantization is None:
         return None
-    return get_quantization_config_class(name).from_config(ckpt if ckpt_name == name else {})
+    config_class = get_quantization_config_class(name)
+    if ckpt_name != name and hasattr(config_class, "from_hf_config"):
+        # A method that reads what it runs from the model's config itself
+        # (gguf: the tensor types the GGUF loader recorded).
+        return config_class.from_hf_config(hf_config)
+    return config_class.from_config(ckpt if ckpt_name == name else {})
 
 
 __all__ = ["LinearMethodBase", "QuantizationConfig", "QUANTIZATION_METHODS", "get_quant_config",
