@@ -12,6 +12,7 @@ from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 # code never names a method. A new method is one module plus one line here.
 QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
     "int8_weight_only": ("ember.layers.quantization.int8_weight_only", "Int8WeightOnlyConfig"),
+    "fp8": ("ember.layers.quantization.fp8", "Fp8Config"),
 }
 
 
