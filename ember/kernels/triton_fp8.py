@@ -221,53 +221,86 @@ def w8a8_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: tor
     return out
 
 
+@triton.jit
+def _fp8_weight_step(acc, x, W, WS, offs_n, offs_k, mask_n, k, K, stride_wn, stride_wsn, stride_wsk, group_n,
+                     group_k, EVEN_K: tl.constexpr, SCALE_PER_K: tl.constexpr):
+    # One K step of rows offs_n: load the FP8 tile, widen it to x's dtype
+    # (exact: e4m3 values fit bfloat16 and float16), multiply on the tensor cores.
+    w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    if EVEN_K:
+        w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+    w = w.to(x.dtype)
+    if SCALE_PER_K:
+        ws = tl.load(WS + (offs_n // group_n).to(tl.int64) * stride_wsn + (k // group_k) * stride_wsk,
+                     mask=mask_n, other=0.0)
+        return acc + tl.dot(x, tl.trans(w)) * ws[None, :]
+    return tl.dot(x, tl.trans(w), acc)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _fp8_skinny_kernel(X, W, WS, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, stride_wsn, stride_wsk,
                        group_n, group_k,
                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SCALE_PER_K: tl.constexpr,
+                       GATED: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GATED: W is [2N, K] (gate rows, then up rows, each with their scales);
+    # the program also streams the up rows of its columns and writes
+    # silu(gate) * up, rounded as the unfused GEMM + silu_and_mul round them.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    ws_ptrs = WS + (offs_n // group_n).to(tl.int64) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs + offs_k[None, :], mask=mask_n[:, None], other=0.0)
         else:
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = tl.load(w_ptrs + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-        # FP8 -> the activation dtype is exact (e4m3 values fit bfloat16 and float16).
-        w = w.to(X.dtype.element_ty)
-        if SCALE_PER_K:
-            ws = tl.load(ws_ptrs + (k // group_k) * stride_wsk, mask=mask_n, other=0.0)
-            acc += tl.dot(x, tl.trans(w)) * ws[None, :]
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = _fp8_weight_step(acc, x, W, WS, offs_n, offs_k, mask_n, k, K, stride_wn, stride_wsn, stride_wsk,
+                               group_n, group_k, EVEN_K, SCALE_PER_K)
+        if GATED:
+            acc_up = _fp8_weight_step(acc_up, x, W, WS, N + offs_n, offs_k, mask_n, k, K, stride_wn, stride_wsn,
+                                      stride_wsk, group_n, group_k, EVEN_K, SCALE_PER_K)
     if not SCALE_PER_K:
-        acc = acc * tl.load(ws_ptrs, mask=mask_n, other=0.0)[None, :]
+        acc = acc * tl.load(WS + offs_n.to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(WS + (N + offs_n).to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        if GATED:
+            acc_up += tl.load(B + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        gate = acc.to(X.dtype.element_ty).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty) * acc_up.to(X.dtype.element_ty)
+    else:
+        y = acc.to(X.dtype.element_ty)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
 
 
 def fp8_skinny_tiles(n: int, num_sms: int, group_k: int | None) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_stages)`` for the FP8 skinny GEMV: the bf16
-    skinny GEMM's tile counts (:func:`ember.kernels.triton_gemm.skinny_tiles`,
-    one program per 32 output columns up to a wave) with a K tile twice as
-    long, so that a program streams as many weight bytes per step; with block
-    scales the K tile is capped at the scale group."""
+    """``(BLOCK_N, BLOCK_K, num_stages)`` for the FP8 skinny GEMV, after the
+    bf16 skinny GEMM's choice (:func:`ember.kernels.triton_gemm.skinny_tiles`):
+    32-column programs while they make at most one wave, else 64-column ones
+    with a K tile twice as long as bf16's (the same weight bytes per step);
+    with block scales the K tile is capped at the scale group.
+    ``benchmarks/quant_fp8.py`` sweeps the alternatives."""
     programs = triton.cdiv(n, 32)
-    block_n, block_k, stages = (32, 1024, 4) if programs <= num_sms else (64, 512, 4)
+    block_n, block_k, stages = (32, 512, 4) if programs <= num_sms else (64, 512, 3)
     if group_k is not None:
         block_k = min(block_k, group_k)
     return block_n, block_k, stages
+
+
+# Tiles tried, in order, when a launch runs out of shared memory or registers
+# on a device smaller than the one the defaults were chosen on.
+_FALLBACK_TILES = ((32, 256, 3), (16, 128, 2))
+# (device, N, K, block scales, default tiles) -> the tiles that launched.
+_WORKING_TILES: dict[tuple, tuple[int, int, int]] = {}
 
 
 def use_fp8_skinny(x: torch.Tensor) -> bool:
@@ -280,7 +313,7 @@ def use_fp8_skinny(x: torch.Tensor) -> bool:
 
 def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_n: int = 1,
                       group_k: int | None = None, bias: torch.Tensor | None = None,
-                      tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+                      tiles: tuple[int, int, int] | None = None, gated: bool = False) -> torch.Tensor:
     """``x @ (qw * sw).T + bias`` for decode row counts, reading the FP8
     weight once (W8A16: x is not quantized).
 
@@ -291,26 +324,52 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
             [ceil(N / group_n), ceil(K / group_k)] (blocks).
         group_n, group_k: as in :func:`w8a8_scaled_mm`.
         bias: optional [N].
-        tiles: ``(BLOCK_N, BLOCK_K, num_stages)``; default :func:`fp8_skinny_tiles`.
+        tiles: ``(BLOCK_N, BLOCK_K, num_stages)``; default :func:`fp8_skinny_tiles`
+            (of the whole weight; a gated launch halves BLOCK_N).
+        gated: ``qw`` is a merged gate_up weight [2D, K] (gate rows, then up
+            rows): return SwiGLU's ``silu(g) * u`` [M, D] without writing
+            ``[g | u]``, rounded as this GEMM followed by
+            :func:`ember.kernels.triton_ops.silu_and_mul`.
     Returns:
-        [M, N] in x's dtype (float32 accumulation).
+        [M, N] ([M, N / 2] gated) in x's dtype (float32 accumulation).
     Raises:
         ValueError: inputs outside :func:`use_fp8_skinny`, or shapes that
-            disagree, or a K tile that does not divide ``group_k``.
+            disagree, or a K tile that does not divide ``group_k``, or an odd
+            gated weight.
     """
     if not use_fp8_skinny(x) or qw.dim() != 2 or qw.shape[1] != x.shape[1] or qw.stride(1) != 1:
         raise ValueError(f"FP8 skinny GEMM: unsupported x {tuple(x.shape)} {x.dtype} / weight "
                          f"{tuple(qw.shape)} {qw.dtype}")
     m, k = x.shape
     n = qw.shape[0]
+    if gated and n % 2:
+        raise ValueError(f"FP8 skinny gated GEMM: weight {tuple(qw.shape)} has an odd number of rows")
     swn, swk = _scale_strides(sw, n)
     per_k = bool(swk)
     block_n, block_k, stages = tiles or fp8_skinny_tiles(n, _num_sms(x.device), group_k if per_k else None)
     if per_k and (group_k is None or group_k % block_k):
         raise ValueError(f"FP8 skinny GEMM: K tile {block_k} does not divide the scale group {group_k}")
+    if gated:  # same weight bytes per program as the ungated tiles of the whole [2D, K] weight
+        n, block_n = n // 2, max(16, block_n // 2)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _fp8_skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, qw, sw, bias if bias is not None else out, out, m, n, k, x.stride(0), qw.stride(0), out.stride(0),
-        swn, swk, group_n, group_k or k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, SCALE_PER_K=per_k,
-        BLOCK_M=SKINNY_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+    key = (x.device, n, k, per_k, gated, block_n, block_k, stages)
+    if key in _WORKING_TILES:
+        candidates = [_WORKING_TILES[key]]
+    else:
+        candidates = [(block_n, block_k, stages)] + [
+            (max(16, bn // 2) if gated else bn, bk, st) for bn, bk, st in _FALLBACK_TILES
+            if tiles is None and (not per_k or group_k % bk == 0)]
+    for i, (block_n, block_k, stages) in enumerate(candidates):
+        try:
+            _fp8_skinny_kernel[(triton.cdiv(n, block_n),)](
+                x, qw, sw, bias if bias is not None else out, out, m, n, k, x.stride(0), qw.stride(0),
+                out.stride(0), swn, swk, group_n, group_k or k, HAS_BIAS=bias is not None,
+                EVEN_K=k % block_k == 0, SCALE_PER_K=per_k, GATED=gated, BLOCK_M=SKINNY_MAX_M, BLOCK_N=block_n,
+                BLOCK_K=block_k, num_warps=4, num_stages=stages)
+        except triton.runtime.errors.OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _WORKING_TILES[key] = (block_n, block_k, stages)
+        return out
     return out
