@@ -375,6 +375,51 @@ class Fp8LinearMethod(LinearMethodBase):
         return y.view(*shape[:-1], y.shape[-1])
 
 
+    def fused_gated_mlp(self, mlp: nn.Module) -> nn.Module | None:
+        """The decode fusion's hook (:func:`ember.layers.fusion.apply_decode_fusions`):
+        ``mlp`` (a :class:`~ember.layers.mlp.GatedMLP` whose gate_up_proj
+        this method runs) as a :class:`Fp8SkinnyGatedMLP`, or None where the
+        gate and up rows do not split evenly."""
+        g = mlp.gate_up_proj
+        if getattr(g, "output_partition_sizes", None) is None or len(set(g.output_partition_sizes)) != 1 \
+                or len(g.output_partition_sizes) != 2 or g.weight.dtype != FP8_DTYPE:
+            return None
+        if self.block is not None and not self.row_granular and g.output_partition_sizes[0] % self.block[0]:
+            return None
+        return Fp8SkinnyGatedMLP(mlp)
+
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``silu(g) * u`` of ``[g | u] = layer(x)`` through the FP8 decode
+        GEMV's SwiGLU epilogue: ``x`` [M <= 16, K] 16-bit -> [M, N / 2]."""
+        from ember.kernels.triton_fp8 import fp8_skinny_linear
+
+        sw, group_n, group_k = self._scales(layer)
+        return fp8_skinny_linear(x, layer.weight, sw, group_n, group_k, layer.bias, gated=True)
+
+
+class Fp8SkinnyGatedMLP(nn.Module):
+    """A gated MLP with an FP8 gate_up_proj whose decode steps (at most 16
+    16-bit rows on CUDA, or in Triton's interpreter) compute ``silu(gate) *
+    up`` in the gate_up GEMV's epilogue; other steps run the plain
+    ``down(silu_and_mul(gate_up(x)))``. Same submodules and parameter names
+    as :class:`~ember.layers.mlp.GatedMLP`."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj = mlp.gate_up_proj, mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        from ember.kernels.triton_fp8 import use_fp8_skinny
+        from ember.kernels.triton_gemm import INTERPRETED
+        from ember.layers.activation import silu_and_mul
+
+        g = self.gate_up_proj
+        if (x.is_cuda or INTERPRETED) and use_fp8_skinny(x):
+            return self.down_proj(g.quant_method.apply_gated(g, x))
+        return self.down_proj(silu_and_mul(g(x)))
+
+
 def _scaled_mm_ok(x: torch.Tensor, qw: torch.Tensor) -> bool:
     """cuBLASLt's row-wise scaled FP8 GEMM applies: CUDA, bfloat16 output,
     N and K multiples of 16."""

@@ -328,3 +328,48 @@ def test_registered_and_chosen_from_the_checkpoint_config():
     cfg = get_quant_config(None, Cfg())
     assert isinstance(cfg, Fp8Config) and cfg.raw_checkpoint and cfg.weight_block_size == (128, 128)
     assert isinstance(get_quant_config("fp8", object()), Fp8Config)
+
+
+# ----------------------------------------------------------------- decode fusion
+@pytest.mark.parametrize("config", [ONLINE, BLOCK()], ids=["online", "block"])
+def test_decode_fusion_swaps_in_the_swiglu_epilogue(config):
+    """apply_decode_fusions gives a GatedMLP with an FP8 gate_up the GEMV's
+    SwiGLU epilogue at decode row counts (Triton's interpreter here); larger
+    steps keep the plain path."""
+    pytest.importorskip("triton")
+    import tests.kernels.interpret  # noqa: F401
+    from ember.config import KernelConfig
+    from ember.layers.fusion import apply_decode_fusions
+    from ember.layers.mlp import GatedMLP
+    from ember.layers.quantization.fp8_linear import Fp8SkinnyGatedMLP
+
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(GatedMLP(32, 48, quant_config=config, prefix="mlp"))
+    mlp = model[0]
+    for sid in (0, 1):
+        w = torch.randn(48, 32).bfloat16()
+        if config is ONLINE:
+            _load(mlp.gate_up_proj, "weight", w, sid)
+        else:
+            q, s = _quant_blocks(w.float(), 16, 16)
+            _load(mlp.gate_up_proj, "weight", q, sid)
+            _load(mlp.gate_up_proj, "weight_scale_inv", s, sid)
+    wd = torch.randn(32, 48)
+    if config is ONLINE:
+        _load(mlp.down_proj, "weight", wd.bfloat16())
+    else:
+        q, s = _quant_blocks(wd, 16, 16)
+        _load(mlp.down_proj, "weight", q)
+        _load(mlp.down_proj, "weight_scale_inv", s)
+    for m in (mlp.gate_up_proj, mlp.down_proj):
+        _finish(m)
+    x = torch.randn(3, 32).bfloat16()
+    g = mlp.gate_up_proj
+    h = g.quant_method.apply_kernels(g, x)
+    gate = h[:, :48].float()
+    expect = mlp.down_proj((gate / (1 + torch.exp(-gate))).bfloat16() * h[:, 48:])
+    plain_big = mlp(torch.ones(20, 32).bfloat16())
+    report = apply_decode_fusions(model, KernelConfig(), torch.device("cpu"), allow_interpreter=True)
+    assert isinstance(model[0], Fp8SkinnyGatedMLP) and report.gated_mlps == 1
+    torch.testing.assert_close(model[0](x), expect, rtol=0, atol=0)
+    torch.testing.assert_close(model[0](torch.ones(20, 32).bfloat16()), plain_big, rtol=0, atol=0)
