@@ -305,11 +305,11 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Online: quantize the weight per output channel (the floating-point
-        weight is freed). Checkpoint: make the tensors contiguous; static
-        input scales must be positive.
+        weight is freed). Checkpoint: the tensors stay as loaded; a static
+        input scale is taken by magnitude.
 
         Raises:
-            ValueError: a static ``input_scale`` that is not positive and finite.
+            ValueError: a static ``input_scale`` that is zero or not finite.
         """
         if not self.quant_config.is_checkpoint_fp8_serialized:
             q, scale = quantize_fp8_per_channel(layer.weight.data)
@@ -319,8 +319,9 @@ class Fp8LinearMethod(LinearMethodBase):
             return
         if self.static:
             s = layer.input_scale.data
+            s.abs_()  # NOTE: --load-format dummy fills it with signed random values
             if not bool(torch.isfinite(s).all() and (s > 0).all()):
-                raise _checkpoint_error(layer, "input_scale", self.scheme, f"must be positive and finite, got "
+                raise _checkpoint_error(layer, "input_scale", self.scheme, f"must be nonzero and finite, got "
                                         f"{s.tolist()}")
 
     # ------------------------------------------------------------- compute

@@ -373,3 +373,17 @@ def test_decode_fusion_swaps_in_the_swiglu_epilogue(config):
     assert isinstance(model[0], Fp8SkinnyGatedMLP) and report.gated_mlps == 1
     torch.testing.assert_close(model[0](x), expect, rtol=0, atol=0)
     torch.testing.assert_close(model[0](torch.ones(20, 32).bfloat16()), plain_big, rtol=0, atol=0)
+
+
+def test_dummy_weights_load_for_every_scheme():
+    """``--load-format dummy`` fills every parameter with signed random
+    values before process_weights_after_loading: each scheme still runs."""
+    from ember.worker.model_runner import _fill_dummy
+
+    gen = torch.Generator().manual_seed(0)
+    for config in (ONLINE, STATIC, DYNAMIC, BLOCK()):
+        layer = MergedColumnParallelLinear(32, [24, 24], quant_config=config, prefix="l")
+        for p in layer.parameters():
+            _fill_dummy(p.data, gen)
+        y = _finish(layer)(torch.randn(3, 32))
+        assert torch.isfinite(y).all() and y.shape == (3, 48)
