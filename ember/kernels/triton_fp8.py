@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, pdl_supported
 from ember.kernels.triton_gemm import SKINNY_MAX_M, _num_sms
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -244,7 +245,8 @@ def _fp8_skinny_kernel(X, W, WS, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                        group_n, group_k,
                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SCALE_PER_K: tl.constexpr,
                        GATED: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     # GATED: W is [2N, K] (gate rows, then up rows, each with their scales);
     # the program also streams the up rows of its columns and writes
     # silu(gate) * up, rounded as the unfused GEMM + silu_and_mul round them.
@@ -252,6 +254,8 @@ def _fp8_skinny_kernel(X, W, WS, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
+    if USE_PDL:
+        gdc_wait()  # launched early (ember.kernels.pdl): the previous kernel wrote x
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -266,6 +270,8 @@ def _fp8_skinny_kernel(X, W, WS, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         if GATED:
             acc_up = _fp8_weight_step(acc_up, x, W, WS, N + offs_n, offs_k, mask_n, k, K, stride_wn, stride_wsn,
                                       stride_wsk, group_n, group_k, EVEN_K, SCALE_PER_K)
+    # The weight is read: a dependent GEMV may launch and stage meanwhile.
+    pdl_release(USE_PDL)
     if not SCALE_PER_K:
         acc = acc * tl.load(WS + offs_n.to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
         if GATED:
@@ -313,7 +319,8 @@ def use_fp8_skinny(x: torch.Tensor) -> bool:
 
 def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_n: int = 1,
                       group_k: int | None = None, bias: torch.Tensor | None = None,
-                      tiles: tuple[int, int, int] | None = None, gated: bool = False) -> torch.Tensor:
+                      tiles: tuple[int, int, int] | None = None, gated: bool = False,
+                      use_pdl: bool = False) -> torch.Tensor:
     """``x @ (qw * sw).T + bias`` for decode row counts, reading the FP8
     weight once (W8A16: x is not quantized).
 
@@ -330,6 +337,7 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
             rows): return SwiGLU's ``silu(g) * u`` [M, D] without writing
             ``[g | u]``, rounded as this GEMM followed by
             :func:`ember.kernels.triton_ops.silu_and_mul`.
+        use_pdl: launch with PDL where the device supports it (:mod:`ember.kernels.pdl`).
     Returns:
         [M, N] ([M, N / 2] gated) in x's dtype (float32 accumulation).
     Raises:
@@ -353,6 +361,7 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
         n, block_n = n // 2, max(16, block_n // 2)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     key = (x.device, n, k, per_k, gated, block_n, block_k, stages)
+    pdl = use_pdl and pdl_supported(x.device)
     if key in _WORKING_TILES:
         candidates = [_WORKING_TILES[key]]
     else:
@@ -365,7 +374,7 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
                 x, qw, sw, bias if bias is not None else out, out, m, n, k, x.stride(0), qw.stride(0),
                 out.stride(0), swn, swk, group_n, group_k or k, HAS_BIAS=bias is not None,
                 EVEN_K=k % block_k == 0, SCALE_PER_K=per_k, GATED=gated, BLOCK_M=SKINNY_MAX_M, BLOCK_N=block_n,
-                BLOCK_K=block_k, num_warps=4, num_stages=stages)
+                BLOCK_K=block_k, USE_PDL=pdl, num_warps=4, num_stages=stages, **launch_options(pdl))
         except triton.runtime.errors.OutOfResources:
             if i == len(candidates) - 1:
                 raise

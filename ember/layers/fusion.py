@@ -423,6 +423,10 @@ def apply_decode_fusions(model: nn.Module, kernel_config: KernelConfig, device: 
     report.gated_mlps += _replace(model, gated_quantized)
 
     for m in model.modules():
+        # A quantized method with decode kernels of its own launches them with PDL too.
+        set_decode_pdl = getattr(getattr(m, "quant_method", None), "set_decode_pdl", None)
+        if set_decode_pdl is not None:
+            set_decode_pdl(use_pdl)
         if type(getattr(m, "quant_method", None)) is not UnquantizedLinearMethod:
             continue
         if isinstance(m, ParallelLMHead):

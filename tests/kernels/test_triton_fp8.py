@@ -197,3 +197,36 @@ def test_skinny_gated_equals_gemv_then_silu_and_mul(m, scheme):
     # NOTE: on CUDA Triton's exp and torch's may round a few SiLU values one bfloat16 step apart.
     tol = by_device(dict(rtol=8e-3, atol=1e-2), dict(rtol=0, atol=0))
     torch.testing.assert_close(ours, ref, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["online", "block"])
+@pytest.mark.parametrize("m", [1, 64])
+def test_layer_paths_capture_in_cuda_graphs(scheme, m):
+    """No host synchronization in apply: the decode GEMV (with PDL) and the
+    quantize + FP8 GEMM paths capture in a CUDA graph and replay as they run
+    eagerly."""
+    from ember.layers.linear import ReplicatedLinear
+    from ember.layers.quantization.fp8 import Fp8Config
+
+    torch.manual_seed(0)
+    cfg = Fp8Config() if scheme == "online" else Fp8Config(True, weight_block_size=(128, 128))
+    with torch.device("cuda"):
+        layer = ReplicatedLinear(4096, 6144, dtype=torch.bfloat16, quant_config=cfg, prefix="qkv")
+    if scheme == "online":
+        layer.weight.data.normal_(0, 0.02)
+    else:
+        layer.weight.data.copy_(torch.randn(6144, 4096, device="cuda").to(FP8))
+        layer.weight_scale_inv.data.uniform_(1e-3, 1e-2)
+    layer.quant_method.process_weights_after_loading(layer)
+    layer.quant_method.set_decode_pdl(True)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    layer(x)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)

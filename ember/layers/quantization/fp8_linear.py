@@ -256,6 +256,7 @@ class Fp8LinearMethod(LinearMethodBase):
         self.block = quant_config.weight_block_size
         self.static = quant_config.activation_scheme == "static"
         self.row_granular = False  # block scales kept per row (see the module docstring)
+        self.use_pdl = False  # the decode GEMV launches with PDL (set by the decode fusions)
 
     @property
     def scheme(self) -> str:
@@ -361,7 +362,7 @@ class Fp8LinearMethod(LinearMethodBase):
         qw = layer.weight
         sw, group_n, group_k = self._scales(layer)
         if use_fp8_skinny(x2):
-            y = fp8_skinny_linear(x2, qw, sw, group_n, group_k, bias)
+            y = fp8_skinny_linear(x2, qw, sw, group_n, group_k, bias, use_pdl=self.use_pdl)
         elif self.block is not None:
             qa, sa = quant_fp8_per_token_group(x2, group_k)
             y = w8a8_scaled_mm(qa, sa, qw, sw, group_n, group_k, bias, x.dtype)
@@ -375,6 +376,11 @@ class Fp8LinearMethod(LinearMethodBase):
                 y = w8a8_scaled_mm(qa, sa, qw, sw, bias=bias, out_dtype=x.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
+
+    def set_decode_pdl(self, use_pdl: bool) -> None:
+        """The decode fusion's hook: launch the decode GEMV with programmatic
+        dependent launch (:mod:`ember.kernels.pdl`; ``--no-pdl`` turns it off)."""
+        self.use_pdl = use_pdl
 
     def fused_gated_mlp(self, mlp: nn.Module) -> nn.Module | None:
         """The decode fusion's hook (:func:`ember.layers.fusion.apply_decode_fusions`):
@@ -395,7 +401,8 @@ class Fp8LinearMethod(LinearMethodBase):
         from ember.kernels.triton_fp8 import fp8_skinny_linear
 
         sw, group_n, group_k = self._scales(layer)
-        return fp8_skinny_linear(x, layer.weight, sw, group_n, group_k, layer.bias, gated=True)
+        return fp8_skinny_linear(x, layer.weight, sw, group_n, group_k, layer.bias, gated=True,
+                                 use_pdl=self.use_pdl)
 
 
 class Fp8SkinnyGatedMLP(nn.Module):
