@@ -7,9 +7,11 @@ M in 1, 16, 4096: the time of bf16 ``F.linear`` and of the FP8 layer's CUDA
 path (online per-channel scheme: W8A16 decode GEMV for M <= 16, else per-token
 activation quantization + ``torch._scaled_mm``; block 128 x 128 scheme: the
 GEMV, else per-group quantization + the Triton block GEMM), the FP8 weight's
-GB/s at M = 1 against the copy bandwidth measured here, and each path's
-relative error against its float32 reference (max |error| / max |reference|).
-A small sweep of the decode GEMV's tiles at M = 1 follows.
+GB/s at M = 1 against the copy bandwidth measured here (for gate_up also the
+GEMV with SwiGLU in its epilogue, as decode runs it), and each path's relative
+error against its float32 W8A8 reference (max |error| / max |reference|; the
+decode GEMV keeps activations in bf16, so up to a few percent there). A small
+sweep of the decode GEMV's tiles at M = 1 follows.
 
 Engine (``--parts engine``): ``ember bench latency`` (batch 1, 128 in / 256
 out) and ``ember bench throughput`` (``--num-prompts`` x 1024 / 1024) for bf16
@@ -90,6 +92,12 @@ def run_kernels(result: dict) -> None:
                 if m == 1:
                     row[f"{scheme}_weight_gb_s"] = n * k / t / 1e9
                     row[f"{scheme}_frac_copy_bw"] = n * k / t / ceil.copy_bytes_per_s
+            if m <= 16 and proj == "gate_up_proj":  # the decode path: SwiGLU in the GEMV's epilogue
+                layer = layers["online"]
+                t = _bench(lambda: layer.quant_method.apply_gated(layer, x))
+                row["online_gated_us"] = t * 1e6
+                if m == 1:
+                    row["online_gated_frac_copy_bw"] = n * k / t / ceil.copy_bytes_per_s
             if m == 1:
                 row["bf16_weight_gb_s"] = 2 * n * k / t_bf16 / 1e9
             result[f"{proj}_m{m}"] = row
@@ -108,7 +116,7 @@ def run_kernels(result: dict) -> None:
             sweep[str(tiles)] = round(n * k / t / 1e9, 1)
         result[f"{proj}_m1_gemv_tiles_gb_s"] = sweep
         print(f"{proj:<13} M=1 GEMV tiles (BLOCK_N, BLOCK_K, stages) -> weight GB/s: {sweep}", flush=True)
-        del layers, w
+
 
 
 def _cli(args: list[str], out: str, timeout: int) -> dict:

@@ -206,7 +206,8 @@ def _load_block_scale(layer: nn.Module, scheme: str, block: tuple[int, int], row
     k_blocks = -(-layer.input_size // bn)
     if loaded.shape[1] != k_blocks:
         raise _checkpoint_error(layer, "weight_scale_inv", scheme, f"shape {tuple(loaded.shape)} has "
-                                f"{loaded.shape[1]} block columns, the weight's K = {layer.input_size} needs {k_blocks}")
+                                f"{loaded.shape[1]} block columns, the weight's K = {layer.input_size} needs "
+                                f"{k_blocks}")
     try:
         if isinstance(layer, ColumnParallelLinear):
             # Rows of the (stacked, sharded) weight, each with its block's scales.
