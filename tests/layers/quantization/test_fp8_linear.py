@@ -387,3 +387,29 @@ def test_dummy_weights_load_for_every_scheme():
             _fill_dummy(p.data, gen)
         y = _finish(layer)(torch.randn(3, 32))
         assert torch.isfinite(y).all() and y.shape == (3, 48)
+
+
+@pytest.mark.parametrize("config", [STATIC, BLOCK(8, 16)], ids=["per_tensor", "block"])
+def test_qkv_shards_with_replicated_kv_heads(monkeypatch, config):
+    """tp 4 over 2 KV heads (each on two ranks): every rank's q rows and its
+    KV head's rows come with their own scales."""
+    torch.manual_seed(11)
+    ws = {sid: torch.randn(rows, 32) for sid, rows in (("q", 32), ("k", 16), ("v", 16))}
+    quant = {sid: (_quant_blocks(w, 8, 16) if config.weight_block_size else _quant_tensor(w)) for sid, w in ws.items()}
+    deq = {sid: (dequant_fp8_block(q, s, (8, 16), torch.float32) if config.weight_block_size else q.float() * s)
+           for sid, (q, s) in quant.items()}
+    x = torch.randn(2, 32)
+    for rank in range(4):
+        layer = _on_rank(monkeypatch, rank, 4, lambda: QKVParallelLinear(32, 8, 4, 2, quant_config=config,
+                                                                          prefix="attn.qkv_proj"))
+        for sid, (q, s) in quant.items():
+            _load(layer, "weight", q, sid)
+            _load(layer, "weight_scale_inv" if config.weight_block_size else "weight_scale", s, sid)
+            if not config.weight_block_size:
+                _load(layer, "input_scale", torch.tensor(0.05), sid)
+        _finish(layer)
+        kv = rank // 2
+        mine = torch.cat([deq["q"][rank * 8:(rank + 1) * 8], deq["k"][kv * 8:(kv + 1) * 8],
+                          deq["v"][kv * 8:(kv + 1) * 8]])
+        xq = _quant_rows(x, static=0.05) if not config.weight_block_size else _quant_rows(x, group=16)
+        assert _rel(layer(x), xq @ mine.T) < 1e-5, f"rank {rank}"
