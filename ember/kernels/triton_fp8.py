@@ -273,9 +273,10 @@ def _fp8_skinny_kernel(X, W, WS, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     # The weight is read: a dependent GEMV may launch and stage meanwhile.
     pdl_release(USE_PDL)
     if not SCALE_PER_K:
-        acc = acc * tl.load(WS + offs_n.to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
+        acc = acc * tl.load(WS + (offs_n // group_n).to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
         if GATED:
-            acc_up = acc_up * tl.load(WS + (N + offs_n).to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
+            acc_up = acc_up * tl.load(WS + ((N + offs_n) // group_n).to(tl.int64) * stride_wsn, mask=mask_n,
+                                      other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:

@@ -81,10 +81,12 @@ def test_per_token_group_quantization(group):
 
 
 @pytest.mark.parametrize("m", by_device([1, 16, 100, 513], [3, 20]))
-@pytest.mark.parametrize("scheme", ["channel", "block", "rows"])
+@pytest.mark.parametrize("scheme", ["channel", "block", "rows", "one_k_block"])
 def test_w8a8_gemm(m, scheme):
     n, k = by_device((1024, 1536), (48, 80))
     group = by_device(128, 16)
+    if scheme == "one_k_block":  # one scale group along K: scales in the epilogue
+        k, scheme = group, "block"
     x = torch.randn(m, k, device=DEVICE)
     bias = torch.randn(n, device=DEVICE)
     if scheme == "channel":
@@ -106,10 +108,14 @@ def test_w8a8_gemm(m, scheme):
 
 
 @pytest.mark.parametrize("m", [1, 7, 16])
-@pytest.mark.parametrize("scheme", ["channel", "block"])
+@pytest.mark.parametrize("scheme", ["channel", "block", "one_k_block"])
 def test_skinny_w8a16(m, scheme):
+    """``one_k_block``: K within one scale group, so the block scales do not
+    vary along K and are applied in the epilogue, per block row."""
     n, k = by_device((2048, 4096), (72, 96))
     group = by_device(128, 32)
+    if scheme == "one_k_block":
+        k, group, scheme = group, group, "block"
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     if scheme == "channel":
         q, s = _blocks(n, k, 1, k, 2)
