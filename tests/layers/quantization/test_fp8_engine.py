@@ -238,3 +238,31 @@ def test_online_fp8_bundled_smollm2(smollm2_path) -> None:
     # on this 135M model rounding the weights alone to per-channel FP8 moves
     # the largest logit of a position by 10-30%, and the W8A8 run stays there.
     assert 1e-6 < relative_error(ours, ref) < 0.35
+
+
+@pytest.mark.parametrize("scheme", ["static", "block"])
+@one_thread()
+def test_kernel_path_through_the_model(tmp_path, scheme, monkeypatch):
+    """The loaded tiny FP8 Llama with every FP8 layer on its CUDA path
+    (quantization kernel and Triton FP8 GEMM, in Triton's interpreter): the
+    prefill logits equal the CPU path's (see the note on rounding flips)."""
+    pytest.importorskip("triton")
+    import tests.kernels.interpret  # noqa: F401  (faithful FP8 rounding in the interpreter)
+
+    hf = _tiny_llama()
+    prompts = make_prompts()[:2]
+    path = tmp_path / "ckpt"
+    save_tiny(hf, path)
+    _write_fp8_checkpoint(hf, path, scheme, prompts)
+    runner = runner_of(ember_llm(str(path)))
+    ref = [runner.compute_prompt_logits(p) for p in prompts]
+    monkeypatch.setattr(Fp8LinearMethod, "apply", Fp8LinearMethod.apply_kernels)
+    for i, p in enumerate(prompts):
+        ours = runner.compute_prompt_logits(p)
+        per_position = (ours - ref[i]).abs().amax(1) / ref[i].abs().max()
+        # NOTE: the Triton GEMM sums in another order than torch's matmul
+        # (~1e-7); now and then that moves an activation across an FP8
+        # rounding boundary in a later layer, and this random model turns the
+        # one-step change into a few percent at that position (seen: 1 of 13).
+        assert (per_position < 1e-5).float().mean() >= 0.75, f"prompt {i}: {per_position.tolist()}"
+        assert per_position.max() < 0.15, f"prompt {i}: {per_position.tolist()}"
