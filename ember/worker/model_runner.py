@@ -239,7 +239,8 @@ class ModelRunner:
             loaded = model.load_weights(iter_weights(source, mc.dtype, keep_quantized))
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
-                raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")
+                scheme = f" (quantization: {quant_config!r})" if quant_config is not None else ""
+                raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}{scheme}")
         for module in model.modules():
             method = getattr(module, "quant_method", None)
             if method is not None:

@@ -35,8 +35,9 @@ def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationCo
     None (unquantized).
 
     A checkpoint scheme with no registered method returns None: the loader
-    dequantizes the formats it knows (e.g. DeepSeek-V3's FP8 blocks, see
-    :mod:`ember.loader.weight_utils`) and refuses the others.
+    dequantizes the formats it knows (FP8 block weights with
+    ``weight_scale_inv``, see :mod:`ember.loader.weight_utils`) and refuses
+    the others. FP8 checkpoints (``quant_method: "fp8"``) run in FP8.
 
     Raises:
         ValueError: ``--quantization`` names an unknown method, or a method
