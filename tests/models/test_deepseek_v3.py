@@ -172,24 +172,3 @@ def test_fp8_block_checkpoint_runs_fp8(tmp_path):
     assert isinstance(attn.o_proj.quant_method, Fp8LinearMethod) and attn.o_proj.weight.dtype == torch.float8_e4m3fn
     torch.testing.assert_close(attn.kv_b_proj.weight, hf.model.layers[0].self_attn.kv_b_proj.weight, rtol=0, atol=0)
     check_prefill_logits(llm, hf, make_prompts())
-
-
-def test_fp8_block_checkpoint_with_experts(tmp_path):
-    """With routed experts (FP8 through the MoE layer's method): near HF with
-    the dequantized weights (Ember also quantizes the activations)."""
-    pytest.importorskip("ember.layers.quantization.fp8_moe")
-    block = 16
-    hf = tiny_model(tiny_config())
-    path = _write_fp8_block_checkpoint(hf, tmp_path, block)
-    llm = ember_llm(path)
-    runner = runner_of(llm)
-    for i, p in enumerate(make_prompts()):
-        ours = runner.compute_prompt_logits(p)
-        with torch.inference_mode():
-            ref = hf(input_ids=torch.tensor([p])).logits[0].float()
-        rel = float((ours - ref).norm() / ref.norm())
-        # NOTE: on this random model FP8 activations alone (HF with the dense
-        # projections' inputs quantized as Ember does) move the logits by
-        # 22-35% (L2), routing flips included; a wrong weight or scale layout
-        # gives ~100%. The exact check is the dense test above.
-        assert rel < 0.6, f"prompt {i}: relative logit error {rel:.2e}"

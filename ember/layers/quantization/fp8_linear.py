@@ -55,7 +55,6 @@ from torch import nn
 
 from ember.layers.linear import ColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod
 from ember.layers.quantization.base import LinearMethodBase
-from ember.layers.quantization.fp8 import Fp8Config
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -252,7 +251,7 @@ class Fp8LinearMethod(LinearMethodBase):
             block size).
     """
 
-    def __init__(self, quant_config: Fp8Config) -> None:
+    def __init__(self, quant_config: "Fp8Config") -> None:  # noqa: F821 (fp8.py imports this module)
         self.quant_config = quant_config
         self.block = quant_config.weight_block_size
         self.static = quant_config.activation_scheme == "static"
@@ -443,7 +442,7 @@ class Fp8DenseWeightMethod(LinearMethodBase):
     dtype, and the layer runs unquantized. Online FP8 leaves such a layer in
     the model dtype."""
 
-    def __init__(self, quant_config: Fp8Config) -> None:
+    def __init__(self, quant_config: "Fp8Config") -> None:  # noqa: F821 (fp8.py imports this module)
         self.fp8 = Fp8LinearMethod(quant_config)
         self.online = not quant_config.is_checkpoint_fp8_serialized
 
