@@ -84,8 +84,12 @@ def _to_cache(x, scale, FP8_MAX: tl.constexpr, SCALED: tl.constexpr, dtype: tl.c
 def _load_scales(K_scale, V_scale, SCALED: tl.constexpr):
     """The layer's K and V scales (float32 scalars), or 1.0 when unscaled."""
     if SCALED:
-        return tl.load(K_scale), tl.load(V_scale)
-    return 1.0, 1.0
+        k_scale = tl.load(K_scale)
+        v_scale = tl.load(V_scale)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    return k_scale, v_scale
 
 
 def _scale_args(kv_cache: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None
@@ -190,7 +194,7 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
         return
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
     half = head_dim // 2
-    k_scale, v_scale = _scale_args(kv_cache, kv_scales)[:2]
+    k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
     _rope_store_kv_kernel[(num_tokens,)](
         query, key, value, kv_cache, slot_mapping, positions, cos_sin_cache, k_scale, v_scale,
         num_blocks * block_size,
@@ -199,8 +203,7 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
         BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_ROW=triton.next_power_of_2(num_kv_heads * head_dim),
         FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-        SCALED=_scale_args(kv_cache, kv_scales)[2],
-        num_warps=8)  # faster than 4 warps at decode row counts
+        SCALED=scaled, num_warps=8)  # faster than 4 warps at decode row counts
 
 
 # ------------------------------------------------------------ extend / prefill
