@@ -128,6 +128,12 @@ class CacheConfig:
             :data:`KV_CACHE_DTYPES`: ``"auto"`` (the model dtype) or an FP8
             format, which halves the cache's bytes per token (twice the tokens
             in the same memory, half the KV bytes each decode step reads).
+            An FP8 cache holds ``x / scale`` with per-layer ``k_scale`` /
+            ``v_scale``: the checkpoint's, else 1.0, else calibrated.
+        calculate_kv_scales: set each layer's FP8 ``k_scale`` / ``v_scale``
+            from the first prefill step: ``amax(|K|) / fp8_max`` and
+            ``amax(|V|) / fp8_max`` (448 for e4m3), then fixed; overrides the
+            checkpoint's scales. Needs an FP8 ``cache_dtype``.
     """
 
     block_size: int = 16
@@ -137,10 +143,15 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     swap_space: int = 4 << 30
     cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
         _require(self.cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {list(KV_CACHE_DTYPES)}",
                  self.cache_dtype)
+        _require(isinstance(self.calculate_kv_scales, bool), "calculate_kv_scales", "True or False",
+                 self.calculate_kv_scales)
+        _require(not self.calculate_kv_scales or KV_CACHE_DTYPES[self.cache_dtype] is not None,
+                 "calculate_kv_scales", "False unless kv_cache_dtype is an FP8 format", self.calculate_kv_scales)
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "a power of two in [1, 128]", self.block_size)
         _require(
             self.kv_cache_memory is None or (_is_int(self.kv_cache_memory) and self.kv_cache_memory > 0),

@@ -88,6 +88,7 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
     memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     max_num_batched_tokens: int | None = None
@@ -141,7 +142,11 @@ class EngineArgs:
         parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                             help="KV-cache element type: auto (the model dtype) or FP8 (fp8 = fp8_e4m3), which "
                                  "holds twice the tokens and halves the KV bytes read per decode step; values "
-                                 "are stored unscaled (not supported for MLA models)")
+                                 "are stored divided by per-layer scales: the checkpoint's k_scale/v_scale, "
+                                 "else 1.0 (not supported for MLA models)")
+        parser.add_argument("--calculate-kv-scales", action="store_true",
+                            help="with an FP8 --kv-cache-dtype: set each layer's K/V scales from the first "
+                                 "prefill (amax / largest FP8 value), then keep them")
         parser.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization", type=float,
                             default=d.memory_utilization, help="fraction of GPU memory to use (CUDA only)")
         parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help=argparse.SUPPRESS)
@@ -315,6 +320,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             swap_space=self.swap_space,
             cache_dtype=self.kv_cache_dtype,
+            calculate_kv_scales=self.calculate_kv_scales,
         )
         budget = self.max_num_batched_tokens or max(2048, min(self.max_num_seqs, 2048))
         scheduler_config = SchedulerConfig(
