@@ -211,10 +211,10 @@ class CompressedTensorsConfig(QuantizationConfig):
             return W8A8Int8LinearMethod(checkpoint_int8=True, weight_per_channel=w.strategy == "channel",
                                         static_input_scale=act_static)
         if w.type == "float" and w.num_bits == 8:
-            if not (a is not None and a.type == "float" and a.num_bits == 8 and (act_static or act_dynamic)):
-                raise unsupported("fp8 weights need fp8 activations, dynamic per token or static per tensor")
             if w.strategy not in ("channel", "tensor"):
                 raise unsupported(f"fp8 weights with {w.strategy} scales")
+            if not (a is not None and a.type == "float" and a.num_bits == 8 and (act_static or act_dynamic)):
+                raise unsupported("fp8 weights need fp8 activations, dynamic per token or static per tensor")
             if fmt not in ("float-quantized", "naive-quantized"):
                 raise unsupported(f"format {fmt}")
             from ember.layers.quantization.fp8 import Fp8Config
