@@ -1,0 +1,70 @@
+"""compressed-tensors FP8 W8A8 and W4A16 checkpoints written by the
+compressed-tensors library itself (tests/layers/quantization/ct_checkpoints.py),
+loaded by Ember (through Fp8LinearMethod and PackQuantizedW4A16Method) and by
+HF transformers, whose compressed-tensors integration decompresses the
+weights and fake-quantizes the activations in float32: the reference. The
+tolerances are those of test_compressed_tensors.check_checkpoint_against_hf
+(activation rounding flips) for FP8; W4A16 has no activation quantization,
+so its logits agree to float32 rounding and every greedy token is equal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from transformers import AutoModelForCausalLM
+
+from ember.layers.quantization.fp8_linear import Fp8LinearMethod
+from ember.layers.quantization.w4a16 import PackQuantizedW4A16Method
+from tests.layers.quantization.ct_checkpoints import save_compressed
+from tests.layers.quantization.test_compressed_tensors import _tiny_llama, check_checkpoint_against_hf
+from tests.models.tiny import (ember_llm, hf_greedy, hf_prefill_logits, make_prompts, one_thread, relative_error,
+                               runner_of)
+
+pytestmark = pytest.mark.slow
+
+FP8_SCHEMES = {
+    # llm-compressor's FP8_DYNAMIC preset: channel weights, dynamic per-token activations.
+    "fp8_dynamic": "FP8_DYNAMIC",
+    # its FP8 preset: tensor weights, static per-tensor activations (calibrated).
+    "fp8_static": "FP8",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FP8_SCHEMES))
+def test_fp8_checkpoint_saved_by_the_library(tmp_path, name):
+    path = save_compressed(_tiny_llama(), FP8_SCHEMES[name], tmp_path)
+    runner = runner_of(ember_llm(path))
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.quant_method, Fp8LinearMethod) and qkv.weight.dtype == torch.float8_e4m3fn
+    del runner
+    check_checkpoint_against_hf(path, Fp8LinearMethod)
+
+
+def _w4a16(group_size: int | None, symmetric: bool) -> QuantizationScheme:
+    strategy = "group" if group_size else "channel"
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", strategy=strategy, group_size=group_size, symmetric=symmetric))
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(32, True), (32, False), (None, True)])
+def test_w4a16_checkpoint_saved_by_the_library(tmp_path, group_size, symmetric):
+    path = save_compressed(_tiny_llama(), _w4a16(group_size, symmetric), tmp_path)
+    import json
+    config = json.load(open(f"{path}/config.json"))["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = make_prompts()
+    with one_thread():
+        llm = ember_llm(path)
+        runner = runner_of(llm)
+        methods = [m for m in runner.model.modules()
+                   if isinstance(getattr(m, "quant_method", None), PackQuantizedW4A16Method)]
+        assert len(methods) == 8
+        from ember import SamplingParams
+        for p in prompts:
+            rel = relative_error(runner.compute_prompt_logits(p), hf_prefill_logits(hf, p))
+            assert rel < 1e-4, rel
+            out = llm.generate([list(p)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0].token_ids
+            assert out == hf_greedy(hf, p, 16)
