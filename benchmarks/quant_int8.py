@@ -36,8 +36,8 @@ from ember.layers.quantization.int8_weight_only import quantize_per_channel_int8
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 COPIES = 4
-DECODE_TILES = [(16, 32, 1024, 4, 4), (16, 32, 512, 4, 4), (16, 64, 512, 3, 4), (16, 64, 256, 4, 4),
-                (16, 128, 256, 3, 4), (16, 32, 256, 6, 4)]
+DECODE_TILES = [(16, 32, 512, 4, 4), (16, 64, 512, 3, 4), (16, 32, 1024, 3, 4), (16, 64, 256, 4, 4),
+                (16, 128, 256, 3, 4), (16, 32, 256, 6, 4), (16, 32, 512, 4, 8)]
 
 
 def graph_time_us(fn_per_copy) -> float:

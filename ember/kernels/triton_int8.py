@@ -178,13 +178,16 @@ def _int8_gemm_kernel(A, W, AS, WS, B, Y, M, N, K, stride_am, stride_wn, stride_
 def gemm_tiles(m: int, n: int) -> tuple[int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` of :func:`int8_gemm`.
 
-    Up to :data:`SKINNY_MAX_M` rows the kernel streams the weight, sized like
-    the bf16 skinny GEMM's tiles at the same bytes per stage (int8 weights:
-    twice the K): 32 x 1024 while 32-column programs make at most one wave on
-    132 SMs, else 64 x 512. Larger row counts take square compute tiles.
+    Up to :data:`SKINNY_MAX_M` rows the kernel streams the weight like the
+    bf16 skinny GEMM (:func:`ember.kernels.triton_gemm.skinny_tiles`): 32
+    columns per program while they make at most one wave on 132 SMs, else 64;
+    K tiles of 512 int8 values, so that the stages of a bf16 activation tile
+    (fused quantization) and an int8 weight tile stay within Hopper's shared
+    memory (4 x 32 KB, 3 x 48 KB). Larger row counts take square compute
+    tiles. ``benchmarks/quant_int8.py`` sweeps the decode tiles.
     """
     if m <= SKINNY_MAX_M:
-        return (16, 32, 1024, 4, 4) if triton.cdiv(n, 32) <= 132 else (16, 64, 512, 3, 4)
+        return (16, 32, 512, 4, 4) if triton.cdiv(n, 32) <= 132 else (16, 64, 512, 3, 4)
     if m <= 64:
         return 64, 64, 256, 4, 4
     return 128, 128, 128, 3, 8
@@ -228,13 +231,13 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor | None, w_
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _int8_gemm_kernel[grid](
         a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, out,
-        m, n, k, a.stride(0), w.stride(0), out.stride(0), 0 if a_scale is None or a_scale.numel() == 1 else 1,
+        m, n, k, a.stride(0), w.stride(0), out.stride(0), 1 if a_scale is None or a_scale.numel() == m else 0,
         HAS_BIAS=bias is not None, QUANT_A=quantize_x, STATIC_A=a_scale is not None, EVEN_K=k % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_stages=num_stages, num_warps=num_warps)
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _scale_epilogue_kernel(ACC, AS, WS, B, Y, M, N, stride_accm, stride_ym, stride_as, HAS_BIAS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -265,7 +268,7 @@ def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tens
         block_m, block_n = 32, 128
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _scale_epilogue_kernel[grid](acc, a_scale, w_scale, bias if bias is not None else w_scale, out, m, n,
-                                     acc.stride(0), out.stride(0), 0 if a_scale.numel() == 1 else 1,
+                                     acc.stride(0), out.stride(0), 1 if a_scale.numel() == m else 0,
                                      HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out
 

@@ -120,7 +120,11 @@ def test_llama_8b_shapes_on_gpu(m, n, k):
     assert ON_GPU
     x, w_q, w_s, b = _data(m, n, k, torch.bfloat16, seed=m + n, outlier=True)
     got = w8a8_int8_linear(x, w_q, w_s, None, None)
-    ref = _reference(x, w_q, w_s, None)
+    # The reference on the GPU, independent of the kernels: the plain-PyTorch
+    # quantization, the integer product exact in float64, the float32 epilogue.
+    x_q, x_s = quantize_per_token_int8(x)
+    acc = x_q.double() @ w_q.double().t()
+    ref = (acc.float() * x_s[:, None] * w_s[None, :]).to(x.dtype).cpu()
     assert torch.isfinite(got.float()).all()
     # Same integers and float32 epilogue; only the bf16 rounding of an
     # epilogue value can differ when Triton's float32 multiply contracts differently.
@@ -134,3 +138,16 @@ def test_llama_8b_shapes_on_gpu(m, n, k):
     exact = x.float() @ (w_q.float() * w_s[:, None]).t()
     rel = float((got.float() - exact).norm() / exact.norm())
     assert rel < 0.02, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 300])
+def test_static_scale_and_bias_on_gpu(m):
+    x, w_q, w_s, b = _data(m, 4096, 4096, torch.bfloat16, seed=m)
+    scale = x.float().abs().amax().reshape(1) / 127.5
+    got = w8a8_int8_linear(x, w_q, w_s, scale, b)
+    x_q, x_s = quantize_per_token_int8(x, scale)
+    acc = x_q.double() @ w_q.double().t()
+    ref = (acc.float() * x_s.reshape(-1, 1) * w_s[None, :] + b.float()).to(x.dtype)
+    diff = (got.float() - ref.float()).abs()
+    assert float(diff.max()) <= float(ref.float().abs().max()) * 2 ** -7

@@ -127,7 +127,7 @@ def _tiny_llama() -> LlamaForCausalLM:
     return hf
 
 
-def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16) -> None:
+def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16, **llm_kwargs) -> None:
     """Ember on the checkpoint against HF transformers on it (float32, CPU).
 
     Tolerances: one linear layer agrees to float32 rounding (checked by the
@@ -143,7 +143,7 @@ def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16)
     prompts = make_prompts()
     with one_thread():
         refs = [hf_greedy(hf, p, num_new) for p in prompts]
-        llm = ember_llm(path)
+        llm = ember_llm(path, **llm_kwargs)
         runner = runner_of(llm)
         quantized = [m for m in runner.model.modules() if isinstance(getattr(m, "quant_method", None), method_type)]
         assert len(quantized) == 8, len(quantized)  # qkv, o, gate_up, down x 2 layers; lm_head ignored
@@ -151,7 +151,7 @@ def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16)
         from ember import SamplingParams
         for p, ref in zip(prompts, refs):
             seq = p + ref[:-1]
-            ours, theirs = runner.compute_prompt_logits(seq), hf_prefill_logits(hf, seq)
+            ours, theirs = runner.compute_prompt_logits(seq).cpu(), hf_prefill_logits(hf, seq)
             rel = relative_error(ours, theirs)
             assert rel < 5e-2, rel
             top2 = theirs.topk(2, dim=-1).values
@@ -188,3 +188,12 @@ def test_w8a8_int8_checkpoint_saved_by_the_library(tmp_path, static):
     assert torch.equal(got, int8_scaled_mm_reference(x_q, x_s, down.weight, down.weight_scale, None, x.dtype))
     del runner
     check_checkpoint_against_hf(path, W8A8Int8LinearMethod)
+
+
+@pytest.mark.gpu
+def test_w8a8_int8_checkpoint_on_gpu(tmp_path):
+    """The same checkpoint on CUDA (float32 activations through the Triton int8
+    GEMM at decode and torch._int_mm for the prompts) against HF transformers
+    on CPU, with the CPU run's tolerances."""
+    path = save_compressed(_tiny_llama(), "W8A8", tmp_path)
+    check_checkpoint_against_hf(path, W8A8Int8LinearMethod, device="cuda")
