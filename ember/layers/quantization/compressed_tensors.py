@@ -78,6 +78,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         from compressed_tensors.quantization import QuantizationScheme
 
         self.config = config
+        self.group_actorder: set[str] = set()  # groups whose checkpoint says actorder "group"
         self.ignore = list(config.ignore or [])
         # target -> (scheme, group name); a target named by two groups takes the
         # later one, as compressed-tensors' apply_quantization_config does.
@@ -112,6 +113,10 @@ class CompressedTensorsConfig(QuantizationConfig):
         if config.get("transform_config"):
             raise ValueError("compressed-tensors transform_config (rotations such as SpinQuant / QuIP) is not "
                              "supported")
+        # NOTE: GPTQ act-order checkpoints say ``actorder: "group"`` (rows
+        # permuted, ``weight_g_idx`` stored), which compressed-tensors >= 0.15
+        # refuses to parse; it is set aside here and handed to the W4A16 method.
+        config, legacy_actorder = _without_group_actorder(config)
         try:
             parsed = CTQuantizationConfig.model_validate(config)
         except ValueError as e:  # pydantic's ValidationError is one
@@ -119,7 +124,9 @@ class CompressedTensorsConfig(QuantizationConfig):
         if parsed.kv_cache_scheme is not None:
             raise ValueError(f"compressed-tensors kv_cache_scheme ({parsed.kv_cache_scheme.type}"
                              f"{parsed.kv_cache_scheme.num_bits} {parsed.kv_cache_scheme.strategy}) is not supported")
-        return cls(parsed)
+        out = cls(parsed)
+        out.group_actorder = legacy_actorder
+        return out
 
     # ------------------------------------------------------------ matching
     def scheme_for(self, name: str) -> tuple[Any, str] | None:
@@ -174,14 +181,15 @@ class CompressedTensorsConfig(QuantizationConfig):
         if found is None:
             return None
         scheme, group = found
-        return self._method(scheme, self._format(scheme), f"{prefix} (group {group})")
+        return self._method(scheme, self._format(scheme), f"{prefix} (group {group})",
+                            "group" if group in self.group_actorder else None)
 
     def _format(self, scheme: Any) -> str | None:
         fmt = scheme.format or self.config.format
         return getattr(fmt, "value", fmt)
 
     # -------------------------------------------------------- scheme -> method
-    def _method(self, scheme: Any, fmt: str | None, layer: str) -> LinearMethodBase:
+    def _method(self, scheme: Any, fmt: str | None, layer: str, actorder: str | None = None) -> LinearMethodBase:
         w, a = scheme.weights, scheme.input_activations
 
         def unsupported(why: str) -> ValueError:
@@ -227,7 +235,21 @@ class CompressedTensorsConfig(QuantizationConfig):
             if fmt != "pack-quantized":
                 raise unsupported(f"format {fmt}")
             from ember.layers.quantization.w4a16 import PackQuantizedW4A16Method
-            actorder = getattr(w.actorder, "value", w.actorder)
+            actorder = actorder or getattr(w.actorder, "value", w.actorder)
             return PackQuantizedW4A16Method(group_size=w.group_size if w.strategy == "group" else None,
                                             symmetric=w.symmetric, actorder=actorder)
         raise unsupported(f"{w.type}{w.num_bits} weights")
+
+
+def _without_group_actorder(config: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """``config`` with ``weights.actorder`` "group" / "dynamic" (GPTQ act-order,
+    which the library no longer parses) removed, and the names of those groups."""
+    groups = config.get("config_groups") or {}
+    legacy = {name for name, g in groups.items()
+              if isinstance(g, dict) and isinstance(g.get("weights"), dict)
+              and str(g["weights"].get("actorder")).lower() in ("group", "dynamic")}
+    if not legacy:
+        return config, set()
+    groups = {name: (g if name not in legacy else {**g, "weights": {**g["weights"], "actorder": None}})
+              for name, g in groups.items()}
+    return {**config, "config_groups": groups}, legacy

@@ -197,3 +197,15 @@ def test_w8a8_int8_checkpoint_on_gpu(tmp_path):
     on CPU, with the CPU run's tolerances."""
     path = save_compressed(_tiny_llama(), "W8A8", tmp_path)
     check_checkpoint_against_hf(path, W8A8Int8LinearMethod, device="cuda")
+
+
+def test_gptq_group_actorder_is_kept_for_w4a16():
+    """Act-order checkpoints say actorder "group", which the library no longer
+    parses: the config still loads, and W4A16 layers are told."""
+    w4 = {"targets": ["Linear"], "format": "pack-quantized",
+          "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
+                      "dynamic": False, "actorder": "group"}}
+    config = CompressedTensorsConfig.from_config(_config({"group_0": w4}, ignore=[]))
+    assert config.group_actorder == {"group_0"}
+    scheme, group = config.scheme_for("model.layers.0.mlp.down_proj")
+    assert group == "group_0" and scheme.weights.num_bits == 4 and scheme.weights.actorder is None

@@ -68,3 +68,28 @@ def test_w4a16_checkpoint_saved_by_the_library(tmp_path, group_size, symmetric):
             out = llm.generate([list(p)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                                use_tqdm=False)[0].outputs[0].token_ids
             assert out == hf_greedy(hf, p, 16)
+
+
+def test_scheme_parameters_reach_the_methods():
+    """FP8 static/dynamic and W4A16 group size, symmetry and act order (the
+    legacy actorder "group" included) as the layer's method receives them."""
+    from ember.layers.linear import RowParallelLinear
+    from ember.layers.quantization.compressed_tensors import CompressedTensorsConfig
+
+    def layer(weights, inputs, fmt):
+        group = {"targets": ["Linear"], "format": fmt, "weights": weights, "input_activations": inputs}
+        config = CompressedTensorsConfig.from_config({"quant_method": "compressed-tensors", "format": fmt,
+                                                      "config_groups": {"group_0": group}, "ignore": []})
+        return RowParallelLinear(256, 64, quant_config=config, prefix="model.layers.0.mlp.down_proj").quant_method
+
+    fp8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
+    static = layer(fp8, {**fp8}, "float-quantized")
+    assert isinstance(static, Fp8LinearMethod) and static.quant_config.activation_scheme == "static"
+    assert static.quant_config.is_checkpoint_fp8_serialized
+    dynamic = layer({**fp8, "strategy": "channel"}, {**fp8, "strategy": "token", "dynamic": True}, "float-quantized")
+    assert dynamic.quant_config.activation_scheme == "dynamic"
+    w4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": False, "dynamic": False,
+          "actorder": "group"}
+    method = layer(w4, None, "pack-quantized")
+    assert isinstance(method, PackQuantizedW4A16Method)
+    assert method.group_size == 128 and not method.symmetric and method.act_order
