@@ -87,3 +87,31 @@ def save_compressed(model: PreTrainedModel, scheme: QuantizationScheme | str, pa
     save_tiny(model, path)
     compressor.update_config(str(path))
     return str(path)
+
+
+def library_dequantized_model(path: str) -> PreTrainedModel:
+    """The checkpoint at ``path`` as a plain float32 HF model whose quantized
+    weights are the compressed-tensors library's own decompression of the
+    stored tensors (``BaseCompressor.decompress`` of each module's state dict
+    under its scheme's format): the reference where HF transformers' loader
+    cannot read a format (e.g. packed asymmetric zero points)."""
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qconfig = QuantizationConfig.model_validate(json.load(open(f"{path}/config.json"))["quantization_config"])
+    (scheme,) = qconfig.config_groups.values()
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or qconfig.format)
+    stored = load_file(f"{path}/model.safetensors")
+    modules = {name.rsplit(".", 1)[0] for name in stored if name.endswith("weight_scale")}
+    state = {n: t for n, t in stored.items() if n.rsplit(".", 1)[0] not in modules}
+    for module in modules:
+        local = {n[len(module) + 1:]: t for n, t in stored.items() if n.rsplit(".", 1)[0] == module}
+        state[f"{module}.weight"] = compressor.decompress(local, scheme)["weight"].float()
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(state)
+    return model
