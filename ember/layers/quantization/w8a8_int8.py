@@ -78,9 +78,9 @@ def quantize_per_token_int8(x: torch.Tensor, static_scale: torch.Tensor | None =
 def int8_scaled_mm_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
                              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``float(x_q @ w_q.T) * x_s[:, None] * w_s[None, :] (+ bias)`` rounded to
-    ``out_dtype``: the int32 product (``torch._int_mm``, or an int64 matmul
-    where it does not take the shapes), then the float32 epilogue in the
-    kernels' order.
+    ``out_dtype``: the int32 product (``torch._int_mm``, or a float64 matmul,
+    exact for these integers, where it does not take the shapes), then the
+    float32 epilogue in the kernels' order.
 
     Args:
         x_q: [M, K] int8; x_s: [M] or [1] float32.
@@ -91,8 +91,8 @@ def int8_scaled_mm_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Te
     """
     try:
         acc = torch._int_mm(x_q, w_q.t())
-    except RuntimeError:  # shapes this build's _int_mm refuses: the same exact integers
-        acc = (x_q.to(torch.int64) @ w_q.to(torch.int64).t()).to(torch.int32)
+    except RuntimeError:  # shapes this device's _int_mm refuses (CUDA: M <= 16): the same exact integers
+        acc = (x_q.double() @ w_q.double().t()).to(torch.int32)
     y = acc.float() * x_s.reshape(-1, 1) * w_s[None, :]
     if bias is not None:
         y = y + bias.float()
