@@ -49,12 +49,13 @@ SKINNY_MAX_M = 16
 # each program re-reads the rows (from L2) to find their scales, which costs
 # less than a separate launch while the rows are few.
 FUSED_QUANT_MAX_M = 4
-INT8_QMIN, INT8_QMAX = -128.0, 127.0
+# Constants the kernels read (Triton globals must be constexpr).
+INT8_QMIN, INT8_QMAX = tl.constexpr(-128.0), tl.constexpr(127.0)
 # compressed-tensors' symmetric scale: max |x| / ((qmax - qmin) / 2).
-INT8_SCALE_DIVISOR = 127.5
+INT8_SCALE_DIVISOR = tl.constexpr(127.5)
 # 1.5 * 2^23: for |v| <= 2^22, (v + C) - C is v rounded to the nearest integer,
 # ties to even (the float32 addition's rounding), as torch.round does.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
