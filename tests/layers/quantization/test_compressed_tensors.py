@@ -127,7 +127,8 @@ def _tiny_llama() -> LlamaForCausalLM:
     return hf
 
 
-def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16, **llm_kwargs) -> None:
+def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16, num_quantized: int = 8,
+                                **llm_kwargs) -> None:
     """Ember on the checkpoint against HF transformers on it (float32, CPU).
 
     Tolerances: one linear layer agrees to float32 rounding (checked by the
@@ -146,7 +147,8 @@ def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16,
         llm = ember_llm(path, **llm_kwargs)
         runner = runner_of(llm)
         quantized = [m for m in runner.model.modules() if isinstance(getattr(m, "quant_method", None), method_type)]
-        assert len(quantized) == 8, len(quantized)  # qkv, o, gate_up, down x 2 layers; lm_head ignored
+        # qkv, o, gate_up, down x 2 layers (+ the LM head where the checkpoint quantizes it)
+        assert len(quantized) == num_quantized, len(quantized)
         equal = 0
         from ember import SamplingParams
         for p, ref in zip(prompts, refs):
@@ -165,13 +167,13 @@ def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("static", [False, True])
-def test_w8a8_int8_checkpoint_saved_by_the_library(tmp_path, static):
+@pytest.mark.parametrize("static, quantized_head", [(False, False), (True, False), (False, True)])
+def test_w8a8_int8_checkpoint_saved_by_the_library(tmp_path, static, quantized_head):
     hf = _tiny_llama()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(strategy="channel"),
                                 input_activations=QuantizationArgs(strategy="tensor" if static else "token",
                                                                    dynamic=not static))
-    path = save_compressed(hf, scheme, tmp_path)
+    path = save_compressed(hf, scheme, tmp_path, ignore=[] if quantized_head else ["lm_head"])
     # One layer as the library computes it (its fake-quantized forward) and as Ember does.
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     layer = ref.model.layers[1].mlp.down_proj
@@ -186,8 +188,9 @@ def test_w8a8_int8_checkpoint_saved_by_the_library(tmp_path, static):
     assert relative_error(got, expected) < 1e-5
     x_q, x_s = quantize_per_token_int8(x, down.input_scale if static else None)
     assert torch.equal(got, int8_scaled_mm_reference(x_q, x_s, down.weight, down.weight_scale, None, x.dtype))
+    assert (runner.model.lm_head.weight.dtype == torch.int8) == quantized_head
     del runner
-    check_checkpoint_against_hf(path, W8A8Int8LinearMethod)
+    check_checkpoint_against_hf(path, W8A8Int8LinearMethod, num_quantized=9 if quantized_head else 8)
 
 
 @pytest.mark.gpu
