@@ -49,6 +49,12 @@ SKINNY_MAX_M = 16
 # each program re-reads the rows (from L2) to find their scales, which costs
 # less than a separate launch while the rows are few.
 FUSED_QUANT_MAX_M = 4
+# Rows from which torch._int_mm (cuBLASLt) and the epilogue kernel replace the
+# Triton GEMM where its constraints hold: the int32 product makes a round trip
+# through memory, which the Triton GEMM's fused epilogue avoids, so the
+# crossover is a measurement (benchmarks/quant_int8.py prints both at M = 256
+# and 4096).
+INT_MM_MIN_M = SKINNY_MAX_M + 1
 # Constants the kernels read (Triton globals must be constexpr).
 INT8_QMIN, INT8_QMAX = tl.constexpr(-128.0), tl.constexpr(127.0)
 # compressed-tensors' symmetric scale: max |x| / ((qmax - qmin) / 2).
@@ -301,8 +307,8 @@ def w8a8_int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in
     one :func:`int8_gemm` that quantizes ``x`` itself; up to
     :data:`SKINNY_MAX_M`, :func:`per_token_quant_int8` then :func:`int8_gemm`;
     more, :func:`per_token_quant_int8` then ``torch._int_mm`` with
-    :func:`scale_epilogue` where :func:`int_mm_supported` holds, else the
-    Triton GEMM. ``input_scale`` [1] float32: a static activation scale;
+    :func:`scale_epilogue` where :func:`int_mm_supported` holds (from
+    :data:`INT_MM_MIN_M` rows), else the Triton GEMM. ``input_scale`` [1] float32: a static activation scale;
     None: per token."""
     m, k = x.shape
     n = w.shape[0]
@@ -311,6 +317,6 @@ def w8a8_int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, in
     if m <= FUSED_QUANT_MAX_M:
         return int8_gemm(x, w, input_scale, w_scale, bias, x.dtype, quantize_x=True)
     x_q, x_s = per_token_quant_int8(x, input_scale)
-    if int_mm_supported(m, n, k) and not INTERPRETED:
+    if m >= INT_MM_MIN_M and int_mm_supported(m, n, k) and not INTERPRETED:
         return int8_scaled_mm(x_q, w, x_s, w_scale, bias, x.dtype)
     return int8_gemm(x_q, w, x_s, w_scale, bias, x.dtype)
