@@ -114,8 +114,9 @@ class CompressedTensorsConfig(QuantizationConfig):
             raise ValueError("compressed-tensors transform_config (rotations such as SpinQuant / QuIP) is not "
                              "supported")
         # NOTE: GPTQ act-order checkpoints say ``actorder: "group"`` (rows
-        # permuted, ``weight_g_idx`` stored), which compressed-tensors >= 0.15
-        # refuses to parse; it is set aside here and handed to the W4A16 method.
+        # permuted, ``weight_g_idx`` stored), which the library has since
+        # removed and refuses to parse; it is set aside here and handed to the
+        # W4A16 method.
         config, legacy_actorder = _without_group_actorder(config)
         try:
             parsed = CTQuantizationConfig.model_validate(config)
