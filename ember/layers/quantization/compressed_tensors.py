@@ -24,8 +24,11 @@ Schemes and the methods that run them:
   channel scales, symmetric or with zero points, optional activation order ->
   ``PackQuantizedW4A16Method`` of :mod:`ember.layers.quantization.w4a16`.
 
+MoE experts (:class:`~ember.layers.moe.FusedMoE`) take the FP8 scheme only
+(``Fp8MoEMethod`` of :mod:`ember.layers.quantization.fp8_moe`).
+
 Anything else (sparsity such as 2:4, transforms, quantized KV caches, int8
-weight-only, NVFP4 / MXFP4, block FP8, output activations, quantized MoE
+weight-only, NVFP4 / MXFP4, block FP8, output activations, int8 or int4
 experts) raises a ValueError naming the scheme and the layer.
 """
 
@@ -170,12 +173,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         from ember.layers.vocab_embedding import ParallelLMHead
 
         if isinstance(layer, FusedMoE):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                found = self.scheme_for(f"{prefix}.0.{proj}")
-                if found is not None:
-                    raise ValueError(f"compressed-tensors: quantized MoE experts ({prefix}, group {found[1]}: "
-                                     f"{describe_scheme(found[0], self._format(found[0]))}) are not supported")
-            return None
+            return self._experts_method(prefix)
         if not isinstance(layer, (LinearBase, ParallelLMHead)):
             return None
         found = self._layer_scheme(prefix)
@@ -184,6 +182,34 @@ class CompressedTensorsConfig(QuantizationConfig):
         scheme, group = found
         return self._method(scheme, self._format(scheme), f"{prefix} (group {group})",
                             "group" if group in self.group_actorder else None)
+
+    def _experts_method(self, prefix: str) -> Any:
+        """FP8 experts -> ``Fp8MoEMethod`` (:mod:`ember.layers.quantization.fp8_moe`);
+        experts no group quantizes -> None. Checked on expert 0's projections
+        (``{prefix}.0.gate_proj`` ...), which must share one scheme.
+
+        Raises:
+            ValueError: other schemes, or projections that differ.
+        """
+        names = [f"{prefix}.0.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")]
+        found = [self.scheme_for(n) for n in names]
+        if any(f != found[0] for f in found[1:]):
+            detail = ", ".join(f"{n}: {'unquantized' if f is None else f[1]}" for n, f in zip(names, found))
+            raise ValueError(f"compressed-tensors: the experts of {prefix} must share one scheme; the checkpoint "
+                             f"has {detail}")
+        if found[0] is None:
+            return None
+        scheme, group = found[0]
+        fmt = self._format(scheme)
+        fp8 = _fp8_activation_scheme(scheme, fmt)
+        if fp8 is None:
+            raise ValueError(f"compressed-tensors scheme [{describe_scheme(scheme, fmt)}] of the MoE experts "
+                             f"{prefix} (group {group}) is not supported; quantized experts run FP8 W8A8 "
+                             f"(float-quantized: fp8 channel/tensor weights, dynamic per-token or static "
+                             f"per-tensor activations)")
+        from ember.layers.quantization.fp8 import Fp8Config
+        from ember.layers.quantization.fp8_moe import Fp8MoEMethod
+        return Fp8MoEMethod(Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme=fp8))
 
     def _format(self, scheme: Any) -> str | None:
         fmt = scheme.format or self.config.format
@@ -254,3 +280,19 @@ def _without_group_actorder(config: dict[str, Any]) -> tuple[dict[str, Any], set
     groups = {name: (g if name not in legacy else {**g, "weights": {**g["weights"], "actorder": None}})
               for name, g in groups.items()}
     return {**config, "config_groups": groups}, legacy
+
+
+def _fp8_activation_scheme(scheme: Any, fmt: str | None) -> str | None:
+    """``"dynamic"`` / ``"static"`` for an FP8 W8A8 scheme Ember runs (fp8
+    weights with channel or tensor scales, fp8 activations per token dynamic
+    or per tensor static, float-quantized storage), else None."""
+    w, a = scheme.weights, scheme.input_activations
+    if (w is None or a is None or scheme.output_activations is not None or w.type != "float" or w.num_bits != 8
+            or w.dynamic is not False or w.strategy not in ("channel", "tensor") or a.type != "float"
+            or a.num_bits != 8 or fmt not in ("float-quantized", "naive-quantized")):
+        return None
+    if a.dynamic is True and a.strategy == "token":
+        return "dynamic"
+    if a.dynamic is False and a.strategy == "tensor":
+        return "static"
+    return None

@@ -212,3 +212,18 @@ def test_gptq_group_actorder_is_kept_for_w4a16():
     assert config.group_actorder == {"group_0"}
     scheme, group = config.scheme_for("model.layers.0.mlp.down_proj")
     assert group == "group_0" and scheme.weights.num_bits == 4 and scheme.weights.actorder is None
+
+
+def test_moe_experts_take_fp8_only():
+    from ember.layers.moe.layer import FusedMoE
+
+    int8 = CompressedTensorsConfig.from_config(_config({"group_0": _w8a8_group(["Linear"])},
+                                                       ignore=["re:.*mlp.gate$"]))
+    with pytest.raises(ValueError, match="weights int8 .* MoE experts model.layers.0.mlp.experts \\(group group_0\\)"):
+        FusedMoE(4, 32, 16, quant_config=int8, prefix="model.layers.0.mlp.experts")
+    dense_only = CompressedTensorsConfig.from_config(_config({"group_0": _w8a8_group(["re:.*self_attn.*"])}))
+    experts = FusedMoE(4, 32, 16, quant_config=dense_only, prefix="model.layers.0.mlp.experts")
+    assert type(experts.quant_method).__name__ == "UnquantizedFusedMoEMethod"
+    partial = CompressedTensorsConfig.from_config(_config({"group_0": _w8a8_group(["re:.*up_proj$"])}))
+    with pytest.raises(ValueError, match="experts of model.layers.0.mlp.experts must share one scheme"):
+        FusedMoE(4, 32, 16, quant_config=partial, prefix="model.layers.0.mlp.experts")

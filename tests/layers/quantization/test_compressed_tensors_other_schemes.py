@@ -102,3 +102,20 @@ def test_scheme_parameters_reach_the_methods():
     method = layer(w4, None, "pack-quantized")
     assert isinstance(method, PackQuantizedW4A16Method)
     assert method.group_size == 128 and not method.symmetric and method.act_order
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_moe_experts_take_fp8_moe_method(static):
+    from ember.layers.moe.layer import FusedMoE
+    from ember.layers.quantization.compressed_tensors import CompressedTensorsConfig
+    from ember.layers.quantization.fp8_moe import Fp8MoEMethod
+
+    fp8 = {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False}
+    inputs = {**fp8, "strategy": "tensor"} if static else {**fp8, "strategy": "token", "dynamic": True}
+    group = {"targets": ["Linear"], "format": "float-quantized", "weights": fp8, "input_activations": inputs}
+    config = CompressedTensorsConfig.from_config({"quant_method": "compressed-tensors", "format": "float-quantized",
+                                                  "config_groups": {"group_0": group},
+                                                  "ignore": ["lm_head", "re:.*mlp.gate$"]})
+    experts = FusedMoE(4, 32, 16, quant_config=config, prefix="model.layers.0.mlp.experts")
+    assert isinstance(experts.quant_method, Fp8MoEMethod)
+    assert experts.quant_method.quant_config.activation_scheme == ("static" if static else "dynamic")
