@@ -18,8 +18,10 @@ or with one static scale for every row (a calibrated checkpoint's
 
 with the sum in int32 (exact: ``K * 128 * 128`` stays below 2^31 for
 K < 131072) and the epilogue in float32, rounded once to the output dtype.
-Every path here computes exactly these float32 operations in this order, so
-they agree bit for bit with each other and with the plain-PyTorch path of
+Every path here computes exactly these float32 operations in this order
+(the GEMM and epilogue kernels are compiled without FMA contraction, which
+would round the bias add differently), so they agree bit for bit with each
+other and with the plain-PyTorch path of
 :mod:`ember.layers.quantization.w8a8_int8`.
 
 - :func:`per_token_quant_int8`: one program per row (two passes over K).
@@ -240,7 +242,8 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor | None, w_
         a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, out,
         m, n, k, a.stride(0), w.stride(0), out.stride(0), 1 if a_scale is None or a_scale.numel() == m else 0,
         HAS_BIAS=bias is not None, QUANT_A=quantize_x, STATIC_A=a_scale is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_stages=num_stages, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_stages=num_stages, num_warps=num_warps,
+        enable_fp_fusion=False)
     return out
 
 
@@ -276,7 +279,8 @@ def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tens
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _scale_epilogue_kernel[grid](acc, a_scale, w_scale, bias if bias is not None else w_scale, out, m, n,
                                      acc.stride(0), out.stride(0), 1 if a_scale.numel() == m else 0,
-                                     HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                                     HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                                     enable_fp_fusion=False)
     return out
 
 

@@ -44,10 +44,11 @@ for (bm, bn, bk, stages, warps), quant_a, static, even_k in itertools.product(ti
              "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
     comp(f"gemm {(bm, bn, bk, stages, warps)} quant_a={quant_a} static={static} even_k={even_k}",
          k8._int8_gemm_kernel, dict(gemm, A="*bf16" if quant_a else "*i8"), const, num_warps=warps,
-         num_stages=stages)
+         num_stages=stages, enable_fp_fusion=False)
 epi = {"ACC": "*i32", "AS": "*fp32", "WS": "*fp32", "B": "*bf16", "Y": "*bf16", "M": "i32", "N": "i32",
        "stride_accm": "i32", "stride_ym": "i32", "stride_as": "i32"}
-comp("epilogue", k8._scale_epilogue_kernel, epi, {"HAS_BIAS": True, "BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4)
+comp("epilogue", k8._scale_epilogue_kernel, epi, {"HAS_BIAS": True, "BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4,
+     enable_fp_fusion=False)
 print(json.dumps(out))
 """
 

@@ -67,7 +67,9 @@ def quantize_per_token_int8(x: torch.Tensor, static_scale: torch.Tensor | None =
     xf = x.float()
     if static_scale is None:
         amax = xf.abs().amax(dim=1)
-        x_s = torch.where(amax > 0, amax / INT8_SCALE_DIVISOR, torch.ones_like(amax))
+        # NOTE: divided by a tensor, not a Python scalar: CUDA divides by a
+        # scalar as a product with its reciprocal, off by an ulp at times.
+        x_s = torch.where(amax > 0, amax / torch.full_like(amax, INT8_SCALE_DIVISOR), torch.ones_like(amax))
         scale = x_s[:, None]
     else:
         x_s = scale = static_scale.float()
