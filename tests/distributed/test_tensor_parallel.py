@@ -131,6 +131,57 @@ def check_int8_column_row_chain(rank: int) -> None:
     _close(fc2(torch.relu(fc1(x))), F.linear(torch.relu(F.linear(x, dequant(w1), b1)), w2_shards, b2))
 
 
+def check_w8a8_int8_checkpoint_chain(rank: int) -> None:
+    """A compressed-tensors W8A8 INT8 qkv (per-channel int8 weights, static
+    per-tensor input scales of q, k and v: their maximum) into a row-parallel
+    layer (dynamic per-token activations, over each rank's half of K)."""
+    from ember.layers.linear import QKVParallelLinear, RowParallelLinear
+    from ember.layers.quantization.compressed_tensors import CompressedTensorsConfig
+    from ember.layers.quantization.w8a8_int8 import int8_scaled_mm_reference, quantize_per_token_int8
+
+    def group(targets, static):
+        args = {"num_bits": 8, "type": "int", "symmetric": True}
+        return {"targets": targets, "weights": {**args, "strategy": "channel"},
+                "input_activations": {**args, "strategy": "tensor" if static else "token", "dynamic": not static}}
+
+    quant = CompressedTensorsConfig.from_config({"quant_method": "compressed-tensors", "format": "int-quantized",
+                                                 "config_groups": {"static": group(["re:.*qkv.*|.*_proj$"], True),
+                                                                   "dynamic": group(["fc2"], False)}})
+    gen = torch.Generator().manual_seed(30)
+    num_kv, out = 2, (NUM_HEADS + 2 * 2) * HEAD_DIM
+    q = torch.randint(-128, 128, (NUM_HEADS * HEAD_DIM, HIDDEN), generator=gen, dtype=torch.int8)
+    k, v = (torch.randint(-128, 128, (num_kv * HEAD_DIM, HIDDEN), generator=gen, dtype=torch.int8) for _ in "kv")
+    scales = [torch.rand(t.shape[0], 1, generator=gen) * 0.01 for t in (q, k, v)]
+    w2 = torch.randint(-128, 128, (HIDDEN, out), generator=gen, dtype=torch.int8)
+    s2 = torch.rand(HIDDEN, 1, generator=gen) * 0.01
+    x = _full((5, HIDDEN), 31)
+    qkv = QKVParallelLinear(HIDDEN, HEAD_DIM, NUM_HEADS, num_kv, quant_config=quant,
+                            prefix="model.layers.0.self_attn.qkv_proj")
+    fc2 = RowParallelLinear(out, HIDDEN, quant_config=quant, prefix="fc2")
+    for sid, w, scale, input_scale in zip("qkv", (q, k, v), scales, (0.02, 0.03, 0.025)):
+        _load(qkv, "weight", w, sid)
+        _load(qkv, "weight_scale", scale, sid)
+        _load(qkv, "input_scale", torch.tensor([input_scale]), sid)
+    _load(fc2, "weight", w2)
+    _load(fc2, "weight_scale", s2)
+    _finish(qkv, fc2)
+    assert torch.equal(qkv.input_scale.cpu(), torch.tensor([0.03]))
+    assert fc2.weight.shape == (HIDDEN, out // WORLD) and fc2.weight_scale.shape == (HIDDEN,)
+    # Reference: the full qkv product, then each rank's [q_r, k_r, v_r] columns
+    # against its K-chunk of w2, summed.
+    x_q, x_s = quantize_per_token_int8(x, torch.tensor([0.03]))
+    full = int8_scaled_mm_reference(x_q, x_s, torch.cat([q, k, v]), torch.cat(scales).reshape(-1), None, x.dtype)
+    y1 = torch.relu(full)
+    qs, ks = NUM_HEADS * HEAD_DIM, num_kv * HEAD_DIM
+    expected = 0
+    for r in range(WORLD):
+        cols = [y1[:, a + r * n // WORLD: a + (r + 1) * n // WORLD] for a, n in ((0, qs), (qs, ks), (qs + ks, ks))]
+        h_q, h_s = quantize_per_token_int8(torch.cat(cols, dim=1))
+        chunk = w2[:, r * out // WORLD: (r + 1) * out // WORLD]
+        expected = expected + int8_scaled_mm_reference(h_q, h_s, chunk, s2.reshape(-1), None, x.dtype)
+    _close(fc2(torch.relu(qkv(x))), expected)
+
+
 def check_merged_mlp_chain(rank: int) -> None:
     from ember.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 

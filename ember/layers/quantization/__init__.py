@@ -14,6 +14,8 @@ QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
     "int8_weight_only": ("ember.layers.quantization.int8_weight_only", "Int8WeightOnlyConfig"),
     "fp8": ("ember.layers.quantization.fp8", "Fp8Config"),
     "gguf": ("ember.layers.quantization.gguf", "GGUFConfig"),
+    "w8a8_int8": ("ember.layers.quantization.w8a8_int8", "W8A8Int8Config"),
+    "compressed-tensors": ("ember.layers.quantization.compressed_tensors", "CompressedTensorsConfig"),
 }
 
 
