@@ -55,6 +55,7 @@ class Worker:
 
     def load_model(self) -> None:
         self.model_runner.load_model()
+        self.model_runner.load_draft_model()
 
     def determine_num_blocks(self) -> int:
         """Number of KV blocks that fit in the memory Ember may use.
