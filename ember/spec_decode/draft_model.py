@@ -100,6 +100,7 @@ class DraftModelProposer:
         self.host_kv_caches: list[torch.Tensor] = []
         self.states: dict[str, _DraftState] = {}
         self.cuda_graphs = None
+        self._graph_events: list[torch.cuda.Event] = []  # after the last two draft graph replays
         self.generator = runner.sampler.generator
         self.propose_s = 0.0  # cumulative host wall time in propose (seconds; device time too on CPU)
 
@@ -417,7 +418,16 @@ class DraftModelProposer:
             host.in_flight_dst = list(range(n))
             host.in_flight_src = list(range(n))
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
-            return self.cuda_graphs.run(host, _Proposals(device_ids))
+            # NOTE: the graph runner stages inputs in two pinned buffers, in turn, with
+            # asynchronous copies; the proposal loop runs ahead of the device, so a
+            # buffer is reused only once the replay that read it two runs ago is done.
+            if len(self._graph_events) == 2:
+                self._graph_events.pop(0).synchronize()
+            out = self.cuda_graphs.run(host, _Proposals(device_ids))
+            event = torch.cuda.Event()
+            event.record()
+            self._graph_events.append(event)
+            return out
         return self._run_eager(host, device_ids)
 
     def _forward_extend(self, plan) -> torch.Tensor:

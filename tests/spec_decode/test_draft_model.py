@@ -296,3 +296,24 @@ def test_engine_config_for_a_draft(smollm2_path, random_draft):
     assert sc.draft_model_config.dtype == cfg.model_config.dtype
     # No step is scheduled ahead with a draft model; k slots are reserved past each step.
     assert not cfg.scheduler_config.async_scheduling and cfg.scheduler_config.num_lookahead_tokens == K
+
+
+def test_lookahead_slots_are_reserved_and_capped_at_max_model_len():
+    from ember.config import SchedulerConfig
+    from ember.core.kv_cache_manager import KVCacheManager
+    from ember.core.scheduler import Scheduler
+    from ember.request import Request
+
+    mgr = KVCacheManager(num_blocks=16, block_size=4, enable_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=12,
+                                      num_lookahead_tokens=3), mgr)
+    sched.add_request(Request("a", list(range(1, 7)), SamplingParams(max_tokens=4), max_model_len=12))
+    out = sched.schedule()
+    # 6 prompt tokens + 3 lookahead slots: 3 blocks of 4 (not 2).
+    assert out.num_scheduled_tokens == {"a": 6} and len(out.scheduled_new_reqs[0].block_ids) == 3
+    # Only the prompt's full block is cached (lookahead slots hold no known token).
+    assert mgr.num_cached_blocks.get("a") == 1
+    # Near max_model_len the lookahead shrinks: 11 tokens + 1 slot fit 3 blocks.
+    sched.add_request(Request("b", list(range(1, 12)), SamplingParams(max_tokens=1), max_model_len=12))
+    out = sched.schedule()
+    assert len(mgr.get_block_ids("b")) == 3
