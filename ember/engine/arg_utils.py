@@ -315,11 +315,8 @@ class EngineArgs:
         if speculative_config is not None and speculative_config.uses_draft_model:
             speculative_config = dataclasses.replace(
                 speculative_config, draft_model_config=_draft_model_config(speculative_config.model, model_config))
-            # NOTE: the draft proposes from each step's emitted tokens on the
-            # host, so no step is launched ahead while a draft model is configured.
             scheduler_config = dataclasses.replace(
-                scheduler_config, async_scheduling=False,
-                num_lookahead_tokens=speculative_config.num_speculative_tokens)
+                scheduler_config, num_lookahead_tokens=speculative_config.num_speculative_tokens)
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,

@@ -29,8 +29,8 @@ proposes draft tokens for the running requests after each update
 proposes (the batch is within ``disable_by_batch_size``), no step is scheduled
 ahead: drafts are made from the tokens the previous step returned. A draft
 model (method ``draft_model``) proposes on the worker, in the step itself, and
-its proposals come back with the step's output; no step is ever scheduled
-ahead with one configured.
+its proposals come back with the step's output; a step launched ahead of the
+previous one's tokens gets no proposals (the draft catches up later).
 """
 
 from __future__ import annotations

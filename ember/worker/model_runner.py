@@ -534,6 +534,7 @@ class ModelRunner:
             self._swap_blocks(sched)
         if sched.is_empty:
             return PendingOutput([])
+        launched_ahead = bool(self._last_sample_req_ids)  # continues from a step in flight
         t0 = time.perf_counter()
         spec = sched.scheduled_spec_decode_tokens
         if spec:
@@ -573,7 +574,10 @@ class ModelRunner:
             self._awaiting_bitmask = _AwaitingBitmask(pending, logits, states, host.sample_seq_lens)
             return pending
         self._sample(pending, logits, states, host.sample_seq_lens)
-        if self.draft_proposer is not None:
+        # NOTE: proposing reads this step's tokens on the host (it waits for
+        # them); never in a step launched ahead (its requests' tokens are not
+        # all known here) nor while speculation is off.
+        if self.draft_proposer is not None and not launched_ahead and self.draft_proposer.active():
             if pending.event is not None:
                 pending.event.synchronize()
             sampled = pending.sampled_host.tolist()

@@ -5,7 +5,8 @@
 * Other drafts with the target's vocabulary (the target's first layers, and
   a tiny random Llama) give greedy output token for token equal to decoding
   without speculation, for each prompt alone and batched with staggered
-  arrivals, chunked prefill and preemption (recompute and swap) forced.
+  arrivals, chunked prefill and preemption (recompute and swap) forced, and
+  with asynchronous scheduling while speculation turns off and on.
 * Sampled drafts: the verifier with the draft's q keeps the target
   distribution (chi-square), and a sampled draft equal to the target is
   accepted almost always (q is used, not a point mass).
@@ -131,14 +132,15 @@ def test_draft_equal_to_target_accepts_everything(smollm2_path, reference):
     assert c.spec_mean_accepted_length == pytest.approx(K + 1, abs=0.5)  # the last steps are capped by max_tokens
 
 
-def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str) -> tuple[dict, LLMEngine, bool]:
+def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str,
+               async_scheduling: bool = False) -> tuple[dict, LLMEngine, bool]:
     block_size = 16
     longest = max(len(p) for p in prompts) + NUM_NEW + 2 * K
     num_blocks = -(-longest // block_size) + 5  # far too few for all at once: preemption
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=model, max_model_len=longest + 16, block_size=block_size, num_gpu_blocks_override=num_blocks,
         max_num_batched_tokens=20, max_num_seqs=6, speculative_config=spec, preemption_mode=preemption_mode,
-        swap_space=64 << 20))
+        swap_space=64 << 20, async_scheduling=async_scheduling))
     results, pending, step, chunked = {}, list(enumerate(prompts)), 0, False
     scheduler = engine.engine_core.scheduler
     while pending or engine.has_unfinished_requests():
@@ -166,13 +168,18 @@ def test_truncated_draft_greedy_alone_equals_no_speculation(smollm2_path, trunca
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft, preemption_mode", [("truncated", "recompute"), ("truncated", "swap"),
-                                                    ("random", "recompute")])
+@pytest.mark.parametrize("draft, preemption_mode, async_scheduling", [
+    ("truncated", "recompute", False), ("truncated", "swap", False), ("random", "recompute", False),
+    ("truncated", "recompute", True)])
 def test_greedy_batched_chunked_preempted_equals_no_speculation(smollm2_path, truncated_draft, random_draft,
-                                                                reference, draft, preemption_mode):
+                                                                reference, draft, preemption_mode, async_scheduling):
+    # With asynchronous scheduling, speculation also turns off and on as the
+    # batch crosses disable_by_batch_size (steps scheduled ahead in between,
+    # the draft catching up after them).
     prompts, ref = reference
     path = truncated_draft if draft == "truncated" else random_draft
-    results, engine, chunked = _staggered(smollm2_path, prompts, _spec(path), preemption_mode)
+    spec = _spec(path, disable_by_batch_size=3) if async_scheduling else _spec(path)
+    results, engine, chunked = _staggered(smollm2_path, prompts, spec, preemption_mode, async_scheduling)
     sched = engine.engine_core.scheduler
     assert chunked and sched.num_preemptions_total > 0
     if preemption_mode == "swap":
@@ -294,8 +301,8 @@ def test_engine_config_for_a_draft(smollm2_path, random_draft):
     sc = cfg.speculative_config
     assert sc.method == "draft_model" and sc.draft_model_config.hf_config.num_hidden_layers == 2
     assert sc.draft_model_config.dtype == cfg.model_config.dtype
-    # No step is scheduled ahead with a draft model; k slots are reserved past each step.
-    assert not cfg.scheduler_config.async_scheduling and cfg.scheduler_config.num_lookahead_tokens == K
+    # k slots are reserved past each step (the proposals' K/V).
+    assert cfg.scheduler_config.async_scheduling and cfg.scheduler_config.num_lookahead_tokens == K
 
 
 def test_lookahead_slots_are_reserved_and_capped_at_max_model_len():
