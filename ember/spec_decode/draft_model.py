@@ -55,9 +55,11 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-# Catch-ups of at most this many tokens per request run as that many decode
-# rounds (CUDA-graph replays) rather than one eager extend.
+# Without piecewise graphs, catch-ups of at most this many tokens per request
+# run as that many decode rounds (CUDA-graph replays) rather than one eager extend.
 _MAX_DECODE_ROUNDS = 2
+# Piecewise CUDA graphs of the draft cover catch-ups of up to this many tokens.
+_PIECEWISE_MAX_TOKENS = 128
 # Keeps the draft's sampling noise independent of the verifier's (same seed).
 _SEED_SALT = 0x5DEECE66D
 
@@ -100,6 +102,7 @@ class DraftModelProposer:
         self.host_kv_caches: list[torch.Tensor] = []
         self.states: dict[str, _DraftState] = {}
         self.cuda_graphs = None
+        self.piecewise_graphs = None
         self._graph_events: list[torch.cuda.Event] = []  # after the last two draft graph replays
         self.generator = runner.sampler.generator
         self.propose_s = 0.0  # cumulative host wall time in propose (seconds; device time too on CPU)
@@ -184,6 +187,25 @@ class DraftModelProposer:
         self.cuda_graphs.capture()
         logger.info(f"captured draft CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
+        from ember.layers.attention import Attention
+        from ember.layers.attention.mla import MLAAttention
+        from ember.worker.cuda_graph import PiecewiseCUDAGraphRunner
+
+        modules = list(self.model.modules())
+        if (self.runner.piecewise_graphs is None or any(isinstance(m, MLAAttention) for m in modules)
+                or not any(isinstance(m, Attention) for m in modules)):
+            return
+
+        # Catch-ups (a step's accepted drafts and its last token per request) as
+        # piecewise graphs, up to a small token count.
+        budget = min(_PIECEWISE_MAX_TOKENS, rc.scheduler_config.max_num_batched_tokens)
+        config = dataclasses.replace(config, scheduler_config=dataclasses.replace(
+            config.scheduler_config, max_num_batched_tokens=budget, max_num_seqs=min(max_seqs, budget)))
+        start = time.perf_counter()
+        self.piecewise_graphs = PiecewiseCUDAGraphRunner(self.model, self.kv_caches, config)
+        self.piecewise_graphs.capture()
+        logger.info(f"captured draft piecewise CUDA graphs up to {self.piecewise_graphs.sizes[-1]} tokens "
+                    f"in {time.perf_counter() - start:.1f} s")
 
     # ------------------------------------------------------ request states
     def add_request(self, req_id: str, num_computed_tokens: int) -> None:
@@ -279,7 +301,7 @@ class DraftModelProposer:
         the proposing requests' last tokens ([n, hidden]) and their ids."""
         longest = max(len(t) for _, t, _, _, _ in plan)
         proposing = [i for i, p in enumerate(plan) if p[4]]
-        if longest <= _MAX_DECODE_ROUNDS:
+        if longest <= (1 if self.piecewise_graphs is not None else _MAX_DECODE_ROUNDS):
             # Round r feeds the requests with more than longest - r - 1 tokens left; the
             # last round feeds every request its last token.
             hidden = None
@@ -446,9 +468,19 @@ class DraftModelProposer:
         ids = np.fromiter((t for p in plan for t in p[1]), dtype=np.int64, count=int(qsl[-1]))
         host = HostInputs(ids, pos, slots, qsl.astype(np.int32), (starts + counts).astype(np.int32), table,
                           int(counts.max()), [], [], num_decodes=int((counts == 1).sum()), req_ids=req_ids)
+        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
+            return self.piecewise_graphs.run(host, self)
         return self._run_eager(host, None)
 
     def _run_eager(self, host: HostInputs, device_ids: torch.Tensor | None) -> torch.Tensor:
+        input_ids, positions, meta = self._device_inputs(host)
+        if device_ids is not None:
+            input_ids = device_ids
+        return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+
+    def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """``host``'s ids, positions and attention metadata on the device
+        (what :class:`~ember.worker.cuda_graph.PiecewiseCUDAGraphRunner` asks its runner for)."""
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
@@ -460,8 +492,7 @@ class DraftModelProposer:
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
             query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
             num_decodes=host.num_decodes)
-        input_ids = device_ids if device_ids is not None else to_dev(host.input_ids)
-        return self.model(input_ids, to_dev(host.positions), ForwardContext(meta, self.kv_caches))
+        return to_dev(host.input_ids), to_dev(host.positions), meta
 
     def swap_blocks(self, sched: SchedulerOutput, copy: Any) -> None:
         """The draft's share of a step's swaps (``copy`` is the runner's block copier)."""

@@ -324,3 +324,27 @@ def test_lookahead_slots_are_reserved_and_capped_at_max_model_len():
     sched.add_request(Request("b", list(range(1, 12)), SamplingParams(max_tokens=1), max_model_len=12))
     out = sched.schedule()
     assert len(mgr.get_block_ids("b")) == 3
+
+
+@pytest.mark.gpu
+def test_gpu_draft_with_cuda_graphs_equals_no_speculation(smollm2_path, truncated_draft):
+    # On CUDA the draft's proposals and short catch-ups replay CUDA graphs
+    # (decode graphs and piecewise graphs); float32 keeps near-ties apart.
+    kw = dict(device="cuda", dtype="float32", max_model_len=512, memory_utilization=0.5)
+    base = LLM(smollm2_path, **kw)
+    prompts = [base.llm_engine.input_processor.tokenize(p) for p in PROMPTS]
+    ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
+    base.llm_engine.shutdown()
+    del base
+    for draft, min_acceptance in [(smollm2_path, 0.95), (truncated_draft, 0.0)]:
+        llm = LLM(smollm2_path, speculative_config=_spec(draft), **kw)
+        runner = llm.llm_engine.engine_core.executor.worker.model_runner
+        assert runner.draft_proposer.cuda_graphs is not None and runner.draft_proposer.piecewise_graphs is not None
+        for p, want in zip(prompts[:2], ref):
+            assert llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+        c = _counters(llm)
+        assert c.spec_num_draft_tokens > 0 and c.spec_acceptance_rate >= min_acceptance
+        llm.llm_engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
