@@ -239,12 +239,23 @@ class ParallelConfig:
             core's process; one device only) or ``"mp"`` (one worker process
             per rank, see :mod:`ember.executor.multiproc`); None: ``"mp"`` when
             ``world_size`` > 1, else ``"uni"``.
+        nnodes: hosts the ranks are spread over, ``world_size / nnodes``
+            consecutive ranks on each; this engine runs on node 0, the others
+            run ``ember worker`` (see :mod:`ember.executor.multiproc`).
+        master_addr, master_port: where the ranks meet with several nodes:
+            node 0's address, reachable from the others; the process groups'
+            rendezvous listens on ``master_port`` and the engine's control
+            connections on ``master_port + 1``. With one node the port is
+            picked free on 127.0.0.1 when None.
     """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
         _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
@@ -260,6 +271,20 @@ class ParallelConfig:
         _require(self.executor_backend == "mp" or self.world_size == 1, "distributed_executor_backend",
                  f"'mp' with {self.world_size} ranks (tensor x pipeline parallel)",
                  self.distributed_executor_backend)
+        _require(_is_int(self.nnodes) and self.nnodes >= 1 and self.world_size % self.nnodes == 0, "nnodes",
+                 f"a positive divisor of the {self.world_size} ranks (tensor x pipeline parallel)", self.nnodes)
+        _require(self.master_port is None or (_is_int(self.master_port) and 0 < self.master_port < 65535),
+                 "master_port", "a TCP port below 65535 (the next port is used too)", self.master_port)
+        if self.nnodes > 1:
+            _require(self.master_port is not None, "master_port",
+                     "set with several nodes (the other nodes' `ember worker` must know it)", self.master_port)
+            _require(self.executor_backend == "mp", "distributed_executor_backend", "'mp' with several nodes",
+                     self.distributed_executor_backend)
+
+    @property
+    def local_world_size(self) -> int:
+        """Ranks (devices) on each node."""
+        return self.world_size // self.nnodes
 
     @property
     def world_size(self) -> int:

@@ -98,6 +98,9 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
+    nnodes: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
     quantization: str | None = None
     seed: int | None = 0
     enforce_eager: bool = False
@@ -179,6 +182,15 @@ class EngineArgs:
         parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
                             help="uni: the model runs in the engine core's process (one device); mp: one worker "
                                  "process per rank (default: mp with several ranks, else uni)")
+        parser.add_argument("--nnodes", type=int, default=d.nnodes,
+                            help="hosts the ranks are spread over; node 0 runs this engine, every other node runs "
+                                 "`ember worker --master-addr ADDR --master-port PORT --node-rank N` (torchrun-style)")
+        parser.add_argument("--master-addr", default=d.master_addr,
+                            help="node 0's address, reachable from the other nodes (default: $MASTER_ADDR, "
+                                 "else 127.0.0.1)")
+        parser.add_argument("--master-port", type=int, default=d.master_port,
+                            help="rendezvous port on node 0; the engine's control connections use the next port "
+                                 "(default: $MASTER_PORT; needed with several nodes)")
         parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
@@ -244,7 +256,11 @@ class EngineArgs:
         parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
                                          pipeline_parallel_size=self.pipeline_parallel_size,
                                          enable_expert_parallel=self.enable_expert_parallel,
-                                         distributed_executor_backend=self.distributed_executor_backend)
+                                         distributed_executor_backend=self.distributed_executor_backend,
+                                         nnodes=self.nnodes,
+                                         master_addr=self.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                         master_port=self.master_port if self.master_port is not None
+                                         else _env_port())
 
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)
@@ -359,6 +375,21 @@ def _draft_model_config(draft: str, target: ModelConfig) -> ModelConfig:
                        max_model_len=target.max_model_len, served_model_name=draft, seed=target.seed,
                        enforce_eager=True, skip_tokenizer_init=True,
                        attention_backend=target.attention_backend)
+
+
+def _env_port() -> int | None:
+    """``$MASTER_PORT`` (torchrun's variable), or None when unset.
+
+    Raises:
+        ConfigError: it is not an integer.
+    """
+    text = os.environ.get("MASTER_PORT")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"MASTER_PORT must be an integer port, got {text!r}") from None
 
 
 def _quantization_names() -> list[str]:

@@ -139,6 +139,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         **_prefix_cache_fields(llm, cache_mark),
         **spec_decode_fields(llm.get_stats()),
         **_ceiling_fields(ceilings),
+        **rank_fields(llm, args.batch_size),
     }
 
 
@@ -197,6 +198,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         **spec_decode_fields(llm.get_stats()),
         **_ceiling_fields(ceilings),
         **trace_fields,
+        **rank_fields(llm, min(max_batch, args.num_prompts)),
     }
 
 
@@ -262,6 +264,22 @@ def spec_decode_fields(stats) -> dict[str, Any]:
 
 def _ceiling_fields(c) -> dict[str, Any]:
     return {"device": c.name, "copy_gb_s": c.copy_bytes_per_s / 1e9, "matmul_tflop_s": c.matmul_flops_per_s / 1e12}
+
+
+def rank_fields(llm, num_tokens: int) -> dict[str, Any]:
+    """Per-rank memory and communication (``ranks``: weights, KV cache and
+    peak device memory in GB; an eager forward of ``num_tokens`` tokens with
+    its tensor-parallel collectives' count and time), and ``comm_share``: the
+    largest rank's share of that forward spent in collectives (0 with one
+    rank). The eager forward launches every kernel from the host, so the
+    share of a CUDA-graph step may differ."""
+    reports = llm.llm_engine.engine_core.executor.rank_reports(num_tokens)
+    ranks = [{"rank": r["rank"], "weight_gb": r["weight_bytes"] / 1e9, "kv_cache_gb": r["kv_cache_bytes"] / 1e9,
+              "peak_gb": None if r["peak_bytes"] is None else r["peak_bytes"] / 1e9,
+              "forward_tokens": r["forward_tokens"], "forward_ms": r["forward_ms"], "collectives": r["collectives"],
+              "collective_mb": r["collective_bytes"] / 1e6, "comm_ms": r["comm_ms"], "comm_share": r["comm_share"]}
+             for r in reports]
+    return {"ranks": ranks, "comm_share": max(r["comm_share"] for r in ranks)}
 
 
 def print_and_save(result: dict[str, Any], path: str | None) -> None:
