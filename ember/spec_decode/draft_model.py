@@ -192,7 +192,7 @@ class DraftModelProposer:
         from ember.worker.cuda_graph import PiecewiseCUDAGraphRunner
 
         modules = list(self.model.modules())
-        if (self.runner.piecewise_graphs is None or any(isinstance(m, MLAAttention) for m in modules)
+        if (not self.runner.model_config.piecewise_cuda_graphs or any(isinstance(m, MLAAttention) for m in modules)
                 or not any(isinstance(m, Attention) for m in modules)):
             return
 
