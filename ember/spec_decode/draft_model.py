@@ -173,10 +173,17 @@ class DraftModelProposer:
         return len(self.kv_cache_spec().leading_shape)
 
     def capture_cuda_graphs(self) -> None:
-        """Capture the draft's decode steps (the proposal loop and short
-        catch-ups) for batch sizes up to ``disable_by_batch_size``."""
-        from ember.worker.cuda_graph import CUDAGraphRunner
+        """Capture the draft's decode steps (the proposal loop and one-token
+        catch-ups) for batch sizes up to ``disable_by_batch_size``, and with
+        ``piecewise_cuda_graphs`` its short catch-ups as piecewise graphs."""
+        from ember.layers.attention import Attention
+        from ember.layers.attention.mla import MLAAttention
+        from ember.worker.cuda_graph import CUDAGraphRunner, PiecewiseCUDAGraphRunner
 
+        modules = list(self.model.modules())
+        if not all(getattr(m, "cuda_graph_safe", True) for m in modules):
+            logger.info("the draft model has layers that cannot run in CUDA graphs: it runs eager")
+            return
         rc = self.runner.config
         limit = self.config.disable_by_batch_size
         max_seqs = rc.scheduler_config.max_num_seqs if limit is None else min(limit, rc.scheduler_config.max_num_seqs)
@@ -187,15 +194,9 @@ class DraftModelProposer:
         self.cuda_graphs.capture()
         logger.info(f"captured draft CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
-        from ember.layers.attention import Attention
-        from ember.layers.attention.mla import MLAAttention
-        from ember.worker.cuda_graph import PiecewiseCUDAGraphRunner
-
-        modules = list(self.model.modules())
         if (not self.runner.model_config.piecewise_cuda_graphs or any(isinstance(m, MLAAttention) for m in modules)
                 or not any(isinstance(m, Attention) for m in modules)):
             return
-
         # Catch-ups (a step's accepted drafts and its last token per request) as
         # piecewise graphs, up to a small token count.
         budget = min(_PIECEWISE_MAX_TOKENS, rc.scheduler_config.max_num_batched_tokens)
