@@ -7,8 +7,9 @@ runner packs them as usual and, for every sampling request, turns its last
 settings of the output position it predicts (penalties and logits processors
 see the drafts before it as outputs), the target distribution is applied as
 the sampler does, and :mod:`ember.sample.rejection_sampler` decides which
-drafts stand (with a draft model's distributions for drafts it sampled). The emitted tokens are read back before the step returns (a
-step with drafts is never followed by a step launched ahead of it).
+drafts stand (with a draft model's distributions for drafts it sampled). The
+emitted tokens are read back before the step returns (a step with drafts is
+never followed by a step launched ahead of it).
 
 Rejected drafts' KV entries stay in the blocks: the scheduler takes back
 ``num_computed_tokens`` so those positions are computed again (overwritten)
