@@ -216,8 +216,8 @@ class EngineArgs:
                              help="launch the decode GEMMs without programmatic dependent launch (Hopper)")
         parser.add_argument("--speculative-config", type=_parse_speculative_config, default=None,
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
-                                 '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; draft_model with '
-                                 '"model": a draft of the same vocabulary; '
+                                 '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
+                                 'draft_model with "model": a draft of the same vocabulary; '
                                  'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')

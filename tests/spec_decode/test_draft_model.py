@@ -84,7 +84,8 @@ def _random_llama(path, vocab_size: int, seed: int = 0) -> str:
     tensors = {"model.embed_tokens.weight": w(vocab_size, h), "model.norm.weight": torch.ones(h)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+        tensors.update({p + "input_layernorm.weight": torch.ones(h),
+                        p + "post_attention_layernorm.weight": torch.ones(h),
                         p + "self_attn.q_proj.weight": w(heads * hd, h), p + "self_attn.k_proj.weight": w(kv * hd, h),
                         p + "self_attn.v_proj.weight": w(kv * hd, h), p + "self_attn.o_proj.weight": w(h, heads * hd),
                         p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
