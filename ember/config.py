@@ -200,6 +200,8 @@ class SchedulerConfig:
         async_scheduling: launch each step before the previous step's tokens
             reach the host, where its plan allows, so the device does not wait
             for the host's per-step work (see :mod:`ember.engine.core`).
+        num_lookahead_tokens: KV slots reserved past each step's tokens
+            (a draft model writes its proposals' K/V there; 0 without one).
     """
 
     max_num_batched_tokens: int = 2048
@@ -209,8 +211,11 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
     max_waiting_time_s: float | None = 60.0
     async_scheduling: bool = False
+    num_lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
+        _require(_is_int(self.num_lookahead_tokens) and self.num_lookahead_tokens >= 0, "num_lookahead_tokens",
+                 "a non-negative integer", self.num_lookahead_tokens)
         _require(isinstance(self.async_scheduling, bool), "async_scheduling", "a bool", self.async_scheduling)
         _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
                  "max_num_batched_tokens", "a positive integer", self.max_num_batched_tokens)

@@ -123,7 +123,8 @@ class KVCacheManager:
         return new + sum(1 for b in hits if b.ref_cnt == 0)
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
+                       new_computed_blocks: list[KVCacheBlock] | None = None,
+                       num_lookahead_tokens: int = 0) -> list[KVCacheBlock] | None:
         """Make room for ``num_new_tokens`` more tokens of ``request``.
 
         Args:
@@ -133,6 +134,8 @@ class KVCacheManager:
                 (only when the request holds no blocks yet); they join its
                 block table and the caller adds their tokens to
                 ``num_computed_tokens``.
+            num_lookahead_tokens: slots to reserve past those tokens (a
+                draft model's proposals); they hold no known token.
         Returns:
             The newly allocated blocks (possibly empty), or None if the pool has
             too few free blocks (nothing is allocated or referenced then).
@@ -141,20 +144,22 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(request.request_id)
         if not hits and blocks:
             total = request.num_computed_tokens + num_new_tokens
-            if total <= len(blocks) * self.block_size:
+            if total + num_lookahead_tokens <= len(blocks) * self.block_size:
                 # NOTE: the common decode step: its token fits the last block. Same
                 # result as the general path below, without its bookkeeping (this
                 # runs for every running request every step).
                 self._cache_blocks(request, total)
                 return []
         assert not hits or not blocks, "cache hits only at admission"
-        if self.num_blocks_to_allocate(request, num_new_tokens, hits) > self.block_pool.get_num_free_blocks():
+        if (self.num_blocks_to_allocate(request, num_new_tokens + num_lookahead_tokens, hits)
+                > self.block_pool.get_num_free_blocks()):
             return None
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         self.block_pool.touch(hits)
         blocks.extend(hits)
         total = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
-        new_blocks = self.block_pool.get_new_blocks(max(0, cdiv(total, self.block_size) - len(blocks)))
+        new_blocks = self.block_pool.get_new_blocks(
+            max(0, cdiv(total + num_lookahead_tokens, self.block_size) - len(blocks)))
         blocks.extend(new_blocks)
         self._cache_blocks(request, total)
         return new_blocks

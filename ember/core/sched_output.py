@@ -136,12 +136,15 @@ class ModelRunnerOutput:
         pooler_output: req_id -> pooled hidden states ([hidden_size] floats)
             of each pooling request whose prompt this step finished (such a
             request is not in ``sampled_token_ids``).
+        draft_token_ids: req_id -> a draft model's proposals to follow its
+            tokens (speculative ``draft_model``); the next step verifies them.
     """
 
     sampled_token_ids: dict[str, list[int]]
     logprobs: dict[str, list[SampleLogprob]] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[SampleLogprob]]] = field(default_factory=dict)
     pooler_output: dict[str, list[float]] = field(default_factory=dict)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -260,6 +260,7 @@ class Scheduler:
         # locals, no per-request helper calls on the common (decode) path.
         running, allocate_slots = self.running, self.kv_cache_manager.allocate_slots
         num_scheduled, cached_reqs = plan.num_scheduled, plan.cached_reqs
+        lookahead, max_len = self.config.num_lookahead_tokens, self.config.max_model_len
         idx = 0
         while idx < len(running) and plan.budget > 0:
             req = running[idx]
@@ -275,7 +276,8 @@ class Scheduler:
                 num_new += len(drafts)
             elif num_new > plan.budget:
                 num_new = plan.budget
-            while (new_blocks := allocate_slots(req, num_new)) is None:
+            la = max(0, min(lookahead, max_len - computed - num_new)) if lookahead else 0
+            while (new_blocks := allocate_slots(req, num_new, None, la)) is None:
                 victim = running.pop()
                 self._preempt(victim, plan)
                 if victim is req:
@@ -354,7 +356,8 @@ class Scheduler:
         assert req.num_computed_tokens == 0, f"{req} is waiting with computed tokens"
         hits, num_hit_tokens = kv.get_computed_blocks(req)
         num_new = min(req.num_tokens - num_hit_tokens, plan.budget)
-        if kv.allocate_slots(req, num_new, hits) is None:
+        lookahead = max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - num_hit_tokens - num_new))
+        if kv.allocate_slots(req, num_new, hits, lookahead) is None:
             return None
         kv.record_prefix_cache_query(req.num_tokens, num_hit_tokens)
         req.num_computed_tokens = num_hit_tokens

@@ -224,6 +224,7 @@ class EngineArgs:
         parser.add_argument("--speculative-config", type=_parse_speculative_config, default=None,
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
+                                 'draft_model with "model": a draft of the same vocabulary; '
                                  'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
@@ -344,10 +345,53 @@ class EngineArgs:
         if speculative_config is not None and parallel_config.world_size > 1:
             raise ConfigError("speculative_config is not supported with tensor_parallel_size or "
                               "pipeline_parallel_size above 1 yet")
+        if speculative_config is not None and speculative_config.uses_draft_model:
+            speculative_config = dataclasses.replace(
+                speculative_config, draft_model_config=_draft_model_config(speculative_config.model, model_config))
+            scheduler_config = dataclasses.replace(
+                scheduler_config, num_lookahead_tokens=speculative_config.num_speculative_tokens)
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
                             kernel_config=kernel_config, speculative_config=speculative_config)
+
+
+def _draft_model_config(draft: str, target: ModelConfig) -> ModelConfig:
+    """The draft model's config for ``speculative_config.model``: the target's
+    dtype, context length and seed, and its vocabulary.
+
+    Raises:
+        ConfigError: the draft cannot be found or read, is an unknown
+            architecture, has a shorter context window than ``max_model_len``,
+            or another vocabulary than the target (size or special tokens).
+    """
+    from ember.layers.rotary import rope_context_len
+    from ember.loader import read_hf_config, resolve_model_source
+    from ember.loader.base import ModelLoadError
+    from ember.models.registry import ModelRegistry
+
+    try:
+        source = resolve_model_source(draft)
+        hf_config = read_hf_config(source)
+        architecture = ModelRegistry.resolve(hf_config)
+    except (ModelLoadError, ValueError, OSError) as e:
+        raise ConfigError(f"speculative_config.model {draft!r}: {e}") from None
+    tv, dv = target.vocab_size, hf_config.vocab_size
+    if dv != tv:
+        raise ConfigError(f"speculative_config.model {draft!r} has a vocabulary of {dv} tokens, the target "
+                          f"{target.model!r} {tv}: a draft model must share the target's vocabulary")
+    for key in ("bos_token_id", "eos_token_id"):
+        t, d = getattr(target.hf_config, key, None), getattr(hf_config, key, None)
+        if t is not None and d is not None and t != d:
+            raise ConfigError(f"speculative_config.model {draft!r} has {key} {d}, the target {t}: a draft model "
+                              f"must share the target's tokenizer")
+    if rope_context_len(hf_config) < target.max_model_len:
+        raise ConfigError(f"speculative_config.model {draft!r}: its context window ({rope_context_len(hf_config)}) "
+                          f"is shorter than max_model_len ({target.max_model_len})")
+    return ModelConfig(model=source.path, hf_config=hf_config, architecture=architecture, dtype=target.dtype,
+                       max_model_len=target.max_model_len, served_model_name=draft, seed=target.seed,
+                       enforce_eager=True, skip_tokenizer_init=True,
+                       attention_backend=target.attention_backend)
 
 
 def _env_port() -> int | None:

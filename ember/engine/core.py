@@ -27,7 +27,10 @@ With speculative decoding (``EngineConfig.speculative_config``) the drafter
 proposes draft tokens for the running requests after each update
 (:mod:`ember.spec_decode.proposer`) and the next step verifies them. While it
 proposes (the batch is within ``disable_by_batch_size``), no step is scheduled
-ahead: drafts are made from the tokens the previous step returned.
+ahead: drafts are made from the tokens the previous step returned. A draft
+model (method ``draft_model``) proposes on the worker, in the step itself, and
+its proposals come back with the step's output; a step launched ahead of the
+previous one's tokens gets no proposals (the draft catches up later).
 """
 
 from __future__ import annotations
@@ -259,7 +262,7 @@ class EngineCore:
         if self._in_flight is not None and self._in_flight.structured_output_req_ids:
             self._sample_with_bitmask(self._in_flight)  # its grammars now know every earlier token
         if self.drafter is not None:
-            self.drafter.propose(scheduler.running)
+            self.drafter.propose(scheduler.running, result.draft_token_ids)
         if timed:
             t5 = time.perf_counter()
             record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead,

@@ -14,7 +14,8 @@ Speculative Sampling").
 
 Proposers without a model (n-gram lookup) propose one token with certainty:
 ``q_j`` is a point mass at ``d_j``, so the acceptance probability is
-``p_j(d_j)`` and the residual is ``p_j`` with ``d_j`` removed. Greedy rows
+``p_j(d_j)`` and the residual is ``p_j`` with ``d_j`` removed. A draft model
+that samples its drafts passes its distributions ``q_j`` (``draft_probs``). Greedy rows
 accept a draft exactly when it is the argmax and emit the argmax at the first
 mismatch, so greedy output equals decoding without drafts.
 
@@ -81,9 +82,9 @@ def draw_noise(num_rows: int, vocab: int, seeds: list[int | None], device: torch
 
 def rejection_sample(draft_ids: torch.Tensor, argmax: torch.Tensor, probs: torch.Tensor | None,
                      is_greedy: torch.Tensor | None, uniform: torch.Tensor | None,
-                     noise: torch.Tensor | None) -> RejectionResult:
-    """Accept/reject every row's point-mass draft at once (the scan over a
-    request's rows is :func:`emitted_tokens`).
+                     noise: torch.Tensor | None, draft_probs: torch.Tensor | None = None) -> RejectionResult:
+    """Accept/reject every row's draft at once (the scan over a request's
+    rows is :func:`emitted_tokens`).
 
     Args:
         draft_ids: [rows] int64, the draft token each row verifies; -1 on a
@@ -94,6 +95,9 @@ def rejection_sample(draft_ids: torch.Tensor, argmax: torch.Tensor, probs: torch
         is_greedy: [rows] bool.
         uniform: [rows] float32 in [0, 1).
         noise: [rows, vocab] float32 Exp(1).
+        draft_probs: [rows, vocab] float32, the distribution each row's draft
+            was drawn from (a one-hot row for a draft proposed with certainty,
+            zeros on bonus rows); None: every draft is a point mass.
     """
     has_draft = draft_ids >= 0
     greedy_accept = has_draft & (argmax == draft_ids)
@@ -101,8 +105,15 @@ def rejection_sample(draft_ids: torch.Tensor, argmax: torch.Tensor, probs: torch
         return RejectionResult(greedy_accept, argmax)
     d = draft_ids.clamp(min=0).unsqueeze(1)
     p_draft = probs.gather(1, d).squeeze(1)
-    accept = has_draft & (uniform < p_draft)
-    residual = probs.scatter(1, d, torch.where(has_draft.unsqueeze(1), 0.0, p_draft.unsqueeze(1)))
+    if draft_probs is None:
+        accept = has_draft & (uniform < p_draft)
+        residual = probs.scatter(1, d, torch.where(has_draft.unsqueeze(1), 0.0, p_draft.unsqueeze(1)))
+    else:
+        # NOTE: u < p/q as u * q < p (no division; q(d) > 0 for a drawn draft).
+        accept = has_draft & (uniform * draft_probs.gather(1, d).squeeze(1) < p_draft)
+        residual = (probs - draft_probs).clamp_(min=0.0)
+        # A row whose residual vanished in rounding (p <= q everywhere) draws from p.
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, probs)
     drawn = residual.div(noise).argmax(dim=-1)
     return RejectionResult(torch.where(is_greedy, greedy_accept, accept), torch.where(is_greedy, argmax, drawn))
 

@@ -2,21 +2,22 @@
 
 The shape follows vLLM's ``speculative_config`` dict: ``method``,
 ``num_speculative_tokens`` (k), ``prompt_lookup_min`` / ``prompt_lookup_max``
-for n-gram prompt lookup, and ``disable_by_batch_size``: with more running
-requests than this, a step schedules no draft tokens (plain decoding).
+for n-gram prompt lookup, ``model`` (the draft model of ``draft_model``), and
+``disable_by_batch_size``: with more running requests than this, a step
+schedules no draft tokens (plain decoding).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ember.config import ConfigError
 
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "draft_model")
 # Methods known from other engines that Ember does not run yet.
-_UNSUPPORTED_METHODS = ("draft_model", "eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+_UNSUPPORTED_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -28,7 +29,10 @@ def _is_int(x: Any) -> bool:
 class SpeculativeConfig:
     """Attributes:
         method: ``"ngram"`` (prompt lookup: drafts copied from an earlier
-            occurrence of the sequence's last n tokens; no model).
+            occurrence of the sequence's last n tokens; no model) or
+            ``"draft_model"`` (a smaller model with the target's vocabulary
+            proposes k tokens autoregressively, see
+            :mod:`ember.spec_decode.draft_model`).
         num_speculative_tokens: k, draft tokens per request and step, in
             [1, 16].
         prompt_lookup_min, prompt_lookup_max: the n-gram sizes tried, longest
@@ -36,6 +40,13 @@ class SpeculativeConfig:
         disable_by_batch_size: steps with more running requests than this
             propose nothing (verification costs more than it saves on a large
             batch); None: speculate at any batch size.
+        model: the draft model of ``"draft_model"`` (a path or bundled name
+            as ``--model`` takes, or an architecture preset with
+            ``--load-format dummy``); required there, refused otherwise.
+        draft_model_config: the draft's resolved
+            :class:`~ember.config.ModelConfig` (set by
+            :meth:`~ember.engine.arg_utils.EngineArgs.create_engine_config`,
+            which checks it shares the target's vocabulary).
 
     Raises:
         ConfigError: a setting out of range (the message names it).
@@ -46,6 +57,8 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     disable_by_batch_size: int | None = 32
+    model: str | None = None
+    draft_model_config: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method in _UNSUPPORTED_METHODS:
@@ -53,6 +66,12 @@ class SpeculativeConfig:
                               f"(supported: {list(SPEC_METHODS)})")
         if self.method not in SPEC_METHODS:
             raise ConfigError(f"speculative_config.method must be one of {list(SPEC_METHODS)}, got {self.method!r}")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ConfigError("speculative_config.model must name the draft model (a path, bundled name or preset) "
+                              f"for method 'draft_model', got {self.model!r}")
+        if self.method != "draft_model" and self.model is not None:
+            raise ConfigError(f"speculative_config.model is only read by method 'draft_model' "
+                              f"(method is {self.method!r})")
         k = self.num_speculative_tokens
         if not (_is_int(k) and 1 <= k <= MAX_SPECULATIVE_TOKENS):
             raise ConfigError(f"speculative_config.num_speculative_tokens must be an integer in "
@@ -85,11 +104,9 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"speculative_config must be a dict, got {type(value).__name__}")
         value = dict(value)
-        if "method" not in value and "model" in value:
-            raise ConfigError("speculative_config.model: draft models are not supported yet (use method 'ngram')")
-        value.setdefault("method", "ngram")
+        value.setdefault("method", "draft_model" if "model" in value else "ngram")
         known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-                 "disable_by_batch_size"}
+                 "disable_by_batch_size", "model"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ConfigError(f"speculative_config: unknown setting(s) {unknown} (known: {sorted(known)})")
@@ -97,3 +114,7 @@ class SpeculativeConfig:
             value["prompt_lookup_min"] = min(2, value["prompt_lookup_max"]) if _is_int(
                 value["prompt_lookup_max"]) else value["prompt_lookup_max"]
         return cls(**value)
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method == "draft_model"

@@ -1,4 +1,5 @@
-"""Drafting for the running requests after each engine step."""
+"""Drafting for the running requests after each engine step: n-gram lookup
+on the host, or a draft model's proposals returned by the step."""
 
 from __future__ import annotations
 
@@ -22,15 +23,22 @@ class DraftScheduler:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                      config.prompt_lookup_max)
+        # A draft model proposes on the worker (ModelRunnerOutput.draft_token_ids); n-gram lookup here.
+        self.proposer = None if config.uses_draft_model else NgramProposer(
+            config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         # Whether the last call proposed for its batch (speculation is on at this batch size).
         self.active = False
 
-    def propose(self, running: Sequence[Request]) -> None:
+    def propose(self, running: Sequence[Request], draft_token_ids: dict[str, list[int]] | None = None) -> None:
         """After a step's update: set the drafts of ``running`` for the next
         step, and :attr:`active` (whether speculation is on: at this batch size,
-        and with no grammar-constrained request running)."""
+        and with no grammar-constrained request running).
+
+        Args:
+            running: the running requests.
+            draft_token_ids: with a draft model, the step's proposals
+                (``ModelRunnerOutput.draft_token_ids``); requests without any get none.
+        """
         limit = self.config.disable_by_batch_size
         was_active = self.active
         # NOTE: no drafts while a grammar-constrained request runs: a step with
@@ -50,5 +58,9 @@ class DraftScheduler:
             if req.num_output_placeholders or req.num_computed_tokens != req.num_tokens - 1:
                 continue
             room = min(k, req.max_tokens - req.num_output_tokens - 1)
-            if room > 0:
+            if room <= 0:
+                continue
+            if self.proposer is None:
+                req.spec_token_ids = (draft_token_ids or {}).get(req.request_id, [])[:room]
+            else:
                 req.spec_token_ids = self.proposer.propose(req.all_token_ids, room)

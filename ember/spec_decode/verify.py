@@ -7,8 +7,9 @@ runner packs them as usual and, for every sampling request, turns its last
 settings of the output position it predicts (penalties and logits processors
 see the drafts before it as outputs), the target distribution is applied as
 the sampler does, and :mod:`ember.sample.rejection_sampler` decides which
-drafts stand. The emitted tokens are read back before the step returns (a
-step with drafts is never followed by a step launched ahead of it).
+drafts stand (with a draft model's distributions for drafts it sampled). The
+emitted tokens are read back before the step returns (a step with drafts is
+never followed by a step launched ahead of it).
 
 Rejected drafts' KV entries stay in the blocks: the scheduler takes back
 ``num_computed_tokens`` so those positions are computed again (overwritten)
@@ -89,7 +90,9 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
         result = rejection_sample(draft_dev, argmax, None, None, None, None)
     else:
         uniform, noise = draw_noise(len(rows), probs.shape[-1], meta.seeds, device, runner.sampler.generator)
-        result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise)
+        proposer = runner.draft_proposer
+        q = None if proposer is None else proposer.draft_probs(host.sample_req_ids, drafts, probs.shape[-1])
+        result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise, q)
     tokens = emitted_tokens(drafts, result.accepted.tolist(), result.fallback.tolist())
     out = dict(zip(host.sample_req_ids, tokens))
     logprobs: dict[str, list[SampleLogprob]] = {}

@@ -104,6 +104,8 @@ class PendingOutput:
     # their log-probabilities, for those that ask), already on the host.
     spec_tokens: dict[str, list[int]] | None = None
     spec_logprobs: dict[str, list[SampleLogprob]] | None = None
+    # A draft model's proposals for the next step (req_id -> tokens).
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -185,6 +187,8 @@ class ModelRunner:
         self.host_kv_caches: list[torch.Tensor] = []  # swap space, laid out like kv_caches
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
+        # speculative_config method "draft_model": the draft next to the target (load_draft_model).
+        self.draft_proposer = None
         self.piecewise_graphs = None  # PiecewiseCUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
         # The last launched step's sampled ids (device, [num_rows] int64) and the
@@ -270,6 +274,17 @@ class ModelRunner:
             logger.info(f"FP8 KV cache: checkpoint scales for {from_checkpoint} of {len(layers)} layers, "
                         f"1.0 for the rest")
 
+    def load_draft_model(self) -> None:
+        """Load the draft model of ``speculative_config`` (method
+        ``draft_model``), if any (:mod:`ember.spec_decode.draft_model`)."""
+        sc = self.config.speculative_config
+        if sc is None or not sc.uses_draft_model:
+            return
+        from ember.spec_decode.draft_model import DraftModelProposer
+
+        self.draft_proposer = DraftModelProposer(self, sc)
+        self.draft_proposer.load()
+
     def kv_cache_spec(self) -> KVCacheSpec:
         """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)
         in the cache dtype (``CacheConfig.cache_dtype``).
@@ -291,9 +306,11 @@ class ModelRunner:
         return range(*get_pp_layer_range(num_layers))
 
     def kv_cache_bytes_per_block(self) -> int:
-        """Bytes one block takes across this stage's layers."""
+        """Bytes one block takes across this stage's layers (and the draft
+        model's layers, which share the block)."""
         spec = self.kv_cache_spec()
-        return spec.bytes_per_block * len(self._local_layers(spec.num_layers)) // spec.num_layers
+        draft = self.draft_proposer.bytes_per_block() if self.draft_proposer is not None else 0
+        return spec.bytes_per_block * len(self._local_layers(spec.num_layers)) // spec.num_layers + draft
 
     def _allocate(self, num_blocks: int, device: torch.device | str, pin: bool = False,
                   zero: bool = True) -> list[torch.Tensor]:
@@ -310,12 +327,17 @@ class ModelRunner:
         """Allocate one KV tensor per layer, shaped by :meth:`kv_cache_spec`
         (``[2, num_blocks, block_size, num_kv_heads, head_dim]`` for standard attention)."""
         self.kv_caches = self._allocate(num_blocks, self.device)
+        if self.draft_proposer is not None:
+            self.draft_proposer.kv_caches = self.draft_proposer.allocate(num_blocks, self.device)
 
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
         """Allocate the swap space: one host tensor per layer shaped like the
         device cache with ``num_blocks`` blocks (pinned on CUDA, for DMA; left
         uninitialised: only swapped-out blocks are ever read back)."""
         self.host_kv_caches = self._allocate(num_blocks, "cpu", pin=self.device.type == "cuda", zero=False)
+        if self.draft_proposer is not None:
+            self.draft_proposer.host_kv_caches = self.draft_proposer.allocate(
+                num_blocks, "cpu", pin=self.device.type == "cuda", zero=False)
 
     def _swap_blocks(self, sched: SchedulerOutput) -> None:
         """Copy the step's swap-outs (device -> host), then its swap-ins (host ->
@@ -328,11 +350,15 @@ class ModelRunner:
         if sched.blocks_to_swap_in:
             dev_ids, host_ids = zip(*sched.blocks_to_swap_in)
             _copy_blocks(self.host_kv_caches, host_ids, self.kv_caches, dev_ids, block_dim)
+        if self.draft_proposer is not None:
+            self.draft_proposer.swap_blocks(sched, _copy_blocks)
 
     # ----------------------------------------------------------------- step
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
+            if self.draft_proposer is not None:
+                self.draft_proposer.forget(req_id)
             self._prompt_logprobs_req_ids.discard(req_id)
             if self._pooling:
                 self._pooling.pop(req_id, None)
@@ -351,6 +377,8 @@ class ModelRunner:
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
             )
+            if self.draft_proposer is not None:
+                self.draft_proposer.add_request(new.req_id, new.num_computed_tokens)
         for cached in sched.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -537,6 +565,7 @@ class ModelRunner:
             self._swap_blocks(sched)
         if sched.is_empty:
             return PendingOutput([])
+        launched_ahead = bool(self._last_sample_req_ids)  # continues from a step in flight
         t0 = time.perf_counter()
         spec = sched.scheduled_spec_decode_tokens
         if spec:
@@ -556,8 +585,11 @@ class ModelRunner:
 
             tokens, logprobs = verify_drafts(self, sched, host, hidden)
             self._last_sampled, self._last_sample_req_ids = None, []
-            return PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
-                                 spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
+            pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
+                                    spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
+            if self.draft_proposer is not None:
+                pending.draft_token_ids = self.draft_proposer.propose(sched, host, tokens)
+            return pending
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
         else:
@@ -573,6 +605,15 @@ class ModelRunner:
             self._awaiting_bitmask = _AwaitingBitmask(pending, logits, states, host.sample_seq_lens)
             return pending
         self._sample(pending, logits, states, host.sample_seq_lens)
+        # NOTE: proposing reads this step's tokens on the host (it waits for
+        # them); never in a step launched ahead (its requests' tokens are not
+        # all known here) nor while speculation is off.
+        if self.draft_proposer is not None and not launched_ahead and self.draft_proposer.active():
+            if pending.event is not None:
+                pending.event.synchronize()
+            sampled = pending.sampled_host.tolist()
+            pending.draft_token_ids = self.draft_proposer.propose(
+                sched, host, {r: [t] for r, t in zip(pending.req_ids, sampled)})
         return pending
 
     def _sample(self, pending: PendingOutput, logits: torch.Tensor, states: list[CachedRequestState],
@@ -651,7 +692,7 @@ class ModelRunner:
                 if s is not None:
                     s.token_ids.extend(toks)
             return ModelRunnerOutput(pending.spec_tokens, pending.spec_logprobs or {}, prompt_logprobs,
-                                     pooler_output=pooler_output)
+                                     pooler_output=pooler_output, draft_token_ids=pending.draft_token_ids)
         if pending.req_ids is self._last_sample_req_ids:  # no later step reads its ids on the device
             self._last_sampled, self._last_sample_req_ids = None, []
         if pending.sampled_host is None:
@@ -670,7 +711,7 @@ class ModelRunner:
             entries = unpack_logprobs(pending.logprobs.tolist(), [sampled[i] for i in rows], pending.logprobs_meta)
             logprobs = {pending.req_ids[i]: [e] for i, e in zip(rows, entries)}
         return ModelRunnerOutput({r: [t] for r, t in zip(pending.req_ids, sampled)}, logprobs, prompt_logprobs,
-                                 pooler_output)
+                                 pooler_output, draft_token_ids=pending.draft_token_ids)
 
     def _pool(self, host: HostInputs, hidden: torch.Tensor) -> tuple[list[str], torch.Tensor | None]:
         """Pool the hidden states of the step's pooling requests (see
@@ -797,6 +838,8 @@ class ModelRunner:
         self.cuda_graphs.capture()
         logger.info(f"captured CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
+        if self.draft_proposer is not None:
+            self.draft_proposer.capture_cuda_graphs()
         if not self.model_config.piecewise_cuda_graphs:
             return
         from ember.layers.attention import Attention

@@ -59,6 +59,7 @@ class Worker:
 
     def load_model(self) -> None:
         self.model_runner.load_model()
+        self.model_runner.load_draft_model()
 
     def rank_report(self, num_tokens: int) -> dict:
         """This rank's memory and communication, for ``ember bench``: its
