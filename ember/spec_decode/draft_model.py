@@ -46,12 +46,12 @@ import torch
 
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec
 from ember.logger import init_logger
+from ember.worker.common import HostInputs, default_dtype, fill_dummy
 from ember.sample.sampler import _mix
 
 if TYPE_CHECKING:
     from ember.core.sched_output import SchedulerOutput
     from ember.spec_decode.config import SpeculativeConfig
-    from ember.worker.model_runner import HostInputs, ModelRunner
 
 logger = init_logger(__name__)
 
@@ -90,7 +90,7 @@ class DraftModelProposer:
         config: the speculative decoding settings (``draft_model_config`` set).
     """
 
-    def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
+    def __init__(self, runner: "ModelRunner", config: SpeculativeConfig) -> None:  # noqa: F821 (model_runner imports this module)
         self.runner = runner
         self.config = config
         self.model_config = config.draft_model_config
@@ -120,18 +120,17 @@ class DraftModelProposer:
         from ember.layers.quantization import get_quant_config
         from ember.loader import iter_weights, resolve_model_source
         from ember.models.registry import ModelRegistry
-        from ember.worker.model_runner import _default_dtype, _fill_dummy
 
         start = time.perf_counter()
         mc, rc = self.model_config, self.runner.config
         quant_config = get_quant_config(mc.quantization, mc.hf_config)
-        with _default_dtype(mc.dtype), self.device:
+        with default_dtype(mc.dtype), self.device:
             model = ModelRegistry.load_class(mc.architecture)(mc.hf_config, self.runner.attn_backend,
                                                                quant_config=quant_config)
         if rc.load_config.load_format == "dummy":
             gen = torch.Generator(device=self.device).manual_seed(mc.seed or 0)
             for p in model.parameters():
-                _fill_dummy(p.data, gen)
+                fill_dummy(p.data, gen)
         else:
             keep_quantized = quant_config is not None and getattr(quant_config, "raw_checkpoint", False)
             loaded = model.load_weights(iter_weights(resolve_model_source(mc.model), mc.dtype, keep_quantized))
@@ -428,7 +427,6 @@ class DraftModelProposer:
                         device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One token per request at ``positions`` (its ids from the host, or
         ``device_ids`` [n] int64 on the device); returns [n, hidden]."""
-        from ember.worker.model_runner import HostInputs
 
         n = len(req_ids)
         pos = np.array(positions, dtype=np.int64)
@@ -455,7 +453,6 @@ class DraftModelProposer:
 
     def _forward_extend(self, plan) -> torch.Tensor:
         """Packed tokens of ``plan`` (single-token requests first); returns [num_tokens, hidden]."""
-        from ember.worker.model_runner import HostInputs
 
         req_ids = [p[0] for p in plan]
         counts = np.array([len(p[1]) for p in plan], dtype=np.int64)

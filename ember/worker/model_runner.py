@@ -12,7 +12,6 @@ rows are pooled instead (:meth:`ModelRunner._pool`) and it samples nothing.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from ember.pooling_params import PoolingParams
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
+from ember.worker.common import HostInputs, default_dtype, fill_dummy
 
 logger = init_logger(__name__)
 
@@ -51,35 +51,6 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-
-
-@dataclass(slots=True)
-class HostInputs:
-    """One step's packed inputs on the host (numpy), before any device copy.
-
-    Shapes: ``input_ids``, ``positions``, ``slot_mapping``: [num_tokens] int64;
-    ``query_start_loc``: [num_reqs + 1] int32; ``seq_lens``: [num_reqs] int32;
-    ``block_table``: [num_reqs, max_blocks] int32. ``in_flight_dst`` /
-    ``in_flight_src``: the input positions whose token the previous step is
-    still sampling, and that token's row in the previous step's sampled ids.
-    ``sample_seq_lens``: per sampling request, its tokens once the step is done
-    (the sampled token's position).
-    """
-
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    query_start_loc: np.ndarray
-    seq_lens: np.ndarray
-    block_table: np.ndarray
-    max_query_len: int
-    sample_req_ids: list[str]
-    sample_rows: list[int]
-    num_decodes: int = 0
-    req_ids: list[str] = field(default_factory=list)  # the packing order
-    in_flight_dst: list[int] = field(default_factory=list)
-    in_flight_src: list[int] = field(default_factory=list)
-    sample_seq_lens: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -129,31 +100,6 @@ class _AwaitingBitmask:
     logits: torch.Tensor
     states: list[CachedRequestState]
     seq_lens: list[int]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _fill_dummy(t: torch.Tensor, gen: torch.Generator) -> None:
-    """Random weights for ``--load-format dummy`` (speed depends on shapes, not
-    values): floating tensors uniform in [-0.05, 0.05) (drawn in float32 and
-    cast for dtypes ``uniform_`` lacks, e.g. FP8), integer ones (packed
-    quantized weights, indices) random over their dtype's range."""
-    if t.is_floating_point():
-        if t.element_size() >= 2:
-            t.uniform_(-0.05, 0.05, generator=gen)
-        else:
-            t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).uniform_(-0.05, 0.05, generator=gen))
-    elif t.dtype != torch.bool:
-        info = torch.iinfo(t.dtype)
-        t.random_(info.min, info.max, generator=gen)
 
 
 def _copy_blocks(src: list[torch.Tensor], src_ids: tuple[int, ...], dst: list[torch.Tensor],
@@ -232,13 +178,13 @@ class ModelRunner:
         mc = self.model_config
         model_cls = ModelRegistry.load_class(mc.architecture)
         quant_config = get_quant_config(mc.quantization, mc.hf_config)
-        with _default_dtype(mc.dtype), self.device:
+        with default_dtype(mc.dtype), self.device:
             model = model_cls(mc.hf_config, self.attn_backend, quant_config=quant_config)
         if self.config.load_config.load_format == "dummy":
             # Seeded, so two engines with the same seed get the same random weights.
             gen = torch.Generator(device=self.device).manual_seed(mc.seed or 0)
             for p in model.parameters():
-                _fill_dummy(p.data, gen)
+                fill_dummy(p.data, gen)
         else:
             source = resolve_model_source(mc.model)
             keep_quantized = quant_config is not None and quant_config.raw_checkpoint

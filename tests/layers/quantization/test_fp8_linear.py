@@ -378,7 +378,7 @@ def test_decode_fusion_swaps_in_the_swiglu_epilogue(config):
 def test_dummy_weights_load_for_every_scheme():
     """``--load-format dummy`` fills every parameter with signed random
     values before process_weights_after_loading: each scheme still runs."""
-    from ember.worker.model_runner import _fill_dummy
+    from ember.worker.common import fill_dummy as _fill_dummy
 
     gen = torch.Generator().manual_seed(0)
     for config in (ONLINE, STATIC, DYNAMIC, BLOCK()):

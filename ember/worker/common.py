@@ -1,0 +1,65 @@
+"""What the model runner and the draft-model proposer share: a step's packed
+host inputs, building a model under a default dtype, and random weights for
+``--load-format dummy``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(slots=True)
+class HostInputs:
+    """One step's packed inputs on the host (numpy), before any device copy.
+
+    Shapes: ``input_ids``, ``positions``, ``slot_mapping``: [num_tokens] int64;
+    ``query_start_loc``: [num_reqs + 1] int32; ``seq_lens``: [num_reqs] int32;
+    ``block_table``: [num_reqs, max_blocks] int32. ``in_flight_dst`` /
+    ``in_flight_src``: the input positions whose token the previous step is
+    still sampling, and that token's row in the previous step's sampled ids.
+    ``sample_seq_lens``: per sampling request, its tokens once the step is done
+    (the sampled token's position).
+    """
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_table: np.ndarray
+    max_query_len: int
+    sample_req_ids: list[str]
+    sample_rows: list[int]
+    num_decodes: int = 0
+    req_ids: list[str] = field(default_factory=list)  # the packing order
+    in_flight_dst: list[int] = field(default_factory=list)
+    in_flight_src: list[int] = field(default_factory=list)
+    sample_seq_lens: list[int] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def fill_dummy(t: torch.Tensor, gen: torch.Generator) -> None:
+    """Random weights for ``--load-format dummy`` (speed depends on shapes, not
+    values): floating tensors uniform in [-0.05, 0.05) (drawn in float32 and
+    cast for dtypes ``uniform_`` lacks, e.g. FP8), integer ones (packed
+    quantized weights, indices) random over their dtype's range."""
+    if t.is_floating_point():
+        if t.element_size() >= 2:
+            t.uniform_(-0.05, 0.05, generator=gen)
+        else:
+            t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).uniform_(-0.05, 0.05, generator=gen))
+    elif t.dtype != torch.bool:
+        info = torch.iinfo(t.dtype)
+        t.random_(info.min, info.max, generator=gen)
