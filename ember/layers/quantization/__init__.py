@@ -12,6 +12,8 @@ from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 # code never names a method. A new method is one module plus one line here.
 QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
     "int8_weight_only": ("ember.layers.quantization.int8_weight_only", "Int8WeightOnlyConfig"),
+    "awq": ("ember.layers.quantization.w4a16", "AWQConfig"),
+    "gptq": ("ember.layers.quantization.w4a16", "GPTQConfig"),
 }
 
 
