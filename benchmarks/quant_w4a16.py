@@ -85,7 +85,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}: W4A16 (group {GROUP}, zero points) vs bf16 torch.mm")
     ws = W4A16Workspace()
-    ws.reserve(max(n for n, _ in SHAPES.values()))
+    ws.reserve(max(n for n, _ in SHAPES.values()), "cuda")
     rows, failures = [], []
     for name, (n, k) in SHAPES.items():
         layouts = [random_layout(n, k, seed) for seed in range(COPIES)]

@@ -203,31 +203,33 @@ class W4A16Workspace:
     """The split-K scratch of one model's W4A16 layers: partial sums
     (float32 [MAX_SPLIT_K * SPLIT_MAX_M, N]) and one arrival counter per column
     block (int32, zero between launches). Layers run one at a time on a
-    stream, so they share it; sized once before the first launch
-    (:meth:`reserve`), so CUDA graphs capture fixed addresses."""
+    stream, so they share it. Allocated as the layers load (:meth:`reserve`),
+    before any launch, so CUDA graphs capture fixed addresses."""
 
     def __init__(self) -> None:
         self._n = 0
         self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def reserve(self, n: int) -> None:
-        """Make room for outputs of up to ``n`` columns (before any launch)."""
+    def reserve(self, n: int, device: torch.device | str) -> None:
+        """Make room on ``device`` for outputs of up to ``n`` columns."""
+        device = torch.device(device)
         if n > self._n:
             self._n = n
             self._buffers.clear()
+        if device not in self._buffers:
+            self._buffers[device] = (
+                torch.empty(MAX_SPLIT_K * SPLIT_MAX_M * self._n, dtype=torch.float32, device=device),
+                torch.zeros(triton.cdiv(self._n, 16), dtype=torch.int32, device=device))
 
     def get(self, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(partials, counters)`` on ``device`` for ``n`` columns.
 
         Raises:
-            ValueError: ``n`` exceeds the reserved size.
+            ValueError: nothing reserved on ``device`` for ``n`` columns.
         """
-        if n > self._n:
-            raise ValueError(f"W4A16 workspace reserved for {self._n} columns, not {n}")
-        if device not in self._buffers:
-            self._buffers[device] = (
-                torch.empty(MAX_SPLIT_K * SPLIT_MAX_M * self._n, dtype=torch.float32, device=device),
-                torch.zeros(triton.cdiv(self._n, 16), dtype=torch.int32, device=device))
+        if n > self._n or device not in self._buffers:
+            raise ValueError(f"W4A16 workspace reserved for {self._n} columns on {list(self._buffers)}, "
+                             f"not {n} on {device}")
         return self._buffers[device]
 
 

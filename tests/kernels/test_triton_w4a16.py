@@ -65,7 +65,7 @@ def test_gemm_matches_float32(m, dtype, zeros, act_order):
     layout = _layout(256, 48, 64, zeros, act_order, seed=m)
     x = torch.randn(m, 256, device=DEVICE).to(dtype)
     ws = W4A16Workspace()
-    ws.reserve(48)
+    ws.reserve(48, DEVICE)
     _check(_run(layout, x, workspace=ws), x, layout)
 
 
@@ -74,7 +74,7 @@ def test_gemm_matches_float32(m, dtype, zeros, act_order):
 def test_split_k_sums_the_partials_and_re_arms_the_counters(m, group):
     layout = _layout(384, 80, group, True, None, seed=group)
     ws = W4A16Workspace()
-    ws.reserve(80)
+    ws.reserve(80, DEVICE)
     bias = torch.randn(80, device=DEVICE).to(torch.bfloat16)
     for seed in (0, 1):  # a second launch finds the counters at zero again
         x = torch.randn(m, 384, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16)
@@ -128,7 +128,7 @@ def test_llama_8b_shapes(k, n, m):
     torch.backends.cuda.matmul.allow_tf32 = False
     layout = _layout(k, n, 128, True, None, device="cuda")
     ws = W4A16Workspace()
-    ws.reserve(n)
+    ws.reserve(n, DEVICE)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     _check(_run(layout, x, workspace=ws), x, layout)
 
@@ -137,7 +137,7 @@ def test_llama_8b_shapes(k, n, m):
 def test_act_order_at_a_real_shape():
     layout = _layout(4096, 4096, 128, True, "uniform", device="cuda")
     ws = W4A16Workspace()
-    ws.reserve(4096)
+    ws.reserve(4096, DEVICE)
     for m in (1, 4, 100):
         x = torch.randn(m, 4096, device="cuda").to(torch.float16)
         _check(_run(layout, x, workspace=ws), x, layout)
@@ -148,7 +148,7 @@ def test_act_order_at_a_real_shape():
 def test_cuda_graph_replay_with_new_inputs(m):
     layout = _layout(4096, 4096, 128, True, None, device="cuda")
     ws = W4A16Workspace()
-    ws.reserve(4096)
+    ws.reserve(4096, DEVICE)
     x = torch.randn(m, 4096, device="cuda").to(torch.bfloat16)
     _run(layout, x, workspace=ws)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -411,8 +411,8 @@ class W4A16LinearMethod(LinearMethodBase):
         layer.w4_zeros = nn.Parameter(layout.zeros, requires_grad=False) if layout.zeros is not None else None
         layer.w4_perm = nn.Parameter(layout.perm, requires_grad=False) if layout.perm is not None else None
         layer.w4_group, layer.w4_k = layout.group, layout.k
-        if self.workspace is not None:
-            self.workspace.reserve(layout.qweight.shape[1])
+        if self.workspace is not None and layout.qweight.is_cuda:
+            self.workspace.reserve(layout.qweight.shape[1], layout.qweight.device)
 
     @staticmethod
     def layout(layer: nn.Module) -> W4KernelLayout:
