@@ -18,8 +18,8 @@ triton = pytest.importorskip("triton")
 
 from ember.kernels.triton_w4a16 import (DEQUANT_MIN_M, W4A16Workspace, w4a16_dequantize,  # noqa: E402
                                         w4a16_gemm)
-from ember.layers.quantization.w4a16 import (W4Weights, _kernel_rows, build_kernel_layout,  # noqa: E402
-                                             dequantize_layout)
+from ember.layers.quantization.w4a16 import (W4Weights, build_kernel_layout, dequantize_layout,  # noqa: E402
+                                             dequantize_rows)
 
 
 def _layout(k: int, n: int, group: int, zeros: bool, act_order: str | None, seed: int = 0, device=DEVICE):
@@ -105,7 +105,7 @@ def test_outlier_activations_stay_finite():
 def test_dequantize_kernel_is_exact(zeros):
     layout = _layout(256, 48, 32, zeros, "ragged")
     w = w4a16_dequantize(layout.qweight, layout.scales, layout.zeros, layout.group, torch.float32)
-    _, ref = _kernel_rows(layout)
+    ref = dequantize_rows(layout)
     assert torch.equal(w, ref)
     w16 = w4a16_dequantize(layout.qweight, layout.scales, layout.zeros, layout.group, torch.bfloat16)
     assert torch.equal(w16, ref.to(torch.bfloat16))

@@ -198,21 +198,27 @@ def build_kernel_layout(w: W4Weights) -> W4KernelLayout:
     return W4KernelLayout(packed, scales.contiguous(), zeros.contiguous() if zeros is not None else None, perm, kg, k)
 
 
-def _kernel_rows(layout: W4KernelLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q [K_pad, N] uint8 in kernel row order, dequantized float32 [K_pad, N])``."""
-    k_pad, n = layout.qweight.shape[0] * 8, layout.qweight.shape[1]
-    q = unpack_int4(layout.qweight, dim=0).view(k_pad // TILE_K, 16, 8, n).transpose(1, 2).reshape(k_pad, n)
-    z = (layout.zeros.to(torch.float32) if layout.zeros is not None
-         else torch.full_like(layout.scales, 8, dtype=torch.float32))
-    w = (q.to(torch.float32) - z.repeat_interleave(layout.group, 0)) * \
-        layout.scales.to(torch.float32).repeat_interleave(layout.group, 0)
-    return q, w
+def dequantize_rows(layout: W4KernelLayout) -> torch.Tensor:
+    """``(q - z) * s`` float32 [K_pad, N] in the kernel layout's row order
+    (padding rows 0): nibble j of packed row ``16t + i`` is row ``128t + 16j + i``."""
+    packed = layout.qweight.view(-1, 16, layout.qweight.shape[1])  # [tiles, 16, N]
+    tiles, _, n = packed.shape
+    w = torch.empty(tiles, 8, 16, n, dtype=torch.float32, device=packed.device)
+    for j in range(8):
+        w[:, j] = (packed >> (4 * j)) & 0xF
+    groups = w.view(-1, layout.group, n)
+    if layout.zeros is not None:
+        groups -= layout.zeros[:, None, :]
+    else:
+        groups -= 8
+    groups *= layout.scales[:, None, :]
+    return w.view(tiles * TILE_K, n)
 
 
 def dequantize_layout(layout: W4KernelLayout) -> torch.Tensor:
     """The layer's weight, ``(q - z) * s`` in float32 (exact for float16 /
     bfloat16 scales), as [N, K] in the checkpoint's row order."""
-    _, w = _kernel_rows(layout)
+    w = dequantize_rows(layout)
     if layout.perm is None:
         return w[:layout.k].t().contiguous()
     perm = layout.perm.to(torch.int64)
@@ -230,13 +236,14 @@ def w4a16_apply(layout: W4KernelLayout, x: torch.Tensor, bias: torch.Tensor | No
         from ember.kernels.triton_w4a16 import w4a16_gemm
         return w4a16_gemm(x, layout.qweight, layout.scales, layout.zeros, layout.perm, layout.group, layout.k,
                           bias, workspace)
-    _, w = _kernel_rows(layout)
+    w = dequantize_rows(layout)
     if layout.perm is not None:
         perm = layout.perm.to(torch.int64)
         x = F.pad(x, (0, 1))[:, torch.where(perm >= 0, perm, layout.k)]
     else:
         w = w[:layout.k]
-    return F.linear(x, w.t().to(x.dtype), bias)
+    y = x @ w.to(x.dtype)
+    return y if bias is None else y + bias
 
 
 # ------------------------------------------------------------ parameters

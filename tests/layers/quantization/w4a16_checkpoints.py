@@ -55,36 +55,36 @@ def _pack_cols(q: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> tor
     return _to_int32(words)
 
 
-def _quantize_group(w: torch.Tensor, symmetric: bool, min_zero: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest int4 of one group of rows ``w`` [rows, N] (float32):
-    ``(q [rows, N] int64 0..15, zero [N] int64, scale [N] float16)``."""
+def _quantize_groups(w: torch.Tensor, symmetric: bool, min_zero: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int4 of groups ``w`` [num_groups, G, N] (float32):
+    ``(q [num_groups, G, N] uint8 0..15, zeros [num_groups, N] int64, scales [num_groups, N] float16)``."""
     if symmetric:
-        scale = (2 * w.abs().amax(0) / 15).clamp(min=1e-8).to(torch.float16)
-        zero = torch.full((w.shape[1],), 8, dtype=torch.int64)
+        scale = (2 * w.abs().amax(1) / 15).clamp(min=1e-8).to(torch.float16)
+        zero = torch.full(scale.shape, 8, dtype=torch.int64)
     else:
-        lo, hi = w.amin(0).clamp(max=0), w.amax(0).clamp(min=0)
+        lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
         scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.float16)
         zero = torch.round(-lo / scale.float()).to(torch.int64).clamp(min_zero, 15)
-    q = (torch.round(w / scale.float()) + zero).clamp(0, 15).to(torch.int64)
+    q = (torch.round(w / scale.float()[:, None]) + zero[:, None]).clamp(0, 15).to(torch.uint8)
     return q, zero, scale
 
 
 def _quantize(weight: torch.Tensor, group_size: int, symmetric: bool, min_zero: int = 0,
               g_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HF ``weight`` [N, K] -> ``(q [K, N], zeros [K / G, N], scales [K / G, N] float16)``;
-    group g holds the rows k with ``g_idx[k] == g`` (default ``k // G``)."""
+    group g holds the rows k with ``g_idx[k] == g`` (default ``k // G``; G rows each)."""
     w = weight.float().t()
     k, n = w.shape
     if k % group_size:
         raise ValueError(f"group_size {group_size} does not divide K={k}")
-    g_idx = torch.arange(k) // group_size if g_idx is None else g_idx
-    q = torch.empty(k, n, dtype=torch.int64)
-    zeros = torch.empty(k // group_size, n, dtype=torch.int64)
-    scales = torch.empty(k // group_size, n, dtype=torch.float16)
-    for g in range(k // group_size):
-        rows = torch.nonzero(g_idx == g).flatten()
-        q[rows], zeros[g], scales[g] = _quantize_group(w[rows], symmetric, min_zero)
+    order = torch.arange(k) if g_idx is None else torch.argsort(g_idx, stable=True)
+    if g_idx is None:
+        q, zeros, scales = _quantize_groups(w.reshape(k // group_size, group_size, n), symmetric, min_zero)
+        return q.view(k, n), zeros, scales
+    q_sorted, zeros, scales = _quantize_groups(w[order].view(k // group_size, group_size, n), symmetric, min_zero)
+    q = torch.empty(k, n, dtype=torch.uint8)
+    q[order] = q_sorted.view(k, n)
     return q, zeros, scales
 
 
