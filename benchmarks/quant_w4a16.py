@@ -113,7 +113,7 @@ def main() -> None:
         if args.sweep:
             for m in (1, 8):
                 sweep(name, layouts, m, k, ws)
-        del layouts, dense
+        layouts = dense = None  # free before the next shape
         torch.cuda.empty_cache()
     print("\nper decode step (32 layers, LM head excluded), ms:")
     for m in args.m:

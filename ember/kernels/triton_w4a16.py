@@ -43,6 +43,8 @@ activation dtype and ``torch.mm`` multiplies (the GEMM is compute-bound there).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -200,21 +202,26 @@ def _w4a16_dequant_kernel(QW, S, Z, W, N, HAS_ZERO: tl.constexpr, KG: tl.constex
 
 
 class W4A16Workspace:
-    """The split-K scratch of one model's W4A16 layers: partial sums
-    (float32 [MAX_SPLIT_K * SPLIT_MAX_M, N]) and one arrival counter per column
-    block (int32, zero between launches). Layers run one at a time on a
-    stream, so they share it. Allocated as the layers load (:meth:`reserve`),
-    before any launch, so CUDA graphs capture fixed addresses."""
+    """The split-K scratch of W4A16 layers: partial sums (float32
+    [MAX_SPLIT_K * SPLIT_MAX_M, N]) and one arrival counter per column block
+    (int32, zero between launches). Layers run one at a time on a stream, so
+    they share it. Allocated as the layers load (:meth:`reserve`), before any
+    launch; buffers outgrown later stay alive, so CUDA graphs captured on them
+    keep valid addresses."""
 
     def __init__(self) -> None:
         self._n = 0
         self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._retired: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def reserve(self, n: int, device: torch.device | str) -> None:
         """Make room on ``device`` for outputs of up to ``n`` columns."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if n > self._n:
             self._n = n
+            self._retired.extend(self._buffers.values())
             self._buffers.clear()
         if device not in self._buffers:
             self._buffers[device] = (
@@ -227,10 +234,19 @@ class W4A16Workspace:
         Raises:
             ValueError: nothing reserved on ``device`` for ``n`` columns.
         """
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if n > self._n or device not in self._buffers:
             raise ValueError(f"W4A16 workspace reserved for {self._n} columns on {list(self._buffers)}, "
                              f"not {n} on {device}")
         return self._buffers[device]
+
+
+@functools.cache
+def shared_workspace() -> W4A16Workspace:
+    """The process's W4A16 workspace, which every W4A16 layer uses (like
+    cuBLAS's workspace: scratch memory, no state between launches)."""
+    return W4A16Workspace()
 
 
 def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> tuple[int, int, int]:

@@ -341,6 +341,8 @@ class W4A16LinearMethod(LinearMethodBase):
     scheme = "w4a16"
 
     def __init__(self, workspace: Any = None) -> None:
+        # The split-K scratch (ember.kernels.triton_w4a16.W4A16Workspace); the
+        # process's shared one unless given, taken when a CUDA layer loads.
         self.workspace = workspace
 
     def param_specs(self, k: int, n: int, k_full: int, layer: nn.Module) -> list[_ParamSpec]:
@@ -418,7 +420,10 @@ class W4A16LinearMethod(LinearMethodBase):
         layer.w4_zeros = nn.Parameter(layout.zeros, requires_grad=False) if layout.zeros is not None else None
         layer.w4_perm = nn.Parameter(layout.perm, requires_grad=False) if layout.perm is not None else None
         layer.w4_group, layer.w4_k = layout.group, layout.k
-        if self.workspace is not None and layout.qweight.is_cuda:
+        if layout.qweight.is_cuda:
+            if self.workspace is None:
+                from ember.kernels.triton_w4a16 import shared_workspace
+                self.workspace = shared_workspace()
             self.workspace.reserve(layout.qweight.shape[1], layout.qweight.device)
 
     @staticmethod
@@ -575,14 +580,6 @@ def _ignored(prefix: str, names: list[str]) -> bool:
                for name in names)
 
 
-def _new_workspace() -> Any:
-    try:
-        from ember.kernels.triton_w4a16 import W4A16Workspace
-    except ImportError:  # no Triton: the CPU path needs none
-        return None
-    return W4A16Workspace()
-
-
 class AWQConfig(QuantizationConfig):
     """``quant_method: "awq"``: 4-bit GEMM-packed weights with zero points.
 
@@ -596,7 +593,6 @@ class AWQConfig(QuantizationConfig):
     def __init__(self, group_size: int = 128, modules_to_not_convert: list[str] | None = None) -> None:
         self.group_size = group_size
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.workspace = _new_workspace()
 
     @classmethod
     def get_name(cls) -> str:
@@ -624,7 +620,7 @@ class AWQConfig(QuantizationConfig):
 
         if not isinstance(layer, LinearBase) or _ignored(prefix, self.modules_to_not_convert):
             return None
-        return AWQLinearMethod(self.group_size, self.workspace)
+        return AWQLinearMethod(self.group_size)
 
 
 class GPTQConfig(QuantizationConfig):
@@ -646,7 +642,6 @@ class GPTQConfig(QuantizationConfig):
         self.group_size, self.desc_act, self.sym = group_size, desc_act, sym
         self.zero_offset = 1 if checkpoint_format == "gptq" else 0
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.workspace = _new_workspace()
 
     @classmethod
     def get_name(cls) -> str:
@@ -672,4 +667,4 @@ class GPTQConfig(QuantizationConfig):
 
         if not isinstance(layer, LinearBase) or _ignored(prefix, self.modules_to_not_convert):
             return None
-        return GPTQLinearMethod(self.group_size, self.desc_act, self.sym, self.zero_offset, self.workspace)
+        return GPTQLinearMethod(self.group_size, self.desc_act, self.sym, self.zero_offset)
