@@ -370,3 +370,27 @@ def test_dummy_awq_model_runs(tiny_llama, tmp_path):
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                            use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_gptq_v2_zero_points_are_stored_as_they_are():
+    torch.manual_seed(7)
+    t = _gptq_tensors(torch.randn(32, 128) * 0.05, 64, sym=False, act_order=False)
+    config = get_quant_config(None, LlamaConfig(quantization_config={
+        "quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": False,
+        "checkpoint_format": "gptq_v2"}))
+    layer = _layer(config, lambda qc: ReplicatedLinear(128, 32, quant_config=qc, prefix="p"))
+    _load(layer, t)
+    ours = _finish(layer).dequantized_weight(layer)
+    # v2 stores z itself, one less than v1 reads from the same nibble: W_v2 = W_v1 + s (exact).
+    v1 = gptq_reference(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+    assert torch.equal(ours, v1 + t["scales"].float()[t["g_idx"].long()].t())
+
+
+def test_checkpoint_configs_pick_the_methods():
+    awq = get_quant_config(None, LlamaConfig(quantization_config={
+        "quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "GEMM",
+        "modules_to_not_convert": ["mlp.down_proj"]}))
+    assert isinstance(awq, AWQConfig) and awq.raw_checkpoint and awq.group_size == 64
+    assert awq.get_quant_method(ReplicatedLinear(64, 8), "model.layers.0.mlp.down_proj") is None
+    gptq = get_quant_config("gptq", LlamaConfig())  # --quantization gptq on a preset: the defaults
+    assert isinstance(gptq, GPTQConfig) and (gptq.group_size, gptq.desc_act, gptq.sym) == (128, False, True)
