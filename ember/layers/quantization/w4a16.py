@@ -73,11 +73,13 @@ def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
 def pack_int4(q: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of :func:`unpack_int4`: values 0..15 along ``dim`` (a multiple
     of 8) into int32 words."""
-    v = q.movedim(dim, -1).to(torch.int64)
+    v = q.movedim(dim, -1)
     v = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
-    words = (v << shifts).sum(-1)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    words = torch.zeros(v.shape[:-1], dtype=torch.int32, device=q.device)
+    for i in range(7):
+        words |= v[..., i].to(torch.int32) << (4 * i)
+    top = v[..., 7].to(torch.int64) << 28  # bit 31: the word's sign
+    words |= torch.where(top >= 2 ** 31, top - 2 ** 32, top).to(torch.int32)
     return words.movedim(-1, dim).contiguous()
 
 
@@ -176,7 +178,10 @@ def build_kernel_layout(w: W4Weights) -> W4KernelLayout:
     full_order[:k_real] = order
     valid = full_order >= 0
     q_k = torch.zeros(k_pad, n, dtype=torch.uint8, device=dev)
-    q_k[valid] = q[full_order[valid]]
+    if g_idx is None:
+        q_k[:k] = q
+    else:
+        q_k[valid] = q[full_order[valid]]
     # The group of each kernel row of scales (-1: padding, scale 0).
     num_rows = k_pad // kg
     if chunk_group is not None:
