@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ember.distributed import parallel_state
 from ember.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                  ReplicatedLinear, RowParallelLinear)
-from ember.layers.quantization import get_quant_config
+from ember.layers.quantization import QuantizationConfig, get_quant_config
 from ember.layers.quantization.w4a16 import (AWQConfig, GPTQConfig, PackQuantizedW4A16Method,
                                              W4A16LinearMethod)
 from tests.layers.quantization.w4a16_checkpoints import (_pack_cols, _pack_rows, _quantize, act_order_permutation,
@@ -229,13 +229,44 @@ def test_merged_qkv_loads_each_shard_into_its_columns():
     assert torch.equal(method.dequantized_weight(layer), torch.cat(refs))
 
 
-@pytest.mark.parametrize("scheme", ["awq", "gptq", "gptq_act_order"])
+class _PackQuantizedConfig(QuantizationConfig):
+    """Every linear layer as compressed-tensors pack-quantized int4 (what CompressedTensorsConfig picks)."""
+
+    raw_checkpoint = True
+
+    def __init__(self, group: int, symmetric: bool) -> None:
+        self.group, self.symmetric = group, symmetric
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "test-pack-quantized"
+
+    @classmethod
+    def from_config(cls, config):
+        raise NotImplementedError
+
+    def get_quant_method(self, layer, prefix):
+        return PackQuantizedW4A16Method(self.group, self.symmetric, None)
+
+
+@pytest.mark.parametrize("scheme", ["awq", "gptq", "gptq_act_order", "pack_quantized"])
 def test_tensor_parallel_shards_give_the_full_layer(monkeypatch, scheme):
     """Column shards are the full weight's rows; row shards' products sum to the full product."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
     torch.manual_seed(6)
     n, k, g = 64, 256, 32
     w = torch.randn(n, k) * 0.05
-    if scheme == "awq":
+    if scheme == "pack_quantized":
+        t, ct_scheme = _ct_compress(w, g, False, torch.bfloat16)
+        make_config = lambda: _PackQuantizedConfig(g, False)  # noqa: E731
+        # Exact in float32 (decompress rounds to the scales' bfloat16): the library's unpack.
+        q = unpack_from_int32(t["weight_packed"], 4, torch.Size([n, k])).float()
+        zp = unpack_from_int32(t["weight_zero_point"], 4, torch.Size([n, k // g]), packed_dim=0).float()
+        full = ((q.view(n, k // g, g) - zp[..., None]) * t["weight_scale"].float()[..., None]).view(n, k)
+        assert torch.equal(full.to(torch.bfloat16), PackedQuantizationCompressor.decompress(t, ct_scheme)["weight"])
+    elif scheme == "awq":
         t, make_config = _awq_tensors(w, g), lambda: AWQConfig(g)
         full = awq_reference(t["qweight"], t["qzeros"], t["scales"])
     else:
