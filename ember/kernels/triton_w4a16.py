@@ -152,7 +152,9 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
                                       HAS_PERM).to(tl.float32), 0)
                 x_hi = tl.sum(_load_x(X, offs_m, mask_m, stride_xm, kb + 32 * p + 16 + offs_i, PERM, K,
                                       HAS_PERM).to(tl.float32), 0)
-                g2 += (16.0 * x_lo)[:, None] * w_lo + x_hi[:, None] * w_hi
+                # Two accumulations (two FMAs per pair of weights, not mul + fma + add).
+                g2 += (16.0 * x_lo)[:, None] * w_lo
+                g2 += x_hi[:, None] * w_hi
                 s_eff += tl.sum(16.0 * x_lo + x_hi, 0)
                 s_plain += tl.sum(x_lo + x_hi, 0)
                 if (32 * p + 32) % KG == 0:
