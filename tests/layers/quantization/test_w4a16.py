@@ -425,3 +425,36 @@ def test_checkpoint_configs_pick_the_methods():
     assert awq.get_quant_method(ReplicatedLinear(64, 8), "model.layers.0.mlp.down_proj") is None
     gptq = get_quant_config("gptq", LlamaConfig())  # --quantization gptq on a preset: the defaults
     assert isinstance(gptq, GPTQConfig) and (gptq.group_size, gptq.desc_act, gptq.sym) == (128, False, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["awq", "gptq_asym_act_order"])
+def test_tiny_llama_on_cuda_runs_the_kernels(tiny_llama, tmp_path, fmt):
+    """float16 on CUDA (the Triton kernels: one-row and split-K decode, 64-row
+    prefill tiles): prompt logits near HF float32 on the dequantized weights,
+    and the same greedy tokens with and without CUDA graphs (the split-K
+    reduction is deterministic)."""
+    from ember import LLM, SamplingParams
+    from tests.models.tiny import hf_prefill_logits, make_prompts, relative_error, runner_of
+
+    hf = tiny_llama
+    weights = {n: t.detach().clone() for n, t in hf.state_dict().items()}
+    if fmt == "awq":
+        write_awq_checkpoint(weights, hf.config, tmp_path, group_size=64)
+    else:
+        write_gptq_checkpoint(weights, hf.config, tmp_path, group_size=64, desc_act=True, sym=False)
+    ref = _dequantized_hf(hf, tmp_path)
+    prompts = make_prompts()
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    tokens = []
+    for eager in (False, True):
+        llm = LLM(str(tmp_path), device="cuda", dtype="float16", skip_tokenizer_init=True, max_model_len=128,
+                  kv_cache_memory=16 << 20, enforce_eager=eager)
+        if not eager:
+            for p in prompts:
+                ours = runner_of(llm).compute_prompt_logits(p).float().cpu()
+                assert relative_error(ours, hf_prefill_logits(ref, p)) < 2e-2
+        tokens.append([o.outputs[0].token_ids for o in llm.generate([list(p) for p in prompts], params,
+                                                                     use_tqdm=False)])
+        del llm
+    assert tokens[0] == tokens[1]
