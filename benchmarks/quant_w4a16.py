@@ -8,8 +8,8 @@ that M) and ``x @ W.T`` in bf16 are timed over 8 weight copies in turn (more
 than the L2 holds) inside a CUDA graph, median of ``do_bench``. ``int4_gb_s``
 is the packed weight, scale and zero bytes over the W4A16 time. The check
 compares with float32 products of the dequantized weight. ``--sweep`` also
-times the decode kernel's (BLOCK_N, split_k) choices at M = 1 and 8 and
-prints the fastest next to the default.
+times the decode kernel's (BLOCK_N, split_k) choices at M = 1 (batch-1
+decode) and prints the fastest next to the default.
 
     python benchmarks/quant_w4a16.py [--m 1 8 64 1024] [--sweep] [--json out.json]
 """
@@ -111,8 +111,7 @@ def main() -> None:
             print(f"{name:<8} M={m:<5} W4A16 {w4_us:8.1f} us  bf16 {bf16_us:8.1f} us  x{bf16_us / w4_us:5.2f}  "
                   f"int4 {row['int4_gb_s']:6.0f} GB/s  err {err:.1e} {'ok' if ok else 'FAIL'}")
         if args.sweep:
-            for m in (1, 8):
-                sweep(name, layouts, m, k, ws)
+            sweep(name, layouts, 1, k, ws)
         layouts = dense = None  # free before the next shape
         torch.cuda.empty_cache()
     print("\nper decode step (32 layers, LM head excluded), ms:")
