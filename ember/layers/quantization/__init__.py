@@ -16,6 +16,8 @@ QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
     "gguf": ("ember.layers.quantization.gguf", "GGUFConfig"),
     "w8a8_int8": ("ember.layers.quantization.w8a8_int8", "W8A8Int8Config"),
     "compressed-tensors": ("ember.layers.quantization.compressed_tensors", "CompressedTensorsConfig"),
+    "awq": ("ember.layers.quantization.w4a16", "AWQConfig"),
+    "gptq": ("ember.layers.quantization.w4a16", "GPTQConfig"),
 }
 
 
