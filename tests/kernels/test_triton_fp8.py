@@ -23,7 +23,10 @@ from ember.kernels.triton_fp8 import (fp8_skinny_linear, quant_fp8_per_token, qu
 from ember.layers.quantization.fp8_linear import dequantize_fp8, quant_fp8_reference  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
-GEMM_TOL = 2e-3 if ON_GPU else 1e-5
+# NOTE: Hopper's FP8 tensor-core MMA accumulates with fewer mantissa bits than
+# float32 (DeepSeek-V3 report, section 3.3.2); at K = 4096 that is a few 1e-3
+# of the output's range (2.7e-3 measured on an H100), exact in the interpreter.
+GEMM_TOL = 5e-3 if ON_GPU else 1e-5
 
 
 def _rel(a, b):
