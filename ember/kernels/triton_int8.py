@@ -47,16 +47,18 @@ import triton.language as tl
 
 # Rows up to which the GEMM runs with one 16-row tile (decode batch sizes).
 SKINNY_MAX_M = 16
-# Rows up to which int8_gemm quantizes float activations in the GEMM itself:
-# each program re-reads the rows (from L2) to find their scales, which costs
-# less than a separate launch while the rows are few.
-FUSED_QUANT_MAX_M = 4
+# Rows up to which int8_gemm quantizes float activations in the GEMM itself
+# (each program re-reads the rows to find their scales). Off: on an H100 the
+# fused form took 90 us at M = 1 on the 8B qkv projection against 4 us of
+# quantization plus 15 us of GEMM (benchmarks/quant_int8.py).
+FUSED_QUANT_MAX_M = 0
 # Rows from which torch._int_mm (cuBLASLt) and the epilogue kernel replace the
 # Triton GEMM where its constraints hold: the int32 product makes a round trip
 # through memory, which the Triton GEMM's fused epilogue avoids, so the
 # crossover is a measurement (benchmarks/quant_int8.py prints both at M = 256
-# and 4096).
-INT_MM_MIN_M = SKINNY_MAX_M + 1
+# and 4096). On an H100 the Triton GEMM won at both (8B shapes, e.g. qkv at
+# M = 4096: 184 us against 285 us), so _int_mm is not used.
+INT_MM_MIN_M = 1 << 62
 # Constants the kernels read (Triton globals must be constexpr).
 INT8_QMIN, INT8_QMAX = tl.constexpr(-128.0), tl.constexpr(127.0)
 # compressed-tensors' symmetric scale: max |x| / ((qmax - qmin) / 2).

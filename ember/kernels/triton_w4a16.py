@@ -53,6 +53,7 @@ from ember.kernels.triton_gemm import INTERPRETED, _num_sms
 
 #: Rows of K per tile of the packed layout (16 packed rows of 8 nibbles).
 TILE_K = 128
+TILE_K_C = tl.constexpr(TILE_K)  # the same, as the kernels read it (Triton globals must be constexpr)
 #: Row counts up to which the split-K decode kernel runs.
 SPLIT_MAX_M = 16
 #: Row counts from which the weight is dequantized and multiplied by torch.mm.
@@ -106,12 +107,12 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_i = tl.arange(0, 16)
-    GROUPS_PER_TILE: tl.constexpr = TILE_K // KG
+    GROUPS_PER_TILE: tl.constexpr = TILE_K_C // KG
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for t in range(t_begin, t_end):
-        kb = t * TILE_K
+        kb = t * TILE_K_C
         P = tl.load(QW + (t * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
         if USE_DOT:
             # Tensor cores: chunk j as (1 + q / 16) in x's dtype, exactly.
@@ -197,9 +198,9 @@ def _w4a16_dequant_kernel(QW, S, Z, W, N, HAS_ZERO: tl.constexpr, KG: tl.constex
     P = tl.load(QW + (t * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     for j in tl.static_range(8):
         q = ((P >> (4 * j)) & 0xF).to(tl.float32)
-        s, z = _group_scale(S, Z, t * (TILE_K // KG) + (16 * j) // KG, offs_n, mask_n, N, HAS_ZERO)
+        s, z = _group_scale(S, Z, t * (TILE_K_C // KG) + (16 * j) // KG, offs_n, mask_n, N, HAS_ZERO)
         w = (q - z[None, :]) * s[None, :]
-        rows = t * TILE_K + 16 * j + offs_i
+        rows = t * TILE_K_C + 16 * j + offs_i
         tl.store(W + rows[:, None] * N + offs_n[None, :], w.to(W.dtype.element_ty), mask=mask_n[None, :])
 
 
