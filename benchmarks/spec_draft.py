@@ -51,6 +51,10 @@ def _release(llm: LLM) -> None:
 
 
 def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[int], spec: dict | None) -> dict:
+    # The previous engine's objects sit in reference cycles until a collection.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=True,
               dtype=args.dtype, speculative_config=spec)
     core = llm.llm_engine.engine_core
