@@ -150,7 +150,7 @@ def run_perplexity(args: argparse.Namespace) -> dict[str, Any]:
     r = perplexity(llm, token_ids, args.context_length, stride)
     config = llm.llm_engine.config
     return {
-        "benchmark": "perplexity", "model": args.model, "text_file": args.text_file,
+        "benchmark": "perplexity", "model": config.model_config.model, "text_file": args.text_file,
         "quantization": args.quantization, "dtype": str(config.model_config.dtype).removeprefix("torch."),
         "kv_cache_dtype": args.kv_cache_dtype, "context_length": args.context_length, "stride": stride,
         "num_windows": r.num_windows, "tokens_evaluated": r.tokens_evaluated,

@@ -7,8 +7,8 @@ method against the float32 run of the same weights (the GGUF file dequantized
 at load).
 
 Bounds on the relative perplexity increase: FP8 +1%, INT8 +2%, W4A16 (AWQ,
-GPTQ, group 128) +6%; the GGUF blocks kept quantized are the reference's own
-weights, so within 0.1% either way. The AWQ/GPTQ checkpoints are written from
+GPTQ, group 128) +6%, FP8 KV cache (calibrated scales) +1%; the GGUF blocks
+kept quantized are the reference's own weights, so within 0.1% either way. The AWQ/GPTQ checkpoints are written from
 the dequantized weights by the format writers of ``w4a16_checkpoints.py``.
 
 Every row must pass: a method that is not registered fails its row. Run with
@@ -57,7 +57,9 @@ ROWS = [
     Row("awq", 0.06, checkpoint_writer="write_awq_checkpoint"),
     Row("gptq", 0.06, checkpoint_writer="write_gptq_checkpoint"),
     Row("gguf", 0.001, {"quantization": "gguf"}, two_sided=True),
-    Row("kv_cache_fp8", 0.01, {"kv_cache_dtype": "fp8"}, quantizes_weights=False),
+    # NOTE: per-layer K/V scales calibrated on the first prefill; with the
+    # default scale 1 the FP8 cache measured +3.5% on this model and text.
+    Row("kv_cache_fp8", 0.01, {"kv_cache_dtype": "fp8", "calculate_kv_scales": True}, quantizes_weights=False),
 ]
 
 
