@@ -68,7 +68,8 @@ class ModelConfig:
             ``"triton"``); None picks the device's default.
         quantization: a quantization method by name (``--quantization``,
             see :mod:`ember.layers.quantization`); None: the checkpoint's own
-            ``quantization_config``, if any.
+            ``quantization_config``, if any. ``EngineArgs`` resolves a GGUF
+            file on CUDA to ``"gguf"``.
     """
 
     model: str
@@ -127,6 +128,12 @@ class CacheConfig:
             :data:`KV_CACHE_DTYPES`: ``"auto"`` (the model dtype) or an FP8
             format, which halves the cache's bytes per token (twice the tokens
             in the same memory, half the KV bytes each decode step reads).
+            An FP8 cache holds ``x / scale`` with per-layer ``k_scale`` /
+            ``v_scale``: the checkpoint's, else 1.0, else calibrated.
+        calculate_kv_scales: set each layer's FP8 ``k_scale`` / ``v_scale``
+            from the first prefill step: ``amax(|K|) / fp8_max`` and
+            ``amax(|V|) / fp8_max`` (448 for e4m3), then fixed; overrides the
+            checkpoint's scales. Needs an FP8 ``cache_dtype``.
     """
 
     block_size: int = 16
@@ -136,10 +143,15 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     swap_space: int = 4 << 30
     cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
         _require(self.cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {list(KV_CACHE_DTYPES)}",
                  self.cache_dtype)
+        _require(isinstance(self.calculate_kv_scales, bool), "calculate_kv_scales", "True or False",
+                 self.calculate_kv_scales)
+        _require(not self.calculate_kv_scales or KV_CACHE_DTYPES[self.cache_dtype] is not None,
+                 "calculate_kv_scales", "False unless kv_cache_dtype is an FP8 format", self.calculate_kv_scales)
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "a power of two in [1, 128]", self.block_size)
         _require(
             self.kv_cache_memory is None or (_is_int(self.kv_cache_memory) and self.kv_cache_memory > 0),
@@ -234,12 +246,23 @@ class ParallelConfig:
             core's process; one device only) or ``"mp"`` (one worker process
             per rank, see :mod:`ember.executor.multiproc`); None: ``"mp"`` when
             ``world_size`` > 1, else ``"uni"``.
+        nnodes: hosts the ranks are spread over, ``world_size / nnodes``
+            consecutive ranks on each; this engine runs on node 0, the others
+            run ``ember worker`` (see :mod:`ember.executor.multiproc`).
+        master_addr, master_port: where the ranks meet with several nodes:
+            node 0's address, reachable from the others; the process groups'
+            rendezvous listens on ``master_port`` and the engine's control
+            connections on ``master_port + 1``. With one node the port is
+            picked free on 127.0.0.1 when None.
     """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
         _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
@@ -255,6 +278,20 @@ class ParallelConfig:
         _require(self.executor_backend == "mp" or self.world_size == 1, "distributed_executor_backend",
                  f"'mp' with {self.world_size} ranks (tensor x pipeline parallel)",
                  self.distributed_executor_backend)
+        _require(_is_int(self.nnodes) and self.nnodes >= 1 and self.world_size % self.nnodes == 0, "nnodes",
+                 f"a positive divisor of the {self.world_size} ranks (tensor x pipeline parallel)", self.nnodes)
+        _require(self.master_port is None or (_is_int(self.master_port) and 0 < self.master_port < 65535),
+                 "master_port", "a TCP port below 65535 (the next port is used too)", self.master_port)
+        if self.nnodes > 1:
+            _require(self.master_port is not None, "master_port",
+                     "set with several nodes (the other nodes' `ember worker` must know it)", self.master_port)
+            _require(self.executor_backend == "mp", "distributed_executor_backend", "'mp' with several nodes",
+                     self.distributed_executor_backend)
+
+    @property
+    def local_world_size(self) -> int:
+        """Ranks (devices) on each node."""
+        return self.world_size // self.nnodes
 
     @property
     def world_size(self) -> int:

@@ -20,7 +20,7 @@
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 EMBER_SITE=${EMBER_SITE:-/tmp/ember-site}
-if [ -d "$ROOT/.whl" ] && ! python3 -c "import msgspec, zmq" 2>/dev/null; then
+if [ -d "$ROOT/.whl" ] && ! python3 -c "import msgspec, zmq, xgrammar, compressed_tensors" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$EMBER_SITE" "$ROOT"/.whl/*.whl
 fi

@@ -36,6 +36,12 @@ known (``SchedulerOutput.structured_output_req_ids``). Draft tokens (``Request.s
 are scheduled after a request's last token like any other tokens; the step
 returns the accepted ones and ``num_computed_tokens`` goes back over the rest.
 
+Pipeline parallelism keeps several steps in flight (micro-batches) with
+``schedule(skip_in_flight_outputs=True)``: a request whose next token is
+still in flight waits for it (the first stage needs that token on its host),
+so each step in flight holds other requests, or further prefill chunks of
+the same ones (their tokens are known, and every stage runs steps in order).
+
 NOTE: a request is never preempted in a step that already scheduled it: victims
 are taken from the end of ``running``, past the requests served so far, or
 before any is served. The KV cache manager relies on this (see its NOTE).
@@ -195,14 +201,16 @@ class Scheduler:
             num_evicted_blocks=kv.block_pool.num_evicted_blocks)
 
     # --------------------------------------------------------------- schedule
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, skip_in_flight_outputs: bool = False) -> SchedulerOutput:
         """Pick the next step's work and count it as computed. Never returns
         more than the token budget. Steps in flight (scheduled, not yet
-        updated) are allowed: see the module docstring."""
+        updated) are allowed: see the module docstring. With
+        ``skip_in_flight_outputs``, requests with a token in flight are left
+        out (pipeline micro-batches)."""
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
         self._promote_starved()
         self._preempt_for_waiting(plan)
-        self._schedule_running(plan)
+        self._schedule_running(plan, skip_in_flight_outputs)
         self._schedule_waiting(plan)
         # NOTE: the runner copies swap-outs before swap-ins; a host block must not
         # be both written and read in one step (swap-ins follow every swap-out here).
@@ -244,8 +252,9 @@ class Scheduler:
         self._forget_req_ids = set()
         return out
 
-    def _schedule_running(self, plan: _StepPlan) -> None:
-        """Give each running request its next tokens, in order; preempt from
+    def _schedule_running(self, plan: _StepPlan, skip_in_flight_outputs: bool = False) -> None:
+        """Give each running request its next tokens, in order (those with a
+        token in flight too, unless ``skip_in_flight_outputs``); preempt from
         the end of the list when blocks run out."""
         # NOTE: this loop runs for every running request every step: plain
         # locals, no per-request helper calls on the common (decode) path.
@@ -255,8 +264,8 @@ class Scheduler:
         while idx < len(running) and plan.budget > 0:
             req = running[idx]
             placeholders = req.num_output_placeholders
-            if placeholders and req.num_output_tokens + placeholders >= req.max_tokens:
-                idx += 1  # its last token is in flight
+            if placeholders and (skip_in_flight_outputs or req.num_output_tokens + placeholders >= req.max_tokens):
+                idx += 1  # its last token, or a token the next step's input needs, is in flight
                 continue
             num_tokens, computed = req.num_tokens, req.num_computed_tokens
             num_new = num_tokens + placeholders - computed

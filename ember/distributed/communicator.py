@@ -10,7 +10,23 @@ step launches nothing extra.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class CommStats:
+    """Collectives counted by :meth:`Communicator.measure`: ``calls``, the
+    bytes of their inputs, and their wall time in seconds (each one
+    synchronized on CUDA)."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
 
 
 class Communicator:
@@ -27,6 +43,34 @@ class Communicator:
 
     def __init__(self, rank: int = 0, world_size: int = 1, group: object | None = None) -> None:
         self.rank, self.world_size, self.group = rank, world_size, group
+        self._stats: CommStats | None = None
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[CommStats]:
+        """Count and time this communicator's collectives inside the block.
+
+        For eager measurements only (``ember bench``): each collective is
+        synchronized on CUDA before and after, so it must not run inside a
+        CUDA graph capture. With one rank nothing is counted (no collective
+        runs).
+        """
+        self._stats = stats = CommStats()
+        try:
+            yield stats
+        finally:
+            self._stats = None
+
+    def _timed(self, op, x: torch.Tensor, *args, **kwargs) -> None:
+        stats, cuda = self._stats, x.is_cuda
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        op(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        stats.seconds += time.perf_counter() - start
+        stats.calls += 1
+        stats.bytes += x.numel() * x.element_size()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` over the ranks (same shape and dtype).
@@ -40,7 +84,10 @@ class Communicator:
             return x
         import torch.distributed as dist
 
-        dist.all_reduce(x, group=self.group)
+        if self._stats is not None:
+            self._timed(dist.all_reduce, x, x, group=self.group)
+        else:
+            dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -66,6 +113,9 @@ class Communicator:
         # axis is then folded into ``dim`` (a copy only when ``dim`` is not 0).
         out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather_single(out, x.contiguous(), group=self.group)
+        if self._stats is not None:
+            self._timed(gather_single, x, out, x.contiguous(), group=self.group)
+        else:
+            gather_single(out, x.contiguous(), group=self.group)
         out = out.view(self.world_size, *x.shape).movedim(0, dim)
         return out.reshape(*x.shape[:dim], self.world_size * x.shape[dim], *x.shape[dim + 1:])

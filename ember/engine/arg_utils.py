@@ -88,6 +88,7 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
     memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     max_num_batched_tokens: int | None = None
@@ -98,6 +99,9 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
+    nnodes: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
     quantization: str | None = None
     seed: int | None = 0
     enforce_eager: bool = False
@@ -138,7 +142,11 @@ class EngineArgs:
         parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                             help="KV-cache element type: auto (the model dtype) or FP8 (fp8 = fp8_e4m3), which "
                                  "holds twice the tokens and halves the KV bytes read per decode step; values "
-                                 "are stored unscaled (not supported for MLA models)")
+                                 "are stored divided by per-layer scales: the checkpoint's k_scale/v_scale, "
+                                 "else 1.0 (not supported for MLA models)")
+        parser.add_argument("--calculate-kv-scales", action="store_true",
+                            help="with an FP8 --kv-cache-dtype: set each layer's K/V scales from the first "
+                                 "prefill (amax / largest FP8 value), then keep them")
         parser.add_argument("--memory-utilization", "--gpu-memory-utilization", dest="memory_utilization", type=float,
                             default=d.memory_utilization, help="fraction of GPU memory to use (CUDA only)")
         parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help=argparse.SUPPRESS)
@@ -179,10 +187,21 @@ class EngineArgs:
         parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
                             help="uni: the model runs in the engine core's process (one device); mp: one worker "
                                  "process per rank (default: mp with several ranks, else uni)")
-        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names(),
+        parser.add_argument("--nnodes", type=int, default=d.nnodes,
+                            help="hosts the ranks are spread over; node 0 runs this engine, every other node runs "
+                                 "`ember worker --master-addr ADDR --master-port PORT --node-rank N` (torchrun-style)")
+        parser.add_argument("--master-addr", default=d.master_addr,
+                            help="node 0's address, reachable from the other nodes (default: $MASTER_ADDR, "
+                                 "else 127.0.0.1)")
+        parser.add_argument("--master-port", type=int, default=d.master_port,
+                            help="rendezvous port on node 0; the engine's control connections use the next port "
+                                 "(default: $MASTER_PORT; needed with several nodes)")
+        parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names() + ["none"],
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
-                                 "quantized at load (default: the checkpoint's own quantization_config, if any)")
+                                 "quantized at load; gguf: a GGUF file's quantized tensors run as stored "
+                                 "(default: the checkpoint's own quantization_config, if any; gguf for GGUF "
+                                 "files on CUDA); none: no method forced (a GGUF file is dequantized at load)")
         parser.add_argument("--seed", type=int, default=d.seed, help="seed for unseeded sampling")
         parser.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
         parser.add_argument("--piecewise-cuda-graphs", action=argparse.BooleanOptionalAction,
@@ -243,16 +262,29 @@ class EngineArgs:
         parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
                                          pipeline_parallel_size=self.pipeline_parallel_size,
                                          enable_expert_parallel=self.enable_expert_parallel,
-                                         distributed_executor_backend=self.distributed_executor_backend)
+                                         distributed_executor_backend=self.distributed_executor_backend,
+                                         nnodes=self.nnodes,
+                                         master_addr=self.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                         master_port=self.master_port if self.master_port is not None
+                                         else _env_port())
 
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)
         for key, value in (self.hf_overrides or {}).items():
-            if not hasattr(hf_config, key):
+            # NOTE: quantization_config may be added: it describes a checkpoint's
+            # storage (e.g. block FP8 for a preset with --load-format dummy).
+            if not hasattr(hf_config, key) and key != "quantization_config":
                 raise ConfigError(f"hf_overrides: the model config has no field {key!r}")
             setattr(hf_config, key, value)
         architecture = ModelRegistry.resolve(hf_config)
-        _check_quantization(self.quantization, hf_config)
+        quantization = None if self.quantization == "none" else self.quantization
+        if self.quantization is None and source.format == "gguf" and device == "cuda" and self.load_format != "dummy":
+            # NOTE: the one place a GGUF file's default is decided: on CUDA its
+            # quantized tensors run as stored (ember.layers.quantization.gguf);
+            # elsewhere they are dequantized at load unless --quantization gguf.
+            # Dummy weights stay dense (random block bytes would hold NaN scales).
+            quantization = "gguf"
+        _check_quantization(quantization, hf_config)
 
         dtype_name = self.dtype
         if dtype_name == "auto":
@@ -275,7 +307,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             skip_tokenizer_init=self.skip_tokenizer_init or (source.format == "preset" and self.tokenizer is None),
             tokenizer=self.tokenizer,
-            quantization=self.quantization,
+            quantization=quantization,
         )
         kv_bytes = self.kv_cache_memory
         if kv_bytes is None and device == "cpu":
@@ -288,6 +320,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             swap_space=self.swap_space,
             cache_dtype=self.kv_cache_dtype,
+            calculate_kv_scales=self.calculate_kv_scales,
         )
         budget = self.max_num_batched_tokens or max(2048, min(self.max_num_seqs, 2048))
         scheduler_config = SchedulerConfig(
@@ -315,6 +348,21 @@ class EngineArgs:
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
                             kernel_config=kernel_config, speculative_config=speculative_config)
+
+
+def _env_port() -> int | None:
+    """``$MASTER_PORT`` (torchrun's variable), or None when unset.
+
+    Raises:
+        ConfigError: it is not an integer.
+    """
+    text = os.environ.get("MASTER_PORT")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"MASTER_PORT must be an integer port, got {text!r}") from None
 
 
 def _quantization_names() -> list[str]:

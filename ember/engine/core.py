@@ -33,6 +33,7 @@ ahead: drafts are made from the tokens the previous step returned.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
 
@@ -103,6 +104,10 @@ class EngineCore:
         kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.async_scheduling = config.scheduler_config.async_scheduling
+        # Pipeline parallelism: up to one step in flight per stage (micro-batches
+        # of different requests), oldest first; see _step_pipelined.
+        self.pipeline_depth = config.parallel_config.pipeline_parallel_size
+        self._pipeline: deque[SchedulerOutput] = deque()
         # The step launched and not yet collected (asynchronous scheduling).
         self._in_flight: SchedulerOutput | None = None
         self._step_observers: list[Callable[[StepRecord], None]] = []
@@ -201,7 +206,7 @@ class EngineCore:
         """Requests still to run (or waiting for their grammar), or a launched
         step still to collect."""
         return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
-                or bool(self._waiting_for_grammar))
+                or bool(self._pipeline) or bool(self._waiting_for_grammar))
 
     def step(self) -> list[EngineCoreOutput]:
         """One engine step; returns what each request generated."""
@@ -219,6 +224,8 @@ class EngineCore:
     def _step(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
         """Collect one step's results; launch it first unless it is in flight,
         and launch the next one ahead of the collection when it can be."""
+        if self.pipeline_depth > 1:
+            return self._step_pipelined(scheduled_times)
         scheduler = self.scheduler
         failed = self._admit_compiled() if self._waiting_for_grammar else []
         timed = bool(self._step_observers)
@@ -268,6 +275,51 @@ class EngineCore:
             t5 = time.perf_counter()
             record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead,
                                 self.mask_s - mask_s)
+            for observer in self._step_observers:
+                observer(record)
+        return failed + outputs if failed else outputs
+
+    def _step_pipelined(self, scheduled_times: dict[str, float]) -> list[EngineCoreOutput]:
+        """One step with pipeline parallelism: launch steps until one is in
+        flight per stage (each over requests with no token in flight, so the
+        stages work on different micro-batches at once), then collect the
+        oldest. While stage 1 runs one step, stage 0 already runs the next.
+        The pipeline fills only while requests with nothing in flight are
+        left: a single request still runs one step at a time."""
+        scheduler = self.scheduler
+        failed = self._admit_compiled() if self._waiting_for_grammar else []
+        timed = bool(self._step_observers)
+        t0 = time.perf_counter() if timed else 0.0
+        mask_s = self.mask_s
+        launch_s = 0.0
+        while len(self._pipeline) < self.pipeline_depth and scheduler.has_unfinished_requests():
+            sched = scheduler.schedule(skip_in_flight_outputs=True)
+            if sched.is_empty and not sched.blocks_to_swap_out:
+                scheduler.unschedule_empty(sched)  # every request left waits for a token in flight
+                break
+            self._note_first_scheduled(sched, scheduled_times)
+            t = time.perf_counter() if timed else 0.0
+            self.executor.launch(sched)
+            if sched.structured_output_req_ids:
+                self._sample_with_bitmask(sched)  # its grammars know every earlier token
+            if timed:
+                launch_s += time.perf_counter() - t
+            self._pipeline.append(sched)
+        self._last_num_batched_tokens = 0
+        if not self._pipeline:
+            if self._waiting_for_grammar and not failed:
+                wait([r.structured_output.grammar for r in self._waiting_for_grammar.values()], 0.05,
+                     FIRST_COMPLETED)
+            return failed
+        t1 = time.perf_counter() if timed else 0.0
+        sched = self._pipeline.popleft()
+        result = self.executor.collect()
+        self._last_num_batched_tokens = sched.total_num_scheduled_tokens
+        t2 = time.perf_counter() if timed else 0.0
+        outputs = scheduler.update_from_output(sched, result)
+        if timed:
+            record = StepRecord(sched, t2, (t1 - t0) - launch_s, launch_s + (t2 - t1), time.perf_counter() - t2,
+                                bool(self._pipeline), self.mask_s - mask_s)
             for observer in self._step_observers:
                 observer(record)
         return failed + outputs if failed else outputs

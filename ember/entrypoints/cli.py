@@ -76,7 +76,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that deserve a one-line message rather than a traceback."""
     from ember.engine.core_client import EngineDeadError
 
-    errors: list[type[BaseException]] = [ConfigError, EngineDeadError]
+    errors: list[type[BaseException]] = [ConfigError, EngineDeadError, ConnectionError]
     try:
         from ember.loader import ModelLoadError
 
@@ -305,6 +305,19 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``ember worker``: this node's ranks of a multi-node engine (see
+    :func:`ember.executor.multiproc.run_worker_node`)."""
+    from ember.executor.multiproc import run_worker_node
+
+    return run_worker_node(args.master_addr, args.master_port, args.node_rank, args.nnodes)
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name)
+    return int(text) if text and text.lstrip("-").isdigit() else None
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -386,6 +399,19 @@ def make_parser() -> argparse.ArgumentParser:
     bench_kinds = add_bench_parsers(sub)
     add_serve_parser(bench_kinds)
     add_perplexity_parser(bench_kinds)
+
+    p = sub.add_parser("worker", help="run this node's ranks of a multi-node engine (node 0 runs the engine)")
+    p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"), required="MASTER_ADDR" not in os.environ,
+                   help="node 0's address (default: $MASTER_ADDR)")
+    p.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT"),
+                   required="MASTER_PORT" not in os.environ,
+                   help="node 0's --master-port (default: $MASTER_PORT); its control port is the next one")
+    p.add_argument("--node-rank", type=int, default=_env_int("NODE_RANK"), required="NODE_RANK" not in os.environ,
+                   help="this node's index, 1 .. nnodes - 1 (default: $NODE_RANK)")
+    p.add_argument("--nnodes", type=int, default=_env_int("NNODES"), required="NNODES" not in os.environ,
+                   help="number of nodes, as node 0's --nnodes (default: $NNODES)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("download", help="fetch the bundled models and print their paths")
     p.add_argument("names", nargs="*", metavar="NAME", help="bundled model names (default: all)")

@@ -50,6 +50,11 @@ class Executor(ABC):
         """Allocate ``num_blocks`` blocks of host swap space on every worker."""
 
     @abstractmethod
+    def rank_reports(self, num_tokens: int) -> list[dict]:
+        """Every rank's memory and communication figures, in rank order (see
+        :meth:`ember.worker.worker.Worker.rank_report`); the engine must be idle."""
+
+    @abstractmethod
     def launch(self, sched: SchedulerOutput) -> None:
         """Start a step; returns without waiting for the device. Its output is
         what a later :meth:`collect` returns (steps are collected in launch

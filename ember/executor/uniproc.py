@@ -31,6 +31,9 @@ class UniProcExecutor(Executor):
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
         self.worker.initialize_host_kv_cache(num_blocks)
 
+    def rank_reports(self, num_tokens: int) -> list[dict]:
+        return [self.worker.rank_report(num_tokens)]
+
     def launch(self, sched: SchedulerOutput) -> None:
         self.worker.launch(sched)
 

@@ -7,7 +7,10 @@ block_size + p % block_size``.
 * ``store_kv_cache``: scatter new K/V rows to their slots (negative slot = padding, skipped);
   ``rope_and_store_kv_cache`` first applies RoPE to the query (in place) and the key.
   The cache may be FP8 (``--kv-cache-dtype fp8``): K/V are narrowed when stored
-  and widened to the query's dtype when the attention kernels load them.
+  and widened to the query's dtype when the attention kernels load them. With
+  per-layer scales (``kv_scales``: ``k_scale``/``v_scale``, float32 device
+  scalars) the cache holds ``x / scale`` saturated at the format's largest
+  finite value, and reads mean ``fp8 * scale``.
 * ``extend_attention``: packed variable-length queries (prefill, chunked prefill,
   prefix hits, decode), causal, GQA; keys are read from the cache (new ones
   included, written first). Online softmax as in FlashAttention-2 (Dao, 2023).
@@ -64,35 +67,65 @@ def _compute_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_compu
 
 # --------------------------------------------------------------------- KV write
 @triton.jit
-def _to_cache(x, FP8_MAX: tl.constexpr, dtype: tl.constexpr):
-    """``x`` as the cache stores it: into FP8 (``FP8_MAX`` > 0) saturated at
-    the format's largest finite value, then rounded to nearest even (as
+def _to_cache(x, scale, FP8_MAX: tl.constexpr, SCALED: tl.constexpr, dtype: tl.constexpr):
+    """``x`` as the cache stores it: into FP8 (``FP8_MAX`` > 0) divided by
+    ``scale`` (when ``SCALED``; IEEE division, as torch's), saturated at the
+    format's largest finite value, then rounded to nearest even (as
     ``to_cache_dtype``)."""
     if FP8_MAX > 0:
-        x = tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX)
+        x = x.to(tl.float32)
+        if SCALED:
+            x = tl.div_rn(x, scale)
+        x = tl.clamp(x, -FP8_MAX, FP8_MAX)
     return x.to(dtype)
 
 
 @triton.jit
-def _store_kv_kernel(key, value, cache, slot_mapping, num_slots, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
+def _load_scales(K_scale, V_scale, SCALED: tl.constexpr):
+    """The layer's K and V scales (float32 scalars), or 1.0 when unscaled."""
+    if SCALED:
+        k_scale = tl.load(K_scale)
+        v_scale = tl.load(V_scale)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    return k_scale, v_scale
+
+
+def _scale_args(kv_cache: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Kernel arguments of the KV scales: the two scalar tensors and True for
+    an FP8 cache with scales; otherwise placeholders the kernels never read.
+    A 16-bit cache holds K/V as they are: its scales are ignored."""
+    if kv_scales is None or kv_cache.dtype not in FP8_DTYPES:
+        return kv_cache, kv_cache, False
+    return kv_scales[0], kv_scales[1], True
+
+
+@triton.jit
+def _store_kv_kernel(key, value, cache, slot_mapping, K_scale, V_scale, num_slots, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SCALED: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
         return
+    k_scale, v_scale = _load_scales(K_scale, V_scale, SCALED)
     offs = tl.arange(0, BLOCK)
     mask = offs < ROW
     k = tl.load(key + t * stride_k + offs, mask=mask)
     v = tl.load(value + t * stride_v + offs, mask=mask)
-    tl.store(cache + slot * ROW + offs, _to_cache(k, FP8_MAX, cache.dtype.element_ty), mask=mask)
-    tl.store(cache + (num_slots + slot) * ROW + offs, _to_cache(v, FP8_MAX, cache.dtype.element_ty), mask=mask)
+    dtype = cache.dtype.element_ty
+    tl.store(cache + slot * ROW + offs, _to_cache(k, k_scale, FP8_MAX, SCALED, dtype), mask=mask)
+    tl.store(cache + (num_slots + slot) * ROW + offs, _to_cache(v, v_scale, FP8_MAX, SCALED, dtype), mask=mask)
 
 
-def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``key``/``value``: [num_tokens, num_kv_heads, head_dim] (rows contiguous);
     ``slot_mapping``: [num_tokens] int64 (negative entries are skipped). An FP8
-    ``kv_cache`` gets the values unscaled, saturated at the format's largest
-    finite value (as ``ember.layers.attention.backend.to_cache_dtype``)."""
+    ``kv_cache`` gets ``x / scale`` (``kv_scales``: (k_scale, v_scale), float32
+    one-element device tensors; None: unscaled), saturated at the format's
+    largest finite value (as ``ember.layers.attention.backend.to_cache_dtype``)."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
@@ -100,16 +133,19 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     row = num_kv_heads * head_dim
     key = key.reshape(num_tokens, row)
     value = value.reshape(num_tokens, row)
-    _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, num_blocks * block_size,
+    k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
+    _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, k_scale, v_scale, num_blocks * block_size,
                                     key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row),
-                                    FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0)
+                                    FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
+                                    SCALED=scaled)
 
 
 @triton.jit
-def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, num_slots, stride_q, stride_k, stride_v,
-                          stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          BLOCK_ROW: tl.constexpr, FP8_MAX: tl.constexpr):
+def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, K_scale, V_scale, num_slots, stride_q,
+                          stride_k, stride_v, stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, BLOCK_ROW: tl.constexpr, FP8_MAX: tl.constexpr,
+                          SCALED: tl.constexpr):
     t = tl.program_id(0)
     cos, sin = rope_cos_sin(CosSin, Pos, t, stride_cs, HALF, BLOCK_HALF)
     # Query heads: rotated in place (as ember.kernels.triton_ops.rotary_embedding_).
@@ -123,19 +159,22 @@ def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, num_slots, 
     # Key heads: rotated, rounded to the key's dtype, then written to the cache
     # as _store_kv_kernel writes them; the key tensor itself is left as it was.
     row = NUM_KV_HEADS * HEAD_DIM
+    k_scale, v_scale = _load_scales(K_scale, V_scale, SCALED)
+    dtype = cache.dtype.element_ty
     offs, mask, r1, r2 = rope_rotate_heads(K + t * stride_k, NUM_KV_HEADS, cos, sin, HEAD_DIM, HALF, BLOCK_H,
                                            BLOCK_HALF)
     dst = cache + slot * row + offs
-    tl.store(dst, _to_cache(r1.to(K.dtype.element_ty), FP8_MAX, cache.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, _to_cache(r2.to(K.dtype.element_ty), FP8_MAX, cache.dtype.element_ty), mask=mask)
+    tl.store(dst, _to_cache(r1.to(K.dtype.element_ty), k_scale, FP8_MAX, SCALED, dtype), mask=mask)
+    tl.store(dst + HALF, _to_cache(r2.to(K.dtype.element_ty), k_scale, FP8_MAX, SCALED, dtype), mask=mask)
     offs_r = tl.arange(0, BLOCK_ROW)
     mask_r = offs_r < row
     v = tl.load(V + t * stride_v + offs_r, mask=mask_r)
-    tl.store(cache + (num_slots + slot) * row + offs_r, _to_cache(v, FP8_MAX, cache.dtype.element_ty), mask=mask_r)
+    tl.store(cache + (num_slots + slot) * row + offs_r, _to_cache(v, v_scale, FP8_MAX, SCALED, dtype), mask=mask_r)
 
 
 def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor, cos_sin_cache: torch.Tensor,
+                            kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """RoPE and the KV write in one kernel: rotate ``query`` in place and write
     the rotated ``key`` and ``value`` to their slots, with the same rounding as
     ``rotary_embedding_`` followed by :func:`store_kv_cache` (``key`` itself is
@@ -148,20 +187,23 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
         kv_cache, slot_mapping: as :func:`store_kv_cache` (negative slots: the
             query is still rotated, nothing is written).
         cos_sin_cache: [max_position, head_dim] float32 (cos halves | sin halves).
+        kv_scales: as :func:`store_kv_cache`.
     """
     num_tokens, num_heads, head_dim = query.shape
     if num_tokens == 0:
         return
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
     half = head_dim // 2
+    k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
     _rope_store_kv_kernel[(num_tokens,)](
-        query, key, value, kv_cache, slot_mapping, positions, cos_sin_cache, num_blocks * block_size,
+        query, key, value, kv_cache, slot_mapping, positions, cos_sin_cache, k_scale, v_scale,
+        num_blocks * block_size,
         query.stride(0), key.stride(0), value.stride(0), cos_sin_cache.stride(0),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_ROW=triton.next_power_of_2(num_kv_heads * head_dim),
         FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-        num_warps=8)  # faster than 4 warps at decode row counts
+        SCALED=scaled, num_warps=8)  # faster than 4 warps at decode row counts
 
 
 # ------------------------------------------------------------ extend / prefill
@@ -170,11 +212,11 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
 # mid-serving). The block table of an eager step is as wide as its longest
 # request, so its row stride takes any value: not specialized.
 @triton.jit(do_not_specialize=["first_req", "stride_bt"])
-def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale, first_req,
+def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale, first_req, K_scale, V_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+                   IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr):
     req = first_req + tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -198,7 +240,11 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # NOTE: dequantizing K (fp8 * k_scale) is folded into the softmax scale
+    # and V's (fp8 * v_scale) into the final normalization: nothing per tile.
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 is cheaper than exp
+    if SCALED:
+        qk_scale = qk_scale * tl.load(K_scale)
     row = NUM_KV_HEADS * HEAD_DIM
     end = tl.minimum(seq_len, ctx_len + (m_block + 1) * BLOCK_M)
     for start_n in range(0, end, BLOCK_N):
@@ -222,6 +268,8 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(COMPUTE), v, IEEE)
         m_i = m_new
+    if SCALED:
+        acc = acc * tl.load(V_scale)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -229,7 +277,8 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
 
 def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
-                     fp8_compute: torch.dtype = torch.bfloat16, first_req: int = 0) -> None:
+                     fp8_compute: torch.dtype = torch.bfloat16, first_req: int = 0,
+                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Causal attention of packed new tokens over their cached context.
 
     Args:
@@ -241,6 +290,8 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         first_req: attend for requests ``first_req..num_reqs-1`` only (rows of
             ``query_start_loc`` index the whole ``query``), so a mixed batch's
             extend rows need no sliced or shifted copies of the metadata.
+        kv_scales: (k_scale, v_scale) of an FP8 cache (see :func:`store_kv_cache`),
+            or None (unscaled).
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -248,23 +299,25 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     block_m = 64 if max_query_len > 16 else 16
     block_n = 64
     grid = (num_reqs, num_heads, triton.cdiv(max_query_len, block_m))
+    k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
     _extend_kernel[grid](
-        query, kv_cache, out, block_table, query_start_loc, seq_lens, scale, first_req,
+        query, kv_cache, out, block_table, query_start_loc, seq_lens, scale, first_req, k_scale, v_scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        SCALED=scaled, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 # ---------------------------------------------------------------------- decode
 @triton.jit(do_not_specialize=["stride_bt"])
-def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
+def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale, K_scale, V_scale,
                          stride_qt, stride_qh, stride_bt, num_slots,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr,
+                         SCALED: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -285,7 +338,11 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # NOTE: K's and V's dequantization scales are applied once, outside the
+    # loop (softmax scale, final normalization), as in _extend_kernel.
     qk_scale = sm_scale * 1.4426950408889634
+    if SCALED:
+        qk_scale = qk_scale * tl.load(K_scale)
     row = NUM_KV_HEADS * HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -307,6 +364,8 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
         m_i = m_new
     # An empty split (start >= seq_len) leaves l_i = 0: its LSE is -inf and it drops out of the merge.
     valid = l_i > 0
+    if SCALED:
+        acc = acc * tl.load(V_scale)
     out = acc / tl.where(valid, l_i, 1.0)[:, None]
     lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
     base = (req * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
@@ -354,7 +413,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     fp8_compute: torch.dtype = torch.float16) -> None:
+                     fp8_compute: torch.dtype = torch.float16,
+                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One query token per request (``query``, ``out``: [num_reqs, num_heads, head_dim]).
 
     Args:
@@ -366,6 +426,9 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
             settings (tuning knobs; see benchmarks/tune_decode_attention.py).
             None: 64-token tiles (128 over an FP8 cache), 3 stages.
         fp8_compute: operand dtype of the dots over an FP8 cache (see ``_compute_dtype``).
+        kv_scales: (k_scale, v_scale) of an FP8 cache (see :func:`store_kv_cache`),
+            or None (unscaled); read on the device, so a graph captured before
+            the scales change (calibration) uses their new values.
     Rows with ``seq_lens == 0`` (padding) produce zeros.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
@@ -384,13 +447,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         mid_lse = torch.empty(num_reqs * num_heads * num_splits, dtype=torch.float32, device=query.device)
     else:
         mid_o, mid_lse = workspace
+    k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, kv_cache, mid_o, mid_lse, block_table, seq_lens, scale,
+        query, kv_cache, mid_o, mid_lse, block_table, seq_lens, scale, k_scale, v_scale,
         query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        num_warps=num_warps, num_stages=num_stages)
+        SCALED=scaled, num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

@@ -10,6 +10,16 @@ tutorial for the tiling).
 3. SiLU-and-mul -> [pairs, I].
 4. GEMM 2: rows times ``w2[expert].T``, scaled by the pair's routing weight -> [pairs, H].
 5. Sum the ``top_k`` rows of each token.
+
+FP8 experts (:func:`fused_experts_fp8_triton`) run the same steps with FP8
+(``float8_e4m3fn``) weights and activations in the GEMMs (Hopper's FP8 tensor
+cores; the weights are read at one byte per element): the GEMM inputs are
+quantized first (the hidden states, and the SiLU-and-mul output in the same
+kernel that computes it), per token in groups of the weight's block width
+(DeepSeek-V3's 1 x 128 activation groups against 128 x 128 weight blocks;
+DeepSeek-V3 technical report, section 3.3.2) or per token over the whole row
+against per-output-channel weight scales, or with one static scale. The bf16
+path is untouched: its launches are the same.
 """
 
 from __future__ import annotations
@@ -124,4 +134,176 @@ def fused_experts_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     act = silu_and_mul(up)
     down = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
     _moe_gemm(act, w2, down, sorted_ids, block_expert, weights, num_pairs, top_k, False, True, block_m)
+    return down.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+# Largest finite float8_e4m3fn value.
+FP8_E4M3_MAX = 448.0
+# Smallest activation scale (an all-zero group quantizes to zeros, not NaN).
+_MIN_SCALE = 1e-10
+
+
+@triton.jit
+def _quant_fp8_kernel(X, Q, S, static_scale, n_cols, stride_xm, stride_qm, stride_sm,
+                      GROUP: tl.constexpr, BLOCK: tl.constexpr, SILU_MUL: tl.constexpr, STATIC: tl.constexpr,
+                      FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    # One program per (row, group of GROUP columns).
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs = g * GROUP + tl.arange(0, BLOCK)
+    mask = (offs < n_cols) & (tl.arange(0, BLOCK) < GROUP)
+    x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if SILU_MUL:  # row = [gate | up], each n_cols wide
+        up = tl.load(X + row * stride_xm + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * up
+    if STATIC:
+        scale = tl.load(static_scale)
+    else:
+        scale = tl.maximum(tl.max(tl.abs(x)), MIN_SCALE) / FP8_MAX
+    q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    tl.store(Q + row * stride_qm + offs, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(S + row * stride_sm + g, scale)
+
+
+def quant_fp8(x: torch.Tensor, group: int | None, silu_mul: bool = False,
+              static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to ``float8_e4m3fn``, per token in groups.
+
+    Args:
+        x: [num_rows, K] (``silu_mul``: [num_rows, 2K], gate columns then up
+            columns, quantizing ``silu(gate) * up``), any float dtype, last dim contiguous.
+        group: columns per scale (e.g. 128); None: one scale per row.
+        static_scale: a float32 scale of one element (the checkpoint's
+            ``input_scale``) used for every row instead of the rows' absmax.
+    Returns:
+        q: [num_rows, K] ``float8_e4m3fn``, ``clamp(x / scale, -448, 448)``.
+        scale: [num_rows, ceil(K / group)] float32 (dynamic: the group's
+            absmax / 448, at least 1e-10; static: ``static_scale`` repeated).
+    """
+    rows, cols = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
+    group = group or cols
+    num_groups = triton.cdiv(cols, group)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, num_groups, dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(group)
+        _quant_fp8_kernel[(rows, num_groups)](
+            x, q, scale, static_scale if static_scale is not None else scale, cols, x.stride(0), q.stride(0),
+            scale.stride(0), GROUP=group, BLOCK=block, SILU_MUL=silu_mul, STATIC=static_scale is not None,
+            FP8_MAX=FP8_E4M3_MAX, MIN_SCALE=_MIN_SCALE, num_warps=1 if block <= 256 else (4 if block <= 2048 else 8))
+    return q, scale
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_gemm_fp8_kernel(A, A_scale, B, B_scale, C, sorted_ids, block_expert, topk_weights, num_pairs, n_out, k_in,
+                         stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
+                         stride_bse, stride_bsn, stride_bsk, stride_cm,
+                         TOP_K: tl.constexpr, A_ROWS_ARE_TOKENS: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GROUP_K > 0: block scales, B_scale[e, n // GROUP_N, k // GROUP_K] and
+    # A_scale[row, k // GROUP_K], applied per K step (BLOCK_K == GROUP_K).
+    # GROUP_K == 0: B_scale[e, n] per output channel and A_scale[row, 0] per
+    # row, applied once to the accumulated product.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids + offs_m)
+    mask_m = pairs < num_pairs
+    a_rows = (pairs // TOP_K if A_ROWS_ARE_TOKENS else pairs).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_out
+    b_base = B + expert.to(tl.int64) * stride_be
+    bs_base = B_scale + expert.to(tl.int64) * stride_bse
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_in
+        a = tl.load(A + a_rows[:, None] * stride_am + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if GROUP_K > 0:
+            a_s = tl.load(A_scale + a_rows * stride_asm + (k0 // GROUP_K) * stride_ask, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_base + (offs_n // GROUP_N) * stride_bsn + (k0 // GROUP_K) * stride_bsk,
+                          mask=mask_n, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:
+            acc += tl.dot(a, b)
+    if GROUP_K == 0:
+        a_s = tl.load(A_scale + a_rows * stride_asm, mask=mask_m, other=0.0)
+        b_s = tl.load(bs_base + offs_n * stride_bsn, mask=mask_n, other=0.0)
+        acc = acc * a_s[:, None] * b_s[None, :]
+    if MUL_WEIGHT:
+        w = tl.load(topk_weights + pairs, mask=mask_m, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    tl.store(C + pairs.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                  out: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
+                  topk_weights: torch.Tensor, num_pairs: int, top_k: int, rows_are_tokens: bool, mul_weight: bool,
+                  block_m: int, block_shape: tuple[int, int] | None) -> None:
+    n_out, k_in = w.shape[1], w.shape[2]
+    if block_shape is not None:
+        group_n, group_k = block_shape
+        block_k = group_k
+        bs_strides = w_scale.stride()
+    else:  # per-channel scales [E, N]
+        group_n, group_k, block_k = 1, 0, 128
+        bs_strides = (w_scale.stride(0), w_scale.stride(1), 0)
+    block_n = 64 if block_m <= 16 else 128
+    grid = (block_expert.shape[0], triton.cdiv(n_out, block_n))
+    _moe_gemm_fp8_kernel[grid](a, a_scale, w, w_scale, out, sorted_ids, block_expert, topk_weights, num_pairs,
+                               n_out, k_in, a.stride(0), a_scale.stride(0), a_scale.stride(1),
+                               w.stride(0), w.stride(1), w.stride(2), *bs_strides, out.stride(0),
+                               TOP_K=top_k, A_ROWS_ARE_TOKENS=rows_are_tokens, MUL_WEIGHT=mul_weight,
+                               GROUP_N=group_n, GROUP_K=group_k, BLOCK_M=block_m, BLOCK_N=block_n,
+                               BLOCK_K=block_k, num_warps=4, num_stages=3)
+
+
+def fused_experts_fp8_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                             w13_scale: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
+                             topk_ids: torch.Tensor, block_shape: tuple[int, int] | None = None,
+                             a13_scale: torch.Tensor | None = None, a2_scale: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """Routed SwiGLU experts with FP8 weights (same contract as
+    ``fused_experts_fp8_torch``).
+
+    Args:
+        hidden_states: [num_tokens, hidden] (bf16, fp16 or float32).
+        w13: [E, 2I, hidden] ``float8_e4m3fn`` (gate rows then up rows).
+        w2: [E, hidden, I] ``float8_e4m3fn``.
+        w13_scale, w2_scale: with ``block_shape`` ``(bn, bk)``, block scales
+            [E, 2I / bn, ceil(hidden / bk)] and [E, ceil(hidden / bn), I / bk]
+            (``I`` a multiple of ``bn`` and ``bk``); without, one scale per
+            output row: [E, 2I] and [E, hidden]. float32, ``W = w * scale``.
+        topk_weights / topk_ids: [num_tokens, top_k].
+        a13_scale, a2_scale: static activation scales (one float32 element
+            each) of the two GEMMs' inputs; None: dynamic, per token (in
+            groups of ``bk`` with ``block_shape``).
+    Returns:
+        [num_tokens, hidden], in hidden_states' dtype.
+    """
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    num_experts, two_inter, _ = w13.shape
+    num_pairs = num_tokens * top_k
+    group_k = block_shape[1] if block_shape is not None else None
+    block_m = 16 if num_pairs <= 64 * num_experts else 64
+    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    weights = topk_weights.flatten().contiguous()
+    h = hidden_states.contiguous()
+    h_q, h_s = quant_fp8(h, group_k, static_scale=a13_scale)
+    up = torch.empty(num_pairs, two_inter, dtype=h.dtype, device=h.device)
+    _moe_gemm_fp8(h_q, h_s, w13, w13_scale, up, sorted_ids, block_expert, weights, num_pairs, top_k, True, False,
+                  block_m, block_shape)
+    act_q, act_s = quant_fp8(up, group_k, silu_mul=True, static_scale=a2_scale)
+    down = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    _moe_gemm_fp8(act_q, act_s, w2, w2_scale, down, sorted_ids, block_expert, weights, num_pairs, top_k, False,
+                  True, block_m, block_shape)
     return down.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -10,7 +10,8 @@ transform makes the same model run the skinny Triton GEMMs of
   (the skinny GEMM at <= 16 rows, their plain method otherwise; the LM head
   writes its float32 logits from the GEMM);
 - every :class:`~ember.layers.mlp.GatedMLP` computes ``silu(gate) * up`` in
-  the gate_up GEMM's epilogue;
+  the gate_up GEMM's epilogue (a quantized one where its method offers
+  ``fused_gated_mlp``, e.g. FP8's decode GEMV);
 - with ``fold_norm``, each pre-norm decoder layer whose attention is a
   :class:`~ember.layers.attention.QKVAttention` and/or whose MLP is a
   :class:`~ember.layers.mlp.GatedMLP` runs those blocks fused: the block's
@@ -413,7 +414,19 @@ def apply_decode_fusions(model: nn.Module, kernel_config: KernelConfig, device: 
 
     report.gated_mlps = _replace(model, gated)
 
+    def gated_quantized(m: nn.Module) -> nn.Module | None:
+        # A quantized gate_up's method may fuse SwiGLU into its own decode GEMM
+        # (``fused_gated_mlp(mlp) -> module or None``, e.g. FP8's).
+        make = getattr(getattr(getattr(m, "gate_up_proj", None), "quant_method", None), "fused_gated_mlp", None)
+        return make(m) if type(m) is GatedMLP and make is not None else None
+
+    report.gated_mlps += _replace(model, gated_quantized)
+
     for m in model.modules():
+        # A quantized method with decode kernels of its own launches them with PDL too.
+        set_decode_pdl = getattr(getattr(m, "quant_method", None), "set_decode_pdl", None)
+        if set_decode_pdl is not None:
+            set_decode_pdl(use_pdl)
         if type(getattr(m, "quant_method", None)) is not UnquantizedLinearMethod:
             continue
         if isinstance(m, ParallelLMHead):

@@ -33,7 +33,9 @@ class VocabParallelEmbedding(nn.Module):
         dtype: parameter dtype (default: torch's default dtype).
         quant_config: the model's quantization config, or None. The lookup
             reads ``weight`` as a plain table, so a method that stores it
-            otherwise is refused for the embedding (the LM head takes any).
+            otherwise is refused for the embedding (the LM head takes any),
+            unless the method looks rows up itself (an ``embedding(layer,
+            ids)`` method, e.g. GGUF's).
         prefix: the layer's checkpoint name (e.g. ``model.embed_tokens``).
 
     Raises:
@@ -51,7 +53,11 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.params_dtype = dtype or torch.get_default_dtype()
         self.quant_method: LinearMethodBase = quant_method_for(quant_config, self, prefix, UnquantizedLinearMethod)
-        if not isinstance(self.quant_method, UnquantizedLinearMethod) and not self._accepts_quantized:
+        # The method's own row lookup, for a table it stores quantized (None: F.embedding of weight).
+        self._lookup = (None if isinstance(self.quant_method, UnquantizedLinearMethod)
+                        else getattr(self.quant_method, "embedding", None))
+        if (not isinstance(self.quant_method, UnquantizedLinearMethod) and not self._accepts_quantized
+                and self._lookup is None):
             raise ValueError(f"{prefix}: the token embedding cannot take quantization method "
                              f"{type(self.quant_method).__name__}")
         self.quant_method.create_weights(self, embedding_dim, [self.num_embeddings_per_partition], embedding_dim,
@@ -63,11 +69,23 @@ class VocabParallelEmbedding(nn.Module):
     _accepts_quantized = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._lookup is not None:
+            return self._forward_lookup(input_ids)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         in_shard = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
         local = torch.where(in_shard, input_ids - self.vocab_start_index, 0)
         out = F.embedding(local, self.weight) * in_shard.unsqueeze(-1).to(self.weight.dtype)
+        return get_tp_group().all_reduce(out)
+
+    def _forward_lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The lookup of a method that stores the table itself (see ``quant_config``)."""
+        if self.tp_size == 1:
+            return self._lookup(self, input_ids)
+        in_shard = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
+        local = torch.where(in_shard, input_ids - self.vocab_start_index, 0)
+        out = self._lookup(self, local)
+        out = out * in_shard.unsqueeze(-1).to(out.dtype)
         return get_tp_group().all_reduce(out)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
@@ -100,13 +118,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.bias = None
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
-        """Share ``embedding``'s table.
+        """Share ``embedding``'s table (a quantized head: through its
+        method's ``tie_weights(head, embedding)``, where it has one).
 
         Raises:
-            ValueError: the head is quantized (its weight is not a plain table).
+            ValueError: the head is quantized by a method that cannot tie.
         """
         if not isinstance(self.quant_method, UnquantizedLinearMethod):
-            raise ValueError(f"{self.prefix}: a quantized LM head cannot be tied to the embedding")
+            tie = getattr(self.quant_method, "tie_weights", None)  # a method that can share a quantized table
+            if tie is None:
+                raise ValueError(f"{self.prefix}: a quantized LM head cannot be tied to the embedding")
+            tie(self, embedding)
+            return
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

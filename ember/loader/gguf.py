@@ -6,8 +6,9 @@ memory-mapped). Opening a reader is slow, since it builds numpy views for every
 element of the tokenizer's string arrays (~3 s for SmolLM2, ~10 s for Qwen2.5),
 so each entry point opens a file once. Dequantization is
 ``gguf.quants.dequantize`` (the numpy reference of llama.cpp's ggml quant
-formats); the tokenizer is converted by HF transformers' GGUF integration and
-cached on disk.
+formats), except for the weights the ``gguf`` quantization method runs as
+stored (``keep_quantized``, see :mod:`ember.layers.quantization.gguf`); the
+tokenizer is converted by HF transformers' GGUF integration and cached on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from gguf import GGUFReader, ReaderField, ReaderTensor
@@ -158,6 +160,9 @@ def gguf_hf_config(path: str) -> PretrainedConfig:
     ``.rope.freq_base``, ``.context_length``, ``.vocab_size`` (else the number of
     ``tokenizer.ggml.tokens``), ``tokenizer.ggml.{bos,eos,padding}_token_id``;
     ``tie_word_embeddings`` is True iff there is no ``output.weight`` tensor.
+    ``gguf_weight_types`` (an extra attribute): HF weight name -> ggml type
+    (int) of the weights the ``gguf`` quantization method keeps quantized
+    (see :func:`gguf_weight_types`).
 
     Raises:
         ModelLoadError: unreadable file or a required key missing.
@@ -214,7 +219,9 @@ def _build_config(gf: GGUFFile) -> PretrainedConfig:
                        ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             kwargs[field] = meta[f"tokenizer.ggml.{key}"]
-    return spec.config_class(**kwargs)
+    config = spec.config_class(**kwargs)
+    config.gguf_weight_types = gguf_weight_types(gf)
+    return config
 
 
 def _vocab_size(gf: GGUFFile) -> int:
@@ -298,6 +305,38 @@ def _weight_plan(gf: GGUFFile, config: PretrainedConfig) -> list[_PlannedTensor]
     return plan
 
 
+# Projections stacked into one Ember layer: kept quantized only all together.
+_STACKED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def gguf_weight_types(gf: GGUFFile) -> dict[str, int]:
+    """HF weight name -> ggml type of each 2-D weight that the ``gguf``
+    quantization method runs as stored: its type is one of
+    :data:`ember.layers.quantization.gguf_types.GGUF_KERNEL_TYPES`, and so are the
+    types of the projections stacked with it (q/k/v, gate/up). With
+    ``keep_quantized``, :func:`iter_gguf_weights` yields exactly these as
+    stored blocks and dequantizes the others."""
+    from ember.layers.quantization.gguf_types import GGUF_KERNEL_TYPES
+
+    kept: dict[str, int] = {}
+    for tensor in gf.tensors.values():
+        try:
+            hf_name = hf_tensor_name(tensor.name)
+        except ModelLoadError:
+            continue  # reported by the weight plan
+        if (hf_name is not None and hf_name.endswith(".weight") and len(tensor.shape) == 2
+                and int(tensor.tensor_type) in GGUF_KERNEL_TYPES):
+            kept[hf_name] = int(tensor.tensor_type)
+    for name in list(kept):
+        parts = name.split(".")
+        for group in _STACKED_GROUPS:
+            if len(parts) >= 2 and parts[-2] in group:
+                siblings = [".".join(parts[:-2] + [p, parts[-1]]) for p in group]
+                if not all(s in kept for s in siblings):
+                    kept.pop(name)
+    return kept
+
+
 def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of llama.cpp's ``convert_hf_to_gguf.py`` ``LlamaModel.permute``.
 
@@ -326,28 +365,41 @@ def _load_tensor(gf: GGUFFile, planned: _PlannedTensor, dtype: torch.dtype) -> t
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _load_blocks(planned: _PlannedTensor) -> torch.Tensor:
+    """A quantized weight as stored: [N, row_bytes] uint8, one row of blocks
+    per output feature (q/k rows un-permuted for llama: whole rows move)."""
+    tensor = torch.from_numpy(np.array(planned.tensor.data, dtype=np.uint8, copy=True))
+    if planned.rotary_heads is not None:
+        tensor = _unpermute_rotary(tensor, planned.rotary_heads).contiguous()
+    return tensor
+
+
 def iter_gguf_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` for each GGUF tensor, dequantized, in file order.
+    """Yield ``(hf_name, tensor)`` for each GGUF tensor, in file order.
 
     Tensors are dequantized to float32 with ``gguf.quants.dequantize`` (F32, F16,
     BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K, IQ*), reshaped to the HF shape, q/k
     un-permuted for llama, then cast to ``dtype`` on CPU. Peak extra memory is
     about one float32 tensor. Tied checkpoints yield no ``lm_head.weight``.
 
+    With ``keep_quantized`` (the ``gguf`` quantization method), the weights
+    :func:`gguf_weight_types` lists come as stored instead: [N, row_bytes]
+    uint8 blocks (q/k rows un-permuted for llama); the others are dequantized.
+
     Raises:
         ModelLoadError: unreadable file, unknown tensor name, or a ggml type
             gguf-py cannot dequantize.
         UnsupportedArchitectureError: not llama/qwen2.
-        NotImplementedError: ``keep_quantized`` (no quantization method runs
-            GGUF's block formats yet).
     """
-    if keep_quantized:
-        raise NotImplementedError("GGUF tensors are dequantized at load; no method keeps them quantized")
     gf = read_gguf(path)
     plan = _weight_plan(gf, _build_config(gf))
+    kept = gguf_weight_types(gf) if keep_quantized else {}
     for planned in tqdm(plan, desc=f"Loading {Path(path).name}", unit="tensor"):
-        yield planned.hf_name, _load_tensor(gf, planned, dtype)
+        if planned.hf_name in kept:
+            yield planned.hf_name, _load_blocks(planned)
+        else:
+            yield planned.hf_name, _load_tensor(gf, planned, dtype)
 
 
 # ---------------------------------------------------------------- tokenizer

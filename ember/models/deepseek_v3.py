@@ -32,7 +32,7 @@ from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from ember.layers.mlp import GatedMLP
 from ember.layers.moe import FusedMoE, GroupedTopKRouter
-from ember.layers.quantization.base import QuantizationConfig
+from ember.layers.quantization.base import QuantizationConfig, dense_weight
 from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
 from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, PreNormDecoderLayer
 
@@ -68,9 +68,10 @@ class DeepseekV3Attention(nn.Module):
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias,
                                                    quant_config=q, prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
-        # NOTE: never quantized: the absorbed MLA decode reads its weight directly (as W_UK / W_UV).
+        # NOTE: its weight stays dense in the model dtype: the absorbed MLA decode
+        # reads it directly (as W_UK / W_UV); a quantized checkpoint's is dequantized once at load.
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + config.v_head_dim),
-                                              prefix=f"{prefix}.kv_b_proj")
+                                              quant_config=dense_weight(q), prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(total_heads * config.v_head_dim, hidden, bias=bias, quant_config=q,
                                         prefix=f"{prefix}.o_proj")
         rope_theta, rope_scaling = rope_parameters(config)
@@ -166,8 +167,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         return FusedMoE.make_expert_params_mapping(self.config.n_routed_experts)
 
     def skip_weight(self, name: str) -> bool:
-        """Also the MTP layers past ``num_hidden_layers``. (FP8 checkpoints
-        arrive dequantized from the loader.)"""
+        """Also the MTP layers past ``num_hidden_layers``."""
         layer = _LAYER_RE.match(name)
         if layer and int(layer.group(1)) >= self.config.num_hidden_layers:
             return True

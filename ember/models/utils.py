@@ -20,6 +20,7 @@ from torch import nn
 
 from ember.distributed.parallel_state import get_pp_group
 from ember.layers.attention import ForwardContext
+from ember.layers.attention.kv_scales import attention_layers_by_block, load_kv_scale, match_kv_scale
 from ember.layers.layernorm import RMSNorm
 from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -248,7 +249,9 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     Each tensor goes through the parameter's own ``weight_loader`` attribute
     if it has one (set by a quantization method), else the ``weight_loader`` of
     the module owning it when that module has one (stacked / sharded / expert
-    layouts), else it is copied as is.
+    layouts), else it is copied as is. KV-cache scales (``self_attn.k_scale``
+    and the other names of :mod:`ember.layers.attention.kv_scales`) go to the
+    attention layer's ``k_scale`` / ``v_scale`` buffers.
 
     Args:
         stacked_params_mapping: checkpoint projections stacked into one parameter.
@@ -257,13 +260,21 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     Returns:
         Names of the parameters that were loaded.
     Raises:
-        ValueError: an unexpected weight name or a shape mismatch.
+        ValueError: an unexpected weight name or a shape mismatch, or a bad
+            KV-cache scale (naming the tensor).
     """
     params = dict(model.named_parameters())
     experts = {w: (p, e, s) for p, w, e, s in expert_params_mapping}
     loaded: set[str] = set()
+    attn_layers: dict[str, nn.Module] | None = None
     for name, tensor in weights:
         if skip(name):
+            continue
+        hit = match_kv_scale(name)
+        if hit is not None:
+            if attn_layers is None:
+                attn_layers = attention_layers_by_block(model)
+            load_kv_scale(attn_layers, name, tensor, hit)
             continue
         target, extra = _resolve(name, stacked_params_mapping, experts)
         if target not in params:

@@ -197,6 +197,8 @@ class ModelRunner:
         self._pooling: dict[str, PoolingParams] = {}  # live pooling requests
         # MEAN pooling over a prompt computed in chunks: the float32 sum of its rows so far ([hidden]).
         self._pool_sums: dict[str, torch.Tensor] = {}
+        # --calculate-kv-scales: the next step (the first prefill) sets the FP8 KV scales.
+        self._calibrate_kv_scales = config.cache_config.calculate_kv_scales
         generator = torch.Generator(device=self.device)
         if self.model_config.seed is not None:
             generator.manual_seed(self.model_config.seed)
@@ -250,8 +252,25 @@ class ModelRunner:
         apply_decode_fusions(model, self.config.kernel_config, self.device)
         self.model = model.eval()
         num_params = sum(p.numel() for p in model.parameters())
-        logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
-                    f"in {time.perf_counter() - start:.1f} s")
+        num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        logger.info(f"loaded {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}, "
+                    f"{num_bytes / 2**30:.2f} GiB as stored) in {time.perf_counter() - start:.1f} s")
+        self._log_kv_scales()
+
+    def _log_kv_scales(self) -> None:
+        """Say where an FP8 KV cache's per-layer scales come from."""
+        cc = self.config.cache_config
+        if cc.kv_cache_torch_dtype(self.model_config.dtype) == self.model_config.dtype:
+            return
+        from ember.layers.attention.kv_scales import attention_layers_by_block
+
+        layers = attention_layers_by_block(self.model).values()
+        from_checkpoint = sum(bool((m.k_scale != 1) | (m.v_scale != 1)) for m in layers)
+        if cc.calculate_kv_scales:
+            logger.info(f"FP8 KV cache: scales of {len(layers)} layers are calibrated on the first prefill")
+        else:
+            logger.info(f"FP8 KV cache: checkpoint scales for {from_checkpoint} of {len(layers)} layers, "
+                        f"1.0 for the rest")
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)
@@ -465,6 +484,17 @@ class ModelRunner:
         input_ids, positions, meta = self._device_inputs(host)
         return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches))
 
+    def _calibrating_forward(self, host: HostInputs) -> torch.Tensor:
+        """:meth:`_forward`, eagerly, with every FP8 attention layer setting its
+        KV scales from this step's keys and values first (``--calculate-kv-scales``);
+        later steps keep them."""
+        input_ids, positions, meta = self._device_inputs(host)
+        hidden = self._run_model(input_ids, positions,
+                                 ForwardContext(meta, self.kv_caches, calibrate_kv_scales=True))
+        self._calibrate_kv_scales = False
+        logger.info(f"FP8 KV cache scales calibrated on a step of {len(host.input_ids)} tokens")
+        return hidden
+
     def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
                    ) -> torch.Tensor | None:
         """The model's forward; on a pipeline stage it starts from the
@@ -516,7 +546,7 @@ class ModelRunner:
         else:
             host = self._prepare_host_inputs(sched)
         self.prepare_s += time.perf_counter() - t0
-        hidden = self._forward(host)
+        hidden = self._calibrating_forward(host) if self._calibrate_kv_scales else self._forward(host)
         if hidden is None:  # a pipeline stage before the last: the last one samples
             return PendingOutput([])
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)

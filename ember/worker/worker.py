@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
 
 import torch
 
 from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
-from ember.distributed.parallel_state import init_distributed_environment, init_tensor_parallel, set_expert_parallel
+from ember.distributed.parallel_state import (get_tp_group, init_distributed_environment, init_tensor_parallel,
+                                             set_expert_parallel)
 from ember.worker.model_runner import ModelRunner, PendingOutput
 
 
@@ -19,7 +22,8 @@ class Worker:
         config: the engine config.
         rank: global rank of this worker (``ParallelConfig.world_size`` ranks;
             rank r is tensor-parallel rank ``r % tp`` of pipeline stage
-            ``r // tp``); on CUDA it runs on device ``cuda:rank``.
+            ``r // tp``); on CUDA it runs on device ``cuda:(rank mod ranks per
+            node)``.
         distributed_init_method: where the ranks meet (``"tcp://host:port"``,
             see :func:`~ember.distributed.parallel_state.init_distributed_environment`);
             needed with several ranks, which join their process groups here
@@ -36,14 +40,14 @@ class Worker:
         if pc.world_size == 1:
             init_tensor_parallel(0, 1)
             if cuda:
-                torch.cuda.set_device(rank)
+                torch.cuda.set_device(rank % pc.local_world_size)
         else:
             if distributed_init_method is None:
                 raise ValueError(f"a worker of {pc.world_size} ranks needs a distributed_init_method")
             init_distributed_environment(rank, pc.world_size, backend="nccl" if cuda else "gloo",
                                          init_method=distributed_init_method,
                                          tensor_parallel_size=pc.tensor_parallel_size,
-                                         local_rank=rank if cuda else None)
+                                         local_rank=rank % pc.local_world_size if cuda else None)
         set_expert_parallel(pc.enable_expert_parallel)
         self.rank = rank
         self.model_runner = ModelRunner(config)
@@ -55,6 +59,35 @@ class Worker:
 
     def load_model(self) -> None:
         self.model_runner.load_model()
+
+    def rank_report(self, num_tokens: int) -> dict:
+        """This rank's memory and communication, for ``ember bench``: its
+        weights' and KV cache's bytes as stored, the device's peak allocation
+        (CUDA; None on CPU) — weights are the parameters plus buffers such as
+        rotary tables —, and one eager forward of a ``num_tokens``-token
+        prompt (on scratch KV blocks; the engine must be idle) with its
+        tensor-parallel collectives counted and timed: ``comm_share`` is their
+        time over the forward's. Every rank must be called (collectives).
+        """
+        runner = self.model_runner
+        model = runner.model
+        weight_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
+                                                                                  model.buffers()))
+        kv_bytes = sum(t.numel() * t.element_size() for t in runner.kv_caches)
+        cuda = runner.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(runner.device)
+        start = time.perf_counter()
+        with get_tp_group().measure() as comm:
+            runner.compute_prompt_logits([0] * num_tokens)
+        if cuda:
+            torch.cuda.synchronize(runner.device)
+        forward_s = time.perf_counter() - start
+        return {"rank": self.rank, "weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
+                "peak_bytes": torch.cuda.max_memory_allocated(runner.device) if cuda else None,
+                "forward_tokens": num_tokens, "forward_ms": forward_s * 1e3, "collectives": comm.calls,
+                "collective_bytes": comm.bytes, "comm_ms": comm.seconds * 1e3,
+                "comm_share": comm.seconds / forward_s if forward_s > 0 else 0.0}
 
     def determine_num_blocks(self) -> int:
         """Number of KV blocks that fit in the memory Ember may use.

@@ -145,3 +145,25 @@ def test_bundled_qwen_coder_tensor_parallel_2_grammar_and_embeddings(qwen_path: 
     (text1, emb1), (text2, emb2) = results
     assert text1 in ("yes, it is", "no") and text2 == text1
     torch.testing.assert_close(emb2, emb1, atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_keeps_micro_batches_in_flight(checkpoints: dict[str, str]) -> None:
+    """With two stages the engine keeps up to two steps in flight, over
+    different requests (micro-batches), also while requests are preempted
+    and recomputed; tokens stay those of one process."""
+    tight = dict(num_gpu_blocks_override=10, max_model_len=32)
+    with one_thread():
+        ref = generate(checkpoints["llama"], min_preemptions=1, **tight)
+    llm = LLM(checkpoints["llama"], dtype="float32", block_size=BLOCK_SIZE, max_num_batched_tokens=8,
+              pipeline_parallel_size=2, kv_cache_memory=KV_CACHE_BYTES, **tight)
+    depths = []
+    llm.llm_engine.engine_core.add_step_observer(lambda record: depths.append(record.launched_ahead))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=0)
+        outs = llm.generate([list(p) for p in PROMPTS], params, use_tqdm=False)
+        assert llm.get_stats().num_preemptions >= 1
+    finally:
+        llm.llm_engine.shutdown()
+    # A step collected while another was in flight behind it.
+    assert sum(depths) >= 3, depths
+    assert_same([(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs]) for o in outs], ref)

@@ -58,6 +58,9 @@ class PicklingExecutor(Executor):
     def initialize_host_kv_cache(self, num_blocks: int) -> None:
         self.inner.initialize_host_kv_cache(num_blocks)
 
+    def rank_reports(self, num_tokens: int) -> list[dict]:
+        return pickle.loads(pickle.dumps(self.inner.rank_reports(num_tokens)))
+
     def launch(self, sched: SchedulerOutput) -> None:
         assert_plain(sched, "SchedulerOutput")
         self.num_launched += 1

@@ -4,7 +4,7 @@ Every feature is on: low-rank queries, MLA with v_head_dim != qk_nope_head_dim,
 interleaved YaRN rope with mscale_all_dim (softmax scale and cos/sin factor
 both != 1), a dense first layer, grouped sigmoid routing with a nonzero
 e_score_correction_bias, shared experts, routed_scaling_factor. Also: a
-checkpoint with an MTP layer (skipped), and an FP8 block-quantized checkpoint.
+checkpoint with an MTP layer (skipped), and FP8 block-quantized checkpoints (run in FP8).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from ember.layers.attention.mla import TorchMLABackend
+from ember.loader.weight_utils import dequant_fp8_block
 from tests.models.tiny import (BLOCK_SIZE, check_model_vs_hf, check_prefill_logits, ember_llm, make_prompts,
                                one_thread, randomize_norms_, runner_of, save_tiny)
 
@@ -111,12 +112,9 @@ def quantize_fp8_block(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     return q, scale
 
 
-def test_fp8_block_checkpoint(tmp_path):
-    """Linear weights stored as FP8 + weight_scale_inv (16x16 blocks, so the
-    tiny weights span several full and partial blocks) load dequantized: Ember
-    matches HF holding the dequantized weights."""
-    block = 16
-    hf = tiny_model(tiny_config())
+def _write_fp8_block_checkpoint(hf, tmp_path, block: int) -> str:
+    """Save ``hf`` with every projection stored as FP8 + weight_scale_inv
+    (``block`` x ``block``), and load HF's copy with the dequantized weights."""
     path = save_tiny(hf, tmp_path)
     state = {k: v.clone() for k, v in hf.state_dict().items()}
     quantized = {}
@@ -124,16 +122,53 @@ def test_fp8_block_checkpoint(tmp_path):
         if name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
             q, scale_inv = quantize_fp8_block(w, block)
             quantized[name], quantized[name + "_scale_inv"] = q, scale_inv
-            padded_scale = scale_inv.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)
-            state[name] = q.float() * padded_scale[:, : w.shape[1]]
+            state[name] = dequant_fp8_block(q, scale_inv, (block, block), torch.float32)
         else:
             quantized[name] = w
-    assert sum(n.endswith("_scale_inv") for n in quantized) > 20
+    assert sum(n.endswith("_scale_inv") for n in quantized) > 10
     hf.load_state_dict(state)
-    (tmp_path / "model.safetensors").unlink()
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
     save_file(quantized, str(tmp_path / "model.safetensors"))
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [block, block]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    check_prefill_logits(ember_llm(path), hf, make_prompts())
+    return path
+
+
+def _quantize_linear_inputs_(hf, group: int) -> None:
+    """Forward pre-hooks giving every projection except kv_b_proj (kept dense
+    by Ember: the absorbed MLA reads its weight) FP8 activations per token and
+    ``group`` columns: the W8A8 math of Ember's block scheme."""
+    from ember.layers.quantization.fp8_linear import dequantize_fp8, quant_fp8_reference
+
+    def hook(mod, args):
+        x = args[0]
+        q, s = quant_fp8_reference(x.reshape(-1, x.shape[-1]), group=group)
+        return (dequantize_fp8(q, s, (1, group)).view_as(x),)
+
+    for name, m in hf.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.") and not name.endswith("kv_b_proj"):
+            m.register_forward_pre_hook(hook)
+
+
+def test_fp8_block_checkpoint_runs_fp8(tmp_path):
+    """Dense layers only (no routed experts): linear weights stored as FP8 +
+    weight_scale_inv (16x16 blocks, so the tiny weights span full and partial
+    blocks) stay FP8 in Ember, kv_b_proj is dequantized once, and the logits
+    equal HF's with the dequantized weights and the same activation
+    quantization."""
+    from ember.layers.quantization.fp8_linear import Fp8LinearMethod
+
+    block = 16
+    hf = tiny_model(tiny_config(first_k_dense_replace=3))
+    path = _write_fp8_block_checkpoint(hf, tmp_path, block)
+    _quantize_linear_inputs_(hf, block)
+    llm = ember_llm(path)
+    model = runner_of(llm).model
+    attn = model.model.layers[0].self_attn
+    assert attn.kv_b_proj.weight.dtype == torch.float32
+    assert isinstance(attn.o_proj.quant_method, Fp8LinearMethod) and attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(attn.kv_b_proj.weight, hf.model.layers[0].self_attn.kv_b_proj.weight, rtol=0, atol=0)
+    check_prefill_logits(llm, hf, make_prompts())

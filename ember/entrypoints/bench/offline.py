@@ -5,7 +5,10 @@ latency: a fixed batch of ``batch_size`` requests, ``input_len`` prompt tokens
 and ``output_len`` new tokens each (``ignore_eos``). Decode-step time is the
 end-to-end time minus a prefill-only run, over ``output_len - 1`` steps. MBU
 (model-bandwidth utilisation) = (weight bytes + KV bytes read per step) / step
-time / measured copy bandwidth.
+time / measured copy bandwidth, the weights counted as stored (quantized ones
+at their packed size, scales included; MoE: only the experts a step's tokens
+are expected to touch, see ``roofline.expected_distinct_experts``) and the KV
+bytes in the cache dtype.
 
 throughput: ``num_prompts`` requests (fixed lengths, or uniform in
 ``[len * (1 - range_ratio), len * (1 + range_ratio)]``) submitted at once.
@@ -126,19 +129,21 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     steps = max(1, args.output_len - 1)
     step_time = (total - prefill) / steps
     avg_ctx = args.input_len + args.output_len / 2
-    bytes_per_step = cost.weight_bytes + args.batch_size * avg_ctx * cost.kv_bytes_per_token
+    weight_read = cost.weight_bytes_read(args.batch_size)
+    bytes_per_step = weight_read + args.batch_size * avg_ctx * cost.kv_bytes_per_token
     return {
         "benchmark": "latency", "batch_size": args.batch_size, "input_len": args.input_len,
         "output_len": args.output_len, "kv_cache_dtype": args.kv_cache_dtype, "latency_s": total, "prefill_s": prefill,
         "decode_step_ms": step_time * 1e3,
         "decode_tok_s_per_seq": 1 / step_time, "decode_tok_s": args.batch_size / step_time,
         "host_ms_per_step": host_per_step * 1e3,
-        "weight_gb": cost.weight_bytes / 1e9,
+        "weight_gb": cost.weight_bytes / 1e9, "weight_gb_read_per_step": weight_read / 1e9,
         "bound_step_ms": bytes_per_step / ceilings.copy_bytes_per_s * 1e3,
         "mbu": bytes_per_step / step_time / ceilings.copy_bytes_per_s,
         **_prefix_cache_fields(llm, cache_mark),
         **spec_decode_fields(llm.get_stats()),
         **_ceiling_fields(ceilings),
+        **rank_fields(llm, args.batch_size),
     }
 
 
@@ -184,7 +189,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     max_batch = llm.llm_engine.config.scheduler_config.max_num_seqs
     min_steps = max(out_lens) if len(out_lens) <= max_batch else -(-num_out // max_batch)
     kv_read = sum(cost.kv_bytes_per_token * o * (i + o / 2) for i, o in zip(in_lens, out_lens))
-    bytes_moved = cost.weight_bytes * min_steps + kv_read
+    bytes_moved = cost.weight_bytes_read(min(len(out_lens), max_batch)) * min_steps + kv_read
     bound = max(flops / ceilings.matmul_flops_per_s, bytes_moved / ceilings.copy_bytes_per_s)
     return {
         "benchmark": "throughput", "num_prompts": args.num_prompts, "input_len": args.input_len,
@@ -197,6 +202,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         **spec_decode_fields(llm.get_stats()),
         **_ceiling_fields(ceilings),
         **trace_fields,
+        **rank_fields(llm, min(max_batch, args.num_prompts)),
     }
 
 
@@ -262,6 +268,22 @@ def spec_decode_fields(stats) -> dict[str, Any]:
 
 def _ceiling_fields(c) -> dict[str, Any]:
     return {"device": c.name, "copy_gb_s": c.copy_bytes_per_s / 1e9, "matmul_tflop_s": c.matmul_flops_per_s / 1e12}
+
+
+def rank_fields(llm, num_tokens: int) -> dict[str, Any]:
+    """Per-rank memory and communication (``ranks``: weights, KV cache and
+    peak device memory in GB; an eager forward of ``num_tokens`` tokens with
+    its tensor-parallel collectives' count and time), and ``comm_share``: the
+    largest rank's share of that forward spent in collectives (0 with one
+    rank). The eager forward launches every kernel from the host, so the
+    share of a CUDA-graph step may differ."""
+    reports = llm.llm_engine.engine_core.executor.rank_reports(num_tokens)
+    ranks = [{"rank": r["rank"], "weight_gb": r["weight_bytes"] / 1e9, "kv_cache_gb": r["kv_cache_bytes"] / 1e9,
+              "peak_gb": None if r["peak_bytes"] is None else r["peak_bytes"] / 1e9,
+              "forward_tokens": r["forward_tokens"], "forward_ms": r["forward_ms"], "collectives": r["collectives"],
+              "collective_mb": r["collective_bytes"] / 1e6, "comm_ms": r["comm_ms"], "comm_share": r["comm_share"]}
+             for r in reports]
+    return {"ranks": ranks, "comm_share": max(r["comm_share"] for r in ranks)}
 
 
 def print_and_save(result: dict[str, Any], path: str | None) -> None:

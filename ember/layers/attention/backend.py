@@ -104,13 +104,25 @@ def as_copyable(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.uint8) if cache.dtype in FP8_DTYPES else cache
 
 
-def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` converted to a KV cache's dtype; into FP8 with round-to-nearest-even
-    after clamping to the format's largest finite value (FP8 holds K/V
-    unscaled, so an out-of-range value saturates rather than becoming inf/NaN)."""
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` converted to a KV cache's dtype; into FP8 as ``x / scale`` (in
+    float32; ``scale`` a float32 one-element tensor, None: 1) with
+    round-to-nearest-even after clamping to the format's largest finite value
+    (an out-of-range value saturates rather than becoming inf/NaN). A 16-bit
+    or float32 cache holds ``x`` itself (``scale`` ignored)."""
     if dtype in FP8_DTYPES:
         fmax = torch.finfo(dtype).max
+        if scale is not None:
+            x = x.float() / scale
         return x.clamp(-fmax, fmax).to(dtype)
+    return x.to(dtype)
+
+
+def from_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Cache contents ``x`` as values in ``dtype``: an FP8 ``x`` times ``scale``
+    (in float32; None: 1), anything else converted as is."""
+    if x.dtype in FP8_DTYPES and scale is not None:
+        return (x.float() * scale).to(dtype)
     return x.to(dtype)
 
 
@@ -135,7 +147,8 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Write the new K/V into ``kv_cache`` at ``metadata.slot_mapping``, then
         attend.
 
@@ -144,7 +157,9 @@ class AttentionBackend(ABC):
             key, value: [num_tokens, num_kv_heads, head_dim].
             kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim], in
                 the model dtype or FP8 (K/V converted with :func:`to_cache_dtype`
-                when written and back to ``query``'s dtype when read).
+                when written and back with :func:`from_cache_dtype` when read).
+            kv_scales: the layer's ``(k_scale, v_scale)``, float32 one-element
+                tensors on the device, used by an FP8 cache only; None: 1.
         Returns:
             [num_tokens, num_heads, head_dim], same dtype as ``query``.
         """

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ember.config import FP8_DTYPES
 from ember.layers.attention.backend import AttentionBackend, AttentionMetadata
+from ember.layers.attention.kv_scales import calibrate_kv_scales
 
 
 @dataclass(slots=True)
@@ -30,6 +32,10 @@ class ForwardContext:
             which the GEMM that wrote it returned, for the next layer's fused
             qkv projection (decode rows on CUDA; set and read only by the
             decode fusions, see :mod:`ember.layers.fusion`), or None.
+        calibrate_kv_scales: each attention layer over an FP8 cache sets its
+            ``k_scale`` / ``v_scale`` from this step's keys and values before
+            writing them (``--calculate-kv-scales``: the first prefill step,
+            run eagerly).
     """
 
     attn_metadata: AttentionMetadata
@@ -37,6 +43,7 @@ class ForwardContext:
     piecewise: Any = None
     positions: torch.Tensor | None = None
     stream_sumsq: tuple[torch.Tensor, torch.Tensor] | None = None
+    calibrate_kv_scales: bool = False
 
 
 class QKVAttention(nn.Module, ABC):
@@ -73,6 +80,11 @@ class Attention(nn.Module):
             None. A backend with ``fuses_rope`` applies a neox-style RoPE over
             whole heads on CUDA in its KV-write kernel (one kernel per layer
             less); otherwise the rotary module runs first.
+
+    Buffers ``k_scale`` / ``v_scale`` (float32 scalars, 1.0 until a checkpoint
+    or calibration sets them, see :mod:`ember.layers.attention.kv_scales`):
+    the dequantization scales of this layer's K and V in an FP8 cache, read by
+    the kernels on the device.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, layer_idx: int,
@@ -83,6 +95,8 @@ class Attention(nn.Module):
         self.rotary_emb = rotary_emb
         self._fused_rope = (rotary_emb is not None and backend_cls.fuses_rope and rotary_emb.is_neox_style
                             and rotary_emb.rotary_dim == head_dim)
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``q``: [n, num_heads * head_dim]; ``k``, ``v``: [n, num_kv_heads * head_dim]
@@ -95,13 +109,18 @@ class Attention(nn.Module):
         """Apply RoPE, write ``k``/``v`` to the cache and attend (as
         :meth:`forward`, never split). ``q`` may be rotated in place."""
         n = q.shape[0]
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        # NOTE: calibration sees the keys after RoPE, so the rotation is not fused then.
+        calibrate = ctx.calibrate_kv_scales and kv_cache.dtype in FP8_DTYPES
         rope = None
         if self.rotary_emb is not None:
-            if self._fused_rope and q.is_cuda:
+            if self._fused_rope and q.is_cuda and not calibrate:
                 rope = (ctx.positions, self.rotary_emb.cos_sin_cache)
             else:
                 q, k = self.rotary_emb(ctx.positions, q, k)
+        if calibrate:
+            calibrate_kv_scales(self, k, v, torch.finfo(kv_cache.dtype).max)
         args = (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
-                v.view(n, self.num_kv_heads, self.head_dim), ctx.kv_caches[self.layer_idx], ctx.attn_metadata)
+                v.view(n, self.num_kv_heads, self.head_dim), kv_cache, ctx.attn_metadata, (self.k_scale, self.v_scale))
         out = self.impl.forward(*args) if rope is None else self.impl.forward(*args, rope=rope)
         return out.reshape(n, self.num_heads * self.head_dim)

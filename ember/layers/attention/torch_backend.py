@@ -5,27 +5,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.layers.attention.backend import AttentionBackend, AttentionMetadata, as_copyable, to_cache_dtype
+from ember.layers.attention.backend import (AttentionBackend, AttentionMetadata, as_copyable, from_cache_dtype,
+                                            to_cache_dtype)
+
+_Scales = tuple[torch.Tensor, torch.Tensor] | None
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_scales: _Scales = None) -> None:
     """Scatter new K/V ([num_tokens, num_kv_heads, head_dim]) into their slots,
-    converted to the cache's dtype."""
+    converted to the cache's dtype (an FP8 cache: divided by ``kv_scales``,
+    see :func:`~ember.layers.attention.backend.to_cache_dtype`)."""
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
     raw = as_copyable(kv_cache)
     for i, x in enumerate((key, value)):
-        raw[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, as_copyable(to_cache_dtype(x, kv_cache.dtype)))
+        scale = None if kv_scales is None else kv_scales[i]
+        raw[i].view(-1, num_kv_heads, head_dim).index_copy_(
+            0, slot_mapping, as_copyable(to_cache_dtype(x, kv_cache.dtype, scale)))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype, kv_scales: _Scales = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of one request's first ``seq_len`` tokens, each
-    [seq_len, num_kv_heads, head_dim] in ``dtype``, read through its block table."""
+    [seq_len, num_kv_heads, head_dim] in ``dtype`` (an FP8 cache's values
+    times ``kv_scales``), read through its block table."""
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
     raw = as_copyable(kv_cache)
     k, v = (raw[i].index_select(0, block_ids).view(kv_cache.dtype).view(-1, num_kv_heads, head_dim)[:seq_len]
             for i in (0, 1))
-    return k.to(dtype), v.to(dtype)
+    if kv_scales is None:
+        return k.to(dtype), v.to(dtype)
+    return from_cache_dtype(k, dtype, kv_scales[0]), from_cache_dtype(v, dtype, kv_scales[1])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -35,28 +45,28 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, kv_scales: _Scales = None) -> torch.Tensor:
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping, kv_scales)
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu
         decode_rows = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
         if len(decode_rows) > 1:
-            self._decode_batch(query, kv_cache, metadata, decode_rows, out)
+            self._decode_batch(query, kv_cache, metadata, decode_rows, out, kv_scales)
             done = set(decode_rows)
         else:
             done = set()
         for i, seq_len in enumerate(metadata.seq_lens_cpu):
             if i not in done:
-                self._one_request(query, kv_cache, metadata, i, seq_len, out)
+                self._one_request(query, kv_cache, metadata, i, seq_len, out, kv_scales)
         return out
 
     def _one_request(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, i: int,
-                     seq_len: int, out: torch.Tensor) -> None:
+                     seq_len: int, out: torch.Tensor, kv_scales: _Scales = None) -> None:
         start, end = metadata.query_start_loc_cpu[i], metadata.query_start_loc_cpu[i + 1]
         q = query[start:end]
         q_len = q.shape[0]
         num_blocks = -(-seq_len // kv_cache.shape[2])
-        k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len, q.dtype)
+        k, v = gather_kv(kv_cache, metadata.block_table[i, :num_blocks], seq_len, q.dtype, kv_scales)
         mask = None
         if q_len > 1:
             # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
@@ -69,7 +79,7 @@ class TorchAttentionBackend(AttentionBackend):
         out[start:end] = o.squeeze(0).transpose(0, 1)
 
     def _decode_batch(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                      rows: list[int], out: torch.Tensor) -> None:
+                      rows: list[int], out: torch.Tensor, kv_scales: _Scales = None) -> None:
         """All single-token requests in one call: K/V gathered into a padded
         [num_decodes, max_len] batch, padding masked out."""
         block_size, num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
@@ -79,7 +89,8 @@ class TorchAttentionBackend(AttentionBackend):
         tables = metadata.block_table.index_select(0, idx)[:, :max_blocks]
         b = len(rows)
         raw = as_copyable(kv_cache)
-        k, v = (raw[i][tables].view(kv_cache.dtype).to(query.dtype)
+        k, v = (from_cache_dtype(raw[i][tables].view(kv_cache.dtype), query.dtype,
+                                 None if kv_scales is None else kv_scales[i])
                 .view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2) for i in (0, 1))
         lens = torch.tensor(seq_lens, device=query.device)
         mask = (torch.arange(max_blocks * block_size, device=query.device)[None, :] < lens[:, None])[:, None, None, :]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ember.config import FP8_DTYPES
 from ember.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_group, get_tp_rank, get_tp_size
 from ember.layers.quantization.base import QuantizationConfig, quant_method_for
 from ember.utils import resolve_lazy
@@ -40,6 +41,10 @@ _FUSED_MOE_IMPLS: dict[str, str] = {
 
 # device type -> implementation name (a GPU kernel registers itself for "cuda").
 _DEFAULT_IMPL: dict[str, str] = {"cpu": "torch", "cuda": "triton"}
+
+# Checkpoint suffixes of per-expert quantization scales (see make_expert_params_mapping).
+EXPERT_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
+_PROJ_OF_SHARD = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def get_fused_moe_impl(name: str) -> FusedExpertsFn:
@@ -167,6 +172,15 @@ class FusedMoE(nn.Module):
                         ("experts.w2_weight", f"experts.{e}.{down_proj}.weight", e, "w2")]
         mapping += [("experts.w13_weight", "experts.gate_up_proj", None, "w13"),
                     ("experts.w2_weight", "experts.down_proj", None, "w2")]
+        # Quantized checkpoints' companions of each expert weight (FP8: block
+        # ``weight_scale_inv``, per-tensor/channel ``weight_scale``, static
+        # ``input_scale``), into the parameters a quant method registers as
+        # ``w13_<suffix>`` / ``w2_<suffix>``.
+        for suffix in EXPERT_SCALE_SUFFIXES:
+            for e in range(num_experts):
+                mapping += [(f"experts.w13_{suffix}", f"experts.{e}.{gate_proj}.{suffix}", e, "w1"),
+                            (f"experts.w13_{suffix}", f"experts.{e}.{up_proj}.{suffix}", e, "w3"),
+                            (f"experts.w2_{suffix}", f"experts.{e}.{down_proj}.{suffix}", e, "w2")]
         return mapping
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
@@ -178,8 +192,19 @@ class FusedMoE(nn.Module):
                 ``[hidden, intermediate]`` for ``w2`` (down); with ``expert_id``
                 None, all experts stacked on a leading dim (``w13``: gate and up
                 rows concatenated).
+
+        A quant method's scale parameters say how they are laid out with
+        attributes (see :mod:`ember.layers.quantization.fp8_moe`):
+        ``intermediate_block`` (a block-scale grid shaped like the weight, one
+        entry per ``intermediate_block`` rows / columns of the intermediate
+        dimension), ``moe_scale = "channel"`` ([E, rows]: one scale per output
+        row; a checkpoint's single per-tensor scale fills its projection's
+        rows) or ``moe_scale = "tensor"`` ([E, 2] for w13: gate, up; [E, 1]
+        for w2). ``checkpoint_suffix`` and ``quant_scheme`` name the tensor
+        and the scheme in errors. A parameter in an FP8 dtype takes only
+        tensors of that dtype.
         Raises:
-            ValueError: a shape that does not match.
+            ValueError: a shape (or a dtype) that does not match.
         """
         if expert_id is None:
             for e in range(self.num_experts):
@@ -193,13 +218,54 @@ class FusedMoE(nn.Module):
         expert_id -= self.expert_start
         if not 0 <= expert_id < self.num_local_experts:
             return  # another expert-parallel rank's expert
-        inter = self.intermediate_size
+        if param.dtype in FP8_DTYPES and loaded.dtype != param.dtype:
+            raise ValueError(self._shard_error(param, shard_id, expert_id, f"dtype {loaded.dtype} is not "
+                                                                           f"{param.dtype}"))
+        kind = getattr(param, "moe_scale", None)
+        if kind is not None:
+            self._load_scale(param, loaded, shard_id, expert_id, kind)
+            return
+        inter = self.intermediate_size // getattr(param, "intermediate_block", 1)
+        dim = 1 if shard_id == "w2" else 0  # the intermediate dimension, split over tensor-parallel ranks
+        if loaded.dim() != 2 or loaded.shape[dim] != inter * self.tp_size:
+            raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} does not have "
+                                               f"{inter * self.tp_size} {'columns' if dim else 'rows'}"))
         if shard_id == "w2":
             dst, src = param.data[expert_id], loaded.narrow(1, self.tp_rank * inter, inter)
         else:
             offset = 0 if shard_id == "w1" else inter
             dst, src = param.data[expert_id, offset: offset + inter], loaded.narrow(0, self.tp_rank * inter, inter)
         if dst.shape != src.shape:
-            raise ValueError(f"FusedMoE {shard_id} of expert {expert_id}: weight shape {tuple(loaded.shape)} "
-                             f"does not match {tuple(dst.shape)} (tp_size {self.tp_size})")
+            raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} does not "
+                                                                           f"match {tuple(dst.shape)}"))
         dst.copy_(src)
+
+    def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int,
+                    kind: str) -> None:
+        """A per-tensor or per-channel scale (see :meth:`weight_loader`) into local expert ``expert_id``."""
+        if kind == "tensor":
+            if loaded.numel() != 1:
+                raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} is "
+                                                                               f"not one per-tensor scale"))
+            param.data[expert_id, 1 if shard_id == "w3" else 0] = loaded.reshape(())
+            return
+        inter = self.intermediate_size
+        offset = 0 if shard_id == "w1" else inter
+        rows = param.data[expert_id] if shard_id == "w2" else param.data[expert_id, offset: offset + inter]
+        flat = loaded.reshape(-1)
+        if flat.numel() == 1:
+            rows.fill_(flat[0])  # a per-tensor scale for every row
+            return
+        full = rows.numel() if shard_id == "w2" else inter * self.tp_size
+        if loaded.dim() > 2 or (loaded.dim() == 2 and loaded.shape[1] != 1) or flat.numel() != full:
+            raise ValueError(self._shard_error(param, shard_id, expert_id, f"shape {tuple(loaded.shape)} is neither "
+                                                                           f"one scale nor {full} (one per row)"))
+        rows.copy_(flat if shard_id == "w2" else flat.narrow(0, self.tp_rank * inter, inter))
+
+    def _shard_error(self, param: nn.Parameter, shard_id: str, expert_id: int, what: str) -> str:
+        name = getattr(param, "checkpoint_suffix", "weight")
+        scheme = getattr(param, "quant_scheme", None)
+        tensor = f"{self.prefix}.{expert_id + self.expert_start}.{_PROJ_OF_SHARD.get(shard_id, shard_id)}.{name}"
+        return (f"FusedMoE {shard_id} of expert {expert_id}: {name} {what} (tp_size {self.tp_size}"
+                f"{', ' + scheme if scheme else ''}; checkpoint tensor {tensor})")
+

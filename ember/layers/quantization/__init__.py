@@ -12,6 +12,8 @@ from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 # code never names a method. A new method is one module plus one line here.
 QUANTIZATION_METHODS: dict[str, tuple[str, str]] = {
     "int8_weight_only": ("ember.layers.quantization.int8_weight_only", "Int8WeightOnlyConfig"),
+    "fp8": ("ember.layers.quantization.fp8", "Fp8Config"),
+    "gguf": ("ember.layers.quantization.gguf", "GGUFConfig"),
 }
 
 
@@ -33,8 +35,9 @@ def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationCo
     None (unquantized).
 
     A checkpoint scheme with no registered method returns None: the loader
-    dequantizes the formats it knows (e.g. DeepSeek-V3's FP8 blocks, see
-    :mod:`ember.loader.weight_utils`) and refuses the others.
+    dequantizes the formats it knows (FP8 block weights with
+    ``weight_scale_inv``, see :mod:`ember.loader.weight_utils`) and refuses
+    the others. FP8 checkpoints (``quant_method: "fp8"``) run in FP8.
 
     Raises:
         ValueError: ``--quantization`` names an unknown method, or a method
@@ -52,7 +55,12 @@ def get_quant_config(quantization: str | None, hf_config: Any) -> QuantizationCo
                          f"quantization_config.quant_method {ckpt_name!r}")
     if name not in QUANTIZATION_METHODS and quantization is None:
         return None
-    return get_quantization_config_class(name).from_config(ckpt if ckpt_name == name else {})
+    config_class = get_quantization_config_class(name)
+    if ckpt_name != name and hasattr(config_class, "from_hf_config"):
+        # A method that reads what it runs from the model's config itself
+        # (gguf: the tensor types the GGUF loader recorded).
+        return config_class.from_hf_config(hf_config)
+    return config_class.from_config(ckpt if ckpt_name == name else {})
 
 
 __all__ = ["LinearMethodBase", "QuantizationConfig", "QUANTIZATION_METHODS", "get_quant_config",

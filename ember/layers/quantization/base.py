@@ -91,3 +91,46 @@ class QuantizationConfig(ABC):
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method for ``layer`` (checkpoint name ``prefix``), or None to
         leave it unquantized."""
+
+    def get_dense_weight_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
+        """The method for a layer whose ``weight`` the model reads directly
+        (not only through ``apply``; see :func:`dense_weight`): it loads the
+        checkpoint's tensors for that layer and leaves ``layer.weight`` [N, K]
+        in the model dtype after ``process_weights_after_loading``. None (the
+        default): the layer is unquantized, right for methods that quantize a
+        floating-point checkpoint at load; a method whose checkpoints store
+        such a layer quantized overrides this."""
+        return None
+
+
+class _DenseWeightConfig(QuantizationConfig):
+    """``quant_config`` as seen by a layer whose weight must stay dense (see
+    :func:`dense_weight`)."""
+
+    def __init__(self, inner: QuantizationConfig) -> None:
+        self.inner = inner
+
+    @property
+    def raw_checkpoint(self) -> bool:  # type: ignore[override]
+        return self.inner.raw_checkpoint
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "dense_weight"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        raise ValueError("dense_weight wraps a model's quantization config; it is not a checkpoint scheme")
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
+        return self.inner.get_dense_weight_method(layer, prefix)
+
+
+def dense_weight(quant_config: QuantizationConfig | None) -> QuantizationConfig | None:
+    """The config to give a layer whose ``weight`` [N, K] the model reads
+    directly in the model dtype (e.g. MLA's ``kv_b_proj``, split into W_UK /
+    W_UV by the absorbed decode): such a layer loads a quantized checkpoint's
+    tensors and is dequantized once after loading
+    (:meth:`QuantizationConfig.get_dense_weight_method`), or stays
+    unquantized."""
+    return None if quant_config is None else _DenseWeightConfig(quant_config)

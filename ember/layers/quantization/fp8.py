@@ -95,6 +95,24 @@ class Fp8Config(QuantizationConfig):
         return any(prefix == name or prefix.endswith("." + name) or prefix.startswith(name + ".")
                    for name in self.ignored_layers)
 
+    def __repr__(self) -> str:
+        if not self.is_checkpoint_fp8_serialized:
+            return "fp8 (online, per-channel weights, dynamic per-token activations)"
+        if self.weight_block_size is not None:
+            bm, bn = self.weight_block_size
+            return f"fp8 (checkpoint, {bm}x{bn} weight blocks: weight + weight_scale_inv)"
+        return (f"fp8 (checkpoint, per-tensor/per-channel weight_scale, {self.activation_scheme} activations"
+                f"{' with input_scale' if self.activation_scheme == 'static' else ''})")
+
+    def get_dense_weight_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
+        """For a checkpoint, :class:`~ember.layers.quantization.fp8_linear.Fp8DenseWeightMethod`
+        (FP8 tensors loaded, then dequantized once); None (unquantized) for
+        online FP8 and ignored layers."""
+        if self.is_ignored(prefix) or not self.is_checkpoint_fp8_serialized:
+            return None
+        from ember.layers.quantization.fp8_linear import Fp8DenseWeightMethod
+        return Fp8DenseWeightMethod(self)
+
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """:class:`~ember.layers.quantization.fp8_linear.Fp8LinearMethod` for
         linear layers, :class:`~ember.layers.quantization.fp8_moe.Fp8MoEMethod`

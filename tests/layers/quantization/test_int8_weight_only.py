@@ -83,7 +83,7 @@ def test_registry_and_get_quant_config_errors() -> None:
     with pytest.raises(ValueError, match="does not match the checkpoint"):
         get_quant_config("int8_weight_only", fp8_ckpt)
     # A checkpoint scheme with no registered method is left to the loader.
-    assert get_quant_config(None, fp8_ckpt) is None
+    assert get_quant_config(None, types.SimpleNamespace(quantization_config={"quant_method": "bitsandbytes"})) is None
     # A checkpoint that claims to be saved in this online-only scheme is refused.
     saved = types.SimpleNamespace(quantization_config={"quant_method": "int8_weight_only", "bits": 8})
     with pytest.raises(ValueError, match="quantizes a floating-point checkpoint at load"):

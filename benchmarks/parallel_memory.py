@@ -1,0 +1,112 @@
+"""Weight memory per rank of each parallel layout, computed (no GPU needed).
+
+For every layout, each rank's model is built on the meta device exactly as
+that rank builds it (its tensor-parallel slices, its pipeline stage's
+layers, its experts with expert parallelism), and its parameters' bytes are
+summed. The KV cache per token and rank follows from the attention layout
+(KV heads split over tensor-parallel ranks, replicated when there are more
+ranks than KV heads; layers split over stages).
+
+Usage: python benchmarks/parallel_memory.py [--json results/parallel_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ember.distributed import parallel_state as ps
+from ember.distributed.communicator import Communicator
+from ember.layers.attention import get_attention_backend
+from ember.loader import read_hf_config, resolve_model_source
+from ember.models.registry import ModelRegistry
+
+
+@dataclass(frozen=True)
+class Layout:
+    model: str
+    tp: int = 1
+    pp: int = 1
+    ep: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [f"TP={self.tp}"] + ([f"PP={self.pp}"] if self.pp > 1 else []) + (["EP"] if self.ep else [])
+        return " x ".join(parts)
+
+
+LAYOUTS = [
+    Layout("Llama-3.1-8B"), Layout("Llama-3.1-8B", tp=2),
+    Layout("Llama-3.1-70B", tp=4), Layout("Llama-3.1-70B", tp=8), Layout("Llama-3.1-70B", tp=2, pp=2),
+    Layout("Qwen3-30B-A3B", tp=4, ep=True), Layout("Qwen3-30B-A3B", tp=8, ep=True),
+    Layout("Qwen3-235B-A22B", tp=4, ep=True), Layout("Qwen3-235B-A22B", tp=8, ep=True),
+    Layout("DeepSeek-V3", tp=8), Layout("DeepSeek-V3", tp=8, ep=True),
+]
+
+
+@contextlib.contextmanager
+def as_rank(tp_rank: int, tp: int, pp_rank: int, pp: int, ep: bool):
+    """This process's parallel state set to one rank's (no process group: the
+    model is only built, on the meta device, never run)."""
+    saved = ps._TP, ps._PP, ps._EXPERT_PARALLEL
+    ps._TP = Communicator(tp_rank, tp, group=object() if tp > 1 else None)
+    ps._PP = ps.PipelineGroup(pp_rank, pp, pp_rank * tp + tp_rank, tp)
+    ps._EXPERT_PARALLEL = ep
+    try:
+        yield
+    finally:
+        ps._TP, ps._PP, ps._EXPERT_PARALLEL = saved
+
+
+def rank_bytes(hf_config, layout: Layout, tp_rank: int, pp_rank: int, dtype: torch.dtype) -> int:
+    cls = ModelRegistry.load_class(hf_config.architectures[0])
+    with as_rank(tp_rank, layout.tp, pp_rank, layout.pp, layout.ep), torch.device("meta"):
+        saved = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = cls(hf_config, get_attention_backend("torch"))
+        finally:
+            torch.set_default_dtype(saved)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_token(hf_config, layout: Layout, dtype: torch.dtype) -> int:
+    """KV-cache bytes per token on one rank (the stage holding the most layers)."""
+    cls = ModelRegistry.load_class(hf_config.architectures[0])
+    spec = cls.kv_cache_spec(hf_config, 1, dtype)
+    per_layer = spec.bytes_per_block // spec.num_layers
+    layers = -(-spec.num_layers // layout.pp)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None)
+    if spec.leading_shape and kv_heads:  # per-head K/V: split over the tensor-parallel ranks
+        per_layer = per_layer * max(1, kv_heads // layout.tp) // kv_heads
+    return per_layer * layers  # an MLA latent cache is replicated on every rank
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dtype = torch.bfloat16
+    rows = []
+    print(f"{'model':<18} {'layout':<14} {'full GB':>8} {'max rank GB':>12} {'min rank GB':>12} {'KV KB/token':>12}")
+    for layout in LAYOUTS:
+        hf_config = read_hf_config(resolve_model_source(layout.model))
+        full = rank_bytes(hf_config, Layout(layout.model), 0, 0, dtype)
+        per_rank = [rank_bytes(hf_config, layout, t, p, dtype) for p in range(layout.pp) for t in range(layout.tp)]
+        kv = kv_bytes_per_token(hf_config, layout, dtype)
+        rows.append({"model": layout.model, "layout": layout.name, "world_size": layout.tp * layout.pp,
+                     "full_gb": full / 1e9, "rank_gb": [b / 1e9 for b in per_rank],
+                     "kv_bytes_per_token_per_rank": kv})
+        print(f"{layout.model:<18} {layout.name:<14} {full / 1e9:>8.1f} {max(per_rank) / 1e9:>12.2f} "
+              f"{min(per_rank) / 1e9:>12.2f} {kv / 1024:>12.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dtype": "bfloat16", "layouts": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
