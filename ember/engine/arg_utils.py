@@ -422,16 +422,21 @@ def _check_quantization(quantization: str | None, hf_config: object) -> None:
     Raises:
         ConfigError: ``quantization`` names no registered method, or one the
             checkpoint's ``quantization_config`` contradicts, or the
-            checkpoint's scheme is one its method cannot load.
+            checkpoint's scheme is one its method cannot load, or one that
+            neither a method nor the loader runs.
     """
     from ember.layers.quantization import get_quant_config
+    from ember.layers.quantization.checkpoint_errors import unsupported_scheme_message
 
     if quantization is not None and not isinstance(quantization, str):
         raise ConfigError(f"quantization must be a method name or None, got {quantization!r}")
     try:
-        get_quant_config(quantization, hf_config)
+        method = get_quant_config(quantization, hf_config)
     except ValueError as e:
         raise ConfigError(f"quantization: {e}") from None
+    unsupported = unsupported_scheme_message(hf_config) if method is None else None
+    if unsupported is not None:
+        raise ConfigError(f"quantization: {unsupported}")
 
 
 def _default_served_name(model: str) -> str:

@@ -84,6 +84,17 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.executor: Executor = create_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            # NOTE: a failed start-up leaves nothing running: the workers (and
+            # their processes, with ``mp``) stop before the error propagates.
+            self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        """Size and allocate the KV cache, build the scheduler and the rest
+        of the core around the started executor."""
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
         self.num_gpu_blocks = num_blocks

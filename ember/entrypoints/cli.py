@@ -9,6 +9,7 @@
     ember download [NAME ...]                                              fetch the bundled models
     ember bench    latency|throughput [engine flags]                      offline benchmarks + roofline
     ember bench    serve --base-url URL [load flags]                      load an OpenAI-compatible server
+    ember bench    perplexity --text-file PATH [engine flags]             perplexity on a text (sliding windows)
 
 Without ``--model`` every command uses the bundled default model. Engine flags are
 those of :meth:`EngineArgs.add_cli_args` (``ember serve --help`` lists them).
@@ -392,9 +393,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     from ember.entrypoints.bench.offline import add_bench_parsers
+    from ember.entrypoints.bench.perplexity import add_perplexity_parser
     from ember.entrypoints.bench.serve import add_serve_parser
 
-    add_serve_parser(add_bench_parsers(sub))
+    bench_kinds = add_bench_parsers(sub)
+    add_serve_parser(bench_kinds)
+    add_perplexity_parser(bench_kinds)
 
     p = sub.add_parser("worker", help="run this node's ranks of a multi-node engine (node 0 runs the engine)")
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"), required="MASTER_ADDR" not in os.environ,

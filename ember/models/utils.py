@@ -24,6 +24,7 @@ from ember.layers.attention.kv_scales import attention_layers_by_block, load_kv_
 from ember.layers.layernorm import RMSNorm
 from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from ember.layers.quantization.checkpoint_errors import unexpected_weight_message
 
 
 def get_pp_layer_range(num_layers: int, pp_rank: int | None = None, pp_size: int | None = None
@@ -277,7 +278,7 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
             continue
         target, extra = _resolve(name, stacked_params_mapping, experts)
         if target not in params:
-            raise ValueError(f"checkpoint weight {name!r} has no matching parameter in {type(model).__name__}")
+            raise ValueError(unexpected_weight_message(model, name, tensor))
         param = params[target]
         owner = model.get_submodule(target.rsplit(".", 1)[0])
         loader = getattr(param, "weight_loader", None) or getattr(owner, "weight_loader", None)

@@ -168,10 +168,12 @@ class ModelRunner:
 
         Raises:
             ModelLoadError / ValueError: unreadable weights, a missing or
-                unexpected tensor, a shape mismatch.
+                unexpected tensor (named, with its quantization scheme), a
+                shape mismatch.
         """
         from ember.layers.fusion import apply_decode_fusions
         from ember.layers.quantization import get_quant_config
+        from ember.layers.quantization.checkpoint_errors import missing_weights_message
         from ember.loader import iter_weights, resolve_model_source
 
         start = time.perf_counter()
@@ -191,8 +193,8 @@ class ModelRunner:
             loaded = model.load_weights(iter_weights(source, mc.dtype, keep_quantized))
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
-                scheme = f" (quantization: {quant_config!r})" if quant_config is not None else ""
-                raise ValueError(f"checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}{scheme}")
+                scheme = quant_config.get_name() if quant_config is not None else None
+                raise ValueError(missing_weights_message(mc.model, model, missing, scheme))
         for module in model.modules():
             method = getattr(module, "quant_method", None)
             if method is not None:
