@@ -15,9 +15,8 @@ sweep of the decode GEMV's tiles at M = 1 follows.
 
 Engine (``--parts engine``): ``ember bench latency`` (batch 1, 128 in / 256
 out) and ``ember bench throughput`` (``--num-prompts`` x 1024 / 1024) for bf16
-and fp8, each in its own process. ``mbu_read`` counts the bytes a decode step
-really reads (every parameter but the input embedding table, plus the KV
-cache), where the bench's ``mbu`` counts all parameters.
+and fp8, each in its own process (the bench's ``mbu`` counts the bytes a step
+reads: weights at their stored size, the KV cache).
 
     python benchmarks/quant_fp8.py [--parts kernels engine] [--num-prompts 500] [--json PATH]
 """
@@ -38,7 +37,6 @@ import torch.nn.functional as F
 LLAMA_8B = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
             "down_proj": (4096, 14336)}
 # Llama-3.1-8B: vocab 128256 x hidden 4096 in bf16 (the input embedding, not read by a decode step).
-EMBED_BYTES = 128256 * 4096 * 2
 
 
 def _bench(fn, reps: int = 50) -> float:
@@ -140,11 +138,7 @@ def run_engine(result: dict, model: str, num_prompts: int, timeout: int) -> None
             q = [] if quant == "bf16" else ["--quantization", "fp8"]
             lat = _cli(["latency", *common, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256"],
                        os.path.join(tmp, f"lat_{quant}.json"), timeout)
-            if "error" not in lat:
-                step = lat["decode_step_ms"] / 1e3
-                bytes_per_step = lat["bound_step_ms"] / 1e3 * lat["copy_gb_s"] * 1e9
-                lat["mbu_read"] = (bytes_per_step - EMBED_BYTES) / step / (lat["copy_gb_s"] * 1e9)
-            keep = ("decode_tok_s", "decode_step_ms", "weight_gb", "mbu", "mbu_read", "bound_step_ms",
+            keep = ("decode_tok_s", "decode_step_ms", "weight_gb", "weight_gb_read_per_step", "mbu", "bound_step_ms",
                     "host_ms_per_step", "copy_gb_s", "wall_s", "error")
             result[f"latency_b1_128_256_{quant}"] = {k: lat[k] for k in keep if k in lat}
             print(f"latency b1 128/256 {quant}: {result[f'latency_b1_128_256_{quant}']}", flush=True)
