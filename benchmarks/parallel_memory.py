@@ -3,7 +3,9 @@
 For every layout, each rank's model is built on the meta device exactly as
 that rank builds it (its tensor-parallel slices, its pipeline stage's
 layers, its experts with expert parallelism), and its parameters' bytes are
-summed. The KV cache per token and rank follows from the attention layout
+summed: in bf16, and as a block-FP8 checkpoint (128 x 128 weight blocks,
+DeepSeek-V3's format: FP8 linear and expert weights with float32 block
+scales; embeddings, norms and the LM head in bf16). The KV cache per token and rank follows from the attention layout
 (KV heads split over tensor-parallel ranks, replicated when there are more
 ranks than KV heads; layers split over stages).
 
@@ -22,6 +24,7 @@ import torch
 from ember.distributed import parallel_state as ps
 from ember.distributed.communicator import Communicator
 from ember.layers.attention import get_attention_backend
+from ember.layers.quantization.fp8 import Fp8Config
 from ember.loader import read_hf_config, resolve_model_source
 from ember.models.registry import ModelRegistry
 
@@ -62,13 +65,14 @@ def as_rank(tp_rank: int, tp: int, pp_rank: int, pp: int, ep: bool):
         ps._TP, ps._PP, ps._EXPERT_PARALLEL = saved
 
 
-def rank_bytes(hf_config, layout: Layout, tp_rank: int, pp_rank: int, dtype: torch.dtype) -> int:
+def rank_bytes(hf_config, layout: Layout, tp_rank: int, pp_rank: int, dtype: torch.dtype,
+               quant_config=None) -> int:
     cls = ModelRegistry.load_class(hf_config.architectures[0])
     with as_rank(tp_rank, layout.tp, pp_rank, layout.pp, layout.ep), torch.device("meta"):
         saved = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = cls(hf_config, get_attention_backend("torch"))
+            model = cls(hf_config, get_attention_backend("torch"), quant_config=quant_config)
         finally:
             torch.set_default_dtype(saved)
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -92,17 +96,21 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.bfloat16
     rows = []
-    print(f"{'model':<18} {'layout':<14} {'full GB':>8} {'max rank GB':>12} {'min rank GB':>12} {'KV KB/token':>12}")
+    fp8 = Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=(128, 128))
+    print(f"{'model':<18} {'layout':<14} {'full GB':>8} {'max rank GB':>12} {'FP8 max rank GB':>16} "
+          f"{'KV KB/token':>12}")
     for layout in LAYOUTS:
         hf_config = read_hf_config(resolve_model_source(layout.model))
         full = rank_bytes(hf_config, Layout(layout.model), 0, 0, dtype)
-        per_rank = [rank_bytes(hf_config, layout, t, p, dtype) for p in range(layout.pp) for t in range(layout.tp)]
+        ranks = [(t, p) for p in range(layout.pp) for t in range(layout.tp)]
+        per_rank = [rank_bytes(hf_config, layout, t, p, dtype) for t, p in ranks]
+        per_rank_fp8 = [rank_bytes(hf_config, layout, t, p, dtype, fp8) for t, p in ranks]
         kv = kv_bytes_per_token(hf_config, layout, dtype)
         rows.append({"model": layout.model, "layout": layout.name, "world_size": layout.tp * layout.pp,
                      "full_gb": full / 1e9, "rank_gb": [b / 1e9 for b in per_rank],
-                     "kv_bytes_per_token_per_rank": kv})
+                     "rank_gb_fp8_block": [b / 1e9 for b in per_rank_fp8], "kv_bytes_per_token_per_rank": kv})
         print(f"{layout.model:<18} {layout.name:<14} {full / 1e9:>8.1f} {max(per_rank) / 1e9:>12.2f} "
-              f"{min(per_rank) / 1e9:>12.2f} {kv / 1024:>12.1f}")
+              f"{max(per_rank_fp8) / 1e9:>16.2f} {kv / 1024:>12.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dtype": "bfloat16", "layouts": rows}, f, indent=2)
