@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from graph_timing import graph_time_us
 from ember.entrypoints.bench.roofline import measure_ceilings
 
 # name -> (N, K) of y = x @ W^T for the Llama-3.1-8B shape; per step: 32 of each layer, one LM head
@@ -64,18 +65,6 @@ TRITON_CONFIGS = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4
                   (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
 
 
-def graph_time_us(fn_per_copy) -> float:
-    """Median µs per call of ``fn_per_copy(i)`` over the copies, replayed in one CUDA graph."""
-    for i in range(COPIES):
-        fn_per_copy(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(COPIES):
-            fn_per_copy(i)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / COPIES
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", type=int, nargs="+", default=[128, 256, 512, 2048])
@@ -96,7 +85,7 @@ def main() -> None:
             row = {"shape": name, "m": m, "n": n, "k": k, "bound_us": bound_us}
             for lib in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(lib)
-                row[lib + "_us"] = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+                row[lib + "_us"] = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y), COPIES)
             torch.backends.cuda.preferred_blas_library("cublas")
             if not args.no_triton:
                 ref = F.linear(x.float(), ws[0].float())
@@ -106,7 +95,7 @@ def main() -> None:
                         triton_linear(x, ws[0], y, cfg)
                         err = ((y.float() - ref).norm() / ref.norm()).item()
                         assert err < 1e-2, f"Triton GEMM {cfg}: relative error {err}"
-                        us = graph_time_us(lambda i: triton_linear(x, ws[i % copies], y, cfg))
+                        us = graph_time_us(lambda i: triton_linear(x, ws[i % copies], y, cfg), COPIES)
                     except triton.runtime.errors.OutOfResources:
                         continue
                     if best is None or us < best[0]:

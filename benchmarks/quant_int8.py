@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from graph_timing import graph_time_us
 from ember.kernels import triton_int8 as k8
 from ember.kernels.triton_gemm import skinny_linear, use_skinny_linear
 from ember.layers.quantization.int8_weight_only import quantize_per_channel_int8
@@ -38,18 +39,6 @@ SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
 COPIES = 4
 DECODE_TILES = [(16, 32, 512, 4, 4), (16, 64, 512, 3, 4), (16, 32, 1024, 3, 4), (16, 64, 256, 4, 4),
                 (16, 128, 256, 3, 4), (16, 32, 256, 6, 4), (16, 32, 512, 4, 8)]
-
-
-def graph_time_us(fn_per_copy) -> float:
-    """Median µs per call of ``fn_per_copy(i)`` over the copies, replayed in one CUDA graph."""
-    for i in range(COPIES):
-        fn_per_copy(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(COPIES):
-            fn_per_copy(i)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / COPIES
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,30 +66,30 @@ def time_shape(name: str, m: int, n: int, k: int, results: list[dict]) -> list[s
     failures = check(name, m, x, ws[0], *qs[0])
     x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
     row = {"shape": name, "m": m, "n": n, "k": k}
-    row["bf16_cublas_us"] = graph_time_us(lambda i: F.linear(x, ws[i]))
+    row["bf16_cublas_us"] = graph_time_us(lambda i: F.linear(x, ws[i]), COPIES)
     if use_skinny_linear(x, ws[0]):
-        row["bf16_skinny_us"] = graph_time_us(lambda i: skinny_linear(x, ws[i]))
-    row["int8_layer_us"] = graph_time_us(lambda i: k8.w8a8_int8_linear(x, qs[i][0], qs[i][1], None, None))
+        row["bf16_skinny_us"] = graph_time_us(lambda i: skinny_linear(x, ws[i]), COPIES)
+    row["int8_layer_us"] = graph_time_us(lambda i: k8.w8a8_int8_linear(x, qs[i][0], qs[i][1], None, None), COPIES)
     x_q, x_s = k8.per_token_quant_int8(x)
-    row["int8_quant_only_us"] = graph_time_us(lambda i: k8.per_token_quant_int8(x))
+    row["int8_quant_only_us"] = graph_time_us(lambda i: k8.per_token_quant_int8(x), COPIES)
     if m <= k8.SKINNY_MAX_M:
         row["int8_triton_fused_quant_us"] = graph_time_us(
-            lambda i: k8.int8_gemm(x, qs[i][0], None, qs[i][1], None, torch.bfloat16, quantize_x=True))
+            lambda i: k8.int8_gemm(x, qs[i][0], None, qs[i][1], None, torch.bfloat16, quantize_x=True), COPIES)
         row["int8_triton_gemm_only_us"] = graph_time_us(
-            lambda i: k8.int8_gemm(x_q, qs[i][0], x_s, qs[i][1], None, torch.bfloat16))
+            lambda i: k8.int8_gemm(x_q, qs[i][0], x_s, qs[i][1], None, torch.bfloat16), COPIES)
         if m == 1:
             for tiles in DECODE_TILES:
                 try:
                     row[f"int8_tiles_{'x'.join(map(str, tiles))}_us"] = graph_time_us(
                         lambda i: k8.int8_gemm(x, qs[i][0], None, qs[i][1], None, torch.bfloat16,
-                                               quantize_x=True, tiles=tiles))
+                                               quantize_x=True, tiles=tiles), COPIES)
                 except Exception as e:  # a tile that does not fit shared memory
                     print(f"  tiles {tiles}: {type(e).__name__}")
     else:
         row["int8_int_mm_epilogue_us"] = graph_time_us(
-            lambda i: k8.int8_scaled_mm(x_q, qs[i][0], x_s, qs[i][1], None, torch.bfloat16))
+            lambda i: k8.int8_scaled_mm(x_q, qs[i][0], x_s, qs[i][1], None, torch.bfloat16), COPIES)
         row["int8_triton_gemm_only_us"] = graph_time_us(
-            lambda i: k8.int8_gemm(x_q, qs[i][0], x_s, qs[i][1], None, torch.bfloat16))
+            lambda i: k8.int8_gemm(x_q, qs[i][0], x_s, qs[i][1], None, torch.bfloat16), COPIES)
     best_bf16 = min(row["bf16_cublas_us"], row.get("bf16_skinny_us", float("inf")))
     row["speedup_vs_bf16"] = best_bf16 / row["int8_layer_us"]
     extra = "  ".join(f"{key[:-3]}={v:.1f}" for key, v in row.items()

@@ -22,6 +22,7 @@ import json
 import torch
 import triton
 
+from graph_timing import graph_time_us
 from ember.kernels.triton_w4a16 import W4A16Workspace, decode_config, w4a16_gemm
 from ember.kernels.triton_gemm import _num_sms
 from ember.layers.quantization.w4a16 import W4Weights, build_kernel_layout, dequantize_layout
@@ -30,18 +31,6 @@ from ember.layers.quantization.w4a16 import W4Weights, build_kernel_layout, dequ
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 COPIES = 8
 GROUP = 128
-
-
-def graph_time_us(fn_per_copy) -> float:
-    """Median µs per call of ``fn_per_copy(i)`` over the copies, replayed in one CUDA graph."""
-    for i in range(COPIES):
-        fn_per_copy(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(COPIES):
-            fn_per_copy(i)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / COPIES
 
 
 def random_layout(n: int, k: int, seed: int):
@@ -67,11 +56,11 @@ def sweep(name: str, layouts, m: int, k: int, ws) -> None:
             if split > k // 128:
                 continue
             try:
-                times[(bn, split)] = graph_time_us(lambda i: run(layouts[i], x, ws, block_n=bn, split_k=split))
+                times[(bn, split)] = graph_time_us(lambda i: run(layouts[i], x, ws, block_n=bn, split_k=split), COPIES)
             except triton.runtime.errors.OutOfResources:
                 continue
     best = min(times, key=times.get)
-    ours = graph_time_us(lambda i: run(layouts[i], x, ws))
+    ours = graph_time_us(lambda i: run(layouts[i], x, ws), COPIES)
     print(f"  sweep {name:<8} M={m:<3} default (BLOCK_N, split) {default[:2]} {ours:7.1f} us; best {best} "
           f"{times[best]:7.1f} us; " + " ".join(f"{c[0]}/{c[1]}:{t:.0f}" for c, t in sorted(times.items())))
 
@@ -103,8 +92,8 @@ def main() -> None:
             ok = err < 1e-2
             if not ok:
                 failures.append(f"{name} M={m}: max error {err:.2e} of the largest output")
-            w4_us = graph_time_us(lambda i: run(layouts[i], x, ws))
-            bf16_us = graph_time_us(lambda i: torch.mm(x, dense[i].t()))
+            w4_us = graph_time_us(lambda i: run(layouts[i], x, ws), COPIES)
+            bf16_us = graph_time_us(lambda i: torch.mm(x, dense[i].t()), COPIES)
             row = {"shape": name, "m": m, "n": n, "k": k, "w4a16_us": w4_us, "bf16_us": bf16_us,
                    "speedup": bf16_us / w4_us, "int4_gb_s": int4_bytes / w4_us / 1e3, "max_rel_err": err}
             rows.append(row)
