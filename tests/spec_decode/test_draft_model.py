@@ -26,6 +26,7 @@ from ember.engine.arg_utils import EngineArgs
 from ember.engine.llm_engine import LLMEngine
 from ember.sample.rejection_sampler import draw_noise, emitted_tokens, rejection_sample
 from tests.sample.test_rejection_sampler import ALPHA, P, P_NEXT, chi_square_pvalue
+from tests.spec_decode.test_spec_decode_e2e import run_staggered
 
 NUM_NEW = 16
 K = 3
@@ -142,19 +143,7 @@ def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode
         model=model, max_model_len=longest + 16, block_size=block_size, num_gpu_blocks_override=num_blocks,
         max_num_batched_tokens=20, max_num_seqs=6, speculative_config=spec, preemption_mode=preemption_mode,
         swap_space=64 << 20, async_scheduling=async_scheduling))
-    results, pending, step, chunked = {}, list(enumerate(prompts)), 0, False
-    scheduler = engine.engine_core.scheduler
-    while pending or engine.has_unfinished_requests():
-        if pending and step % 2 == 0:
-            i, p = pending.pop(0)
-            engine.add_request(f"p{i}", p, GREEDY, prompt_token_ids=p)
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.outputs[0].token_ids
-        chunked |= any(0 < r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
-        step += 1
-    pool = scheduler.kv_cache_manager.block_pool
-    assert pool.get_num_free_blocks() == pool.num_blocks and not scheduler.requests
+    results, chunked = run_staggered(engine, prompts, GREEDY)
     return results, engine, chunked
 
 

@@ -39,6 +39,15 @@ def _staggered(model: str, prompts: list[list[int]], params: SamplingParams, spe
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=model, max_model_len=longest + 16, block_size=block_size, num_gpu_blocks_override=num_blocks,
         max_num_batched_tokens=24, max_num_seqs=8, speculative_config=spec, async_scheduling=async_scheduling))
+    results, chunked = run_staggered(engine, prompts, params)
+    return results, engine, chunked
+
+
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+                  ) -> tuple[dict[str, list[int]], bool]:
+    """Greedy outputs by request id ("p<i>") with a new prompt every other
+    step; whether some step ran a chunked prefill. Checks that every block is
+    free and no request is left afterwards."""
     results, pending, step, chunked = {}, list(enumerate(prompts)), 0, False
     scheduler = engine.engine_core.scheduler
     while pending or engine.has_unfinished_requests():
@@ -52,7 +61,7 @@ def _staggered(model: str, prompts: list[list[int]], params: SamplingParams, spe
         step += 1
     pool = scheduler.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_blocks and not scheduler.requests
-    return results, engine, chunked
+    return results, chunked
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen"])
