@@ -193,7 +193,7 @@ class ModelRunner:
             loaded = model.load_weights(iter_weights(source, mc.dtype, keep_quantized))
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
-                scheme = quant_config.get_name() if quant_config is not None else None
+                scheme = quant_config.describe() if quant_config is not None else None
                 raise ValueError(missing_weights_message(mc.model, model, missing, scheme))
         for module in model.modules():
             method = getattr(module, "quant_method", None)

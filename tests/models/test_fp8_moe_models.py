@@ -165,7 +165,9 @@ def test_all_layers_block_fp8_end_to_end(tmp_path, model):
     hf = qwen3_moe() if model == "qwen3_moe" else deepseek_v3()
     path, linear = write_fp8_checkpoint(hf, tmp_path, [], quantize_linear=True)
     assert len(linear) >= 12
-    quantize_linear_activations_(hf, linear)
+    # DeepSeek-V3's kv_b_proj is stored FP8 but Ember dequantizes it once for
+    # the absorbed MLA decode: its input is not quantized.
+    quantize_linear_activations_(hf, {n for n in linear if ".kv_b_proj." not in n})
     check_fp8_vs_hf(hf, path, logit_tol=1e-3, batched=False)
 
 

@@ -87,6 +87,10 @@ class QuantizationConfig(ABC):
             ValueError: the dict does not describe a scheme this method runs.
         """
 
+    def describe(self) -> str:
+        """The scheme in words, for errors (default: its name)."""
+        return self.get_name()
+
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         """The method for ``layer`` (checkpoint name ``prefix``), or None to

@@ -95,6 +95,9 @@ class Fp8Config(QuantizationConfig):
         return any(prefix == name or prefix.endswith("." + name) or prefix.startswith(name + ".")
                    for name in self.ignored_layers)
 
+    def describe(self) -> str:
+        return repr(self)
+
     def __repr__(self) -> str:
         if not self.is_checkpoint_fp8_serialized:
             return "fp8 (online, per-channel weights, dynamic per-token activations)"
