@@ -215,23 +215,13 @@ def test_wrong_scale_shape_names_the_tensor_and_scheme(tmp_path):
 def test_online_fp8_bundled_smollm2(smollm2_path) -> None:
     """``--quantization fp8`` on a trained model keeps its greedy continuation
     and its most likely token at (nearly) every prompt position."""
-    from ember import LLM, SamplingParams
+    from tests.layers.quantization.test_int8_engine import unquantized_and_quantized_runs
 
-    prompt = "The capital of France is"
-    params = SamplingParams(temperature=0, max_tokens=5)
-    runs = {}
-    for quantization in (None, "fp8"):
-        llm = LLM(smollm2_path, dtype="float32", max_model_len=256, kv_cache_memory=32 << 20,
-                  quantization=quantization)
-        runner = runner_of(llm)
-        if quantization:
-            assert sum(isinstance(getattr(m, "quant_method", None), Fp8LinearMethod)
-                       for m in runner.model.modules()) == 4 * runner.model.config.num_hidden_layers
-        ids = llm.get_tokenizer().encode(prompt)
-        logits = runner.compute_prompt_logits(ids)
-        runs[quantization] = logits, llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
-        del llm
-    (ref, ref_tokens), (ours, tokens) = runs[None], runs["fp8"]
+    def all_linear_layers_fp8(model) -> None:
+        assert sum(isinstance(getattr(m, "quant_method", None), Fp8LinearMethod)
+                   for m in model.modules()) == 4 * model.config.num_hidden_layers
+
+    (ref, ref_tokens), (ours, tokens) = unquantized_and_quantized_runs(smollm2_path, "fp8", all_linear_layers_fp8)
     assert tokens == ref_tokens
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
     # NOTE: FP8 keeps 3 mantissa bits (int8 per-channel weights keep ~7):

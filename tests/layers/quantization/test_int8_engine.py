@@ -69,23 +69,32 @@ def test_int8_weight_only_engine_matches_dequantized_reference(tiny_llama) -> No
         assert 1e-6 < drift < 0.1, f"prompt {i}: {drift:.2e} from the unquantized run"
 
 
-@one_thread()
-def test_int8_weight_only_bundled_smollm2(smollm2_path) -> None:
-    """A trained model: int8 weights keep its greedy continuation and its
-    most likely token at (nearly) every prompt position."""
+def unquantized_and_quantized_runs(path: str, quantization: str, check_model=None
+                                   ) -> tuple[tuple[torch.Tensor, list[int]], tuple[torch.Tensor, list[int]]]:
+    """``(prompt logits, 5 greedy tokens)`` of "The capital of France is" on
+    the model at ``path`` in float32, unquantized and with ``--quantization
+    quantization``; ``check_model(model)`` runs on the quantized model."""
     from ember import LLM, SamplingParams
 
     prompt = "The capital of France is"
     params = SamplingParams(temperature=0, max_tokens=5)
-    runs = {}
-    for quantization in (None, "int8_weight_only"):
-        llm = LLM(smollm2_path, dtype="float32", max_model_len=256, kv_cache_memory=32 << 20,
-                  quantization=quantization)
-        ids = llm.get_tokenizer().encode(prompt)
-        logits = runner_of(llm).compute_prompt_logits(ids)
-        runs[quantization] = logits, llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
-        del llm
-    (ref, ref_tokens), (ours, tokens) = runs[None], runs["int8_weight_only"]
+    runs = []
+    for q in (None, quantization):
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory=32 << 20, quantization=q)
+        runner = runner_of(llm)
+        if q is not None and check_model is not None:
+            check_model(runner.model)
+        logits = runner.compute_prompt_logits(llm.get_tokenizer().encode(prompt))
+        runs.append((logits, llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids))
+        del llm, runner
+    return runs[0], runs[1]
+
+
+@one_thread()
+def test_int8_weight_only_bundled_smollm2(smollm2_path) -> None:
+    """A trained model: int8 weights keep its greedy continuation and its
+    most likely token at (nearly) every prompt position."""
+    (ref, ref_tokens), (ours, tokens) = unquantized_and_quantized_runs(smollm2_path, "int8_weight_only")
     assert tokens == ref_tokens
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
     assert 1e-6 < relative_error(ours, ref) < 0.1

@@ -168,21 +168,11 @@ def test_engine_online_quantization_matches_dequantized_reference(tmp_path) -> N
 def test_bundled_smollm2_keeps_its_greedy_continuation(smollm2_path) -> None:
     """A trained model: W8A8 INT8 keeps its greedy continuation and its most
     likely token at (nearly) every prompt position."""
-    from ember import LLM, SamplingParams
-    from tests.models.tiny import one_thread, relative_error, runner_of
+    from tests.layers.quantization.test_int8_engine import unquantized_and_quantized_runs
+    from tests.models.tiny import one_thread, relative_error
 
-    prompt = "The capital of France is"
-    params = SamplingParams(temperature=0, max_tokens=5)
-    runs = {}
     with one_thread():
-        for quantization in (None, "w8a8_int8"):
-            llm = LLM(smollm2_path, dtype="float32", max_model_len=256, kv_cache_memory=32 << 20,
-                      quantization=quantization)
-            ids = llm.get_tokenizer().encode(prompt)
-            logits = runner_of(llm).compute_prompt_logits(ids)
-            runs[quantization] = logits, llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
-            del llm
-    (ref, ref_tokens), (ours, tokens) = runs[None], runs["w8a8_int8"]
+        (ref, ref_tokens), (ours, tokens) = unquantized_and_quantized_runs(smollm2_path, "w8a8_int8")
     assert tokens == ref_tokens
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
     # NOTE: per-token int8 activations without smoothing lose more than int8
