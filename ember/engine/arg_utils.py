@@ -53,28 +53,21 @@ def _parse_swap_space(text: str) -> int:
         return _parse_bytes(text)
 
 
-def _parse_json_dict(text: str) -> dict:
-    import json
+def _json_object(flag: str):
+    """An argparse ``type`` that reads a JSON object for ``flag`` (its name
+    in error messages)."""
+    def parse(text: str) -> dict:
+        import json
 
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"hf-overrides: not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("hf-overrides: expected a JSON object")
-    return value
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{flag}: not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag}: expected a JSON object")
+        return value
 
-
-def _parse_speculative_config(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"speculative-config: not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("speculative-config: expected a JSON object")
-    return value
+    return parse
 
 
 @dataclass
@@ -221,12 +214,12 @@ class EngineArgs:
                                   "hand-off between layers)")
         kernels.add_argument("--no-pdl", dest="pdl", action="store_false",
                              help="launch the decode GEMMs without programmatic dependent launch (Hopper)")
-        parser.add_argument("--speculative-config", type=_parse_speculative_config, default=None,
+        parser.add_argument("--speculative-config", type=_json_object("speculative-config"), default=None,
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
                                  'draft_model with "model": a draft of the same vocabulary; '
                                  'disable_by_batch_size: no drafts above this many running requests)')
-        parser.add_argument("--hf-overrides", type=_parse_json_dict, default=None,
+        parser.add_argument("--hf-overrides", type=_json_object("hf-overrides"), default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
         parser.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
                             help="force an attention backend (default: triton on CUDA, torch elsewhere)")
