@@ -15,6 +15,27 @@ pytestmark = pytest.mark.slow
 NUM_NEW = 48
 
 
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, every: int = 2
+                  ) -> tuple[dict[str, list[int]], bool]:
+    """Outputs by request id ("p<i>") with a new prompt every ``every``
+    steps; whether some step ran a chunked prefill. Checks that every block
+    is free and no request is left afterwards."""
+    results, pending, step, chunked = {}, list(enumerate(prompts)), 0, False
+    scheduler = engine.engine_core.scheduler
+    while pending or engine.has_unfinished_requests():
+        if pending and step % every == 0:
+            i, p = pending.pop(0)
+            engine.add_request(f"p{i}", p, params, prompt_token_ids=p)
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        chunked |= any(0 < r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+        step += 1
+    pool = scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_blocks and not scheduler.requests
+    return results, chunked
+
+
 @pytest.fixture(scope="module")
 def prompts_and_alone(smollm2_path):
     llm = LLM(smollm2_path, max_model_len=1024, kv_cache_memory=64 << 20)
@@ -35,21 +56,8 @@ def test_staggered_chunked_preempted_equals_alone(smollm2_path, prompts_and_alon
         model=smollm2_path, max_model_len=longest + 16, block_size=block_size,
         num_gpu_blocks_override=num_blocks, max_num_batched_tokens=64, max_num_seqs=8))
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
-    results, pending = {}, list(enumerate(prompts))
-    step = 0
-    chunked = False
+    results, chunked = run_staggered(engine, prompts, params, every=3)  # one new arrival every third step
     scheduler = engine.engine_core.scheduler
-    while pending or engine.has_unfinished_requests():
-        # One new arrival every third step.
-        if pending and step % 3 == 0:
-            i, p = pending.pop(0)
-            engine.add_request(f"p{i}", p, params, prompt_token_ids=p)
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.outputs[0].token_ids
-        chunked |= any(r.num_computed_tokens < r.num_prompt_tokens and r.num_computed_tokens > 0
-                       for r in scheduler.running)
-        step += 1
     assert chunked, "the token budget should have split a prefill"
     assert scheduler.num_preemptions_total > 0, "the small KV cache should have forced preemption"
     for i in range(len(prompts)):

@@ -26,7 +26,7 @@ from ember.engine.arg_utils import EngineArgs
 from ember.engine.llm_engine import LLMEngine
 from ember.sample.rejection_sampler import draw_noise, emitted_tokens, rejection_sample
 from tests.sample.test_rejection_sampler import ALPHA, P, P_NEXT, chi_square_pvalue
-from tests.spec_decode.test_spec_decode_e2e import run_staggered
+from tests.engine.test_batching import run_staggered
 
 NUM_NEW = 16
 K = 3

@@ -10,6 +10,7 @@ import pytest
 from ember import LLM, SamplingParams
 from ember.engine.arg_utils import EngineArgs
 from ember.engine.llm_engine import LLMEngine
+from tests.engine.test_batching import run_staggered
 
 pytestmark = pytest.mark.slow
 
@@ -41,27 +42,6 @@ def _staggered(model: str, prompts: list[list[int]], params: SamplingParams, spe
         max_num_batched_tokens=24, max_num_seqs=8, speculative_config=spec, async_scheduling=async_scheduling))
     results, chunked = run_staggered(engine, prompts, params)
     return results, engine, chunked
-
-
-def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
-                  ) -> tuple[dict[str, list[int]], bool]:
-    """Greedy outputs by request id ("p<i>") with a new prompt every other
-    step; whether some step ran a chunked prefill. Checks that every block is
-    free and no request is left afterwards."""
-    results, pending, step, chunked = {}, list(enumerate(prompts)), 0, False
-    scheduler = engine.engine_core.scheduler
-    while pending or engine.has_unfinished_requests():
-        if pending and step % 2 == 0:
-            i, p = pending.pop(0)
-            engine.add_request(f"p{i}", p, params, prompt_token_ids=p)
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.outputs[0].token_ids
-        chunked |= any(0 < r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
-        step += 1
-    pool = scheduler.kv_cache_manager.block_pool
-    assert pool.get_num_free_blocks() == pool.num_blocks and not scheduler.requests
-    return results, chunked
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen"])
