@@ -240,9 +240,7 @@ class EngineCore:
         if sched is None:
             if not scheduler.has_unfinished_requests():
                 if self._waiting_for_grammar and not failed:
-                    # Nothing runs until a grammar is compiled: wait for one (briefly).
-                    wait([r.structured_output.grammar for r in self._waiting_for_grammar.values()], 0.05,
-                         FIRST_COMPLETED)
+                    self._wait_for_a_grammar()
                 return failed
             sched = scheduler.schedule()
             self._note_first_scheduled(sched, scheduled_times)
@@ -311,8 +309,7 @@ class EngineCore:
         self._last_num_batched_tokens = 0
         if not self._pipeline:
             if self._waiting_for_grammar and not failed:
-                wait([r.structured_output.grammar for r in self._waiting_for_grammar.values()], 0.05,
-                     FIRST_COMPLETED)
+                self._wait_for_a_grammar()
             return failed
         t1 = time.perf_counter() if timed else 0.0
         sched = self._pipeline.popleft()
@@ -326,6 +323,10 @@ class EngineCore:
             for observer in self._step_observers:
                 observer(record)
         return failed + outputs if failed else outputs
+
+    def _wait_for_a_grammar(self) -> None:
+        """Nothing runs until a grammar is compiled: wait for one (briefly)."""
+        wait([r.structured_output.grammar for r in self._waiting_for_grammar.values()], 0.05, FIRST_COMPLETED)
 
     def _sample_with_bitmask(self, sched: SchedulerOutput) -> None:
         """Fill the token bitmask of ``sched``'s constrained requests (their

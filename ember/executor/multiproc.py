@@ -213,7 +213,7 @@ def _spawn_workers(config: EngineConfig, ranks: Sequence[int], init_method: str,
     return conns, processes
 
 
-def _serve_control(addr: Address, authkey: bytes) -> socket.socket:
+def _serve_control(addr: Address) -> socket.socket:
     """Node 0's listening socket for the other nodes' control connections."""
     sock = socket.create_server(addr, reuse_port=False)
     sock.settimeout(1.0)
@@ -270,7 +270,7 @@ class MultiprocExecutor(Executor):
             init_method = f"tcp://{pc.master_addr}:{pc.master_port}"
             authkey = _authkey()
             # Listen before any worker starts: the other nodes may already be waiting.
-            control = _serve_control((pc.master_addr, pc.master_port + 1), authkey)
+            control = _serve_control((pc.master_addr, pc.master_port + 1))
         conns, processes = _spawn_workers(config, range(local), init_method, self.output_rank)
         # Rank r's connection and (on this node) process; other nodes' processes are theirs to watch.
         self.conns: list[multiprocessing.connection.Connection] = conns + [None] * (self.world_size - local)
