@@ -10,10 +10,10 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ember.entrypoints.bench.perplexity import Window, perplexity, sliding_windows
-from tests.models.tiny import TOKENIZER_VOCAB, ember_llm, one_thread, randomize_norms_, save_tiny
+from tests.models.tiny import TOKENIZER_VOCAB, ember_llm, one_thread, random_llama, save_tiny
 
 
 def test_windows_score_every_token_after_the_first_once() -> None:
@@ -62,12 +62,7 @@ def _hf_recipe_ppl(model: LlamaForCausalLM, ids: list[int], max_length: int, str
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2)
-    hf = LlamaForCausalLM(config).eval()
-    randomize_norms_(hf)
+    hf = random_llama(max_position_embeddings=256)
     return hf, save_tiny(hf, tmp_path_factory.mktemp("ppl") / "llama")
 
 

@@ -57,6 +57,21 @@ def randomize_norms_(model: PreTrainedModel, seed: int = 0) -> None:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
 
 
+def random_llama(seed: int = 0, **overrides) -> PreTrainedModel:
+    """A random 2-layer HF Llama (hidden 64, 4 heads, 2 KV heads, the test
+    tokenizer's vocabulary, untied head, weights of std 0.2 so that errors
+    show, norms randomized), in eval mode; ``overrides`` change config fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+                  tie_word_embeddings=False)
+    hf = LlamaForCausalLM(LlamaConfig(**(fields | overrides))).eval()
+    randomize_norms_(hf)
+    return hf
+
+
 def save_tiny(model: PreTrainedModel, path: Path, max_shard_size: str | None = None) -> str:
     """Save ``model`` (safetensors, sharded when ``max_shard_size``) and a tiny tokenizer into ``path``."""
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

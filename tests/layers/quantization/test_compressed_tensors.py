@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from ember.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ember.layers.quantization import get_quant_config
@@ -18,8 +18,8 @@ from ember.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from ember.layers.quantization.w8a8_int8 import W8A8Int8LinearMethod, int8_scaled_mm_reference, \
     quantize_per_token_int8
 from tests.layers.quantization.ct_checkpoints import save_compressed
-from tests.models.tiny import (TOKENIZER_VOCAB, ember_llm, hf_greedy, hf_prefill_logits, make_prompts, one_thread,
-                               randomize_norms_, relative_error, runner_of)
+from tests.models.tiny import (ember_llm, hf_greedy, hf_prefill_logits, make_prompts, one_thread,
+                               random_llama, relative_error, runner_of)
 
 
 def _w8a8_group(targets, static=False):
@@ -117,16 +117,6 @@ def test_library_rejects_malformed_config():
 
 
 # ---------------------------------------------------------------- end to end
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    hf = LlamaForCausalLM(config).eval()
-    randomize_norms_(hf)
-    return hf
-
-
 def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16, num_quantized: int = 8,
                                 **llm_kwargs) -> None:
     """Ember on the checkpoint against HF transformers on it (float32, CPU).
@@ -169,7 +159,7 @@ def check_checkpoint_against_hf(path: str, method_type: type, num_new: int = 16,
 @pytest.mark.slow
 @pytest.mark.parametrize("static, quantized_head", [(False, False), (True, False), (False, True)])
 def test_w8a8_int8_checkpoint_saved_by_the_library(tmp_path, static, quantized_head):
-    hf = _tiny_llama()
+    hf = random_llama()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(strategy="channel"),
                                 input_activations=QuantizationArgs(strategy="tensor" if static else "token",
                                                                    dynamic=not static))
@@ -198,7 +188,7 @@ def test_w8a8_int8_checkpoint_on_gpu(tmp_path):
     """The same checkpoint on CUDA (float32 activations through the Triton int8
     GEMM at decode and torch._int_mm for the prompts) against HF transformers
     on CPU, with the CPU run's tolerances."""
-    path = save_compressed(_tiny_llama(), "W8A8", tmp_path)
+    path = save_compressed(random_llama(), "W8A8", tmp_path)
     check_checkpoint_against_hf(path, W8A8Int8LinearMethod, device="cuda")
 
 

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 from ember.layers.quantization.fp8_linear import Fp8LinearMethod
 from ember.layers.quantization.w4a16 import PackQuantizedW4A16Method
 from tests.layers.quantization.ct_checkpoints import library_dequantized_model, save_compressed
-from tests.layers.quantization.test_compressed_tensors import _tiny_llama, check_checkpoint_against_hf
+from tests.layers.quantization.test_compressed_tensors import check_checkpoint_against_hf
 from tests.models.tiny import (ember_llm, hf_greedy, hf_prefill_logits, make_prompts, one_thread, relative_error,
-                               runner_of)
+                               random_llama, runner_of)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ FP8_SCHEMES = {
 
 @pytest.mark.parametrize("name", sorted(FP8_SCHEMES))
 def test_fp8_checkpoint_saved_by_the_library(tmp_path, name):
-    path = save_compressed(_tiny_llama(), FP8_SCHEMES[name], tmp_path)
+    path = save_compressed(random_llama(), FP8_SCHEMES[name], tmp_path)
     runner = runner_of(ember_llm(path))
     qkv = runner.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv.quant_method, Fp8LinearMethod) and qkv.weight.dtype == torch.float8_e4m3fn
@@ -52,7 +52,7 @@ def _w4a16(group_size: int | None, symmetric: bool) -> QuantizationScheme:
 
 @pytest.mark.parametrize("group_size, symmetric", [(32, True), (32, False), (None, True)])
 def test_w4a16_checkpoint_saved_by_the_library(tmp_path, group_size, symmetric):
-    path = save_compressed(_tiny_llama(), _w4a16(group_size, symmetric), tmp_path)
+    path = save_compressed(random_llama(), _w4a16(group_size, symmetric), tmp_path)
     import json
     config = json.load(open(f"{path}/config.json"))["quantization_config"]
     assert config["format"] == "pack-quantized"

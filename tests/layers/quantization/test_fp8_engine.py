@@ -20,11 +20,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ember.layers.quantization.fp8_linear import Fp8LinearMethod, dequantize_fp8, quant_fp8_reference
-from tests.models.tiny import (NUM_NEW, TOKENIZER_VOCAB, ember_llm, hf_greedy, hf_prefill_logits, make_prompts,
-                               one_thread, randomize_norms_, relative_error, runner_of, save_tiny)
+from tests.models.tiny import (NUM_NEW, ember_llm, hf_greedy, hf_prefill_logits, make_prompts,
+                               one_thread, random_llama, relative_error, runner_of, save_tiny)
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,9 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    # hidden 128 / intermediate 256: whole and partial 128 x 128 blocks; k and
+    # hidden 128 / intermediate 192: whole and partial 128 x 128 blocks; k and
     # v (64 rows each) stack off block boundaries into qkv_proj.
-    config = LlamaConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    hf = LlamaForCausalLM(config).eval()
-    randomize_norms_(hf)
-    return hf
+    return random_llama(seed, hidden_size=128, intermediate_size=192)
 
 
 def _is_linear(name: str) -> bool:

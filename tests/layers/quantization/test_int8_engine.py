@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ember.layers.quantization.int8_weight_only import Int8WeightOnlyLinearMethod, quantize_per_channel_int8
-from tests.models.tiny import (TOKENIZER_VOCAB, ember_llm, hf_prefill_logits, make_prompts, one_thread,
-                               randomize_norms_, relative_error, runner_of, save_tiny)
+from tests.models.tiny import (ember_llm, hf_prefill_logits, make_prompts, one_thread, random_llama,
+                               relative_error, runner_of, save_tiny)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    hf = LlamaForCausalLM(config).eval()
-    randomize_norms_(hf)
+    hf = random_llama()
     return hf, save_tiny(hf, tmp_path_factory.mktemp("tiny_llama"))
 
 

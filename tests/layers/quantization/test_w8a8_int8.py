@@ -128,24 +128,19 @@ def test_engine_online_quantization_matches_dequantized_reference(tmp_path) -> N
     decoder linear layer, prompt logits equal to HF transformers' model with
     each decoder linear layer replaced by the method's float32 reference, and
     near (not equal to) the unquantized run."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from tests.models.tiny import (TOKENIZER_VOCAB, ember_llm, hf_prefill_logits, make_prompts, one_thread,
-                                   randomize_norms_, relative_error, runner_of, save_tiny)
+    from tests.models.tiny import (ember_llm, hf_prefill_logits, make_prompts, one_thread, random_llama,
+                                   relative_error, runner_of, save_tiny)
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    hf = LlamaForCausalLM(config).eval()
-    randomize_norms_(hf)
+    hf = random_llama()
     path = save_tiny(hf, tmp_path)
     with one_thread():
         runner = runner_of(ember_llm(path, quantization="w8a8_int8"))
         methods = [m for m in runner.model.modules() if isinstance(getattr(m, "quant_method", None),
                                                                     W8A8Int8LinearMethod)]
         assert len(methods) == 8 and all(m.weight.dtype == torch.int8 for m in methods)
-        plain = LlamaForCausalLM(config).eval()
+        plain = LlamaForCausalLM(hf.config).eval()
         plain.load_state_dict(hf.state_dict())
         # HF with each decoder linear computing the method's reference math.
         for module in hf.model.layers.modules():
