@@ -42,7 +42,8 @@ def _args(path: str) -> dict:
                 tensor_parallel_size=2)
 
 
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+def wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait until every process of ``pids`` has exited (a zombie counts as gone)."""
     deadline = time.monotonic() + timeout_s
     for pid in pids:
         while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
@@ -59,7 +60,7 @@ def test_killed_worker_fails_the_step_and_stops_the_others(tiny_path: str) -> No
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(WorkerDeadError, match="worker 1"):
         llm.generate([[1, 2, 3]], params, use_tqdm=False)
-    _wait_gone(pids)
+    wait_gone(pids)
     with pytest.raises(WorkerDeadError):  # and it stays dead
         executor.check_health()
     llm.llm_engine.shutdown()
@@ -80,7 +81,7 @@ def test_engine_core_process_reports_a_dead_worker_and_leaves_nothing(tiny_path:
             while True:
                 assert time.monotonic() - start < DEATH_NOTICED_S, "the dead worker went unnoticed"
                 engine.step()
-        _wait_gone([core.pid] + [w.pid for w in workers])
+        wait_gone([core.pid] + [w.pid for w in workers])
     finally:
         engine.shutdown()
 
@@ -95,7 +96,7 @@ def test_idle_engine_core_notices_a_dead_worker(tiny_path: str) -> None:
         with pytest.raises(EngineDeadError, match="worker 1"):
             engine.core_client.get_output(timeout_s=DEATH_NOTICED_S)
         assert time.monotonic() - start < DEATH_NOTICED_S
-        _wait_gone([core.pid] + [w.pid for w in workers])
+        wait_gone([core.pid] + [w.pid for w in workers])
     finally:
         engine.shutdown()
 
@@ -113,6 +114,6 @@ def test_workers_die_with_a_killed_engine_core(tiny_path: str) -> None:
         workers = core.children()
         assert len(workers) == 2, workers
         core.kill()
-        _wait_gone([w.pid for w in workers])
+        wait_gone([w.pid for w in workers])
     finally:
         engine.shutdown()

@@ -20,7 +20,6 @@ import contextlib
 import gc
 import json
 import shutil
-import time
 from pathlib import Path
 
 import psutil
@@ -36,6 +35,7 @@ from ember.engine.core_client import EngineDeadError
 from ember.engine.llm_engine import LLMEngine
 from ember.executor.base import WorkerDeadError
 from ember.layers.quantization.checkpoint_errors import quantized_tensor_schemes
+from tests.distributed.test_worker_death import wait_gone
 from tests.models.tiny import BLOCK_SIZE, KV_CACHE_BYTES, save_tiny
 
 DOWN = "model.layers.0.mlp.down_proj"
@@ -75,14 +75,6 @@ def _live_model_runners() -> int:
     from ember.worker.model_runner import ModelRunner
 
     return sum(type(o) is ModelRunner for o in gc.get_objects())
-
-
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    for pid in pids:
-        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline, f"process {pid} is still running"
-            time.sleep(0.1)
 
 
 def _new_children(before: set[int]) -> list[int]:
@@ -171,7 +163,7 @@ def test_failed_load_in_worker_processes_leaves_nothing(tiny_path, tmp_path) -> 
     with pytest.raises(WorkerDeadError, match=rf"lacks weights for: {DOWN}\.weight \(int8_weight_only\)"):
         LLM(**_args(bad, quantization="int8_weight_only", tensor_parallel_size=2,
                     distributed_executor_backend="mp"))
-    _wait_gone(_new_children(before))
+    wait_gone(_new_children(before))
 
 
 @pytest.mark.slow
@@ -180,7 +172,7 @@ def test_failed_load_in_engine_core_process_leaves_nothing(tiny_path, tmp_path) 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(EngineDeadError, match=rf"ValueError: .*lacks weights for: {DOWN}\.weight \(int8_weight_only\)"):
         LLMEngine.from_engine_args(EngineArgs(**_args(bad, quantization="int8_weight_only")), multiprocess=True)
-    _wait_gone(_new_children(before))
+    wait_gone(_new_children(before))
 
 
 def test_engine_core_stops_its_executor_when_start_up_fails(tiny_path, monkeypatch) -> None:
