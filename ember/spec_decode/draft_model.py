@@ -492,12 +492,7 @@ class DraftModelProposer:
             num_decodes=host.num_decodes)
         return to_dev(host.input_ids), to_dev(host.positions), meta
 
-    def swap_blocks(self, sched: SchedulerOutput, copy: Any) -> None:
-        """The draft's share of a step's swaps (``copy`` is the runner's block copier)."""
-        block_dim = self.block_dim()
-        if sched.blocks_to_swap_out:
-            dev_ids, host_ids = zip(*sched.blocks_to_swap_out)
-            copy(self.kv_caches, dev_ids, self.host_kv_caches, host_ids, block_dim)
-        if sched.blocks_to_swap_in:
-            dev_ids, host_ids = zip(*sched.blocks_to_swap_in)
-            copy(self.host_kv_caches, host_ids, self.kv_caches, dev_ids, block_dim)
+    def swap_blocks(self, sched: SchedulerOutput, swap: Any) -> None:
+        """The draft's share of a step's swaps (``swap(sched, device, host,
+        block_dim)`` is the runner's, applied to the draft's caches)."""
+        swap(sched, self.kv_caches, self.host_kv_caches, self.block_dim())

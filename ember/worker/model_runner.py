@@ -116,6 +116,18 @@ def _copy_blocks(src: list[torch.Tensor], src_ids: tuple[int, ...], dst: list[to
         d.index_copy_(block_dim, dst_idx, s.index_select(block_dim, src_idx).to(d.device))
 
 
+def _swap_cache_blocks(sched: SchedulerOutput, device: list[torch.Tensor], host: list[torch.Tensor],
+                       block_dim: int) -> None:
+    """``sched``'s swap-outs (``device`` -> ``host`` blocks), then its
+    swap-ins (``host`` -> ``device``), in every layer's cache."""
+    if sched.blocks_to_swap_out:
+        dev_ids, host_ids = zip(*sched.blocks_to_swap_out)
+        _copy_blocks(device, dev_ids, host, host_ids, block_dim)
+    if sched.blocks_to_swap_in:
+        dev_ids, host_ids = zip(*sched.blocks_to_swap_in)
+        _copy_blocks(host, host_ids, device, dev_ids, block_dim)
+
+
 class ModelRunner:
     """Runs the model for one device.
 
@@ -291,15 +303,9 @@ class ModelRunner:
         """Copy the step's swap-outs (device -> host), then its swap-ins (host ->
         device), in every layer. Runs before the forward pass: blocks just swapped
         out may be overwritten by this step."""
-        block_dim = len(self.kv_cache_spec().leading_shape)
-        if sched.blocks_to_swap_out:
-            dev_ids, host_ids = zip(*sched.blocks_to_swap_out)
-            _copy_blocks(self.kv_caches, dev_ids, self.host_kv_caches, host_ids, block_dim)
-        if sched.blocks_to_swap_in:
-            dev_ids, host_ids = zip(*sched.blocks_to_swap_in)
-            _copy_blocks(self.host_kv_caches, host_ids, self.kv_caches, dev_ids, block_dim)
+        _swap_cache_blocks(sched, self.kv_caches, self.host_kv_caches, len(self.kv_cache_spec().leading_shape))
         if self.draft_proposer is not None:
-            self.draft_proposer.swap_blocks(sched, _copy_blocks)
+            self.draft_proposer.swap_blocks(sched, _swap_cache_blocks)
 
     # ----------------------------------------------------------------- step
     def _update_states(self, sched: SchedulerOutput) -> None:
