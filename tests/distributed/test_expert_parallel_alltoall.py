@@ -8,7 +8,8 @@ ranks (CPU, float32).
   divide by two, on a one-token step (rank 1 owns no tokens) and on steps
   routed only to one rank's experts (the other rank receives no rows);
   ``"auto"`` takes the all-to-all form from :data:`ALLTOALL_MIN_TOKENS` on
-  (counted collectives tell the forms apart).
+  (counted collectives tell the forms apart); the all-to-all form also runs
+  the Triton fused-experts kernel (the CUDA path) under Triton's interpreter.
 - Tiny random Qwen3-MoE and DeepSeek-V3 models (the checkpoints of the
   engine's expert-parallel tests) on two ranks with the all-to-all form give
   the prompt logits of the unsplit model at one rank, prompts of 1, 5 and 13
@@ -93,6 +94,9 @@ CASES = {
 }
 
 
+TRITON_CASES = ("random_7_tokens", "only_rank0_experts")
+
+
 def _check_all_to_all() -> None:
     """Rank ``r`` sends ``r + j + 1`` rows to rank ``j`` (rank 0 none to rank
     1); every row says where it came from and where it went."""
@@ -126,6 +130,19 @@ def _check_layer(case: str) -> None:
     torch.testing.assert_close(out_a2a, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_ar, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_a2a, out_ar, atol=1e-5, rtol=1e-5)
+
+
+def _check_triton_experts(case: str) -> None:
+    """The all-to-all form through the Triton fused-experts kernel (the CUDA
+    path; Triton's interpreter on CPU here): received rows with local expert
+    ids and unit weights, or none."""
+    from ember.layers.moe.layer import UnquantizedFusedMoEMethod
+
+    num_tokens, experts, seed = CASES[case]
+    x, weights, ids = _routing(num_tokens, experts, seed)
+    layer = _layer("alltoall")
+    layer.quant_method = UnquantizedFusedMoEMethod("triton")
+    torch.testing.assert_close(layer(x, weights, ids), _reference(x, weights, ids), atol=1e-5, rtol=1e-5)
 
 
 def _check_auto(threshold: int = 6) -> None:
@@ -176,6 +193,7 @@ def _runner(path: str):
 def _rank_main(rank: int, init_file: str, work: str) -> None:
     checks = {"all_to_all": _check_all_to_all}
     checks |= {f"layer_{case}": partial(_check_layer, case) for case in CASES}
+    checks |= {f"triton_{case}": partial(_check_triton_experts, case) for case in TRITON_CASES}
     checks["auto"] = _check_auto
     checks |= {f"model_{name}": partial(_check_model, work, name) for name in MODELS}
     run_checks_on_rank(rank, WORLD, init_file, work, checks, timeout_s=_TIMEOUT_S)
@@ -206,6 +224,11 @@ def test_communicator_all_to_all_uneven_splits(rank_results) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_all_to_all_equals_all_reduce_and_reference(rank_results, case: str) -> None:
     _assert_ok(rank_results, f"layer_{case}")
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_layer_all_to_all_with_triton_experts(rank_results, case: str) -> None:
+    _assert_ok(rank_results, f"triton_{case}")
 
 
 def test_auto_dispatch_switches_at_threshold(rank_results) -> None:
