@@ -54,9 +54,13 @@ _PROJ_OF_SHARD = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 # With expert parallelism and ``expert_parallel_dispatch="auto"``, steps of at
 # least this many tokens take the all-to-all form, smaller ones the all-reduce
-# form. A default, to be set by measurement on several GPUs (the all-to-all
-# form moves top_k / ep_size of the rows and runs each expert once, but adds a
-# host sync and three collectives). It is above the largest decode batch
+# form. A default, to be set by measurement on several GPUs
+# (benchmarks/ep_alltoall.py): the all-to-all form runs each rank's experts on
+# only the rows routed to them (about top_k * num_tokens / ep_size, against
+# top_k * num_tokens in the all-reduce form, where the other ranks' choices are
+# computed at weight zero), but it moves about 2 * top_k / ep_size rows per
+# token and an all-gather instead of one all-reduce, and adds a host sync and
+# three more collectives. It is above the largest decode batch
 # captured in a CUDA graph (512, :func:`ember.worker.cuda_graph.capture_sizes`),
 # so graph-captured decode steps keep the all-reduce form.
 ALLTOALL_MIN_TOKENS = 1024
