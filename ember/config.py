@@ -289,6 +289,8 @@ class ParallelConfig:
                  self.enable_expert_parallel)
         _require(self.expert_parallel_dispatch in EXPERT_PARALLEL_DISPATCHES, "expert_parallel_dispatch",
                  f"one of {list(EXPERT_PARALLEL_DISPATCHES)}", self.expert_parallel_dispatch)
+        _require(self.expert_parallel_dispatch == "auto" or self.enable_expert_parallel, "expert_parallel_dispatch",
+                 "'auto' unless enable_expert_parallel is set", self.expert_parallel_dispatch)
         _require(self.distributed_executor_backend is None
                  or self.distributed_executor_backend in DISTRIBUTED_EXECUTOR_BACKENDS,
                  "distributed_executor_backend", f"one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}",

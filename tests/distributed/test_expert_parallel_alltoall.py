@@ -238,3 +238,13 @@ def test_auto_dispatch_switches_at_threshold(rank_results) -> None:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_all_to_all_on_two_ranks_equals_one_rank(rank_results, name: str) -> None:
     _assert_ok(rank_results, f"model_{name}")
+
+
+def test_dispatch_option_is_checked() -> None:
+    from ember.config import ConfigError, ParallelConfig
+
+    assert ParallelConfig().expert_parallel_dispatch == "auto"
+    with pytest.raises(ConfigError, match="expert_parallel_dispatch must be one of"):
+        ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True, expert_parallel_dispatch="a2a")
+    with pytest.raises(ConfigError, match="expert_parallel_dispatch must be 'auto' unless enable_expert_parallel"):
+        ParallelConfig(tensor_parallel_size=2, expert_parallel_dispatch="alltoall")
