@@ -233,6 +233,8 @@ class SchedulerConfig:
 
 
 DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp")
+# How MoE layers reach their experts' ranks with expert parallelism (see ember.layers.moe.layer).
+EXPERT_PARALLEL_DISPATCHES = ("auto", "allreduce", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,14 @@ class ParallelConfig:
         enable_expert_parallel: MoE layers hold a share of the experts on each
             tensor-parallel rank (whole experts) instead of a slice of every
             expert.
+        expert_parallel_dispatch: with expert parallelism, how tokens reach
+            their experts' ranks: ``"allreduce"`` (every rank runs its experts
+            on every token, one all-reduce sums the shares), ``"alltoall"``
+            (each rank routes a slice of the tokens and exchanges rows with
+            the experts' owners; never inside a CUDA graph) or ``"auto"``
+            (all-to-all for steps of at least
+            :data:`ember.layers.moe.layer.ALLTOALL_MIN_TOKENS` tokens, else
+            all-reduce); see :class:`ember.layers.moe.FusedMoE`.
         distributed_executor_backend: ``"uni"`` (the model in the engine
             core's process; one device only) or ``"mp"`` (one worker process
             per rank, see :mod:`ember.executor.multiproc`); None: ``"mp"`` when
@@ -264,6 +274,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    expert_parallel_dispatch: str = "auto"
     distributed_executor_backend: str | None = None
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
@@ -276,6 +287,10 @@ class ParallelConfig:
                  "pipeline_parallel_size", "a positive integer", self.pipeline_parallel_size)
         _require(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel", "True or False",
                  self.enable_expert_parallel)
+        _require(self.expert_parallel_dispatch in EXPERT_PARALLEL_DISPATCHES, "expert_parallel_dispatch",
+                 f"one of {list(EXPERT_PARALLEL_DISPATCHES)}", self.expert_parallel_dispatch)
+        _require(self.expert_parallel_dispatch == "auto" or self.enable_expert_parallel, "expert_parallel_dispatch",
+                 "'auto' unless enable_expert_parallel is set", self.expert_parallel_dispatch)
         _require(self.distributed_executor_backend is None
                  or self.distributed_executor_backend in DISTRIBUTED_EXECUTOR_BACKENDS,
                  "distributed_executor_backend", f"one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}",

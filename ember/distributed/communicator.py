@@ -119,3 +119,36 @@ class Communicator:
             gather_single(out, x.contiguous(), group=self.group)
         out = out.view(self.world_size, *x.shape).movedim(0, dim)
         return out.reshape(*x.shape[:dim], self.world_size * x.shape[dim], *x.shape[dim + 1:])
+
+    def all_to_all(self, x: torch.Tensor, output_split_sizes: list[int] | None = None,
+                   input_split_sizes: list[int] | None = None) -> torch.Tensor:
+        """Rows of ``x`` scattered to the ranks and the rows the ranks sent
+        here gathered, in rank order (``all_to_all_single``).
+
+        Args:
+            x: [num_rows, ...]; rows ``input_split_sizes[j]`` (in order) go to
+                rank ``j``; not modified.
+            output_split_sizes: rows received from each rank (host ints,
+                ``world_size`` of them); None: ``num_rows / world_size`` each.
+            input_split_sizes: rows sent to each rank (host ints summing to
+                ``num_rows``); None: ``num_rows / world_size`` each.
+
+        Returns:
+            A new tensor [sum(output_split_sizes), ...] of ``x``'s dtype (the
+            input itself with one rank).
+
+        NOTE: the split sizes are host integers, so a caller with sizes on the
+        device synchronizes to read them: not for use inside a CUDA graph.
+        """
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        rows = sum(output_split_sizes) if output_split_sizes is not None else x.shape[0]
+        out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        x = x.contiguous()
+        if self._stats is not None:
+            self._timed(dist.all_to_all_single, x, out, x, output_split_sizes, input_split_sizes, group=self.group)
+        else:
+            dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=self.group)
+        return out

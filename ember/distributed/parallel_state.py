@@ -27,6 +27,9 @@ _TP = Communicator()
 # Whether MoE layers split their experts over the tensor-parallel group
 # (expert parallelism) instead of splitting every expert.
 _EXPERT_PARALLEL = False
+# How MoE layers dispatch tokens to their experts' ranks with expert parallelism
+# (see ember.config.EXPERT_PARALLEL_DISPATCHES).
+_EP_DISPATCH = "auto"
 
 
 
@@ -178,11 +181,14 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
     init_tensor_parallel(rank % tp, tp, mine if tp > 1 else None)
 
 
-def set_expert_parallel(enabled: bool) -> None:
+def set_expert_parallel(enabled: bool, dispatch: str = "auto") -> None:
     """Record whether MoE layers shard whole experts over the tensor-parallel
-    group (start-up only, before the model is built)."""
-    global _EXPERT_PARALLEL
+    group, and how they dispatch tokens to them (``"auto"``, ``"allreduce"``
+    or ``"alltoall"``, see :class:`ember.layers.moe.FusedMoE`); start-up only,
+    before the model is built."""
+    global _EXPERT_PARALLEL, _EP_DISPATCH
     _EXPERT_PARALLEL = bool(enabled)
+    _EP_DISPATCH = dispatch
 
 
 def get_ep_size() -> int:
@@ -195,13 +201,19 @@ def get_ep_rank() -> int:
     return _TP.rank if _EXPERT_PARALLEL else 0
 
 
+def get_ep_dispatch() -> str:
+    """The expert-parallel dispatch form given to :func:`set_expert_parallel`."""
+    return _EP_DISPATCH
+
+
 def destroy_distributed_environment() -> None:
     """Leave every process group and reset the tensor-parallel state to a
     world of one (a no-op where no group exists)."""
-    global _TP, _EXPERT_PARALLEL, _PP
+    global _TP, _EXPERT_PARALLEL, _PP, _EP_DISPATCH
     _TP = Communicator()
     _PP = PipelineGroup()
     _EXPERT_PARALLEL = False
+    _EP_DISPATCH = "auto"
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -11,6 +11,7 @@ import torch
 
 from ember.config import (
     DISTRIBUTED_EXECUTOR_BACKENDS,
+    EXPERT_PARALLEL_DISPATCHES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     PREEMPTION_MODES,
@@ -91,6 +92,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    expert_parallel_dispatch: str = "auto"
     distributed_executor_backend: str | None = None
     nnodes: int = 1
     master_addr: str | None = None
@@ -177,6 +179,11 @@ class EngineArgs:
         parser.add_argument("--enable-expert-parallel", action="store_true",
                             help="MoE layers: each tensor-parallel rank holds whole experts (a share of them) "
                                  "instead of a slice of every expert")
+        parser.add_argument("--expert-parallel-dispatch", default=d.expert_parallel_dispatch,
+                            choices=list(EXPERT_PARALLEL_DISPATCHES),
+                            help="with --enable-expert-parallel: allreduce (every rank runs its experts on every "
+                                 "token), alltoall (tokens sent to their experts' ranks and back; steps run "
+                                 "eagerly) or auto (alltoall for large steps, allreduce for decode-sized ones)")
         parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
                             help="uni: the model runs in the engine core's process (one device); mp: one worker "
                                  "process per rank (default: mp with several ranks, else uni)")
@@ -256,6 +263,7 @@ class EngineArgs:
         parallel_config = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
                                          pipeline_parallel_size=self.pipeline_parallel_size,
                                          enable_expert_parallel=self.enable_expert_parallel,
+                                         expert_parallel_dispatch=self.expert_parallel_dispatch,
                                          distributed_executor_backend=self.distributed_executor_backend,
                                          nnodes=self.nnodes,
                                          master_addr=self.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),

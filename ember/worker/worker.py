@@ -48,7 +48,7 @@ class Worker:
                                          init_method=distributed_init_method,
                                          tensor_parallel_size=pc.tensor_parallel_size,
                                          local_rank=rank % pc.local_world_size if cuda else None)
-        set_expert_parallel(pc.enable_expert_parallel)
+        set_expert_parallel(pc.enable_expert_parallel, pc.expert_parallel_dispatch)
         self.rank = rank
         self.model_runner = ModelRunner(config)
         # Launched steps, oldest first, until collected.

@@ -4,9 +4,10 @@ per rank) gives the same greedy tokens as the in-process engine at
 ``tensor_parallel_size=1``, with log-probabilities within float32 noise, on
 tiny random Llama (GQA, one KV head per rank), Qwen3 (q/k norms, tied head),
 Qwen3-MoE (experts split per rank, or whole experts per rank with expert
-parallelism) and DeepSeek-V3 (MLA, grouped routing, shared experts)
-checkpoints. Three prompts run together under a token budget of 8, so steps
-mix chunked prefills with decodes.
+parallelism, in its all-reduce and its all-to-all form) and DeepSeek-V3
+(MLA, grouped routing, shared experts) checkpoints. Three prompts run
+together under a token budget of 8, so steps mix chunked prefills with
+decodes.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def test_tensor_parallel_2_equals_1(checkpoints: dict[str, str], name: str) -> N
     assert_same(generate(checkpoints[name], tensor_parallel_size=2), ref)
     if name in ("qwen3_moe", "deepseek_v3"):
         assert_same(generate(checkpoints[name], tensor_parallel_size=2, enable_expert_parallel=True), ref)
+        # The all-to-all form on every step: decode steps of 3, 2 and 1 tokens
+        # (odd counts; at 1 token rank 1 owns none) and chunked prefills.
+        assert_same(generate(checkpoints[name], tensor_parallel_size=2, enable_expert_parallel=True,
+                             expert_parallel_dispatch="alltoall"), ref)
 
 
 def test_tensor_parallel_with_preemption(checkpoints: dict[str, str]) -> None:

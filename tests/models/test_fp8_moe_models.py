@@ -172,11 +172,13 @@ def test_all_layers_block_fp8_end_to_end(tmp_path, model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
-def test_qwen3_moe_block_fp8_experts_two_ranks(tmp_path, expert_parallel):
+@pytest.mark.parametrize("expert_parallel, dispatch", [(False, "auto"), (True, "allreduce"), (True, "alltoall")],
+                         ids=["tp2", "ep2", "ep2-alltoall"])
+def test_qwen3_moe_block_fp8_experts_two_ranks(tmp_path, expert_parallel, dispatch):
     """Two CPU worker processes: each rank loads its half of the expert
     intermediate blocks (tensor parallel) or half of the experts (expert
-    parallel) with their block scales; greedy tokens equal HF's."""
+    parallel, all-reduce or all-to-all dispatch) with their block scales;
+    greedy tokens equal HF's."""
     hf = qwen3_moe()
     ignored = [f"model.layers.{i}.self_attn" for i in range(3)] + ["model.layers.1.mlp"]
     path, _ = write_fp8_checkpoint(hf, tmp_path, ignored, quantize_linear=False)
@@ -185,7 +187,7 @@ def test_qwen3_moe_block_fp8_experts_two_ranks(tmp_path, expert_parallel):
     with one_thread():
         refs = [hf_greedy(hf.eval(), p, 8) for p in prompts]
     llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=4 << 20, max_num_batched_tokens=8,
-              tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+              tensor_parallel_size=2, enable_expert_parallel=expert_parallel, expert_parallel_dispatch=dispatch)
     try:
         outs = llm.generate([list(p) for p in prompts], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                             use_tqdm=False)

@@ -6,11 +6,16 @@ layout fused-MoE kernels expect (vLLM's ``FusedMoE`` naming). With tensor
 parallelism the intermediate dimension is split (column-parallel w13,
 row-parallel w2); with expert parallelism (``--enable-expert-parallel``) each
 rank of the tensor-parallel group holds whole experts instead, a contiguous
-``num_experts / ep_size`` of them. Either way every rank sees every token
-(the router is replicated), computes its share, and the shares are summed by
-one all-reduce over the group: the all-gather / reduce-scatter form of
-expert-parallel dispatch and combine with the tokens already replicated
-(GShard, Lepikhin et al., 2020, describes the all-to-all form).
+``num_experts / ep_size`` of them. Either way, by default every rank sees
+every token (the router is replicated), computes its share, and the shares
+are summed by one all-reduce over the group: the all-gather / reduce-scatter
+form of expert-parallel dispatch and combine with the tokens already
+replicated. With expert parallelism a step may instead take the all-to-all
+form (GShard, Lepikhin et al., 2020): each rank routes a contiguous slice of
+the step's tokens, sends every (token, expert) row to the expert's rank,
+gets the expert outputs back, combines them, and the slices are all-gathered
+(see :meth:`FusedMoE.forward` and ``expert_parallel_dispatch`` in
+:class:`ember.config.ParallelConfig`).
 
 The weights' format and the computation belong to the layer's ``quant_method``
 (the quantization seam, as for linear layers). The unquantized method picks
@@ -26,7 +31,8 @@ import torch
 from torch import nn
 
 from ember.config import FP8_DTYPES
-from ember.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_group, get_tp_rank, get_tp_size
+from ember.distributed.parallel_state import (get_ep_dispatch, get_ep_rank, get_ep_size, get_tp_group, get_tp_rank,
+                                              get_tp_size)
 from ember.layers.quantization.base import QuantizationConfig, quant_method_for
 from ember.utils import resolve_lazy
 
@@ -45,6 +51,19 @@ _DEFAULT_IMPL: dict[str, str] = {"cpu": "torch", "cuda": "triton"}
 # Checkpoint suffixes of per-expert quantization scales (see make_expert_params_mapping).
 EXPERT_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale")
 _PROJ_OF_SHARD = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+# With expert parallelism and ``expert_parallel_dispatch="auto"``, steps of at
+# least this many tokens take the all-to-all form, smaller ones the all-reduce
+# form. A default, to be set by measurement on several GPUs
+# (benchmarks/ep_alltoall.py): the all-to-all form runs each rank's experts on
+# only the rows routed to them (about top_k * num_tokens / ep_size, against
+# top_k * num_tokens in the all-reduce form, where the other ranks' choices are
+# computed at weight zero), but it moves about 2 * top_k / ep_size rows per
+# token and an all-gather instead of one all-reduce, and adds a host sync and
+# three more collectives. It is above the largest decode batch
+# captured in a CUDA graph (512, :func:`ember.worker.cuda_graph.capture_sizes`),
+# so graph-captured decode steps keep the all-reduce form.
+ALLTOALL_MIN_TOKENS = 1024
 
 
 def get_fused_moe_impl(name: str) -> FusedExpertsFn:
@@ -111,6 +130,15 @@ class FusedMoE(nn.Module):
         quant_config: the model's quantization config, or None.
         prefix: the layer's checkpoint name (e.g. ``model.layers.3.mlp.experts``).
 
+    With expert parallelism the dispatch form is the one given to
+    :func:`ember.distributed.parallel_state.set_expert_parallel`:
+    ``"allreduce"``, ``"alltoall"``, or ``"auto"`` (all-to-all for steps of at
+    least :data:`ALLTOALL_MIN_TOKENS` tokens). The all-to-all form reads its
+    split sizes on the host, so it never runs inside a CUDA graph: under
+    ``"alltoall"`` the layer is not ``cuda_graph_safe`` (the runner stays
+    eager), and any step met during a CUDA graph capture takes the all-reduce
+    form.
+
     Raises:
         ValueError: expert parallelism over a number of ranks that does not
             divide ``num_experts``.
@@ -135,6 +163,9 @@ class FusedMoE(nn.Module):
         self.quant_method = quant_method_for(quant_config, self, prefix, UnquantizedFusedMoEMethod)
         self.quant_method.create_weights(self, self.num_local_experts, hidden_size, self.intermediate_size, dtype)
         self.cuda_graph_safe = getattr(self.quant_method, "cuda_graph_safe", False)
+        self.dispatch = get_ep_dispatch() if self.ep_size > 1 else "allreduce"
+        if self.dispatch == "alltoall":
+            self.cuda_graph_safe = False
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
@@ -142,11 +173,62 @@ class FusedMoE(nn.Module):
         [num_tokens, top_k] (global expert ids). Returns [num_tokens, hidden],
         summed over the tensor-parallel group."""
         if self.ep_size > 1:
+            if self._all_to_all_step(hidden_states):
+                return self._forward_all_to_all(hidden_states, topk_weights, topk_ids)
             topk_weights, topk_ids = self._local_routing(topk_weights, topk_ids)
         out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
         if self.reduce_size > 1:
             out = get_tp_group().all_reduce(out)
         return out
+
+    def _all_to_all_step(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this step takes the all-to-all form (see the class docstring)."""
+        if self.dispatch == "allreduce" or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        return self.dispatch == "alltoall" or hidden_states.shape[0] >= ALLTOALL_MIN_TOKENS
+
+    def _forward_all_to_all(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                            topk_ids: torch.Tensor) -> torch.Tensor:
+        """The all-to-all form of :meth:`forward` (same arguments and result).
+
+        Rank ``r`` owns tokens ``[r * c, (r + 1) * c)`` (``c = ceil(num_tokens /
+        ep_size)``, the last slices shorter or empty). It sorts its (token,
+        expert) choices by expert, hence by the experts' ranks, and the ranks
+        exchange per-expert counts (one small all-to-all, read on the host),
+        then the rows (an all-to-all of uneven splits). Each rank runs its
+        local experts once on the rows it received, grouped by local expert,
+        and sends the outputs back the same way; the owner sums its tokens'
+        ``top_k`` outputs weighted by ``topk_weights`` in float32, and the
+        slices are all-gathered (padded to ``c`` rows) so every rank holds
+        every token's output.
+        """
+        comm = get_tp_group()
+        world, rank, local = self.ep_size, self.ep_rank, self.num_local_experts
+        num_tokens, top_k = topk_ids.shape
+        chunk = -(-num_tokens // world)
+        start, end = min(rank * chunk, num_tokens), min((rank + 1) * chunk, num_tokens)
+        ids = topk_ids[start:end].reshape(-1)
+        order = torch.argsort(ids, stable=True)  # this rank's choices, grouped by expert
+        token_of = order // top_k  # row of this rank's slice that each sent row comes from
+        send_rows = hidden_states[start:end].index_select(0, token_of)
+        per_expert = torch.bincount(ids, minlength=self.num_experts)  # [num_experts]
+        # recv_per_expert[j * local + e]: rows rank j sends to local expert e.
+        recv_per_expert = comm.all_to_all(per_expert)
+        send_splits, recv_splits = torch.stack([per_expert.view(world, local).sum(1),
+                                                recv_per_expert.view(world, local).sum(1)]).tolist()
+        recv_rows = comm.all_to_all(send_rows, recv_splits, send_splits)
+        if recv_rows.shape[0]:
+            local_ids = torch.arange(local, dtype=topk_ids.dtype, device=topk_ids.device).repeat(world)
+            local_ids = local_ids.repeat_interleave(recv_per_expert, output_size=recv_rows.shape[0])
+            ones = torch.ones(recv_rows.shape[0], 1, dtype=torch.float32, device=recv_rows.device)
+            expert_out = self.quant_method.apply(self, recv_rows, ones, local_ids[:, None])
+        else:
+            expert_out = recv_rows  # [0, hidden]: no rows for this rank's experts
+        returned = comm.all_to_all(expert_out, send_splits, recv_splits)
+        weights = topk_weights[start:end].reshape(-1)[order].float()
+        out = torch.zeros(chunk, self.hidden_size, dtype=torch.float32, device=hidden_states.device)
+        out.index_add_(0, token_of, returned.float() * weights[:, None])
+        return comm.all_gather(out.to(hidden_states.dtype), dim=0)[:num_tokens]
 
     def _local_routing(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
