@@ -68,12 +68,16 @@ def buffer_bytes(area_bytes: int) -> int:
 
 @triton.jit
 def _data_area(addrs_ptr, p, area_off, x_ptr):
-    # Rank p's data area in use, as a pointer to x's element type. The base and
-    # the offset are multiples of 16 bytes; rounding says so to the compiler
-    # (an address loaded from memory has no known alignment), which keeps the
-    # loads and stores vectorized.
-    base = (tl.load(addrs_ptr + p) + area_off) // 16 * 16
-    return base.to(x_ptr.dtype)
+    # Rank p's data area in use, as a pointer to x's element type.
+    return (tl.load(addrs_ptr + p) + area_off).to(x_ptr.dtype)
+
+
+@triton.jit
+def _at(area, offs):
+    # ``area + offs`` for offsets that start blocks of BLOCK elements. A data
+    # area starts 16-byte aligned, which the compiler cannot know of an
+    # address loaded from memory: saying so keeps the accesses vectorized.
+    return tl.multiple_of(area + offs, 16)
 
 
 @triton.jit
@@ -120,7 +124,7 @@ def _all_reduce_kernel(x_ptr, addrs_ptr, counter_ptr, n, slice_elems, area_bytes
                 blk = j * nb + b
                 offs = s * slice_elems + blk * BLOCK + ar
                 m = (blk * BLOCK + ar < slice_elems) & (offs < n)
-                tl.store(mine + offs, tl.load(x_ptr + offs, mask=m), mask=m)
+                tl.store(_at(mine, offs), tl.load(x_ptr + offs, mask=m), mask=m)
         _meet(addrs_ptr, b, 2 * calls + 1, RANK, WORLD, WORLD_P2, MAX_WORLD)
         # Reduce-scatter: this rank's slice, summed over the ranks in rank order.
         for j in range(iters):
@@ -129,9 +133,9 @@ def _all_reduce_kernel(x_ptr, addrs_ptr, counter_ptr, n, slice_elems, area_bytes
             m = (blk * BLOCK + ar < slice_elems) & (offs < n)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for p in tl.static_range(WORLD):
-                acc += tl.load(_data_area(addrs_ptr, p, area_off, x_ptr) + offs, mask=m, other=0.0).to(tl.float32)
+                acc += tl.load(_at(_data_area(addrs_ptr, p, area_off, x_ptr), offs), mask=m, other=0.0).to(tl.float32)
             out = acc.to(x_ptr.dtype.element_ty)
-            tl.store(mine + offs, out, mask=m)
+            tl.store(_at(mine, offs), out, mask=m)
             tl.store(x_ptr + offs, out, mask=m)
         _meet(addrs_ptr, b, 2 * calls + 2, RANK, WORLD, WORLD_P2, MAX_WORLD)
         # All-gather: the other ranks' reduced slices.
@@ -142,21 +146,21 @@ def _all_reduce_kernel(x_ptr, addrs_ptr, counter_ptr, n, slice_elems, area_bytes
                     blk = j * nb + b
                     offs = s * slice_elems + blk * BLOCK + ar
                     m = (blk * BLOCK + ar < slice_elems) & (offs < n)
-                    tl.store(x_ptr + offs, tl.load(peer + offs, mask=m), mask=m)
+                    tl.store(x_ptr + offs, tl.load(_at(peer, offs), mask=m), mask=m)
     else:
         # Program b handles blocks b, b + nb, ... of the message.
         iters = tl.cdiv(n, nb * BLOCK)
         for j in range(iters):
             offs = (j * nb + b) * BLOCK + ar
             m = offs < n
-            tl.store(mine + offs, tl.load(x_ptr + offs, mask=m), mask=m)
+            tl.store(_at(mine, offs), tl.load(x_ptr + offs, mask=m), mask=m)
         _meet(addrs_ptr, b, 2 * calls + 1, RANK, WORLD, WORLD_P2, MAX_WORLD)
         for j in range(iters):
             offs = (j * nb + b) * BLOCK + ar
             m = offs < n
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for p in tl.static_range(WORLD):
-                acc += tl.load(_data_area(addrs_ptr, p, area_off, x_ptr) + offs, mask=m, other=0.0).to(tl.float32)
+                acc += tl.load(_at(_data_area(addrs_ptr, p, area_off, x_ptr), offs), mask=m, other=0.0).to(tl.float32)
             tl.store(x_ptr + offs, acc.to(x_ptr.dtype.element_ty), mask=m)
     # Advance the call counter: this program's entry, and (program 0) the
     # entries of the programs this call did not launch, so that every entry
