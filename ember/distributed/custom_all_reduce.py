@@ -36,9 +36,9 @@ DEFAULT_MAX_BYTES = 8 << 20
 # meeting and reads (world - 1) * bytes per rank; two-shot has two meetings and
 # reads 2 * (world - 1) / world * bytes, so one-shot wins while latency
 # dominates and its lead shrinks with the world size. Starting points from that
-# model (the crossover of vLLM's and TensorRT-LLM's published tunings lies in
-# the same range); retune with ``benchmarks/gpu/custom_all_reduce.py
-# --distinct-devices`` on each host type.
+# model (vLLM's custom all-reduce switches at similar sizes), not yet measured
+# here: retune with ``benchmarks/gpu/custom_all_reduce.py --distinct-devices``
+# on each host type.
 ONE_SHOT_MAX_BYTES = {2: 1 << 20, 3: 512 << 10, 4: 512 << 10, 5: 256 << 10, 6: 256 << 10, 7: 256 << 10,
                       8: 256 << 10}
 # Largest message (bytes) the custom all-reduce takes at all, by world size:
@@ -102,9 +102,10 @@ class CustomAllReduce:
         device: this rank's CUDA device.
         max_bytes: the largest message in bytes (a multiple of 16).
 
-    Raises:
-        RuntimeError: a peer's buffer cannot be mapped (on this rank; use
-            :meth:`create`, which falls back to NCCL on every rank instead).
+    Attributes:
+        error: why this rank cannot use the buffers (a buffer that could not
+            be exported or mapped), or None. :meth:`create` gathers it and
+            returns None on every rank where any rank has one.
     """
 
     def __init__(self, rank: int, world_size: int, group: object, device: torch.device,
@@ -119,7 +120,12 @@ class CustomAllReduce:
         # for) and finished before any rank can see the handle.
         self.buffer = torch.zeros(buffer_bytes(max_bytes), dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
-        handle = self.buffer.untyped_storage()._share_cuda_()
+        error = None
+        try:
+            handle = self.buffer.untyped_storage()._share_cuda_()
+        except RuntimeError as e:
+            handle, error = None, f"rank {rank} cannot export its buffer over CUDA IPC: {e}"
+        # Every rank gathers, even one that failed, so that none waits alone.
         handles: list = [None] * world_size
         dist.all_gather_object(handles, handle, group=group)
         # Peer buffers are mapped on this rank's device (the CUDA IPC mapping
@@ -127,11 +133,15 @@ class CustomAllReduce:
         # devices. NOTE: the storages must outlive every kernel that reads them.
         self._peer_storages: list[torch.UntypedStorage] = []
         addrs = []
-        error = None
         for p, h in enumerate(handles):
+            if error is not None:
+                break
             if p == rank:
                 addrs.append(self.buffer.data_ptr())
                 continue
+            if h is None:
+                error = f"rank {p} cannot export its buffer over CUDA IPC"
+                break
             try:
                 _, ipc_handle, size_bytes, offset_bytes, rc_handle, rc_offset, event_handle, _ = h
                 storage = torch.UntypedStorage._new_shared_cuda(

@@ -91,3 +91,62 @@ def test_rejects_messages_over_the_data_area() -> None:
     z = torch.zeros(K.MAX_BLOCKS, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="exceed"):
         K.all_reduce_ipc(x, z[:2], z, 0, 2, AREA_BYTES, "one_shot")
+
+
+# Consecutive calls of both algorithms, several sizes (so different grids)
+# and every dtype: the call counter, the alternating data areas and the flags
+# must keep them apart.
+_CALLS = [(600, "two_shot", torch.float32), (17, "one_shot", torch.bfloat16), (600, "one_shot", torch.float16),
+          (100, "two_shot", torch.float32), (1, "one_shot", torch.float32), (333, "two_shot", torch.bfloat16)]
+
+
+def _call_inputs(i: int, world: int) -> list[torch.Tensor]:
+    n, _, dtype = _CALLS[i]
+    gen = torch.Generator().manual_seed(1000 + i)
+    return [torch.randn(n, generator=gen).to(dtype) for _ in range(world)]
+
+
+def _rank_process(rank: int, world: int, addrs: torch.Tensor, out: torch.Tensor) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    counter = torch.zeros(K.MAX_BLOCKS, dtype=torch.int64)
+    try:
+        for i, (n, algorithm, _) in enumerate(_CALLS):
+            x = _call_inputs(i, world)[rank]
+            K.all_reduce_ipc(x, addrs, counter, rank, world, AREA_BYTES, algorithm, block=BLOCK)
+            out[rank, i, :n] = x.float()
+    finally:
+        os._exit(0 if bool((counter == len(_CALLS)).all()) else 1)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="forked ranks share CPU memory (CUDA: tests/distributed)")
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_meet_across_processes(world: int) -> None:
+    """Real meetings: ``world`` forked processes (the interpreter's atomics
+    on shared CPU memory, mapped at the same address in each), a sequence of
+    all-reduces each."""
+    import multiprocessing
+
+    bufs = [torch.zeros(K.buffer_bytes(AREA_BYTES), dtype=torch.uint8).share_memory_() for _ in range(world)]
+    addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    out = torch.full((world, len(_CALLS), max(n for n, _, _ in _CALLS)), float("nan")).share_memory_()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_process, args=(r, world, addrs, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    assert not alive, "ranks still waiting for each other"
+    assert [p.exitcode for p in procs] == [0] * world
+    for i, (n, _, dtype) in enumerate(_CALLS):
+        want = torch.zeros(n)
+        for t in _call_inputs(i, world):
+            want += t.float()
+        want = want.to(dtype).float()
+        for r in range(world):
+            assert torch.equal(out[r, i, :n], want), (r, i)
