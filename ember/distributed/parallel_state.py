@@ -111,7 +111,7 @@ def init_tensor_parallel(rank: int, world_size: int, group: object | None = None
 def init_distributed_environment(rank: int, world_size: int, backend: str | None = None,
                                  init_method: str = "env://", tensor_parallel_size: int | None = None,
                                  local_rank: int | None = None,
-                                 timeout_s: float = DEFAULT_TIMEOUT_S, custom_all_reduce: bool = False) -> None:
+                                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the ``torch.distributed`` default group and set up the
     tensor-parallel group (start-up of each rank's process).
 
@@ -136,10 +136,6 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
             ``rank`` modulo the visible devices).
         timeout_s: seconds a collective or the rendezvous waits for the other
             ranks before it raises.
-        custom_all_reduce: with NCCL, let the tensor-parallel group's small
-            all-reduces go through the custom all-reduce over CUDA IPC where
-            the group can use it (see
-            :mod:`ember.distributed.custom_all_reduce`).
 
     Raises:
         ValueError: a rank outside the world, a group size that does not
@@ -172,16 +168,14 @@ def init_distributed_environment(rank: int, world_size: int, backend: str | None
     _PP = PipelineGroup(rank // tp, world_size // tp, rank, tp)
     if tp == world_size:
         init_tensor_parallel(rank, tp, dist.group.WORLD if tp > 1 else None)
-    else:
-        # Every rank creates every group (new_group is collective over the world).
-        mine = None
-        for start in range(0, world_size, tp):
-            group = dist.new_group(list(range(start, start + tp)), timeout=datetime.timedelta(seconds=timeout_s))
-            if start <= rank < start + tp:
-                mine = group
-        init_tensor_parallel(rank % tp, tp, mine if tp > 1 else None)
-    if custom_all_reduce and device_id is not None:
-        _TP.init_custom_all_reduce(device_id)
+        return
+    # Every rank creates every group (new_group is collective over the world).
+    mine = None
+    for start in range(0, world_size, tp):
+        group = dist.new_group(list(range(start, start + tp)), timeout=datetime.timedelta(seconds=timeout_s))
+        if start <= rank < start + tp:
+            mine = group
+    init_tensor_parallel(rank % tp, tp, mine if tp > 1 else None)
 
 
 def set_expert_parallel(enabled: bool) -> None:

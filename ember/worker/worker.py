@@ -47,8 +47,9 @@ class Worker:
             init_distributed_environment(rank, pc.world_size, backend="nccl" if cuda else "gloo",
                                          init_method=distributed_init_method,
                                          tensor_parallel_size=pc.tensor_parallel_size,
-                                         local_rank=rank % pc.local_world_size if cuda else None,
-                                         custom_all_reduce=cuda and not pc.disable_custom_all_reduce)
+                                         local_rank=rank % pc.local_world_size if cuda else None)
+            if cuda and not pc.disable_custom_all_reduce:
+                get_tp_group().init_custom_all_reduce(torch.device("cuda", torch.cuda.current_device()))
         set_expert_parallel(pc.enable_expert_parallel)
         self.rank = rank
         self.model_runner = ModelRunner(config)
