@@ -214,7 +214,7 @@ def main() -> int:
     parser.add_argument("--distinct-devices", action="store_true",
                         help="rank r on cuda:r (needs that many GPUs); also times NCCL")
     parser.add_argument("--max-bytes", type=int, default=8 << 20, help="registered message size (bytes)")
-    parser.add_argument("--iters", type=int, default=20, help="calls per timing")
+    parser.add_argument("--iters", type=int, default=10, help="calls per timing")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per world size before failing")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
