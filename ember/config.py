@@ -269,6 +269,9 @@ class ParallelConfig:
             rendezvous listens on ``master_port`` and the engine's control
             connections on ``master_port + 1``. With one node the port is
             picked free on 127.0.0.1 when None.
+        disable_custom_all_reduce: send every tensor-parallel all-reduce
+            through NCCL, never the custom all-reduce over CUDA IPC (see
+            :mod:`ember.distributed.custom_all_reduce`).
     """
 
     tensor_parallel_size: int = 1
@@ -279,6 +282,7 @@ class ParallelConfig:
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    disable_custom_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
@@ -291,6 +295,8 @@ class ParallelConfig:
                  f"one of {list(EXPERT_PARALLEL_DISPATCHES)}", self.expert_parallel_dispatch)
         _require(self.expert_parallel_dispatch == "auto" or self.enable_expert_parallel, "expert_parallel_dispatch",
                  "'auto' unless enable_expert_parallel is set", self.expert_parallel_dispatch)
+        _require(isinstance(self.disable_custom_all_reduce, bool), "disable_custom_all_reduce", "True or False",
+                 self.disable_custom_all_reduce)
         _require(self.distributed_executor_backend is None
                  or self.distributed_executor_backend in DISTRIBUTED_EXECUTOR_BACKENDS,
                  "distributed_executor_backend", f"one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}",

@@ -3,8 +3,9 @@
 Every collective of the model (the row-parallel all-reduce, the vocabulary
 embedding's all-reduce, the LM head's gather) goes through the
 tensor-parallel group's :class:`Communicator`, so the transport
-(torch.distributed over NCCL or gloo, a custom all-reduce later) is chosen in
-one place. With one rank every operation returns its input, so a single-device
+(torch.distributed over NCCL or gloo, or the custom all-reduce over CUDA IPC of
+:mod:`ember.distributed.custom_all_reduce` for small messages) is chosen in one
+place. With one rank every operation returns its input, so a single-device
 step launches nothing extra.
 """
 
@@ -39,11 +40,29 @@ class Communicator:
     The tensors of a collective must have the same shape, dtype and device
     (CUDA with NCCL, CPU with gloo) on every rank, and every rank of the group
     must make the same calls in the same order.
+
+    ``custom_all_reduce`` (set by :meth:`init_custom_all_reduce`) takes the
+    all-reduces it accepts (see
+    :meth:`~ember.distributed.custom_all_reduce.CustomAllReduce.algorithm_for`);
+    torch.distributed takes the rest.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, group: object | None = None) -> None:
         self.rank, self.world_size, self.group = rank, world_size, group
         self._stats: CommStats | None = None
+        self.custom_all_reduce = None  # CustomAllReduce | None
+
+    def init_custom_all_reduce(self, device: torch.device) -> None:
+        """Set up the custom all-reduce over CUDA IPC where the group can use
+        it (collective over the group; start-up only, after the CUDA device is
+        set). Leaves ``custom_all_reduce`` None with one rank, on CPU, or where
+        :meth:`~ember.distributed.custom_all_reduce.CustomAllReduce.create`
+        declines."""
+        if self.world_size == 1 or torch.device(device).type != "cuda":
+            return
+        from ember.distributed.custom_all_reduce import CustomAllReduce
+
+        self.custom_all_reduce = CustomAllReduce.create(self.rank, self.world_size, self.group, device)
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[CommStats]:
@@ -81,6 +100,13 @@ class Communicator:
         contiguous.
         """
         if self.world_size == 1:
+            return x
+        car = self.custom_all_reduce
+        if car is not None and (algorithm := car.algorithm_for(x)) is not None:
+            if self._stats is not None:
+                self._timed(car.all_reduce, x, x, algorithm)
+            else:
+                car.all_reduce(x, algorithm)
             return x
         import torch.distributed as dist
 

@@ -210,6 +210,8 @@ def destroy_distributed_environment() -> None:
     """Leave every process group and reset the tensor-parallel state to a
     world of one (a no-op where no group exists)."""
     global _TP, _EXPERT_PARALLEL, _PP, _EP_DISPATCH
+    if _TP.custom_all_reduce is not None:
+        _TP.custom_all_reduce.close()
     _TP = Communicator()
     _PP = PipelineGroup()
     _EXPERT_PARALLEL = False

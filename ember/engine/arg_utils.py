@@ -97,6 +97,7 @@ class EngineArgs:
     nnodes: int = 1
     master_addr: str | None = None
     master_port: int | None = None
+    disable_custom_all_reduce: bool = False
     quantization: str | None = None
     seed: int | None = 0
     enforce_eager: bool = False
@@ -196,6 +197,9 @@ class EngineArgs:
         parser.add_argument("--master-port", type=int, default=d.master_port,
                             help="rendezvous port on node 0; the engine's control connections use the next port "
                                  "(default: $MASTER_PORT; needed with several nodes)")
+        parser.add_argument("--disable-custom-all-reduce", action="store_true",
+                            help="send every tensor-parallel all-reduce through NCCL instead of the custom "
+                                 "all-reduce over CUDA IPC that takes small messages on one host")
         parser.add_argument("--quantization", "-q", default=None, choices=_quantization_names() + ["none"],
                             help="quantize the weights with this method (see ember.layers.quantization); "
                                  "int8_weight_only: linear layers' weights in int8 with per-channel scales, "
@@ -268,7 +272,8 @@ class EngineArgs:
                                          nnodes=self.nnodes,
                                          master_addr=self.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),
                                          master_port=self.master_port if self.master_port is not None
-                                         else _env_port())
+                                         else _env_port(),
+                                         disable_custom_all_reduce=self.disable_custom_all_reduce)
 
         source = resolve_model_source(self.model or DEFAULT_MODEL)
         hf_config = read_hf_config(source)

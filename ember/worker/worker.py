@@ -48,6 +48,8 @@ class Worker:
                                          init_method=distributed_init_method,
                                          tensor_parallel_size=pc.tensor_parallel_size,
                                          local_rank=rank % pc.local_world_size if cuda else None)
+            if cuda and not pc.disable_custom_all_reduce:
+                get_tp_group().init_custom_all_reduce(torch.device("cuda", torch.cuda.current_device()))
         set_expert_parallel(pc.enable_expert_parallel, pc.expert_parallel_dispatch)
         self.rank = rank
         self.model_runner = ModelRunner(config)
