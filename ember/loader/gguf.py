@@ -9,6 +9,10 @@ so each entry point opens a file once. Dequantization is
 formats), except for the weights the ``gguf`` quantization method runs as
 stored (``keep_quantized``, see :mod:`ember.layers.quantization.gguf`); the
 tokenizer is converted by HF transformers' GGUF integration and cached on disk.
+
+Model loading takes 2-D tensors as lazy views (``lazy``, see
+:mod:`ember.loader.gguf_tensor`): the layers' weight loaders narrow them to
+their rank's slice and only the bytes under it are read and dequantized.
 """
 
 from __future__ import annotations
