@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
-from ember.logger import init_logger
 from ember.layers.quantization.gguf_types import GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GT, gguf_row_bytes
 from ember.layers.quantization.gguf_types import type_name as _type_name
+from ember.logger import init_logger
 
 logger = init_logger(__name__)
 
@@ -409,7 +409,7 @@ class GGUFConfig(QuantizationConfig):
         self._warned.add(split)
         elems = max(GGUF_BLOCK_SIZES[t][0] for t in types)
         names = "/".join(dict.fromkeys(_type_name(t) for t in types))
-        logger.warning(f"{prefix} (and other layers of the same split): {names} blocks hold {elems} input "
+        logger.warning(f"{prefix} (and the other layers split alike): {names} blocks hold {elems} input "
                        f"features, and its {layer.input_size} over {layer.tp_size} tensor-parallel ranks are "
                        f"{layer.input_size_per_partition} per rank, not whole blocks: it runs dequantized to "
                        f"{layer.params_dtype} (each rank dequantizes the blocks covering its features at load)")
