@@ -40,15 +40,19 @@ class UnsupportedArchitectureError(ModelLoadError):
 class FormatLoader:
     """The three readers one model format provides (each takes ``ModelSource.path``).
 
-    ``iter_weights(path, dtype, keep_quantized)``: with ``keep_quantized``
+    ``iter_weights(path, dtype, keep_quantized, lazy)``: with ``keep_quantized``
     False, quantized tensors are dequantized and floating ones cast to
     ``dtype``; with True, tensors come as the checkpoint stores them, for a
     quantization method that runs the stored format (see
     :attr:`ember.layers.quantization.base.QuantizationConfig.raw_checkpoint`).
+    With ``lazy`` (model loading through weight loaders), a tensor may come
+    as a tensor-like view that reads only the slices the loaders narrow it
+    to (GGUF: :class:`ember.loader.gguf_tensor.LazyGGUFTensor`; safetensors
+    tensors are memory-map views either way).
     """
 
     read_config: Callable[[str], PretrainedConfig]
-    iter_weights: Callable[[str, torch.dtype, bool], Iterator[tuple[str, torch.Tensor]]]
+    iter_weights: Callable[[str, torch.dtype, bool, bool], Iterator[tuple[str, torch.Tensor]]]
     load_tokenizer: Callable[[str], PreTrainedTokenizerFast]
 
 

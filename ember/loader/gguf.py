@@ -9,6 +9,10 @@ so each entry point opens a file once. Dequantization is
 formats), except for the weights the ``gguf`` quantization method runs as
 stored (``keep_quantized``, see :mod:`ember.layers.quantization.gguf`); the
 tokenizer is converted by HF transformers' GGUF integration and cached on disk.
+
+Model loading takes 2-D tensors as lazy views (``lazy``, see
+:mod:`ember.loader.gguf_tensor`): the layers' weight loaders narrow them to
+their rank's slice and only the bytes under it are read and dequantized.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from ember.loader.base import FormatLoader, ModelLoadError, UnsupportedArchitectureError, check_gguf_file, ember_cache_dir
+from ember.loader.gguf_tensor import LazyGGUFTensor, ReadCounter, StoredTensor, unpermute_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -337,18 +342,17 @@ def gguf_weight_types(gf: GGUFFile) -> dict[str, int]:
     return kept
 
 
-def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of llama.cpp's ``convert_hf_to_gguf.py`` ``LlamaModel.permute``.
-
-    HF orders each head's q/k rows as two halves ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]``
-    (``rotate_half`` rope); the converter interleaves them as ``(x_0, y_0), (x_1, y_1)..``
-    for ggml's pairwise rope. ``w``: ``[n_heads * d, ...]`` (weight or bias).
-    """
-    head_dim = w.shape[0] // n_heads
-    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+def _stored(gf: GGUFFile, planned: _PlannedTensor, counter: ReadCounter | None = None) -> StoredTensor:
+    """A 2-D tensor's bytes as ``[N, row_bytes]`` uint8 (a view of the map)."""
+    t = planned.tensor
+    data = t.data.reshape(planned.shape[0], -1).view(np.uint8)
+    return StoredTensor(gf.path, t.name, t.tensor_type, data, planned.shape, planned.rotary_heads, counter)
 
 
 def _load_tensor(gf: GGUFFile, planned: _PlannedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor, whole, dequantized to float32 then cast to ``dtype`` (q/k un-permuted)."""
+    if len(planned.shape) == 2:
+        return LazyGGUFTensor(_stored(gf, planned), blocks=False, dtype=dtype).materialize()
     t = planned.tensor
     try:
         # t.data: F32/F16 as such in HF shape; other types as uint8 blocks [*shape[:-1], row_bytes]
@@ -361,21 +365,12 @@ def _load_tensor(gf: GGUFFile, planned: _PlannedTensor, dtype: torch.dtype) -> t
         array = array.copy()
     tensor = torch.from_numpy(array)
     if planned.rotary_heads is not None:
-        tensor = _unpermute_rotary(tensor, planned.rotary_heads)
+        tensor = unpermute_rotary(tensor, planned.rotary_heads)
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _load_blocks(planned: _PlannedTensor) -> torch.Tensor:
-    """A quantized weight as stored: [N, row_bytes] uint8, one row of blocks
-    per output feature (q/k rows un-permuted for llama: whole rows move)."""
-    tensor = torch.from_numpy(np.array(planned.tensor.data, dtype=np.uint8, copy=True))
-    if planned.rotary_heads is not None:
-        tensor = _unpermute_rotary(tensor, planned.rotary_heads).contiguous()
-    return tensor
-
-
-def iter_gguf_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False, lazy: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | LazyGGUFTensor]]:
     """Yield ``(hf_name, tensor)`` for each GGUF tensor, in file order.
 
     Tensors are dequantized to float32 with ``gguf.quants.dequantize`` (F32, F16,
@@ -387,6 +382,13 @@ def iter_gguf_weights(path: str, dtype: torch.dtype, keep_quantized: bool = Fals
     :func:`gguf_weight_types` lists come as stored instead: [N, row_bytes]
     uint8 blocks (q/k rows un-permuted for llama); the others are dequantized.
 
+    With ``lazy`` (model loading), each 2-D tensor comes as a
+    :class:`~ember.loader.gguf_tensor.LazyGGUFTensor` of the same shape and
+    dtype, read and dequantized only where a weight loader narrows and copies
+    it: a tensor-parallel rank reads and dequantizes only its slices, and
+    tensors that are skipped are never read. 1-D tensors (norms, biases) come
+    whole. At the end the bytes read are logged against the file's tensor data.
+
     Raises:
         ModelLoadError: unreadable file, unknown tensor name, or a ggml type
             gguf-py cannot dequantize.
@@ -395,11 +397,20 @@ def iter_gguf_weights(path: str, dtype: torch.dtype, keep_quantized: bool = Fals
     gf = read_gguf(path)
     plan = _weight_plan(gf, _build_config(gf))
     kept = gguf_weight_types(gf) if keep_quantized else {}
+    counter = ReadCounter() if lazy else None
     for planned in tqdm(plan, desc=f"Loading {Path(path).name}", unit="tensor"):
-        if planned.hf_name in kept:
-            yield planned.hf_name, _load_blocks(planned)
+        blocks = planned.hf_name in kept
+        if len(planned.shape) == 2 and (lazy or blocks):
+            view = LazyGGUFTensor(_stored(gf, planned, counter), blocks=blocks, dtype=dtype)
+            yield planned.hf_name, view if lazy else view.materialize()
         else:
+            if counter is not None:
+                counter.bytes_read += int(planned.tensor.n_bytes)
             yield planned.hf_name, _load_tensor(gf, planned, dtype)
+    if counter is not None:
+        total = sum(int(p.tensor.n_bytes) for p in plan)
+        logger.info("%s: read %.1f of %.1f MiB of tensor data (%.0f%%: this process's slices)", Path(path).name,
+                    counter.bytes_read / 2**20, total / 2**20, 100 * counter.bytes_read / max(total, 1))
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -39,7 +39,7 @@ def preset_config(path: str):
     return config_cls(**fields)
 
 
-def _no_weights(path: str, dtype, keep_quantized: bool = False):
+def _no_weights(path: str, dtype, keep_quantized: bool = False, lazy: bool = False):
     raise ModelLoadError(f"{path} is an architecture preset without weights: use --load-format dummy")
 
 

@@ -122,7 +122,7 @@ class _MappedFile:
         return raw.view(dtype).view(info["shape"])
 
 
-def iter_safetensors_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False
+def iter_safetensors_weights(path: str, dtype: torch.dtype, keep_quantized: bool = False, lazy: bool = False
                              ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every tensor of every shard, file by file.
 
@@ -135,6 +135,7 @@ def iter_safetensors_weights(path: str, dtype: torch.dtype, keep_quantized: bool
     a tensor-parallel rank reads only its slices; others are materialized one
     at a time. With ``keep_quantized`` every tensor (FP8 weights and their
     ``_scale_inv`` companions included) is yielded as stored, uncast.
+    ``lazy`` changes nothing (the views are lazy already).
 
     Raises:
         ModelLoadError: see :func:`safetensors_files`; a corrupt file; an FP8

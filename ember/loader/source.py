@@ -119,7 +119,7 @@ def read_hf_config(source: ModelSource) -> PretrainedConfig:
     return _loader(source).read_config(source.path)
 
 
-def iter_weights(source: ModelSource, dtype: torch.dtype, keep_quantized: bool = False
+def iter_weights(source: ModelSource, dtype: torch.dtype, keep_quantized: bool = False, lazy: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every checkpoint tensor, one at a time.
 
@@ -134,10 +134,16 @@ def iter_weights(source: ModelSource, dtype: torch.dtype, keep_quantized: bool =
     not dequantized: FP8 weights, their scales, packed integer weights; the
     parameters they are copied into decide their dtype.
 
+    With ``lazy`` (for ``model.load_weights``), a GGUF file's 2-D tensors
+    come as :class:`ember.loader.gguf_tensor.LazyGGUFTensor` views, read and
+    dequantized only where the weight loaders narrow and copy them, so a
+    tensor-parallel rank reads its slices only (safetensors tensors are
+    memory-map views with or without it).
+
     Raises:
         ModelLoadError: a missing shard, an unknown tensor name or quant type.
     """
-    return _loader(source).iter_weights(source.path, dtype, keep_quantized)
+    return _loader(source).iter_weights(source.path, dtype, keep_quantized, lazy)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerFast | None:

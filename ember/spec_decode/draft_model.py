@@ -133,7 +133,8 @@ class DraftModelProposer:
                 fill_dummy(p.data, gen)
         else:
             keep_quantized = quant_config is not None and getattr(quant_config, "raw_checkpoint", False)
-            loaded = model.load_weights(iter_weights(resolve_model_source(mc.model), mc.dtype, keep_quantized))
+            loaded = model.load_weights(iter_weights(resolve_model_source(mc.model), mc.dtype, keep_quantized,
+                                                      lazy=True))
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 raise ValueError(f"draft checkpoint {mc.model} lacks weights for: {sorted(missing)[:8]}")

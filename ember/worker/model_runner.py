@@ -202,7 +202,7 @@ class ModelRunner:
         else:
             source = resolve_model_source(mc.model)
             keep_quantized = quant_config is not None and quant_config.raw_checkpoint
-            loaded = model.load_weights(iter_weights(source, mc.dtype, keep_quantized))
+            loaded = model.load_weights(iter_weights(source, mc.dtype, keep_quantized, lazy=True))
             missing = {n for n, _ in model.named_parameters()} - loaded
             if missing:
                 scheme = quant_config.describe() if quant_config is not None else None

@@ -12,6 +12,8 @@ decodes.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -116,15 +118,22 @@ def test_tensor_2_by_pipeline_2_equals_1(checkpoints: dict[str, str]) -> None:
     assert_same(generate(checkpoints["qwen3_moe"], tensor_parallel_size=2, pipeline_parallel_size=2), ref)
 
 
-def test_bundled_qwen_coder_tensor_parallel_2_equals_1(qwen_path: str) -> None:
+def test_bundled_qwen_coder_tensor_parallel_2_equals_1(qwen_path: str, capfd) -> None:
     """The bundled Qwen2.5-Coder-0.5B GGUF (14 query heads, 2 KV heads: 7 and
     one KV head per rank; a 151,936-token vocabulary split in two). Each rank
-    keeps only its half of every projection (GGUF tensors are dequantized
-    whole, one at a time, and then sliced)."""
+    keeps only its half of every projection, and reads and dequantizes only
+    that half of the file's tensors (its log line says how much it read:
+    about half; the Q4_K/Q6_K down projections split inside a block, so both
+    ranks read the block they share)."""
     kwargs = dict(max_model_len=64, kv_cache_memory=16 << 20)
     with one_thread():
         ref = generate(qwen_path, **kwargs)
+    capfd.readouterr()
     assert_same(generate(qwen_path, tensor_parallel_size=2, **kwargs), ref)
+    reads = re.findall(r"read ([\d.]+) of ([\d.]+) MiB of tensor data", capfd.readouterr().err)
+    assert len(reads) == 2, reads  # one line per worker
+    for done, whole in reads:
+        assert 0.45 < float(done) / float(whole) < 0.55, reads
 
 
 def test_bundled_qwen_coder_tensor_parallel_2_grammar_and_embeddings(qwen_path: str) -> None:

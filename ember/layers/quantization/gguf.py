@@ -34,9 +34,12 @@ unless ``--quantization gguf`` is given (see
 
 Tensor parallelism: column-parallel layers and the vocabulary split whole
 rows; a row-parallel layer splits each row's blocks where its input features
-per rank are a multiple of ``block_elems``, else its blocks are dequantized at
-load (:class:`GGUFDequantizeAtLoadMethod`; e.g. a Q4_K down projection of
-4864 inputs over 2 ranks).
+per rank are a multiple of ``block_elems``, else (e.g. a Q4_K down projection
+of 4864 inputs over 2 ranks: 9.5 blocks per rank) the layer runs dequantized
+(:class:`GGUFDequantizeAtLoadMethod`, with a warning naming the layer, its
+type's block size and the split), as a plain layer of the model dtype. At
+load (:mod:`ember.loader.gguf_tensor`) each rank reads only its rows and, for
+a row-parallel layer, only the blocks covering its input features.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ from torch import nn
 from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from ember.layers.quantization.gguf_types import GGML_TYPE_NAMES, GGUF_BLOCK_SIZES, GT, gguf_row_bytes
 from ember.layers.quantization.gguf_types import type_name as _type_name
+from ember.logger import init_logger
+
+logger = init_logger(__name__)
 
 # More rows of x than this: dequantize the weight, then one dense GEMM.
 GGUF_GEMV_MAX_M = 16
@@ -313,9 +319,16 @@ class GGUFDequantizeAtLoadMethod(LinearMethodBase):
         layer.weight.weight_loader = lambda param, loaded, *shard: self._load(layer, param, loaded, *shard)
 
     def _load(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, *shard: str | int | None) -> None:
-        """Dequantize the full checkpoint blocks [N, row_bytes], then load them
-        as the layer loads a dense tensor (its own sharding)."""
-        if loaded.dtype == torch.uint8:
+        """Load the checkpoint blocks [N, row_bytes] as the layer loads a
+        dense tensor (its own sharding): a lazy view of them
+        (:class:`~ember.loader.gguf_tensor.LazyGGUFTensor`) is dequantized
+        where the layer narrows it (only the blocks covering this rank's
+        input features), a tensor of blocks is dequantized whole first."""
+        from ember.loader.gguf_tensor import LazyGGUFTensor
+
+        if isinstance(loaded, LazyGGUFTensor) and loaded.blocks:
+            loaded = loaded.dequantized(param.dtype)
+        elif loaded.dtype == torch.uint8:
             index = 0
             if shard and shard[0] is not None and len(self.qtypes) > 1:
                 out_offset = layer._shard(shard[0])[0]
@@ -354,6 +367,7 @@ class GGUFConfig(QuantizationConfig):
     def __init__(self, weight_types: dict[str, int], tie_word_embeddings: bool = False) -> None:
         self.weight_types = dict(weight_types)
         self.tie_word_embeddings = tie_word_embeddings
+        self._warned: set[tuple[tuple[int, ...], int]] = set()
 
     @classmethod
     def get_name(cls) -> str:
@@ -387,6 +401,19 @@ class GGUFConfig(QuantizationConfig):
         types = [self.weight_types.get(f"{n}.weight") for n in names]
         return None if None in types else types
 
+    def _warn_dequantized(self, layer: nn.Module, prefix: str, types: list[int]) -> None:
+        """Warn once per split (type, input features per rank) that such layers run dequantized."""
+        split = (tuple(types), layer.input_size_per_partition)
+        if split in self._warned:
+            return
+        self._warned.add(split)
+        elems = max(GGUF_BLOCK_SIZES[t][0] for t in types)
+        names = "/".join(dict.fromkeys(_type_name(t) for t in types))
+        logger.warning(f"{prefix} (and the other layers split alike): {names} blocks hold {elems} input "
+                       f"features, and its {layer.input_size} over {layer.tp_size} tensor-parallel ranks are "
+                       f"{layer.input_size_per_partition} per rank, not whole blocks: it runs dequantized to "
+                       f"{layer.params_dtype} (each rank dequantizes the blocks covering its features at load)")
+
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         from ember.layers.linear import LinearBase
         from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -398,5 +425,6 @@ class GGUFConfig(QuantizationConfig):
             return None
         if isinstance(layer, LinearBase) and any(layer.input_size_per_partition % GGUF_BLOCK_SIZES[t][0]
                                                  for t in types):
+            self._warn_dequantized(layer, prefix, types)
             return GGUFDequantizeAtLoadMethod(types)
         return GGUFLinearMethod(types, out_float32=isinstance(layer, ParallelLMHead))

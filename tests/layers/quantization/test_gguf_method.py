@@ -204,6 +204,38 @@ def test_bundled_model_on_cuda_runs_quantized_by_default(pattern) -> None:
     assert tokens[None] == tokens["none"]
 
 
+@pytest.mark.gpu
+def test_bundled_qwen_on_two_cuda_ranks_runs_like_one(capfd) -> None:
+    """Qwen2.5-Coder-0.5B kept quantized over two GPUs (tensor parallel):
+    each rank reads about half of the file's tensor data (its log line), and
+    float32 greedy tokens equal one GPU's."""
+    import re
+
+    from ember import LLM, SamplingParams
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    path = _joined_file("Qwen2.5-Coder-0.5B-Instruct*.gguf")
+    if path is None:
+        pytest.skip("the GGUF file is not in /tmp/ember-gguf (benchmarks/gpu/gguf_carry.py join)")
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 22, 23, 24, 25, 26, 27, 28]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for tp in (1, 2):
+        capfd.readouterr()
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory=256 << 20, skip_tokenizer_init=True,
+                  max_num_seqs=4, piecewise_cuda_graphs=False, tensor_parallel_size=tp)
+        try:
+            tokens[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.llm_engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    reads = re.findall(r"read ([\d.]+) of ([\d.]+) MiB of tensor data", capfd.readouterr().err)
+    assert len(reads) == 2 and all(0.45 < float(a) / float(b) < 0.55 for a, b in reads), reads
+    assert tokens[2] == tokens[1]
+
+
 @pytest.mark.parametrize("qtype, k, split_blocks", [(GT.Q5_0, 896, True), (GT.Q4_K, 4864, False)],
                          ids=["Q5_0-blocks-split", "Q4_K-dequantized-at-load"])
 def test_row_parallel_rank_holds_its_blocks_or_dequantizes_them(monkeypatch, qtype, k, split_blocks) -> None:
