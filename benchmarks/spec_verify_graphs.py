@@ -15,7 +15,11 @@ waited for, as a verification step is):
 * ``eager``: the same step with no graph at all,
 
 and checks the graphed step against the piecewise one (argmax of every row's
-logits, relative difference of the hidden states).
+logits, relative difference of the hidden states). Then, in the same engine,
+greedy n-gram speculation end to end (prompts of 64 random tokens and a
+64-token span repeated four times, ``--output-len`` tokens) with and without
+the verification graphs: output tok/s, ms per step, and whether the tokens
+are the same.
 
     python benchmarks/spec_verify_graphs.py --model Llama-3.1-8B --load-format dummy [--json PATH]
 """
@@ -31,6 +35,7 @@ import torch
 
 from ember.engine.llm import LLM
 from ember.entrypoints.bench.offline import print_and_save
+from ember.sampling_params import SamplingParams
 from ember.worker.common import HostInputs
 
 
@@ -67,6 +72,51 @@ def step_ms(runner, host: HostInputs, iters: int) -> tuple[float, torch.Tensor, 
     return statistics.median(times), hidden.clone(), logits
 
 
+class _Steps:
+    """Counts the engine's collected steps (a step observer)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, record) -> None:
+        self.n += 1
+
+
+def end_to_end(llm: LLM, runner, batches: list[int], output_len: int, out: dict, lines: list[str]) -> None:
+    """Greedy n-gram speculation with and without the verification graphs."""
+    import random
+
+    rng = random.Random(0)
+    prompts = []
+    for _ in range(max(batches)):
+        span = [rng.randrange(100, 30_000) for _ in range(64)]
+        prompts.append([rng.randrange(100, 30_000) for _ in range(64)] + span * 4)
+    steps = _Steps()
+    llm.llm_engine.engine_core.add_step_observer(steps)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    verify = runner.verify_graphs
+    for n in batches:
+        res = {}
+        for name, graphs in (("graphed", verify), ("without", None)):
+            runner.verify_graphs = graphs
+            llm.generate(prompts[:n], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                         use_tqdm=False)  # warm-up
+            steps0, start = steps.n, time.perf_counter()
+            outs = llm.generate(prompts[:n], params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            tokens = [list(o.outputs[0].token_ids) for o in outs]
+            res[name] = (tokens, sum(map(len, tokens)) / seconds, 1e3 * seconds / max(1, steps.n - steps0))
+        runner.verify_graphs = verify
+        (tg, tps_g, ms_g), (tw, tps_w, ms_w) = res["graphed"], res["without"]
+        same = sum(a == b for a, b in zip(tg, tw)) / n
+        out.update({f"e2e_b{n}_graphed_tok_s": tps_g, f"e2e_b{n}_without_tok_s": tps_w,
+                    f"e2e_b{n}_speedup": tps_g / tps_w, f"e2e_b{n}_graphed_step_ms": ms_g,
+                    f"e2e_b{n}_without_step_ms": ms_w, f"e2e_b{n}_sequences_equal": same})
+        lines.append(f"n-gram end to end, batch {n:>2}: {tps_g:8.1f} tok/s with the verification graphs "
+                     f"({ms_g:.3f} ms/step) vs {tps_w:8.1f} without ({ms_w:.3f} ms/step): {tps_g / tps_w:.3f}x; "
+                     f"sequences equal {same:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="Llama-3.1-8B")
@@ -77,12 +127,14 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="cached tokens per request")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-eager", action="store_true", help="skip the step without any graph")
+    ap.add_argument("--output-len", type=int, default=128, help="tokens per request end to end (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.context + 512,
               skip_tokenizer_init=True, max_num_seqs=max(batches), max_num_batched_tokens=512,
+              enable_prefix_caching=False,  # each end-to-end run prefills its prompts
               speculative_config={"method": "ngram", "num_speculative_tokens": args.k,
                                   "disable_by_batch_size": max(batches)})
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
@@ -124,10 +176,12 @@ def main() -> None:
                          f"({graphed / decode:.3f}x decode) | piecewise {pw:7.3f} ms ({pw / decode:.3f}x) | "
                          f"eager {eager:7.3f} ms ({eager / decode:.3f}x) | argmax agree {same_argmax:.3f}, "
                          f"hidden rel diff {rel:.1e}")
+    if args.output_len:
+        end_to_end(llm, runner, batches, args.output_len, out, lines)
     llm.llm_engine.shutdown()
     print_and_save(out, args.json)
-    print(f"== verification steps on {out['device']}, {args.model}, context {args.context}, "
-          f"median of {args.iters} steps (forward + logits) ==")
+    print(f"== verification steps on {out['device']}, {args.model}, context {args.context}; step times: "
+          f"median of {args.iters} steps (forward + logits of every row) ==")
     print("\n".join(lines))
 
 
