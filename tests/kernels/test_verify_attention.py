@@ -16,16 +16,19 @@ pytest.importorskip("triton")
 
 
 def reference(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: list[int],
-              query_len: int, scale: float) -> torch.Tensor:
+              query_len: int, scale: float, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """float32 attention, request by request: K/V gathered slot by slot through
-    the block table, each query head against its KV head (head // group), new
-    token j of a request at position ``seq_len - query_len + j`` seeing keys
-    ``0 ..`` that position. Padding requests (``seq_len`` 0) give zeros."""
+    the block table (times ``kv_scales``), each query head against its KV head
+    (head // group), new token j of a request at position ``seq_len -
+    query_len + j`` seeing keys ``0 ..`` that position. Padding requests
+    (``seq_len`` 0) give zeros."""
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
     out = torch.zeros(query.shape, dtype=torch.float32)
     cache = kv_cache.float().cpu()
+    cache[0] *= kv_scales[0]
+    cache[1] *= kv_scales[1]
     table = block_table.cpu()
     for r, seq_len in enumerate(seq_lens):
         if seq_len == 0:
@@ -58,16 +61,19 @@ def _case(seq_lens, query_len, num_heads, num_kv_heads, head_dim, block_size, dt
 
 
 def _check(seq_lens, query_len, num_heads, num_kv_heads, head_dim=64, block_size=16, num_splits=1,
-           dtype=torch.float32, seed=0, tol=1e-5):
+           dtype=torch.float32, seed=0, tol=1e-5, cache_dtype=None, kv_scales=None):
     from ember.kernels.triton_attention import verify_attention
 
     q, kv, table = _case(seq_lens, query_len, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
+    if cache_dtype is not None:
+        kv = kv.to(cache_dtype)
     scale = head_dim ** -0.5
     out = torch.full_like(q, float("nan"))
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    verify_attention(q, kv, out, table, lens, query_len, scale, num_splits)
+    scales = None if kv_scales is None else tuple(torch.tensor(x, device=DEVICE) for x in kv_scales)
+    verify_attention(q, kv, out, table, lens, query_len, scale, num_splits, kv_scales=scales)
     synchronize()
-    ref = reference(q, kv, table, seq_lens, query_len, scale)
+    ref = reference(q, kv, table, seq_lens, query_len, scale, kv_scales or (1.0, 1.0))
     assert not out.isnan().any(), "unwritten or NaN output"
     err = (out.float().cpu() - ref).abs().max().item()
     assert err < tol, f"max abs error {err:.3e}"
@@ -97,6 +103,13 @@ def test_group_not_a_power_of_two_and_head_dim_80():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit(dtype):
     _check([by_device(500, 90), 23], 4, 8, 2, num_splits=2, dtype=dtype, seed=7, tol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_cache_with_scales(cache_dtype):
+    # The reference dequantizes the cache's FP8 values (times the scales) in float32.
+    _check([by_device(300, 70), 9], 3, 8, 2, num_splits=2, dtype=torch.bfloat16, seed=11, tol=3e-2,
+           cache_dtype=cache_dtype, kv_scales=(0.5, 2.0))
 
 
 def test_matches_decode_kernel_at_one_token():
