@@ -565,7 +565,8 @@ def verify_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     assert num_tokens == num_reqs * query_len, "query rows must be num_reqs * query_len"
     group = num_heads // num_kv_heads
     block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
-    num_stages = num_stages or 3
+    # NOTE: float32 tiles are twice as large: 2 stages keep them within shared memory.
+    num_stages = num_stages or (2 if kv_cache.element_size() == 4 else 3)
     mid_o = torch.empty(num_tokens * num_heads * num_splits * head_dim, dtype=torch.float32, device=query.device)
     mid_lse = torch.empty(num_tokens * num_heads * num_splits, dtype=torch.float32, device=query.device)
     k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
