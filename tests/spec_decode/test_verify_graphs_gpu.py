@@ -22,7 +22,8 @@ PROMPTS = [
     "The capital of France is",
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-KW = dict(device="cuda", dtype="float32", max_model_len=512, memory_utilization=0.5)
+KW = dict(device="cuda", dtype="float32", max_model_len=512, memory_utilization=0.5, max_num_seqs=8,
+          max_num_batched_tokens=256)  # few graphs to capture
 
 
 def _generate(llm: LLM, prompts, batched: bool) -> list[list[int]]:
