@@ -368,7 +368,7 @@ class VerifyCUDAGraphRunner:
         pin = dev.type == "cuda"
         self._stage_hosts = [torch.empty(stage_len, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._stage_dev = torch.empty_like(self._stage_hosts[0], device=dev)
-        self._num_runs = 0
+        self.num_runs = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -423,8 +423,8 @@ class VerifyCUDAGraphRunner:
         from ember.kernels.triton_inputs import unpack_verify_inputs
 
         q, n, bs = uniform_query_len(host), len(host.seq_lens), self.batch_size(host)
-        stage_host = self._stage_hosts[self._num_runs % 2]
-        self._num_runs += 1
+        stage_host = self._stage_hosts[self.num_runs % 2]
+        self.num_runs += 1
         total = stage_verify_inputs(host, stage_host.numpy())
         dev = self._stage_dev[:total]
         dev.copy_(stage_host[:total], non_blocking=True)

@@ -55,7 +55,7 @@ def test_verify_graphs_equal_eager_verification(smollm2_path, reference, method)
     graphs = runner.verify_graphs
     assert graphs is not None and set(graphs.sizes) == {2, 3, 4}
     with_graphs = {b: _generate(llm, prompts, b) for b in (False, True)}
-    assert graphs._num_runs > 0, "no verification step replayed a graph"
+    assert graphs.num_runs > 0, "no verification step replayed a graph"
     runner.verify_graphs = None  # today's path: piecewise graphs, extend attention eager
     without = {b: _generate(llm, prompts, b) for b in (False, True)}
     for b in (False, True):
