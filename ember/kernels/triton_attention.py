@@ -19,6 +19,10 @@ block_size + p % block_size``.
   programs that write partial outputs and log-sum-exps, merged by a second kernel,
   so a single long sequence still fills the GPU. All query heads of one KV head
   are processed together (GQA packing) so K/V are read once per group.
+* ``verify_attention``: the same split-KV scheme for a fixed number of new
+  tokens per request (a speculative verification step: the last token and its
+  drafts), causal among them; its launch depends only on the shapes, so the
+  verification steps run inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -460,3 +464,121 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=pdl,
         num_warps=1)  # faster than 4 warps up to 32 splits: the merge is latency-bound
+
+
+# ---------------------------------------------------------------------- verify
+@triton.jit(do_not_specialize=["stride_bt"])
+def _verify_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale, K_scale, V_scale,
+                         stride_qt, stride_qh, stride_bt, num_slots,
+                         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, QUERY_LEN: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr):
+    # One program: one request's QUERY_LEN new tokens x the GROUP query heads of
+    # one KV head (rows r = j * GROUP + g), over one split of its context.
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + req)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    stop = tl.minimum(start + split_len, seq_len)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_r = offs_r < QUERY_LEN * GROUP
+    mask_d = offs_d < HEAD_DIM
+    j = offs_r // GROUP  # the row's new token
+    heads = kv_head * GROUP + offs_r % GROUP
+    tokens = req * QUERY_LEN + j
+    q = tl.load(Q + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    q = _query_to(q, COMPUTE)
+    # New token j sits at position seq_len - QUERY_LEN + j and sees the keys up to it.
+    last_key = seq_len - QUERY_LEN + j
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if SCALED:
+        qk_scale = qk_scale * tl.load(K_scale)
+    row = NUM_KV_HEADS * HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < stop
+        page = tl.load(block_table + req * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
+        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
+        kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
+        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= last_key[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A tile among the last new tokens may hide every key from the earlier rows.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(COMPUTE), v, IEEE)
+        m_i = m_new
+    valid = l_i > 0
+    if SCALED:
+        acc = acc * tl.load(V_scale)
+    out = acc / tl.where(valid, l_i, 1.0)[:, None]
+    lse = tl.where(valid, m_i + tl.log2(tl.where(valid, l_i, 1.0)), float("-inf"))
+    # Partial results per (token, head, split), the layout _decode_merge_kernel reads.
+    base = (tokens * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    tl.store(Mid_O + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_r[:, None] & mask_d[None, :])
+    tl.store(Mid_LSE + base, lse, mask=mask_r)
+
+
+def verify_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, query_len: int, scale: float, num_splits: int,
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+                     fp8_compute: torch.dtype = torch.float16,
+                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Exactly ``query_len`` new tokens per request (a decode step with
+    ``query_len - 1`` draft tokens each), causal among them: split-KV decode
+    attention (FlashDecoding, as :func:`decode_attention`) whose programs take
+    a request's ``query_len`` tokens times the query heads of one KV head
+    together, so K/V are read once per request and KV head. The launch depends
+    only on the shapes and ``num_splits`` (CUDA-graph safe).
+
+    Args:
+        query, out: [num_reqs * query_len, num_heads, head_dim], request r's
+            tokens at rows ``r * query_len ..`` in order.
+        kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (the new
+            K/V already stored).
+        block_table: [num_reqs, max_blocks] int32.
+        seq_lens: [num_reqs] int32, context + new tokens (the new tokens are
+            positions ``seq_len - query_len .. seq_len - 1``); 0: a padding
+            request, whose rows come out zero.
+        query_len: new tokens per request (>= 1).
+        num_splits: KV splits per request (see :func:`num_decode_splits`).
+        block_n, num_warps, num_stages, fp8_compute, kv_scales: as
+            :func:`decode_attention`.
+    """
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_tokens, num_heads, _ = query.shape
+    num_reqs = seq_lens.shape[0]
+    assert num_tokens == num_reqs * query_len, "query rows must be num_reqs * query_len"
+    group = num_heads // num_kv_heads
+    block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
+    # NOTE: float32 tiles are twice as large: 2 stages keep them within shared memory.
+    num_stages = num_stages or (2 if kv_cache.element_size() == 4 else 3)
+    mid_o = torch.empty(num_tokens * num_heads * num_splits * head_dim, dtype=torch.float32, device=query.device)
+    mid_lse = torch.empty(num_tokens * num_heads * num_splits, dtype=torch.float32, device=query.device)
+    k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
+    _verify_split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, kv_cache, mid_o, mid_lse, block_table, seq_lens, scale, k_scale, v_scale,
+        query.stride(0), query.stride(1), block_table.stride(0), num_blocks * block_size,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, QUERY_LEN=query_len, HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=max(16, triton.next_power_of_2(group * query_len)),
+        PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, IEEE=query.dtype == torch.float32,
+        COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute), SCALED=scaled,
+        num_warps=num_warps, num_stages=num_stages)
+    _decode_merge_kernel[(num_tokens, num_heads)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=use_pdl(query.device), num_warps=1)

@@ -81,11 +81,16 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
             positions.append(base + j)
             histories.rows.append((s.token_ids, d, j))
             draft_rows.append(d[j] if j < len(d) else -1)
-    rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device)
-    logits = runner.model.compute_logits(hidden[rows_dev])
+    # NOTE: the copies to the device are asynchronous (no wait for the forward
+    # pass); a step where every row verifies (a uniform step) needs no gather.
+    if len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1:
+        logits = runner.model.compute_logits(hidden)
+    else:
+        rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device, non_blocking=True)
+        logits = runner.model.compute_logits(hidden[rows_dev])
     meta = SamplingMetadata.build(params, positions, device, token_ids=histories, vocab_size=logits.shape[-1])
     argmax, probs = target_probs(logits, meta)
-    draft_dev = torch.tensor(draft_rows, dtype=torch.int64, device=device)
+    draft_dev = torch.from_numpy(np.array(draft_rows, dtype=np.int64)).to(device, non_blocking=True)
     if probs is None:
         result = rejection_sample(draft_dev, argmax, None, None, None, None)
     else:

@@ -16,6 +16,12 @@ eager 8B step can take longer than running it).
   step's real metadata. This is vLLM's "piecewise" CUDA graph design, done
   here by cutting the capture at :class:`~ember.layers.attention.Attention`
   instead of by compiling the model.
+* Speculative verification steps (:class:`VerifyCUDAGraphRunner`): every
+  request runs its last token and the same number of drafts, ``q`` tokens in
+  all; whole steps are captured per (batch size, ``q``), attention done by
+  the split-KV kernel for ``q`` new tokens per request
+  (``ember.kernels.triton_attention.verify_attention``), whose launch depends
+  only on the shapes. Padding requests get ``seq_len 0`` and slots ``-1``.
 """
 
 from __future__ import annotations
@@ -279,3 +285,150 @@ class PiecewiseCUDAGraphRunner:
             out.copy_(layer.attend(q, k, v, ctx))
         graphs[-1].replay()
         return self._hidden[: n * self.hidden_size].view(n, self.hidden_size)
+
+
+def uniform_query_len(host) -> int:
+    """``q`` when every request of the step ``host`` (a ``HostInputs``) has
+    exactly ``q > 1`` new tokens and none is still in flight, else 0."""
+    q, n = host.max_query_len, len(host.seq_lens)
+    if q > 1 and len(host.input_ids) == n * q and not host.in_flight_dst:
+        return q
+    return 0
+
+
+def stage_verify_inputs(host, stage: np.ndarray) -> int:
+    """Pack a uniform step ``host`` into ``stage`` (int64, at least
+    ``3 * num_tokens + n * (1 + width)`` long) as
+    :func:`~ember.kernels.triton_inputs.unpack_verify_inputs` reads it:
+    ``[input_ids | positions | slot_mapping | seq_lens | block_table rows]``.
+    Returns the number of entries written."""
+    t, n = len(host.input_ids), len(host.seq_lens)
+    width = host.block_table.shape[1]
+    stage[0:t] = host.input_ids
+    stage[t:2 * t] = host.positions
+    stage[2 * t:3 * t] = host.slot_mapping
+    stage[3 * t:3 * t + n] = host.seq_lens
+    total = 3 * t + n + n * width
+    stage[3 * t + n:total] = host.block_table.reshape(-1)
+    return total
+
+
+class VerifyCUDAGraphRunner:
+    """Captures and replays ``model(input_ids, positions, ctx)`` for uniform
+    verification steps: ``n`` requests with ``q`` new tokens each (the last
+    token and ``q - 1`` drafts), for every ``q`` in ``query_lens`` and a
+    ladder of batch sizes (:func:`capture_sizes` of ``max_num_seqs``, those
+    whose ``batch * q`` tokens fit the token budget). A step of ``n`` requests
+    runs in the smallest captured batch ``>= n``; its token rows are the
+    packed rows (request after request), so the first ``n * q`` rows of the
+    output are the step's hidden states.
+
+    Args:
+        model: the loaded model (its attention layers on the Triton backend).
+        kv_caches: the per-layer KV cache tensors (fixed addresses).
+        config: engine config (max_model_len, block_size, token budget).
+        query_lens: the ``q`` values to capture (k + 1 for k drafts).
+        max_num_seqs: the largest batch to capture (speculation turns off
+            above ``disable_by_batch_size``).
+        device, num_sms: where the buffers live and its SM count (which sets
+            the split-KV count); default the current CUDA device.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig,
+                 query_lens: list[int], max_num_seqs: int, device: torch.device | None = None,
+                 num_sms: int | None = None) -> None:
+        from ember.kernels.triton_attention import num_decode_splits
+
+        self.model, self.kv_caches = model, kv_caches
+        budget = config.scheduler_config.max_num_batched_tokens
+        ladder = capture_sizes(max_num_seqs)
+        self.sizes: dict[int, list[int]] = {}
+        for q in sorted(set(query_lens)):
+            fits = [b for b in ladder if b * q <= budget]
+            if q > 1 and fits:
+                self.sizes[q] = fits
+        self._num_splits = num_decode_splits
+        self.num_kv_heads = config.model_config.num_kv_heads
+        dev = device if device is not None else torch.device("cuda")
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        self.num_sms = num_sms
+        max_bs = max((s[-1] for s in self.sizes.values()), default=0)
+        max_tokens = max((s[-1] * q for q, s in self.sizes.items()), default=0)
+        self.max_blocks = -(-config.model_config.max_model_len // config.cache_config.block_size)
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
+        self._query_start_loc = {q: torch.arange(0, (max_bs + 1) * q, q, dtype=torch.int32, device=dev)
+                                 for q in self.sizes}
+        # Pinned staging areas used in turn (as CUDAGraphRunner's): one copy per step.
+        stage_len = 3 * max_tokens + max_bs * (1 + self.max_blocks)
+        pin = dev.type == "cuda"
+        self._stage_hosts = [torch.empty(stage_len, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._stage_dev = torch.empty_like(self._stage_hosts[0], device=dev)
+        self.num_runs = 0
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """Every captured ``(batch size, q)``, most tokens first."""
+        return sorted(((b, q) for q, sizes in self.sizes.items() for b in sizes), key=lambda k: (-k[0] * k[1], k))
+
+    def args(self, bs: int, q: int) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """The model's arguments for ``(bs, q)``: views of the buffers and the
+        attention metadata over them (``uniform_query_len = q``)."""
+        t = bs * q
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:t], query_start_loc=self._query_start_loc[q][: bs + 1],
+            seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=q,
+            max_seq_len=self.max_blocks, query_start_loc_cpu=[], seq_lens_cpu=[],
+            num_kv_splits=self._num_splits(bs, self.num_kv_heads, self.num_sms), uniform_query_len=q)
+        return self.input_ids[:t], self.positions[:t], ForwardContext(meta, self.kv_caches)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for bs, q in self.keys:  # most tokens first: the others reuse its memory pool
+            args = self.args(bs, q)
+            self.model(*args)  # warm-up: compiles Triton kernels, sets up cuBLAS handles
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[(bs, q)] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[(bs, q)] = graph
+        torch.cuda.synchronize()
+
+    def batch_size(self, host) -> int:
+        """The captured batch size that runs the step ``host``, or 0 when none
+        does (not uniform, a ``q`` not captured, too many requests)."""
+        q = uniform_query_len(host)
+        n = len(host.seq_lens)
+        sizes = self.sizes.get(q)
+        if not sizes or n > sizes[-1] or host.block_table.shape[1] > self.max_blocks:
+            return 0
+        return next(s for s in sizes if s >= n)
+
+    def can_run(self, host) -> bool:
+        """True for a uniform verification step that fits a captured graph."""
+        return self.batch_size(host) > 0
+
+    def run(self, host, runner=None) -> torch.Tensor:
+        """Stage ``host`` (a ``HostInputs`` that :meth:`can_run`) into the
+        buffers in one host-to-device copy and one kernel, and replay;
+        returns the hidden states [num_tokens, hidden]."""
+        from ember.kernels.triton_inputs import unpack_verify_inputs
+
+        q, n, bs = uniform_query_len(host), len(host.seq_lens), self.batch_size(host)
+        stage_host = self._stage_hosts[self.num_runs % 2]
+        self.num_runs += 1
+        total = stage_verify_inputs(host, stage_host.numpy())
+        dev = self._stage_dev[:total]
+        dev.copy_(stage_host[:total], non_blocking=True)
+        unpack_verify_inputs(dev, n, q, host.block_table.shape[1], self.input_ids, self.positions,
+                             self.slot_mapping, self.seq_lens, self.block_table, bs)
+        self.graphs[(bs, q)].replay()
+        return self.outputs[(bs, q)][: n * q]

@@ -148,6 +148,7 @@ class ModelRunner:
         # speculative_config method "draft_model": the draft next to the target (load_draft_model).
         self.draft_proposer = None
         self.piecewise_graphs = None  # PiecewiseCUDAGraphRunner once captured
+        self.verify_graphs = None  # VerifyCUDAGraphRunner once captured (speculative decoding)
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
         # The last launched step's sampled ids (device, [num_rows] int64) and the
         # requests of its rows, in order, until it is collected: the source of
@@ -455,10 +456,13 @@ class ModelRunner:
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the packed batch: a CUDA-graph
-        replay for decode-only batches that fit a captured size, piecewise
-        graphs (attention eager) for other steps that fit one, else eager."""
+        replay for decode-only batches and for uniform verification steps that
+        fit a captured size, piecewise graphs (attention eager) for other
+        steps that fit one, else eager."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
             return self.cuda_graphs.run(host, self)
+        if self.verify_graphs is not None and self.verify_graphs.can_run(host):
+            return self.verify_graphs.run(host, self)
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
             return self.piecewise_graphs.run(host, self)
         input_ids, positions, meta = self._device_inputs(host)
@@ -794,6 +798,7 @@ class ModelRunner:
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
         if self.draft_proposer is not None:
             self.draft_proposer.capture_cuda_graphs()
+        self._capture_verify_graphs()
         if not self.model_config.piecewise_cuda_graphs:
             return
         from ember.layers.attention import Attention
@@ -811,6 +816,41 @@ class ModelRunner:
         sizes = self.piecewise_graphs.sizes
         logger.info(f"captured piecewise CUDA graphs for {len(sizes)} token counts {sizes[0]}..{sizes[-1]} "
                     f"({len(self.piecewise_graphs.layers) + 1} pieces each) in {time.perf_counter() - start:.1f} s")
+
+    def _capture_verify_graphs(self) -> None:
+        """With speculative decoding, capture the uniform verification steps
+        (every request: its last token and j drafts, j = 1..k) for batch sizes
+        up to ``disable_by_batch_size`` (:class:`~ember.worker.cuda_graph.VerifyCUDAGraphRunner`);
+        needs every attention layer to be an ``Attention`` on the Triton backend."""
+        sc = self.config.speculative_config
+        if sc is None:
+            return
+        from ember.layers.attention import Attention
+        from ember.layers.attention.mla import MLAAttention
+        from ember.layers.attention.triton_backend import TritonAttentionBackend
+        from ember.worker.cuda_graph import VerifyCUDAGraphRunner
+
+        modules = list(self.model.modules())
+        attns = [m for m in modules if isinstance(m, Attention)]
+        if (any(isinstance(m, MLAAttention) for m in modules) or not attns
+                or not all(isinstance(a.impl, TritonAttentionBackend) for a in attns)):
+            logger.info("verification steps run without their own CUDA graphs (they need Attention layers "
+                        "on the Triton backend)")
+            return
+        limit = sc.disable_by_batch_size
+        max_seqs = self.config.scheduler_config.max_num_seqs
+        start = time.perf_counter()
+        self.verify_graphs = VerifyCUDAGraphRunner(self.model, self.kv_caches, self.config,
+                                                   list(range(2, sc.num_speculative_tokens + 2)),
+                                                   max_seqs if limit is None else min(limit, max_seqs))
+        keys = self.verify_graphs.keys
+        if not keys:  # no batch of k + 1 tokens per request fits the token budget
+            self.verify_graphs = None
+            return
+        self.verify_graphs.capture()
+        logger.info(f"captured CUDA graphs for {len(keys)} verification steps (batch sizes up to "
+                    f"{max(b for b, _ in keys)}, {min(q for _, q in keys)}..{max(q for _, q in keys)} tokens "
+                    f"per request) in {time.perf_counter() - start:.1f} s")
 
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:

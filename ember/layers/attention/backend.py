@@ -41,6 +41,11 @@ class AttentionMetadata:
             graph is captured (0: the backend chooses).
         num_decodes: the first ``num_decodes`` requests have one new token each
             (the runner puts decodes first), so backends may run them apart.
+        uniform_query_len: when > 1, every request has exactly this many new
+            tokens (a speculative verification step, captured in a CUDA graph:
+            ``ember.worker.cuda_graph.VerifyCUDAGraphRunner``), and backends
+            may attend with a kernel whose launch depends only on the shapes
+            (padding requests have ``seq_lens`` 0); 0: no such promise.
     """
 
     slot_mapping: torch.Tensor
@@ -53,6 +58,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     num_kv_splits: int = 0
     num_decodes: int = 0
+    uniform_query_len: int = 0
 
     @property
     def num_reqs(self) -> int:

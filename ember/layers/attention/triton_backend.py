@@ -1,13 +1,15 @@
 """Attention backend on Triton kernels (CUDA): paged KV write, extend/prefill
 attention for batches with any multi-token request, split-KV decode attention
-for all-decode batches. Kernels: ``ember.kernels.triton_attention``."""
+for all-decode batches and for verification steps of a fixed number of new
+tokens per request (``AttentionMetadata.uniform_query_len``). Kernels:
+``ember.kernels.triton_attention``."""
 
 from __future__ import annotations
 
 import torch
 
 from ember.kernels.triton_attention import (decode_attention, extend_attention, num_decode_splits,
-                                            rope_and_store_kv_cache, store_kv_cache)
+                                            rope_and_store_kv_cache, store_kv_cache, verify_attention)
 from ember.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -31,6 +33,13 @@ class TritonAttentionBackend(AttentionBackend):
         if metadata.max_query_len == 1:
             self._decode(query, kv_cache, out, metadata.block_table, metadata.seq_lens, metadata.num_kv_splits,
                          kv_scales)
+            return out
+        q_len = metadata.uniform_query_len
+        if q_len > 1:  # a verification step: the split-KV kernel, query_len tokens per request
+            splits = metadata.num_kv_splits or num_decode_splits(metadata.seq_lens.shape[0], self.num_kv_heads,
+                                                                 self.num_sms)
+            verify_attention(query, kv_cache, out, metadata.block_table, metadata.seq_lens, q_len, self.scale,
+                             splits, kv_scales=kv_scales)
             return out
         # Mixed batch: the leading decode rows take the GQA-packed decode kernel
         # (K/V read once per KV head, not once per query head).
