@@ -75,6 +75,8 @@ class Fp8GemvConfig:
     def __post_init__(self) -> None:
         if self.convert not in _CONVERT or self.mma not in _MMA:
             raise ValueError(f"FP8 GEMV config: unknown convert {self.convert!r} or mma {self.mma!r}")
+        if self.mma == "fma" and self.convert == "asm":
+            raise ValueError("FP8 GEMV config: the CUDA-core products widen to float32 with convert 'bits' or 'cast'")
         if self.split_k < 1 or self.block_n < 16 or self.block_k < 16:
             raise ValueError(f"FP8 GEMV config: bad tiles {self}")
 

@@ -143,6 +143,8 @@ def test_table_selects_a_config_and_refuses_what_it_cannot_run(monkeypatch):
         fp8_gemv(x, q[:39], s[:39], config, gated=True)
     with pytest.raises(ValueError, match="config"):
         Fp8GemvConfig(32, 64, 2, convert="ptx")
+    with pytest.raises(ValueError, match="config"):
+        Fp8GemvConfig(32, 64, 2, convert="asm", mma="fma")
     if not ON_GPU:
         with pytest.raises(ValueError, match="CUDA only"):
             fp8_gemv(x, q, s, Fp8GemvConfig(32, 32, 2, convert="asm"))

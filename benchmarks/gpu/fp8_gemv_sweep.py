@@ -1,0 +1,232 @@
+"""Sweep of the FP8 W8A16 decode GEMV's configurations
+(:mod:`ember.kernels.triton_fp8_gemv`) at Llama-3.1-8B's shapes, against the
+kernel that runs today (:func:`ember.kernels.triton_fp8.fp8_skinny_linear`
+with an empty configuration table) and the bf16 skinny GEMM
+(:mod:`ember.kernels.triton_gemm`) on the same shapes.
+
+For each shape (qkv 6144 x 4096, o 4096 x 4096, gate_up 28672 x 4096 with the
+SwiGLU epilogue as decode runs it, down 4096 x 14336, lm_head 128256 x 4096)
+and M in 1, 4, 8, 16: µs per call from CUDA-graph replays over enough weight
+copies to exceed L2 (no launch gaps, weights read from HBM), the weight GB/s
+(FP8 bytes + scales; bf16 bytes for the bf16 GEMM), and each output's
+relative error against a float32 reference (max |error| / max |reference|;
+a configuration above 1e-2 is marked wrong and never picked). Each
+configuration's e4m3 widening is also checked bit for bit on all 254 finite
+byte values. PDL is off everywhere (decode turns it on for all of them).
+
+Prints one line per (shape, M) with the current kernel, the bf16 GEMM, and
+the best configuration, then the lines of
+``ember.kernels.triton_fp8_gemv.FP8_GEMV_CONFIGS`` for the shapes where the best
+beats the current kernel by more than 3%, and writes every figure to
+``--json``. About 2-3 minutes on one H100 (most of it compiling).
+
+    python3 benchmarks/gpu/fp8_gemv_sweep.py [--json results/fp8_gemv_sweep.json]
+        [--shapes qkv o gate_up down lm_head] [--m 1 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from ember.kernels import triton_fp8_gemv
+from ember.kernels.triton_fp8 import fp8_skinny_linear
+from ember.kernels.triton_fp8_gemv import Fp8GemvConfig, fp8_gemv
+from ember.kernels.triton_gemm import skinny_linear, skinny_silu_and_mul_linear
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+C = Fp8GemvConfig
+CANDIDATES = [
+    # The current tiles, widened by integer ops / PTX instead of the conversion unit.
+    C(32, 512, 4, convert="bits"), C(32, 512, 4), C(64, 512, 3), C(64, 256, 4), C(32, 1024, 3),
+    C(64, 512, 3, num_warps=8), C(32, 512, 4, evict_first=True),
+    # The widened weight as the left MMA operand.
+    C(64, 256, 4, mma="wx"), C(64, 512, 3, mma="wx"), C(128, 256, 3, mma="wx"), C(128, 256, 3, num_warps=8, mma="wx"),
+    # Split-K for the outputs that make few column tiles.
+    C(32, 512, 4, split_k=2), C(32, 512, 4, split_k=4), C(64, 256, 4, split_k=4), C(32, 256, 4, split_k=8),
+    C(64, 256, 4, mma="wx", split_k=4), C(32, 512, 4, convert="cast", split_k=4),
+    # CUDA-core products for a few rows.
+    C(16, 256, 4, convert="bits", mma="fma"), C(32, 256, 4, convert="bits", mma="fma"),
+    C(16, 512, 3, convert="bits", mma="fma", split_k=2),
+]
+SMS_WAVES_FOR_SPLIT = 2  # split-K only where the column tiles make fewer than this many waves
+DEVICE = "cuda"
+L2_BYTES = 256 << 20     # weight bytes per timed graph (copies of the weight), well over the H100's 50 MB L2
+
+
+def _applies(cfg: Fp8GemvConfig, n_out: int, block_n: int, m: int, sms: int) -> bool:
+    if cfg.split_k > 1 and math.ceil(n_out / block_n) >= SMS_WAVES_FOR_SPLIT * sms:
+        return False
+    if cfg.mma == "fma" and (m > 4 or block_n * cfg.block_k * triton_next_pow2(m) > 16384):
+        return False
+    return True
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
+def time_us(fn, copies: int) -> float:
+    """µs per call of ``fn(i)``, ``i`` over the copies, captured in one CUDA graph."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(7):
+        start.record()
+        for _ in range(4):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (4 * copies))
+    return sorted(samples)[len(samples) // 2]
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def widening_exact(cfg: Fp8GemvConfig) -> bool:
+    """y = onehot @ W.T picks single weights: every finite e4m3 byte must come
+    back as its value. Column j of the weight holds all the codes, rolled by j;
+    x's row j picks column j (one row for the CUDA-core products, which the
+    sweep runs at M <= 4). K = 4096 and 256 rows: the kernels compiled here
+    are the ones the sweep times."""
+    codes = torch.arange(256, dtype=torch.int32, device=DEVICE)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).to(torch.uint8)  # the two NaNs -> 0
+    k, n = 4096, codes.numel()
+    rows = 1 if cfg.mma == "fma" else 16
+    q = torch.zeros(n, k, dtype=torch.uint8, device=DEVICE)
+    q[:, :16] = torch.stack([codes.roll(-j) for j in range(16)]).T
+    q = q.view(torch.float8_e4m3fn)
+    x = torch.zeros(rows, k, dtype=torch.bfloat16, device=DEVICE)
+    x[torch.arange(rows), torch.arange(rows)] = 1
+    y = fp8_gemv(x, q, torch.ones(n, device=DEVICE), cfg)
+    return bool((y.float() == q[:, :rows].float().T).all())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="results/fp8_gemv_sweep.json")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 8, 16])
+    args = parser.parse_args()
+    t0 = time.time()
+    triton_fp8_gemv.FP8_GEMV_CONFIGS.clear()  # "current" = today's kernel
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    result = {"device": props.name, "sms": sms, "torch": torch.__version__, "rows": [], "exact_widening": {}}
+    print(f"# {props.name}, {sms} SMs", flush=True)
+    for cfg in CANDIDATES:
+        try:
+            result["exact_widening"][cfg.name] = widening_exact(cfg)
+        except Exception as e:  # noqa: BLE001 (a configuration that does not compile is reported)
+            result["exact_widening"][cfg.name] = f"{type(e).__name__}: {str(e)[:120]}"
+    bad = {name: v for name, v in result["exact_widening"].items() if v is not True}
+    print(f"# widening exact on all finite e4m3 values: {len(CANDIDATES) - len(bad)}/{len(CANDIDATES)} "
+          f"configs{'; not: ' + str(bad) if bad else ''} ({time.time() - t0:.0f} s)", flush=True)
+    torch.manual_seed(0)
+    table = {}
+    header = f"{'shape':<8} {'M':>2} {'cur us':>7} {'cur GB/s':>8} {'bf16 us':>7} {'bf16GB/s':>8} " \
+             f"{'best us':>7} {'GB/s':>6} {'x cur':>5} {'x bf16':>6}  best config"
+    print(header, flush=True)
+    for shape in args.shapes:
+        n, k = SHAPES[shape]
+        gated = shape == "gate_up"
+        n_out = n // 2 if gated else n
+        fp8_bytes = n * k + 4 * n
+        copies = max(1, math.ceil(L2_BYTES / fp8_bytes))
+        w32 = torch.randn(n, k, device=DEVICE) * k ** -0.5
+        s = (w32.abs().amax(1) / 448).float()
+        q0 = (w32 / s[:, None]).to(torch.float8_e4m3fn)
+        qs = [q0] + [q0[torch.randperm(n, device=DEVICE)] for _ in range(copies - 1)]
+        wref = q0.float() * s[:, None]
+        del w32
+        bf16_copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
+        wb = [wref.to(torch.bfloat16)] + [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+                                          for _ in range(bf16_copies - 1)]
+        for m in args.m:
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+            y = x.float() @ wref.T
+            if gated:
+                g, u = y[:, :n_out].to(torch.bfloat16).float(), y[:, n_out:].to(torch.bfloat16)
+                ref = (g / (1 + torch.exp(-g))).to(torch.bfloat16) * u
+            else:
+                ref = y.to(torch.bfloat16)
+            row = {"shape": shape, "n": n, "k": k, "m": m, "gated": gated, "copies": copies, "configs": {}}
+            cur = lambda i: fp8_skinny_linear(x, qs[i], s, gated=gated)  # noqa: E731
+            row["current_err"] = rel_err(cur(0), ref)
+            row["current_us"] = time_us(cur, copies)
+            bf = (lambda i: skinny_silu_and_mul_linear(x, wb[i])) if gated else (lambda i: skinny_linear(x, wb[i]))
+            row["bf16_us"] = time_us(bf, bf16_copies)
+            best = None
+            for cfg in CANDIDATES:
+                block_n = max(16, cfg.block_n // 2) if gated else cfg.block_n
+                if not _applies(cfg, n_out, block_n, m, sms):
+                    continue
+                try:
+                    fn = lambda i, cfg=cfg: fp8_gemv(x, qs[i], s, cfg, gated=gated)  # noqa: E731
+                    err = rel_err(fn(0), ref)
+                    us = time_us(fn, copies)
+                except Exception as e:  # noqa: BLE001 (out of shared memory etc.: reported, skipped)
+                    row["configs"][cfg.name] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+                    continue
+                ok = err < 1e-2 and result["exact_widening"].get(cfg.name) is True
+                row["configs"][cfg.name] = {"us": us, "gb_s": fp8_bytes / us / 1e3, "err": err, "ok": ok}
+                if ok and (best is None or us < row["configs"][best.name]["us"]):
+                    best = cfg
+            row["current_gb_s"] = fp8_bytes / row["current_us"] / 1e3
+            row["bf16_gb_s"] = 2 * n * k / row["bf16_us"] / 1e3
+            if best is not None:
+                b = row["configs"][best.name]
+                row["best"] = best.name
+                print(f"{shape:<8} {m:>2} {row['current_us']:7.1f} {row['current_gb_s']:8.0f} {row['bf16_us']:7.1f} "
+                      f"{row['bf16_gb_s']:8.0f} {b['us']:7.1f} {b['gb_s']:6.0f} "
+                      f"{row['current_us'] / b['us']:5.2f} {row['bf16_us'] / b['us']:6.2f}  {best.name}", flush=True)
+                if b["us"] < row["current_us"] / 1.03:
+                    table[(n, k, m)] = best
+            else:
+                print(f"{shape:<8} {m:>2} {row['current_us']:7.1f} {row['current_gb_s']:8.0f} {row['bf16_us']:7.1f} "
+                      f"{row['bf16_gb_s']:8.0f}  (no configuration ran correctly)", flush=True)
+            result["rows"].append(row)
+        qs = wb = wref = None  # noqa: F841 (freed before the next shape)
+        torch.cuda.empty_cache()
+        print(f"# {shape} done ({time.time() - t0:.0f} s)", flush=True)
+    # Per-config summary: the config's GB/s at every (shape, M), to see the trends.
+    print("\n# GB/s per configuration (rows: shape/M; '-': not run, 'X': wrong or failed)")
+    names = [c.name for c in CANDIDATES]
+    print(f"{'config':<34} " + " ".join(f"{r['shape'][:4]}/{r['m']:<2}" for r in result["rows"]))
+    for name in names:
+        cells = []
+        for r in result["rows"]:
+            c = r["configs"].get(name)
+            cells.append("-" if c is None else "X" if not c.get("ok") else f"{c['gb_s']:.0f}")
+        print(f"{name:<34} " + " ".join(f"{c:>7}" for c in cells))
+    print("\n# FP8_GEMV_CONFIGS entries (ember/kernels/triton_fp8_gemv.py), best beating the current kernel by >3%:")
+    for (n, k, m), cfg in table.items():
+        print(f"    ({n}, {k}, {m}): {cfg!r},")
+    result["table"] = {f"{n},{k},{m}": repr(cfg) for (n, k, m), cfg in table.items()}
+    result["elapsed_s"] = time.time() - t0
+    if args.json:
+        import os
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"# {time.time() - t0:.0f} s; JSON: {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
