@@ -43,17 +43,25 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}
 C = Fp8GemvConfig
 CANDIDATES = [
-    # The current tiles, widened by integer ops / PTX instead of the conversion unit.
-    C(32, 512, 4, convert="bits"), C(32, 512, 4), C(64, 512, 3), C(64, 256, 4), C(32, 1024, 3),
-    C(64, 512, 3, num_warps=8), C(32, 512, 4, evict_first=True),
+    # Today's tiles (32 x 512 x 4 stages below 133 column tiles, else 64 x 512 x 3),
+    # widened by integer ops ("bits") or PTX ("asm") instead of the conversion unit.
+    C(32, 512, 4, convert="bits"), C(32, 512, 4), C(64, 512, 3, convert="bits"), C(64, 512, 3),
+    # Other tiles: shared memory per program (FP8 weight + 16 rows of x, per stage)
+    # decides how many programs share an SM.
+    C(64, 256, 4, convert="bits"), C(64, 256, 4), C(32, 256, 4), C(32, 1024, 3), C(64, 512, 3, num_warps=8),
+    C(128, 256, 3, num_warps=8), C(32, 512, 4, evict_first=True), C(64, 256, 4, evict_first=True),
     # The widened weight as the left MMA operand.
-    C(64, 256, 4, mma="wx"), C(64, 512, 3, mma="wx"), C(128, 256, 3, mma="wx"), C(128, 256, 3, num_warps=8, mma="wx"),
-    # Split-K for the outputs that make few column tiles.
-    C(32, 512, 4, split_k=2), C(32, 512, 4, split_k=4), C(64, 256, 4, split_k=4), C(32, 256, 4, split_k=8),
-    C(64, 256, 4, mma="wx", split_k=4), C(32, 512, 4, convert="cast", split_k=4),
-    # CUDA-core products for a few rows.
+    C(64, 256, 4, convert="bits", mma="wx"), C(64, 256, 4, mma="wx"), C(64, 512, 3, mma="wx"),
+    C(128, 256, 3, num_warps=8, mma="wx"),
+    # Split-K for the outputs that make few column tiles (o, down, qkv).
+    C(32, 512, 3, split_k=2), C(32, 256, 4, split_k=4), C(32, 256, 4, convert="bits", split_k=4),
+    C(32, 256, 4, convert="cast", split_k=4), C(32, 256, 4, split_k=8), C(64, 256, 4, split_k=4),
+    C(64, 256, 4, mma="wx", split_k=4),
+    # CUDA-core products for a few rows (M <= 4; M x BLOCK_N x BLOCK_K <= 8192
+    # float32 accumulators per program, see _applies).
     C(16, 256, 4, convert="bits", mma="fma"), C(32, 256, 4, convert="bits", mma="fma"),
-    C(16, 512, 3, convert="bits", mma="fma", split_k=2),
+    C(16, 512, 3, convert="bits", mma="fma", split_k=4), C(16, 128, 4, convert="bits", mma="fma", split_k=4),
+    C(32, 128, 4, convert="bits", mma="fma", split_k=4),
 ]
 SMS_WAVES_FOR_SPLIT = 2  # split-K only where the column tiles make fewer than this many waves
 DEVICE = "cuda"
@@ -63,7 +71,7 @@ L2_BYTES = 256 << 20     # weight bytes per timed graph (copies of the weight), 
 def _applies(cfg: Fp8GemvConfig, n_out: int, block_n: int, m: int, sms: int) -> bool:
     if cfg.split_k > 1 and math.ceil(n_out / block_n) >= SMS_WAVES_FOR_SPLIT * sms:
         return False
-    if cfg.mma == "fma" and (m > 4 or block_n * cfg.block_k * triton_next_pow2(m) > 16384):
+    if cfg.mma == "fma" and (m > 4 or block_n * cfg.block_k * triton_next_pow2(m) > 8192):
         return False
     return True
 

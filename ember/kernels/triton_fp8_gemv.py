@@ -9,9 +9,12 @@ gate_up weight) and a residual add in the epilogue, rounded as
 
 At these row counts the kernel is a stream over the weight, and on Hopper the
 FP8 weight's bytes arrive faster than a plain ``.to(bfloat16)`` widens them:
-the compiler's e4m3 -> bf16 conversion goes e4m3x2 -> f16x2 -> 2 x f32 ->
-bf16x2, four conversion-unit instructions per two weights, and the conversion
-unit issues a quarter as many instructions per clock as the integer ALUs. A
+the compiler widens e4m3 -> bf16 as e4m3x2 -> f16x2 (``F2FP``) and then each
+f16 -> bf16 (``F2F``), three instructions of the conversion unit per two
+weights (SASS of the skinny kernel, sm_90a), and that unit issues a quarter as
+many instructions per clock as the integer and FMA pipes (16 vs 64 per SM
+on compute capability 9.0: CUDA C++ Programming Guide, "Arithmetic
+Instructions"). A
 :class:`Fp8GemvConfig` picks, besides the tiles:
 
 - ``convert``: ``"cast"`` (the compiler's conversion); ``"bits"`` (integer
@@ -23,8 +26,10 @@ unit issues a quarter as many instructions per clock as the integer ALUs. A
   shifts and masks on packed pairs, and one packed ``fma`` per pair; CUDA only).
 - ``mma``: ``"xw"`` (``dot(x, w.T)``, the x rows padded to 16), ``"wx"``
   (``dot(w, x.T)``: the widened weight is the left operand, which the compiler
-  may keep in registers), ``"fma"`` (no tensor cores: products summed in
-  float32 on the CUDA cores, for M of a few rows).
+  may keep in registers; on sm_90 a wgmma with the weight in registers),
+  ``"fma"`` (no tensor cores: products accumulated in a float32
+  [M, BLOCK_N, BLOCK_K] tile on the CUDA cores and summed over K once after
+  the loop; for a few rows and small tiles).
 - ``split_k``: programs per column tile along K, so that narrow outputs
   (N = 4096 makes 128 tiles of 32 columns, one wave of 132 SMs) fill the GPU
   with several; each writes float32 partial sums, and the last program of a
@@ -116,7 +121,7 @@ def _widen_asm(w, OUT: tl.constexpr):
     # them and one sign bit; the packed fma (+ -0.0) multiplies by
     # 2 ** (bias - 7): 2 ** 120 (bf16 0x7B80) or 2 ** 8 (fp16 0x5C00).
     if OUT == tl.bfloat16:
-        return tl.inline_asm_elementwise(
+        y = tl.inline_asm_elementwise(
             "{ .reg .b32 t0, t1, s, z, c;\n"
             "mov.b32 z, 0;\n mov.b32 s, 0x7B807B80;\n mov.b32 c, 0x80008000;\n"
             "prmt.b32 t0, $2, z, 0x9180;\n prmt.b32 t1, $2, z, 0xB3A2;\n"
@@ -124,31 +129,34 @@ def _widen_asm(w, OUT: tl.constexpr):
             "and.b32 t0, t0, 0x87F087F0;\n and.b32 t1, t1, 0x87F087F0;\n"
             "fma.rn.bf16x2 $0, t0, s, c;\n fma.rn.bf16x2 $1, t1, s, c;\n}",
             "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t0, t1, s, z, c;\n"
-        "mov.b32 z, 0;\n mov.b32 s, 0x5C005C00;\n mov.b32 c, 0x80008000;\n"
-        "prmt.b32 t0, $2, z, 0x9180;\n prmt.b32 t1, $2, z, 0xB3A2;\n"
-        "shl.b32 t0, t0, 7;\n shl.b32 t1, t1, 7;\n"
-        "and.b32 t0, t0, 0xBF80BF80;\n and.b32 t1, t1, 0xBF80BF80;\n"
-        "fma.rn.f16x2 $0, t0, s, c;\n fma.rn.f16x2 $1, t1, s, c;\n}",
-        "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        y = tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1, s, z, c;\n"
+            "mov.b32 z, 0;\n mov.b32 s, 0x5C005C00;\n mov.b32 c, 0x80008000;\n"
+            "prmt.b32 t0, $2, z, 0x9180;\n prmt.b32 t1, $2, z, 0xB3A2;\n"
+            "shl.b32 t0, t0, 7;\n shl.b32 t1, t1, 7;\n"
+            "and.b32 t0, t0, 0xBF80BF80;\n and.b32 t1, t1, 0xBF80BF80;\n"
+            "fma.rn.f16x2 $0, t0, s, c;\n fma.rn.f16x2 $1, t1, s, c;\n}",
+            "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    return y
 
 
 @triton.jit
 def _widen(w, CONVERT: tl.constexpr, OUT: tl.constexpr):
     # w: FP8 bit patterns (uint8; float8e4nv for CONVERT 0) -> OUT values, exactly.
     if CONVERT == 0:
-        return w.to(OUT)
+        y = w.to(OUT)
     elif CONVERT == 2:
-        return _widen_asm(w, OUT)
+        y = _widen_asm(w, OUT)
     else:
         s = w.to(tl.int8, bitcast=True).to(tl.int32)  # sign-extended: the sign in every high bit
         if OUT == tl.float32:
-            return ((s << 20) & -2014314496).to(tl.float32, bitcast=True) * 1.329227995784916e36  # 0x87F00000, 2**120
+            y = ((s << 20) & -2014314496).to(tl.float32, bitcast=True) * 1.329227995784916e36  # 0x87F00000, 2**120
         elif OUT == tl.bfloat16:
-            return ((s << 4) & 0x87F0).to(tl.int16).to(tl.bfloat16, bitcast=True) * 1.329227995784916e36
+            y = ((s << 4) & 0x87F0).to(tl.int16).to(tl.bfloat16, bitcast=True) * 1.329227995784916e36
         else:
-            return ((s << 7) & 0xBF80).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+            y = ((s << 7) & 0xBF80).to(tl.int16).to(tl.float16, bitcast=True) * 256.0
+    return y
 
 
 @triton.jit
@@ -165,13 +173,15 @@ def _w_tile(W, rows, offs_k, mask_n, K, stride_wn, EVEN_K: tl.constexpr, EVICT_F
 
 @triton.jit
 def _accumulate(acc, x, w, MMA: tl.constexpr):
-    # acc [BLOCK_M, BLOCK_N] (MMA 1: [BLOCK_N, BLOCK_M]) += x @ w.T
+    # acc [BLOCK_M, BLOCK_N] (MMA 1: [BLOCK_N, BLOCK_M]) += x @ w.T; MMA 2:
+    # acc [BLOCK_M, BLOCK_N, BLOCK_K] += the products, summed over K after the
+    # loop (no cross-thread reduction per step).
     if MMA == 0:
         return tl.dot(x, tl.trans(w), acc)
     elif MMA == 1:
         return tl.dot(w, tl.trans(x), acc)
     else:
-        return acc + tl.sum(x[:, None, :] * w[None, :, :], 2)
+        return acc + x[:, None, :] * w[None, :, :]
 
 
 @triton.jit
@@ -216,6 +226,9 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
     if MMA == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    elif MMA == 2:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -240,6 +253,9 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
     if MMA == 1:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
+    elif MMA == 2:
+        acc = tl.sum(acc, 2)
+        acc_up = tl.sum(acc_up, 2)
     if SPLIT_K == 1:
         _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, stride_wsn, stride_ym, stride_rm,
                   HAS_BIAS, GATED, ADD_RESIDUAL)
@@ -270,20 +286,23 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
 
 
 # Per device: int32 counters of the split-K launches, zero between launches
-# (each launch's last programs reset theirs).
+# (each launch's last programs reset theirs). Outgrown buffers stay alive, so
+# CUDA graphs captured on them keep valid addresses.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
 
 
 def _split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
     buf = _COUNTERS.get(device)
     if buf is not None and buf.numel() >= tiles:
         return buf
-    buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    fresh = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    _RETIRED.append(fresh)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # The zeroing is recorded, not run: usable by this graph only.
-        return buf
-    _COUNTERS[device] = buf
-    return buf
+        # The zeroing is recorded, not run: right for this graph's replays only.
+        return fresh
+    _COUNTERS[device] = fresh
+    return fresh
 
 
 def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8GemvConfig,
