@@ -49,7 +49,8 @@ CANDIDATES = [
     # Other tiles: shared memory per program (FP8 weight + 16 rows of x, per stage)
     # decides how many programs share an SM.
     C(64, 256, 4, convert="bits"), C(64, 256, 4), C(32, 256, 4), C(32, 1024, 3), C(64, 512, 3, num_warps=8),
-    C(128, 256, 3, num_warps=8), C(32, 512, 4, evict_first=True), C(64, 256, 4, evict_first=True),
+    C(128, 256, 3, num_warps=8), C(32, 512, 4, num_warps=8), C(64, 256, 4, num_warps=8),
+    C(32, 512, 4, evict_first=True), C(64, 256, 4, evict_first=True),
     # The widened weight as the left MMA operand.
     C(64, 256, 4, convert="bits", mma="wx"), C(64, 256, 4, mma="wx"), C(64, 512, 3, mma="wx"),
     C(128, 256, 3, num_warps=8, mma="wx"),
