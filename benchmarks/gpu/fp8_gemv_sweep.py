@@ -20,8 +20,15 @@ the best configuration, then the lines of
 beats the current kernel by more than 3%, and writes every figure to
 ``--json``. About 2-3 minutes on one H100 (most of it compiling).
 
+``--parts w4a16`` (alone or with ``fp8``) does the same for the W4A16 decode
+kernel (:func:`ember.kernels.triton_w4a16.w4a16_gemm`, AWQ-style group-128
+weights with zero points, qkv/o/gate_up/down): its (BLOCK_N, split_k,
+num_warps) against :func:`~ember.kernels.triton_w4a16.decode_config`'s rule
+and the bf16 skinny GEMM, int4 GB/s of the packed weight, scales and zeros,
+and the lines of ``W4A16_DECODE_CONFIGS``. About 1 more minute.
+
     python3 benchmarks/gpu/fp8_gemv_sweep.py [--json results/fp8_gemv_sweep.json]
-        [--shapes qkv o gate_up down lm_head] [--m 1 4 8 16]
+        [--parts fp8 w4a16] [--shapes qkv o gate_up down lm_head] [--m 1 4 8 16]
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
+import os
 import time
 
 import torch
+import triton
 
 from ember.kernels import triton_fp8_gemv
 from ember.kernels.triton_fp8 import fp8_skinny_linear
@@ -127,25 +135,18 @@ def widening_exact(cfg: Fp8GemvConfig) -> bool:
     return bool((y.float() == q[:, :rows].float().T).all())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="results/fp8_gemv_sweep.json")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 8, 16])
-    args = parser.parse_args()
-    t0 = time.time()
+def run_fp8(args, result: dict, t0: float) -> None:
+    """The FP8 part: the widening check, then every (shape, M)."""
     triton_fp8_gemv.FP8_GEMV_CONFIGS.clear()  # "current" = today's kernel
-    props = torch.cuda.get_device_properties(0)
-    sms = props.multi_processor_count
-    result = {"device": props.name, "sms": sms, "torch": torch.__version__, "rows": [], "exact_widening": {}}
-    print(f"# {props.name}, {sms} SMs", flush=True)
+    sms = result["sms"]
+    result["fp8"] = fp8 = {"rows": [], "exact_widening": {}}
     for cfg in CANDIDATES:
         try:
-            result["exact_widening"][cfg.name] = widening_exact(cfg)
+            fp8["exact_widening"][cfg.name] = widening_exact(cfg)
         except Exception as e:  # noqa: BLE001 (a configuration that does not compile is reported)
-            result["exact_widening"][cfg.name] = f"{type(e).__name__}: {str(e)[:120]}"
-    bad = {name: v for name, v in result["exact_widening"].items() if v is not True}
-    print(f"# widening exact on all finite e4m3 values: {len(CANDIDATES) - len(bad)}/{len(CANDIDATES)} "
+            fp8["exact_widening"][cfg.name] = f"{type(e).__name__}: {str(e)[:120]}"
+    bad = {name: v for name, v in fp8["exact_widening"].items() if v is not True}
+    print(f"# FP8: widening exact on all finite e4m3 values: {len(CANDIDATES) - len(bad)}/{len(CANDIDATES)} "
           f"configs{'; not: ' + str(bad) if bad else ''} ({time.time() - t0:.0f} s)", flush=True)
     torch.manual_seed(0)
     table = {}
@@ -193,7 +194,7 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 (out of shared memory etc.: reported, skipped)
                     row["configs"][cfg.name] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
                     continue
-                ok = err < 1e-2 and result["exact_widening"].get(cfg.name) is True
+                ok = err < 1e-2 and fp8["exact_widening"].get(cfg.name) is True
                 row["configs"][cfg.name] = {"us": us, "gb_s": fp8_bytes / us / 1e3, "err": err, "ok": ok}
                 if ok and (best is None or us < row["configs"][best.name]["us"]):
                     best = cfg
@@ -210,31 +211,132 @@ def main() -> None:
             else:
                 print(f"{shape:<8} {m:>2} {row['current_us']:7.1f} {row['current_gb_s']:8.0f} {row['bf16_us']:7.1f} "
                       f"{row['bf16_gb_s']:8.0f}  (no configuration ran correctly)", flush=True)
-            result["rows"].append(row)
+            fp8["rows"].append(row)
         qs = wb = wref = None  # noqa: F841 (freed before the next shape)
         torch.cuda.empty_cache()
         print(f"# {shape} done ({time.time() - t0:.0f} s)", flush=True)
     # Per-config summary: the config's GB/s at every (shape, M), to see the trends.
     print("\n# GB/s per configuration (rows: shape/M; '-': not run, 'X': wrong or failed)")
     names = [c.name for c in CANDIDATES]
-    print(f"{'config':<34} " + " ".join(f"{r['shape'][:4]}/{r['m']:<2}" for r in result["rows"]))
+    print(f"{'config':<34} " + " ".join(f"{r['shape'][:4]}/{r['m']:<2}" for r in fp8["rows"]))
     for name in names:
         cells = []
-        for r in result["rows"]:
+        for r in fp8["rows"]:
             c = r["configs"].get(name)
             cells.append("-" if c is None else "X" if not c.get("ok") else f"{c['gb_s']:.0f}")
         print(f"{name:<34} " + " ".join(f"{c:>7}" for c in cells))
     print("\n# FP8_GEMV_CONFIGS entries (ember/kernels/triton_fp8_gemv.py), best beating the current kernel by >3%:")
     for (n, k, m), cfg in table.items():
         print(f"    ({n}, {k}, {m}): {cfg!r},")
-    result["table"] = {f"{n},{k},{m}": repr(cfg) for (n, k, m), cfg in table.items()}
+    fp8["table"] = {f"{n},{k},{m}": repr(cfg) for (n, k, m), cfg in table.items()}
+
+
+W4_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# (BLOCK_N, split_k, num_warps) of the W4A16 decode kernel (ember/kernels/triton_w4a16.py).
+W4_CANDIDATES = ([(bn, split, 4) for bn in (32, 64, 128) for split in (1, 2, 4, 8)]
+                 + [(128, split, 8) for split in (1, 2, 4)] + [(256, 1, 8), (256, 2, 8)])
+W4_GROUP = 128
+
+
+def run_w4a16(args, result: dict, t0: float) -> None:
+    """The W4A16 part: AWQ-style group-128 weights with zero points, the
+    decode kernel's (BLOCK_N, split_k, num_warps) against its default rule
+    and the bf16 skinny GEMM."""
+    from ember.kernels import triton_w4a16
+    from ember.kernels.triton_w4a16 import W4A16Workspace, w4a16_gemm
+    from ember.layers.quantization.w4a16 import W4Weights, build_kernel_layout, dequantize_layout
+
+    triton_w4a16.W4A16_DECODE_CONFIGS.clear()  # "current" = decode_config's rule
+    result["w4a16"] = w4 = {"rows": []}
+    ws = W4A16Workspace()
+    ws.reserve(max(n for n, _ in W4_SHAPES.values()), DEVICE)
+    table = {}
+    print(f"\n# W4A16 (group {W4_GROUP}, zero points): (BLOCK_N, split_k, num_warps) vs the default rule", flush=True)
+    print(f"{'shape':<8} {'M':>2} {'cur us':>7} {'int4GB/s':>8} {'bf16 us':>7} {'best us':>7} {'GB/s':>6} "
+          f"{'x cur':>5} {'x bf16':>6}  best (BLOCK_N, split, warps)", flush=True)
+    torch.manual_seed(0)
+    for shape in [sh for sh in args.shapes if sh in W4_SHAPES]:
+        n, k = W4_SHAPES[shape]
+        q = torch.randint(0, 16, (k, n), device=DEVICE, dtype=torch.uint8)
+        z = torch.randint(0, 16, (k // W4_GROUP, n), device=DEVICE, dtype=torch.uint8)
+        sc = (torch.rand(k // W4_GROUP, n, device=DEVICE) * 0.004 + 0.001).half()
+        layout = build_kernel_layout(W4Weights(q, z, sc, None, W4_GROUP))
+        q = None  # noqa: F841
+        int4_bytes = sum(t.numel() * t.element_size() for t in (layout.qweight, layout.scales, layout.zeros))
+        copies = max(1, math.ceil(L2_BYTES / int4_bytes))
+        qws = [layout.qweight] + [layout.qweight.roll(i, 1) for i in range(1, copies)]
+        wref = dequantize_layout(layout)
+        bf16_copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
+        wb = [wref.to(torch.bfloat16)] + [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+                                          for _ in range(bf16_copies - 1)]
+        for m in args.m:
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+            ref = x.float() @ wref.T
+
+            def call(i, tiles=(None, None, None)):
+                return w4a16_gemm(x, qws[i], layout.scales, layout.zeros, layout.perm, layout.group, layout.k, None,
+                                  ws, block_n=tiles[0], split_k=tiles[1], num_warps=tiles[2])
+
+            row = {"shape": shape, "n": n, "k": k, "m": m, "copies": copies, "configs": {}}
+            row["current_err"] = rel_err(call(0), ref)
+            row["current_us"] = time_us(call, copies)
+            row["bf16_us"] = time_us(lambda i: skinny_linear(x, wb[i]), bf16_copies)
+            best = None
+            for tiles in W4_CANDIDATES:
+                if tiles[1] > k // 128:
+                    continue
+                try:
+                    err = rel_err(call(0, tiles), ref)
+                    us = time_us(lambda i, tiles=tiles: call(i, tiles), copies)
+                except Exception as e:  # noqa: BLE001 (out of resources etc.: reported, skipped)
+                    row["configs"][str(tiles)] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+                    continue
+                ok = err < 1e-2
+                row["configs"][str(tiles)] = {"us": us, "gb_s": int4_bytes / us / 1e3, "err": err, "ok": ok}
+                if ok and (best is None or us < row["configs"][str(best)]["us"]):
+                    best = tiles
+            row["current_gb_s"] = int4_bytes / row["current_us"] / 1e3
+            if best is not None:
+                b = row["configs"][str(best)]
+                row["best"] = list(best)
+                print(f"{shape:<8} {m:>2} {row['current_us']:7.1f} {row['current_gb_s']:8.0f} {row['bf16_us']:7.1f} "
+                      f"{b['us']:7.1f} {b['gb_s']:6.0f} {row['current_us'] / b['us']:5.2f} "
+                      f"{row['bf16_us'] / b['us']:6.2f}  {best}", flush=True)
+                if b["us"] < row["current_us"] / 1.03:
+                    table[(n, layout.qweight.shape[0] * 8, m)] = best
+            w4["rows"].append(row)
+        qws = wb = wref = layout = None  # noqa: F841 (freed before the next shape)
+        torch.cuda.empty_cache()
+    print("\n# W4A16_DECODE_CONFIGS entries (ember/kernels/triton_w4a16.py), best beating the rule by >3%:")
+    for (n, k, m), tiles in table.items():
+        print(f"    ({n}, {k}, {m}): {tiles},")
+    w4["table"] = {f"{n},{k},{m}": list(t) for (n, k, m), t in table.items()}
+    print(f"# W4A16 done ({time.time() - t0:.0f} s)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="results/fp8_gemv_sweep.json")
+    parser.add_argument("--parts", nargs="+", default=["fp8"], choices=["fp8", "w4a16"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 8, 16])
+    args = parser.parse_args()
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(0)
+    result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+              "triton": triton.__version__}
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}",
+          flush=True)
+    if "fp8" in args.parts:
+        run_fp8(args, result, t0)
+    if "w4a16" in args.parts:
+        run_w4a16(args, result, t0)
     result["elapsed_s"] = time.time() - t0
     if args.json:
-        import os
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"# {time.time() - t0:.0f} s; JSON: {args.json}", file=sys.stderr)
+    print(f"# {time.time() - t0:.0f} s; JSON: {args.json}", flush=True)
 
 
 if __name__ == "__main__":
