@@ -170,3 +170,25 @@ def test_llama_8b_shapes(config, m, proj):
     x = torch.randn(m, k, device="cuda", dtype=BF16)
     gated = proj == "gate_up"
     _close(fp8_gemv(x, q, s, config, gated=gated), _reference(x, q, s, gated=gated))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [Fp8GemvConfig(32, 256, 4, split_k=4), Fp8GemvConfig(64, 256, 4, mma="wx")],
+                         ids=lambda c: c.name)
+def test_table_entry_replays_in_a_cuda_graph(config, monkeypatch):
+    """The layer's entry point with a listed shape, PDL on, captured in a CUDA
+    graph and replayed: split-K counters and partials stay right across replays."""
+    n, k, m = 4096, 4096, 4
+    monkeypatch.setitem(triton_fp8_gemv.FP8_GEMV_CONFIGS, (n, k, m_bucket(m)), config)
+    q, s = _weight(n, k, 7)
+    x = torch.randn(m, k, device="cuda", dtype=BF16)
+    fp8_skinny_linear(x, q, s, use_pdl=True)  # compiles, allocates the counters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8_skinny_linear(x, q, s, use_pdl=True)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        _close(y, _reference(x, q, s))
