@@ -59,12 +59,14 @@ CANDIDATES = [
     C(64, 256, 4, convert="bits"), C(64, 256, 4), C(32, 256, 4), C(32, 1024, 3), C(64, 512, 3, num_warps=8),
     C(128, 256, 3, num_warps=8), C(32, 512, 4, num_warps=8), C(64, 256, 4, num_warps=8),
     C(32, 512, 4, evict_first=True),
+    # Two accumulators over alternate K tiles: two independent MMA chains per warp.
+    C(32, 256, 4, chains=2), C(64, 256, 3, chains=2), C(32, 256, 4, convert="bits", chains=2),
     # The widened weight as the left MMA operand.
     C(64, 256, 4, convert="bits", mma="wx"), C(64, 256, 4, mma="wx"),
     C(128, 256, 3, num_warps=8, mma="wx"),
     # Split-K for the outputs that make few column tiles (o, down, qkv).
-    C(32, 512, 3, split_k=2), C(32, 256, 4, split_k=4),
-    C(32, 256, 4, convert="cast", split_k=4), C(32, 256, 4, split_k=8), C(64, 256, 4, split_k=4),
+    C(32, 512, 3, split_k=2), C(32, 256, 4, split_k=4), C(32, 256, 4, split_k=2, chains=2),
+    C(32, 256, 4, split_k=8), C(64, 256, 4, split_k=4),
     C(64, 256, 4, mma="wx", split_k=4),
     # CUDA-core products for a few rows (M <= 4; M x BLOCK_N x BLOCK_K <= 8192
     # float32 accumulators per program, see _applies).

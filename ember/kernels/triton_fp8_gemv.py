@@ -66,7 +66,8 @@ class Fp8GemvConfig:
     ``block_n``: weight rows per program (a gated launch streams
     ``block_n // 2`` gate rows and as many up rows); ``block_k``: K tile
     (FP8 bytes per row and step); ``num_stages``/``num_warps``: Triton's;
-    ``split_k``: programs per column tile along K; ``convert``, ``mma``,
+    ``split_k``: programs per column tile along K; ``chains``: 2 to
+    alternate two accumulators over consecutive K tiles; ``convert``, ``mma``,
     ``evict_first``: see the module docstring."""
     block_n: int
     block_k: int
@@ -76,20 +77,22 @@ class Fp8GemvConfig:
     convert: str = "asm"
     mma: str = "xw"
     evict_first: bool = False
+    chains: int = 1
 
     def __post_init__(self) -> None:
         if self.convert not in _CONVERT or self.mma not in _MMA:
             raise ValueError(f"FP8 GEMV config: unknown convert {self.convert!r} or mma {self.mma!r}")
         if self.mma == "fma" and self.convert == "asm":
             raise ValueError("FP8 GEMV config: the CUDA-core products widen to float32 with convert 'bits' or 'cast'")
-        if self.split_k < 1 or self.block_n < 16 or self.block_k < 16:
+        if self.split_k < 1 or self.block_n < 16 or self.block_k < 16 or self.chains not in (1, 2):
             raise ValueError(f"FP8 GEMV config: bad tiles {self}")
 
     @property
     def name(self) -> str:
         """A compact label, e.g. ``asm-xw-32x512s4w4-k2``."""
         label = f"{self.convert}-{self.mma}-{self.block_n}x{self.block_k}s{self.num_stages}w{self.num_warps}"
-        return label + (f"-k{self.split_k}" if self.split_k > 1 else "") + ("-ef" if self.evict_first else "")
+        return (label + (f"-k{self.split_k}" if self.split_k > 1 else "") + ("-ef" if self.evict_first else "")
+                + ("-c2" if self.chains == 2 else ""))
 
 
 # (N of the whole weight, K, M bucket of M_BUCKETS) -> the configuration that
@@ -185,6 +188,27 @@ def _accumulate(acc, x, w, MMA: tl.constexpr):
 
 
 @triton.jit
+def _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn, GATED: tl.constexpr,
+            EVEN_K: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr, EVICT_FIRST: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    # One K tile: x [BLOCK_M, BLOCK_K] and the weight rows of offs_n (and the up rows).
+    offs_k = k + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+    else:
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+    if MMA == 2:  # CUDA cores: float32 operands
+        x = x.to(tl.float32)
+    acc = _accumulate(acc, x, _widen(_w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
+                                     CONVERT, x.dtype), MMA)
+    if GATED:
+        acc_up = _accumulate(acc_up, x, _widen(_w_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K,
+                                                       EVICT_FIRST), CONVERT, x.dtype), MMA)
+    return acc, acc_up
+
+
+@triton.jit
 def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, stride_wsn, stride_ym, stride_rm,
               HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
     # Scales, bias, SwiGLU, residual; rounded as the unfused kernels round.
@@ -211,7 +235,8 @@ def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, st
 def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_wsn, stride_ym,
                      stride_rm,
                      HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr, EVICT_FIRST: tl.constexpr,
+                     SPLIT_K: tl.constexpr, CHAINS: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr,
+                     EVICT_FIRST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     # Program (pid_n, pid_k): output columns pid_n * BLOCK_N ..., K range
     # pid_k * K_SPLIT ... (K_SPLIT a multiple of BLOCK_K). GATED: W is [2N, K],
@@ -234,20 +259,19 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
-    for k in range(k_start, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        else:
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        if MMA == 2:  # CUDA cores: float32 operands
-            x = x.to(tl.float32)
-        acc = _accumulate(acc, x, _widen(_w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
-                                         CONVERT, x.dtype), MMA)
-        if GATED:
-            acc_up = _accumulate(acc_up, x, _widen(_w_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K,
-                                                           EVICT_FIRST), CONVERT, x.dtype), MMA)
+    # CHAINS == 2: two K tiles per step into two accumulators, so consecutive
+    # MMAs do not wait on each other's results (K_SPLIT is a multiple of 2 tiles).
+    acc2 = tl.zeros_like(acc)
+    acc_up2 = tl.zeros_like(acc_up)
+    for k in range(k_start, k_end, BLOCK_K * CHAINS):
+        acc, acc_up = _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn,
+                              GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
+        if CHAINS == 2:
+            acc2, acc_up2 = _k_step(acc2, acc_up2, X, W, offs_m, offs_n, mask_m, mask_n, k + BLOCK_K, N, K,
+                                    stride_xm, stride_wn, GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
+    if CHAINS == 2:
+        acc += acc2
+        acc_up += acc_up2
     # The weight is read: a dependent GEMV may launch and stage meanwhile.
     pdl_release(USE_PDL)
     if MMA == 1:
@@ -349,8 +373,9 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
         raise ValueError(f"FP8 GEMV: residual {tuple(residual.shape)} {residual.dtype} does not match the "
                          f"output {tuple(out.shape)} {x.dtype}")
     tiles_n = triton.cdiv(n, block_n)
-    split_k = min(config.split_k, triton.cdiv(k, config.block_k))
-    k_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
+    step = config.block_k * config.chains  # K per loop step; each split takes whole steps
+    split_k = min(config.split_k, triton.cdiv(k, step))
+    k_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
     split_k = triton.cdiv(k, k_split)
     if split_k > 1:
         partials = torch.empty(split_k, m, n * (2 if gated else 1), dtype=torch.float32, device=x.device)
@@ -365,7 +390,8 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
         counters, m, n, k, k_split, x.stride(0), qw.stride(0), sw.stride(0), out.stride(0),
         residual.stride(0) if residual is not None else 0,
         HAS_BIAS=bias is not None, GATED=gated, ADD_RESIDUAL=residual is not None,
-        EVEN_K=k % config.block_k == 0, SPLIT_K=split_k, CONVERT=_CONVERT[config.convert], MMA=_MMA[config.mma],
+        EVEN_K=k % step == 0, SPLIT_K=split_k, CHAINS=config.chains, CONVERT=_CONVERT[config.convert],
+        MMA=_MMA[config.mma],
         EVICT_FIRST=config.evict_first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k, USE_PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
     return out

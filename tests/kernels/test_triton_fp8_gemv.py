@@ -64,6 +64,8 @@ CPU_CONFIGS = [
     Fp8GemvConfig(32, 32, 2, convert="bits", split_k=3),
     Fp8GemvConfig(32, 32, 2, convert="bits", mma="wx", split_k=2, evict_first=True),
     Fp8GemvConfig(16, 32, 2, convert="bits", mma="fma", split_k=2),
+    Fp8GemvConfig(32, 32, 2, convert="bits", chains=2),
+    Fp8GemvConfig(16, 16, 2, convert="bits", mma="wx", split_k=3, chains=2),
 ]
 
 
@@ -145,6 +147,8 @@ def test_table_selects_a_config_and_refuses_what_it_cannot_run(monkeypatch):
         Fp8GemvConfig(32, 64, 2, convert="ptx")
     with pytest.raises(ValueError, match="config"):
         Fp8GemvConfig(32, 64, 2, convert="asm", mma="fma")
+    with pytest.raises(ValueError, match="config"):
+        Fp8GemvConfig(32, 64, 2, chains=3)
     if not ON_GPU:
         with pytest.raises(ValueError, match="CUDA only"):
             fp8_gemv(x, q, s, Fp8GemvConfig(32, 32, 2, convert="asm"))
