@@ -5,7 +5,8 @@ with an empty configuration table) and the bf16 skinny GEMM
 (:mod:`ember.kernels.triton_gemm`) on the same shapes.
 
 For each shape (qkv 6144 x 4096, o 4096 x 4096, gate_up 28672 x 4096 with the
-SwiGLU epilogue as decode runs it, down 4096 x 14336, lm_head 128256 x 4096)
+SwiGLU epilogue as decode runs it, down 4096 x 14336, and lm_head 128256 x
+4096 for a quantized LM head)
 and M in 1, 4, 8, 16: µs per call from CUDA-graph replays over enough weight
 copies to exceed L2 (no launch gaps, weights read from HBM), the weight GB/s
 (FP8 bytes + scales; bf16 bytes for the bf16 GEMM), and each output's
@@ -15,7 +16,9 @@ configuration's e4m3 widening is also checked bit for bit on all 254 finite
 byte values. PDL is off everywhere (decode turns it on for all of them).
 
 Prints one line per (shape, M) with the current kernel, the bf16 GEMM, and
-the best configuration, then the lines of
+the best configuration; every configuration's GB/s at every (shape, M); the
+linear layers' time per 8B decode step (32 x qkv + o + gate_up + down) today,
+with the printed table adopted, and in bf16; then the lines of
 ``ember.kernels.triton_fp8_gemv.FP8_GEMV_CONFIGS`` for the shapes where the best
 beats the current kernel by more than 3%, and writes every figure to
 ``--json``. About 2-3 minutes on one H100 (most of it compiling).

@@ -20,8 +20,10 @@ Instructions"). A
 - ``convert``: ``"cast"`` (the compiler's conversion); ``"bits"`` (integer
   operations: the sign-extended byte shifted so that e4m3's exponent and
   mantissa land in the low bits of the 16-bit type's, masked, reinterpreted,
-  and multiplied by ``2 ** (bias - 7)``, exact for every e4m3 value including
-  subnormals, because the 16-bit types' subnormals cover e4m3's); ``"asm"``
+  and multiplied by ``2 ** (bias - 7)``, exact for every finite e4m3 value
+  including subnormals, because the 16-bit types' subnormals cover e4m3's;
+  the two NaN codes, which quantized weights do not hold, come out as
+  +-480); ``"asm"``
   (the same in PTX for four weights at a time: two ``prmt`` sign extensions,
   shifts and masks on packed pairs, and one packed ``fma`` per pair; CUDA only).
 - ``mma``: ``"xw"`` (``dot(x, w.T)``, the x rows padded to 16), ``"wx"``
