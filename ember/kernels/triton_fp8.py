@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, pdl_supported
-from ember.kernels.triton_gemm import SKINNY_MAX_M, _num_sms
+from ember.kernels.triton_fp8_gemv import fp8_gemv, lookup_config
+from ember.kernels.triton_gemm import INTERPRETED, SKINNY_MAX_M, _num_sms
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -333,7 +334,10 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
         group_n, group_k: as in :func:`w8a8_scaled_mm`.
         bias: optional [N].
         tiles: ``(BLOCK_N, BLOCK_K, num_stages)``; default :func:`fp8_skinny_tiles`
-            (of the whole weight; a gated launch halves BLOCK_N).
+            (of the whole weight; a gated launch halves BLOCK_N), unless
+            per-channel scales and a shape listed in
+            :data:`ember.kernels.triton_fp8_gemv.FP8_GEMV_CONFIGS` select
+            :func:`~ember.kernels.triton_fp8_gemv.fp8_gemv` with its configuration.
         gated: ``qw`` is a merged gate_up weight [2D, K] (gate rows, then up
             rows): return SwiGLU's ``silu(g) * u`` [M, D] without writing
             ``[g | u]``, rounded as this GEMM followed by
@@ -355,6 +359,11 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
         raise ValueError(f"FP8 skinny gated GEMM: weight {tuple(qw.shape)} has an odd number of rows")
     swn, swk = _scale_strides(sw, n)
     per_k = bool(swk)
+    if tiles is None and not per_k and group_n == 1 and sw.numel() == n:
+        # A per-channel shape that the GEMV sweep tuned (an empty table by default).
+        config = lookup_config(n, k, m)
+        if config is not None and (config.convert != "asm" or (x.is_cuda and not INTERPRETED)):
+            return fp8_gemv(x, qw, sw, config, bias, gated=gated, use_pdl=use_pdl)
     block_n, block_k, stages = tiles or fp8_skinny_tiles(n, _num_sms(x.device), group_k if per_k else None)
     if per_k and (group_k is None or group_k % block_k):
         raise ValueError(f"FP8 skinny GEMM: K tile {block_k} does not divide the scale group {group_k}")

@@ -252,12 +252,26 @@ def shared_workspace() -> W4A16Workspace:
     return W4A16Workspace()
 
 
+#: Row-count buckets of :data:`W4A16_DECODE_CONFIGS` (the rows rounded up).
+DECODE_M_BUCKETS = (1, 4, 8, 16)
+#: (N, K_pad, M bucket of DECODE_M_BUCKETS) -> ``(BLOCK_N, split_k, num_warps)``
+#: of the decode kernel, overriding :func:`decode_config`'s rule for the shapes
+#: listed; filled from ``benchmarks/gpu/fp8_gemv_sweep.py --parts w4a16``
+#: (it prints these lines).
+W4A16_DECODE_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+
+
 def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> tuple[int, int, int]:
     """``(BLOCK_N, split_k, num_warps)`` of the decode kernel for ``m`` rows
     (at most :data:`SPLIT_MAX_M`), ``n`` columns and ``num_tiles`` tiles of
-    128 rows of K: 64-column blocks (32 when fewer than two per SM), and the
+    128 rows of K: the entry of :data:`W4A16_DECODE_CONFIGS` where there is
+    one, else 64-column blocks (32 when fewer than two per SM), and the
     K axis split until there are about four programs per SM, each keeping
     at least two tiles."""
+    bucket = next((b for b in DECODE_M_BUCKETS if m <= b), None)
+    listed = W4A16_DECODE_CONFIGS.get((n, num_tiles * TILE_K, bucket)) if bucket is not None else None
+    if listed is not None:
+        return listed
     block_n = 64 if triton.cdiv(n, 64) >= 2 * num_sms else 32
     blocks = triton.cdiv(n, block_n)
     split = max(1, min(MAX_SPLIT_K, triton.cdiv(4 * num_sms, blocks), num_tiles // 2))

@@ -159,3 +159,19 @@ def test_cuda_graph_replay_with_new_inputs(m):
         graph.replay()
         torch.cuda.synchronize()
         _check(y, x, layout)
+
+
+def test_decode_config_table_overrides_the_rule(monkeypatch):
+    """A listed (N, K_pad, M bucket) takes the table's tiles; the result stays exact."""
+    from ember.kernels import triton_w4a16
+
+    layout = _layout(256, 48, 128, zeros=True, act_order=None, seed=3)
+    rule = triton_w4a16.decode_config(5, 48, 2, 132)
+    monkeypatch.setitem(triton_w4a16.W4A16_DECODE_CONFIGS, (48, 256, 4), (16, 2, 4))
+    assert triton_w4a16.decode_config(3, 48, 2, 132) == (16, 2, 4)
+    assert triton_w4a16.decode_config(3, 48, 3, 132) != (16, 2, 4)  # another K
+    assert triton_w4a16.decode_config(5, 48, 2, 132) == rule  # bucket 8 is not listed
+    ws = W4A16Workspace()
+    ws.reserve(48, DEVICE)
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    _check(_run(layout, x, workspace=ws), x, layout)
