@@ -374,7 +374,7 @@ class Scheduler:
         else:
             hits, num_hit_tokens = kv.get_computed_blocks(req)
             needed = kv.num_blocks_to_allocate(req, min(num_new, req.num_tokens - num_hit_tokens), hits)
-        return needed <= kv.block_pool.get_num_free_blocks()
+        return needed <= kv.num_free_blocks(req)
 
     def _preempt_for_waiting(self, plan: _StepPlan) -> None:
         """Preempt running requests that the next waiting request outranks,

@@ -27,7 +27,9 @@ _TP = Communicator()
 # Whether MoE layers split their experts over the tensor-parallel group
 # (expert parallelism) instead of splitting every expert.
 _EXPERT_PARALLEL = False
-
+# Whether MLA attention runs data-parallel over the tensor-parallel group
+# (each rank attends its own requests with all heads; see dp_attention).
+_DP_ATTENTION = False
 
 
 class PipelineGroup:
@@ -195,13 +197,26 @@ def get_ep_rank() -> int:
     return _TP.rank if _EXPERT_PARALLEL else 0
 
 
+def set_dp_attention(enabled: bool) -> None:
+    """Record whether MLA attention runs data-parallel over the
+    tensor-parallel group (start-up only, before the model is built): its
+    weights are then replicated on every rank."""
+    global _DP_ATTENTION
+    _DP_ATTENTION = bool(enabled)
+
+
+def is_dp_attention() -> bool:
+    return _DP_ATTENTION
+
+
 def destroy_distributed_environment() -> None:
     """Leave every process group and reset the tensor-parallel state to a
     world of one (a no-op where no group exists)."""
-    global _TP, _EXPERT_PARALLEL, _PP
+    global _TP, _EXPERT_PARALLEL, _PP, _DP_ATTENTION
     _TP = Communicator()
     _PP = PipelineGroup()
     _EXPERT_PARALLEL = False
+    _DP_ATTENTION = False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
