@@ -139,17 +139,20 @@ def test_config_errors(deepseek_path: str, tmp_path) -> None:
 
 
 # --------------------------------------------------------- two processes
-def _generate(path: str, prompts: list[list[int]], **kwargs) -> tuple[list, list[int]]:
+def _generate(path: str, prompts: list[list[int]], min_preemptions: int = 0, **kwargs) -> tuple[list, list[int]]:
     """Greedy tokens and their log-probabilities for ``prompts``, all at once,
-    and each request's KV partition (recorded when it is freed)."""
-    llm = LLM(path, dtype="float32", block_size=BLOCK_SIZE, max_num_batched_tokens=8, kv_cache_memory=KV_CACHE_BYTES,
-              enable_prefix_caching=False, **kwargs)
+    and the KV partition of each request that finished (recorded when it is
+    freed); asserts the engine preempted at least ``min_preemptions`` times."""
+    kwargs = dict(kv_cache_memory=KV_CACHE_BYTES) | kwargs
+    llm = LLM(path, dtype="float32", block_size=BLOCK_SIZE, max_num_batched_tokens=8, enable_prefix_caching=False,
+              **kwargs)
     try:
         kv = llm.llm_engine.engine_core.scheduler.kv_cache_manager
         partitions, free = [], kv.free
-        kv.free = lambda req: (partitions.append(kv.partition_of(req)), free(req))
+        kv.free = lambda req: (req.is_finished() and partitions.append(kv.partition_of(req)), free(req))
         params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=0)
         outs = llm.generate([list(p) for p in prompts], params, use_tqdm=False)
+        assert llm.get_stats().num_preemptions >= min_preemptions
     finally:
         llm.llm_engine.shutdown()
     return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs]) for o in outs], partitions
@@ -175,6 +178,16 @@ def test_dp_attention_2_equals_1(deepseek_path: str) -> None:
     single, partitions = _generate(deepseek_path, prompts[1:2], tensor_parallel_size=2, enable_dp_attention=True)
     assert partitions == [0]  # rank 1 attends nothing
     _assert_same(single, ref_single)
+    # Steps launched before the previous one is sampled (the CUDA default):
+    # the tokens in flight are fed on the device of every rank.
+    ours, _ = _generate(deepseek_path, prompts, tensor_parallel_size=2, enable_dp_attention=True,
+                        async_scheduling=True)
+    _assert_same(ours, ref)
+    # 8 blocks (32 tokens) per rank for requests that need 3, 5 and 7:
+    # requests are preempted (within their partition) and recomputed.
+    tight, _ = _generate(deepseek_path, prompts, tensor_parallel_size=2, enable_dp_attention=True,
+                         num_gpu_blocks_override=8, max_model_len=32, min_preemptions=1)
+    _assert_same(tight, ref)
 
 
 @pytest.mark.slow
