@@ -7,7 +7,9 @@ The engine runs a tiny random DeepSeek-V3 checkpoint over two CPU worker
 processes (gloo) and must give the same greedy tokens as one rank, with the
 sampled tokens' log-probabilities within float32 noise: three prompts under a
 token budget of 8 (chunked prefills mixed with decodes, the ranks' shares
-uneven) and a single prompt (the other rank attends nothing, every step).
+uneven; also with expert parallelism, asynchronous scheduling and forced
+preemption) and a single prompt (the other rank attends nothing, every
+step).
 Each rank's cache holds half the pool's blocks. The block partitions, the
 rank-by-rank packing and the configuration checks are tested without
 processes.
@@ -175,6 +177,10 @@ def test_dp_attention_2_equals_1(deepseek_path: str) -> None:
     ours, partitions = _generate(deepseek_path, prompts, tensor_parallel_size=2, enable_dp_attention=True)
     assert set(partitions) == {0, 1}, partitions  # both ranks attended requests
     _assert_same(ours, ref)
+    # Whole experts per rank: the MoE combines every rank's rows by all-reduce.
+    ours, _ = _generate(deepseek_path, prompts, tensor_parallel_size=2, enable_dp_attention=True,
+                        enable_expert_parallel=True)
+    _assert_same(ours, ref)
     single, partitions = _generate(deepseek_path, prompts[1:2], tensor_parallel_size=2, enable_dp_attention=True)
     assert partitions == [0]  # rank 1 attends nothing
     _assert_same(single, ref_single)
@@ -208,3 +214,20 @@ def test_each_rank_holds_only_its_partition(deepseek_path: str) -> None:
     assert dp_blocks == 2 * tp_blocks
     for gb in dp_bytes:
         assert gb * 1e9 == pytest.approx(dp_blocks * bytes_per_block / 2)
+
+
+@pytest.mark.gpu
+def test_gpu_dp_attention_matches_one_rank(deepseek_path: str) -> None:
+    """On two GPUs (NCCL, the Triton MLA kernels, asynchronous scheduling):
+    the same greedy tokens as one GPU (CUDA graphs), log-probabilities within
+    float32 kernel noise."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    prompts = [list(p) for p in PROMPTS]
+    common = dict(device="cuda", kv_cache_memory=64 << 20)
+    ref, _ = _generate(deepseek_path, prompts, **common)
+    ours, partitions = _generate(deepseek_path, prompts, tensor_parallel_size=2, enable_dp_attention=True, **common)
+    assert set(partitions) == {0, 1}, partitions
+    for (toks, lps), (ref_toks, ref_lps) in zip(ours, ref):
+        assert toks == ref_toks
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), atol=2e-3, rtol=0)
