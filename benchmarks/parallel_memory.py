@@ -106,7 +106,7 @@ def main() -> None:
     dtype = torch.bfloat16
     rows = []
     fp8 = Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=(128, 128))
-    print(f"{'model':<18} {'layout':<14} {'full GB':>8} {'max rank GB':>12} {'FP8 max rank GB':>16} "
+    print(f"{'model':<18} {'layout':<20} {'full GB':>8} {'max rank GB':>12} {'FP8 max rank GB':>16} "
           f"{'KV KB/token':>12}")
     for layout in LAYOUTS:
         hf_config = read_hf_config(resolve_model_source(layout.model))
@@ -118,7 +118,7 @@ def main() -> None:
         rows.append({"model": layout.model, "layout": layout.name, "world_size": layout.tp * layout.pp,
                      "full_gb": full / 1e9, "rank_gb": [b / 1e9 for b in per_rank],
                      "rank_gb_fp8_block": [b / 1e9 for b in per_rank_fp8], "kv_bytes_per_token_per_rank": kv})
-        print(f"{layout.model:<18} {layout.name:<14} {full / 1e9:>8.1f} {max(per_rank) / 1e9:>12.2f} "
+        print(f"{layout.model:<18} {layout.name:<20} {full / 1e9:>8.1f} {max(per_rank) / 1e9:>12.2f} "
               f"{max(per_rank_fp8) / 1e9:>16.2f} {kv / 1024:>12.1f}")
     if args.json:
         with open(args.json, "w") as f:
