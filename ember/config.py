@@ -272,6 +272,13 @@ class ParallelConfig:
         disable_custom_all_reduce: send every tensor-parallel all-reduce
             through NCCL, never the custom all-reduce over CUDA IPC (see
             :mod:`ember.distributed.custom_all_reduce`).
+        enable_dp_attention: data-parallel attention for MLA models: each
+            tensor-parallel rank attends a disjoint share of the requests with
+            all heads (attention weights replicated) and holds only their
+            latent KV cache (a partition of the blocks), while the MLP / MoE
+            layers still run tensor-parallel over every token (see
+            :mod:`ember.distributed.dp_attention`). Needs
+            ``tensor_parallel_size`` > 1 and one pipeline stage.
     """
 
     tensor_parallel_size: int = 1
@@ -283,6 +290,7 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     disable_custom_all_reduce: bool = False
+    enable_dp_attention: bool = False
 
     def __post_init__(self) -> None:
         _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
@@ -313,6 +321,13 @@ class ParallelConfig:
                      "set with several nodes (the other nodes' `ember worker` must know it)", self.master_port)
             _require(self.executor_backend == "mp", "distributed_executor_backend", "'mp' with several nodes",
                      self.distributed_executor_backend)
+        _require(isinstance(self.enable_dp_attention, bool), "enable_dp_attention", "True or False",
+                 self.enable_dp_attention)
+        if self.enable_dp_attention:
+            _require(self.tensor_parallel_size > 1, "enable_dp_attention",
+                     "False with tensor_parallel_size 1 (it splits requests over the tensor-parallel ranks)", True)
+            _require(self.pipeline_parallel_size == 1, "enable_dp_attention",
+                     "False with pipeline_parallel_size > 1 (not supported)", True)
 
     @property
     def local_world_size(self) -> int:

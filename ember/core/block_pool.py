@@ -99,36 +99,54 @@ class BlockPool:
 
     Args:
         num_blocks: total blocks (every layer has this many).
+        num_partitions: equal ranges of consecutive block ids, each with its
+            own free queue (data-parallel attention: partition r is rank r's
+            cache); a request takes all its blocks from one. ``num_blocks``
+            must be a multiple.
 
     NOTE: a block is in the free queue iff its ref_cnt is 0; a block is in
     ``cached_block_hash_to_block`` iff its ``block_hash`` is set, and then it
     is the map's value for that hash.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, num_partitions: int = 1) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        self.num_blocks = num_blocks
+        if num_partitions < 1 or num_blocks % num_partitions:
+            raise ValueError(f"num_blocks {num_blocks} is not a multiple of num_partitions {num_partitions}")
+        self.num_blocks, self.num_partitions = num_blocks, num_partitions
+        self.blocks_per_partition = per = num_blocks // num_partitions
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_block_queue = FreeBlockQueue(self.blocks)
+        self.free_block_queues = [FreeBlockQueue(self.blocks[p * per: (p + 1) * per]) for p in range(num_partitions)]
+        self.free_block_queue = self.free_block_queues[0]  # the only one with one partition
         self.cached_block_hash_to_block: dict[BlockHash, KVCacheBlock] = {}
         self.num_evicted_blocks = 0
 
-    def get_num_free_blocks(self) -> int:
-        return self.free_block_queue.num_free_blocks
+    def get_num_free_blocks(self, partition: int | None = None) -> int:
+        """Free blocks of ``partition`` (None: of all partitions)."""
+        if partition is None and self.num_partitions > 1:
+            return sum(q.num_free_blocks for q in self.free_block_queues)
+        return self.free_block_queues[partition or 0].num_free_blocks
 
-    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
-        """Take ``num_blocks`` free blocks, each with ref_cnt 1, from the head
-        of the free queue (least recently freed first), evicting cached ones.
+    def _queue_of(self, block: KVCacheBlock) -> FreeBlockQueue:
+        if self.num_partitions == 1:
+            return self.free_block_queue
+        return self.free_block_queues[block.block_id // self.blocks_per_partition]
+
+    def get_new_blocks(self, num_blocks: int, partition: int = 0) -> list[KVCacheBlock]:
+        """Take ``num_blocks`` free blocks of ``partition``, each with ref_cnt
+        1, from the head of its free queue (least recently freed first),
+        evicting cached ones.
 
         Raises:
-            ValueError: fewer than ``num_blocks`` are free.
+            ValueError: fewer than ``num_blocks`` are free there.
         """
-        if num_blocks > self.get_num_free_blocks():
-            raise ValueError(f"cannot get {num_blocks} blocks: only {self.get_num_free_blocks()} are free")
+        queue = self.free_block_queues[partition]
+        if num_blocks > queue.num_free_blocks:
+            raise ValueError(f"cannot get {num_blocks} blocks: only {queue.num_free_blocks} are free")
         out = []
         for _ in range(num_blocks):
-            block = self.free_block_queue.popleft()
+            block = queue.popleft()
             assert block.ref_cnt == 0
             if block.block_hash is not None:
                 self._evict(block)
@@ -150,7 +168,7 @@ class BlockPool:
         held leaves the free queue."""
         for block in blocks:
             if block.ref_cnt == 0:
-                self.free_block_queue.remove(block)
+                self._queue_of(block).remove(block)
             block.ref_cnt += 1
 
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
@@ -178,7 +196,7 @@ class BlockPool:
             assert block.ref_cnt > 0, f"{block} freed twice"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self.free_block_queue.append(block)
+                self._queue_of(block).append(block)
 
     def get_usage(self) -> float:
         """Fraction of blocks in use, in [0, 1]."""

@@ -39,13 +39,28 @@ class KVCacheManager:
         enable_caching: share full blocks across requests by prefix hash.
         num_host_blocks: blocks in the host-memory pool that preemption by
             swap copies a request's blocks into (0: no swapping).
+        num_partitions: data-parallel attention over this many ranks: the
+            pool is cut into equal ranges of block ids (rank r's cache holds
+            range r) and each request takes all its blocks from one range,
+            the one with the most free blocks when it is admitted (see
+            :mod:`ember.distributed.dp_attention`).
+
+    Raises:
+        ValueError: several partitions with prefix caching or swap space (a
+            hit or a swap-in could cross partitions), or ``num_blocks`` not a
+            multiple of ``num_partitions``.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, num_partitions: int = 1) -> None:
+        if num_partitions > 1 and (enable_caching or num_host_blocks):
+            raise ValueError("a KV pool in several partitions supports neither prefix caching nor swap space")
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.block_pool = BlockPool(num_blocks)
+        self.num_partitions = num_partitions
+        self.block_pool = BlockPool(num_blocks, num_partitions)
+        # req_id -> its partition (several partitions only), while it holds blocks.
+        self.req_to_partition: dict[str, int] = {}
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # req_id -> how many leading blocks of its table went through cache_block.
         self.num_cached_blocks: dict[str, int] = {}
@@ -111,6 +126,23 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], hashes[i])
         self.num_cached_blocks[request.request_id] = num_full
 
+    # ------------------------------------------------------------ partitions
+    def partition_of(self, request: Request) -> int:
+        """The partition ``request``'s blocks come from: its own while it
+        holds blocks, else the one with the most free blocks (the lowest on
+        a tie); always 0 with one partition."""
+        if self.num_partitions == 1:
+            return 0
+        p = self.req_to_partition.get(request.request_id)
+        if p is None:
+            free = self.block_pool.get_num_free_blocks
+            p = max(range(self.num_partitions), key=lambda q: (free(q), -q))
+        return p
+
+    def num_free_blocks(self, request: Request) -> int:
+        """Free blocks that ``request`` could take (those of its partition)."""
+        return self.block_pool.get_num_free_blocks(self.partition_of(request))
+
     # ------------------------------------------------------------ allocation
     def num_blocks_to_allocate(self, request: Request, num_new_tokens: int,
                                new_computed_blocks: list[KVCacheBlock] | None = None) -> int:
@@ -151,15 +183,18 @@ class KVCacheManager:
                 self._cache_blocks(request, total)
                 return []
         assert not hits or not blocks, "cache hits only at admission"
+        partition = self.partition_of(request)
         if (self.num_blocks_to_allocate(request, num_new_tokens + num_lookahead_tokens, hits)
-                > self.block_pool.get_num_free_blocks()):
+                > self.block_pool.get_num_free_blocks(partition)):
             return None
+        if self.num_partitions > 1:
+            self.req_to_partition[request.request_id] = partition
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         self.block_pool.touch(hits)
         blocks.extend(hits)
         total = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         new_blocks = self.block_pool.get_new_blocks(
-            max(0, cdiv(total + num_lookahead_tokens, self.block_size) - len(blocks)))
+            max(0, cdiv(total + num_lookahead_tokens, self.block_size) - len(blocks)), partition)
         blocks.extend(new_blocks)
         self._cache_blocks(request, total)
         return new_blocks
@@ -169,6 +204,7 @@ class KVCacheManager:
         are freed first so that they are the first to be reused (evicted)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
+        self.req_to_partition.pop(request.request_id, None)
         self.block_pool.free_blocks(reversed(blocks))
         self.free_host_blocks.extend(self.req_to_host_blocks.pop(request.request_id, ()))
 

@@ -14,7 +14,9 @@ When a running request needs a block and none is free, the last running request
 (the most recently started under ``fcfs``, the lowest priority under
 ``priority``) is preempted, by recompute (its blocks are freed; cheap when they
 are still cached) or by swap (its blocks are copied to host memory and back
-later; recompute when the host pool is full). Under ``priority`` a waiting
+later; recompute when the host pool is full); with a KV pool in partitions
+(data-parallel attention) the victim is the last running request of the needy
+one's partition (only its blocks help). Under ``priority`` a waiting
 request that outranks the last running one also preempts it when it cannot
 start otherwise, and the fairness guard promotes requests that waited longer
 than ``max_waiting_time_s``. (Design as in vLLM's v1 scheduler.)
@@ -261,6 +263,7 @@ class Scheduler:
         running, allocate_slots = self.running, self.kv_cache_manager.allocate_slots
         num_scheduled, cached_reqs = plan.num_scheduled, plan.cached_reqs
         lookahead, max_len = self.config.num_lookahead_tokens, self.config.max_model_len
+        partitioned = self.kv_cache_manager.num_partitions > 1
         idx = 0
         while idx < len(running) and plan.budget > 0:
             req = running[idx]
@@ -278,12 +281,12 @@ class Scheduler:
                 num_new = plan.budget
             la = max(0, min(lookahead, max_len - computed - num_new)) if lookahead else 0
             while (new_blocks := allocate_slots(req, num_new, None, la)) is None:
-                victim = running.pop()
+                victim = self._pop_victim(idx) if partitioned else running.pop()
                 self._preempt(victim, plan)
                 if victim is req:
                     break
             if new_blocks is None:
-                break
+                continue  # req was preempted: the next one took its place (if any)
             if drafts:
                 plan.spec_tokens[req.request_id] = drafts
             num_scheduled[req.request_id] = num_new
@@ -293,6 +296,17 @@ class Scheduler:
             if computed >= num_tokens:
                 req.num_output_placeholders = placeholders + 1
             idx += 1
+
+    def _pop_victim(self, idx: int) -> Request:
+        """Take out of ``running`` the request to preempt so that
+        ``running[idx]`` gets blocks, with a partitioned KV pool: the last one
+        after it in the same partition (only those blocks help), else itself."""
+        running, partition_of = self.running, self.kv_cache_manager.partition_of
+        p = partition_of(running[idx])
+        for j in range(len(running) - 1, idx, -1):
+            if partition_of(running[j]) == p:
+                return running.pop(j)
+        return running.pop(idx)
 
     @staticmethod
     def _take_drafts(req: Request, num_new: int, budget: int) -> list[int]:
@@ -374,7 +388,7 @@ class Scheduler:
         else:
             hits, num_hit_tokens = kv.get_computed_blocks(req)
             needed = kv.num_blocks_to_allocate(req, min(num_new, req.num_tokens - num_hit_tokens), hits)
-        return needed <= kv.block_pool.get_num_free_blocks()
+        return needed <= kv.num_free_blocks(req)
 
     def _preempt_for_waiting(self, plan: _StepPlan) -> None:
         """Preempt running requests that the next waiting request outranks,

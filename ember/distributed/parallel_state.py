@@ -30,7 +30,9 @@ _EXPERT_PARALLEL = False
 # How MoE layers dispatch tokens to their experts' ranks with expert parallelism
 # (see ember.config.EXPERT_PARALLEL_DISPATCHES).
 _EP_DISPATCH = "auto"
-
+# Whether MLA attention runs data-parallel over the tensor-parallel group
+# (each rank attends its own requests with all heads; see dp_attention).
+_DP_ATTENTION = False
 
 
 class PipelineGroup:
@@ -206,16 +208,29 @@ def get_ep_dispatch() -> str:
     return _EP_DISPATCH
 
 
+def set_dp_attention(enabled: bool) -> None:
+    """Record whether MLA attention runs data-parallel over the
+    tensor-parallel group (start-up only, before the model is built): its
+    weights are then replicated on every rank."""
+    global _DP_ATTENTION
+    _DP_ATTENTION = bool(enabled)
+
+
+def is_dp_attention() -> bool:
+    return _DP_ATTENTION
+
+
 def destroy_distributed_environment() -> None:
     """Leave every process group and reset the tensor-parallel state to a
     world of one (a no-op where no group exists)."""
-    global _TP, _EXPERT_PARALLEL, _PP, _EP_DISPATCH
+    global _TP, _EXPERT_PARALLEL, _PP, _EP_DISPATCH, _DP_ATTENTION
     if _TP.custom_all_reduce is not None:
         _TP.custom_all_reduce.close()
     _TP = Communicator()
     _PP = PipelineGroup()
     _EXPERT_PARALLEL = False
     _EP_DISPATCH = "auto"
+    _DP_ATTENTION = False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

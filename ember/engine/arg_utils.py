@@ -93,6 +93,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
     expert_parallel_dispatch: str = "auto"
+    enable_dp_attention: bool = False
     distributed_executor_backend: str | None = None
     nnodes: int = 1
     master_addr: str | None = None
@@ -185,6 +186,10 @@ class EngineArgs:
                             help="with --enable-expert-parallel: allreduce (every rank runs its experts on every "
                                  "token), alltoall (tokens sent to their experts' ranks and back; steps run "
                                  "eagerly) or auto (alltoall for large steps, allreduce for decode-sized ones)")
+        parser.add_argument("--enable-dp-attention", action="store_true",
+                            help="MLA models (DeepSeek-V3): each tensor-parallel rank attends its own share of the "
+                                 "requests with all heads and holds only their latent KV cache; the MLP/MoE layers "
+                                 "stay tensor-parallel over all tokens")
         parser.add_argument("--distributed-executor-backend", default=None, choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
                             help="uni: the model runs in the engine core's process (one device); mp: one worker "
                                  "process per rank (default: mp with several ranks, else uni)")
@@ -268,6 +273,7 @@ class EngineArgs:
                                          pipeline_parallel_size=self.pipeline_parallel_size,
                                          enable_expert_parallel=self.enable_expert_parallel,
                                          expert_parallel_dispatch=self.expert_parallel_dispatch,
+                                         enable_dp_attention=self.enable_dp_attention,
                                          distributed_executor_backend=self.distributed_executor_backend,
                                          nnodes=self.nnodes,
                                          master_addr=self.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -345,6 +351,8 @@ class EngineArgs:
         if scheduler_config.async_scheduling and parallel_config.pipeline_parallel_size > 1:
             raise ConfigError("async_scheduling is not supported with pipeline_parallel_size > 1 (the first stage "
                               "needs each step's sampled tokens before the next step)")
+        if parallel_config.enable_dp_attention:
+            _check_dp_attention(architecture, cache_config, scheduler_config)
         from ember.spec_decode.config import SpeculativeConfig
 
         speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
@@ -360,6 +368,25 @@ class EngineArgs:
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
                             kernel_config=kernel_config, speculative_config=speculative_config)
+
+
+def _check_dp_attention(architecture: str, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
+    """Refuse what data-parallel attention does not support.
+
+    Raises:
+        ConfigError: a model without MLA data-parallel attention, prefix
+            caching on (a hit could name another rank's blocks), or
+            preemption by swap.
+    """
+    from ember.models.registry import ModelRegistry
+
+    if not getattr(ModelRegistry.load_class(architecture), "supports_dp_attention", False):
+        raise ConfigError(f"enable_dp_attention needs an MLA model (DeepSeek-V3); {architecture} is not one")
+    if cache_config.enable_prefix_caching:
+        raise ConfigError("enable_prefix_caching is not supported with enable_dp_attention (each rank caches only "
+                          "its own requests' blocks); pass --no-enable-prefix-caching")
+    if scheduler_config.preemption_mode == "swap":
+        raise ConfigError("preemption_mode 'swap' is not supported with enable_dp_attention; use 'recompute'")
 
 
 def _draft_model_config(draft: str, target: ModelConfig) -> ModelConfig:

@@ -97,14 +97,21 @@ class EngineCore:
         of the core around the started executor."""
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
-        self.num_gpu_blocks = num_blocks
+        pc = config.parallel_config
+        # Data-parallel attention: each rank's cache (num_blocks) is one partition of the pool.
+        partitions = pc.tensor_parallel_size if pc.enable_dp_attention else 1
+        self.num_gpu_blocks = num_blocks * partitions
         block_size = config.cache_config.block_size
         gib = num_blocks * self.executor.kv_cache_bytes_per_block() / (1 << 30)
         cc = config.cache_config
-        logger.info(f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} tokens "
-                    f"({gib:.2f} GiB, {cc.kv_cache_torch_dtype(config.model_config.dtype)})")
+        per_rank = (f" over {partitions} data-parallel attention ranks ({num_blocks} blocks, {gib:.2f} GiB each, "
+                    if partitions > 1 else f" ({gib:.2f} GiB, ")
+        logger.info(f"KV cache: {self.num_gpu_blocks} blocks x {block_size} tokens = "
+                    f"{self.num_gpu_blocks * block_size} tokens{per_rank}"
+                    f"{cc.kv_cache_torch_dtype(config.model_config.dtype)})")
         num_host_blocks = self._init_swap_space()
-        kv_cache_manager = KVCacheManager(num_blocks, block_size, cc.enable_prefix_caching, num_host_blocks)
+        kv_cache_manager = KVCacheManager(self.num_gpu_blocks, block_size, cc.enable_prefix_caching,
+                                          num_host_blocks, num_partitions=partitions)
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.async_scheduling = config.scheduler_config.async_scheduling
         # Pipeline parallelism: up to one step in flight per stage (micro-batches

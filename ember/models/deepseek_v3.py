@@ -14,6 +14,11 @@ Technical Report"):
   routing with ``e_score_correction_bias`` and ``routed_scaling_factor``, plus
   ``n_shared_experts`` always-on experts; earlier layers are dense.
 
+With data-parallel attention (``--enable-dp-attention``, see
+:mod:`ember.distributed.dp_attention`) the attention projections are
+replicated, each rank attends only its own requests' rows with all heads,
+and the MLP / MoE layers run tensor-parallel over the rows of every rank.
+
 Multi-token-prediction layers (``model.layers.{num_hidden_layers}..``, the MTP
 module) are skipped when loading.
 """
@@ -25,7 +30,7 @@ import re
 import torch
 from torch import nn
 
-from ember.distributed.parallel_state import get_tp_size
+from ember.distributed.parallel_state import get_tp_size, is_dp_attention
 from ember.layers.attention import AttentionBackend, ForwardContext, KVCacheSpec
 from ember.layers.attention.mla import MLAAttention, mla_kv_cache_spec
 from ember.layers.layernorm import RMSNorm
@@ -34,7 +39,7 @@ from ember.layers.mlp import GatedMLP
 from ember.layers.moe import FusedMoE, GroupedTopKRouter
 from ember.layers.quantization.base import QuantizationConfig, dense_weight
 from ember.layers.rotary import get_rope, rope_parameters, rope_softmax_scale_factor
-from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, PreNormDecoderLayer
+from ember.models.utils import CausalLM, DecoderStack, ExpertMapping, IntermediateTensors, PreNormDecoderLayer
 
 # NOTE: HF builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps,
 # not config.rms_norm_eps (equal in released configs).
@@ -43,14 +48,19 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DeepseekV3Attention(nn.Module):
-    """MLA projections around :class:`MLAAttention`."""
+    """MLA projections around :class:`MLAAttention`: heads split over the
+    tensor-parallel ranks, or all heads on every rank (replicated weights)
+    with data-parallel attention."""
 
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         q = quant_config
         total_heads = config.num_attention_heads
-        self.num_heads = total_heads // get_tp_size()
+        dp = is_dp_attention()
+        self.num_heads = total_heads if dp else total_heads // get_tp_size()
+        column = ReplicatedLinear if dp else ColumnParallelLinear
+        row = ReplicatedLinear if dp else RowParallelLinear
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         qk_head_dim = self.nope_dim + self.rope_dim
@@ -60,19 +70,19 @@ class DeepseekV3Attention(nn.Module):
             self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias, quant_config=q,
                                              prefix=f"{prefix}.q_a_proj")
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, _LATENT_NORM_EPS)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, total_heads * qk_head_dim, quant_config=q,
+            self.q_b_proj = column(self.q_lora_rank, total_heads * qk_head_dim, quant_config=q,
                                                  prefix=f"{prefix}.q_b_proj")
         else:
-            self.q_proj = ColumnParallelLinear(hidden, total_heads * qk_head_dim, quant_config=q,
+            self.q_proj = column(hidden, total_heads * qk_head_dim, quant_config=q,
                                                prefix=f"{prefix}.q_proj")
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias,
                                                    quant_config=q, prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
         # NOTE: its weight stays dense in the model dtype: the absorbed MLA decode
         # reads it directly (as W_UK / W_UV); a quantized checkpoint's is dequantized once at load.
-        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + config.v_head_dim),
+        self.kv_b_proj = column(self.kv_lora_rank, total_heads * (self.nope_dim + config.v_head_dim),
                                               quant_config=dense_weight(q), prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = RowParallelLinear(total_heads * config.v_head_dim, hidden, bias=bias, quant_config=q,
+        self.o_proj = row(total_heads * config.v_head_dim, hidden, bias=bias, quant_config=q,
                                         prefix=f"{prefix}.o_proj")
         rope_theta, rope_scaling = rope_parameters(config)
         self.rotary_emb = get_rope(self.rope_dim, self.rope_dim, config.max_position_embeddings, rope_theta,
@@ -134,12 +144,49 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
         super().__init__(DeepseekV3Attention(config, layer_idx, attn_backend, quant_config, f"{prefix}.self_attn"),
                          mlp, config.hidden_size, config.rms_norm_eps)
 
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`PreNormDecoderLayer.forward`; with data-parallel attention
+        (``ctx.dp_attention``) the rows are this rank's ([num_local, hidden])
+        and the MLP runs on every rank's rows (gathered), keeping this rank's."""
+        dp = ctx.dp_attention
+        if dp is None:
+            return super().forward(positions, hidden_states, residual, ctx)
+        if not dp.num_local:  # no rows here: only the MLP's collectives
+            return dp.local(self.mlp(dp.gather(hidden_states))), hidden_states if residual is None else residual
+        if residual is None:
+            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return dp.local(self.mlp(dp.gather(hidden_states))), residual
+
 
 class DeepseekV3Model(DecoderStack):
     def __init__(self, config, attn_backend: type[AttentionBackend],
                  quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
         super().__init__(config, lambda i, p: DeepseekV3DecoderLayer(config, i, attn_backend, quant_config, p),
                          quant_config, prefix)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """As :meth:`DecoderStack.forward`; with data-parallel attention
+        (``ctx.dp_attention``; one pipeline stage) every token is embedded,
+        the layers run on this rank's rows and the final hidden states of
+        every rank's rows are gathered: [num_tokens, hidden] on every rank."""
+        dp = ctx.dp_attention
+        if dp is None:
+            return super().forward(input_ids, positions, ctx, intermediate_tensors)
+        assert intermediate_tensors is None, "data-parallel attention runs one pipeline stage"
+        ctx.positions = positions = dp.local(positions)
+        # NOTE: the embedding's all-reduce needs the same rows on every rank.
+        hidden_states, residual = dp.local(self.embed_tokens(input_ids)), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        if dp.num_local:
+            hidden_states = self.norm(hidden_states, residual)[0]
+        return dp.gather(hidden_states)
 
 
 class DeepseekV3ForCausalLM(CausalLM):
@@ -152,6 +199,8 @@ class DeepseekV3ForCausalLM(CausalLM):
     """
 
     stacked_params_mapping = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+    # Its model runs --enable-dp-attention (DeepseekV3Model.forward).
+    supports_dp_attention = True
 
     def __init__(self, config, attn_backend: type[AttentionBackend],
                  quant_config: QuantizationConfig | None = None) -> None:

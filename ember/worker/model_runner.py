@@ -22,7 +22,7 @@ import torch
 
 from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
-from ember.distributed.parallel_state import get_pp_group
+from ember.distributed.parallel_state import get_pp_group, get_tp_rank, get_tp_size
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import as_copyable, default_backend_name
 from ember.models.registry import ModelRegistry
@@ -170,6 +170,12 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self.attn_backend = get_attention_backend(
             config.model_config.attention_backend or default_backend_name(config.device_config.device))
+        # --enable-dp-attention: this rank attends only the requests of its KV partition.
+        self.dp_attention = None
+        if config.parallel_config.enable_dp_attention:
+            from ember.distributed.dp_attention import DPAttentionPlanner
+
+            self.dp_attention = DPAttentionPlanner(get_tp_rank(), get_tp_size(), self.block_size)
 
     # ------------------------------------------------------------- start-up
     def load_model(self) -> None:
@@ -288,6 +294,8 @@ class ModelRunner:
         """Allocate one KV tensor per layer, shaped by :meth:`kv_cache_spec`
         (``[2, num_blocks, block_size, num_kv_heads, head_dim]`` for standard attention)."""
         self.kv_caches = self._allocate(num_blocks, self.device)
+        if self.dp_attention is not None:
+            self.dp_attention.blocks_per_rank = num_blocks
         if self.draft_proposer is not None:
             self.draft_proposer.kv_caches = self.draft_proposer.allocate(num_blocks, self.device)
 
@@ -344,7 +352,10 @@ class ModelRunner:
         # NOTE: single-token (decode) requests go first, so that attention
         # backends can run them as one decode batch over a prefix of the rows.
         num_scheduled = sched.num_scheduled_tokens
-        req_ids = sorted(num_scheduled, key=lambda r: num_scheduled[r] > 1)
+        if self.dp_attention is None:
+            req_ids = sorted(num_scheduled, key=lambda r: num_scheduled[r] > 1)
+        else:  # rank by rank (see ember.distributed.dp_attention)
+            req_ids = self.dp_attention.order(num_scheduled, {r: self.requests[r].block_ids for r in num_scheduled})
         # NOTE: the per-request loops below use Python ints: numpy scalar
         # indexing costs about a microsecond a time, for every request every step.
         cnt = [num_scheduled[r] for r in req_ids]
@@ -431,7 +442,7 @@ class ModelRunner:
             seq_lens=to_dev(host.seq_lens),
             block_table=to_dev(host.block_table),
             max_query_len=host.max_query_len,
-            max_seq_len=int(host.seq_lens.max()),
+            max_seq_len=int(host.seq_lens.max(initial=0)),
             query_start_loc_cpu=host.query_start_loc.tolist(),
             seq_lens_cpu=host.seq_lens.tolist(),
             num_decodes=host.num_decodes,
@@ -465,8 +476,21 @@ class ModelRunner:
             return self.verify_graphs.run(host, self)
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
             return self.piecewise_graphs.run(host, self)
+        if self.dp_attention is not None:
+            return self._dp_attention_forward(host)
         input_ids, positions, meta = self._device_inputs(host)
         return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+
+    def _dp_attention_forward(self, host: HostInputs) -> torch.Tensor:
+        """:meth:`_forward` with data-parallel attention: this rank attends its
+        own requests' rows (attention metadata cut to them, block ids local to
+        its cache; none: no metadata); the hidden states returned are every
+        row's, [num_tokens, hidden], in ``host``'s packing."""
+        local, layout = self.dp_attention.split(host, {r: self.requests[r].block_ids for r in host.req_ids})
+        input_ids, positions, meta = self._device_inputs(local)
+        if not local.req_ids:
+            meta = None
+        return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches, dp_attention=layout))
 
     def _calibrating_forward(self, host: HostInputs) -> torch.Tensor:
         """:meth:`_forward`, eagerly, with every FP8 attention layer setting its
@@ -785,6 +809,9 @@ class ModelRunner:
             return
         if get_pp_group().world_size > 1:
             logger.info("pipeline stages exchange activations between layers: running eager")
+            return
+        if self.dp_attention is not None:
+            logger.info("data-parallel attention sizes each rank's rows per step: running eager")
             return
         if not all(getattr(m, "cuda_graph_safe", True) for m in self.model.modules()):
             logger.info("the model has layers that cannot run in CUDA graphs (e.g. torch MoE/MLA): running eager")

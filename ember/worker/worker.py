@@ -11,7 +11,7 @@ import torch
 from ember.config import ConfigError, EngineConfig
 from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ember.distributed.parallel_state import (get_tp_group, init_distributed_environment, init_tensor_parallel,
-                                             set_expert_parallel)
+                                             set_dp_attention, set_expert_parallel)
 from ember.worker.model_runner import ModelRunner, PendingOutput
 
 
@@ -51,6 +51,7 @@ class Worker:
             if cuda and not pc.disable_custom_all_reduce:
                 get_tp_group().init_custom_all_reduce(torch.device("cuda", torch.cuda.current_device()))
         set_expert_parallel(pc.enable_expert_parallel, pc.expert_parallel_dispatch)
+        set_dp_attention(pc.enable_dp_attention)
         self.rank = rank
         self.model_runner = ModelRunner(config)
         # Launched steps, oldest first, until collected.

@@ -64,7 +64,8 @@ def test_packing_matches_reference(seed: int, async_steps: bool) -> None:
     for row, r in enumerate(last_sample_req_ids):
         if r in requests:
             requests[r].last_row = row
-    runner = SimpleNamespace(requests=requests, block_size=BLOCK, _last_sample_req_ids=last_sample_req_ids)
+    runner = SimpleNamespace(requests=requests, block_size=BLOCK, _last_sample_req_ids=last_sample_req_ids,
+                             dp_attention=None)
     host = ModelRunner._prepare_host_inputs(runner, SimpleNamespace(num_scheduled_tokens=num_scheduled))
     ref = _reference(requests, num_scheduled)
     for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_table"):

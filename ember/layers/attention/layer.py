@@ -36,6 +36,10 @@ class ForwardContext:
             ``k_scale`` / ``v_scale`` from this step's keys and values before
             writing them (``--calculate-kv-scales``: the first prefill step,
             run eagerly).
+        dp_attention: with data-parallel attention, which rows of the step
+            this rank attends (a :class:`~ember.distributed.dp_attention.DPAttentionLayout`;
+            ``attn_metadata`` then describes only those rows, None when there
+            are none); None otherwise.
     """
 
     attn_metadata: AttentionMetadata
@@ -44,6 +48,7 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     stream_sumsq: tuple[torch.Tensor, torch.Tensor] | None = None
     calibrate_kv_scales: bool = False
+    dp_attention: Any = None
 
 
 class QKVAttention(nn.Module, ABC):
