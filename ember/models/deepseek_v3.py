@@ -15,7 +15,8 @@ Technical Report"):
   ``n_shared_experts`` always-on experts; earlier layers are dense.
 
 Multi-token-prediction layers (``model.layers.{num_hidden_layers}..``, the MTP
-module) are skipped when loading.
+module) are skipped when loading the target; the speculative proposer of
+method ``"mtp"`` loads them (:mod:`ember.models.deepseek_mtp`).
 """
 
 from __future__ import annotations
