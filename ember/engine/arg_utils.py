@@ -217,7 +217,8 @@ class EngineArgs:
         parser.add_argument("--speculative-config", type=_json_object("speculative-config"), default=None,
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
-                                 'draft_model with "model": a draft of the same vocabulary; '
+                                 'draft_model with "model": a draft of the same vocabulary; mtp: the '
+                                 'checkpoint\'s own multi-token-prediction layers (DeepSeek-V3); '
                                  'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_json_object("hf-overrides"), default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
@@ -338,15 +339,36 @@ class EngineArgs:
         if speculative_config is not None and parallel_config.world_size > 1:
             raise ConfigError("speculative_config is not supported with tensor_parallel_size or "
                               "pipeline_parallel_size above 1 yet")
+        if speculative_config is not None and speculative_config.method == "mtp":
+            _check_mtp(model_config)
         if speculative_config is not None and speculative_config.uses_draft_model:
             speculative_config = dataclasses.replace(
                 speculative_config, draft_model_config=_draft_model_config(speculative_config.model, model_config))
+        if speculative_config is not None and speculative_config.proposes_on_worker:
             scheduler_config = dataclasses.replace(
                 scheduler_config, num_lookahead_tokens=speculative_config.num_speculative_tokens)
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
                                      fold_norm_weights=self.fold_norm_weights, pdl=self.pdl)
         return EngineConfig(model_config, cache_config, scheduler_config, parallel_config, device_config, load_config,
                             kernel_config=kernel_config, speculative_config=speculative_config)
+
+
+def _check_mtp(target: ModelConfig) -> None:
+    """Speculative method ``mtp`` needs a target with multi-token-prediction layers.
+
+    Raises:
+        ConfigError: the architecture has no MTP module, or its config has
+            ``num_nextn_predict_layers`` 0.
+    """
+    from ember.models.registry import ModelRegistry
+
+    if target.architecture not in ModelRegistry.mtp_architectures():
+        raise ConfigError(f"speculative_config.method 'mtp' needs a model with multi-token-prediction layers; "
+                          f"{target.architecture} has none (MTP: {ModelRegistry.mtp_architectures()})")
+    n = getattr(target.hf_config, "num_nextn_predict_layers", 0) or 0
+    if n < 1:
+        raise ConfigError(f"speculative_config.method 'mtp': {target.model!r} has num_nextn_predict_layers {n} "
+                          f"(no MTP layer in its checkpoint)")
 
 
 def _draft_model_config(draft: str, target: ModelConfig) -> ModelConfig:

@@ -4,7 +4,8 @@ The shape follows vLLM's ``speculative_config`` dict: ``method``,
 ``num_speculative_tokens`` (k), ``prompt_lookup_min`` / ``prompt_lookup_max``
 for n-gram prompt lookup, ``model`` (the draft model of ``draft_model``), and
 ``disable_by_batch_size``: with more running requests than this, a step
-schedules no draft tokens (plain decoding).
+schedules no draft tokens (plain decoding). Method ``mtp`` proposes with the
+target checkpoint's own multi-token-prediction layers (DeepSeek-V3 / R1).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 from ember.config import ConfigError
 
-SPEC_METHODS = ("ngram", "draft_model")
+SPEC_METHODS = ("ngram", "draft_model", "mtp")
 # Methods known from other engines that Ember does not run yet.
-_UNSUPPORTED_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+_UNSUPPORTED_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator")
+# Methods whose proposals the worker makes (ModelRunnerOutput.draft_token_ids).
+_WORKER_METHODS = ("draft_model", "mtp")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -32,7 +35,12 @@ class SpeculativeConfig:
             occurrence of the sequence's last n tokens; no model) or
             ``"draft_model"`` (a smaller model with the target's vocabulary
             proposes k tokens autoregressively, see
-            :mod:`ember.spec_decode.draft_model`).
+            :mod:`ember.spec_decode.draft_model`) or ``"mtp"`` (the target
+            checkpoint's multi-token-prediction layer proposes from the
+            target's hidden states, see :mod:`ember.spec_decode.mtp`; for
+            architectures with MTP layers and ``num_nextn_predict_layers``
+            >= 1, checked by
+            :meth:`~ember.engine.arg_utils.EngineArgs.create_engine_config`).
         num_speculative_tokens: k, draft tokens per request and step, in
             [1, 16].
         prompt_lookup_min, prompt_lookup_max: the n-gram sizes tried, longest
@@ -118,3 +126,9 @@ class SpeculativeConfig:
     @property
     def uses_draft_model(self) -> bool:
         return self.method == "draft_model"
+
+    @property
+    def proposes_on_worker(self) -> bool:
+        """Whether the worker proposes (a model next to the target) rather
+        than the engine core (n-gram lookup)."""
+        return self.method in _WORKER_METHODS

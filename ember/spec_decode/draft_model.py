@@ -227,8 +227,8 @@ class DraftModelProposer:
 
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
-    def propose(self, sched: SchedulerOutput, host: HostInputs, emitted: dict[str, list[int]]
-                ) -> dict[str, list[int]]:
+    def propose(self, sched: SchedulerOutput, host: HostInputs, emitted: dict[str, list[int]],
+                hidden: torch.Tensor | None = None) -> dict[str, list[int]]:
         """Catch the draft up on the step's tokens and propose for every
         request that emitted tokens.
 
@@ -237,6 +237,8 @@ class DraftModelProposer:
             host: the step's packed inputs (``req_ids``: its requests).
             emitted: req_id -> the tokens the step emitted (not yet in the
                 runner's request states).
+            hidden: the step's final hidden states of the target,
+                [num_tokens, hidden] in packed order (unread by a draft model).
         Returns:
             req_id -> up to k proposals (fewer where the request's block table
             has no room for their K/V); empty when speculation is off.

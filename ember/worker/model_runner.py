@@ -236,13 +236,17 @@ class ModelRunner:
 
     def load_draft_model(self) -> None:
         """Load the draft model of ``speculative_config`` (method
-        ``draft_model``), if any (:mod:`ember.spec_decode.draft_model`)."""
+        ``draft_model``, :mod:`ember.spec_decode.draft_model`) or the target's
+        MTP layer (method ``mtp``, :mod:`ember.spec_decode.mtp`), if any."""
         sc = self.config.speculative_config
-        if sc is None or not sc.uses_draft_model:
+        if sc is None or not sc.proposes_on_worker:
             return
-        from ember.spec_decode.draft_model import DraftModelProposer
+        if sc.method == "mtp":
+            from ember.spec_decode.mtp import MTPProposer as Proposer
+        else:
+            from ember.spec_decode.draft_model import DraftModelProposer as Proposer
 
-        self.draft_proposer = DraftModelProposer(self, sc)
+        self.draft_proposer = Proposer(self, sc)
         self.draft_proposer.load()
 
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -533,6 +537,8 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
         pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
+            if self.draft_proposer is not None and not launched_ahead and hasattr(self.draft_proposer, "observe"):
+                self.draft_proposer.observe(sched, host, hidden)  # an MTP layer reads every step's hidden states
             return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if spec:
             from ember.spec_decode.verify import verify_drafts
@@ -542,7 +548,7 @@ class ModelRunner:
             pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
                                     spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
             if self.draft_proposer is not None:
-                pending.draft_token_ids = self.draft_proposer.propose(sched, host, tokens)
+                pending.draft_token_ids = self.draft_proposer.propose(sched, host, tokens, hidden)
             return pending
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
@@ -567,7 +573,7 @@ class ModelRunner:
                 pending.event.synchronize()
             sampled = pending.sampled_host.tolist()
             pending.draft_token_ids = self.draft_proposer.propose(
-                sched, host, {r: [t] for r, t in zip(pending.req_ids, sampled)})
+                sched, host, {r: [t] for r, t in zip(pending.req_ids, sampled)}, hidden)
         return pending
 
     def _sample(self, pending: PendingOutput, logits: torch.Tensor, states: list[CachedRequestState],
