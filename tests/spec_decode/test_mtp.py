@@ -172,3 +172,25 @@ def test_preset_has_an_mtp_layer():
     cfg = EngineArgs(model="DeepSeek-V3", load_format="dummy", hf_overrides={"num_hidden_layers": 2},
                      speculative_config=_spec(1), device="cpu").create_engine_config()
     assert cfg.model_config.hf_config.num_nextn_predict_layers == 1
+
+
+@pytest.mark.gpu
+def test_gpu_mtp_equals_no_speculation(checkpoint, reference):
+    # The CUDA path (Triton MLA and MoE kernels, the target's CUDA graphs for
+    # plain steps) with the MTP layer proposing, in float32.
+    path = checkpoint[0]
+    prompts, _ = reference
+    kw = dict(device="cuda", dtype="float32", max_model_len=96, memory_utilization=0.3)
+    base = LLM(path, **kw)
+    ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
+    base.llm_engine.shutdown()
+    del base
+    for k in (1, 3):
+        llm = LLM(path, speculative_config=_spec(k), **kw)
+        for p, want in zip(prompts[:2], ref):
+            assert llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+        assert _counters(llm).spec_num_draft_tokens > 0
+        llm.llm_engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
