@@ -120,6 +120,28 @@ def test_greedy_batched_chunked_preempted_equals_no_speculation(checkpoint, refe
         assert results[f"p{i}"] == want, f"prompt {i}"
 
 
+def test_sampled_proposals_keep_q_and_seeded_output_reproduces(checkpoint, reference, monkeypatch):
+    # Sampled requests draw the MTP's proposals from q (kept for the verifier);
+    # seeded output does not depend on the batch it runs in.
+    path = checkpoint[0]
+    prompts, _ = reference
+    kept = []
+    original = MTPProposer.draft_probs
+
+    def recording(self, req_ids, drafts, vocab):
+        q = original(self, req_ids, drafts, vocab)
+        kept.append(q is not None and bool(torch.allclose(q.sum(dim=1)[q.sum(dim=1) > 0], torch.tensor(1.0))))
+        return q
+
+    monkeypatch.setattr(MTPProposer, "draft_probs", recording)
+    llm = _llm(path, _spec(2))
+    params = SamplingParams(temperature=1.0, max_tokens=NUM_NEW, ignore_eos=True, seed=5)
+    a = [o.outputs[0].token_ids for o in llm.generate(prompts[:3], params, use_tqdm=False)]
+    b = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
+    assert a == b
+    assert _counters(llm).spec_num_draft_tokens > 0 and kept and all(kept)
+
+
 # ------------------------------------------------------------ bad settings
 @pytest.fixture
 def no_load(monkeypatch):
