@@ -145,8 +145,10 @@ class ModelRunner:
         self.host_kv_caches: list[torch.Tensor] = []  # swap space, laid out like kv_caches
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
-        # speculative_config method "draft_model": the draft next to the target (load_draft_model).
+        # speculative_config methods with a model on the worker: the proposer next to the target
+        # (load_draft_model), and what the target also writes in each forward for it (or None).
         self.draft_proposer = None
+        self.aux_hidden = None
         self.piecewise_graphs = None  # PiecewiseCUDAGraphRunner once captured
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
         # The last launched step's sampled ids (device, [num_rows] int64) and the
@@ -235,19 +237,18 @@ class ModelRunner:
                         f"1.0 for the rest")
 
     def load_draft_model(self) -> None:
-        """Load the draft model of ``speculative_config`` (method
-        ``draft_model``, :mod:`ember.spec_decode.draft_model`) or the target's
-        MTP layer (method ``mtp``, :mod:`ember.spec_decode.mtp`), if any."""
+        """Load the proposer's model of ``speculative_config`` (a draft model,
+        or a head conditioned on the target's hidden states, such as the
+        target checkpoint's MTP layer), if any
+        (:func:`ember.spec_decode.worker_proposer_class`), after the target's."""
         sc = self.config.speculative_config
         if sc is None or not sc.proposes_on_worker:
             return
-        if sc.method == "mtp":
-            from ember.spec_decode.mtp import MTPProposer as Proposer
-        else:
-            from ember.spec_decode.draft_model import DraftModelProposer as Proposer
+        from ember.spec_decode import worker_proposer_class
 
-        self.draft_proposer = Proposer(self, sc)
+        self.draft_proposer = worker_proposer_class(sc.method)(self, sc)
         self.draft_proposer.load()
+        self.aux_hidden = self.draft_proposer.aux_hidden_states()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)
@@ -466,7 +467,7 @@ class ModelRunner:
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
             return self.piecewise_graphs.run(host, self)
         input_ids, positions, meta = self._device_inputs(host)
-        return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+        return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches, aux_hidden=self.aux_hidden))
 
     def _calibrating_forward(self, host: HostInputs) -> torch.Tensor:
         """:meth:`_forward`, eagerly, with every FP8 attention layer setting its
@@ -474,7 +475,8 @@ class ModelRunner:
         later steps keep them."""
         input_ids, positions, meta = self._device_inputs(host)
         hidden = self._run_model(input_ids, positions,
-                                 ForwardContext(meta, self.kv_caches, calibrate_kv_scales=True))
+                                 ForwardContext(meta, self.kv_caches, calibrate_kv_scales=True,
+                                                aux_hidden=self.aux_hidden))
         self._calibrate_kv_scales = False
         logger.info(f"FP8 KV cache scales calibrated on a step of {len(host.input_ids)} tokens")
         return hidden
@@ -794,7 +796,7 @@ class ModelRunner:
         from ember.worker.cuda_graph import CUDAGraphRunner
 
         start = time.perf_counter()
-        self.cuda_graphs = CUDAGraphRunner(self.model, self.kv_caches, self.config)
+        self.cuda_graphs = CUDAGraphRunner(self.model, self.kv_caches, self.config, self.aux_hidden)
         self.cuda_graphs.capture()
         logger.info(f"captured CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
@@ -812,7 +814,7 @@ class ModelRunner:
                         "steps with prefill tokens run eagerly")
             return
         start = time.perf_counter()
-        self.piecewise_graphs = PiecewiseCUDAGraphRunner(self.model, self.kv_caches, self.config)
+        self.piecewise_graphs = PiecewiseCUDAGraphRunner(self.model, self.kv_caches, self.config, self.aux_hidden)
         self.piecewise_graphs.capture()
         sizes = self.piecewise_graphs.sizes
         logger.info(f"captured piecewise CUDA graphs for {len(sizes)} token counts {sizes[0]}..{sizes[-1]} "

@@ -36,6 +36,10 @@ class ForwardContext:
             ``k_scale`` / ``v_scale`` from this step's keys and values before
             writing them (``--calculate-kv-scales``: the first prefill step,
             run eagerly).
+        aux_hidden: where the decoder stack also writes the residual stream
+            entering chosen layers (an
+            :class:`~ember.models.utils.AuxHiddenStates`, for a speculative
+            proposer conditioned on the target's hidden states), or None.
     """
 
     attn_metadata: AttentionMetadata
@@ -44,6 +48,7 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     stream_sumsq: tuple[torch.Tensor, torch.Tensor] | None = None
     calibrate_kv_scales: bool = False
+    aux_hidden: Any = None
 
 
 class QKVAttention(nn.Module, ABC):
