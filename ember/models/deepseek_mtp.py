@@ -128,18 +128,58 @@ class DeepseekV3MTP(nn.Module):
         self.model.layers = nn.ModuleDict({str(self.layer_idx): DeepseekV3MTPLayer(
             config, self.layer_idx, 0, attn_backend, quant_config, f"model.layers.{self.layer_idx}")})
 
+        self._condition: torch.Tensor | None = None  # see allocate_condition
+        self._shared: set[str] = set()  # parameters loaded from the target's tensors
+
     @property
     def layer(self) -> DeepseekV3MTPLayer:
         return self.model.layers[str(self.layer_idx)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
-                previous_hidden: torch.Tensor) -> torch.Tensor:
+                previous_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """One MTP step (see the module docstring): ``input_ids``, ``positions``
         [num_tokens] int64 and ``previous_hidden`` [num_tokens, hidden] (the
-        target's final hidden states, or this module's own outputs) ->
-        [num_tokens, hidden], the input of :meth:`compute_logits` and of the next step."""
+        target's final hidden states, or this module's own outputs; None:
+        the rows :meth:`set_condition` wrote) -> [num_tokens, hidden], the
+        input of :meth:`compute_logits` and of the next step."""
+        if previous_hidden is None:
+            previous_hidden = self._condition[: input_ids.shape[0]]
         ctx.positions = positions
         return self.layer.step(input_ids, positions, previous_hidden, ctx)
+
+    # The protocol of heads conditioned on the target's hidden states
+    # (ember.spec_decode.hidden_states).
+    def target_layers(self, target_hf_config) -> None:
+        """None: the MTP layer reads the target's final normed hidden states."""
+        return None
+
+    def allocate_condition(self, max_tokens: int) -> None:
+        """The input buffer of :meth:`set_condition` ([max_tokens, hidden],
+        fixed address: CUDA graphs of :meth:`forward` read it)."""
+        p = self.layer.hnorm.weight
+        self._condition = torch.zeros(max_tokens, self.config.hidden_size, dtype=p.dtype, device=p.device)
+
+    def condition_target(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's final hidden states are the MTP's input as they are."""
+        return features
+
+    def set_condition(self, x: torch.Tensor) -> None:
+        """Copy ``x`` [n, hidden] into the rows the next forward of n tokens reads."""
+        self._condition[: x.shape[0]].copy_(x)
+
+    def bind_target(self, target: nn.Module) -> None:
+        """Share the target's token embedding and LM head where the
+        checkpoint's MTP layer has no copy of its own (instead of holding a
+        copy of the target's tensor)."""
+        layer = self.layer
+        if f"{self._prefix}embed_tokens.weight" in self._shared:
+            layer.embed_tokens = target.model.embed_tokens
+        if f"{self._prefix}shared_head.head.weight" in self._shared and not isinstance(target.lm_head, nn.Identity):
+            layer.shared_head.head = target.lm_head
+
+    @property
+    def _prefix(self) -> str:
+        return f"model.layers.{self.layer_idx}."
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32."""
@@ -161,7 +201,7 @@ class DeepseekV3MTP(nn.Module):
         Raises:
             ValueError: an unexpected weight name or a shape mismatch.
         """
-        prefix = f"model.layers.{self.layer_idx}."
+        prefix = self._prefix
         own_embed, own_head = f"{prefix}embed_tokens.weight", f"{prefix}shared_head.head.weight"
         shared: dict[str, torch.Tensor] = {}
 
@@ -178,4 +218,5 @@ class DeepseekV3MTP(nn.Module):
         loaded = load_hf_weights(self, mtp_weights(), self.stacked_params_mapping,
                                  FusedMoE.make_expert_params_mapping(self.config.n_routed_experts))
         fallback = [(n, t) for n, t in shared.items() if n not in loaded]
+        self._shared = {n for n, _ in fallback}
         return loaded | load_hf_weights(self, fallback)

@@ -87,6 +87,32 @@ def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypat
     assert c.spec_num_draft_tokens > 0
 
 
+def test_checkpoint_without_mtp_embedding_shares_the_targets(tmp_path, monkeypatch):
+    # Released checkpoints carry model.layers.{N}.embed_tokens; without it the
+    # MTP layer uses the target's embedding module (no copy).
+    path, target, deep, extra = write_mtp_checkpoint(tmp_path / "ckpt", seed=1, own_embed=False)
+    make_tokenizer(target.config.vocab_size).save_pretrained(path)
+    seen = []
+    original = MTPProposer.propose
+
+    def recording(self, sched, host, emitted, hidden=None):
+        known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
+        out = original(self, sched, host, emitted, hidden)
+        seen.extend((r, known[r], d) for r, d in out.items())
+        return out
+
+    monkeypatch.setattr(MTPProposer, "propose", recording)
+    llm = _llm(str(path), _spec(1))
+    runner = runner_of(llm)
+    assert runner.draft_proposer.model.layer.embed_tokens is runner.model.model.embed_tokens
+    prompt = make_prompts((7,), vocab=target.config.vocab_size, seed=4)[0]
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    full = prompt + list(out.outputs[0].token_ids)
+    assert len(seen) >= 4
+    for _, m, drafts in seen:
+        assert drafts[0] == int(reference_mtp_logits(target, deep, extra, full[:m])[-1].argmax())
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_greedy_alone_equals_no_speculation(checkpoint, reference, k):
     path = checkpoint[0]
@@ -180,7 +206,7 @@ def test_missing_mtp_weights_are_named(checkpoint, tmp_path):
     path = tmp_path / "stripped"
     shutil.copytree(checkpoint[0], path)
     (path / "mtp.safetensors").unlink()
-    with pytest.raises(Exception, match="lacks the MTP layer's weights"):
+    with pytest.raises(Exception, match="lacks weights for"):
         _llm(str(path), _spec(1))
 
 
