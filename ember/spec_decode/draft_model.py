@@ -297,6 +297,12 @@ class DraftModelProposer:
         self.propose_s += time.perf_counter() - t0
         return proposals
 
+    def observe(self, sched: SchedulerOutput, host: HostInputs, hidden: torch.Tensor) -> None:
+        """A step that samples nothing (prefill chunks only), with the
+        target's final hidden states of its packed tokens ([num_tokens,
+        hidden]); nothing here (a draft model catches up on known tokens
+        later)."""
+
     # --------------------------------------------- hooks of conditioned proposers
     def _set_step_features(self, host: HostInputs, hidden: torch.Tensor | None) -> None:
         """Remember the step's target features for :meth:`_target_condition`

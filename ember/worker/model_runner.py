@@ -539,8 +539,8 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
         pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
-            if self.draft_proposer is not None and not launched_ahead and hasattr(self.draft_proposer, "observe"):
-                self.draft_proposer.observe(sched, host, hidden)  # an MTP layer reads every step's hidden states
+            if self.draft_proposer is not None:
+                self.draft_proposer.observe(sched, host, hidden)  # e.g. an MTP layer reads every step's hidden states
             return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if spec:
             from ember.spec_decode.verify import verify_drafts

@@ -125,17 +125,22 @@ def test_greedy_alone_equals_no_speculation(checkpoint, reference, k):
     assert runner_of(llm).draft_proposer.model is not None
 
 
-@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
-def test_greedy_batched_chunked_preempted_equals_no_speculation(checkpoint, reference, preemption_mode):
+@pytest.mark.parametrize("preemption_mode, async_scheduling", [("recompute", False), ("swap", False),
+                                                               ("recompute", True)])
+def test_greedy_batched_chunked_preempted_equals_no_speculation(checkpoint, reference, preemption_mode,
+                                                                async_scheduling):
+    # With asynchronous scheduling, speculation also turns off and on as the
+    # batch crosses disable_by_batch_size (steps scheduled ahead in between).
     path = checkpoint[0]
     prompts, ref = reference
     k, block_size = 2, 4
+    spec = _spec(k, disable_by_batch_size=3) if async_scheduling else _spec(k)
     longest = max(len(p) for p in prompts) + NUM_NEW + 2 * k
     num_blocks = -(-longest // block_size) + 6  # far too few for all at once: preemption
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=path, dtype="float32", max_model_len=longest + 8, block_size=block_size,
-        num_gpu_blocks_override=num_blocks, max_num_batched_tokens=10, max_num_seqs=6, speculative_config=_spec(k),
-        preemption_mode=preemption_mode, swap_space=8 << 20))
+        num_gpu_blocks_override=num_blocks, max_num_batched_tokens=10, max_num_seqs=6, speculative_config=spec,
+        preemption_mode=preemption_mode, swap_space=8 << 20, async_scheduling=async_scheduling))
     results, chunked = run_staggered(engine, prompts, GREEDY)
     sched = engine.engine_core.scheduler
     assert chunked and sched.num_preemptions_total > 0
