@@ -127,7 +127,6 @@ class DeepseekV3MTP(nn.Module):
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(self.layer_idx): DeepseekV3MTPLayer(
             config, self.layer_idx, 0, attn_backend, quant_config, f"model.layers.{self.layer_idx}")})
-
         self._condition: torch.Tensor | None = None  # see allocate_condition
         self._shared: set[str] = set()  # parameters loaded from the target's tensors
 
