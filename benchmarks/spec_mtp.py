@@ -15,6 +15,10 @@ Printed per batch size B (``mtp_bB_*``): ``step_overhead`` (MTP step time /
 plain decode step time), ``verify_vs_plain_step`` (the step without the
 proposer's part) and ``propose_vs_plain_step`` (the MTP layer's catch-up and
 k proposals, host wall time), ``tokens_per_step`` and ``sequences_equal``.
+With ``--project-depth 61`` the engines also run at one layer less, and the
+overhead is extrapolated to the full depth (``projected_61_layers_step_overhead``,
+see :func:`project`): at 4 layers the MTP layer is a fifth of the model, at
+61 layers a sixtieth.
 
     python benchmarks/spec_mtp.py --layers 4 --k 1 [--batch-size 32] [--json PATH]
 
@@ -42,12 +46,13 @@ from ember.sampling_params import SamplingParams
 from spec_draft import _release, _Steps, compare
 
 
-def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[int], spec: dict | None) -> dict:
+def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[int], spec: dict | None,
+            layers: int | None = None) -> dict:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     llm = LLM("DeepSeek-V3", load_format="dummy", max_model_len=args.max_model_len, skip_tokenizer_init=True,
-              hf_overrides={"num_hidden_layers": args.layers} | json.loads(args.hf_overrides),
+              hf_overrides={"num_hidden_layers": layers or args.layers} | json.loads(args.hf_overrides),
               speculative_config=spec, memory_utilization=args.memory_utilization, **({"device": args.device}
                                                                                      if args.device else {}))
     core = llm.llm_engine.engine_core
@@ -93,6 +98,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--hf-overrides", default="{}", help="more preset fields to override (JSON; a smoke run "
                     "on CPU shrinks the width)")
+    ap.add_argument("--project-depth", type=int, default=0,
+                    help="also run at --layers - 1 and extrapolate the step overhead to this many layers (61: "
+                         "DeepSeek-V3); the layer dropped must be an MoE one (--layers >= 4: the preset's first 3 "
+                         "layers are dense)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -112,7 +121,31 @@ def main() -> None:
     compare("mtp", plain, mtp, batches, out)
     for batch in batches:
         out[f"mtp_b{batch}_step_overhead"] = mtp[f"b{batch}_step_ms"] / plain[f"b{batch}_step_ms"]
+    if args.project_depth:
+        project(args, prompts, batches, spec, plain, mtp, out)
     print_and_save(out, args.json)
+
+
+def project(args: argparse.Namespace, prompts: list[list[int]], batches: list[int], spec: dict, plain: dict,
+            mtp: dict, out: dict) -> None:
+    """The step overhead at ``--project-depth`` layers, extrapolated from one
+    layer less: the last layer's share of the plain step and of the MTP
+    step's extra time (the verify step's extra rows, i.e. the experts the
+    k + 1 positions route to), times the layers added; the MTP layer's own
+    cost does not grow with depth."""
+    fewer = args.layers - 1
+    mtp_less = measure(args, prompts, batches, spec, fewer)
+    plain_less = measure(args, prompts, batches, None, fewer)
+    added = args.project_depth - args.layers
+    for batch in batches:
+        key = f"b{batch}_step_ms"
+        per_layer = plain[key] - plain_less[key]
+        extra, extra_less = mtp[key] - plain[key], mtp_less[key] - plain_less[key]
+        plain_full = plain[key] + added * per_layer
+        extra_full = extra + added * (extra - extra_less)
+        out[f"mtp_b{batch}_layer_{args.layers - 1}_plain_ms"] = per_layer
+        out[f"mtp_b{batch}_layer_{args.layers - 1}_extra_ms"] = extra - extra_less
+        out[f"mtp_b{batch}_projected_{args.project_depth}_layers_step_overhead"] = (plain_full + extra_full) / plain_full
 
 
 if __name__ == "__main__":
