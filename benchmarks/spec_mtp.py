@@ -53,8 +53,9 @@ def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[in
         torch.cuda.empty_cache()
     llm = LLM("DeepSeek-V3", load_format="dummy", max_model_len=args.max_model_len, skip_tokenizer_init=True,
               hf_overrides={"num_hidden_layers": layers or args.layers} | json.loads(args.hf_overrides),
-              speculative_config=spec, memory_utilization=args.memory_utilization, **({"device": args.device}
-                                                                                     if args.device else {}))
+              speculative_config=spec, memory_utilization=args.memory_utilization,
+              max_num_seqs=max(batches),  # CUDA graphs up to the batch measured only
+              **({"device": args.device} if args.device else {}))
     core = llm.llm_engine.engine_core
     runner = core.executor.worker.model_runner
     steps = _Steps()
