@@ -218,6 +218,7 @@ class EngineArgs:
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
                                  'draft_model with "model": a draft of the same vocabulary; '
+                                 'eagle3 with "model": an EAGLE-3 head of the target\'s hidden size; '
                                  'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_json_object("hf-overrides"), default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
@@ -339,8 +340,13 @@ class EngineArgs:
             raise ConfigError("speculative_config is not supported with tensor_parallel_size or "
                               "pipeline_parallel_size above 1 yet")
         if speculative_config is not None and speculative_config.uses_draft_model:
-            speculative_config = dataclasses.replace(
-                speculative_config, draft_model_config=_draft_model_config(speculative_config.model, model_config))
+            if speculative_config.method == "eagle3":
+                from ember.models.llama_eagle3 import eagle3_head_config
+
+                draft_model_config = eagle3_head_config(speculative_config.model, model_config)
+            else:
+                draft_model_config = _draft_model_config(speculative_config.model, model_config)
+            speculative_config = dataclasses.replace(speculative_config, draft_model_config=draft_model_config)
             scheduler_config = dataclasses.replace(
                 scheduler_config, num_lookahead_tokens=speculative_config.num_speculative_tokens)
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
