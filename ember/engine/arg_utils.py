@@ -217,7 +217,8 @@ class EngineArgs:
         parser.add_argument("--speculative-config", type=_json_object("speculative-config"), default=None,
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
-                                 'draft_model with "model": a draft of the same vocabulary; mtp: the '
+                                 'draft_model with "model": a draft of the same vocabulary; '
+                                 'eagle3 with "model": an EAGLE-3 head of the target\'s hidden size; mtp: the '
                                  'checkpoint\'s own multi-token-prediction layers (DeepSeek-V3); '
                                  'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_json_object("hf-overrides"), default=None,
@@ -342,8 +343,13 @@ class EngineArgs:
         if speculative_config is not None and speculative_config.method == "mtp":
             _check_mtp(model_config)
         if speculative_config is not None and speculative_config.uses_draft_model:
-            speculative_config = dataclasses.replace(
-                speculative_config, draft_model_config=_draft_model_config(speculative_config.model, model_config))
+            if speculative_config.method == "eagle3":
+                from ember.models.llama_eagle3 import eagle3_head_config
+
+                draft_model_config = eagle3_head_config(speculative_config.model, model_config)
+            else:
+                draft_model_config = _draft_model_config(speculative_config.model, model_config)
+            speculative_config = dataclasses.replace(speculative_config, draft_model_config=draft_model_config)
         if speculative_config is not None and speculative_config.proposes_on_worker:
             scheduler_config = dataclasses.replace(
                 scheduler_config, num_lookahead_tokens=speculative_config.num_speculative_tokens)

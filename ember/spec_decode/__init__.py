@@ -17,8 +17,8 @@ _WORKER_PROPOSERS: dict[str, tuple[str, str]] = {
 
 
 def worker_proposer_class(method: str) -> type:
-    """The proposer class a model runner builds for ``method`` (one of
-    :data:`ember.spec_decode.config.WORKER_METHODS`), as
+    """The proposer class a model runner builds for ``method`` (one whose
+    :attr:`~ember.spec_decode.config.SpeculativeConfig.proposes_on_worker`), as
     ``cls(runner, speculative_config)``.
 
     Raises:
