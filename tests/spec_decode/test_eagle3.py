@@ -273,12 +273,21 @@ def test_greedy_tiny_target_alone_and_batched(tiny_target, tiny_head, one_torch_
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
     c = _counters(llm)
     assert c.spec_num_draft_tokens > 0
-    results, engine, chunked = _staggered(tiny_target, prompts, _spec(tiny_head), "recompute", block_size=4,
-                                          dtype="float32")
-    assert chunked and engine.engine_core.scheduler.num_preemptions_total > 0
-    assert _counters(engine).spec_num_draft_tokens > 0
-    for i, want in enumerate(ref):
-        assert results[f"p{i}"] == want, f"prompt {i}"
+    # Staggered arrivals, chunked prefill, preemption by recompute and by swap;
+    # with asynchronous scheduling speculation also turns off and on as the
+    # batch crosses disable_by_batch_size (the head then skips the positions
+    # whose target hidden states are gone).
+    for mode, async_scheduling, spec in [("recompute", False, _spec(tiny_head)), ("swap", False, _spec(tiny_head)),
+                                         ("recompute", True, _spec(tiny_head, disable_by_batch_size=3))]:
+        results, engine, chunked = _staggered(tiny_target, prompts, spec, mode, block_size=4, dtype="float32",
+                                              async_scheduling=async_scheduling)
+        sched = engine.engine_core.scheduler
+        assert chunked and sched.num_preemptions_total > 0
+        assert sched.counters.spec_num_draft_tokens > 0
+        if mode == "swap":
+            assert sched.counters.num_swap_outs > 0
+        for i, want in enumerate(ref):
+            assert results[f"p{i}"] == want, f"{mode} async={async_scheduling}: prompt {i}"
 
 
 def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str, block_size: int = 16, **kw
