@@ -243,25 +243,29 @@ class Eagle3LlamaForCausalLM(nn.Module):
         Raises:
             ValueError: an unexpected weight name or a shape mismatch.
         """
-        def params() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                name = self._checkpoint_name(name)
-                if name == "d2t":
-                    if tensor.shape != self.d2t.shape:
-                        raise ValueError(f"d2t: shape {tuple(tensor.shape)} does not match "
-                                         f"draft_vocab_size {self.draft_vocab_size}")
-                    self.d2t.copy_(tensor.to(torch.int64))
-                elif name == "t2d" or "rotary_emb.inv_freq" in name:
-                    continue
-                elif name == "embed_tokens.weight":
-                    w = self.fc.weight
-                    self.embed_tokens = VocabParallelEmbedding(tensor.shape[0], tensor.shape[1], dtype=w.dtype).to(
-                        w.device)
-                    yield name, tensor
-                else:
-                    yield name, tensor
-
-        return load_hf_weights(self, params(), self.stacked_params_mapping)
+        rest = []
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = self._checkpoint_name(name)
+            if name == "d2t":
+                if tensor.shape != self.d2t.shape:
+                    raise ValueError(f"d2t: shape {tuple(tensor.shape)} does not match "
+                                     f"draft_vocab_size {self.draft_vocab_size}")
+                self.d2t.copy_(tensor.to(torch.int64))
+            elif name == "t2d" or "rotary_emb.inv_freq" in name:
+                continue
+            elif name == "embed_tokens.weight":
+                w = self.fc.weight
+                if tensor.shape[1] != self.config.hidden_size:
+                    raise ValueError(f"embed_tokens.weight: shape {tuple(tensor.shape)} does not match hidden_size "
+                                     f"{self.config.hidden_size}")
+                self.embed_tokens = VocabParallelEmbedding(tensor.shape[0], tensor.shape[1], dtype=w.dtype,
+                                                           prefix="embed_tokens").to(w.device)
+                self.embed_tokens.weight_loader(self.embed_tokens.weight, tensor)
+                loaded.add("embed_tokens.weight")
+            else:
+                rest.append((name, tensor))
+        return loaded | load_hf_weights(self, rest, self.stacked_params_mapping)
 
 
 def eagle3_head_config(head: str, target: Any) -> Any:

@@ -119,8 +119,12 @@ class HiddenStateProposer(DraftModelProposer):
         return s.num_computed_tokens
 
     def _target_condition(self, rows: list[int]) -> torch.Tensor:
-        idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        return self.model.condition_target(self._features.index_select(0, idx))
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1 and rows == list(range(first, first + len(rows))):
+            features = self._features[first: first + len(rows)]  # one request, or consecutive rows: no gather
+        else:
+            features = self._features.index_select(0, torch.tensor(rows, dtype=torch.int64, device=self.device))
+        return self.model.condition_target(features)
 
     def _proposal_condition(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden

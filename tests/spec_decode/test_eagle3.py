@@ -132,12 +132,28 @@ def tiny_head(tiny_target, tmp_path_factory) -> str:
     return head_for(tiny_target, tmp_path_factory.mktemp("head") / "eagle3", draft_vocab=48, seed=1)
 
 
+@pytest.fixture(scope="module")
+def tiny_head_with_embedding(tiny_target, tmp_path_factory) -> str:
+    """A head with its own token embedding (and, as saved by some trainers,
+    names under ``model.`` with the layer as ``layers.0``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = head_for(tiny_target, tmp_path_factory.mktemp("head") / "eagle3_embed", draft_vocab=64, seed=4,
+                    with_embed=True)
+    tensors = load_file(f"{path}/model.safetensors")
+    renamed = {("model." + k.replace("midlayer.", "layers.0.")) if k.startswith(("midlayer.", "embed_tokens")) else k:
+               v for k, v in tensors.items()}
+    save_file(renamed, f"{path}/model.safetensors")
+    return path
+
+
 def _reference_head(path: str, target_embed: torch.Tensor, eps: float = 1e-5):
     """Independent float32 implementation of one EAGLE-3 head over a whole
     sequence (causal attention over its positions, RoPE at ``positions``)."""
     from safetensors.torch import load_file
 
-    t = {k: v.float() if v.is_floating_point() else v for k, v in load_file(f"{path}/model.safetensors").items()}
+    t = {k.removeprefix("model.").replace("layers.0.", "midlayer."): v.float() if v.is_floating_point() else v
+         for k, v in load_file(f"{path}/model.safetensors").items()}
     cfg = json.loads(open(f"{path}/config.json").read())
     heads, kv, hd, theta = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rope_theta"]
 
@@ -178,21 +194,32 @@ def _reference_head(path: str, target_embed: torch.Tensor, eps: float = 1e-5):
     return t, layer, logits
 
 
-def test_head_forward_matches_reference(tiny_target, tiny_head, one_torch_thread):
+@pytest.mark.parametrize("own_embedding", [False, True])
+def test_head_forward_matches_reference(tiny_target, tiny_head, tiny_head_with_embedding, own_embedding,
+                                        one_torch_thread):
     """Catch-up over a prompt (conditioned on fc of the target's three depths),
     then one proposal conditioned on the head's own output, against the
-    float32 reference; and the target's stream at depths (2, 3, 3) of 6."""
+    float32 reference (the target's embedding, or the head's own); and the
+    target's stream at depths (2, 3, 3) of 6."""
     from ember.loader import iter_weights, resolve_model_source
     from ember.models.llama_eagle3 import eagle3_target_layers
 
+    head_path = tiny_head_with_embedding if own_embedding else tiny_head
     llm = LLM(tiny_target, dtype="float32", max_model_len=128, kv_cache_memory=4 << 20,
-              speculative_config=_spec(tiny_head))
+              speculative_config=_spec(head_path))
     runner = _runner(llm)
     head = runner.draft_proposer.model
     assert runner.aux_hidden.layers == eagle3_target_layers(6) == (2, 3, 3)
-    target_w = dict(iter_weights(resolve_model_source(tiny_target), torch.float32, False))
-    embed = target_w["model.embed_tokens.weight"]
-    t, layer, logits = _reference_head(tiny_head, embed)
+    assert (head.embed_tokens is not None) == own_embedding
+    if own_embedding:
+        from safetensors.torch import load_file
+
+        embed = load_file(f"{head_path}/model.safetensors")["model.embed_tokens.weight"]
+    else:
+        embed = dict(iter_weights(resolve_model_source(tiny_target), torch.float32, False))[
+            "model.embed_tokens.weight"]
+    t, layer, logits = _reference_head(head_path, embed)
+    vocab_in_draft = 64 if own_embedding else 48
 
     ids = torch.tensor([5, 17, 3, 40, 22, 9, 31], dtype=torch.int64)
     n = len(ids)
@@ -230,7 +257,7 @@ def test_head_forward_matches_reference(tiny_target, tiny_head, one_torch_thread
     ref_logits = logits(ref_out, 64)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     finite = torch.isfinite(ref_logits)
-    assert torch.equal(finite, torch.isfinite(got_logits)) and finite.sum(1).tolist() == [48] * n
+    assert torch.equal(finite, torch.isfinite(got_logits)) and finite.sum(1).tolist() == [vocab_in_draft] * n
     torch.testing.assert_close(got_logits[finite], ref_logits[finite], rtol=1e-4, atol=1e-4)
     # The proposal step: position n attends to the catch-up positions' K/V too.
     ref_out2 = layer(torch.cat([ids, nxt]), torch.cat([hidden, ref_out[-1:]]), torch.arange(n + 1))[-1:]
@@ -273,12 +300,21 @@ def test_greedy_tiny_target_alone_and_batched(tiny_target, tiny_head, one_torch_
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
     c = _counters(llm)
     assert c.spec_num_draft_tokens > 0
-    results, engine, chunked = _staggered(tiny_target, prompts, _spec(tiny_head), "recompute", block_size=4,
-                                          dtype="float32")
-    assert chunked and engine.engine_core.scheduler.num_preemptions_total > 0
-    assert _counters(engine).spec_num_draft_tokens > 0
-    for i, want in enumerate(ref):
-        assert results[f"p{i}"] == want, f"prompt {i}"
+    # Staggered arrivals, chunked prefill, preemption by recompute and by swap;
+    # with asynchronous scheduling speculation also turns off and on as the
+    # batch crosses disable_by_batch_size (the head then skips the positions
+    # whose target hidden states are gone).
+    for mode, async_scheduling, spec in [("recompute", False, _spec(tiny_head)), ("swap", False, _spec(tiny_head)),
+                                         ("recompute", True, _spec(tiny_head, disable_by_batch_size=3))]:
+        results, engine, chunked = _staggered(tiny_target, prompts, spec, mode, block_size=4, dtype="float32",
+                                              async_scheduling=async_scheduling)
+        sched = engine.engine_core.scheduler
+        assert chunked and sched.num_preemptions_total > 0
+        assert sched.counters.spec_num_draft_tokens > 0
+        if mode == "swap":
+            assert sched.counters.num_swap_outs > 0
+        for i, want in enumerate(ref):
+            assert results[f"p{i}"] == want, f"{mode} async={async_scheduling}: prompt {i}"
 
 
 def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str, block_size: int = 16, **kw
