@@ -234,6 +234,8 @@ class EngineArgs:
                             help='speculative decoding as a JSON object, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram; '
                                  'draft_model with "model": a draft of the same vocabulary; '
+                                 'eagle3 with "model": an EAGLE-3 head of the target\'s hidden size; mtp: the '
+                                 'checkpoint\'s own multi-token-prediction layers (DeepSeek-V3); '
                                  'disable_by_batch_size: no drafts above this many running requests)')
         parser.add_argument("--hf-overrides", type=_json_object("hf-overrides"), default=None,
                             help='JSON object of model config fields to override, e.g. \'{"num_hidden_layers": 4}\'')
@@ -359,9 +361,17 @@ class EngineArgs:
         if speculative_config is not None and parallel_config.world_size > 1:
             raise ConfigError("speculative_config is not supported with tensor_parallel_size or "
                               "pipeline_parallel_size above 1 yet")
+        if speculative_config is not None and speculative_config.method == "mtp":
+            _check_mtp(model_config)
         if speculative_config is not None and speculative_config.uses_draft_model:
-            speculative_config = dataclasses.replace(
-                speculative_config, draft_model_config=_draft_model_config(speculative_config.model, model_config))
+            if speculative_config.method == "eagle3":
+                from ember.models.llama_eagle3 import eagle3_head_config
+
+                draft_model_config = eagle3_head_config(speculative_config.model, model_config)
+            else:
+                draft_model_config = _draft_model_config(speculative_config.model, model_config)
+            speculative_config = dataclasses.replace(speculative_config, draft_model_config=draft_model_config)
+        if speculative_config is not None and speculative_config.proposes_on_worker:
             scheduler_config = dataclasses.replace(
                 scheduler_config, num_lookahead_tokens=speculative_config.num_speculative_tokens)
         kernel_config = KernelConfig(skinny_gemm=self.skinny_gemm, fold_norm=self.fold_norm,
@@ -387,6 +397,24 @@ def _check_dp_attention(architecture: str, cache_config: CacheConfig, scheduler_
                           "its own requests' blocks); pass --no-enable-prefix-caching")
     if scheduler_config.preemption_mode == "swap":
         raise ConfigError("preemption_mode 'swap' is not supported with enable_dp_attention; use 'recompute'")
+
+
+def _check_mtp(target: ModelConfig) -> None:
+    """Speculative method ``mtp`` needs a target with multi-token-prediction layers.
+
+    Raises:
+        ConfigError: the architecture has no MTP module, or its config has
+            ``num_nextn_predict_layers`` 0.
+    """
+    from ember.models.registry import ModelRegistry
+
+    if target.architecture not in ModelRegistry.mtp_architectures():
+        raise ConfigError(f"speculative_config.method 'mtp' needs a model with multi-token-prediction layers; "
+                          f"{target.architecture} has none (MTP: {ModelRegistry.mtp_architectures()})")
+    n = getattr(target.hf_config, "num_nextn_predict_layers", 0) or 0
+    if n < 1:
+        raise ConfigError(f"speculative_config.method 'mtp': {target.model!r} has num_nextn_predict_layers {n} "
+                          f"(no MTP layer in its checkpoint)")
 
 
 def _draft_model_config(draft: str, target: ModelConfig) -> ModelConfig:

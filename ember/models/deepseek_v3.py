@@ -20,7 +20,8 @@ replicated, each rank attends only its own requests' rows with all heads,
 and the MLP / MoE layers run tensor-parallel over the rows of every rank.
 
 Multi-token-prediction layers (``model.layers.{num_hidden_layers}..``, the MTP
-module) are skipped when loading.
+module) are skipped when loading the target; the speculative proposer of
+method ``"mtp"`` loads them (:mod:`ember.models.deepseek_mtp`).
 """
 
 from __future__ import annotations

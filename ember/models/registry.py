@@ -19,6 +19,12 @@ _MODELS: dict[str, tuple[str, str]] = {
     "DeepseekV3ForCausalLM": ("ember.models.deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
+# Architectures whose checkpoints carry multi-token-prediction layers -> the
+# MTP module (speculative_config method "mtp").
+_MTP_MODELS: dict[str, tuple[str, str]] = {
+    "DeepseekV3ForCausalLM": ("ember.models.deepseek_mtp", "DeepseekV3MTP"),
+}
+
 
 class ModelRegistry:
     @staticmethod
@@ -44,4 +50,15 @@ class ModelRegistry:
     @staticmethod
     def load_class(architecture: str) -> type[nn.Module]:
         module, cls = _MODELS[architecture]
+        return getattr(importlib.import_module(module), cls)
+
+    @staticmethod
+    def mtp_architectures() -> list[str]:
+        """The architectures with an MTP module (speculative method ``"mtp"``)."""
+        return sorted(_MTP_MODELS)
+
+    @staticmethod
+    def load_mtp_class(architecture: str) -> type[nn.Module]:
+        """The MTP module class of ``architecture`` (see :meth:`mtp_architectures`)."""
+        module, cls = _MTP_MODELS[architecture]
         return getattr(importlib.import_module(module), cls)

@@ -62,6 +62,53 @@ class IntermediateTensors:
     residual: torch.Tensor
 
 
+class AuxHiddenStates:
+    """Where a forward pass also writes the residual stream at chosen depths,
+    for a speculative proposer conditioned on the target's hidden states
+    (EAGLE-3 reads three depths of the target, Li et al. 2025,
+    arXiv:2503.01840).
+
+    Depth ``d`` is the stream entering decoder layer ``d`` (``hidden +
+    residual``, before its input norm); ``d == num_hidden_layers`` is the
+    stream after the last layer, before the final norm. The buffer has a
+    fixed address, so CUDA graphs (decode and piecewise) write into it too.
+
+    Args:
+        layers: the depths, in the order their rows are laid out.
+        max_tokens: rows of the buffer (the most tokens one step runs).
+        hidden_size: the model's hidden size.
+        dtype, device: the model's.
+
+    Attributes:
+        buffer: [max_tokens, len(layers) * hidden_size]; after a forward of
+            ``n`` tokens, rows ``:n`` hold the depths side by side.
+    """
+
+    def __init__(self, layers: Sequence[int], max_tokens: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.layers = tuple(int(i) for i in layers)
+        self.hidden_size = hidden_size
+        self.buffer = torch.zeros(max_tokens, len(self.layers) * hidden_size, dtype=dtype, device=device)
+        self._slots: dict[int, list[int]] = {}
+        for j, d in enumerate(self.layers):
+            self._slots.setdefault(d, []).append(j)
+
+    def store(self, depth: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Write the stream ``hidden + residual`` ([n, hidden]; ``residual``
+        None: ``hidden`` is the stream) at ``depth``, if it is a chosen one."""
+        h = self.hidden_size
+        for j in self._slots.get(depth, ()):
+            out = self.buffer[: hidden.shape[0], j * h: (j + 1) * h]
+            if residual is None:
+                out.copy_(hidden)
+            else:
+                torch.add(hidden, residual, out=out)
+
+    def rows(self, n: int) -> torch.Tensor:
+        """The last forward's ``n`` token rows, [n, len(layers) * hidden]."""
+        return self.buffer[:n]
+
+
 class PreNormDecoderLayer(nn.Module):
     """``h = h + attn(norm(h)); h = h + mlp(norm(h))`` (Llama, Qwen2/3,
     DeepSeek-V3 blocks). Parameter names follow HF checkpoints: ``self_attn``,
@@ -136,8 +183,15 @@ class DecoderStack(nn.Module):
         # NOTE: the whole list when it is all here (one stage): no slice per step.
         layers = self.layers if self.is_first_stage and self.is_last_stage else \
             self.layers[self.start_layer: self.end_layer]
-        for layer in layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        aux = ctx.aux_hidden
+        if aux is None:
+            for layer in layers:
+                hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+        else:
+            for i, layer in enumerate(layers, self.start_layer):
+                aux.store(i, hidden_states, residual)
+                hidden_states, residual = layer(positions, hidden_states, residual, ctx)
+            aux.store(self.end_layer, hidden_states, residual)
         if not self.is_last_stage:
             return IntermediateTensors(hidden_states, residual)
         if residual is None:

@@ -4,7 +4,8 @@ The shape follows vLLM's ``speculative_config`` dict: ``method``,
 ``num_speculative_tokens`` (k), ``prompt_lookup_min`` / ``prompt_lookup_max``
 for n-gram prompt lookup, ``model`` (the draft model of ``draft_model``), and
 ``disable_by_batch_size``: with more running requests than this, a step
-schedules no draft tokens (plain decoding).
+schedules no draft tokens (plain decoding). Method ``mtp`` proposes with the
+target checkpoint's own multi-token-prediction layers (DeepSeek-V3 / R1).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 from ember.config import ConfigError
 
-SPEC_METHODS = ("ngram", "draft_model")
+SPEC_METHODS = ("ngram", "draft_model", "eagle3", "mtp")
+# Methods whose proposer is a model next to the target on the worker (read from ``model``).
+WORKER_METHODS = ("draft_model", "eagle3")
 # Methods known from other engines that Ember does not run yet.
-_UNSUPPORTED_METHODS = ("eagle", "eagle3", "mtp", "medusa", "mlp_speculator")
+_UNSUPPORTED_METHODS = ("eagle", "medusa", "mlp_speculator")
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -29,10 +32,17 @@ def _is_int(x: Any) -> bool:
 class SpeculativeConfig:
     """Attributes:
         method: ``"ngram"`` (prompt lookup: drafts copied from an earlier
-            occurrence of the sequence's last n tokens; no model) or
+            occurrence of the sequence's last n tokens; no model),
             ``"draft_model"`` (a smaller model with the target's vocabulary
             proposes k tokens autoregressively, see
-            :mod:`ember.spec_decode.draft_model`).
+            :mod:`ember.spec_decode.draft_model`), ``"eagle3"`` (an EAGLE-3
+            head reads the target's hidden states at three depths, see
+            :mod:`ember.models.llama_eagle3`) or ``"mtp"`` (the target
+            checkpoint's multi-token-prediction layer proposes from the
+            target's final hidden states, see :mod:`ember.spec_decode.mtp`;
+            no ``model``; for architectures with MTP layers and
+            ``num_nextn_predict_layers`` >= 1, checked by
+            :meth:`~ember.engine.arg_utils.EngineArgs.create_engine_config`).
         num_speculative_tokens: k, draft tokens per request and step, in
             [1, 16].
         prompt_lookup_min, prompt_lookup_max: the n-gram sizes tried, longest
@@ -40,13 +50,14 @@ class SpeculativeConfig:
         disable_by_batch_size: steps with more running requests than this
             propose nothing (verification costs more than it saves on a large
             batch); None: speculate at any batch size.
-        model: the draft model of ``"draft_model"`` (a path or bundled name
-            as ``--model`` takes, or an architecture preset with
-            ``--load-format dummy``); required there, refused otherwise.
-        draft_model_config: the draft's resolved
+        model: the draft model of ``"draft_model"`` or the head of
+            ``"eagle3"`` (a path or bundled name as ``--model`` takes, or an
+            architecture preset with ``--load-format dummy``); required
+            there, refused otherwise.
+        draft_model_config: the draft's (or head's) resolved
             :class:`~ember.config.ModelConfig` (set by
             :meth:`~ember.engine.arg_utils.EngineArgs.create_engine_config`,
-            which checks it shares the target's vocabulary).
+            which checks it fits the target: vocabulary, hidden size).
 
     Raises:
         ConfigError: a setting out of range (the message names it).
@@ -66,11 +77,12 @@ class SpeculativeConfig:
                               f"(supported: {list(SPEC_METHODS)})")
         if self.method not in SPEC_METHODS:
             raise ConfigError(f"speculative_config.method must be one of {list(SPEC_METHODS)}, got {self.method!r}")
-        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
-            raise ConfigError("speculative_config.model must name the draft model (a path, bundled name or preset) "
-                              f"for method 'draft_model', got {self.model!r}")
-        if self.method != "draft_model" and self.model is not None:
-            raise ConfigError(f"speculative_config.model is only read by method 'draft_model' "
+        if self.method in WORKER_METHODS and not (isinstance(self.model, str) and self.model):
+            what = "draft model" if self.method == "draft_model" else "head"
+            raise ConfigError(f"speculative_config.model must name the {what} (a path, bundled name or preset) "
+                              f"for method {self.method!r}, got {self.model!r}")
+        if self.method not in WORKER_METHODS and self.model is not None:
+            raise ConfigError(f"speculative_config.model is only read by methods {list(WORKER_METHODS)} "
                               f"(method is {self.method!r})")
         k = self.num_speculative_tokens
         if not (_is_int(k) and 1 <= k <= MAX_SPECULATIVE_TOKENS):
@@ -117,4 +129,14 @@ class SpeculativeConfig:
 
     @property
     def uses_draft_model(self) -> bool:
-        return self.method == "draft_model"
+        """The proposer is a model on the worker (a draft model or a head),
+        read from ``model``, which proposes after each step and shares the
+        target's KV pool."""
+        return self.method in WORKER_METHODS
+
+    @property
+    def proposes_on_worker(self) -> bool:
+        """Whether the worker proposes (a model next to the target: those of
+        :attr:`uses_draft_model`, or the target checkpoint's own MTP layer)
+        rather than the engine core (n-gram lookup)."""
+        return self.method in WORKER_METHODS or self.method == "mtp"

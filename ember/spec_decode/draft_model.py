@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +74,21 @@ class _DraftState:
     probs: torch.Tensor | None = None  # [len(proposed), vocab] float32 q, for sampled proposals
 
 
+class _Feed(NamedTuple):
+    """One request's draft work after a step: feed ``tokens`` at draft
+    positions ``start ..``; ``room`` free slots follow them; ``proposes``:
+    the request proposes after them; ``first_row``: the packed row of the
+    step's target hidden states at draft position ``start`` (read by
+    proposers conditioned on them)."""
+
+    req_id: str
+    tokens: list[int]
+    start: int
+    room: int
+    proposes: bool
+    first_row: int = -1
+
+
 class _Proposals:
     """The in-flight ids the draft's CUDA graphs read (``runner.last_sampled``)."""
 
@@ -85,10 +100,25 @@ class DraftModelProposer:
     """The draft model, its KV cache and its per-request state, next to the
     target in a :class:`~ember.worker.model_runner.ModelRunner`.
 
+    Subclasses change what a draft position feeds (see
+    :class:`~ember.spec_decode.hidden_states.HiddenStateProposer`):
+
+    Attributes:
+        shift: draft position ``j`` feeds the token at position ``j + shift``
+            (0 here; 1 for proposers whose position ``j`` also reads the
+            target's hidden state at ``j``, which predicts token ``j + 1``).
+        reuses_proposal_kv: the K/V of fed proposals that the target accepts
+            is kept (True here: a draft position's K/V depends on its token
+            only); False: accepted positions are fed again, with the target's
+            hidden states.
+
     Args:
         runner: the target's model runner (device, block size, request states).
         config: the speculative decoding settings (``draft_model_config`` set).
     """
+
+    shift = 0
+    reuses_proposal_kv = True
 
     def __init__(self, runner: "ModelRunner", config: SpeculativeConfig) -> None:  # noqa: F821 (model_runner imports this module)
         self.runner = runner
@@ -119,14 +149,12 @@ class DraftModelProposer:
         from ember.layers.fusion import apply_decode_fusions
         from ember.layers.quantization import get_quant_config
         from ember.loader import iter_weights, resolve_model_source
-        from ember.models.registry import ModelRegistry
 
         start = time.perf_counter()
         mc, rc = self.model_config, self.runner.config
         quant_config = get_quant_config(mc.quantization, mc.hf_config)
         with default_dtype(mc.dtype), self.device:
-            model = ModelRegistry.load_class(mc.architecture)(mc.hf_config, self.runner.attn_backend,
-                                                               quant_config=quant_config)
+            model = self.model_class()(mc.hf_config, self.runner.attn_backend, quant_config=quant_config)
         if rc.load_config.load_format == "dummy":
             gen = torch.Generator(device=self.device).manual_seed(mc.seed or 0)
             for p in model.parameters():
@@ -148,13 +176,23 @@ class DraftModelProposer:
         logger.info(f"loaded draft model {mc.architecture} ({num_params / 1e6:.1f}M parameters, {mc.dtype}) "
                     f"in {time.perf_counter() - start:.1f} s")
 
-    def kv_cache_spec(self) -> KVCacheSpec:
-        """The draft's per-layer KV layout, in the target's cache dtype."""
+    def model_class(self) -> type[torch.nn.Module]:
+        """The draft's model class (a target architecture of the registry)."""
         from ember.models.registry import ModelRegistry
 
+        return ModelRegistry.load_class(self.model_config.architecture)
+
+    def aux_hidden_states(self) -> Any:
+        """What the target must also write in each forward for this proposer
+        (an :class:`~ember.models.utils.AuxHiddenStates`), or None: nothing
+        (a draft model reads token ids only)."""
+        return None
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """The draft's per-layer KV layout, in the target's cache dtype."""
         mc = self.model_config
         dtype = self.runner.config.cache_config.kv_cache_torch_dtype(mc.dtype)
-        return ModelRegistry.load_class(mc.architecture).kv_cache_spec(mc.hf_config, self.block_size, dtype)
+        return self.model_class().kv_cache_spec(mc.hf_config, self.block_size, dtype)
 
     def bytes_per_block(self) -> int:
         """Bytes the draft's layers add to every KV block."""
@@ -228,8 +266,8 @@ class DraftModelProposer:
 
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
-    def propose(self, sched: SchedulerOutput, host: HostInputs, emitted: dict[str, list[int]]
-                ) -> dict[str, list[int]]:
+    def propose(self, sched: SchedulerOutput, host: HostInputs, emitted: dict[str, list[int]],
+                hidden: torch.Tensor | None = None) -> dict[str, list[int]]:
         """Catch the draft up on the step's tokens and propose for every
         request that emitted tokens.
 
@@ -238,6 +276,9 @@ class DraftModelProposer:
             host: the step's packed inputs (``req_ids``: its requests).
             emitted: req_id -> the tokens the step emitted (not yet in the
                 runner's request states).
+            hidden: the step's final hidden states of the target,
+                [num_tokens, hidden] in packed order (read by proposers
+                conditioned on them; see :meth:`_set_step_features`).
         Returns:
             req_id -> up to k proposals (fewer where the request's block table
             has no room for their K/V); empty when speculation is off.
@@ -245,6 +286,7 @@ class DraftModelProposer:
         if not self.active():
             return {}
         t0 = time.perf_counter()
+        self._set_step_features(host, hidden)
         plan = self._plan_catch_up(sched, host, emitted)
         if not plan:
             return {}
@@ -256,16 +298,43 @@ class DraftModelProposer:
         self.propose_s += time.perf_counter() - t0
         return proposals
 
+    def observe(self, sched: SchedulerOutput, host: HostInputs, hidden: torch.Tensor) -> None:
+        """A step that samples nothing (prefill chunks only), with the
+        target's final hidden states of its packed tokens ([num_tokens,
+        hidden]); nothing here (a draft model catches up on known tokens
+        later)."""
+
+    # --------------------------------------------- hooks of conditioned proposers
+    def _set_step_features(self, host: HostInputs, hidden: torch.Tensor | None) -> None:
+        """Remember the step's target features for :meth:`_target_condition`
+        (nothing here)."""
+
+    def _first_feedable(self, s: Any) -> int:
+        """The first draft position request state ``s`` can be fed at after
+        this step (any here: the draft reads token ids only)."""
+        return 0
+
+    def _target_condition(self, rows: list[int]) -> torch.Tensor | None:
+        """The draft's conditioning input for catch-up positions whose target
+        rows (packed rows of the step) are ``rows``; None here."""
+        return None
+
+    def _proposal_condition(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The draft's conditioning input for a proposal fed after a draft
+        position whose output is ``hidden`` ([n, hidden]); None here."""
+        return None
+
     def _plan_catch_up(self, sched: SchedulerOutput, host: HostInputs, emitted: dict[str, list[int]]
-                       ) -> list[tuple[str, list[int], int, int, bool]]:
-        """Per request with draft work: ``(req_id, tokens, start, room, proposes)``,
-        the tokens to feed at positions ``start ..`` and the free slots after them."""
-        runner, bs = self.runner, self.block_size
+                       ) -> list[_Feed]:
+        """Per request with draft work, a :class:`_Feed`: the tokens to feed
+        at draft positions ``start ..`` and the free slots after them."""
+        runner, bs, shift = self.runner, self.block_size, self.shift
         spec = sched.scheduled_spec_decode_tokens
         budget = runner.config.scheduler_config.max_num_batched_tokens
         pooling = runner._pooling
+        qsl = host.query_start_loc.tolist()
         plan = []
-        for req_id in host.req_ids:
+        for row, req_id in enumerate(host.req_ids):
             if pooling and req_id in pooling:
                 continue
             s, d = runner.requests[req_id], self.states[req_id]
@@ -280,27 +349,31 @@ class DraftModelProposer:
             def token(i: int) -> int:
                 return known[i] if i < len(known) else toks[i - len(known)]
 
+            # Draft positions to feed end before iend (position j feeds token j + shift).
+            iend = end - shift if toks else min(end, len(known) - shift)
             # The fed proposals the step accepted keep their K/V.
             m = 0
-            while m < len(d.fed) and d.draft_len + m < end and d.fed[m] == token(d.draft_len + m):
+            while m < len(d.fed) and d.draft_len + m < iend and d.fed[m] == token(d.draft_len + m + shift):
                 m += 1
             d.draft_len += m
             d.fed = []
             # A proposing request feeds at least its last token (its logits give the first proposal).
-            start = min(d.draft_len, end - 1) if toks else d.draft_len
+            start = min(d.draft_len, iend - 1) if toks else d.draft_len
+            start = max(start, self._first_feedable(s))
             capacity = len(s.block_ids) * bs
-            stop = min(end, capacity, start + budget)
+            stop = min(iend, capacity, start + budget)
             if stop <= start:
                 continue
             budget -= stop - start
-            proposes = bool(toks) and stop == end
-            plan.append((req_id, [token(i) for i in range(start, stop)], start, capacity - stop, proposes))
+            proposes = bool(toks) and stop == iend
+            plan.append(_Feed(req_id, [token(i + shift) for i in range(start, stop)], start, capacity - stop,
+                              proposes, qsl[row] + start - s.num_computed_tokens))
         return plan
 
-    def _catch_up(self, plan: list[tuple[str, list[int], int, int, bool]]) -> tuple[torch.Tensor, list[str]]:
+    def _catch_up(self, plan: list[_Feed]) -> tuple[torch.Tensor, list[str]]:
         """Run the draft over the planned tokens; returns the hidden rows of
         the proposing requests' last tokens ([n, hidden]) and their ids."""
-        longest = max(len(t) for _, t, _, _, _ in plan)
+        longest = max(len(p.tokens) for p in plan)
         proposing = [i for i, p in enumerate(plan) if p[4]]
         if longest <= (1 if self.piecewise_graphs is not None else _MAX_DECODE_ROUNDS):
             # Round r feeds the requests with more than longest - r - 1 tokens left; the
@@ -309,18 +382,20 @@ class DraftModelProposer:
             for r in range(longest):
                 rows = [i for i, p in enumerate(plan) if len(p[1]) >= longest - r]
                 j = [len(plan[i][1]) - (longest - r) for i in rows]
+                cond = self._target_condition([plan[i].first_row + jj for i, jj in zip(rows, j)])
                 out = self._forward_decode([plan[i][0] for i in rows], [plan[i][1][jj] for i, jj in zip(rows, j)],
-                                           [plan[i][2] + jj for i, jj in zip(rows, j)])
+                                           [plan[i][2] + jj for i, jj in zip(rows, j)], cond=cond)
                 hidden = out
             last = hidden[torch.tensor(proposing, dtype=torch.int64, device=self.device)] if proposing else None
         else:
             order = sorted(range(len(plan)), key=lambda i: len(plan[i][1]) > 1)
-            hidden = self._forward_extend([plan[i] for i in order])
+            cond = self._target_condition([plan[i].first_row + t for i in order for t in range(len(plan[i].tokens))])
+            hidden = self._forward_extend([plan[i] for i in order], cond)
             ends = np.cumsum([len(plan[i][1]) for i in order]) - 1
             row_of = {i: int(e) for i, e in zip(order, ends)}
             rows = torch.tensor([row_of[i] for i in proposing], dtype=torch.int64, device=self.device)
             last = hidden[rows] if proposing else None
-        for req_id, toks, start, _, _ in plan:
+        for req_id, toks, start, *_ in plan:
             self.states[req_id].draft_len = start + len(toks)
         return last, [plan[i][0] for i in proposing]
 
@@ -331,18 +406,25 @@ class DraftModelProposer:
         params = [runner.requests[r].sampling_params for r in req_ids]
         ends = [info[r][2] + len(info[r][1]) for r in req_ids]
         rooms = [info[r][3] for r in req_ids]
-        tok, q = self._choose(self.model.compute_logits(last_hidden), params, ends)
+        shift = self.shift
+        tok, q = self._choose(self.model.compute_logits(last_hidden), params, [e + shift for e in ends])
         cols, probs = [tok], [q]
         live = list(range(len(req_ids)))
+        out_hidden = last_hidden  # [n, hidden]: each request's last draft output
         for j in range(1, self.k):
             live = [i for i in live if rooms[i] >= j]  # proposal j - 1 is fed at ends[i] + j - 1
             if not live:
                 break
             idx = torch.tensor(live, dtype=torch.int64, device=self.device) if len(live) < len(req_ids) else None
             prev = cols[-1] if idx is None else cols[-1][idx]
-            hidden = self._forward_decode([req_ids[i] for i in live], None, [ends[i] + j - 1 for i in live], prev)
+            cond = self._proposal_condition(out_hidden if idx is None else out_hidden[idx])
+            hidden = self._forward_decode([req_ids[i] for i in live], None, [ends[i] + j - 1 for i in live], prev,
+                                          cond=cond)
             t, qq = self._choose(self.model.compute_logits(hidden), [params[i] for i in live],
-                                 [ends[i] + j for i in live])
+                                 [ends[i] + j + shift for i in live])
+            if cond is not None and j + 1 < self.k:
+                # NOTE: read (copied into the draft's input) before the next replay overwrites it.
+                out_hidden = hidden if idx is None else out_hidden.index_copy(0, idx, hidden)
             if idx is not None:  # scatter back to full width (rows that stopped keep -1)
                 t = torch.full((len(req_ids),), -1, dtype=torch.int64, device=self.device).index_copy_(0, idx, t)
                 if qq is not None:
@@ -354,7 +436,7 @@ class DraftModelProposer:
         for i, req_id in enumerate(req_ids):
             row = [t for t in table[i] if t >= 0]
             d = self.states[req_id]
-            d.proposed, d.fed = row, row[:-1]
+            d.proposed, d.fed = row, (row[:-1] if self.reuses_proposal_kv else [])
             if params[i].greedy or probs[0] is None:
                 d.probs = None
             else:
@@ -425,11 +507,14 @@ class DraftModelProposer:
         return table
 
     def _forward_decode(self, req_ids: list[str], token_ids: list[int] | None, positions: list[int],
-                        device_ids: torch.Tensor | None = None) -> torch.Tensor:
+                        device_ids: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """One token per request at ``positions`` (its ids from the host, or
-        ``device_ids`` [n] int64 on the device); returns [n, hidden]."""
+        ``device_ids`` [n] int64 on the device), conditioned on ``cond``
+        ([n, width], for conditioned drafts); returns [n, hidden]."""
 
         n = len(req_ids)
+        if cond is not None:
+            self.model.set_condition(cond)
         pos = np.array(positions, dtype=np.int64)
         table = self._block_table(req_ids)
         slots = table[np.arange(n), pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
@@ -452,8 +537,12 @@ class DraftModelProposer:
             return out
         return self._run_eager(host, device_ids)
 
-    def _forward_extend(self, plan) -> torch.Tensor:
-        """Packed tokens of ``plan`` (single-token requests first); returns [num_tokens, hidden]."""
+    def _forward_extend(self, plan, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tokens of ``plan`` (single-token requests first), conditioned
+        on ``cond`` ([num_tokens, width], for conditioned drafts); returns
+        [num_tokens, hidden]."""
+        if cond is not None:
+            self.model.set_condition(cond)
 
         req_ids = [p[0] for p in plan]
         counts = np.array([len(p[1]) for p in plan], dtype=np.int64)

@@ -23,8 +23,8 @@ class DraftScheduler:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        # A draft model proposes on the worker (ModelRunnerOutput.draft_token_ids); n-gram lookup here.
-        self.proposer = None if config.uses_draft_model else NgramProposer(
+        # A draft model or MTP layer proposes on the worker (ModelRunnerOutput.draft_token_ids); n-gram lookup here.
+        self.proposer = None if config.proposes_on_worker else NgramProposer(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         # Whether the last call proposed for its batch (speculation is on at this batch size).
         self.active = False

@@ -50,12 +50,15 @@ class CUDAGraphRunner:
         model: the loaded model.
         kv_caches: the per-layer KV cache tensors (fixed addresses).
         config: engine config (max_num_seqs, max_model_len, block_size).
+        aux_hidden: where the captured steps also write the residual stream at
+            chosen depths (:class:`~ember.models.utils.AuxHiddenStates`), or None.
     """
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig) -> None:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig,
+                 aux_hidden=None) -> None:
         from ember.kernels.triton_attention import num_decode_splits
 
-        self.model, self.kv_caches = model, kv_caches
+        self.model, self.kv_caches, self.aux_hidden = model, kv_caches, aux_hidden
         self.sizes = capture_sizes(config.scheduler_config.max_num_seqs)
         self._num_splits = num_decode_splits
         self.num_kv_heads = config.model_config.num_kv_heads
@@ -86,7 +89,7 @@ class CUDAGraphRunner:
             seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
             max_seq_len=self.block_table.shape[1], query_start_loc_cpu=[], seq_lens_cpu=[],
             num_kv_splits=self._num_splits(bs, self.num_kv_heads, self.num_sms))
-        return ForwardContext(meta, self.kv_caches)
+        return ForwardContext(meta, self.kv_caches, aux_hidden=self.aux_hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -192,12 +195,14 @@ class PiecewiseCUDAGraphRunner:
         model: the loaded model (its attention layers are :class:`Attention`).
         kv_caches: the per-layer KV cache tensors.
         config: engine config (the token budget bounds the captured counts).
+        aux_hidden: as :class:`CUDAGraphRunner`'s.
     """
 
     MAX_TOKENS = 4096  # larger steps are compute-bound: their launch cost hides behind the GPU
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig) -> None:
-        self.model, self.kv_caches = model, kv_caches
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig,
+                 aux_hidden=None) -> None:
+        self.model, self.kv_caches, self.aux_hidden = model, kv_caches, aux_hidden
         self.block_size = config.cache_config.block_size
         budget = config.scheduler_config.max_num_batched_tokens
         self.sizes = piecewise_sizes(min(budget, self.MAX_TOKENS))
@@ -237,7 +242,7 @@ class PiecewiseCUDAGraphRunner:
             seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
             block_table=torch.zeros(1, num_blocks, dtype=torch.int32, device=dev),
             max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
-        return ForwardContext(meta, self.kv_caches)
+        return ForwardContext(meta, self.kv_caches, aux_hidden=self.aux_hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -277,7 +282,7 @@ class PiecewiseCUDAGraphRunner:
         input_ids, positions, meta = runner._device_inputs(host)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        ctx = ForwardContext(meta, self.kv_caches, positions=self.positions[:n])
+        ctx = ForwardContext(meta, self.kv_caches, positions=self.positions[:n], aux_hidden=self.aux_hidden)
         q, k, v, out = self.buffers(n)
         graphs = self.graphs[size]
         for graph, layer in zip(graphs, self.layers):

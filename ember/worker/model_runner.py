@@ -145,8 +145,10 @@ class ModelRunner:
         self.host_kv_caches: list[torch.Tensor] = []  # swap space, laid out like kv_caches
         self.model: torch.nn.Module | None = None
         self.cuda_graphs = None  # CUDAGraphRunner once captured
-        # speculative_config method "draft_model": the draft next to the target (load_draft_model).
+        # speculative_config methods with a model on the worker: the proposer next to the target
+        # (load_draft_model), and what the target also writes in each forward for it (or None).
         self.draft_proposer = None
+        self.aux_hidden = None
         self.piecewise_graphs = None  # PiecewiseCUDAGraphRunner once captured
         self.verify_graphs = None  # VerifyCUDAGraphRunner once captured (speculative decoding)
         self.prepare_s = 0.0  # cumulative host time packing inputs (seconds)
@@ -242,15 +244,18 @@ class ModelRunner:
                         f"1.0 for the rest")
 
     def load_draft_model(self) -> None:
-        """Load the draft model of ``speculative_config`` (method
-        ``draft_model``), if any (:mod:`ember.spec_decode.draft_model`)."""
+        """Load the proposer's model of ``speculative_config`` (a draft model,
+        or a head conditioned on the target's hidden states, such as the
+        target checkpoint's MTP layer), if any
+        (:func:`ember.spec_decode.worker_proposer_class`), after the target's."""
         sc = self.config.speculative_config
-        if sc is None or not sc.uses_draft_model:
+        if sc is None or not sc.proposes_on_worker:
             return
-        from ember.spec_decode.draft_model import DraftModelProposer
+        from ember.spec_decode import worker_proposer_class
 
-        self.draft_proposer = DraftModelProposer(self, sc)
+        self.draft_proposer = worker_proposer_class(sc.method)(self, sc)
         self.draft_proposer.load()
+        self.aux_hidden = self.draft_proposer.aux_hidden_states()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """The model's per-layer KV cache layout (its class's ``kv_cache_spec``)
@@ -479,7 +484,7 @@ class ModelRunner:
         if self.dp_attention is not None:
             return self._dp_attention_forward(host)
         input_ids, positions, meta = self._device_inputs(host)
-        return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches))
+        return self._run_model(input_ids, positions, ForwardContext(meta, self.kv_caches, aux_hidden=self.aux_hidden))
 
     def _dp_attention_forward(self, host: HostInputs) -> torch.Tensor:
         """:meth:`_forward` with data-parallel attention: this rank attends its
@@ -498,7 +503,8 @@ class ModelRunner:
         later steps keep them."""
         input_ids, positions, meta = self._device_inputs(host)
         hidden = self._run_model(input_ids, positions,
-                                 ForwardContext(meta, self.kv_caches, calibrate_kv_scales=True))
+                                 ForwardContext(meta, self.kv_caches, calibrate_kv_scales=True,
+                                                aux_hidden=self.aux_hidden))
         self._calibrate_kv_scales = False
         logger.info(f"FP8 KV cache scales calibrated on a step of {len(host.input_ids)} tokens")
         return hidden
@@ -561,6 +567,8 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(host, hidden, sched.num_scheduled_tokens)
         pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
+            if self.draft_proposer is not None:
+                self.draft_proposer.observe(sched, host, hidden)  # e.g. an MTP layer reads every step's hidden states
             return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if spec:
             from ember.spec_decode.verify import verify_drafts
@@ -570,7 +578,7 @@ class ModelRunner:
             pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
                                     spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
             if self.draft_proposer is not None:
-                pending.draft_token_ids = self.draft_proposer.propose(sched, host, tokens)
+                pending.draft_token_ids = self.draft_proposer.propose(sched, host, tokens, hidden)
             return pending
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
@@ -595,7 +603,7 @@ class ModelRunner:
                 pending.event.synchronize()
             sampled = pending.sampled_host.tolist()
             pending.draft_token_ids = self.draft_proposer.propose(
-                sched, host, {r: [t] for r, t in zip(pending.req_ids, sampled)})
+                sched, host, {r: [t] for r, t in zip(pending.req_ids, sampled)}, hidden)
         return pending
 
     def _sample(self, pending: PendingOutput, logits: torch.Tensor, states: list[CachedRequestState],
@@ -819,7 +827,7 @@ class ModelRunner:
         from ember.worker.cuda_graph import CUDAGraphRunner
 
         start = time.perf_counter()
-        self.cuda_graphs = CUDAGraphRunner(self.model, self.kv_caches, self.config)
+        self.cuda_graphs = CUDAGraphRunner(self.model, self.kv_caches, self.config, self.aux_hidden)
         self.cuda_graphs.capture()
         logger.info(f"captured CUDA graphs for decode batch sizes {self.cuda_graphs.sizes[0]}.."
                     f"{self.cuda_graphs.sizes[-1]} in {time.perf_counter() - start:.1f} s")
@@ -838,7 +846,7 @@ class ModelRunner:
                         "steps with prefill tokens run eagerly")
             return
         start = time.perf_counter()
-        self.piecewise_graphs = PiecewiseCUDAGraphRunner(self.model, self.kv_caches, self.config)
+        self.piecewise_graphs = PiecewiseCUDAGraphRunner(self.model, self.kv_caches, self.config, self.aux_hidden)
         self.piecewise_graphs.capture()
         sizes = self.piecewise_graphs.sizes
         logger.info(f"captured piecewise CUDA graphs for {len(sizes)} token counts {sizes[0]}..{sizes[-1]} "

@@ -13,12 +13,12 @@ from ember.spec_decode.ngram import NgramProposer
 
 
 @pytest.mark.parametrize("value, setting", [
-    ({"method": "eagle3", "num_speculative_tokens": 3}, "method 'eagle3' is not supported yet"),
+    ({"method": "eagle3", "num_speculative_tokens": 3}, "speculative_config.model must name the head"),
     ({"method": "draft_model"}, "speculative_config.model must name the draft model"),
     ({"method": "draft_model", "model": ""}, "speculative_config.model must name the draft model"),
-    ({"method": "mtp"}, "method 'mtp' is not supported yet"),
+    ({"method": "mtp", "model": "some/draft"}, "speculative_config.model is only read by methods"),
     ({"method": "lookahead"}, "speculative_config.method must be one of"),
-    ({"method": "ngram", "model": "some/draft"}, "speculative_config.model is only read by method 'draft_model'"),
+    ({"method": "ngram", "model": "some/draft"}, "speculative_config.model is only read by methods"),
     ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"num_speculative_tokens": 17}, "num_speculative_tokens"),
     ({"num_speculative_tokens": 2.5}, "num_speculative_tokens"),

@@ -40,6 +40,10 @@ class ForwardContext:
             this rank attends (a :class:`~ember.distributed.dp_attention.DPAttentionLayout`;
             ``attn_metadata`` then describes only those rows, None when there
             are none); None otherwise.
+        aux_hidden: where the decoder stack also writes the residual stream
+            entering chosen layers (an
+            :class:`~ember.models.utils.AuxHiddenStates`, for a speculative
+            proposer conditioned on the target's hidden states), or None.
     """
 
     attn_metadata: AttentionMetadata
@@ -49,6 +53,7 @@ class ForwardContext:
     stream_sumsq: tuple[torch.Tensor, torch.Tensor] | None = None
     calibrate_kv_scales: bool = False
     dp_attention: Any = None
+    aux_hidden: Any = None
 
 
 class QKVAttention(nn.Module, ABC):

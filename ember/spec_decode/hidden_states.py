@@ -1,0 +1,130 @@
+"""Proposers conditioned on the target's hidden states (EAGLE-3 heads; the
+same machinery serves other heads that read the target's hidden states, such
+as multi-token-prediction layers).
+
+Such a draft model's position ``j`` reads two inputs: the token at ``j + 1``
+and a conditioning vector. At a catch-up position the vector comes from the
+target's forward at position ``j`` (whose hidden state predicted token
+``j + 1``): the residual stream at the depths the head asks for
+(:class:`~ember.models.utils.AuxHiddenStates`, written by the target's
+forward into a buffer of fixed address, so inside its CUDA graphs too), or,
+for heads that ask for no depth, the target's final normed hidden state. At
+a later proposal it is the head's own output at the position before. So the
+draft's position ``j`` holds token ``j + 1`` (``shift = 1``); the first
+proposal comes from the position of the step's last known token but one.
+
+Everything else is :class:`~ember.spec_decode.draft_model.DraftModelProposer`'s:
+the head's K/V in the shared paged pool, lookahead slots, catch-up rounds or
+one packed extend, the k - 1 proposal steps, CUDA graphs (the head reads its
+conditioning from a buffer of its own, :meth:`set_condition`), greedy
+argmax or sampling from ``q`` kept for the verifier. Differences: the target's
+hidden states exist only for the positions a step computed, so positions
+before a step's first are never fed (a head that fell behind, e.g. while
+speculation was off, keeps stale K/V there: lower acceptance, same outputs);
+and accepted proposals are fed again with the target's hidden states (their
+K/V from the head's own hidden state is not kept).
+
+A head model class provides (see :class:`~ember.models.llama_eagle3.Eagle3LlamaForCausalLM`):
+
+- ``cls(hf_config, attn_backend, quant_config=None)``, ``kv_cache_spec``,
+  ``load_weights``, as target models;
+- ``target_layers(target_hf_config) -> tuple[int, ...] | None``: the depths
+  of the target's residual stream it reads, or None for the target's final
+  normed hidden state;
+- ``bind_target(target_model)``: share what the head takes from the target
+  (e.g. the token embedding when the checkpoint has none);
+- ``allocate_condition(max_tokens)``; ``condition_target(features) -> [n, width]``
+  (the target's features of catch-up positions to the head's conditioning
+  input); ``set_condition(x)`` (copy ``x`` [n, width] into the head's input
+  buffer, read by the next forward of n tokens);
+- ``forward(input_ids, positions, ctx) -> [n, hidden]`` (the state a next
+  proposal is conditioned on) and ``compute_logits(hidden) -> [n, vocab]``
+  float32 over the target's vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from ember.spec_decode.draft_model import DraftModelProposer
+from ember.worker.common import HostInputs
+
+# Head architectures (config ``architectures``) -> (module, class).
+HEAD_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLMEagle3": ("ember.models.llama_eagle3", "Eagle3LlamaForCausalLM"),
+    "Eagle3LlamaForCausalLM": ("ember.models.llama_eagle3", "Eagle3LlamaForCausalLM"),
+}
+
+
+def head_class(architecture: str) -> type[torch.nn.Module]:
+    """The model class of a head architecture.
+
+    Raises:
+        KeyError: not a head architecture.
+    """
+    module, name = HEAD_ARCHITECTURES[architecture]
+    return getattr(importlib.import_module(module), name)
+
+
+class HiddenStateProposer(DraftModelProposer):
+    """A head conditioned on the target's hidden states, next to the target
+    in a :class:`~ember.worker.model_runner.ModelRunner` (see the module doc).
+
+    Args:
+        runner: the target's model runner.
+        config: the speculative decoding settings (``draft_model_config``:
+            the head's, with a head architecture).
+    """
+
+    shift = 1
+    reuses_proposal_kv = False
+
+    def __init__(self, runner: Any, config: Any) -> None:
+        super().__init__(runner, config)
+        self._features: torch.Tensor | None = None  # the step's target features, [num_tokens, width]
+        sc = runner.config.scheduler_config
+        self.max_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
+
+    def model_class(self) -> type[torch.nn.Module]:
+        return head_class(self.model_config.architecture)
+
+    def load(self) -> None:
+        """Build and load the head (:meth:`DraftModelProposer.load`), share the
+        target's weights it takes, and allocate its conditioning buffer."""
+        super().load()
+        self.model.bind_target(self.runner.model)
+        self.model.allocate_condition(self.max_tokens)
+
+    def aux_hidden_states(self) -> Any:
+        """The depths of the target's residual stream the head reads, as a
+        buffer the target's forward writes (None: the head reads the final
+        hidden states the target returns anyway)."""
+        from ember.models.utils import AuxHiddenStates
+
+        target = self.runner.model_config
+        layers = self.model.target_layers(target.hf_config)
+        if layers is None:
+            return None
+        return AuxHiddenStates(layers, self.max_tokens, target.hf_config.hidden_size, target.dtype, self.device)
+
+    def _set_step_features(self, host: HostInputs, hidden: torch.Tensor | None) -> None:
+        aux = self.runner.aux_hidden
+        self._features = aux.rows(len(host.input_ids)) if aux is not None else hidden
+
+    def _first_feedable(self, s: Any) -> int:
+        # The target's hidden states of this step start at its first computed position.
+        return s.num_computed_tokens
+
+    def _target_condition(self, rows: list[int]) -> torch.Tensor:
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1 and rows == list(range(first, first + len(rows))):
+            features = self._features[first: first + len(rows)]  # one request, or consecutive rows: no gather
+        else:
+            features = self._features.index_select(0, torch.tensor(rows, dtype=torch.int64, device=self.device))
+        return self.model.condition_target(features)
+
+    def _proposal_condition(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
