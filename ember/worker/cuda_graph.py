@@ -337,11 +337,13 @@ class VerifyCUDAGraphRunner:
             above ``disable_by_batch_size``).
         device, num_sms: where the buffers live and its SM count (which sets
             the split-KV count); default the current CUDA device.
+        aux_hidden: as :class:`CUDAGraphRunner`'s.
     """
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], config: EngineConfig,
                  query_lens: list[int], max_num_seqs: int, device: torch.device | None = None,
-                 num_sms: int | None = None) -> None:
+                 num_sms: int | None = None, aux_hidden=None) -> None:
+        self.aux_hidden = aux_hidden
         from ember.kernels.triton_attention import num_decode_splits
 
         self.model, self.kv_caches = model, kv_caches
@@ -391,7 +393,7 @@ class VerifyCUDAGraphRunner:
             seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=q,
             max_seq_len=self.max_blocks, query_start_loc_cpu=[], seq_lens_cpu=[],
             num_kv_splits=self._num_splits(bs, self.num_kv_heads, self.num_sms), uniform_query_len=q)
-        return self.input_ids[:t], self.positions[:t], ForwardContext(meta, self.kv_caches)
+        return self.input_ids[:t], self.positions[:t], ForwardContext(meta, self.kv_caches, aux_hidden=self.aux_hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:

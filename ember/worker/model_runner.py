@@ -877,7 +877,8 @@ class ModelRunner:
         start = time.perf_counter()
         self.verify_graphs = VerifyCUDAGraphRunner(self.model, self.kv_caches, self.config,
                                                    list(range(2, sc.num_speculative_tokens + 2)),
-                                                   max_seqs if limit is None else min(limit, max_seqs))
+                                                   max_seqs if limit is None else min(limit, max_seqs),
+                                                   aux_hidden=self.aux_hidden)
         keys = self.verify_graphs.keys
         if not keys:  # no batch of k + 1 tokens per request fits the token budget
             self.verify_graphs = None
