@@ -101,7 +101,29 @@ class Fp8GemvConfig:
 # runs there; a gated gate_up weight is keyed by its 2D rows. Shapes that are
 # not listed run fp8_skinny_linear's kernel. Filled from the figures of
 # benchmarks/gpu/fp8_gemv_sweep.py (it prints these lines).
-FP8_GEMV_CONFIGS: dict[tuple[int, int, int], Fp8GemvConfig] = {}
+FP8_GEMV_CONFIGS: dict[tuple[int, int, int], Fp8GemvConfig] = {
+    # Llama-3.1-8B shapes, measured on an H100 (benchmarks/gpu/fp8_gemv_sweep.py).
+    (6144, 4096, 1): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (6144, 4096, 4): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (6144, 4096, 8): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (6144, 4096, 16): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (4096, 4096, 1): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (4096, 4096, 4): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (4096, 4096, 8): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (4096, 4096, 16): Fp8GemvConfig(block_n=32, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (28672, 4096, 1): Fp8GemvConfig(block_n=64, block_k=256, num_stages=3, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (28672, 4096, 4): Fp8GemvConfig(block_n=64, block_k=256, num_stages=3, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (28672, 4096, 8): Fp8GemvConfig(block_n=64, block_k=256, num_stages=3, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (28672, 4096, 16): Fp8GemvConfig(block_n=64, block_k=256, num_stages=3, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=2),
+    (4096, 14336, 1): Fp8GemvConfig(block_n=64, block_k=256, num_stages=4, num_warps=4, split_k=4, convert='asm', mma='xw', evict_first=False, chains=1),
+    (4096, 14336, 4): Fp8GemvConfig(block_n=32, block_k=512, num_stages=3, num_warps=4, split_k=2, convert='asm', mma='xw', evict_first=False, chains=1),
+    (4096, 14336, 8): Fp8GemvConfig(block_n=32, block_k=512, num_stages=3, num_warps=4, split_k=2, convert='asm', mma='xw', evict_first=False, chains=1),
+    (4096, 14336, 16): Fp8GemvConfig(block_n=32, block_k=512, num_stages=3, num_warps=4, split_k=2, convert='asm', mma='xw', evict_first=False, chains=1),
+    (128256, 4096, 1): Fp8GemvConfig(block_n=64, block_k=256, num_stages=4, num_warps=4, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (128256, 4096, 4): Fp8GemvConfig(block_n=128, block_k=256, num_stages=3, num_warps=8, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (128256, 4096, 8): Fp8GemvConfig(block_n=128, block_k=256, num_stages=3, num_warps=8, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+    (128256, 4096, 16): Fp8GemvConfig(block_n=128, block_k=256, num_stages=3, num_warps=8, split_k=1, convert='asm', mma='xw', evict_first=False, chains=1),
+}
 
 
 def m_bucket(m: int) -> int:

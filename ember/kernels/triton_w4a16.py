@@ -258,7 +258,25 @@ DECODE_M_BUCKETS = (1, 4, 8, 16)
 #: of the decode kernel, overriding :func:`decode_config`'s rule for the shapes
 #: listed; filled from ``benchmarks/gpu/fp8_gemv_sweep.py --parts w4a16``
 #: (it prints these lines).
-W4A16_DECODE_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+W4A16_DECODE_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    # Llama-3.1-8B shapes (group 128), measured on an H100.
+    (6144, 4096, 1): (128, 8, 4),
+    (6144, 4096, 4): (128, 8, 4),
+    (6144, 4096, 8): (128, 8, 4),
+    (6144, 4096, 16): (128, 8, 4),
+    (4096, 4096, 1): (64, 8, 4),
+    (4096, 4096, 4): (128, 8, 4),
+    (4096, 4096, 8): (128, 8, 4),
+    (4096, 4096, 16): (128, 8, 4),
+    (28672, 4096, 1): (128, 8, 4),
+    (28672, 4096, 4): (256, 2, 8),
+    (28672, 4096, 8): (256, 2, 8),
+    (28672, 4096, 16): (256, 2, 8),
+    (4096, 14336, 1): (64, 8, 4),
+    (4096, 14336, 4): (128, 8, 4),
+    (4096, 14336, 8): (128, 8, 4),
+    (4096, 14336, 16): (128, 8, 4),
+}
 
 
 def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> tuple[int, int, int]:
