@@ -95,9 +95,13 @@ def _meet(addrs_ptr, b, value, RANK: tl.constexpr, WORLD: tl.constexpr, WORLD_P2
     tl.atomic_xchg(remote, raised, mask=pmask, sem="release", scope="sys")
     own = tl.load(addrs_ptr + RANK).to(tl.pointer_type(tl.int64)) + b * MAX_WORLD + peers
     zero = tl.zeros([WORLD_P2], dtype=tl.int64)
-    seen = tl.atomic_add(own, zero, mask=pmask, sem="acquire", scope="sys")
-    while tl.min(tl.where(pmask, seen, value)) < value:
+    # Poll until every rank's flag reached ``value``. The loop carries a
+    # scalar rather than the tensor of flags: Triton 3.6's layout passes
+    # crash on a while loop that carries a tensor it does not return.
+    pending = 1
+    while pending != 0:
         seen = tl.atomic_add(own, zero, mask=pmask, sem="acquire", scope="sys")
+        pending = (tl.min(tl.where(pmask, seen, value)) < value).to(tl.int32)
     # The other threads read peer data only after the acquire above.
     tl.debug_barrier()
 
