@@ -905,12 +905,13 @@ class ModelRunner:
     def profile_run(self) -> None:
         """One forward pass of ``max_num_batched_tokens`` tokens on a scratch
         KV cache, so the caller can read the activation peak (CUDA). The
-        tokens are packed as prompts of at most ``max_model_len`` tokens, so
-        every position is one the model serves (a position past its rotary
-        cache would index out of bounds)."""
+        tokens are packed as prompts of at most ``max_model_len`` tokens
+        (equal lengths, give or take one), so every position is one the model
+        serves (a position past its rotary cache would index out of bounds)."""
         n = self.config.scheduler_config.max_num_batched_tokens
-        max_len = self.model_config.max_model_len
-        lengths = [max_len] * (n // max_len) + ([n % max_len] if n % max_len else [])
+        num_prompts = -(-n // self.model_config.max_model_len)
+        q, rem = divmod(n, num_prompts)
+        lengths = [q + 1] * rem + [q] * (num_prompts - rem)
         saved = self.kv_caches
         self.initialize_kv_cache(sum(-(-m // self.block_size) for m in lengths))
         try:
