@@ -904,12 +904,20 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_run(self) -> None:
         """One forward pass of ``max_num_batched_tokens`` tokens on a scratch
-        KV cache, so the caller can read the activation peak (CUDA)."""
+        KV cache, so the caller can read the activation peak (CUDA). The
+        tokens are packed as prompts of at most ``max_model_len`` tokens
+        (equal lengths, give or take one), so every position is one the model
+        serves (a position past its rotary cache would index out of bounds)."""
         n = self.config.scheduler_config.max_num_batched_tokens
+        num_prompts = -(-n // self.model_config.max_model_len)
+        q, rem = divmod(n, num_prompts)
+        lengths = [q + 1] * rem + [q] * (num_prompts - rem)
         saved = self.kv_caches
-        self.initialize_kv_cache(-(-n // self.block_size))
+        self.initialize_kv_cache(sum(-(-m // self.block_size) for m in lengths))
         try:
-            self.compute_prompt_logits([0] * n)
+            hidden = self._scratch_forward(lengths)
+            if hidden is not None:
+                self.model.compute_logits(hidden)
         finally:
             self.kv_caches = saved
 
@@ -919,16 +927,32 @@ class ModelRunner:
         block 0.. of the KV cache as scratch (for tests and debugging; the
         engine must be idle). Every pipeline stage must call it; those before
         the last return None."""
-        n = len(token_ids)
-        num_blocks = -(-n // self.block_size)
-        block_ids = list(range(num_blocks))
-        pos = torch.arange(n, device=self.device)
-        block_table = torch.tensor([block_ids], dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=block_table[0, pos // self.block_size].long() * self.block_size + pos % self.block_size,
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_table=block_table, max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        hidden = self._run_model(ids, pos, ForwardContext(meta, self.kv_caches))
+        hidden = self._scratch_forward([len(token_ids)], token_ids)
         return None if hidden is None else self.model.compute_logits(hidden)
+
+    def _scratch_forward(self, lengths: list[int], token_ids: list[int] | None = None) -> torch.Tensor | None:
+        """Hidden states [sum(lengths), hidden] of whole prompts of ``lengths``
+        tokens each (``token_ids``, packed; None: all zeros), prompt r in the
+        KV cache's blocks after those of prompts 0..r-1 (scratch); None on a
+        pipeline stage before the last."""
+        bs = self.block_size
+        counts = np.array(lengths, dtype=np.int64)
+        blocks = -(-counts // bs)
+        first_block = np.concatenate([[0], np.cumsum(blocks)[:-1]])
+        table = np.zeros((len(lengths), int(blocks.max())), dtype=np.int32)
+        for r, (b0, nb) in enumerate(zip(first_block, blocks)):
+            table[r, :nb] = np.arange(b0, b0 + nb)
+        req_of = np.repeat(np.arange(len(lengths)), counts)
+        qsl = np.concatenate([[0], np.cumsum(counts)])
+        pos = np.arange(int(qsl[-1])) - qsl[:-1][req_of]
+        slots = table[req_of, pos // bs].astype(np.int64) * bs + pos % bs
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(counts.astype(np.int32)).to(dev), block_table=torch.from_numpy(table).to(dev),
+            max_query_len=int(counts.max()), max_seq_len=int(counts.max()), query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=counts.tolist())
+        ids = (torch.zeros(int(qsl[-1]), dtype=torch.int64, device=dev) if token_ids is None
+               else torch.tensor(token_ids, dtype=torch.int64, device=dev))
+        return self._run_model(ids, torch.from_numpy(pos).to(dev), ForwardContext(meta, self.kv_caches))

@@ -79,6 +79,34 @@ def test_mla_cache_layout_and_decode_path(tmp_path, monkeypatch):
     assert calls == {"absorbed": 4 * 3, "decompressed": 1 * 3}
 
 
+def test_profile_pass_stays_within_the_served_positions(tmp_path, monkeypatch):
+    """The memory-profiling forward of max_num_batched_tokens tokens (run on
+    CUDA when no KV cache size is given) packs them as prompts of at most
+    max_model_len tokens: a budget past the rotary cache (128 positions here)
+    must not index the cos/sin cache out of bounds (the interleaved rope
+    gathers rows by position)."""
+    config = tiny_config()
+    llm = ember_llm(save_tiny(tiny_model(config), tmp_path), max_model_len=96, max_num_batched_tokens=300)
+    runner = runner_of(llm)
+    seen = []
+    orig = runner._run_model
+
+    def run_model(input_ids, positions, ctx):
+        seen.append((positions.clone(), list(ctx.attn_metadata.seq_lens_cpu)))
+        return orig(input_ids, positions, ctx)
+
+    monkeypatch.setattr(runner, "_run_model", run_model)
+    saved = runner.kv_caches
+    with one_thread():
+        runner.profile_run()
+    (positions, seq_lens), = seen
+    assert seq_lens == [75, 75, 75, 75] and len(positions) == 300
+    assert int(positions.max()) == 74
+    assert runner.kv_caches is saved
+    # The engine still serves the same logits afterwards.
+    check_prefill_logits(llm, tiny_model(config), make_prompts()[:1])
+
+
 @pytest.mark.parametrize("overrides", [
     dict(q_lora_rank=None, rope_interleave=False, n_shared_experts=2, first_k_dense_replace=0, n_group=1,
          topk_group=1, norm_topk_prob=False),
