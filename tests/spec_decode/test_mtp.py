@@ -15,6 +15,8 @@ tiny random DeepSeek-V3 checkpoint with one MTP layer (float32).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -238,6 +240,11 @@ def test_gpu_mtp_equals_no_speculation(checkpoint, reference):
     ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
     base.llm_engine.shutdown()
     del base
+    gc.collect()
+    torch.cuda.empty_cache()
+    # A fixed KV size: the memory-fraction sizing above would count the first
+    # engine's blocks if the allocator still held them.
+    kw = dict(device="cuda", dtype="float32", max_model_len=96, kv_cache_memory=64 << 20)
     for k in (1, 3):
         llm = LLM(path, speculative_config=_spec(k), **kw)
         for p, want in zip(prompts[:2], ref):
