@@ -54,14 +54,15 @@ MODELS = {
 }
 
 
-def generate(path: str, min_preemptions: int = 0, **kwargs) -> list[tuple[list[int], list[float]]]:
-    """Greedy tokens and their log-probabilities for :data:`PROMPTS`, all at
+def generate(path: str, min_preemptions: int = 0, prompts: list[list[int]] = PROMPTS,
+             **kwargs) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probabilities for ``prompts``, all at
     once; asserts the engine preempted at least ``min_preemptions`` times."""
     kwargs = dict(kv_cache_memory=KV_CACHE_BYTES) | kwargs
     llm = LLM(path, dtype="float32", block_size=BLOCK_SIZE, max_num_batched_tokens=8, **kwargs)
     try:
         params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=0)
-        outs = llm.generate([list(p) for p in PROMPTS], params, use_tqdm=False)
+        outs = llm.generate([list(p) for p in prompts], params, use_tqdm=False)
         assert llm.get_stats().num_preemptions >= min_preemptions
     finally:
         llm.llm_engine.shutdown()
@@ -134,6 +135,28 @@ def test_bundled_qwen_coder_tensor_parallel_2_equals_1(qwen_path: str, capfd) ->
     assert len(reads) == 2, reads  # one line per worker
     for done, whole in reads:
         assert 0.45 < float(done) / float(whole) < 0.55, reads
+
+
+# Eight prompts of 3-20 tokens: with 4-token blocks they need 37 blocks for
+# their prompts and NUM_NEW tokens, and the KV cache below holds 12.
+BUNDLED_PROMPTS = make_prompts(lengths=(3, 7, 11, 16, 5, 20, 9, 14), seed=1)
+TIGHT_BUNDLED = dict(max_model_len=32, num_gpu_blocks_override=12, min_preemptions=1, prompts=BUNDLED_PROMPTS)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen"])
+def test_bundled_models_split_over_ranks_equal_one_rank(model: str, request) -> None:
+    """Both bundled models over 8 prompts at once, with chunked prefill (a
+    token budget of 8) and a KV cache too small for all of them (requests are
+    preempted and recomputed): two pipeline stages, and for Qwen2.5-Coder also
+    two tensor-parallel ranks, give one rank's greedy tokens, log-probabilities
+    within 1e-4 in float32. (SmolLM2's 9 query heads do not split over 2.)"""
+    path = request.getfixturevalue(f"{model}_path")
+    with one_thread():
+        ref = generate(path, **TIGHT_BUNDLED)
+    assert min(len(set(t)) for t, _ in ref) >= 2, f"degenerate reference: {ref}"
+    assert_same(generate(path, pipeline_parallel_size=2, **TIGHT_BUNDLED), ref)
+    if model == "qwen":
+        assert_same(generate(path, tensor_parallel_size=2, **TIGHT_BUNDLED), ref)
 
 
 def test_bundled_qwen_coder_tensor_parallel_2_grammar_and_embeddings(qwen_path: str) -> None:
