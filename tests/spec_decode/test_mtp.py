@@ -26,6 +26,7 @@ from ember.engine.arg_utils import EngineArgs
 from ember.engine.llm_engine import LLMEngine
 from ember.spec_decode.mtp import MTPProposer
 from tests.engine.test_batching import run_staggered
+from tests.spec_decode.test_draft_model import assert_speculated_preempted_equal
 from tests.models.test_deepseek_mtp import reference_mtp_logits, write_mtp_checkpoint
 from tests.models.tiny import make_prompts, make_tokenizer, runner_of
 
@@ -144,13 +145,7 @@ def test_greedy_batched_chunked_preempted_equals_no_speculation(checkpoint, refe
         num_gpu_blocks_override=num_blocks, max_num_batched_tokens=10, max_num_seqs=6, speculative_config=spec,
         preemption_mode=preemption_mode, swap_space=8 << 20, async_scheduling=async_scheduling))
     results, chunked = run_staggered(engine, prompts, GREEDY)
-    sched = engine.engine_core.scheduler
-    assert chunked and sched.num_preemptions_total > 0
-    if preemption_mode == "swap":
-        assert sched.counters.num_swap_outs > 0
-    assert sched.counters.spec_num_draft_tokens > 0
-    for i, want in enumerate(ref):
-        assert results[f"p{i}"] == want, f"prompt {i}"
+    assert_speculated_preempted_equal(results, engine, chunked, ref, preemption_mode)
 
 
 def test_sampled_proposals_keep_q_and_seeded_output_reproduces(checkpoint, reference, monkeypatch):
