@@ -262,16 +262,6 @@ def test_draft_sampling_draws_from_q(smollm2_path):
 
 
 # ------------------------------------------------------------ bad settings
-@pytest.fixture
-def no_load(monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def fail(self):
-        raise AssertionError("nothing must load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", fail)
-
-
 def test_bad_draft_settings_fail_before_loading(smollm2_path, tmp_path, no_load):
     other_vocab = _random_llama(tmp_path / "other_vocab", 1000)
     cases = [

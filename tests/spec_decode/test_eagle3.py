@@ -373,16 +373,6 @@ def test_sampled_proposals_hand_q_to_the_verifier(tiny_target, tiny_head, one_to
 
 
 # ----------------------------------------------------------- bad settings
-@pytest.fixture
-def no_load(monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def fail(self):
-        raise AssertionError("nothing must load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", fail)
-
-
 def test_bad_head_settings_fail_before_loading(tiny_target, tmp_path, no_load):
     kw = dict(heads=4, kv_heads=2, head_dim=16, inter=96, vocab=64)
     wrong_hidden = save_eagle3_head(tmp_path / "h32", hidden=32, **{**kw, "head_dim": 8})

@@ -171,16 +171,6 @@ def test_sampled_proposals_keep_q_and_seeded_output_reproduces(checkpoint, refer
 
 
 # ------------------------------------------------------------ bad settings
-@pytest.fixture
-def no_load(monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def fail(self):
-        raise AssertionError("nothing must load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", fail)
-
-
 def test_bad_mtp_settings_fail_before_loading(checkpoint, smollm2_path, tmp_path, no_load):
     import json
     import shutil
