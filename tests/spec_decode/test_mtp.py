@@ -63,11 +63,9 @@ def _counters(llm_or_engine):
     return engine.engine_core.scheduler.counters
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypatch, k):
-    path, target, deep, extra = checkpoint
-    prompts, ref = reference
-    seen: list[tuple[str, int, list[int]]] = []  # (request, tokens known after the step, proposals)
+def _record_proposals(monkeypatch) -> list[tuple[str, int, list[int]]]:
+    """Patch MTPProposer.propose to record (request, tokens known after the step, proposals) per request."""
+    seen: list[tuple[str, int, list[int]]] = []
     original = MTPProposer.propose
 
     def recording(self, sched, host, emitted, hidden=None):
@@ -77,6 +75,14 @@ def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypat
         return out
 
     monkeypatch.setattr(MTPProposer, "propose", recording)
+    return seen
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypatch, k):
+    path, target, deep, extra = checkpoint
+    prompts, ref = reference
+    seen = _record_proposals(monkeypatch)
     llm = _llm(path, _spec(k), max_num_batched_tokens=8)  # chunked prefill of the longer prompts
     outs = llm.generate(prompts[:3], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref[:3]
@@ -95,16 +101,7 @@ def test_checkpoint_without_mtp_embedding_shares_the_targets(tmp_path, monkeypat
     # MTP layer uses the target's embedding module (no copy).
     path, target, deep, extra = write_mtp_checkpoint(tmp_path / "ckpt", seed=1, own_embed=False)
     make_tokenizer(target.config.vocab_size).save_pretrained(path)
-    seen = []
-    original = MTPProposer.propose
-
-    def recording(self, sched, host, emitted, hidden=None):
-        known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
-        out = original(self, sched, host, emitted, hidden)
-        seen.extend((r, known[r], d) for r, d in out.items())
-        return out
-
-    monkeypatch.setattr(MTPProposer, "propose", recording)
+    seen = _record_proposals(monkeypatch)
     llm = _llm(str(path), _spec(1))
     runner = runner_of(llm)
     assert runner.draft_proposer.model.layer.embed_tokens is runner.model.model.embed_tokens
