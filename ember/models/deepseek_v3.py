@@ -161,12 +161,7 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
             return super().forward(positions, hidden_states, residual, ctx)
         if not dp.num_local:  # no rows here: only the MLP's collectives
             return dp.local(self.mlp(dp.gather(hidden_states))), hidden_states if residual is None else residual
-        if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states, residual = self.attention_block(positions, hidden_states, residual, ctx)
         return dp.local(self.mlp(dp.gather(hidden_states))), residual
 
 
