@@ -25,11 +25,9 @@ import torch
 from ember import LLM, SamplingParams
 from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
-from tests.spec_decode.test_draft_model import assert_speculated_preempted_equal, staggered
+# K and GREEDY are those the shared staggered run uses.
+from tests.spec_decode.test_draft_model import GREEDY, K, assert_speculated_preempted_equal, staggered
 
-K = 3
-NUM_NEW = 16
-GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
 PROMPTS = [
     "The capital of France is",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,",
