@@ -57,6 +57,11 @@ def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[in
         torch.cuda.empty_cache()
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=True,
               dtype=args.dtype, speculative_config=spec)
+    return measure_engine(llm, args, prompts, batches)
+
+
+def measure_engine(llm: LLM, args: argparse.Namespace, prompts: list[list[int]], batches: list[int]) -> dict:
+    """Time ``args.repeats`` greedy runs of each batch size on ``llm`` (best kept), then release the engine."""
     core = llm.llm_engine.engine_core
     runner = core.executor.worker.model_runner
     steps = _Steps()

@@ -36,14 +36,12 @@ import argparse
 import gc
 import json
 import random
-import time
 
 import torch
 
 from ember.engine.llm import LLM
-from ember.entrypoints.bench.offline import print_and_save, spec_decode_fields
-from ember.sampling_params import SamplingParams
-from spec_draft import _release, _Steps, compare
+from ember.entrypoints.bench.offline import print_and_save
+from spec_draft import compare, measure_engine
 
 
 def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[int], spec: dict | None,
@@ -56,35 +54,7 @@ def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[in
               speculative_config=spec, memory_utilization=args.memory_utilization,
               max_num_seqs=max(batches),  # CUDA graphs up to the batch measured only
               **({"device": args.device} if args.device else {}))
-    core = llm.llm_engine.engine_core
-    runner = core.executor.worker.model_runner
-    steps = _Steps()
-    core.add_step_observer(steps)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    result: dict = {}
-    for batch in batches:
-        best = None
-        for _ in range(args.repeats):
-            proposer = runner.draft_proposer
-            propose0, steps0 = (proposer.propose_s if proposer else 0.0), steps.n
-            start = time.perf_counter()
-            outs = llm.generate(prompts[:batch], params, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            if best is None or seconds < best[0]:
-                propose_s = (proposer.propose_s if proposer else 0.0) - propose0
-                best = (seconds, steps.n - steps0, propose_s, [list(o.outputs[0].token_ids) for o in outs])
-        seconds, num_steps, propose_s, tokens = best
-        result[f"b{batch}_tokens"] = tokens
-        result[f"b{batch}_output_tok_s"] = sum(len(t) for t in tokens) / seconds
-        result[f"b{batch}_step_ms"] = 1e3 * seconds / num_steps
-        result[f"b{batch}_propose_ms_per_step"] = 1e3 * propose_s / num_steps
-        result[f"b{batch}_verify_ms_per_step"] = 1e3 * (seconds - propose_s) / num_steps
-        result[f"b{batch}_tokens_per_step"] = sum(len(t) for t in tokens) / num_steps / batch
-    result.update(spec_decode_fields(llm.get_stats()))
-    _release(llm)
-    del llm
-    return result
+    return measure_engine(llm, args, prompts, batches)
 
 
 def main() -> None:

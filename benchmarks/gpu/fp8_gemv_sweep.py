@@ -116,6 +116,14 @@ def time_us(fn, copies: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def bf16_copies(wref: torch.Tensor, n: int, k: int) -> list[torch.Tensor]:
+    """The bf16 baseline's weights: ``wref`` ([n, k] float32) in bf16, then random [n, k] copies, enough
+    that the copies together pass L2_BYTES."""
+    copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
+    return [wref.to(torch.bfloat16)] + [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+                                        for _ in range(copies - 1)]
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
 
@@ -170,9 +178,7 @@ def run_fp8(args, result: dict, t0: float) -> None:
         qs = [q0] + [q8[torch.randperm(n, device=DEVICE)].view(torch.float8_e4m3fn) for _ in range(copies - 1)]
         wref = q0.float() * s[:, None]
         del w32
-        bf16_copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
-        wb = [wref.to(torch.bfloat16)] + [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
-                                          for _ in range(bf16_copies - 1)]
+        wb = bf16_copies(wref, n, k)
         for m in args.m:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             y = x.float() @ wref.T
@@ -186,7 +192,7 @@ def run_fp8(args, result: dict, t0: float) -> None:
             row["current_err"] = rel_err(cur(0), ref)
             row["current_us"] = time_us(cur, copies)
             bf = (lambda i: skinny_silu_and_mul_linear(x, wb[i])) if gated else (lambda i: skinny_linear(x, wb[i]))
-            row["bf16_us"] = time_us(bf, bf16_copies)
+            row["bf16_us"] = time_us(bf, len(wb))
             best = None
             for cfg in CANDIDATES:
                 block_n = max(16, cfg.block_n // 2) if gated else cfg.block_n
@@ -286,9 +292,7 @@ def run_w4a16(args, result: dict, t0: float) -> None:
         copies = max(1, math.ceil(L2_BYTES / int4_bytes))
         qws = [layout.qweight] + [layout.qweight.roll(i, 1) for i in range(1, copies)]
         wref = dequantize_layout(layout)
-        bf16_copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
-        wb = [wref.to(torch.bfloat16)] + [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
-                                          for _ in range(bf16_copies - 1)]
+        wb = bf16_copies(wref, n, k)
         for m in args.m:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = x.float() @ wref.T
@@ -300,7 +304,7 @@ def run_w4a16(args, result: dict, t0: float) -> None:
             row = {"shape": shape, "n": n, "k": k, "m": m, "copies": copies, "configs": {}}
             row["current_err"] = rel_err(call(0), ref)
             row["current_us"] = time_us(call, copies)
-            row["bf16_us"] = time_us(lambda i: skinny_linear(x, wb[i]), bf16_copies)
+            row["bf16_us"] = time_us(lambda i: skinny_linear(x, wb[i]), len(wb))
             best = None
             for tiles in W4_CANDIDATES:
                 if tiles[1] > k // 128:

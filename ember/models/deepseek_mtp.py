@@ -34,11 +34,10 @@ from ember.layers.attention import AttentionBackend, ForwardContext, KVCacheSpec
 from ember.layers.attention.mla import mla_kv_cache_spec
 from ember.layers.layernorm import RMSNorm
 from ember.layers.linear import ReplicatedLinear
-from ember.layers.mlp import GatedMLP
 from ember.layers.moe import FusedMoE
 from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from ember.models.deepseek_v3 import DeepseekV3Attention, DeepseekV3ForCausalLM, DeepseekV3MoE
+from ember.models.deepseek_v3 import DeepseekV3Attention, DeepseekV3ForCausalLM, deepseek_v3_mlp
 from ember.models.utils import PreNormDecoderLayer, load_hf_weights
 
 
@@ -78,11 +77,9 @@ class DeepseekV3MTPLayer(PreNormDecoderLayer):
 
     def __init__(self, config, layer_idx: int, cache_idx: int, attn_backend: type[AttentionBackend],
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
-        mlp = (DeepseekV3MoE(config, quant_config, f"{prefix}.mlp") if layer_idx >= config.first_k_dense_replace
-               else GatedMLP(config.hidden_size, config.intermediate_size, quant_config=quant_config,
-                             prefix=f"{prefix}.mlp"))
         super().__init__(DeepseekV3Attention(config, cache_idx, attn_backend, quant_config, f"{prefix}.self_attn"),
-                         mlp, config.hidden_size, config.rms_norm_eps)
+                         deepseek_v3_mlp(config, layer_idx, quant_config, f"{prefix}.mlp"), config.hidden_size,
+                         config.rms_norm_eps)
         hidden = config.hidden_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, quant_config=quant_config,
                                                    prefix=f"{prefix}.embed_tokens")

@@ -136,14 +136,20 @@ class DeepseekV3MoE(nn.Module):
         return out
 
 
+def deepseek_v3_mlp(config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str) -> nn.Module:
+    """The MLP of checkpoint layer ``layer_idx``: dense for the first ``first_k_dense_replace`` layers, MoE after.
+    ``prefix``: ``model.layers.{layer_idx}.mlp``."""
+    if layer_idx >= config.first_k_dense_replace:
+        return DeepseekV3MoE(config, quant_config, prefix)
+    return GatedMLP(config.hidden_size, config.intermediate_size, quant_config=quant_config, prefix=prefix)
+
+
 class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config, layer_idx: int, attn_backend: type[AttentionBackend],
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
-        mlp = (DeepseekV3MoE(config, quant_config, f"{prefix}.mlp") if layer_idx >= config.first_k_dense_replace
-               else GatedMLP(config.hidden_size, config.intermediate_size, quant_config=quant_config,
-                             prefix=f"{prefix}.mlp"))
         super().__init__(DeepseekV3Attention(config, layer_idx, attn_backend, quant_config, f"{prefix}.self_attn"),
-                         mlp, config.hidden_size, config.rms_norm_eps)
+                         deepseek_v3_mlp(config, layer_idx, quant_config, f"{prefix}.mlp"), config.hidden_size,
+                         config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -155,12 +161,7 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
             return super().forward(positions, hidden_states, residual, ctx)
         if not dp.num_local:  # no rows here: only the MLP's collectives
             return dp.local(self.mlp(dp.gather(hidden_states))), hidden_states if residual is None else residual
-        if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states, residual = self.attention_block(positions, hidden_states, residual, ctx)
         return dp.local(self.mlp(dp.gather(hidden_states))), residual
 
 

@@ -47,7 +47,7 @@ from ember.layers.mlp import GatedMLP
 from ember.layers.quantization.base import QuantizationConfig
 from ember.layers.rotary import get_rope, rope_parameters
 from ember.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from ember.models.llama import LlamaAttention
+from ember.models.llama import LlamaAttention, LlamaForCausalLM
 from ember.models.utils import load_hf_weights
 
 
@@ -125,13 +125,7 @@ class Eagle3LlamaForCausalLM(nn.Module):
         quant_config: a quantization config, or None.
     """
 
-    stacked_params_mapping = [
-        ("qkv_proj", "q_proj", "q"),
-        ("qkv_proj", "k_proj", "k"),
-        ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params_mapping = LlamaForCausalLM.stacked_params_mapping  # the head's checkpoint uses Llama names
 
     def __init__(self, config, attn_backend: type[AttentionBackend],
                  quant_config: QuantizationConfig | None = None) -> None:

@@ -134,13 +134,20 @@ class PreNormDecoderLayer(nn.Module):
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``hidden_states``, ``residual``: [num_tokens, hidden] -> the stream
         after the layer, as ``(hidden, residual)``."""
+        hidden_states, residual = self.attention_block(positions, hidden_states, residual, ctx)
+        return self.mlp(hidden_states), residual
+
+    def attention_block(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                        ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its MLP: ``(hidden, residual)`` [num_tokens, hidden]
+        -> ``(post_attention_layernorm(stream), stream)``, the MLP's input and
+        the stream after attention."""
         if residual is None:
             hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, ctx)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return self.post_attention_layernorm(hidden_states, residual)
 
 
 class DecoderStack(nn.Module):

@@ -31,34 +31,22 @@ TYPES = {"token_embd": Q.Q4_K, "output": Q.Q6_K, "attn_q": Q.Q4_0, "attn_k": Q.Q
 
 
 def _write_tiny_gguf(path: Path) -> None:
-    from tests.loader.test_gguf import _tiny_gguf_tensors
+    from tests.loader.test_gguf import _tiny_gguf_tensors, write_gguf_data
     from tests.loader.test_gguf_slices import _blocks
 
     config = LlamaConfig(vocab_size=99, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+                         rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
     state = {k: v.detach() for k, v in LlamaForCausalLM(config).state_dict().items()}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(config.vocab_size)
+    data = {}
     for i, (name, array) in enumerate(_tiny_gguf_tensors(config, state).items()):
         qtype = TYPES.get(name.split(".")[-2], Q.F32)
         if qtype in (Q.Q4_K, Q.Q6_K):  # gguf-py cannot quantize k-quants: random blocks
-            data = _blocks(qtype, *array.shape, seed=i)
+            data[name] = (_blocks(qtype, *array.shape, seed=i), qtype)
         else:
-            data = gguf.quants.quantize(array, qtype)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            data[name] = (gguf.quants.quantize(array, qtype), qtype)
+    write_gguf_data(path, "llama", config, data)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -138,6 +138,14 @@ def tiny_llama():
 
 
 def _write_gguf(path: Path, arch: str, config, tensors: dict[str, np.ndarray], types: dict[str, Q]) -> None:
+    qtypes = {name: types.get(name.split(".")[-2], Q.F32) for name in tensors}
+    write_gguf_data(path, arch, config, {name: (gguf.quants.quantize(array, qtypes[name]), qtypes[name])
+                                         for name, array in tensors.items()})
+
+
+def write_gguf_data(path: Path, arch: str, config, data: dict[str, tuple[np.ndarray, Q]]) -> None:
+    """Write a GGUF file: ``arch``'s metadata from the HF ``config`` (Llama fields), then each tensor's
+    stored data (quantized blocks as uint8 rows, or float32) with its quantization type."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -148,9 +156,8 @@ def _write_gguf(path: Path, arch: str, config, tensors: dict[str, np.ndarray], t
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
-    for name, array in tensors.items():
-        qtype = types.get(name.split(".")[-2], Q.F32)
-        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    for name, (array, qtype) in data.items():
+        writer.add_tensor(name, array, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

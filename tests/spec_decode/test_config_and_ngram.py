@@ -40,13 +40,7 @@ def test_defaults_and_lookup_max_only():
     assert SpeculativeConfig.from_dict(None) is None
 
 
-def test_engine_args_reject_before_loading_anything(smollm2_path, monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def no_load(self):
-        raise AssertionError("the model must not load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", no_load)
+def test_engine_args_reject_before_loading_anything(smollm2_path, no_load):
     with pytest.raises(ConfigError, match="num_speculative_tokens"):
         EngineArgs(model=smollm2_path, speculative_config={"num_speculative_tokens": 99}).create_engine_config()
     cfg = EngineArgs(model=smollm2_path, speculative_config={"num_speculative_tokens": 2}).create_engine_config()

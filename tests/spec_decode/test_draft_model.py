@@ -134,17 +134,31 @@ def test_draft_equal_to_target_accepts_everything(smollm2_path, reference):
     assert c.spec_mean_accepted_length == pytest.approx(K + 1, abs=0.5)  # the last steps are capped by max_tokens
 
 
-def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str,
-               async_scheduling: bool = False) -> tuple[dict, LLMEngine, bool]:
-    block_size = 16
+def staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str, block_size: int = 16, **kw
+              ) -> tuple[dict, LLMEngine, bool]:
+    """Greedy ``prompts`` arriving one by one (tests.engine.test_batching.run_staggered) on an engine with
+    chunked prefill and too few KV blocks for all at once; ``kw`` goes to EngineArgs."""
     longest = max(len(p) for p in prompts) + NUM_NEW + 2 * K
     num_blocks = -(-longest // block_size) + 5  # far too few for all at once: preemption
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=model, max_model_len=longest + 16, block_size=block_size, num_gpu_blocks_override=num_blocks,
         max_num_batched_tokens=20, max_num_seqs=6, speculative_config=spec, preemption_mode=preemption_mode,
-        swap_space=64 << 20, async_scheduling=async_scheduling))
+        swap_space=64 << 20, **kw))
     results, chunked = run_staggered(engine, prompts, GREEDY)
     return results, engine, chunked
+
+
+def assert_speculated_preempted_equal(results: dict, engine: LLMEngine, chunked: bool, ref: list[list[int]],
+                                      preemption_mode: str, label: str = "") -> None:
+    """A staggered run chunked a prefill, preempted (swapped out under "swap"), speculated, and produced
+    ``ref`` (the output without speculation) for every prompt."""
+    sched = engine.engine_core.scheduler
+    assert chunked and sched.num_preemptions_total > 0
+    if preemption_mode == "swap":
+        assert sched.counters.num_swap_outs > 0
+    assert sched.counters.spec_num_draft_tokens > 0
+    for i, want in enumerate(ref):
+        assert results[f"p{i}"] == want, f"{label}prompt {i}"
 
 
 @pytest.mark.slow
@@ -169,14 +183,9 @@ def test_greedy_batched_chunked_preempted_equals_no_speculation(smollm2_path, tr
     prompts, ref = reference
     path = truncated_draft if draft == "truncated" else random_draft
     spec = _spec(path, disable_by_batch_size=3) if async_scheduling else _spec(path)
-    results, engine, chunked = _staggered(smollm2_path, prompts, spec, preemption_mode, async_scheduling)
-    sched = engine.engine_core.scheduler
-    assert chunked and sched.num_preemptions_total > 0
-    if preemption_mode == "swap":
-        assert sched.counters.num_swap_outs > 0
-    assert sched.counters.spec_num_draft_tokens > 0
-    for i, want in enumerate(ref):
-        assert results[f"p{i}"] == want, f"prompt {i}"
+    results, engine, chunked = staggered(smollm2_path, prompts, spec, preemption_mode,
+                                         async_scheduling=async_scheduling)
+    assert_speculated_preempted_equal(results, engine, chunked, ref, preemption_mode)
 
 
 @pytest.mark.slow
@@ -253,16 +262,6 @@ def test_draft_sampling_draws_from_q(smollm2_path):
 
 
 # ------------------------------------------------------------ bad settings
-@pytest.fixture
-def no_load(monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def fail(self):
-        raise AssertionError("nothing must load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", fail)
-
-
 def test_bad_draft_settings_fail_before_loading(smollm2_path, tmp_path, no_load):
     other_vocab = _random_llama(tmp_path / "other_vocab", 1000)
     cases = [

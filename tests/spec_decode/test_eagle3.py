@@ -25,12 +25,9 @@ import torch
 from ember import LLM, SamplingParams
 from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
-from ember.engine.llm_engine import LLMEngine
-from tests.engine.test_batching import run_staggered
+# K and GREEDY are those the shared staggered run uses.
+from tests.spec_decode.test_draft_model import GREEDY, K, assert_speculated_preempted_equal, staggered
 
-K = 3
-NUM_NEW = 16
-GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
 PROMPTS = [
     "The capital of France is",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,",
@@ -306,27 +303,9 @@ def test_greedy_tiny_target_alone_and_batched(tiny_target, tiny_head, one_torch_
     # whose target hidden states are gone).
     for mode, async_scheduling, spec in [("recompute", False, _spec(tiny_head)), ("swap", False, _spec(tiny_head)),
                                          ("recompute", True, _spec(tiny_head, disable_by_batch_size=3))]:
-        results, engine, chunked = _staggered(tiny_target, prompts, spec, mode, block_size=4, dtype="float32",
-                                              async_scheduling=async_scheduling)
-        sched = engine.engine_core.scheduler
-        assert chunked and sched.num_preemptions_total > 0
-        assert sched.counters.spec_num_draft_tokens > 0
-        if mode == "swap":
-            assert sched.counters.num_swap_outs > 0
-        for i, want in enumerate(ref):
-            assert results[f"p{i}"] == want, f"{mode} async={async_scheduling}: prompt {i}"
-
-
-def _staggered(model: str, prompts: list[list[int]], spec: dict, preemption_mode: str, block_size: int = 16, **kw
-               ) -> tuple[dict, LLMEngine, bool]:
-    longest = max(len(p) for p in prompts) + NUM_NEW + 2 * K
-    num_blocks = -(-longest // block_size) + 5  # far too few for all at once: preemption
-    engine = LLMEngine.from_engine_args(EngineArgs(
-        model=model, max_model_len=longest + 16, block_size=block_size, num_gpu_blocks_override=num_blocks,
-        max_num_batched_tokens=20, max_num_seqs=6, speculative_config=spec, preemption_mode=preemption_mode,
-        swap_space=64 << 20, **kw))
-    results, chunked = run_staggered(engine, prompts, GREEDY)
-    return results, engine, chunked
+        results, engine, chunked = staggered(tiny_target, prompts, spec, mode, block_size=4, dtype="float32",
+                                             async_scheduling=async_scheduling)
+        assert_speculated_preempted_equal(results, engine, chunked, ref, mode, f"{mode} async={async_scheduling}: ")
 
 
 # --------------------------------------------------------- bundled models
@@ -353,14 +332,8 @@ def test_bundled_greedy_alone_equals_no_speculation(bundled):
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
 def test_bundled_greedy_batched_chunked_preempted_equals_no_speculation(bundled, preemption_mode):
     path, head, prompts, ref = bundled
-    results, engine, chunked = _staggered(path, prompts, _spec(head), preemption_mode)
-    sched = engine.engine_core.scheduler
-    assert chunked and sched.num_preemptions_total > 0
-    if preemption_mode == "swap":
-        assert sched.counters.num_swap_outs > 0
-    assert sched.counters.spec_num_draft_tokens > 0
-    for i, want in enumerate(ref):
-        assert results[f"p{i}"] == want, f"prompt {i}"
+    results, engine, chunked = staggered(path, prompts, _spec(head), preemption_mode)
+    assert_speculated_preempted_equal(results, engine, chunked, ref, preemption_mode)
 
 
 # --------------------------------------------------------------- sampling
@@ -398,16 +371,6 @@ def test_sampled_proposals_hand_q_to_the_verifier(tiny_target, tiny_head, one_to
 
 
 # ----------------------------------------------------------- bad settings
-@pytest.fixture
-def no_load(monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def fail(self):
-        raise AssertionError("nothing must load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", fail)
-
-
 def test_bad_head_settings_fail_before_loading(tiny_target, tmp_path, no_load):
     kw = dict(heads=4, kv_heads=2, head_dim=16, inter=96, vocab=64)
     wrong_hidden = save_eagle3_head(tmp_path / "h32", hidden=32, **{**kw, "head_dim": 8})

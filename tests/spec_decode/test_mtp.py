@@ -26,6 +26,7 @@ from ember.engine.arg_utils import EngineArgs
 from ember.engine.llm_engine import LLMEngine
 from ember.spec_decode.mtp import MTPProposer
 from tests.engine.test_batching import run_staggered
+from tests.spec_decode.test_draft_model import assert_speculated_preempted_equal
 from tests.models.test_deepseek_mtp import reference_mtp_logits, write_mtp_checkpoint
 from tests.models.tiny import make_prompts, make_tokenizer, runner_of
 
@@ -62,11 +63,9 @@ def _counters(llm_or_engine):
     return engine.engine_core.scheduler.counters
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypatch, k):
-    path, target, deep, extra = checkpoint
-    prompts, ref = reference
-    seen: list[tuple[str, int, list[int]]] = []  # (request, tokens known after the step, proposals)
+def _record_proposals(monkeypatch) -> list[tuple[str, int, list[int]]]:
+    """Patch MTPProposer.propose to record (request, tokens known after the step, proposals) per request."""
+    seen: list[tuple[str, int, list[int]]] = []
     original = MTPProposer.propose
 
     def recording(self, sched, host, emitted, hidden=None):
@@ -76,6 +75,14 @@ def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypat
         return out
 
     monkeypatch.setattr(MTPProposer, "propose", recording)
+    return seen
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_proposals_are_the_reference_mtp_argmax(checkpoint, reference, monkeypatch, k):
+    path, target, deep, extra = checkpoint
+    prompts, ref = reference
+    seen = _record_proposals(monkeypatch)
     llm = _llm(path, _spec(k), max_num_batched_tokens=8)  # chunked prefill of the longer prompts
     outs = llm.generate(prompts[:3], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref[:3]
@@ -94,16 +101,7 @@ def test_checkpoint_without_mtp_embedding_shares_the_targets(tmp_path, monkeypat
     # MTP layer uses the target's embedding module (no copy).
     path, target, deep, extra = write_mtp_checkpoint(tmp_path / "ckpt", seed=1, own_embed=False)
     make_tokenizer(target.config.vocab_size).save_pretrained(path)
-    seen = []
-    original = MTPProposer.propose
-
-    def recording(self, sched, host, emitted, hidden=None):
-        known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
-        out = original(self, sched, host, emitted, hidden)
-        seen.extend((r, known[r], d) for r, d in out.items())
-        return out
-
-    monkeypatch.setattr(MTPProposer, "propose", recording)
+    seen = _record_proposals(monkeypatch)
     llm = _llm(str(path), _spec(1))
     runner = runner_of(llm)
     assert runner.draft_proposer.model.layer.embed_tokens is runner.model.model.embed_tokens
@@ -144,13 +142,7 @@ def test_greedy_batched_chunked_preempted_equals_no_speculation(checkpoint, refe
         num_gpu_blocks_override=num_blocks, max_num_batched_tokens=10, max_num_seqs=6, speculative_config=spec,
         preemption_mode=preemption_mode, swap_space=8 << 20, async_scheduling=async_scheduling))
     results, chunked = run_staggered(engine, prompts, GREEDY)
-    sched = engine.engine_core.scheduler
-    assert chunked and sched.num_preemptions_total > 0
-    if preemption_mode == "swap":
-        assert sched.counters.num_swap_outs > 0
-    assert sched.counters.spec_num_draft_tokens > 0
-    for i, want in enumerate(ref):
-        assert results[f"p{i}"] == want, f"prompt {i}"
+    assert_speculated_preempted_equal(results, engine, chunked, ref, preemption_mode)
 
 
 def test_sampled_proposals_keep_q_and_seeded_output_reproduces(checkpoint, reference, monkeypatch):
@@ -176,16 +168,6 @@ def test_sampled_proposals_keep_q_and_seeded_output_reproduces(checkpoint, refer
 
 
 # ------------------------------------------------------------ bad settings
-@pytest.fixture
-def no_load(monkeypatch):
-    import ember.worker.model_runner as mr
-
-    def fail(self):
-        raise AssertionError("nothing must load with a bad speculative_config")
-
-    monkeypatch.setattr(mr.ModelRunner, "load_model", fail)
-
-
 def test_bad_mtp_settings_fail_before_loading(checkpoint, smollm2_path, tmp_path, no_load):
     import json
     import shutil
