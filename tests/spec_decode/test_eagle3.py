@@ -26,15 +26,11 @@ from ember import LLM, SamplingParams
 from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
 # K and GREEDY are those the shared staggered run uses.
+from tests.spec_decode import test_draft_model
 from tests.spec_decode.test_draft_model import GREEDY, K, assert_speculated_preempted_equal, staggered
 
-PROMPTS = [
-    "The capital of France is",
-    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,",
-    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
-    "Write a haiku about the sea.",
-    "red green blue red green blue red green",
-    "Question: what is 2 + 2? Answer:",
+# The draft-model tests' six prompts and two more.
+PROMPTS = test_draft_model.PROMPTS + [
     "Once upon a time, in a small village by the river,",
     "import numpy as np\nx = np.arange(10)\nprint(",
 ]
