@@ -11,6 +11,15 @@ tutorial for the tiling).
 4. GEMM 2: rows times ``w2[expert].T``, scaled by the pair's routing weight -> [pairs, H].
 5. Sum the ``top_k`` rows of each token.
 
+At decode sizes (at most :data:`GEMV_MAX_PAIRS` pairs) the sort and its dozen
+small launches cost more than the GEMMs, so :func:`fused_experts_gemv` runs
+instead: one program per (pair, column tile) reads its expert id straight
+from ``topk_ids`` and streams that expert's rows (the skinny GEMM's scheme,
+:mod:`ember.kernels.triton_gemm`), SiLU-and-mul in the first GEMM's epilogue
+and the routing weight in the second's: two launches and the top-k sum. Pairs
+that share an expert read its rows once each (at these sizes mostly from L2,
+or not at all shared: 8 of 128-256 experts per token).
+
 FP8 experts (:func:`fused_experts_fp8_triton`) run the same steps with FP8
 (``float8_e4m3fn``) weights and activations in the GEMMs (Hopper's FP8 tensor
 cores; the weights are read at one byte per element): the GEMM inputs are
@@ -111,9 +120,101 @@ def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: t
                            num_warps=4, num_stages=3)
 
 
+# (token, expert) pairs up to which :func:`fused_experts_triton` runs the
+# per-pair GEMV form (8 decode tokens at top-8) instead of sorting by expert.
+GEMV_MAX_PAIRS = 64
+
+
+@triton.jit
+def _moe_gemv_kernel(A, B, C, topk_ids, topk_weights, n_out, k_in,
+                     stride_am, stride_be, stride_bn, stride_cm,
+                     TOP_K: tl.constexpr, A_ROWS_ARE_TOKENS: tl.constexpr, GATED: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    # One pair's row (padded to a 16-row MMA tile, rows 1..15 zero) times its
+    # expert's BLOCK_N rows of B ([E, n_out (x2 if GATED), k_in], K contiguous).
+    # GATED: B holds gate rows then up rows; the result is silu(gate) * up,
+    # rounded as the GEMM + silu_and_mul kernels round it.
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(topk_ids + pair).to(tl.int64)
+    row = pair // TOP_K if A_ROWS_ARE_TOKENS else pair
+    offs_m = tl.arange(0, 16)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_out
+    b_base = B + expert * stride_be
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_in
+        a = tl.load(A + row.to(tl.int64) * stride_am + offs_m[:, None] * 0 + offs_k[None, :],
+                    mask=(offs_m == 0)[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0)
+        if IEEE:
+            acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+        if GATED:
+            b_up = tl.load(b_base + (n_out + offs_n[:, None]) * stride_bn + offs_k[None, :],
+                           mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if IEEE:
+                acc_up += tl.dot(a, tl.trans(b_up), input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+    if GATED:
+        gate = acc.to(C.dtype.element_ty).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(C.dtype.element_ty) * acc_up.to(C.dtype.element_ty)
+    elif MUL_WEIGHT:
+        y = (acc * tl.load(topk_weights + pair).to(tl.float32)).to(C.dtype.element_ty)
+    else:
+        y = acc.to(C.dtype.element_ty)
+    y_row = tl.sum(tl.where((offs_m == 0)[:, None], y.to(tl.float32), 0.0), 0)
+    tl.store(C + pair.to(tl.int64) * stride_cm + offs_n, y_row.to(C.dtype.element_ty), mask=mask_n)
+
+
+# (BLOCK_N, BLOCK_K, num_stages, num_warps) of the GEMV form's two launches.
+GEMV_TILES = {"w13": (32, 256, 4, 4), "w2": (32, 256, 4, 4)}
+
+
+def _moe_gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor, n_out: int, top_k: int, rows_are_tokens: bool, gated: bool,
+              mul_weight: bool) -> None:
+    k_in = w.shape[2]
+    num_pairs = topk_ids.numel()
+    block_n, block_k, stages, warps = GEMV_TILES["w13" if gated else "w2"]
+    grid = (num_pairs, triton.cdiv(n_out, block_n))
+    _moe_gemv_kernel[grid](a, w, out, topk_ids, topk_weights, n_out, k_in,
+                           a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                           TOP_K=top_k, A_ROWS_ARE_TOKENS=rows_are_tokens, GATED=gated, MUL_WEIGHT=mul_weight,
+                           BLOCK_N=block_n, BLOCK_K=block_k, IEEE=w.dtype == torch.float32,
+                           num_warps=warps, num_stages=stages)
+
+
+def fused_experts_gemv(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts, one program per (token, expert) pair and column
+    tile (the decode form, see the module doc); contract as
+    :func:`fused_experts_triton`. Needs contiguous weights (K innermost)."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    inter = w13.shape[1] // 2
+    num_pairs = num_tokens * top_k
+    ids = topk_ids.flatten().contiguous()
+    weights = topk_weights.flatten().contiguous()
+    h = hidden_states.contiguous()
+    act = torch.empty(num_pairs, inter, dtype=h.dtype, device=h.device)
+    _moe_gemv(h, w13, act, ids, weights, inter, top_k, True, True, False)
+    down = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    _moe_gemv(act, w2, down, ids, weights, hidden, top_k, False, False, True)
+    return down.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
 def fused_experts_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                          topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts (same contract as ``fused_experts_torch``).
+    """Routed SwiGLU experts (same contract as ``fused_experts_torch``): the
+    per-pair GEMV form up to :data:`GEMV_MAX_PAIRS` (token, expert) pairs,
+    else the grouped GEMM over pairs sorted by expert.
 
     Args:
         hidden_states: [num_tokens, hidden]. w13: [E, 2I, hidden] (gate rows then
@@ -121,6 +222,15 @@ def fused_experts_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     Returns:
         [num_tokens, hidden], in hidden_states' dtype.
     """
+    if topk_ids.numel() <= GEMV_MAX_PAIRS and w13.stride(2) == 1 and w2.stride(2) == 1:
+        return fused_experts_gemv(hidden_states, w13, w2, topk_weights, topk_ids)
+    return fused_experts_grouped(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+def fused_experts_grouped(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts by the grouped GEMM over pairs sorted by expert
+    (steps 1-5 of the module doc); contract as :func:`fused_experts_triton`."""
     num_tokens, hidden = hidden_states.shape
     top_k = topk_ids.shape[1]
     num_experts, two_inter, _ = w13.shape
