@@ -12,9 +12,10 @@ block id also indexes the MTP's cache tensor). After each step the layer runs
 over the positions the step computed whose next token is known (a prefill
 chunk's prompt tokens too, as for every head conditioned on the target's
 hidden states; a verified step's accepted drafts and bonus token, whose
-target rows are exactly the kept ones); its output at the last emitted token gives the first proposal, and
-proposals 2..k apply the one layer again, fed its own output hidden state and
-its previous proposal (DeepSeek-V3 Technical Report, section 2.2).
+target rows are exactly the kept ones); its output at the last emitted token
+gives the first proposal, and proposals 2..k apply the one layer again, fed
+its own output hidden state and its previous proposal (DeepSeek-V3 Technical
+Report, section 2.2).
 
 Positions the MTP never saw (computed while speculation was off, in a step
 scheduled ahead, or taken from the prefix cache) keep stale MTP K/V: that
