@@ -18,11 +18,17 @@ the head's K/V in the shared paged pool, lookahead slots, catch-up rounds or
 one packed extend, the k - 1 proposal steps, CUDA graphs (the head reads its
 conditioning from a buffer of its own, :meth:`set_condition`), greedy
 argmax or sampling from ``q`` kept for the verifier. Differences: the target's
-hidden states exist only for the positions a step computed, so positions
-before a step's first are never fed (a head that fell behind, e.g. while
-speculation was off, keeps stale K/V there: lower acceptance, same outputs);
-and accepted proposals are fed again with the target's hidden states (their
-K/V from the head's own hidden state is not kept).
+hidden states exist only for the positions a step computed, so the head is
+fed after every step, a step that samples nothing (prefill chunks only)
+included (:meth:`HiddenStateProposer.observe`): a prompt's positions are all
+fed whatever its chunking, each once, by the step that computed it (the last
+chunk's by the step that samples the first token, which also proposes).
+Positions before a step's first are never fed (a head that fell behind, e.g.
+while speculation was off or in a step scheduled ahead, or positions taken
+from the prefix cache that the head saw with another next token, keeps stale
+K/V there: lower acceptance, same outputs); and accepted proposals are fed
+again with the target's hidden states (their K/V from the head's own hidden
+state is not kept).
 
 A head model class provides (see :class:`~ember.models.llama_eagle3.Eagle3LlamaForCausalLM`):
 
@@ -45,12 +51,15 @@ A head model class provides (see :class:`~ember.models.llama_eagle3.Eagle3LlamaF
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ember.spec_decode.draft_model import DraftModelProposer
 from ember.worker.common import HostInputs
+
+if TYPE_CHECKING:
+    from ember.core.sched_output import SchedulerOutput
 
 # Head architectures (config ``architectures``) -> (module, class).
 HEAD_ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -109,6 +118,15 @@ class HiddenStateProposer(DraftModelProposer):
         if layers is None:
             return None
         return AuxHiddenStates(layers, self.max_tokens, target.hf_config.hidden_size, target.dtype, self.device)
+
+    @torch.inference_mode()
+    def observe(self, sched: SchedulerOutput, host: HostInputs, hidden: torch.Tensor) -> None:
+        """A step that samples nothing (prefill chunks only): feed the head
+        its positions while the target's hidden states of them exist (this
+        step's ``hidden`` [num_tokens, hidden] in packed order, or the depths
+        in ``runner.aux_hidden``), so that their K/V is there when the
+        requests decode. Nothing while speculation is off."""
+        self.propose(sched, host, {}, hidden)
 
     def _set_step_features(self, host: HostInputs, hidden: torch.Tensor | None) -> None:
         aux = self.runner.aux_hidden

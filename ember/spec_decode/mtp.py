@@ -10,11 +10,12 @@ target for no extra depth: the final hidden states are what its forward
 returns). Its layer keeps its own MLA cache in the target's paged pool (every
 block id also indexes the MTP's cache tensor). After each step the layer runs
 over the positions the step computed whose next token is known (a prefill
-chunk's prompt tokens too, :meth:`MTPProposer.observe`; a verified step's
-accepted drafts and bonus token, whose target rows are exactly the kept
-ones); its output at the last emitted token gives the first proposal, and
-proposals 2..k apply the one layer again, fed its own output hidden state and
-its previous proposal (DeepSeek-V3 Technical Report, section 2.2).
+chunk's prompt tokens too, as for every head conditioned on the target's
+hidden states; a verified step's accepted drafts and bonus token, whose
+target rows are exactly the kept ones); its output at the last emitted token
+gives the first proposal, and proposals 2..k apply the one layer again, fed
+its own output hidden state and its previous proposal (DeepSeek-V3 Technical
+Report, section 2.2).
 
 Positions the MTP never saw (computed while speculation was off, in a step
 scheduled ahead, or taken from the prefix cache) keep stale MTP K/V: that
@@ -24,15 +25,11 @@ proposed (:mod:`ember.spec_decode.verify`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ember.spec_decode.hidden_states import HiddenStateProposer
-from ember.worker.common import HostInputs
-
-if TYPE_CHECKING:
-    from ember.core.sched_output import SchedulerOutput
 
 
 class MTPProposer(HiddenStateProposer):
@@ -54,10 +51,3 @@ class MTPProposer(HiddenStateProposer):
         from ember.models.registry import ModelRegistry
 
         return ModelRegistry.load_mtp_class(self.model_config.architecture)
-
-    @torch.inference_mode()
-    def observe(self, sched: SchedulerOutput, host: HostInputs, hidden: torch.Tensor) -> None:
-        """A step that samples nothing (prefill chunks only): feed the MTP
-        its positions while their target hidden states exist, so that their
-        MTP K/V is there when the requests decode."""
-        self.propose(sched, host, {}, hidden)

@@ -568,7 +568,8 @@ class ModelRunner:
         pooled_req_ids, pooled = self._pool(host, hidden) if self._pooling else ([], None)
         if not host.sample_req_ids:
             if self.draft_proposer is not None:
-                self.draft_proposer.observe(sched, host, hidden)  # e.g. an MTP layer reads every step's hidden states
+                # A head conditioned on the target's hidden states is fed the chunks' positions while they exist.
+                self.draft_proposer.observe(sched, host, hidden)
             return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if spec:
             from ember.spec_decode.verify import verify_drafts

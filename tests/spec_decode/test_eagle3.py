@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -302,6 +303,111 @@ def test_greedy_tiny_target_alone_and_batched(tiny_target, tiny_head, one_torch_
         results, engine, chunked = staggered(tiny_target, prompts, spec, mode, block_size=4, dtype="float32",
                                              async_scheduling=async_scheduling)
         assert_speculated_preempted_equal(results, engine, chunked, ref, mode, f"{mode} async={async_scheduling}: ")
+
+
+class _PromptRun(NamedTuple):
+    """What :func:`_head_kv_after_prompt` saw of one prompt."""
+
+    kv: torch.Tensor  # the head's K/V rows of the prompt's positions, [layers, 2, len(prompt), ...] float32
+    silent: int  # steps that computed some of the prompt and sampled nothing (prefill chunks before the last)
+    fed: list[int]  # the head positions fed for the prompt until its first token, in order
+    hits: int  # prefix-cache hits (tokens)
+    runner: object  # the model runner
+
+
+def _head_kv_after_prompt(target: str, head: str, prompt: list[int], budget: int, *, companion: bool = False,
+                          again: bool = False, **engine_kw) -> _PromptRun:
+    """Run ``prompt`` (greedy) until it has sampled its first token on an engine with a token budget of
+    ``budget`` (blocks of 4 tokens; ``engine_kw`` goes to EngineArgs) and read the head's K/V there.
+    ``companion``: a short request decodes (with drafts) while the prompt prefills (mixed steps);
+    ``again``: the prompt runs to the end once first, so the measured run takes its blocks from the prefix cache."""
+    from ember.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(EngineArgs(**{
+        "model": target, "dtype": "float32", "max_model_len": 128, "block_size": 4, "kv_cache_memory": 4 << 20,
+        "max_num_batched_tokens": budget, "max_num_seqs": 4, "speculative_config": _spec(head), **engine_kw}))
+    scheduler, runner = engine.engine_core.scheduler, _runner(engine)
+    proposer = runner.draft_proposer
+    computed_at_start = {}
+    add_request = proposer.add_request
+
+    def note_start(req_id: str, num_computed_tokens: int) -> None:
+        computed_at_start[req_id] = num_computed_tokens
+        add_request(req_id, num_computed_tokens)
+
+    proposer.add_request = note_start
+    fed = []
+    catch_up = proposer._catch_up
+
+    def note_feeds(plan):
+        fed.extend(p.start + i for p in plan if p.req_id == "long" for i in range(len(p.tokens)))
+        return catch_up(plan)
+
+    proposer._catch_up = note_feeds
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    if companion:
+        engine.add_request("short", [4, 8, 15, 16, 23], params, prompt_token_ids=[4, 8, 15, 16, 23])
+        while scheduler.requests["short"].num_output_tokens < 2:
+            engine.step()
+    if again:
+        engine.add_request("first", prompt, params, prompt_token_ids=prompt)
+        while "first" in scheduler.requests:
+            engine.step()
+        fed.clear()
+    engine.add_request("long", prompt, params, prompt_token_ids=prompt)
+    silent = 0
+    while scheduler.requests["long"].num_output_tokens == 0:
+        engine.step()
+        silent += scheduler.requests["long"].num_output_tokens == 0
+    if companion:
+        assert scheduler.requests["short"].num_output_tokens > 2, "the companion decoded while the prompt prefilled"
+    blocks, bs, lead = runner.requests["long"].block_ids, runner.block_size, proposer.block_dim()
+    rows = []
+    for cache in proposer.kv_caches:
+        rows.append(torch.stack([cache[(slice(None),) * lead + (blocks[j // bs], j % bs)]
+                                 for j in range(len(prompt))], dim=lead).float().cpu())
+    return _PromptRun(torch.stack(rows), silent, fed, computed_at_start["long"], runner)
+
+
+def test_head_kv_of_a_chunked_prompt_equals_unchunked(tiny_target, tiny_head, one_torch_thread):
+    """Every prompt position's head K/V is written, with the target's hidden
+    states of the step that computed it, whatever the prompt's chunking: the
+    steps of earlier prefill chunks sample nothing but feed the head too. The
+    same holds for a prompt chunked next to a decoding request with drafts
+    (mixed steps), and for one whose first blocks come from the prefix cache."""
+    prompt = [(11 * j + 5) % 60 + 1 for j in range(34)]  # chunks of 8 (and a last one of 2) under budget 8
+    everything = list(range(len(prompt)))
+    whole = _head_kv_after_prompt(tiny_target, tiny_head, prompt, 64)
+    assert whole.silent == 0 and whole.fed == everything
+    # A fresh cache holds zeros: a position never fed keeps them.
+    assert bool((whole.kv.flatten(3).abs().amax(-1) > 0).all()), "the unchunked run fed every position"
+    # Each position fed once, in order: none twice or skipped at a chunk boundary.
+    chunked = _head_kv_after_prompt(tiny_target, tiny_head, prompt, 8)
+    assert chunked.silent == 4 and chunked.fed == everything
+    torch.testing.assert_close(chunked.kv, whole.kv, rtol=1e-4, atol=1e-5)
+    mixed = _head_kv_after_prompt(tiny_target, tiny_head, prompt, 8, companion=True)
+    assert mixed.silent > 4 and mixed.fed == everything
+    torch.testing.assert_close(mixed.kv, whole.kv, rtol=1e-4, atol=1e-5)
+    # Prefix-cache hits: the head keeps the K/V the first run wrote there; only computed positions are fed.
+    cached = _head_kv_after_prompt(tiny_target, tiny_head, prompt, 8, again=True)
+    assert cached.hits >= len(prompt) - 4 and cached.fed == everything[cached.hits:]
+    torch.testing.assert_close(cached.kv, whole.kv, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_head_kv_of_a_chunked_prompt_equals_unchunked(tiny_target, tiny_head):
+    # On CUDA the prefill chunks run in the target's piecewise graphs (which write
+    # its three depths) and the head's catch-ups in graphs of its own; the
+    # tolerance covers TF32 dots in the attention kernels.
+    prompt = [(11 * j + 5) % 60 + 1 for j in range(100)]  # 6 chunks of 16 and one of 4 under budget 16
+    everything = list(range(len(prompt)))
+    whole = _head_kv_after_prompt(tiny_target, tiny_head, prompt, 128, device="cuda")
+    assert whole.fed == everything and bool((whole.kv.flatten(3).abs().amax(-1) > 0).all())
+    for companion in (False, True):
+        run = _head_kv_after_prompt(tiny_target, tiny_head, prompt, 16, companion=companion, device="cuda")
+        assert run.silent >= 6 and run.fed == everything
+        assert run.runner.piecewise_graphs.num_runs >= 6 and run.runner.draft_proposer.piecewise_graphs.num_runs >= 6
+        torch.testing.assert_close(run.kv, whole.kv, rtol=2e-2, atol=2e-2)
 
 
 # --------------------------------------------------------- bundled models
