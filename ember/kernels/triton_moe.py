@@ -20,7 +20,8 @@ and the routing weight in the second's: two launches and the top-k sum. Pairs
 that share an expert read its rows once each (at these sizes mostly from L2,
 or not at all shared: 8 of 128-256 experts per token).
 
-FP8 experts (:func:`fused_experts_fp8_triton`) run the same steps with FP8
+FP8 experts (:func:`fused_experts_fp8_triton`; at decode sizes with a row
+block per pair instead of the sort, :func:`pair_blocks`) run the same steps with FP8
 (``float8_e4m3fn``) weights and activations in the GEMMs (Hopper's FP8 tensor
 cores; the weights are read at one byte per element): the GEMM inputs are
 quantized first (the hidden states, and the SiLU-and-mul output in the same
@@ -69,6 +70,23 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     block_expert = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
     block_expert = torch.where(block_expert < num_experts, block_expert, torch.full_like(block_expert, -1))
     return sorted_ids, block_expert
+
+
+def pair_blocks(topk_ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_align`'s outputs without the sort, for decode sizes: one row
+    block per (token, expert) pair, the pair in its first row and padding in
+    the others (three small launches instead of a dozen).
+
+    Args:
+        topk_ids: [num_tokens, top_k] int expert ids.
+    Returns:
+        sorted_ids: [num_pairs * block_m] int32; block_expert: [num_pairs] int32.
+    """
+    flat = topk_ids.flatten()
+    n = flat.numel()
+    sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=flat.device)
+    sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=flat.device)
+    return sorted_ids.view(-1), flat.to(torch.int32)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # varies per step (see triton_attention's NOTE)
@@ -405,7 +423,10 @@ def fused_experts_fp8_triton(hidden_states: torch.Tensor, w13: torch.Tensor, w2:
     num_pairs = num_tokens * top_k
     group_k = block_shape[1] if block_shape is not None else None
     block_m = 16 if num_pairs <= 64 * num_experts else 64
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    if num_pairs <= GEMV_MAX_PAIRS:  # decode sizes: a row block per pair, no sort
+        sorted_ids, block_expert = pair_blocks(topk_ids, block_m)
+    else:
+        sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     weights = topk_weights.flatten().contiguous()
     h = hidden_states.contiguous()
     h_q, h_s = quant_fp8(h, group_k, static_scale=a13_scale)

@@ -37,6 +37,16 @@ def test_moe_align_covers_every_pair_once(block_m):
             assert bool((flat[rows.long()] == e).all())
 
 
+def test_pair_blocks_give_each_pair_its_own_block():
+    from ember.kernels.triton_moe import pair_blocks
+
+    ids = torch.tensor([[3, 1], [1, 0], [2, 3]])
+    sorted_ids, block_expert = pair_blocks(ids, 4)
+    assert block_expert.tolist() == [3, 1, 1, 0, 2, 3]
+    assert sorted_ids.view(6, 4)[:, 0].tolist() == list(range(6))
+    assert bool((sorted_ids.view(6, 4)[:, 1:] == 6).all())  # padding rows hold num_pairs
+
+
 @pytest.mark.parametrize("form", ["auto", "gemv", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", by_device(
