@@ -26,6 +26,8 @@ on CPU tensors in Triton's interpreter for tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -308,10 +310,16 @@ def default_gemv_config(n: int, device: torch.device, tiles: tuple[int, int, int
     """The :class:`~ember.kernels.triton_fp8_gemv.Fp8GemvConfig` of a
     per-channel shape that :data:`~ember.kernels.triton_fp8_gemv.FP8_GEMV_CONFIGS`
     does not list, for the launches only that kernel has (a folded norm, a
-    residual add): the tiles of :func:`fp8_skinny_tiles` (or ``tiles``) and
-    the skinny kernel's conversion (``"cast"``), no split-K."""
-    block_n, block_k, stages = tiles or fp8_skinny_tiles(n, _num_sms(device), None)
-    return Fp8GemvConfig(block_n, block_k, stages, convert="cast", mma="xw")
+    residual add): ``tiles`` if given, else the table's tiles for the
+    Llama-3.1-8B projections of the same wave count (32 x 256 with 4 stages
+    while 32-column programs make at most one wave, else 64 x 256 with 3; the
+    skinny kernel's 512-wide K tiles spill registers in this kernel, ptxas
+    -v for sm_90a), the PTX conversion on CUDA (``"bits"`` on CPU tensors in
+    the interpreter), no split-K."""
+    if tiles is None:
+        tiles = (32, 256, 4) if triton.cdiv(n, 32) <= _num_sms(device) else (64, 256, 3)
+    convert = "asm" if device.type == "cuda" and not INTERPRETED else "bits"
+    return Fp8GemvConfig(*tiles, convert=convert, mma="xw")
 
 
 # Tiles tried, in order, when a launch runs out of shared memory or registers
@@ -383,7 +391,9 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
         if per_k or group_n != 1 or sw.numel() != n:
             raise ValueError("FP8 skinny GEMM: a folded norm or residual add needs per-channel weight scales")
         config = lookup_config(n, k, m) if tiles is None else None
-        if config is None or (config.convert == "asm" and (not x.is_cuda or INTERPRETED)):
+        if config is not None and config.convert == "asm" and (not x.is_cuda or INTERPRETED):
+            config = dataclasses.replace(config, convert="bits")  # the same math without the PTX
+        if config is None:
             config = default_gemv_config(n, x.device, tiles)
         return fp8_gemv(x, qw, sw, config, bias, gated=gated, residual=residual, norm=norm, use_pdl=use_pdl)
     if tiles is None and not per_k and group_n == 1 and sw.numel() == n:
