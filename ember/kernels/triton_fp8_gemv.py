@@ -272,7 +272,7 @@ def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, st
 def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, G, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_wsn, stride_ym,
                      stride_rm, eps,
                      HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-                     EVEN_K: tl.constexpr,
+                     NORM_ROWS: tl.constexpr, NORM_BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, CHAINS: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr,
                      EVICT_FIRST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -288,16 +288,22 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, G, M, N, K, K_SPLIT, stride_xm, 
         gdc_wait()  # launched early (ember.kernels.pdl): the previous kernel wrote x
     # NORM: the rows' reciprocal RMS over all of K (every program, split-K
     # ones too, reads the whole rows of x: M x K 16-bit values, L2-resident),
-    # then the K loop normalizes each x tile before its product.
+    # then the K loop normalizes each x tile before its product. The rows are
+    # read in [NORM_ROWS (M rounded up to a power of 2), NORM_BLOCK_K] tiles
+    # of about 4096 values, so that few dependent loads stand between the
+    # launch and the first weight tile (one row of 4096: one tile).
     rstd = tl.zeros([BLOCK_M], tl.float32)
     if NORM:
-        sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k in range(0, K, BLOCK_K):
-            offs_k = k + tl.arange(0, BLOCK_K)
-            xs = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        offs_r = tl.arange(0, NORM_ROWS)
+        sq = tl.zeros([NORM_ROWS, NORM_BLOCK_K], tl.float32)
+        for k in range(0, K, NORM_BLOCK_K):
+            offs_k = k + tl.arange(0, NORM_BLOCK_K)
+            xs = tl.load(X + offs_r[:, None] * stride_xm + offs_k[None, :],
+                         mask=(offs_r < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
             sq += xs * xs
-        rstd = tl.rsqrt(tl.sum(sq, 1) / K + eps)
+        rstd_r = tl.rsqrt(tl.sum(sq, 1) / K + eps)
+        # Spread over the x tile's BLOCK_M rows (rows past NORM_ROWS are padding).
+        rstd = tl.sum(tl.where(offs_m[:, None] == offs_r[None, :], rstd_r[None, :], 0.0), 1)
     if MMA == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -458,6 +464,9 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
     else:
         partials = counters = out
     block_m = SKINNY_MAX_M if config.mma != "fma" else triton.next_power_of_2(m)
+    # The norm prologue's tile (one compiled variant per power of 2 of M, with a norm only).
+    norm_rows = triton.next_power_of_2(m) if norm_weight is not None else 1
+    norm_block_k = max(16, min(triton.next_power_of_2(k), 4096 // norm_rows))
     pdl = use_pdl and pdl_supported(x.device)
     w = qw if config.convert == "cast" else qw.view(torch.uint8)
     _fp8_gemv_kernel[(tiles_n, split_k)](
@@ -465,6 +474,7 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
         counters, norm_weight if norm_weight is not None else out, m, n, k, k_split, x.stride(0), qw.stride(0),
         sw.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, float(eps),
         HAS_BIAS=bias is not None, GATED=gated, ADD_RESIDUAL=residual is not None, NORM=norm_weight is not None,
+        NORM_ROWS=norm_rows, NORM_BLOCK_K=norm_block_k if norm_weight is not None else 16,
         EVEN_K=k % step == 0, SPLIT_K=split_k, CHAINS=config.chains, CONVERT=_CONVERT[config.convert],
         MMA=_MMA[config.mma],
         EVICT_FIRST=config.evict_first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k, USE_PDL=pdl,
