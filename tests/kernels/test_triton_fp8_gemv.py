@@ -302,3 +302,38 @@ def test_table_entry_replays_in_a_cuda_graph(config, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         _close(y, _reference(x, q, s))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_fused_forms_replay_in_a_cuda_graph(m):
+    """A fused layer's FP8 GEMVs at the 8B shapes with the table's
+    configurations (split-K on down), PDL on, captured in one CUDA graph and
+    replayed with new inputs: each output stays right."""
+    eps = 1e-5
+    w = {name: _weight(*LLAMA_8B[name], 12 + i) for i, name in enumerate(LLAMA_8B)}
+    g1, g2 = ((torch.rand(4096, device="cuda") + 0.5).to(BF16) for _ in range(2))
+    s = torch.randn(m, 4096, device="cuda", dtype=BF16)
+    attn = torch.randn(m, 4096, device="cuda", dtype=BF16)
+
+    def layer():
+        qkv = fp8_skinny_linear(s, *w["qkv"], norm=(g1, eps), use_pdl=True)
+        s2 = fp8_skinny_linear(attn, *w["o"], residual=s, use_pdl=True)
+        act = fp8_skinny_linear(s2, *w["gate_up"], gated=True, norm=(g2, eps), use_pdl=True)
+        return qkv, s2, act, fp8_skinny_linear(act, *w["down"], residual=s2, use_pdl=True)
+
+    layer()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = layer()
+    for _ in range(3):
+        s.copy_(torch.randn_like(s))
+        attn.copy_(torch.randn_like(attn))
+        graph.replay()
+        torch.cuda.synchronize()
+        qkv, s2, act, s3 = outs
+        _close(qkv, _reference(_rms_norm(s, g1, eps), *w["qkv"]))
+        _close(s2, _reference(attn, *w["o"], residual=s))
+        _close(act, _reference(_rms_norm(s2, g2, eps), *w["gate_up"], gated=True))
+        _close(s3, _reference(act, *w["down"], residual=s2))
