@@ -36,6 +36,12 @@ row-wise scaled FP8 GEMM. Activations are then scaled dynamically per token.
   (per-channel scheme, bfloat16 output, N and K multiples of 16), else the
   Triton GEMM :func:`~ember.kernels.triton_fp8.w8a8_scaled_mm`.
 
+With per-channel scales the decode GEMV also takes part in the decoder-layer
+decode fusions (:mod:`ember.layers.fusion`, through
+:meth:`Fp8LinearMethod.apply_fused_decode`): a pre-norm block's RMSNorm folded
+into the qkv / gate_up GEMV (a prologue of the kernel) and its residual add in
+the o_proj / down GEMV's epilogue.
+
 On CPU :func:`fp8_linear_reference` runs the same math in plain PyTorch
 (float32): quantized activations times dequantized weights.
 
