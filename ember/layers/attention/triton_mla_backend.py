@@ -1,0 +1,95 @@
+"""MLA on Triton kernels (CUDA; CPU tensors under Triton's interpreter): the
+latent-cache write and the absorbed-form split-KV kernel of
+``ember.kernels.triton_mla``, with ``W_UK`` / ``W_UV`` applied as batched
+matmuls around it.
+
+- Decode steps (one new token per request) and uniform verification steps
+  (``AttentionMetadata.uniform_query_len``): every row through the kernel,
+  nothing read on the host, so the steps run inside CUDA graphs.
+- Other steps (eager): requests with at most ``MAX_ABSORBED_QUERY_LEN`` new
+  tokens (decodes, verification of any draft counts) through the kernel in one
+  launch, longer ones (prompt chunks) in the decompressed form, request by
+  request (:meth:`MLABackend._prefill_decompressed`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ember.kernels.triton_mla import mla_decode_attention, mla_num_splits, store_latent_cache
+from ember.layers.attention.backend import AttentionMetadata
+from ember.layers.attention.mla import MLABackend
+
+# Requests with more new tokens attend in the decompressed form: the kernel
+# runs one program per new token and head tile, each reading the request's keys
+# anew, which suits a few rows per request; a prompt chunk is better served by
+# decompressing its context once and attending with fused SDPA.
+MAX_ABSORBED_QUERY_LEN = 16
+
+
+class TritonMLABackend(MLABackend):
+    name = "triton"
+    cuda_graph_safe = True
+
+    def __init__(self, num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+                 kv_lora_rank: int, scale: float) -> None:
+        super().__init__(num_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank, scale)
+        # The SM count sets the split count only; without CUDA (the interpreter) a small GPU's.
+        self.num_sms = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                        if torch.cuda.is_available() else 8)
+
+    def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
+                kv_b_weight: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        n = q_nope.shape[0]
+        store_latent_cache(kv_c, k_pe.reshape(n, self.qk_rope_head_dim), kv_cache, metadata.slot_mapping)
+        q_len = metadata.uniform_query_len
+        if metadata.max_query_len == 1 or q_len > 1:  # decode or uniform verification: device metadata only
+            return self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
+                                 max(q_len, 1))
+        starts = metadata.query_start_loc_cpu
+        q_lens = np.diff(np.asarray(starts, dtype=np.int64))
+        short = q_lens <= MAX_ABSORBED_QUERY_LEN
+        out = q_nope.new_empty(n, self.num_heads, self.v_head_dim)
+        if short.any():
+            reqs = np.flatnonzero(short)
+            row_req = np.repeat(reqs, q_lens[reqs])
+            # Row j of a request with q new tokens sees seq_len - q + j + 1 keys.
+            first = np.asarray(starts, dtype=np.int64)[:-1]
+            rows = np.concatenate([np.arange(first[r], first[r] + q_lens[r]) for r in reqs])
+            seq_lens = np.asarray(metadata.seq_lens_cpu, dtype=np.int64)
+            row_lens = seq_lens[row_req] - q_lens[row_req] + (rows - first[row_req]) + 1
+            dev = q_nope.device
+            host = torch.from_numpy(np.stack([row_req, row_lens]).astype(np.int32))
+            row_req_t, row_lens_t = host.to(dev, non_blocking=True).unbind(0)
+            if len(rows) == n:
+                out = self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
+                                    0, row_req_t, row_lens_t)
+            else:
+                idx = torch.from_numpy(rows).to(dev)
+                out.index_copy_(0, idx, self.absorbed(q_nope.index_select(0, idx), q_pe.index_select(0, idx),
+                                                      kv_b_weight, kv_cache, metadata.block_table,
+                                                      metadata.seq_lens, 0, row_req_t, row_lens_t))
+        for i in np.flatnonzero(~short).tolist():
+            self._prefill_decompressed(q_nope, q_pe, kv_b_weight, kv_cache, metadata, i, out)
+        return out
+
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, kv_cache: torch.Tensor,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, query_len: int,
+                 row_req: torch.Tensor | None = None, row_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """``softmax([q_nope W_UK | q_pe] . [c_kv | k_pe]) c_kv W_UV`` for
+        every row of ``q_nope`` ([rows, num_heads, qk_nope_head_dim]; ``q_pe``
+        [rows, num_heads, qk_rope_head_dim]); rows and their key counts as
+        :func:`~ember.kernels.triton_mla.mla_decode_attention`'s ``query_len``
+        / ``row_req`` / ``row_lens``. Returns [rows, num_heads, v_head_dim]
+        (a transposed view)."""
+        rows = q_nope.shape[0]
+        w_uk, w_uv = self._split_kv_b(kv_b_weight)  # [heads, nope, rank], [heads, v, rank]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [heads, rows, rank]
+        if q_pe.stride(-1) != 1:
+            q_pe = q_pe.contiguous()
+        o_lat = torch.empty_like(q_lat)
+        splits = mla_num_splits(rows, self.num_heads, self.num_sms)
+        mla_decode_attention(q_lat.transpose(0, 1), q_pe, kv_cache, o_lat.transpose(0, 1), block_table, seq_lens,
+                             self.scale, splits, query_len=query_len, row_req=row_req, row_lens=row_lens)
+        return torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [rows, heads, v]
