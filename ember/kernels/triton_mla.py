@@ -81,8 +81,10 @@ def _mla_split_kernel(Q_lat, Q_pe, KV, Mid_O, Mid_LSE, block_table, seq_lens, Ro
                       BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, QUERY_LEN: tl.constexpr, IEEE: tl.constexpr,
                       COMPUTE: tl.constexpr):
-    t = tl.program_id(0)
-    head_tile = tl.program_id(1)
+    # Head tiles vary fastest over the grid: the programs that read the same
+    # latents (one row's split, every head tile) run side by side and share them in L2.
+    head_tile = tl.program_id(0)
+    t = tl.program_id(1)
     split = tl.program_id(2)
     if QUERY_LEN > 0:
         # Rows r * QUERY_LEN + j: request r's new token j, at position
@@ -197,7 +199,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
     mid_o = torch.empty(num_rows * num_heads * num_splits * rank, dtype=torch.float32, device=q_lat.device)
     mid_lse = torch.empty(num_rows * num_heads * num_splits, dtype=torch.float32, device=q_lat.device)
     block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
-    _mla_split_kernel[(num_rows, triton.cdiv(num_heads, block_h), num_splits)](
+    _mla_split_kernel[(triton.cdiv(num_heads, block_h), num_rows, num_splits)](
         q_lat, q_pe, kv_cache, mid_o, mid_lse, block_table, seq_lens, row_req, row_lens, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0), num_heads,
         RANK=rank, ROPE=rope, BLOCK_R=max(16, triton.next_power_of_2(rank)),

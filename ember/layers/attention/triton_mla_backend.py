@@ -47,30 +47,17 @@ class TritonMLABackend(MLABackend):
         if metadata.max_query_len == 1 or q_len > 1:  # decode or uniform verification: device metadata only
             return self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
                                  max(q_len, 1))
-        starts = metadata.query_start_loc_cpu
-        q_lens = np.diff(np.asarray(starts, dtype=np.int64))
-        short = q_lens <= MAX_ABSORBED_QUERY_LEN
         out = q_nope.new_empty(n, self.num_heads, self.v_head_dim)
-        if short.any():
-            reqs = np.flatnonzero(short)
-            row_req = np.repeat(reqs, q_lens[reqs])
-            # Row j of a request with q new tokens sees seq_len - q + j + 1 keys.
-            first = np.asarray(starts, dtype=np.int64)[:-1]
-            rows = np.concatenate([np.arange(first[r], first[r] + q_lens[r]) for r in reqs])
-            seq_lens = np.asarray(metadata.seq_lens_cpu, dtype=np.int64)
-            row_lens = seq_lens[row_req] - q_lens[row_req] + (rows - first[row_req]) + 1
-            dev = q_nope.device
-            host = torch.from_numpy(np.stack([row_req, row_lens]).astype(np.int32))
-            row_req_t, row_lens_t = host.to(dev, non_blocking=True).unbind(0)
-            if len(rows) == n:
+        rows, row_req, row_lens, long_reqs = _short_rows(metadata, q_nope.device)
+        if rows is not None:
+            if rows.shape[0] == n:
                 out = self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
-                                    0, row_req_t, row_lens_t)
+                                    0, row_req, row_lens)
             else:
-                idx = torch.from_numpy(rows).to(dev)
-                out.index_copy_(0, idx, self.absorbed(q_nope.index_select(0, idx), q_pe.index_select(0, idx),
-                                                      kv_b_weight, kv_cache, metadata.block_table,
-                                                      metadata.seq_lens, 0, row_req_t, row_lens_t))
-        for i in np.flatnonzero(~short).tolist():
+                out.index_copy_(0, rows, self.absorbed(q_nope.index_select(0, rows), q_pe.index_select(0, rows),
+                                                       kv_b_weight, kv_cache, metadata.block_table,
+                                                       metadata.seq_lens, 0, row_req, row_lens))
+        for i in long_reqs:
             self._prefill_decompressed(q_nope, q_pe, kv_b_weight, kv_cache, metadata, i, out)
         return out
 
@@ -93,3 +80,37 @@ class TritonMLABackend(MLABackend):
         mla_decode_attention(q_lat.transpose(0, 1), q_pe, kv_cache, o_lat.transpose(0, 1), block_table, seq_lens,
                              self.scale, splits, query_len=query_len, row_req=row_req, row_lens=row_lens)
         return torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [rows, heads, v]
+
+
+# The rows of the last eager step's short requests, shared by its layers.
+_last_rows: tuple = (None, None, None)
+
+
+def _short_rows(metadata: AttentionMetadata, device: torch.device
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]]:
+    """For an eager step (host lists present): the token rows of requests with
+    at most ``MAX_ABSORBED_QUERY_LEN`` new tokens ([rows] int64, None when
+    there are none), each row's request and key count ([rows] int32; row j of
+    a request with q new tokens sees ``seq_len - q + j + 1`` keys), and the
+    other requests' indices. Computed once per step (the first layer) and
+    reused by the others."""
+    global _last_rows
+    meta, key, result = _last_rows
+    if meta is metadata and key is metadata.query_start_loc_cpu:
+        return result
+    starts = np.asarray(metadata.query_start_loc_cpu, dtype=np.int64)
+    q_lens = np.diff(starts)
+    short = q_lens <= MAX_ABSORBED_QUERY_LEN
+    long_reqs = np.flatnonzero(~short).tolist()
+    if not short.any():
+        result = (None, None, None, long_reqs)
+    else:
+        reqs = np.flatnonzero(short)
+        row_req = np.repeat(reqs, q_lens[reqs])
+        rows = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in reqs])
+        seq_lens = np.asarray(metadata.seq_lens_cpu, dtype=np.int64)
+        row_lens = seq_lens[row_req] - q_lens[row_req] + (rows - starts[row_req]) + 1
+        packed = torch.from_numpy(np.stack([rows, row_req, row_lens])).to(device)
+        result = (packed[0], packed[1].int(), packed[2].int(), long_reqs)
+    _last_rows = (metadata, metadata.query_start_loc_cpu, result)
+    return result
