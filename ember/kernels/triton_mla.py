@@ -59,7 +59,8 @@ def store_latent_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.T
 
     Args:
         kv_c: [num_tokens, kv_lora_rank]; k_pe: [num_tokens, qk_rope_head_dim]
-            (rows contiguous; may be strided views of one projection).
+            (may be strided views of one projection; copied first unless
+            their last dim is contiguous).
         kv_cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim].
         slot_mapping: [num_tokens] int64; negative entries are skipped.
     """
@@ -67,7 +68,11 @@ def store_latent_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.T
     if num_tokens == 0:
         return
     rope = k_pe.shape[-1]
-    assert kv_cache.shape[-1] == rank + rope and kv_c.stride(-1) == 1 and k_pe.stride(-1) == 1
+    assert kv_cache.shape[-1] == rank + rope, "cache rows must be kv_lora_rank + qk_rope_head_dim wide"
+    if kv_c.stride(-1) != 1:
+        kv_c = kv_c.contiguous()
+    if k_pe.stride(-1) != 1:
+        k_pe = k_pe.contiguous()
     _store_latent_kernel[(num_tokens,)](kv_c, k_pe, kv_cache, slot_mapping, kv_c.stride(0), k_pe.stride(0),
                                         RANK=rank, ROPE=rope, BLOCK_R=triton.next_power_of_2(rank),
                                         BLOCK_P=triton.next_power_of_2(rope))

@@ -10,6 +10,12 @@ matmuls around it.
   tokens (decodes, verification of any draft counts) through the kernel in one
   launch, longer ones (prompt chunks) in the decompressed form, request by
   request (:meth:`MLABackend._prefill_decompressed`).
+
+The kernel's split count is a function of the step's row and head counts
+(:func:`~ember.kernels.triton_mla.mla_num_splits`), so a CUDA graph's warm-up
+and capture launch the same kernels; ``AttentionMetadata.num_kv_splits`` (sized
+for standard attention's KV heads) is not used. The latent write skips the
+slots -1 of the graphs' padding rows.
 """
 
 from __future__ import annotations
