@@ -48,7 +48,7 @@ def _step(reqs: list[tuple[int, int]], seed: int = 0):
         seq_lens=torch.tensor(lens, dtype=torch.int32),
         block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         max_query_len=max(n for _, n in reqs), max_seq_len=max(lens), query_start_loc_cpu=starts,
-        seq_lens_cpu=lens, num_decodes=sum(n == 1 for _, n in reqs))
+        seq_lens_cpu=lens, num_decodes=next((i for i, (_, n) in enumerate(reqs) if n != 1), len(reqs)))
     return (torch.cat(q_nopes), torch.cat(q_pes), torch.cat(kv_cs), torch.cat(k_pes), w_kv_b, kv_cache, meta,
             refs, scale)
 
@@ -75,11 +75,18 @@ def test_registered_as_triton():
     assert get_mla_backend(get_attention_backend("torch")) is TorchMLABackend
 
 
-def test_mixed_step_matches_torch_backend():
-    # A 20-token prompt chunk (decompressed), a 6-token chunk after 9 cached
-    # tokens and a 2-token one (absorbed, row-indexed), three decodes.
-    q_nope, q_pe, kv_c, k_pe, w, cache, meta, refs, scale = _step([(0, 20), (9, 6), (12, 1), (3, 1), (30, 2),
-                                                                   (21, 1)])
+@pytest.mark.parametrize("reqs", [
+    # Three leading decodes (the decode launch), a 20-token prompt chunk
+    # (decompressed), a 6-token chunk after 9 cached tokens and a 2-token one
+    # (absorbed, row-indexed), and a decode after them (row-indexed).
+    [(12, 1), (3, 1), (21, 1), (0, 20), (9, 6), (30, 2), (5, 1)],
+    # An eager verification step: three new tokens each (the uniform launch).
+    [(12, 3), (0, 3), (40, 3)],
+    # Verification with different draft counts (row-indexed only).
+    [(12, 3), (7, 2), (40, 4)],
+], ids=["mixed", "uniform", "verify-ragged"])
+def test_eager_step_matches_torch_backend(reqs):
+    q_nope, q_pe, kv_c, k_pe, w, cache, meta, refs, scale = _step(reqs)
     ref_cache = cache.clone()
     ref = TorchMLABackend(H, NOPE, ROPE, V, RANK, scale).forward(q_nope, q_pe, kv_c, k_pe, w, ref_cache, meta)
     torch.testing.assert_close(ref, torch.cat(refs), rtol=1e-5, atol=1e-5)

@@ -6,10 +6,15 @@ matmuls around it.
 - Decode steps (one new token per request) and uniform verification steps
   (``AttentionMetadata.uniform_query_len``): every row through the kernel,
   nothing read on the host, so the steps run inside CUDA graphs.
-- Other steps (eager): requests with at most ``MAX_ABSORBED_QUERY_LEN`` new
-  tokens (decodes, verification of any draft counts) through the kernel in one
-  launch, longer ones (prompt chunks) in the decompressed form, request by
-  request (:meth:`MLABackend._prefill_decompressed`).
+- Other steps (eager, host lists read): a step whose requests all have the
+  same number q <= ``MAX_ABSORBED_QUERY_LEN`` of new tokens (verification
+  outside the graphs) as a uniform step; otherwise the leading decodes
+  (``AttentionMetadata.num_decodes``) as a decode step, the other requests
+  with at most ``MAX_ABSORBED_QUERY_LEN`` new tokens through the kernel's
+  row-indexed mode in one launch, and longer ones (prompt chunks) in the
+  decompressed form, request by request
+  (:meth:`MLABackend._prefill_decompressed`). The decode and uniform launches
+  are those the CUDA graphs compiled at capture.
 
 The kernel's split count is a function of the step's row and head counts
 (:func:`~ember.kernels.triton_mla.mla_num_splits`), so a CUDA graph's warm-up
@@ -53,16 +58,20 @@ class TritonMLABackend(MLABackend):
         if metadata.max_query_len == 1 or q_len > 1:  # decode or uniform verification: device metadata only
             return self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
                                  max(q_len, 1))
+        q_lens = np.diff(np.asarray(metadata.query_start_loc_cpu, dtype=np.int64))
+        if q_lens.max() <= MAX_ABSORBED_QUERY_LEN and q_lens.min() == q_lens.max():
+            return self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
+                                 int(q_lens[0]))
         out = q_nope.new_empty(n, self.num_heads, self.v_head_dim)
-        rows, row_req, row_lens, long_reqs = _short_rows(metadata, q_nope.device)
+        nd = metadata.num_decodes  # the leading single-token requests: rows 0..nd-1
+        if nd:
+            out[:nd] = self.absorbed(q_nope[:nd], q_pe[:nd], kv_b_weight, kv_cache, metadata.block_table[:nd],
+                                     metadata.seq_lens[:nd], 1)
+        rows, row_req, row_lens, long_reqs = _short_rows(metadata, q_lens, nd, q_nope.device)
         if rows is not None:
-            if rows.shape[0] == n:
-                out = self.absorbed(q_nope, q_pe, kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
-                                    0, row_req, row_lens)
-            else:
-                out.index_copy_(0, rows, self.absorbed(q_nope.index_select(0, rows), q_pe.index_select(0, rows),
-                                                       kv_b_weight, kv_cache, metadata.block_table,
-                                                       metadata.seq_lens, 0, row_req, row_lens))
+            out.index_copy_(0, rows, self.absorbed(q_nope.index_select(0, rows), q_pe.index_select(0, rows),
+                                                   kv_b_weight, kv_cache, metadata.block_table, metadata.seq_lens,
+                                                   0, row_req, row_lens))
         for i in long_reqs:
             self._prefill_decompressed(q_nope, q_pe, kv_b_weight, kv_cache, metadata, i, out)
         return out
@@ -92,22 +101,22 @@ class TritonMLABackend(MLABackend):
 _last_rows: tuple = (None, None, None)
 
 
-def _short_rows(metadata: AttentionMetadata, device: torch.device
+def _short_rows(metadata: AttentionMetadata, q_lens: np.ndarray, first: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]]:
-    """For an eager step (host lists present): the token rows of requests with
-    at most ``MAX_ABSORBED_QUERY_LEN`` new tokens ([rows] int64, None when
-    there are none), each row's request and key count ([rows] int32; row j of
-    a request with q new tokens sees ``seq_len - q + j + 1`` keys), and the
-    other requests' indices. Computed once per step (the first layer) and
+    """For an eager step, over requests ``first..``: the token rows of those
+    with at most ``MAX_ABSORBED_QUERY_LEN`` new tokens ([rows] int64, None
+    when there are none), each row's request and key count ([rows] int32; row
+    j of a request with q new tokens sees ``seq_len - q + j + 1`` keys), and
+    the other requests' indices. Computed once per step (the first layer) and
     reused by the others."""
     global _last_rows
     meta, key, result = _last_rows
     if meta is metadata and key is metadata.query_start_loc_cpu:
         return result
     starts = np.asarray(metadata.query_start_loc_cpu, dtype=np.int64)
-    q_lens = np.diff(starts)
     short = q_lens <= MAX_ABSORBED_QUERY_LEN
-    long_reqs = np.flatnonzero(~short).tolist()
+    short[:first] = False
+    long_reqs = np.flatnonzero(q_lens > MAX_ABSORBED_QUERY_LEN).tolist()
     if not short.any():
         result = (None, None, None, long_reqs)
     else:
