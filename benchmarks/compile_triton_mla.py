@@ -59,15 +59,19 @@ def main() -> None:
                  "sm_scale": "fp32", "stride_lt": "i32", "stride_lh": "i32", "stride_pt": "i32", "stride_ph": "i32",
                  "stride_bt": "i32", "num_heads": "i32"}
     import triton.language as tl
-    for query_len in (1, 2, 4, 0):
-        for splits in (1, 4, 32):
-            ce = dict(RANK=rank, ROPE=rope, BLOCK_R=rank, BLOCK_P=rope, BLOCK_H=16, PAGE=page, BLOCK_N=32,
-                      NUM_SPLITS=splits, QUERY_LEN=query_len, IEEE=False, COMPUTE=tl.bfloat16)
-            try:
-                print(f"split q={query_len} splits={splits}:", _compile(M._mla_split_kernel, split_sig, ce, 4, 2))
-            except Exception as e:  # noqa: BLE001 (report every configuration)
-                ok = False
-                print(f"FAIL split q={query_len} splits={splits}:", type(e).__name__, str(e).splitlines()[-1:])
+    # The backend's launches (16 heads x 32 keys, 4 warps, 2 stages), then the
+    # larger tiles benchmarks/gpu/mla_decode.py --sweep tries.
+    configs = [(q, splits, 16, 32, 4, 2) for q in (1, 2, 4, 0) for splits in (1, 4, 32)]
+    configs += [(1, 4, 16, 32, 8, 2), (1, 4, 32, 32, 8, 2), (1, 4, 64, 16, 8, 2), (1, 4, 16, 64, 4, 2)]
+    for query_len, splits, block_h, block_n, warps, stages in configs:
+        name = f"split q={query_len} splits={splits} block_h={block_h} block_n={block_n} warps={warps}"
+        ce = dict(RANK=rank, ROPE=rope, BLOCK_R=rank, BLOCK_P=rope, BLOCK_H=block_h, PAGE=page, BLOCK_N=block_n,
+                  NUM_SPLITS=splits, QUERY_LEN=query_len, IEEE=False, COMPUTE=tl.bfloat16)
+        try:
+            print(f"{name}:", _compile(M._mla_split_kernel, split_sig, ce, warps, stages))
+        except Exception as e:  # noqa: BLE001 (report every configuration)
+            ok = False
+            print(f"FAIL {name}:", type(e).__name__, str(e).splitlines()[-1:])
     merge_sig = {"Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "stride_ot": "i32", "stride_oh": "i32",
                  "num_heads": "i32"}
     for splits in (1, 4, 32):

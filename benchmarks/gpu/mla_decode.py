@@ -139,21 +139,19 @@ def main() -> None:
             for c in args.contexts:
                 recs.append(time_point(b, c, h, sms))
                 print(json.dumps(recs[-1]))
-    if args.sweep:
+    if args.sweep:  # (block_h, block_n, num_warps, num_stages); the first is the backend's
+        configs = [(16, 32, 4, 2), (16, 16, 4, 2), (16, 32, 4, 3), (16, 64, 4, 1), (16, 32, 8, 2), (16, 64, 8, 2),
+                   (32, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2)]
         for h in args.heads:
             for b, c in ((1, 4096), (32, 1024), (64, 4096)):
-                for block_h, warps in ((16, 4), (16, 8), (32, 8), (64, 8)):
-                    for block_n in (16, 32, 64):
-                        for stages in (1, 2, 3):
-                            try:
-                                recs.append(time_point(b, c, h, sms, block_h=block_h, block_n=block_n,
-                                                       num_warps=warps, num_stages=stages))
-                            except Exception as e:  # noqa: BLE001 (out of shared memory, etc.)
-                                print(json.dumps({"batch": b, "ctx": c, "heads": h, "block_h": block_h,
-                                                  "block_n": block_n, "num_warps": warps, "num_stages": stages,
-                                                  "error": type(e).__name__}))
-                                continue
-                            print(json.dumps(recs[-1]))
+                for block_h, block_n, warps, stages in configs:
+                    launch = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages)
+                    try:
+                        recs.append(time_point(b, c, h, sms, **launch))
+                    except Exception as e:  # noqa: BLE001 (out of shared memory, etc.)
+                        print(json.dumps({"batch": b, "ctx": c, "heads": h, **launch, "error": type(e).__name__}))
+                        continue
+                    print(json.dumps(recs[-1]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(recs, f, indent=1)
