@@ -161,7 +161,7 @@ def mla_num_splits(num_rows: int, num_heads: int, num_sms: int, block_h: int = 1
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
                          block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int,
                          query_len: int = 1, row_req: torch.Tensor | None = None,
-                         row_lens: torch.Tensor | None = None, block_h: int = 16, block_n: int = 32,
+                         row_lens: torch.Tensor | None = None, block_h: int = 16, block_n: int | None = None,
                          num_warps: int = 4, num_stages: int = 2, merge_warps: int = 4) -> None:
     """Absorbed MLA over the paged latent cache; softmax in float32.
 
@@ -187,7 +187,9 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
             keys (1: a decode step, row r is request r); 0: each row's request
             and key count come from ``row_req`` / ``row_lens`` ([num_rows] int32).
         block_h, block_n: heads and keys per tile (block_h >= 16: the dots'
-            smallest tile); num_warps, num_stages, merge_warps: launch settings.
+            smallest tile; block_n None: 32, or 16 over a float32 cache, whose
+            32-key tiles spill registers at DeepSeek's dims); num_warps,
+            num_stages, merge_warps: launch settings.
     Rows with no keys (padding rows, ``seq_len`` 0) come out zero and read no cache.
     """
     num_rows, num_heads, rank = q_lat.shape
@@ -201,9 +203,13 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
         assert row_req is not None and row_lens is not None, "query_len 0 needs row_req and row_lens"
     else:
         row_req = row_lens = seq_lens  # placeholders the kernel never reads
+    # NOTE: offsets are 32-bit (64-bit ones cost registers: spills on Triton 3.6).
+    assert max(q_lat.stride(0) * num_rows, q_lat.stride(1) * num_heads, out.stride(0) * num_rows,
+               out.stride(1) * num_heads, num_rows * num_heads * num_splits * rank) < 2 ** 31, "step too large"
     mid_o = torch.empty(num_rows * num_heads * num_splits * rank, dtype=torch.float32, device=q_lat.device)
     mid_lse = torch.empty(num_rows * num_heads * num_splits, dtype=torch.float32, device=q_lat.device)
     block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
+    block_n = block_n or (16 if kv_cache.element_size() == 4 else 32)
     _mla_split_kernel[(triton.cdiv(num_heads, block_h), num_rows, num_splits)](
         q_lat, q_pe, kv_cache, mid_o, mid_lse, block_table, seq_lens, row_req, row_lens, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0), num_heads,
