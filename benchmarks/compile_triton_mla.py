@@ -72,6 +72,17 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 (report every configuration)
             ok = False
             print(f"FAIL {name}:", type(e).__name__, str(e).splitlines()[-1:])
+    # float32 (the GPU engine test's dtype): 16-key tiles, IEEE dots.
+    f32_sig = {k: ("*fp32" if v == "*bf16" else v) for k, v in split_sig.items()}
+    for query_len in (1, 3):
+        name = f"split fp32 q={query_len} splits=4 block_h=16 block_n=16 warps=4"
+        ce = dict(RANK=rank, ROPE=rope, BLOCK_R=rank, BLOCK_P=rope, BLOCK_H=16, PAGE=page, BLOCK_N=16,
+                  NUM_SPLITS=4, QUERY_LEN=query_len, IEEE=True, COMPUTE=tl.float32)
+        try:
+            print(f"{name}:", _compile(M._mla_split_kernel, f32_sig, ce, 4, 2))
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            print(f"FAIL {name}:", type(e).__name__, str(e).splitlines()[-1:])
     merge_sig = {"Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "stride_ot": "i32", "stride_oh": "i32",
                  "num_heads": "i32"}
     for splits in (1, 4, 32):
