@@ -1,7 +1,7 @@
-"""DeepSeek-V3 (MLA + MoE) cut to 4 layers at full width (3 dense, 1 MoE), random weights, on
-the Triton MLA backend: the engine captures CUDA graphs for its decode steps
-(and, with MTP speculation, its verification steps and the MTP layer's
-decode steps) and gives the greedy
+"""DeepSeek-V3 (MLA + MoE) cut to 4 layers at full width (3 dense, 1 MoE of
+32 experts), random weights, on the Triton MLA backend: the engine captures
+CUDA graphs for its decode steps (and, with MTP speculation, its
+verification steps and the MTP layer's decode steps) and gives the greedy
 tokens of ``enforce_eager``. float32, so that the graphs' padded batches and
 the eager steps agree beyond near-ties."""
 
@@ -17,12 +17,15 @@ from tests.models.tiny import runner_of
 
 pytestmark = pytest.mark.gpu
 
+# 32 routed experts instead of 256: the float32 weights (and the MTP layer's
+# MoE) fit one GPU with room for three engines in turn.
+OVERRIDES = {"num_hidden_layers": 4, "n_routed_experts": 32}
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[11, 400, 7, 9000, 12], [5] * 37, list(range(100, 180)), [3, 1, 4, 1, 5, 9, 2, 6]]
 
 
 def _run(**kw) -> tuple[list[list[int]], dict]:
-    llm = LLM("DeepSeek-V3", load_format="dummy", hf_overrides={"num_hidden_layers": 4}, dtype="float32",
+    llm = LLM("DeepSeek-V3", load_format="dummy", hf_overrides=OVERRIDES, dtype="float32",
               max_model_len=256, kv_cache_memory=256 << 20, max_num_seqs=8, skip_tokenizer_init=True, **kw)
     runner = runner_of(llm)
     draft = runner.draft_proposer
