@@ -53,6 +53,8 @@ class TritonMLABackend(MLABackend):
     def forward(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
                 kv_b_weight: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         n = q_nope.shape[0]
+        if n == 0:
+            return q_nope.new_empty(0, self.num_heads, self.v_head_dim)
         store_latent_cache(kv_c, k_pe.reshape(n, self.qk_rope_head_dim), kv_cache, metadata.slot_mapping)
         q_len = metadata.uniform_query_len
         if metadata.max_query_len == 1 or q_len > 1:  # decode or uniform verification: device metadata only
