@@ -329,7 +329,8 @@ class VerifyCUDAGraphRunner:
     output are the step's hidden states.
 
     Args:
-        model: the loaded model (its attention layers on the Triton backend).
+        model: the loaded model (its attention layers on the Triton backend, or
+            MLA layers on a CUDA-graph-safe MLA backend).
         kv_caches: the per-layer KV cache tensors (fixed addresses).
         config: engine config (max_model_len, block_size, token budget).
         query_lens: the ``q`` values to capture (k + 1 for k drafts).

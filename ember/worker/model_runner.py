@@ -857,7 +857,8 @@ class ModelRunner:
         """With speculative decoding, capture the uniform verification steps
         (every request: its last token and j drafts, j = 1..k) for batch sizes
         up to ``disable_by_batch_size`` (:class:`~ember.worker.cuda_graph.VerifyCUDAGraphRunner`);
-        needs every attention layer to be an ``Attention`` on the Triton backend."""
+        needs every attention layer to be an ``Attention`` on the Triton backend
+        or an ``MLAAttention`` on a CUDA-graph-safe MLA backend."""
         sc = self.config.speculative_config
         if sc is None:
             return
@@ -868,10 +869,12 @@ class ModelRunner:
 
         modules = list(self.model.modules())
         attns = [m for m in modules if isinstance(m, Attention)]
-        if (any(isinstance(m, MLAAttention) for m in modules) or not attns
-                or not all(isinstance(a.impl, TritonAttentionBackend) for a in attns)):
+        mlas = [m for m in modules if isinstance(m, MLAAttention)]
+        # MLA layers qualify on a graph-safe backend (Triton: uniform steps run its split-KV kernel).
+        if (not (attns or mlas) or not all(isinstance(a.impl, TritonAttentionBackend) for a in attns)
+                or not all(m.cuda_graph_safe for m in mlas)):
             logger.info("verification steps run without their own CUDA graphs (they need Attention layers "
-                        "on the Triton backend)")
+                        "on the Triton backend, or MLA layers on a graph-safe backend)")
             return
         limit = sc.disable_by_batch_size
         max_seqs = self.config.scheduler_config.max_num_seqs

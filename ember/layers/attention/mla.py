@@ -75,6 +75,32 @@ class MLABackend(ABC):
             [num_tokens, num_heads, v_head_dim], same dtype as ``q_nope``.
         """
 
+    def _split_kv_b(self, kv_b_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK`` [num_heads, qk_nope_head_dim, kv_lora_rank] and ``W_UV``
+        [num_heads, v_head_dim, kv_lora_rank] (views of ``kv_b_weight``)."""
+        w = kv_b_weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def _prefill_decompressed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor,
+                              kv_cache: torch.Tensor, metadata: AttentionMetadata, i: int, out: torch.Tensor) -> None:
+        """Request ``i``'s new tokens in the decompressed form (reads its
+        lengths on the host): rows of ``out`` at its query offsets."""
+        start, end = metadata.query_start_loc_cpu[i], metadata.query_start_loc_cpu[i + 1]
+        seq_len, q_len = metadata.seq_lens_cpu[i], end - start
+        num_blocks = -(-seq_len // kv_cache.shape[1])
+        latents = gather_latents(kv_cache, metadata.block_table[i, :num_blocks], seq_len)
+        kv_c, k_pe = latents.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = F.linear(kv_c, kv_b_weight).view(seq_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope[start:end], q_pe[start:end]], dim=-1)
+        # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=self.scale)
+        out[start:end] = o.transpose(0, 1)
+
 
 def write_latent_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
@@ -107,30 +133,6 @@ class TorchMLABackend(MLABackend):
             self._prefill_decompressed(q_nope, q_pe, kv_b_weight, kv_cache, metadata, i, out)
         return out
 
-    def _split_kv_b(self, kv_b_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_UK`` [num_heads, qk_nope_head_dim, kv_lora_rank] and ``W_UV``
-        [num_heads, v_head_dim, kv_lora_rank] (views of ``kv_b_weight``)."""
-        w = kv_b_weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-
-    def _prefill_decompressed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor,
-                              kv_cache: torch.Tensor, metadata: AttentionMetadata, i: int, out: torch.Tensor) -> None:
-        start, end = metadata.query_start_loc_cpu[i], metadata.query_start_loc_cpu[i + 1]
-        seq_len, q_len = metadata.seq_lens_cpu[i], end - start
-        num_blocks = -(-seq_len // kv_cache.shape[1])
-        latents = gather_latents(kv_cache, metadata.block_table[i, :num_blocks], seq_len)
-        kv_c, k_pe = latents.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = F.linear(kv_c, kv_b_weight).view(seq_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope[start:end], q_pe[start:end]], dim=-1)
-        # New token j sits at position seq_len - q_len + j and sees keys 0..that position.
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           attn_mask=mask, scale=self.scale)
-        out[start:end] = o.transpose(0, 1)
-
     def _decode_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor,
                          kv_cache: torch.Tensor, metadata: AttentionMetadata, rows: list[int],
                          out: torch.Tensor) -> None:
@@ -159,10 +161,7 @@ _MLA_BACKENDS: dict[str, str] = {
     # Keyed by the name of the attention backend chosen at start-up, so one
     # choice ("torch" on CPU) picks both the standard and the MLA implementation.
     "torch": "ember.layers.attention.mla:TorchMLABackend",
-    # NOTE: no Triton MLA kernel yet; the PyTorch one runs on CUDA too (eager only:
-    # it reads host-side lengths, so decode steps cannot be captured in CUDA graphs,
-    # see MLABackend.cuda_graph_safe).
-    "triton": "ember.layers.attention.mla:TorchMLABackend",
+    "triton": "ember.layers.attention.triton_mla_backend:TritonMLABackend",
 }
 
 
