@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from fp8_gemv_sweep import time_us  # (this folder) one CUDA-graph timer
 from ember.kernels.triton_fp8 import fp8_skinny_linear
 from ember.kernels.triton_ops import rms_norm
 from ember.layers.quantization.fp8_linear import quantize_fp8_per_channel
@@ -45,27 +46,6 @@ EPS = 1e-5
 L2_BYTES = 60 << 20  # more than an H100's (50 MB) or H200's L2
 
 
-def time_us(fn, copies: int) -> float:
-    """µs per call of ``fn(i)``, ``i`` over the copies, captured in one CUDA graph."""
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(7):
-        start.record()
-        for _ in range(4):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (4 * copies))
-    return sorted(samples)[len(samples) // 2]
 
 
 def fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

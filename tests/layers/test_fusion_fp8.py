@@ -31,6 +31,7 @@ from ember.layers.quantization.fp8 import Fp8Config
 from ember.layers.quantization.fp8_linear import Fp8LinearMethod
 from ember.models.llama import LlamaForCausalLM
 from tests.layers.test_fusion import BLOCK_SIZE, _rel, _Request, _step
+from tests.layers.test_fusion import randomize
 
 pytestmark = pytest.mark.skipif(not triton_gemm.INTERPRETED, reason="needs Triton's interpreter (no CUDA)")
 
@@ -48,13 +49,7 @@ def _fp8_llama(ignored: list[str], seed: int = 0) -> LlamaForCausalLM:
     """A bfloat16 tiny Llama whose linear layers (but ``ignored``) were
     quantized at load as ``--quantization fp8`` does."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_CONFIG, TorchAttentionBackend, quant_config=Fp8Config(ignored_layers=ignored))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.08)
+    model = randomize(LlamaForCausalLM(_CONFIG, TorchAttentionBackend, quant_config=Fp8Config(ignored_layers=ignored)))
     # NOTE: a copy before the cast, as tests/layers/test_fusion.py's _half
     # (the rotary module is shared between models of the same RoPE).
     model = copy.deepcopy(model).to(torch.bfloat16)
