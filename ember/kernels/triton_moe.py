@@ -201,6 +201,8 @@ def _moe_gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_ids: tor
     k_in = w.shape[2]
     num_pairs = topk_ids.numel()
     block_n, block_k, stages, warps = GEMV_TILES["w13" if gated else "w2"]
+    if w.element_size() > 2:  # float32 weights: half the K tile, or the stages overflow shared memory
+        block_k //= 2
     grid = (num_pairs, triton.cdiv(n_out, block_n))
     _moe_gemv_kernel[grid](a, w, out, topk_ids, topk_weights, n_out, k_in,
                            a.stride(0), w.stride(0), w.stride(1), out.stride(0),
