@@ -26,14 +26,12 @@ on CPU tensors in Triton's interpreter for tests.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, pdl_supported
-from ember.kernels.triton_fp8_gemv import Fp8GemvConfig, fp8_gemv, lookup_config
+from ember.kernels.triton_fp8_gemv import fp8_gemv, lookup_config
 from ember.kernels.triton_gemm import INTERPRETED, SKINNY_MAX_M, _num_sms
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -306,22 +304,6 @@ def fp8_skinny_tiles(n: int, num_sms: int, group_k: int | None) -> tuple[int, in
     return block_n, block_k, stages
 
 
-def default_gemv_config(n: int, device: torch.device, tiles: tuple[int, int, int] | None = None) -> Fp8GemvConfig:
-    """The :class:`~ember.kernels.triton_fp8_gemv.Fp8GemvConfig` of a
-    per-channel shape that :data:`~ember.kernels.triton_fp8_gemv.FP8_GEMV_CONFIGS`
-    does not list, for the launches only that kernel has (a folded norm, a
-    residual add): ``tiles`` if given, else the table's tiles for the
-    Llama-3.1-8B projections of the same wave count (32 x 256 with 4 stages
-    while 32-column programs make at most one wave, else 64 x 256 with 3; the
-    skinny kernel's 512-wide K tiles spill registers in this kernel, ptxas
-    -v for sm_90a), the PTX conversion on CUDA (``"bits"`` on CPU tensors in
-    the interpreter), no split-K."""
-    if tiles is None:
-        tiles = (32, 256, 4) if triton.cdiv(n, 32) <= _num_sms(device) else (64, 256, 3)
-    convert = "asm" if device.type == "cuda" and not INTERPRETED else "bits"
-    return Fp8GemvConfig(*tiles, convert=convert, mma="xw")
-
-
 # Tiles tried, in order, when a launch runs out of shared memory or registers
 # on a device smaller than the one the defaults were chosen on.
 _FALLBACK_TILES = ((32, 256, 3), (16, 128, 2))
@@ -340,8 +322,7 @@ def use_fp8_skinny(x: torch.Tensor) -> bool:
 def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group_n: int = 1,
                       group_k: int | None = None, bias: torch.Tensor | None = None,
                       tiles: tuple[int, int, int] | None = None, gated: bool = False,
-                      use_pdl: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+                      use_pdl: bool = False) -> torch.Tensor:
     """``x @ (qw * sw).T + bias`` for decode row counts, reading the FP8
     weight once (W8A16: x is not quantized).
 
@@ -362,21 +343,12 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
             ``[g | u]``, rounded as this GEMM followed by
             :func:`ember.kernels.triton_ops.silu_and_mul`.
         use_pdl: launch with PDL where the device supports it (:mod:`ember.kernels.pdl`).
-        norm: optional ``(norm_weight [K], eps)``: RMS-normalize x's rows
-            first, in the kernel (:func:`~ember.kernels.triton_fp8_gemv.fp8_gemv`'s
-            prologue); per-channel scales only.
-        residual: optional [M, N] ([M, N / 2] gated) in x's dtype, unit
-            stride along N: added in the epilogue (a pre-norm block's residual
-            add); per-channel scales only.
-        With ``norm`` or ``residual`` the launch is always
-        :func:`~ember.kernels.triton_fp8_gemv.fp8_gemv`: the table's
-        configuration, else :func:`default_gemv_config`.
     Returns:
         [M, N] ([M, N / 2] gated) in x's dtype (float32 accumulation).
     Raises:
         ValueError: inputs outside :func:`use_fp8_skinny`, or shapes that
             disagree, or a K tile that does not divide ``group_k``, or an odd
-            gated weight, or ``norm`` / ``residual`` with block scales.
+            gated weight.
     """
     if not use_fp8_skinny(x) or qw.dim() != 2 or qw.shape[1] != x.shape[1] or qw.stride(1) != 1:
         raise ValueError(f"FP8 skinny GEMM: unsupported x {tuple(x.shape)} {x.dtype} / weight "
@@ -387,15 +359,6 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
         raise ValueError(f"FP8 skinny gated GEMM: weight {tuple(qw.shape)} has an odd number of rows")
     swn, swk = _scale_strides(sw, n)
     per_k = bool(swk)
-    if norm is not None or residual is not None:
-        if per_k or group_n != 1 or sw.numel() != n:
-            raise ValueError("FP8 skinny GEMM: a folded norm or residual add needs per-channel weight scales")
-        config = lookup_config(n, k, m) if tiles is None else None
-        if config is not None and config.convert == "asm" and (not x.is_cuda or INTERPRETED):
-            config = dataclasses.replace(config, convert="bits")  # the same math without the PTX
-        if config is None:
-            config = default_gemv_config(n, x.device, tiles)
-        return fp8_gemv(x, qw, sw, config, bias, gated=gated, residual=residual, norm=norm, use_pdl=use_pdl)
     if tiles is None and not per_k and group_n == 1 and sw.numel() == n:
         # A per-channel shape that the GEMV sweep tuned (an empty table by default).
         config = lookup_config(n, k, m)

@@ -5,10 +5,7 @@ configurations that a GPU sweep picks from (``benchmarks/gpu/fp8_gemv_sweep.py``
 [N, K] ``float8_e4m3fn``, optionally with SwiGLU's ``silu(gate) * up`` (a merged
 gate_up weight) and a residual add in the epilogue, rounded as
 :func:`ember.kernels.triton_fp8.fp8_skinny_linear` and
-:func:`ember.kernels.triton_gemm.skinny_linear` round them, and optionally
-with a pre-norm block's RMSNorm of x folded in (a prologue, see
-:func:`fp8_gemv`'s ``norm``), so that a decoder layer's FP8 projections need
-no norm kernel at decode (the wiring is :mod:`ember.layers.fusion`).
+:func:`ember.kernels.triton_gemm.skinny_linear` round them.
 
 At these row counts the kernel is a stream over the weight, and on Hopper the
 FP8 weight's bytes arrive faster than a plain ``.to(bfloat16)`` widens them:
@@ -215,9 +212,9 @@ def _accumulate(acc, x, w, MMA: tl.constexpr):
 
 
 @triton.jit
-def _k_step(acc, acc_up, X, W, G, rstd, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn,
-            GATED: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr, CONVERT: tl.constexpr,
-            MMA: tl.constexpr, EVICT_FIRST: tl.constexpr, BLOCK_K: tl.constexpr):
+def _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn, GATED: tl.constexpr,
+            EVEN_K: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr, EVICT_FIRST: tl.constexpr,
+            BLOCK_K: tl.constexpr):
     # One K tile: x [BLOCK_M, BLOCK_K] and the weight rows of offs_n (and the up rows).
     offs_k = k + tl.arange(0, BLOCK_K)
     if EVEN_K:
@@ -225,16 +222,6 @@ def _k_step(acc, acc_up, X, W, G, rstd, offs_m, offs_n, mask_m, mask_n, k, N, K,
     else:
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-    if NORM:
-        # RMSNorm of the tile, rounded as ember.kernels.triton_ops.rms_norm
-        # rounds: x * rstd to x's dtype, times the norm weight, to x's dtype
-        # (the product of two 16-bit values is exact in float32, so one rounding).
-        if EVEN_K:
-            g = tl.load(G + offs_k)
-        else:
-            g = tl.load(G + offs_k, mask=offs_k < K, other=0.0)
-        x = ((x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-             * g.to(tl.float32)[None, :]).to(x.dtype)
     if MMA == 2:  # CUDA cores: float32 operands
         x = x.to(tl.float32)
     acc = _accumulate(acc, x, _widen(_w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
@@ -269,10 +256,9 @@ def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, st
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, G, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_wsn, stride_ym,
-                     stride_rm, eps,
-                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-                     NORM_ROWS: tl.constexpr, NORM_BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_wsn, stride_ym,
+                     stride_rm,
+                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, CHAINS: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr,
                      EVICT_FIRST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -286,24 +272,6 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, G, M, N, K, K_SPLIT, stride_xm, 
     mask_m, mask_n = offs_m < M, offs_n < N
     if USE_PDL:
         gdc_wait()  # launched early (ember.kernels.pdl): the previous kernel wrote x
-    # NORM: the rows' reciprocal RMS over all of K (every program, split-K
-    # ones too, reads the whole rows of x: M x K 16-bit values, L2-resident),
-    # then the K loop normalizes each x tile before its product. The rows are
-    # read in [NORM_ROWS (M rounded up to a power of 2), NORM_BLOCK_K] tiles
-    # of about 4096 values, so that few dependent loads stand between the
-    # launch and the first weight tile (one row of 4096: one tile).
-    rstd = tl.zeros([BLOCK_M], tl.float32)
-    if NORM:
-        offs_r = tl.arange(0, NORM_ROWS)
-        sq = tl.zeros([NORM_ROWS, NORM_BLOCK_K], tl.float32)
-        for k in range(0, K, NORM_BLOCK_K):
-            offs_k = k + tl.arange(0, NORM_BLOCK_K)
-            xs = tl.load(X + offs_r[:, None] * stride_xm + offs_k[None, :],
-                         mask=(offs_r < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-            sq += xs * xs
-        rstd_r = tl.rsqrt(tl.sum(sq, 1) / K + eps)
-        # Spread over the x tile's BLOCK_M rows (rows past NORM_ROWS are padding).
-        rstd = tl.sum(tl.where(offs_m[:, None] == offs_r[None, :], rstd_r[None, :], 0.0), 1)
     if MMA == 1:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -320,12 +288,11 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, G, M, N, K, K_SPLIT, stride_xm, 
     acc2 = tl.zeros_like(acc)
     acc_up2 = tl.zeros_like(acc_up)
     for k in range(k_start, k_end, BLOCK_K * CHAINS):
-        acc, acc_up = _k_step(acc, acc_up, X, W, G, rstd, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm,
-                              stride_wn, GATED, NORM, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
+        acc, acc_up = _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn,
+                              GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
         if CHAINS == 2:
-            acc2, acc_up2 = _k_step(acc2, acc_up2, X, W, G, rstd, offs_m, offs_n, mask_m, mask_n, k + BLOCK_K, N,
-                                    K, stride_xm, stride_wn, GATED, NORM, EVEN_K, CONVERT, MMA, EVICT_FIRST,
-                                    BLOCK_K)
+            acc2, acc_up2 = _k_step(acc2, acc_up2, X, W, offs_m, offs_n, mask_m, mask_n, k + BLOCK_K, N, K,
+                                    stride_xm, stride_wn, GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
     if CHAINS == 2:
         acc += acc2
         acc_up += acc_up2
@@ -388,25 +355,9 @@ def _split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8GemvConfig,
              bias: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
-             norm: tuple[torch.Tensor, float] | None = None, use_pdl: bool = False) -> torch.Tensor:
+             use_pdl: bool = False) -> torch.Tensor:
     """``x @ (qw * sw[:, None]).T + bias`` for decode row counts with one
-    :class:`Fp8GemvConfig`, reading the FP8 weight once (W8A16); with
-    ``norm``, ``rms_norm(x) * norm_weight`` in place of x (a pre-norm block's
-    RMSNorm, Zhang & Sennrich 2019, folded into its first projection).
-
-    The norm prologue: every program first sums the squares of the M rows of
-    x over all of K (split-K programs too: each needs the whole rows' RMS
-    before its first product), then normalizes each x tile of its K loop as
-    :func:`ember.kernels.triton_ops.rms_norm` does, ``(x * rstd)`` rounded to
-    x's dtype, times the norm weight, rounded again, so the GEMV multiplies
-    the values the unfused norm kernel would have written. The rows' sums of
-    squares are computed here rather than handed over by the GEMV that wrote
-    x: the re-read is M x K 16-bit values from L2 per program (8 KB for one
-    Llama-3.1-8B row), small next to the program's weight stream, and it keeps
-    the fold independent of which kernel wrote x (the embedding of the first
-    layer, an unfused block, a bf16 GEMM). The sums are taken in another order
-    than the norm kernel's, so the result can differ from the unfused pair by
-    a bit of x's dtype in a normalized value, not more.
+    :class:`Fp8GemvConfig`, reading the FP8 weight once (W8A16).
 
     Args:
         x: [M, K] bfloat16 / float16, 1 <= M <= 16, unit stride along K.
@@ -419,15 +370,12 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
             :func:`ember.kernels.triton_ops.silu_and_mul`.
         residual: optional [M, N_out] in x's dtype, unit stride along N: added
             to the result rounded to x's dtype, then rounded again.
-        norm: optional ``(norm_weight, eps)``: norm_weight [K] in x's dtype,
-            eps (float) added to the rows' mean square.
         use_pdl: launch with PDL where the device supports it (:mod:`ember.kernels.pdl`).
     Returns:
         [M, N] ([M, N / 2] gated) in x's dtype (float32 accumulation).
     Raises:
-        ValueError: shapes, dtypes or strides outside the above (the norm
-            weight's too), an odd gated weight, or ``convert="asm"`` on a CPU
-            tensor.
+        ValueError: shapes, dtypes or strides outside the above, an odd gated
+            weight, or ``convert="asm"`` on a CPU tensor.
     """
     if (x.dim() != 2 or not 0 < x.shape[0] <= SKINNY_MAX_M or x.dtype not in (torch.bfloat16, torch.float16)
             or x.stride(1) != 1 or qw.dim() != 2 or qw.shape[1] != x.shape[1] or qw.stride(1) != 1
@@ -438,11 +386,6 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
         raise ValueError("FP8 GEMV: convert='asm' runs on CUDA only")
     m, k = x.shape
     n = qw.shape[0]
-    norm_weight, eps = norm if norm is not None else (None, 0.0)
-    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype
-                                    or norm_weight.stride(0) != 1):
-        raise ValueError(f"FP8 GEMV: norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} does not match "
-                         f"x {tuple(x.shape)} {x.dtype}")
     if gated and n % 2:
         raise ValueError(f"FP8 GEMV gated: weight {tuple(qw.shape)} has an odd number of rows")
     block_n = config.block_n
@@ -464,17 +407,13 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
     else:
         partials = counters = out
     block_m = SKINNY_MAX_M if config.mma != "fma" else triton.next_power_of_2(m)
-    # The norm prologue's tile (one compiled variant per power of 2 of M, with a norm only).
-    norm_rows = triton.next_power_of_2(m) if norm_weight is not None else 1
-    norm_block_k = max(16, min(triton.next_power_of_2(k), 4096 // norm_rows))
     pdl = use_pdl and pdl_supported(x.device)
     w = qw if config.convert == "cast" else qw.view(torch.uint8)
     _fp8_gemv_kernel[(tiles_n, split_k)](
         x, w, sw, bias if bias is not None else out, residual if residual is not None else out, out, partials,
-        counters, norm_weight if norm_weight is not None else out, m, n, k, k_split, x.stride(0), qw.stride(0),
-        sw.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, float(eps),
-        HAS_BIAS=bias is not None, GATED=gated, ADD_RESIDUAL=residual is not None, NORM=norm_weight is not None,
-        NORM_ROWS=norm_rows, NORM_BLOCK_K=norm_block_k if norm_weight is not None else 16,
+        counters, m, n, k, k_split, x.stride(0), qw.stride(0), sw.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        HAS_BIAS=bias is not None, GATED=gated, ADD_RESIDUAL=residual is not None,
         EVEN_K=k % step == 0, SPLIT_K=split_k, CHAINS=config.chains, CONVERT=_CONVERT[config.convert],
         MMA=_MMA[config.mma],
         EVICT_FIRST=config.evict_first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k, USE_PDL=pdl,

@@ -25,24 +25,10 @@ transform makes the same model run the skinny Triton GEMMs of
 - with ``pdl``, the skinny GEMMs launch with programmatic dependent launch on
   Hopper (:mod:`ember.kernels.pdl`).
 
-A quantized linear layer takes part in the decoder-layer fusions where its
-method offers three hooks (FP8 with per-channel scales does:
-:class:`~ember.layers.quantization.fp8_linear.Fp8LinearMethod`, whose decode
-GEMV folds the norm in a prologue and adds the residual in its epilogue):
-``decode_fusion_supported(layer) -> bool`` (checked once, by the transform),
-``fused_decode_applies(layer, x) -> bool`` (per step: x's rows, dtype,
-device) and ``apply_fused_decode(layer, x, norm=(weight, eps) | None,
-gated=False, residual=None)``. A block mixes plain and quantized layers
-freely; the norm-weight fold and the sums-of-squares hand-off stay with plain
-layers. A block with a quantized layer runs fused only where every one of its
-quantized methods' forms applies to the step; other steps run it exactly as
-the plain layer does.
-
 Steps of more than 16 rows keep cuBLAS and the norm kernels (the fused layers
 then add the residual in the cuBLAS GEMM, ``addmm``). Preconditions (else the
 model is left as it is): a CUDA device, tensor-parallel size 1, one pipeline stage, and per layer
-the plain :class:`~ember.layers.linear.UnquantizedLinearMethod` (or a
-quantized method with the hooks above) and an
+the plain :class:`~ember.layers.linear.UnquantizedLinearMethod` and an
 :class:`~ember.layers.layernorm.RMSNorm`; each kernel call also checks its
 own conditions (row count, dtypes, strides, see
 :func:`~ember.kernels.triton_gemm.use_skinny_linear`) and else runs the
@@ -226,8 +212,6 @@ def _prenorm_linear(inp: _PreNormInput, layer: LinearBase, use_pdl: bool, gated:
     used."""
     from ember.kernels.triton_gemm import skinny_rms_norm_linear, use_skinny_rms_norm_linear
 
-    if not _is_plain(layer):
-        return _prenorm_quantized(inp, layer, gated)
     weight, bias = layer.weight, layer.bias
     if inp.normed is None and inp.residual is None:
         g = None if inp.norm_weight_folded else inp.norm.weight
@@ -239,34 +223,10 @@ def _prenorm_linear(inp: _PreNormInput, layer: LinearBase, use_pdl: bool, gated:
     return _skinny_silu_and_mul_linear(x, weight, bias, use_pdl) if gated else _skinny_linear(x, weight, bias, use_pdl)
 
 
-def _prenorm_quantized(inp: _PreNormInput, layer: LinearBase, gated: bool) -> torch.Tensor:
-    """:func:`_prenorm_linear` for a quantized layer whose method has the
-    decode-fusion hooks (see the module docstring): the norm folded into the
-    method's decode GEMM where the stream is one tensor, else the norm kernel
-    and the method's plain (or SwiGLU-epilogue) form."""
-    method = layer.quant_method
-    if (inp.normed is None and inp.residual is None and not inp.norm_weight_folded
-            and inp.norm.weight.dtype == inp.x.dtype and method.fused_decode_applies(layer, inp.x)):
-        return method.apply_fused_decode(layer, inp.x, norm=(inp.norm.weight, inp.norm.eps), gated=gated)
-    x = inp.materialize()
-    if not gated:
-        return layer(x)
-    if method.fused_decode_applies(layer, x):
-        return method.apply_fused_decode(layer, x, gated=True)
-    return silu_and_mul(layer(x))
-
-
 def _residual_linear(x: torch.Tensor, layer: LinearBase, block: _PreNormInput, use_pdl: bool) -> torch.Tensor:
     """``layer(x) + block.stream``, the add in the GEMM; with
     ``block.want_out_sumsq`` the GEMM also records the result rows' sums of
-    squares in ``block.out_sumsq`` where it can (plain layers only: a
-    quantized layer's method adds the residual in its decode GEMM's epilogue
-    and hands no sums on)."""
-    if not _is_plain(layer):
-        stream, method = block.stream, layer.quant_method
-        if method.fused_decode_applies(layer, x) and stream.dtype == x.dtype and stream.stride(1) == 1:
-            return method.apply_fused_decode(layer, x, residual=stream)
-        return layer(x) + stream
+    squares in ``block.out_sumsq`` where it can."""
     if block.want_out_sumsq:
         y, block.out_sumsq = _skinny_linear(x, layer.weight, layer.bias, use_pdl, residual=block.stream,
                                             with_sumsq=True)
@@ -301,13 +261,11 @@ class FusedDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn = (lambda inp: self._attn_block(inp, ctx)) if self.fuse_attn and _fuse_now(
-            (self.self_attn.qkv_proj, self.self_attn.o_proj), hidden_states) else None
+        attn = (lambda inp: self._attn_block(inp, ctx)) if self.fuse_attn else None
         hidden_states, residual = self._block(
             self.input_layernorm, hidden_states, residual, ctx, attn, lambda x: self.self_attn(positions, x, ctx),
             norm_weight_folded=self.norm_weight_in_qkv, want_out_sumsq=False)
-        mlp = self._mlp_block if self.fuse_mlp and _fuse_now((self.mlp.gate_up_proj, self.mlp.down_proj),
-                                                            hidden_states) else None
+        mlp = self._mlp_block if self.fuse_mlp else None
         return self._block(self.post_attention_layernorm, hidden_states, residual, ctx, mlp, self.mlp,
                            norm_weight_folded=False, want_out_sumsq=self.sumsq_to_next)
 
@@ -338,15 +296,6 @@ class FusedDecoderLayer(nn.Module):
         return _residual_linear(h, mlp.down_proj, inp, self.use_pdl)
 
 
-def _fuse_now(linears: tuple[LinearBase, ...], x: torch.Tensor) -> bool:
-    """Whether a fused block runs fused for the stream ``x`` [num_tokens,
-    hidden]: always with plain linears (their forms fall back per call); with
-    quantized ones only where each method's fused decode form applies to x's
-    rows, so that other steps run exactly as the plain layer (the norm kernel
-    with the residual add, the method's GEMMs)."""
-    return all(_is_plain(m) or m.quant_method.fused_decode_applies(m, x) for m in linears)
-
-
 class SkinnyGatedMLP(nn.Module):
     """A :class:`GatedMLP` whose gate_up GEMM computes ``silu(gate) * up`` in
     its epilogue at decode row counts (same submodules and parameter names).
@@ -370,15 +319,6 @@ class SkinnyGatedMLP(nn.Module):
 def _is_plain(layer: nn.Module) -> bool:
     return isinstance(layer, LinearBase) and isinstance(layer.quant_method, (UnquantizedLinearMethod,
                                                                              SkinnyLinearMethod))
-
-
-def _is_fusable(layer: nn.Module) -> bool:
-    """A plain linear layer, or a quantized one whose method has the
-    decode-fusion hooks and accepts this layer (``decode_fusion_supported``)."""
-    if _is_plain(layer):
-        return True
-    supported = getattr(getattr(layer, "quant_method", None), "decode_fusion_supported", None)
-    return isinstance(layer, LinearBase) and supported is not None and bool(supported(layer))
 
 
 def _fold_norm_weight(norm: RMSNorm, weight: torch.Tensor) -> None:
@@ -455,9 +395,9 @@ def apply_decode_fusions(model: nn.Module, kernel_config: KernelConfig, device: 
                 return None
             if not (type(m.input_layernorm) is RMSNorm and type(m.post_attention_layernorm) is RMSNorm):
                 return None
-            attn = isinstance(m.self_attn, QKVAttention) and _is_fusable(m.self_attn.qkv_proj) \
-                and _is_fusable(m.self_attn.o_proj)
-            mlp = type(m.mlp) is GatedMLP and _is_fusable(m.mlp.gate_up_proj) and _is_fusable(m.mlp.down_proj)
+            attn = isinstance(m.self_attn, QKVAttention) and _is_plain(m.self_attn.qkv_proj) \
+                and _is_plain(m.self_attn.o_proj)
+            mlp = type(m.mlp) is GatedMLP and _is_plain(m.mlp.gate_up_proj) and _is_plain(m.mlp.down_proj)
             return FusedDecoderLayer(m, attn, mlp, use_pdl) if attn or mlp else None
 
         _replace(model, fuse_layer)
@@ -511,7 +451,7 @@ def _fold_input_norm_weights(layers: list[FusedDecoderLayer]) -> int:
         if not layer.fuse_attn:
             continue
         qkv = layer.self_attn.qkv_proj
-        if (_is_plain(qkv) and qkv.weight.dtype in (torch.bfloat16, torch.float16)
+        if (qkv.weight.dtype in (torch.bfloat16, torch.float16)
                 and layer.input_layernorm.weight.dtype == qkv.weight.dtype):
             _fold_norm_weight(layer.input_layernorm, qkv.weight.data)
             layer.norm_weight_in_qkv = True
@@ -528,8 +468,8 @@ def _link_sumsq(model: nn.Module) -> int:
         if not isinstance(stack, nn.ModuleList):
             continue
         for layer, nxt in zip(stack[:-1], stack[1:]):
-            if (isinstance(layer, FusedDecoderLayer) and layer.fuse_mlp and _is_plain(layer.mlp.down_proj)
-                    and isinstance(nxt, FusedDecoderLayer) and nxt.norm_weight_in_qkv):
+            if (isinstance(layer, FusedDecoderLayer) and layer.fuse_mlp and isinstance(nxt, FusedDecoderLayer)
+                    and nxt.norm_weight_in_qkv):
                 layer.sumsq_to_next = True
                 linked += 1
     return linked

@@ -6,9 +6,7 @@ CUDA also the PTX conversion at Llama-3.1-8B shapes.
 Bounds: the weights are widened exactly and the products summed in float32,
 so the result differs from the float32 reference by bfloat16's rounding of
 the output (1e-2 of the largest output); the SwiGLU and residual epilogues
-round as the unfused kernels do, which the reference repeats; the folded
-RMSNorm's reference is the norm rounded as the norm kernel rounds it, then the
-float32 product (same bound)."""
+round as the unfused kernels do, which the reference repeats."""
 
 from __future__ import annotations
 
@@ -103,84 +101,6 @@ def test_epilogues(config, m):
     _close(fp8_gemv(x, q, s, config, bias, residual=residual), _reference(x, q, s, bias, residual=residual))
 
 
-def _rms_norm(x, g, eps):
-    """RMSNorm in float32, rounded as the unfused norm kernel rounds (x * rstd
-    to x's dtype, times the weight, to x's dtype)."""
-    xf = x.float()
-    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (h.float() * g.float()).to(x.dtype)
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
-@pytest.mark.parametrize("m,k", [(1, 96), (5, 80), (16, 400)])  # 16 x 400: two prologue tiles, a K tail
-def test_norm_prologue(config, m, k):
-    """The RMSNorm folded into the GEMV (alone, gated, with bias and with a
-    residual) against the float32 product of the normalized rows and the
-    dequantized weight; and against the unfused pair (the norm's output fed
-    to the GEMV), which it matches but for a rare rounding flip of a
-    normalized value (the sums of squares are summed in another order)."""
-    d, eps = 21, 1e-5
-    q, s = _weight(2 * d, k, 8)
-    x = torch.randn(m, k, device=DEVICE, dtype=BF16) * 3
-    x[0] *= 40  # rows of very different scales
-    g = (torch.rand(k, device=DEVICE) + 0.5).to(BF16)
-    xn = _rms_norm(x, g, eps)
-    bias = torch.randn(2 * d, device=DEVICE, dtype=BF16)
-    got = fp8_gemv(x, q, s, config, bias, norm=(g, eps))
-    _close(got, _reference(xn, q, s, bias))
-    unfused = fp8_gemv(xn, q, s, config, bias)
-    assert (got.float() - unfused.float()).abs().max() <= 2e-2 * unfused.float().abs().max()
-    _close(fp8_gemv(x, q, s, config, gated=True, norm=(g, eps)), _reference(xn, q, s, gated=True))
-    residual = torch.randn(m, 2 * d, device=DEVICE, dtype=BF16)
-    _close(fp8_gemv(x, q, s, config, residual=residual, norm=(g, eps)), _reference(xn, q, s, residual=residual))
-
-
-def test_norm_prologue_is_the_unfused_norm_on_exact_rows():
-    """Rows whose sums of squares are exact in every order (small integers):
-    the fused GEMV equals the norm followed by the GEMV bit for bit, split-K
-    and two chains included."""
-    k, eps = 64, 1e-6
-    q, s = _weight(48, k, 9)
-    x = torch.randint(-4, 5, (3, k), device=DEVICE).to(BF16)
-    g = (torch.rand(k, device=DEVICE) + 0.5).to(BF16)
-    for config in (CPU_CONFIGS[1], Fp8GemvConfig(16, 16, 2, convert="bits", split_k=2, chains=2)):
-        got = fp8_gemv(x, q, s, config, norm=(g, eps))
-        assert torch.equal(got, fp8_gemv(_rms_norm(x, g, eps), q, s, config))
-
-
-def test_norm_and_residual_through_the_layer_entry_point(monkeypatch):
-    """fp8_skinny_linear with a folded norm or a residual takes the GEMV: the
-    table's configuration where the shape is listed, else the default one;
-    block scales are refused."""
-    from ember.kernels import triton_fp8
-
-    k, n, eps = 96, 40, 1e-5
-    q, s = _weight(n, k, 10)
-    x = torch.randn(3, k, device=DEVICE, dtype=BF16)
-    g = (torch.rand(k, device=DEVICE) + 0.5).to(BF16)
-    residual = torch.randn(3, n, device=DEVICE, dtype=BF16)
-    calls = []
-    real = triton_fp8_gemv.fp8_gemv
-
-    def spy(*args, **kwargs):
-        calls.append(args[3])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(triton_fp8, "fp8_gemv", spy)
-    xn = _rms_norm(x, g, eps)
-    _close(fp8_skinny_linear(x, q, s, norm=(g, eps)), _reference(xn, q, s))
-    _close(fp8_skinny_linear(x, q, s, residual=residual), _reference(x, q, s, residual=residual))
-    assert calls == [triton_fp8.default_gemv_config(n, x.device)] * 2
-    listed = Fp8GemvConfig(16, 32, 2, convert="bits", split_k=2)
-    monkeypatch.setitem(triton_fp8_gemv.FP8_GEMV_CONFIGS, (n, k, m_bucket(3)), listed)
-    _close(fp8_skinny_linear(x, q, s, norm=(g, eps), gated=True), _reference(xn, q, s, gated=True))
-    assert calls[-1] == listed
-    with pytest.raises(ValueError, match="per-channel"):
-        fp8_skinny_linear(x, q, torch.ones(3, 3, device=DEVICE), 16, 32, residual=residual)
-    with pytest.raises(ValueError, match="norm weight"):
-        fp8_gemv(x, q, s, listed, norm=(g[:-1], eps))
-
-
 @pytest.mark.parametrize("convert", by_device(["bits"], ["cast", "bits"]))
 def test_float16_activations(convert):
     q, s = _weight(40, 64, 2)
@@ -262,27 +182,6 @@ def test_llama_8b_shapes(config, m, proj):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("proj", list(LLAMA_8B))
-def test_llama_8b_fused_forms_with_the_table(m, proj):
-    """The decode fusions' forms at the 8B shapes with the tuned table's
-    configurations: the norm prologue on qkv and gate_up (SwiGLU), the
-    residual epilogue on o and down (split-K there), against float32."""
-    n, k = LLAMA_8B[proj]
-    q, s = _weight(n, k, 11)
-    x = torch.randn(m, k, device="cuda", dtype=BF16)
-    if proj in ("qkv", "gate_up"):
-        g = (torch.rand(k, device="cuda") + 0.5).to(BF16)
-        gated = proj == "gate_up"
-        y = fp8_skinny_linear(x, q, s, gated=gated, norm=(g, 1e-5), use_pdl=True)
-        _close(y, _reference(_rms_norm(x, g, 1e-5), q, s, gated=gated))
-    else:
-        residual = torch.randn(m, n, device="cuda", dtype=BF16)
-        y = fp8_skinny_linear(x, q, s, residual=residual, use_pdl=True)
-        _close(y, _reference(x, q, s, residual=residual))
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("config", [Fp8GemvConfig(32, 256, 4, split_k=4), Fp8GemvConfig(64, 256, 4, mma="wx")],
                          ids=lambda c: c.name)
 def test_table_entry_replays_in_a_cuda_graph(config, monkeypatch):
@@ -302,38 +201,3 @@ def test_table_entry_replays_in_a_cuda_graph(config, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         _close(y, _reference(x, q, s))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4])
-def test_fused_forms_replay_in_a_cuda_graph(m):
-    """A fused layer's FP8 GEMVs at the 8B shapes with the table's
-    configurations (split-K on down), PDL on, captured in one CUDA graph and
-    replayed with new inputs: each output stays right."""
-    eps = 1e-5
-    w = {name: _weight(*LLAMA_8B[name], 12 + i) for i, name in enumerate(LLAMA_8B)}
-    g1, g2 = ((torch.rand(4096, device="cuda") + 0.5).to(BF16) for _ in range(2))
-    s = torch.randn(m, 4096, device="cuda", dtype=BF16)
-    attn = torch.randn(m, 4096, device="cuda", dtype=BF16)
-
-    def layer():
-        qkv = fp8_skinny_linear(s, *w["qkv"], norm=(g1, eps), use_pdl=True)
-        s2 = fp8_skinny_linear(attn, *w["o"], residual=s, use_pdl=True)
-        act = fp8_skinny_linear(s2, *w["gate_up"], gated=True, norm=(g2, eps), use_pdl=True)
-        return qkv, s2, act, fp8_skinny_linear(act, *w["down"], residual=s2, use_pdl=True)
-
-    layer()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = layer()
-    for _ in range(3):
-        s.copy_(torch.randn_like(s))
-        attn.copy_(torch.randn_like(attn))
-        graph.replay()
-        torch.cuda.synchronize()
-        qkv, s2, act, s3 = outs
-        _close(qkv, _reference(_rms_norm(s, g1, eps), *w["qkv"]))
-        _close(s2, _reference(attn, *w["o"], residual=s))
-        _close(act, _reference(_rms_norm(s2, g2, eps), *w["gate_up"], gated=True))
-        _close(s3, _reference(act, *w["down"], residual=s2))

@@ -36,12 +36,6 @@ row-wise scaled FP8 GEMM. Activations are then scaled dynamically per token.
   (per-channel scheme, bfloat16 output, N and K multiples of 16), else the
   Triton GEMM :func:`~ember.kernels.triton_fp8.w8a8_scaled_mm`.
 
-With per-channel scales the decode GEMV also takes part in the decoder-layer
-decode fusions (:mod:`ember.layers.fusion`, through
-:meth:`Fp8LinearMethod.apply_fused_decode`): a pre-norm block's RMSNorm folded
-into the qkv / gate_up GEMV (a prologue of the kernel) and its residual add in
-the o_proj / down GEMV's epilogue.
-
 On CPU :func:`fp8_linear_reference` runs the same math in plain PyTorch
 (float32): quantized activations times dequantized weights.
 
@@ -387,37 +381,6 @@ class Fp8LinearMethod(LinearMethodBase):
         """The decode fusion's hook: launch the decode GEMV with programmatic
         dependent launch (:mod:`ember.kernels.pdl`; ``--no-pdl`` turns it off)."""
         self.use_pdl = use_pdl
-
-    # -------------------------------------------- decode-fusion hooks (ember.layers.fusion)
-    def decode_fusion_supported(self, layer: nn.Module) -> bool:
-        """Whether this layer's decode GEMV can fold a pre-norm block's
-        RMSNorm and add its residual (:meth:`apply_fused_decode`): an FP8
-        weight with per-channel scales (the block scheme has no such forms)."""
-        return (self.block is None and getattr(layer, "weight", None) is not None
-                and layer.weight.dtype == FP8_DTYPE and layer.weight_scale.numel() == layer.weight.shape[0])
-
-    def fused_decode_applies(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        """Whether :meth:`apply_fused_decode` runs for ``x`` [num_tokens, K]:
-        at most 16 16-bit rows with unit stride along K, on CUDA (or on CPU
-        in Triton's interpreter, for tests)."""
-        from ember.kernels.triton_fp8 import use_fp8_skinny
-        from ember.kernels.triton_gemm import INTERPRETED
-
-        return (x.is_cuda or (INTERPRETED and x.device.type == "cpu")) and use_fp8_skinny(x)
-
-    def apply_fused_decode(self, layer: nn.Module, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
-                           gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The decode GEMV (W8A16) with a pre-norm block's fusions:
-        ``rms_norm(x) * norm_weight`` in place of x (``norm`` = ``(norm_weight
-        [K] in x's dtype, eps)``), SwiGLU (``gated``: ``[M, N / 2]``), and
-        ``+ residual`` ([M, N_out] in x's dtype) in the epilogue. Only where
-        :meth:`decode_fusion_supported` and :meth:`fused_decode_applies` hold
-        (:func:`~ember.kernels.triton_fp8.fp8_skinny_linear` raises ValueError
-        otherwise)."""
-        from ember.kernels.triton_fp8 import fp8_skinny_linear
-
-        return fp8_skinny_linear(x, layer.weight, layer.weight_scale, bias=layer.bias, gated=gated,
-                                 use_pdl=self.use_pdl, norm=norm, residual=residual)
 
     def fused_gated_mlp(self, mlp: nn.Module) -> nn.Module | None:
         """The decode fusion's hook (:func:`ember.layers.fusion.apply_decode_fusions`):
