@@ -11,21 +11,10 @@ FP8 forms against each other.
 from __future__ import annotations
 
 import torch
-import triton
+from graph_timing import graph_time_us
 
 from ember.kernels import triton_moe as tm
 from ember.layers.moe.torch_moe import fused_experts_torch
-
-
-def graph_us(fn) -> float:
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        fn()
-    return 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=40)
 
 
 def routing(m: int, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +35,7 @@ def main() -> None:
             cols = []
             for name, fn in [("grouped", tm.fused_experts_grouped), ("gemv", tm.fused_experts_gemv)]:
                 rel = ((fn(x, w13, w2, weights, ids).float() - ref).norm() / ref.norm()).item()
-                cols.append(f"{name} {graph_us(lambda: fn(x, w13, w2, weights, ids)):.0f} us (rel {rel:.1e})")
+                cols.append(f"{name} {graph_time_us(lambda _: fn(x, w13, w2, weights, ids), 1):.0f} us (rel {rel:.1e})")
             print(f"bf16 E={num_experts} H={hidden} I={inter} M={m} experts {len(torch.unique(ids))}: "
                   + ", ".join(cols), flush=True)
         del w13, w2
@@ -68,7 +57,7 @@ def main() -> None:
         for name, pairs in [("sorted", 0), ("pair", limit)]:
             tm.GEMV_MAX_PAIRS = pairs
             out = tm.fused_experts_fp8_triton(x, w13, w2, s13, s2, weights, ids, (128, 128))
-            us = graph_us(lambda: tm.fused_experts_fp8_triton(x, w13, w2, s13, s2, weights, ids, (128, 128)))
+            us = graph_time_us(lambda _: tm.fused_experts_fp8_triton(x, w13, w2, s13, s2, weights, ids, (128, 128)), 1)
             res[name] = (us, out.float())
         tm.GEMV_MAX_PAIRS = limit
         diff = ((res["pair"][1] - res["sorted"][1]).norm() / res["sorted"][1].norm()).item()

@@ -26,8 +26,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: graph_timing
 
 from ember.kernels.triton_mla import mla_decode_attention, mla_num_splits  # noqa: E402
+from graph_timing import graph_time_us  # noqa: E402
 
 RANK, ROPE, PAGE = 512, 64, 16
 
@@ -75,26 +77,6 @@ def check(heads: int, sms: int) -> float:
     return worst
 
 
-def graph_time(fn, iters: int = 50) -> float:
-    """Median µs of one replay of a CUDA graph of ``fn``."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def torch_absorbed(q_lat, q_pe, cache, table, lens, scale):
     """The plain-PyTorch absorbed decode (TorchMLABackend's math, one row per request)."""
     b = table.shape[0]
@@ -112,12 +94,12 @@ def time_point(batch: int, ctx: int, heads: int, sms: int, **launch) -> dict:
     out = torch.empty_like(q_lat)
     splits = mla_num_splits(batch, heads, sms, launch.get("block_h", 16))
     scale = 192 ** -0.5
-    us = graph_time(lambda: mla_decode_attention(q_lat, q_pe, cache, out, table, lens, scale, splits, **launch))
+    us = graph_time_us(lambda _: mla_decode_attention(q_lat, q_pe, cache, out, table, lens, scale, splits, **launch), 1)
     row_bytes = batch * ctx * (RANK + ROPE) * 2
     rec = {"batch": batch, "ctx": ctx, "heads": heads, "splits": splits, **launch, "triton_us": round(us, 1),
            "latent_gb_s": round(row_bytes / us / 1e3, 1)}
     if not launch:
-        rec["torch_us"] = round(graph_time(lambda: torch_absorbed(q_lat, q_pe, cache, table, lens, scale)), 1)
+        rec["torch_us"] = round(graph_time_us(lambda _: torch_absorbed(q_lat, q_pe, cache, table, lens, scale), 1), 1)
     return rec
 
 
