@@ -35,18 +35,14 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          rms_norm_eps=1e-5, attention_bias=True)
     torch.manual_seed(seed)
-    return randomize(LlamaForCausalLM(config, TorchAttentionBackend)).eval()
-
-
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Norm weights uniform in [0.5, 1.5), other parameters N(0, 0.08), in place."""
+    model = LlamaForCausalLM(config, TorchAttentionBackend)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0, 0.08)
-    return model
+    return model.eval()
 
 
 def _half(model: nn.Module) -> nn.Module:
