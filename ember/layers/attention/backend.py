@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,9 @@ class AttentionMetadata:
             ``ember.worker.cuda_graph.VerifyCUDAGraphRunner``), and backends
             may attend with a kernel whose launch depends only on the shapes
             (padding requests have ``seq_lens`` 0); 0: no such promise.
+        step_cache: values a backend derives from this metadata once per
+            step and shares between its layers (e.g. row index tensors read
+            from the host lists), keyed by the backend; empty when built.
     """
 
     slot_mapping: torch.Tensor
@@ -59,6 +63,7 @@ class AttentionMetadata:
     num_kv_splits: int = 0
     num_decodes: int = 0
     uniform_query_len: int = 0
+    step_cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:

@@ -99,10 +99,6 @@ class TritonMLABackend(MLABackend):
         return torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [rows, heads, v]
 
 
-# The rows of the last eager step's short requests, shared by its layers.
-_last_rows: tuple = (None, None, None)
-
-
 def _short_rows(metadata: AttentionMetadata, q_lens: np.ndarray, first: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]]:
     """For an eager step, over requests ``first..``: the token rows of those
@@ -110,11 +106,10 @@ def _short_rows(metadata: AttentionMetadata, q_lens: np.ndarray, first: int, dev
     when there are none), each row's request and key count ([rows] int32; row
     j of a request with q new tokens sees ``seq_len - q + j + 1`` keys), and
     the other requests' indices. Computed once per step (the first layer) and
-    reused by the others."""
-    global _last_rows
-    meta, key, result = _last_rows
-    if meta is metadata and key is metadata.query_start_loc_cpu:
-        return result
+    reused by the others (``metadata.step_cache``)."""
+    cached = metadata.step_cache.get("mla_short_rows")
+    if cached is not None:
+        return cached
     starts = np.asarray(metadata.query_start_loc_cpu, dtype=np.int64)
     short = q_lens <= MAX_ABSORBED_QUERY_LEN
     short[:first] = False
@@ -129,5 +124,5 @@ def _short_rows(metadata: AttentionMetadata, q_lens: np.ndarray, first: int, dev
         row_lens = seq_lens[row_req] - q_lens[row_req] + (rows - starts[row_req]) + 1
         packed = torch.from_numpy(np.stack([rows, row_req, row_lens])).to(device)
         result = (packed[0], packed[1].int(), packed[2].int(), long_reqs)
-    _last_rows = (metadata, metadata.query_start_loc_cpu, result)
+    metadata.step_cache["mla_short_rows"] = result
     return result
