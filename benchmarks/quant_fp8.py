@@ -6,12 +6,13 @@ Kernels (``--parts kernels``): for each projection (qkv, o, gate_up, down) and
 M in 1, 16, 4096: the time of bf16 ``F.linear`` and of the FP8 layer's CUDA
 path (online per-channel scheme: W8A16 decode GEMV for M <= 16, else per-token
 activation quantization + ``torch._scaled_mm``; block 128 x 128 scheme: the
-GEMV, else per-group quantization + the Triton block GEMM), the FP8 weight's
+GEMV, else per-group quantization + cuBLASLt's block-scaled GEMM on Hopper,
+also timed against the Triton block GEMM as ``block_triton_us``), the FP8 weight's
 GB/s at M = 1 against the copy bandwidth measured here (for gate_up also the
 GEMV with SwiGLU in its epilogue, as decode runs it), and each path's relative
 error against its float32 W8A8 reference (max |error| / max |reference|; the
 decode GEMV keeps activations in bf16, so up to a few percent there). A small
-sweep of the decode GEMV's tiles at M = 1 follows.
+sweep of the decode GEMV's tiles at M = 1 follows (``--no-gemv-tiles`` skips it).
 
 Engine (``--parts engine``): ``ember bench latency`` (batch 1, 128 in / 256
 out) and ``ember bench throughput`` (``--num-prompts`` x 1024 / 1024) for bf16
@@ -65,7 +66,7 @@ def _layer(n: int, k: int, scheme: str, w: torch.Tensor):
     return layer
 
 
-def run_kernels(result: dict) -> None:
+def run_kernels(result: dict, gemv_tiles: bool = True) -> None:
     from ember.entrypoints.bench.roofline import measure_ceilings
     from ember.kernels.triton_fp8 import fp8_skinny_linear
 
@@ -90,6 +91,15 @@ def run_kernels(result: dict) -> None:
                 if m == 1:
                     row[f"{scheme}_weight_gb_s"] = n * k / t / 1e9
                     row[f"{scheme}_frac_copy_bw"] = n * k / t / ceil.copy_bytes_per_s
+            if m > 16:  # the block scheme's Triton GEMM (where cuBLASLt's block recipe is missing)
+                from ember.kernels.triton_fp8 import quant_fp8_per_token_group, w8a8_scaled_mm
+                bl = layers["block"]
+
+                def triton_block():
+                    qa, sa = quant_fp8_per_token_group(x, 128)
+                    return w8a8_scaled_mm(qa, sa, bl.weight, bl.weight_scale_inv, 128, 128, None, x.dtype)
+                row["block_triton_us"] = _bench(triton_block) * 1e6
+                row["block_triton_speedup"] = t_bf16 * 1e6 / row["block_triton_us"]
             if m <= 16 and proj == "gate_up_proj":  # the decode path: SwiGLU in the GEMV's epilogue
                 layer = layers["online"]
                 t = _bench(lambda: layer.quant_method.apply_gated(layer, x))
@@ -100,6 +110,8 @@ def run_kernels(result: dict) -> None:
                 row["bf16_weight_gb_s"] = 2 * n * k / t_bf16 / 1e9
             result[f"{proj}_m{m}"] = row
             print(f"{proj:<13} M={m:<5} " + "  ".join(f"{key} {v:.4g}" for key, v in row.items()), flush=True)
+        if not gemv_tiles:
+            continue
         # Tile sweep of the decode GEMV (per-channel scales), M = 1.
         layer = layers["online"]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -167,11 +179,12 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=500, help="offline throughput prompts (1024 in / 1024 out)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per engine run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-gemv-tiles", action="store_true", help="skip the decode GEMV's tile sweep")
     args = ap.parse_args()
     result: dict = {}
     start = time.perf_counter()
     if "kernels" in args.parts:
-        run_kernels(result)
+        run_kernels(result, not args.no_gemv_tiles)
         torch.cuda.empty_cache()
     if "engine" in args.parts:
         run_engine(result, args.model, args.num_prompts, args.timeout)

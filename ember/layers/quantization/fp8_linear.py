@@ -33,7 +33,9 @@ row-wise scaled FP8 GEMM. Activations are then scaled dynamically per token.
 - otherwise the activations are quantized per token (per token and 1 x bn
   group for the block scheme; with the static scale for "static") and the
   product runs on FP8 tensor cores: ``torch._scaled_mm`` with row-wise scales
-  (per-channel scheme, bfloat16 output, N and K multiples of 16), else the
+  (per-channel scheme, bfloat16 output, N and K multiples of 16) or with
+  DeepSeek-V3's block recipe (:func:`block_scaled_mm`: 128 x 128 blocks, N and
+  K multiples of 128, on Hopper where the PyTorch build has it), else the
   Triton GEMM :func:`~ember.kernels.triton_fp8.w8a8_scaled_mm`.
 
 On CPU :func:`fp8_linear_reference` runs the same math in plain PyTorch
@@ -55,6 +57,9 @@ from torch import nn
 
 from ember.layers.linear import ColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod
 from ember.layers.quantization.base import LinearMethodBase
+from ember.logger import init_logger
+
+logger = init_logger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -365,7 +370,12 @@ class Fp8LinearMethod(LinearMethodBase):
             y = fp8_skinny_linear(x2, qw, sw, group_n, group_k, bias, use_pdl=self.use_pdl)
         elif self.block is not None:
             qa, sa = quant_fp8_per_token_group(x2, group_k)
-            y = w8a8_scaled_mm(qa, sa, qw, sw, group_n, group_k, bias, x.dtype)
+            if _block_scaled_mm_ok(x2, qw, group_n, group_k):
+                y = block_scaled_mm(qa, sa, qw, sw, x.dtype)
+                if bias is not None:
+                    y = y + bias
+            else:
+                y = w8a8_scaled_mm(qa, sa, qw, sw, group_n, group_k, bias, x.dtype)
         else:
             qa, sa = quant_fp8_per_token(x2, layer.input_scale if self.static else None)
             if _scaled_mm_ok(x2, qw):
@@ -426,6 +436,71 @@ class Fp8SkinnyGatedMLP(nn.Module):
         if (x.is_cuda or INTERPRETED) and use_fp8_skinny(x):
             return self.down_proj(g.quant_method.apply_gated(g, x))
         return self.down_proj(silu_and_mul(g(x)))
+
+
+BLOCK_SCALED_MM_BLOCK = 128
+
+
+def block_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """``(qa * sa) @ (qw * sw).T`` on cuBLASLt's block-scaled FP8 GEMM
+    (``torch._scaled_mm`` with DeepSeek-V3's recipe: 1 x 128 activation
+    groups, 128 x 128 weight blocks; Hopper, CUDA 12.9 or later).
+
+    Args:
+        qa: [M, K] ``float8_e4m3fn`` activations; sa: [M, K / 128] float32
+            scales (any strides).
+        qw: [N, K] ``float8_e4m3fn``; sw: [N / 128, K / 128] float32
+            (``weight_scale_inv``).
+        out_dtype: bfloat16 or float16.
+    Returns:
+        [M, N] ``out_dtype``. cuBLASLt takes M in multiples of 4: other row
+        counts are padded (zero rows, unit scales) and cut back.
+    """
+    m = qa.shape[0]
+    pad = -m % 4
+    if pad:
+        qa = torch.cat([qa, qa.new_zeros(pad, qa.shape[1])])
+    # The activation scales column-major ([M, G] with unit stride along M), as cuBLASLt reads them.
+    sa_t = torch.ones(sa.shape[1], m + pad, dtype=torch.float32, device=sa.device)
+    sa_t[:, :m] = sa.t()
+    y = torch._scaled_mm(qa, qw.t(), scale_a=sa_t.t(), scale_b=sw.t(), out_dtype=out_dtype)
+    return y[:m] if pad else y
+
+
+@functools.cache
+def _block_scaled_mm_works(device: torch.device) -> bool:
+    """Whether this PyTorch build runs :func:`block_scaled_mm` on ``device``
+    (sm_90), checked once on a small product against float32."""
+    if torch.cuda.get_device_capability(device) != (9, 0) or torch.cuda.is_current_stream_capturing():
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    b = BLOCK_SCALED_MM_BLOCK
+    qa = torch.randn(6, 2 * b, device=device, generator=g).to(FP8_DTYPE)
+    qw = torch.randn(2 * b, 2 * b, device=device, generator=g).to(FP8_DTYPE)
+    sa = torch.rand(6, 2, device=device, generator=g) + 0.5
+    sw = torch.rand(2, 2, device=device, generator=g) + 0.5
+    try:
+        y = block_scaled_mm(qa, sa, qw, sw, torch.bfloat16).float()
+    except RuntimeError as e:
+        logger.info(f"block-scaled FP8 GEMMs run on Triton: torch._scaled_mm has no 1x128 / 128x128 recipe here ({e})")
+        return False
+    ref = (qa.float() * sa.repeat_interleave(b, 1)) @ (qw.float() * sw.repeat_interleave(b, 0)
+                                                        .repeat_interleave(b, 1)).T
+    ok = bool(((y - ref).abs().max() <= 1e-2 * ref.abs().max()).item())
+    if not ok:
+        logger.warning("torch._scaled_mm's block-scaled FP8 GEMM disagrees with float32: block-scaled FP8 GEMMs "
+                       "run on Triton")
+    return ok
+
+
+def _block_scaled_mm_ok(x: torch.Tensor, qw: torch.Tensor, group_n: int, group_k: int | None) -> bool:
+    """:func:`block_scaled_mm` applies: 128 x 128 weight blocks (not
+    row-granular scales), N and K multiples of 128, 16-bit output, and a
+    build and device that run it (:func:`_block_scaled_mm_works`)."""
+    b = BLOCK_SCALED_MM_BLOCK
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and group_n == b and group_k == b
+            and qw.shape[0] % b == 0 and qw.shape[1] % b == 0 and _block_scaled_mm_works(x.device))
 
 
 def _scaled_mm_ok(x: torch.Tensor, qw: torch.Tensor) -> bool:

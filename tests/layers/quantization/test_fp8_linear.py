@@ -413,3 +413,32 @@ def test_qkv_shards_with_replicated_kv_heads(monkeypatch, config):
                           deq["v"][kv * 8:(kv + 1) * 8]])
         xq = _quant_rows(x, static=0.05) if not config.weight_block_size else _quant_rows(x, group=16)
         assert _rel(layer(x), xq @ mine.T) < 1e-5, f"rank {rank}"
+
+
+# ----------------------------------------------------------------- block-scaled cuBLAS GEMM (GPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 130, 1021])
+@pytest.mark.parametrize("n,k", [(1536, 7168), (7168, 2048), (24576, 1536)])
+def test_block_scaled_mm_matches_float32(m, n, k):
+    """cuBLASLt's block-scaled FP8 GEMM (DeepSeek-V3 shapes, row counts that
+    are not multiples of 4) against float32 on the same quantized
+    activations and weights; the layer's prefill path takes it on Hopper."""
+    from ember.layers.quantization import fp8_linear
+    from ember.kernels.triton_fp8 import quant_fp8_per_token_group
+    from tests.layers.quantization.fp8_ref import quantize_blocks
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the block-scaled cuBLASLt GEMM is a Hopper path")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    w = torch.randn(1, n, k, device="cuda", generator=g) * 0.05
+    q, s = quantize_blocks(w, 128, 128)
+    q, s = q[0], s[0].contiguous()
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    x[0, 5] = 1e4  # an outlier: its 1 x 128 group gets its own scale
+    assert fp8_linear._block_scaled_mm_ok(x, q, 128, 128), "this build has no block-scaled _scaled_mm"
+    qa, sa = quant_fp8_per_token_group(x, 128)
+    y = fp8_linear.block_scaled_mm(qa, sa, q, s, torch.bfloat16)
+    ref = (qa.float() * sa.repeat_interleave(128, 1)) @ (q.float() * s.repeat_interleave(128, 0)
+                                                         .repeat_interleave(128, 1)).T
+    assert y.shape == (m, n) and torch.isfinite(y.float()).all()
+    assert _rel(y, ref) < 1e-2
