@@ -468,11 +468,26 @@ def block_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: to
     return y[:m] if pad else y
 
 
-@functools.cache
+# Per device: whether block_scaled_mm runs there (see _block_scaled_mm_works).
+_BLOCK_SCALED_MM_WORKS: dict[torch.device, bool] = {}
+
+
 def _block_scaled_mm_works(device: torch.device) -> bool:
     """Whether this PyTorch build runs :func:`block_scaled_mm` on ``device``
-    (sm_90), checked once on a small product against float32."""
-    if torch.cuda.get_device_capability(device) != (9, 0) or torch.cuda.is_current_stream_capturing():
+    (sm_90), checked once per device on a small product against float32
+    (never while a CUDA graph is being captured: such a step takes the Triton
+    GEMM and the check waits for an eager step, which comes first)."""
+    known = _BLOCK_SCALED_MM_WORKS.get(device)
+    if known is not None:
+        return known
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    _BLOCK_SCALED_MM_WORKS[device] = ok = _check_block_scaled_mm(device)
+    return ok
+
+
+def _check_block_scaled_mm(device: torch.device) -> bool:
+    if torch.cuda.get_device_capability(device) != (9, 0):
         return False
     g = torch.Generator(device=device).manual_seed(0)
     b = BLOCK_SCALED_MM_BLOCK
