@@ -11,12 +11,9 @@ and M in 1, 4, 8, 16: µs per call from CUDA-graph replays over enough weight
 copies to exceed L2 (no launch gaps, weights read from HBM), the weight GB/s
 (FP8 bytes + scales; bf16 bytes for the bf16 GEMM), and each output's
 relative error against a float32 reference (max |error| / max |reference|;
-a configuration above 1e-2 is marked wrong and never picked; for the W8A8
-configurations, ``convert="act8"``, the reference multiplies the activations
-as they quantize them, :func:`~ember.kernels.triton_fp8_gemv.act8_dequantized`,
-and their error against the unquantized activations is reported too, as
-``err_vs_16bit_x``). Each configuration's e4m3 widening is also checked bit for
-bit on all 254 finite byte values. PDL is off everywhere (decode turns it on for all of them).
+a configuration above 1e-2 is marked wrong and never picked). Each
+configuration's e4m3 widening is also checked bit for bit on all 254 finite
+byte values. PDL is off everywhere (decode turns it on for all of them).
 
 Prints one line per (shape, M) with the current kernel, the bf16 GEMM, and
 the best configuration; every configuration's GB/s at every (shape, M); the
@@ -35,7 +32,6 @@ and the lines of ``W4A16_DECODE_CONFIGS``. About 1 more minute.
 
     python3 benchmarks/gpu/fp8_gemv_sweep.py [--json results/fp8_gemv_sweep.json]
         [--parts fp8 w4a16] [--shapes qkv o gate_up down lm_head] [--m 1 4 8 16]
-        [--convert cast bits asm act8]
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ import triton
 
 from ember.kernels import triton_fp8_gemv
 from ember.kernels.triton_fp8 import fp8_skinny_linear
-from ember.kernels.triton_fp8_gemv import Fp8GemvConfig, act8_dequantized, fp8_gemv
+from ember.kernels.triton_fp8_gemv import Fp8GemvConfig, fp8_gemv
 from ember.kernels.triton_gemm import skinny_linear, skinny_silu_and_mul_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -79,15 +75,6 @@ CANDIDATES = [
     # float32 accumulators per program, see _applies).
     C(16, 256, 4, convert="bits", mma="fma"), C(32, 256, 4, convert="bits", mma="fma"),
     C(16, 512, 3, convert="bits", mma="fma", split_k=4), C(16, 128, 4, convert="bits", mma="fma", split_k=4),
-    # W8A8: x quantized per row and K tile, FP8 tensor-core products (no widening).
-    # "wx" with 64+ weight rows per program is an e4m3 wgmma (64 x 16 x 32); "xw"
-    # runs mma.sync on f16 operands (e4m3 -> f16 is one conversion per two weights).
-    C(64, 256, 4, convert="act8", mma="wx"), C(64, 256, 3, convert="act8", mma="wx", chains=2),
-    C(64, 512, 3, convert="act8", mma="wx"), C(128, 256, 4, convert="act8", mma="wx"),
-    C(128, 256, 3, num_warps=8, convert="act8", mma="wx"), C(128, 128, 4, convert="act8", mma="wx"),
-    C(64, 256, 4, convert="act8", mma="wx", split_k=2), C(64, 256, 4, convert="act8", mma="wx", split_k=4),
-    C(64, 128, 4, convert="act8", mma="wx", split_k=4), C(128, 256, 4, convert="act8", mma="wx", split_k=2),
-    C(32, 256, 4, convert="act8"), C(32, 512, 3, convert="act8"), C(32, 256, 4, convert="act8", split_k=4),
 ]
 SMS_WAVES_FOR_SPLIT = 2  # split-K only where the column tiles make fewer than this many waves
 DEVICE = "cuda"
@@ -165,14 +152,13 @@ def run_fp8(args, result: dict, t0: float) -> None:
     triton_fp8_gemv.FP8_GEMV_CONFIGS.clear()  # "current" = today's kernel
     sms = result["sms"]
     result["fp8"] = fp8 = {"rows": [], "exact_widening": {}}
-    candidates = [c for c in CANDIDATES if c.convert in args.convert]
-    for cfg in candidates:
+    for cfg in CANDIDATES:
         try:
             fp8["exact_widening"][cfg.name] = widening_exact(cfg)
         except Exception as e:  # noqa: BLE001 (a configuration that does not compile is reported)
             fp8["exact_widening"][cfg.name] = f"{type(e).__name__}: {str(e)[:120]}"
     bad = {name: v for name, v in fp8["exact_widening"].items() if v is not True}
-    print(f"# FP8: widening exact on all finite e4m3 values: {len(candidates) - len(bad)}/{len(candidates)} "
+    print(f"# FP8: widening exact on all finite e4m3 values: {len(CANDIDATES) - len(bad)}/{len(CANDIDATES)} "
           f"configs{'; not: ' + str(bad) if bad else ''} ({time.time() - t0:.0f} s)", flush=True)
     torch.manual_seed(0)
     table = {}
@@ -195,16 +181,12 @@ def run_fp8(args, result: dict, t0: float) -> None:
         wb = bf16_copies(wref, n, k)
         for m in args.m:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-
-            def reference(xf: torch.Tensor) -> torch.Tensor:
-                y = xf @ wref.T
-                if gated:
-                    g, u = y[:, :n_out].to(torch.bfloat16).float(), y[:, n_out:].to(torch.bfloat16)
-                    return (g / (1 + torch.exp(-g))).to(torch.bfloat16) * u
-                return y.to(torch.bfloat16)
-
-            ref = reference(x.float())
-            act8_refs: dict[int, torch.Tensor] = {}
+            y = x.float() @ wref.T
+            if gated:
+                g, u = y[:, :n_out].to(torch.bfloat16).float(), y[:, n_out:].to(torch.bfloat16)
+                ref = (g / (1 + torch.exp(-g))).to(torch.bfloat16) * u
+            else:
+                ref = y.to(torch.bfloat16)
             row = {"shape": shape, "n": n, "k": k, "m": m, "gated": gated, "copies": copies, "configs": {}}
             cur = lambda i: fp8_skinny_linear(x, qs[i], s, gated=gated)  # noqa: E731
             row["current_err"] = rel_err(cur(0), ref)
@@ -212,27 +194,19 @@ def run_fp8(args, result: dict, t0: float) -> None:
             bf = (lambda i: skinny_silu_and_mul_linear(x, wb[i])) if gated else (lambda i: skinny_linear(x, wb[i]))
             row["bf16_us"] = time_us(bf, len(wb))
             best = None
-            for cfg in candidates:
+            for cfg in CANDIDATES:
                 block_n = max(16, cfg.block_n // 2) if gated else cfg.block_n
                 if not _applies(cfg, n_out, block_n, m, sms):
                     continue
-                extra = {}
                 try:
                     fn = lambda i, cfg=cfg: fp8_gemv(x, qs[i], s, cfg, gated=gated)  # noqa: E731
-                    y0 = fn(0)
-                    if cfg.convert == "act8":
-                        if cfg.block_k not in act8_refs:
-                            act8_refs[cfg.block_k] = reference(act8_dequantized(x, cfg.block_k))
-                        err = rel_err(y0, act8_refs[cfg.block_k])
-                        extra["err_vs_16bit_x"] = rel_err(y0, ref)
-                    else:
-                        err = rel_err(y0, ref)
+                    err = rel_err(fn(0), ref)
                     us = time_us(fn, copies)
                 except Exception as e:  # noqa: BLE001 (out of shared memory etc.: reported, skipped)
                     row["configs"][cfg.name] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
                     continue
                 ok = err < 1e-2 and fp8["exact_widening"].get(cfg.name) is True
-                row["configs"][cfg.name] = {"us": us, "gb_s": fp8_bytes / us / 1e3, "err": err, "ok": ok, **extra}
+                row["configs"][cfg.name] = {"us": us, "gb_s": fp8_bytes / us / 1e3, "err": err, "ok": ok}
                 if ok and (best is None or us < row["configs"][best.name]["us"]):
                     best = cfg
             row["current_gb_s"] = fp8_bytes / row["current_us"] / 1e3
@@ -254,7 +228,7 @@ def run_fp8(args, result: dict, t0: float) -> None:
         print(f"# {shape} done ({time.time() - t0:.0f} s)", flush=True)
     # Per-config summary: the config's GB/s at every (shape, M), to see the trends.
     print("\n# GB/s per configuration (rows: shape/M; '-': not run, 'X': wrong or failed)")
-    names = [c.name for c in candidates]
+    names = [c.name for c in CANDIDATES]
     print(f"{'config':<34} " + " ".join(f"{r['shape'][:4]}/{r['m']:<2}" for r in fp8["rows"]))
     for name in names:
         cells = []
@@ -370,8 +344,6 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["fp8"], choices=["fp8", "w4a16"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 8, 16])
-    parser.add_argument("--convert", nargs="+", default=["cast", "bits", "asm", "act8"],
-                        choices=["cast", "bits", "asm", "act8"], help="the FP8 candidates' widening kinds to run")
     args = parser.parse_args()
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)

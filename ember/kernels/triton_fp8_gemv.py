@@ -1,6 +1,5 @@
-"""Weight-streaming GEMV for decode with per-channel FP8 weights (W8A16, or W8A8
-with FP8 activations), in configurations that a GPU sweep picks from
-(``benchmarks/gpu/fp8_gemv_sweep.py``).
+"""Weight-streaming W8A16 GEMV for decode with per-channel FP8 weights, in
+configurations that a GPU sweep picks from (``benchmarks/gpu/fp8_gemv_sweep.py``).
 
 ``y = x @ (qw * sw[:, None]).T (+ bias)`` for x [M <= 16, K] in 16-bit and qw
 [N, K] ``float8_e4m3fn``, optionally with SwiGLU's ``silu(gate) * up`` (a merged
@@ -26,12 +25,7 @@ Instructions"). A
   the two NaN codes, which quantized weights do not hold, come out as
   +-480); ``"asm"``
   (the same in PTX for four weights at a time: two ``prmt`` sign extensions,
-  shifts and masks on packed pairs, and one packed ``fma`` per pair; CUDA only);
-  ``"act8"`` (no widening at all, W8A8: each K tile of x is quantized to e4m3
-  in registers with one scale per row and tile, ``amax / 448``, and the tile
-  products are FP8 tensor-core dots whose float32 results are scaled by it;
-  the 1 x ``block_k`` activation groups of DeepSeek-V3's FP8 recipe, finer
-  than the per-token scales of the prefill GEMM; tensor-core products only).
+  shifts and masks on packed pairs, and one packed ``fma`` per pair; CUDA only).
 - ``mma``: ``"xw"`` (``dot(x, w.T)``, the x rows padded to 16), ``"wx"``
   (``dot(w, x.T)``: the widened weight is the left operand, which the compiler
   may keep in registers; on sm_90 a wgmma with the weight in registers),
@@ -61,7 +55,7 @@ import triton.language as tl
 from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, pdl_supported
 from ember.kernels.triton_gemm import INTERPRETED, SKINNY_MAX_M
 
-_CONVERT = {"cast": 0, "bits": 1, "asm": 2, "act8": 3}
+_CONVERT = {"cast": 0, "bits": 1, "asm": 2}
 _MMA = {"xw": 0, "wx": 1, "fma": 2}
 # Row-count buckets of the configuration table (the rows of x rounded up).
 M_BUCKETS = (1, 4, 8, 16)
@@ -90,7 +84,7 @@ class Fp8GemvConfig:
     def __post_init__(self) -> None:
         if self.convert not in _CONVERT or self.mma not in _MMA:
             raise ValueError(f"FP8 GEMV config: unknown convert {self.convert!r} or mma {self.mma!r}")
-        if self.mma == "fma" and self.convert in ("asm", "act8"):
+        if self.mma == "fma" and self.convert == "asm":
             raise ValueError("FP8 GEMV config: the CUDA-core products widen to float32 with convert 'bits' or 'cast'")
         if self.split_k < 1 or self.block_n < 16 or self.block_k < 16 or self.chains not in (1, 2):
             raise ValueError(f"FP8 GEMV config: bad tiles {self}")
@@ -218,16 +212,6 @@ def _accumulate(acc, x, w, MMA: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_fp8(acc, xq, xs, w, MMA: tl.constexpr):
-    # acc += (xq @ w.T) * xs per row: xq [BLOCK_M, BLOCK_K] e4m3 with its
-    # row scales xs [BLOCK_M], w [BLOCK_N, BLOCK_K] e4m3 (MMA 1: acc transposed).
-    if MMA == 0:
-        return acc + tl.dot(xq, tl.trans(w)) * xs[:, None]
-    else:
-        return acc + tl.dot(w, tl.trans(xq)) * xs[None, :]
-
-
-@triton.jit
 def _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn, GATED: tl.constexpr,
             EVEN_K: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr, EVICT_FIRST: tl.constexpr,
             BLOCK_K: tl.constexpr):
@@ -238,17 +222,6 @@ def _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_x
     else:
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-    if CONVERT == 3:  # W8A8: the tile's rows quantized to e4m3 (an all-zero row stays zero)
-        xf = x.to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-30)
-        xq = (xf * (448.0 / amax)[:, None]).to(tl.float8e4nv)
-        xs = amax / 448.0
-        acc = _accumulate_fp8(acc, xq, xs, _w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
-                              MMA)
-        if GATED:
-            acc_up = _accumulate_fp8(acc_up, xq, xs, _w_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K,
-                                                             EVICT_FIRST), MMA)
-        return acc, acc_up
     if MMA == 2:  # CUDA cores: float32 operands
         x = x.to(tl.float32)
     acc = _accumulate(acc, x, _widen(_w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
@@ -360,17 +333,6 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
                       stride_rm, HAS_BIAS, GATED, ADD_RESIDUAL)
 
 
-def act8_dequantized(x: torch.Tensor, block_k: int) -> torch.Tensor:
-    """The activations a ``convert="act8"`` configuration multiplies, in plain
-    PyTorch: x [M, K] quantized to e4m3 per row and K tile of ``block_k``
-    (scale ``amax / 448``, round to nearest even) and scaled back; [M, K]
-    float32. A reference for checks and sweeps."""
-    m, k = x.shape
-    xf = torch.nn.functional.pad(x.float(), (0, -k % block_k)).view(m, -1, block_k)
-    amax = xf.abs().amax(-1, keepdim=True).clamp(min=1e-30)
-    return ((xf * (448.0 / amax)).to(torch.float8_e4m3fn).float() * (amax / 448.0)).view(m, -1)[:, :k]
-
-
 # Per device: int32 counters of the split-K launches, zero between launches
 # (each launch's last programs reset theirs). Outgrown buffers stay alive, so
 # CUDA graphs captured on them keep valid addresses.
@@ -395,8 +357,7 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
              bias: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
              use_pdl: bool = False) -> torch.Tensor:
     """``x @ (qw * sw[:, None]).T + bias`` for decode row counts with one
-    :class:`Fp8GemvConfig`, reading the FP8 weight once (W8A16; W8A8 with
-    1 x ``block_k`` activation groups for ``convert="act8"``).
+    :class:`Fp8GemvConfig`, reading the FP8 weight once (W8A16).
 
     Args:
         x: [M, K] bfloat16 / float16, 1 <= M <= 16, unit stride along K.
@@ -447,7 +408,7 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
         partials = counters = out
     block_m = SKINNY_MAX_M if config.mma != "fma" else triton.next_power_of_2(m)
     pdl = use_pdl and pdl_supported(x.device)
-    w = qw if config.convert in ("cast", "act8") else qw.view(torch.uint8)
+    w = qw if config.convert == "cast" else qw.view(torch.uint8)
     _fp8_gemv_kernel[(tiles_n, split_k)](
         x, w, sw, bias if bias is not None else out, residual if residual is not None else out, out, partials,
         counters, m, n, k, k_split, x.stride(0), qw.stride(0), sw.stride(0), out.stride(0),
