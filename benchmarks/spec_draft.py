@@ -34,13 +34,39 @@ from ember.sampling_params import SamplingParams
 
 
 class _Steps:
-    """Counts the engine's collected steps (a step observer)."""
+    """A step observer: per collected step, whether it computed prompt
+    tokens, its wall time since the previous step's collection (the first
+    step of a run: since ``start``), and the proposer's time in it."""
 
-    def __init__(self) -> None:
-        self.n = 0
+    def __init__(self, proposer) -> None:
+        self.proposer = proposer
+        self.rows: list[tuple[bool, float, float]] = []
+        self.start()
+
+    def start(self) -> None:
+        self.rows.clear()
+        self.last = time.perf_counter()
+        self.propose_s = self.proposer.propose_s if self.proposer is not None else 0.0
 
     def __call__(self, record) -> None:
-        self.n += 1
+        spec = record.sched.scheduled_spec_decode_tokens
+        prompt = any(n > 1 + len(spec.get(r, ())) for r, n in record.sched.num_scheduled_tokens.items())
+        propose_s = self.proposer.propose_s if self.proposer is not None else 0.0
+        self.rows.append((prompt, record.collect_time - self.last, propose_s - self.propose_s))
+        self.last, self.propose_s = record.collect_time, propose_s
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def decode(self) -> tuple[int, float, float]:
+        """(decode steps, their wall seconds, their proposer seconds): the
+        steps without prompt tokens, except the first after the prompts (it
+        also waits for the last prompt step's proposals)."""
+        rows = self.rows
+        first = next((i for i in range(len(rows) - 1, -1, -1) if rows[i][0]), -1) + 2
+        sel = rows[first:]
+        return len(sel), sum(r[1] for r in sel), sum(r[2] for r in sel)
 
 
 def _release(llm: LLM) -> None:
@@ -61,10 +87,15 @@ def measure(args: argparse.Namespace, prompts: list[list[int]], batches: list[in
 
 
 def measure_engine(llm: LLM, args: argparse.Namespace, prompts: list[list[int]], batches: list[int]) -> dict:
-    """Time ``args.repeats`` greedy runs of each batch size on ``llm`` (best kept), then release the engine."""
+    """Time ``args.repeats`` greedy runs of each batch size on ``llm`` (best
+    kept), then release the engine. Per batch size B: output tok/s of the
+    whole run, and per decode step (the steps after the prompts' prefill, see
+    :meth:`_Steps.decode`): ``bB_step_ms`` (wall time), its proposer part
+    ``bB_propose_ms_per_step`` and the rest ``bB_verify_ms_per_step``;
+    ``bB_tokens_per_step`` counts the whole run's steps."""
     core = llm.llm_engine.engine_core
     runner = core.executor.worker.model_runner
-    steps = _Steps()
+    steps = _Steps(runner.draft_proposer)
     core.add_step_observer(steps)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
@@ -72,20 +103,19 @@ def measure_engine(llm: LLM, args: argparse.Namespace, prompts: list[list[int]],
     for batch in batches:
         best = None
         for _ in range(args.repeats):
-            proposer = runner.draft_proposer
-            propose0, steps0 = (proposer.propose_s if proposer else 0.0), steps.n
+            steps.start()
             start = time.perf_counter()
             outs = llm.generate(prompts[:batch], params, use_tqdm=False)
             seconds = time.perf_counter() - start
             if best is None or seconds < best[0]:
-                propose_s = (proposer.propose_s if proposer else 0.0) - propose0
-                best = (seconds, steps.n - steps0, propose_s, [list(o.outputs[0].token_ids) for o in outs])
-        seconds, num_steps, propose_s, tokens = best
+                best = (seconds, steps.n, steps.decode(), [list(o.outputs[0].token_ids) for o in outs])
+        seconds, num_steps, (decode_steps, decode_s, propose_s), tokens = best
         result[f"b{batch}_tokens"] = tokens
         result[f"b{batch}_output_tok_s"] = sum(len(t) for t in tokens) / seconds
-        result[f"b{batch}_step_ms"] = 1e3 * seconds / num_steps
-        result[f"b{batch}_propose_ms_per_step"] = 1e3 * propose_s / num_steps
-        result[f"b{batch}_verify_ms_per_step"] = 1e3 * (seconds - propose_s) / num_steps
+        result[f"b{batch}_decode_steps"] = decode_steps
+        result[f"b{batch}_step_ms"] = 1e3 * decode_s / decode_steps
+        result[f"b{batch}_propose_ms_per_step"] = 1e3 * propose_s / decode_steps
+        result[f"b{batch}_verify_ms_per_step"] = 1e3 * (decode_s - propose_s) / decode_steps
         result[f"b{batch}_tokens_per_step"] = sum(len(t) for t in tokens) / num_steps / batch
     result.update(spec_decode_fields(llm.get_stats()))
     _release(llm)
