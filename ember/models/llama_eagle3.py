@@ -209,6 +209,13 @@ class Eagle3LlamaForCausalLM(nn.Module):
         hidden = self.hidden_in[: input_ids.shape[0]]
         return self.midlayer(positions, self.embed(input_ids), hidden, ctx)
 
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, H] -> [n] int64: the target id of each row's most likely draft
+        token (the argmax of :meth:`compute_logits`, without building the
+        target-vocabulary rows)."""
+        ids = self.lm_head(self.norm(hidden_states)).argmax(dim=-1)
+        return ids if self._target_ids is None else self._target_ids[ids]
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] -> [n, target vocab] float32 (``-inf`` at ids outside the draft vocabulary)."""
         logits = self.lm_head(self.norm(hidden_states)).float()

@@ -407,7 +407,7 @@ class DraftModelProposer:
         ends = [info[r][2] + len(info[r][1]) for r in req_ids]
         rooms = [info[r][3] for r in req_ids]
         shift = self.shift
-        tok, q = self._choose(self.model.compute_logits(last_hidden), params, [e + shift for e in ends])
+        tok, q = self._draw(last_hidden, params, [e + shift for e in ends])
         cols, probs = [tok], [q]
         live = list(range(len(req_ids)))
         out_hidden = last_hidden  # [n, hidden]: each request's last draft output
@@ -420,7 +420,7 @@ class DraftModelProposer:
             cond = self._proposal_condition(out_hidden if idx is None else out_hidden[idx])
             hidden = self._forward_decode([req_ids[i] for i in live], None, [ends[i] + j - 1 for i in live], prev,
                                           cond=cond)
-            t, qq = self._choose(self.model.compute_logits(hidden), [params[i] for i in live],
+            t, qq = self._draw(hidden, [params[i] for i in live],
                                  [ends[i] + j + shift for i in live])
             if cond is not None and j + 1 < self.k:
                 # NOTE: read (copied into the draft's input) before the next replay overwrites it.
@@ -443,6 +443,16 @@ class DraftModelProposer:
                 d.probs = torch.stack([p[i] for p in probs[: len(row)]])
             out[req_id] = row
         return out
+
+    def _draw(self, hidden: torch.Tensor, params: list, positions: list[int]
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_choose` over the draft's logits of its output rows
+        ``hidden`` ([rows, hidden]). When every row is greedy and the draft
+        has ``greedy_tokens`` (a head with a vocabulary of its own: its argmax
+        mapped to target ids), no target-vocabulary logits are built."""
+        if all(p.greedy for p in params) and hasattr(self.model, "greedy_tokens"):
+            return self.model.greedy_tokens(hidden), None
+        return self._choose(self.model.compute_logits(hidden), params, positions)
 
     def _choose(self, logits: torch.Tensor, params: list, positions: list[int]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

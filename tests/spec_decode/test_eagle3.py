@@ -258,6 +258,10 @@ def test_head_forward_matches_reference(tiny_target, tiny_head, tiny_head_with_e
     torch.testing.assert_close(out2, ref_out2, rtol=1e-4, atol=1e-4)
     f2 = torch.isfinite(got_logits2)
     torch.testing.assert_close(got_logits2[f2], logits(ref_out2, 64)[f2], rtol=1e-4, atol=1e-4)
+    # Greedy proposals skip the target-vocabulary rows: the same ids as their argmax.
+    with torch.inference_mode():
+        both = torch.cat([out, out2])
+        assert torch.equal(head.greedy_tokens(both), head.compute_logits(both).argmax(-1))
 
     # The target's streams at its depths, written by its forward (eager here).
     from transformers import AutoModelForCausalLM
