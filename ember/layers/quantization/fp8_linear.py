@@ -34,8 +34,8 @@ row-wise scaled FP8 GEMM. Activations are then scaled dynamically per token.
   group for the block scheme; with the static scale for "static") and the
   product runs on FP8 tensor cores: ``torch._scaled_mm`` with row-wise scales
   (per-channel scheme, bfloat16 output, N and K multiples of 16) or with
-  DeepSeek-V3's block recipe (:func:`block_scaled_mm`: 128 x 128 blocks, N and
-  K multiples of 128, on Hopper where the PyTorch build has it), else the
+  DeepSeek-V3's block recipe (:func:`block_scaled_mm`: 128 x 128 blocks, N a
+  multiple of 128 and K of 512, on Hopper where the PyTorch build has it), else the
   Triton GEMM :func:`~ember.kernels.triton_fp8.w8a8_scaled_mm`.
 
 On CPU :func:`fp8_linear_reference` runs the same math in plain PyTorch
@@ -491,10 +491,10 @@ def _check_block_scaled_mm(device: torch.device) -> bool:
         return False
     g = torch.Generator(device=device).manual_seed(0)
     b = BLOCK_SCALED_MM_BLOCK
-    qa = torch.randn(6, 2 * b, device=device, generator=g).to(FP8_DTYPE)
-    qw = torch.randn(2 * b, 2 * b, device=device, generator=g).to(FP8_DTYPE)
-    sa = torch.rand(6, 2, device=device, generator=g) + 0.5
-    sw = torch.rand(2, 2, device=device, generator=g) + 0.5
+    qa = torch.randn(6, 4 * b, device=device, generator=g).to(FP8_DTYPE)
+    qw = torch.randn(2 * b, 4 * b, device=device, generator=g).to(FP8_DTYPE)
+    sa = torch.rand(6, 4, device=device, generator=g) + 0.5
+    sw = torch.rand(2, 4, device=device, generator=g) + 0.5
     try:
         y = block_scaled_mm(qa, sa, qw, sw, torch.bfloat16).float()
     except RuntimeError as e:
@@ -511,11 +511,14 @@ def _check_block_scaled_mm(device: torch.device) -> bool:
 
 def _block_scaled_mm_ok(x: torch.Tensor, qw: torch.Tensor, group_n: int, group_k: int | None) -> bool:
     """:func:`block_scaled_mm` applies: 128 x 128 weight blocks (not
-    row-granular scales), N and K multiples of 128, 16-bit output, and a
-    build and device that run it (:func:`_block_scaled_mm_works`)."""
+    row-granular scales), N a multiple of 128 and K of 512, 16-bit output,
+    and a build and device that run it (:func:`_block_scaled_mm_works`).
+    With K of 256 or 384 (2 or 3 scale groups) cuBLASLt's results were wrong
+    on an H100 (PyTorch 2.11, CUDA 13.0) while every K from 512 up in steps
+    of 512 was right."""
     b = BLOCK_SCALED_MM_BLOCK
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and group_n == b and group_k == b
-            and qw.shape[0] % b == 0 and qw.shape[1] % b == 0 and _block_scaled_mm_works(x.device))
+            and qw.shape[0] % b == 0 and qw.shape[1] % (4 * b) == 0 and _block_scaled_mm_works(x.device))
 
 
 def _scaled_mm_ok(x: torch.Tensor, qw: torch.Tensor) -> bool:
