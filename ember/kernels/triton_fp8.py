@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels.pdl import gdc_wait, launch_options, pdl_release, pdl_supported
-from ember.kernels.triton_fp8_gemv import fp8_gemv, lookup_config
+from ember.kernels.triton_fp8_gemv import block_scaled_config, fp8_gemv, lookup_config
 from ember.kernels.triton_gemm import INTERPRETED, SKINNY_MAX_M, _num_sms
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -364,6 +364,12 @@ def fp8_skinny_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, group
         config = lookup_config(n, k, m)
         if config is not None and (config.convert != "asm" or (x.is_cuda and not INTERPRETED)):
             return fp8_gemv(x, qw, sw, config, bias, gated=gated, use_pdl=use_pdl)
+    if tiles is None and per_k and group_k is not None and x.is_cuda and not INTERPRETED:
+        # Block scales: the configurable GEMV with the PTX widening, each K tile scaled by its group's scales.
+        config = block_scaled_config(n, k, group_k, _num_sms(x.device), gated)
+        if config is not None:
+            return fp8_gemv(x, qw, sw, config, bias, gated=gated, use_pdl=use_pdl, group_n=group_n,
+                            group_k=group_k)
     block_n, block_k, stages = tiles or fp8_skinny_tiles(n, _num_sms(x.device), group_k if per_k else None)
     if per_k and (group_k is None or group_k % block_k):
         raise ValueError(f"FP8 skinny GEMM: K tile {block_k} does not divide the scale group {group_k}")

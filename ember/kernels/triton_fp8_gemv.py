@@ -139,6 +139,22 @@ def lookup_config(n: int, k: int, m: int) -> Fp8GemvConfig | None:
     return FP8_GEMV_CONFIGS.get((n, k, m_bucket(m))) if 0 < m <= SKINNY_MAX_M else None
 
 
+def block_scaled_config(n: int, k: int, group_k: int, num_sms: int, gated: bool = False) -> Fp8GemvConfig | None:
+    """The configuration for a weight of ``n`` x ``k`` (the whole merged
+    weight when ``gated``) with 128-column (``group_k``) block scales, or None
+    where the K tile cannot divide the group: 32-row programs widening in
+    PTX with two K tiles of 128 per step (each scaled by its group's scales),
+    and enough K splits to give the SMs two programs each where the column
+    tiles alone would not (``benchmarks/gpu/fp8_block_gemv.py`` times it
+    against the alternatives)."""
+    if group_k % 128:
+        return None
+    tiles = -(-(n // 2 if gated else n) // (16 if gated else 32))
+    steps = -(-k // 256)
+    split_k = max(1, min(8, (2 * num_sms) // tiles, steps))
+    return Fp8GemvConfig(block_n=32, block_k=128, num_stages=4, num_warps=4, split_k=split_k, chains=2)
+
+
 @triton.jit
 def _widen_asm(w, OUT: tl.constexpr):
     # Four e4m3 bytes in a 32-bit register -> two packed pairs of OUT.
@@ -212,9 +228,27 @@ def _accumulate(acc, x, w, MMA: tl.constexpr):
 
 
 @triton.jit
-def _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn, GATED: tl.constexpr,
-            EVEN_K: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr, EVICT_FIRST: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+def _tile_product(acc, x, w, WS, rows, mask_n, k, stride_wsn, stride_wsk, group_n, group_k, MMA: tl.constexpr,
+                  SCALE_PER_K: tl.constexpr):
+    # acc += x @ w.T for one K tile; with block scales (SCALE_PER_K) the
+    # tile's product is scaled by its rows' scales of this K group (the tile
+    # lies inside one group) before it is added.
+    if SCALE_PER_K:
+        ws = tl.load(WS + (rows // group_n).to(tl.int64) * stride_wsn + (k // group_k) * stride_wsk, mask=mask_n,
+                     other=0.0)
+        if MMA == 1:
+            out = acc + tl.dot(w, tl.trans(x)) * ws[:, None]
+        else:
+            out = acc + tl.dot(x, tl.trans(w)) * ws[None, :]
+    else:
+        out = _accumulate(acc, x, w, MMA)
+    return out
+
+
+@triton.jit
+def _k_step(acc, acc_up, X, W, WS, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn, stride_wsn,
+            stride_wsk, group_n, group_k, GATED: tl.constexpr, EVEN_K: tl.constexpr, CONVERT: tl.constexpr,
+            MMA: tl.constexpr, EVICT_FIRST: tl.constexpr, SCALE_PER_K: tl.constexpr, BLOCK_K: tl.constexpr):
     # One K tile: x [BLOCK_M, BLOCK_K] and the weight rows of offs_n (and the up rows).
     offs_k = k + tl.arange(0, BLOCK_K)
     if EVEN_K:
@@ -224,21 +258,25 @@ def _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_x
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
     if MMA == 2:  # CUDA cores: float32 operands
         x = x.to(tl.float32)
-    acc = _accumulate(acc, x, _widen(_w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
-                                     CONVERT, x.dtype), MMA)
+    acc = _tile_product(acc, x, _widen(_w_tile(W, offs_n, offs_k, mask_n, K, stride_wn, EVEN_K, EVICT_FIRST),
+                                       CONVERT, x.dtype), WS, offs_n, mask_n, k, stride_wsn, stride_wsk, group_n,
+                        group_k, MMA, SCALE_PER_K)
     if GATED:
-        acc_up = _accumulate(acc_up, x, _widen(_w_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K,
-                                                       EVICT_FIRST), CONVERT, x.dtype), MMA)
+        acc_up = _tile_product(acc_up, x, _widen(_w_tile(W, N + offs_n, offs_k, mask_n, K, stride_wn, EVEN_K,
+                                                         EVICT_FIRST), CONVERT, x.dtype), WS, N + offs_n, mask_n,
+                               k, stride_wsn, stride_wsk, group_n, group_k, MMA, SCALE_PER_K)
     return acc, acc_up
 
 
 @triton.jit
 def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, stride_wsn, stride_ym, stride_rm,
-              HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
-    # Scales, bias, SwiGLU, residual; rounded as the unfused kernels round.
-    acc = acc * tl.load(WS + offs_n.to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
-    if GATED:
-        acc_up = acc_up * tl.load(WS + (N + offs_n).to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
+              HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SCALE_PER_K: tl.constexpr):
+    # Scales (per channel; block scales were applied per K tile), bias,
+    # SwiGLU, residual; rounded as the unfused kernels round.
+    if not SCALE_PER_K:
+        acc = acc * tl.load(WS + offs_n.to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(WS + (N + offs_n).to(tl.int64) * stride_wsn, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -257,8 +295,8 @@ def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, st
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_wsn, stride_ym,
-                     stride_rm,
-                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+                     stride_rm, stride_wsk, group_n, group_k,
+                     SCALE_PER_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, CHAINS: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr,
                      EVICT_FIRST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -288,11 +326,13 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
     acc2 = tl.zeros_like(acc)
     acc_up2 = tl.zeros_like(acc_up)
     for k in range(k_start, k_end, BLOCK_K * CHAINS):
-        acc, acc_up = _k_step(acc, acc_up, X, W, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn,
-                              GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
+        acc, acc_up = _k_step(acc, acc_up, X, W, WS, offs_m, offs_n, mask_m, mask_n, k, N, K, stride_xm, stride_wn,
+                              stride_wsn, stride_wsk, group_n, group_k, GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST,
+                              SCALE_PER_K, BLOCK_K)
         if CHAINS == 2:
-            acc2, acc_up2 = _k_step(acc2, acc_up2, X, W, offs_m, offs_n, mask_m, mask_n, k + BLOCK_K, N, K,
-                                    stride_xm, stride_wn, GATED, EVEN_K, CONVERT, MMA, EVICT_FIRST, BLOCK_K)
+            acc2, acc_up2 = _k_step(acc2, acc_up2, X, W, WS, offs_m, offs_n, mask_m, mask_n, k + BLOCK_K, N, K,
+                                    stride_xm, stride_wn, stride_wsn, stride_wsk, group_n, group_k, GATED, EVEN_K,
+                                    CONVERT, MMA, EVICT_FIRST, SCALE_PER_K, BLOCK_K)
     if CHAINS == 2:
         acc += acc2
         acc_up += acc_up2
@@ -306,7 +346,7 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
         acc_up = tl.sum(acc_up, 2)
     if SPLIT_K == 1:
         _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, stride_wsn, stride_ym, stride_rm,
-                  HAS_BIAS, GATED, ADD_RESIDUAL)
+                  HAS_BIAS, GATED, ADD_RESIDUAL, SCALE_PER_K)
     else:
         # Partial sums P [SPLIT_K, M, NP] float32 (NP = 2N gated: gate, then up).
         NP = 2 * N if GATED else N
@@ -330,7 +370,7 @@ def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, str
                     acc_up += tl.load(p_ptrs + s * M * NP + N, mask=mask_p, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(CNT + pid_n, 0)
             _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, stride_wsn, stride_ym,
-                      stride_rm, HAS_BIAS, GATED, ADD_RESIDUAL)
+                      stride_rm, HAS_BIAS, GATED, ADD_RESIDUAL, SCALE_PER_K)
 
 
 # Per device: int32 counters of the split-K launches, zero between launches
@@ -355,15 +395,22 @@ def _split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8GemvConfig,
              bias: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
-             use_pdl: bool = False) -> torch.Tensor:
+             use_pdl: bool = False, group_n: int = 1, group_k: int | None = None) -> torch.Tensor:
     """``x @ (qw * sw[:, None]).T + bias`` for decode row counts with one
-    :class:`Fp8GemvConfig`, reading the FP8 weight once (W8A16).
+    :class:`Fp8GemvConfig`, reading the FP8 weight once (W8A16); with block
+    scales ``x @ (qw * sw expanded over its blocks).T + bias``.
 
     Args:
         x: [M, K] bfloat16 / float16, 1 <= M <= 16, unit stride along K.
         qw: [N, K] ``float8_e4m3fn``, unit stride along K.
-        sw: [N] or [N, 1] float32 per-channel scales.
-        config: tiles and variant (see the module docstring).
+        sw: [N] or [N, 1] float32 per-channel scales, or
+            [ceil(N / group_n), ceil(K / group_k)] float32 block scales
+            (DeepSeek-V3's ``weight_scale_inv``; ``group_n`` 1 for one row
+            of scales per weight row).
+        config: tiles and variant (see the module docstring); with block
+            scales its ``block_k`` must divide ``group_k`` and its products
+            run on the tensor cores (each K tile's product is scaled by its
+            group's scales before it is added).
         bias: optional [N].
         gated: ``qw`` is a merged gate_up weight [2D, K]: return
             ``silu(g) * u`` [M, D], rounded as the GEMV followed by
@@ -371,17 +418,27 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
         residual: optional [M, N_out] in x's dtype, unit stride along N: added
             to the result rounded to x's dtype, then rounded again.
         use_pdl: launch with PDL where the device supports it (:mod:`ember.kernels.pdl`).
+        group_n, group_k: the block scales' block (rows, columns).
     Returns:
         [M, N] ([M, N / 2] gated) in x's dtype (float32 accumulation).
     Raises:
         ValueError: shapes, dtypes or strides outside the above, an odd gated
-            weight, or ``convert="asm"`` on a CPU tensor.
+            weight, block scales whose shape or groups do not fit the weight
+            and the tile, or ``convert="asm"`` on a CPU tensor.
     """
     if (x.dim() != 2 or not 0 < x.shape[0] <= SKINNY_MAX_M or x.dtype not in (torch.bfloat16, torch.float16)
             or x.stride(1) != 1 or qw.dim() != 2 or qw.shape[1] != x.shape[1] or qw.stride(1) != 1
-            or qw.dtype != torch.float8_e4m3fn or sw.numel() != qw.shape[0] or sw.dtype != torch.float32):
+            or qw.dtype != torch.float8_e4m3fn or sw.dtype != torch.float32):
         raise ValueError(f"FP8 GEMV: unsupported x {tuple(x.shape)} {x.dtype} / weight {tuple(qw.shape)} "
                          f"{qw.dtype} / scales {tuple(sw.shape)} {sw.dtype}")
+    per_k = sw.dim() == 2 and sw.shape[1] > 1
+    if per_k:
+        blocks = (-(-qw.shape[0] // group_n), -(-qw.shape[1] // (group_k or qw.shape[1])))
+        if (group_k is None or tuple(sw.shape) != blocks or group_k % config.block_k or config.mma == "fma"):
+            raise ValueError(f"FP8 GEMV: block scales {tuple(sw.shape)} with groups ({group_n}, {group_k}) do not "
+                             f"fit weight {tuple(qw.shape)} and K tile {config.block_k} ({config.mma})")
+    elif sw.numel() != qw.shape[0]:
+        raise ValueError(f"FP8 GEMV: per-channel scales {tuple(sw.shape)} for weight {tuple(qw.shape)}")
     if config.convert == "asm" and (x.device.type != "cuda" or INTERPRETED):
         raise ValueError("FP8 GEMV: convert='asm' runs on CUDA only")
     m, k = x.shape
@@ -412,8 +469,8 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
     _fp8_gemv_kernel[(tiles_n, split_k)](
         x, w, sw, bias if bias is not None else out, residual if residual is not None else out, out, partials,
         counters, m, n, k, k_split, x.stride(0), qw.stride(0), sw.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        HAS_BIAS=bias is not None, GATED=gated, ADD_RESIDUAL=residual is not None,
+        residual.stride(0) if residual is not None else 0, sw.stride(1) if per_k else 0, group_n, group_k or k,
+        SCALE_PER_K=per_k, HAS_BIAS=bias is not None, GATED=gated, ADD_RESIDUAL=residual is not None,
         EVEN_K=k % step == 0, SPLIT_K=split_k, CHAINS=config.chains, CONVERT=_CONVERT[config.convert],
         MMA=_MMA[config.mma],
         EVICT_FIRST=config.evict_first, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k, USE_PDL=pdl,

@@ -201,3 +201,68 @@ def test_table_entry_replays_in_a_cuda_graph(config, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         _close(y, _reference(x, q, s))
+
+
+def _block_weight(n, k, gn, gk, seed):
+    """FP8 [n, k] with [ceil(n / gn), ceil(k / gk)] block scales (amax / 448
+    per block), and its float32 dequantization."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w = torch.randn(n, k, generator=g, device=DEVICE) * (1 + torch.arange(k, device=DEVICE) % 7)  # uneven groups
+    nb, kb = -(-n // gn), -(-k // gk)
+    blocks = torch.nn.functional.pad(w, (0, kb * gk - k, 0, nb * gn - n)).view(nb, gn, kb, gk)
+    s = blocks.abs().amax((1, 3)).clamp(min=1e-12) / 448
+    q = (blocks / s[:, None, :, None]).view(nb * gn, kb * gk)[:n, :k].to(FP8).contiguous()
+    deq = q.float() * s.repeat_interleave(gn, 0)[:n].repeat_interleave(gk, 1)[:, :k]
+    return q, s.float().contiguous(), deq
+
+
+BLOCK_CONFIGS = [Fp8GemvConfig(32, 32, 2, convert="bits"), Fp8GemvConfig(32, 16, 2, convert="bits", chains=2),
+                 Fp8GemvConfig(32, 32, 2, convert="bits", mma="wx", split_k=2),
+                 Fp8GemvConfig(16, 16, 2, convert="bits", split_k=3, chains=2)]
+
+
+@pytest.mark.parametrize("config", BLOCK_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("gn", [16, 1])
+@pytest.mark.parametrize("m", [1, 5])
+def test_block_scales_match_float32(config, gn, m):
+    """Block scales (DeepSeek-V3's layout, and one row of scales per weight
+    row) applied per K tile, with odd N and K tails, plain and gated."""
+    n, k, gk = 72, 112, 32
+    q, s, deq = _block_weight(n, k, gn, gk, 11)
+    x = torch.randn(m, k, device=DEVICE, dtype=BF16)
+    ref = (x.float() @ deq.T).to(BF16)
+    _close(fp8_gemv(x, q, s, config, group_n=gn, group_k=gk), ref)
+    y = x.float() @ deq.T
+    gate, up = y[:, : n // 2].to(BF16).float(), y[:, n // 2:].to(BF16)
+    _close(fp8_gemv(x, q, s, config, gated=True, group_n=gn, group_k=gk),
+           (gate / (1 + torch.exp(-gate))).to(BF16) * up)
+
+
+def test_block_scales_refused_where_they_do_not_fit():
+    q, s, _ = _block_weight(64, 128, 16, 32, 12)
+    x = torch.randn(2, 128, device=DEVICE, dtype=BF16)
+    with pytest.raises(ValueError, match="block scales"):
+        fp8_gemv(x, q, s, Fp8GemvConfig(32, 64, 2, convert="bits"), group_n=16, group_k=32)  # tile spans 2 groups
+    with pytest.raises(ValueError, match="block scales"):
+        fp8_gemv(x, q, s[:, :2], Fp8GemvConfig(32, 32, 2, convert="bits"), group_n=16, group_k=32)
+    with pytest.raises(ValueError, match="block scales"):
+        fp8_gemv(x, q, s, Fp8GemvConfig(16, 32, 2, convert="bits", mma="fma"), group_n=16, group_k=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("n,k,gated", [(2112, 7168, False), (24576, 1536, False), (7168, 16384, False),
+                                       (36864, 7168, True), (7168, 18432, False), (576, 7168, False)])
+def test_block_scales_deepseek_shapes(m, n, k, gated):
+    """The layer's entry point at DeepSeek-V3's dense shapes with 128 x 128
+    block scales (the PTX widening and the split-K rule of
+    ``block_scaled_config``) against float32."""
+    q, s, deq = _block_weight(n, k, 128, 128, 13)
+    x = torch.randn(m, k, device="cuda", dtype=BF16)
+    y = x.float() @ deq.T
+    if gated:
+        g, u = y[:, : n // 2].to(BF16).float(), y[:, n // 2:].to(BF16)
+        ref = (g / (1 + torch.exp(-g))).to(BF16) * u
+    else:
+        ref = y.to(BF16)
+    _close(fp8_skinny_linear(x, q, s, 128, 128, gated=gated, use_pdl=True), ref)
