@@ -41,7 +41,10 @@ Instructions"). A
 
 Which configuration runs for a shape is :data:`FP8_GEMV_CONFIGS`, keyed by
 ``(N, K, M bucket)``; a shape that is not in the table runs
-:func:`~ember.kernels.triton_fp8.fp8_skinny_linear`'s kernel.
+:func:`~ember.kernels.triton_fp8.fp8_skinny_linear`'s kernel. Weights with
+block scales (DeepSeek-V3's 128 x 128 ``weight_scale_inv``) run the
+configuration of :func:`block_scaled_config`, each K tile's product scaled by
+its group's scales.
 """
 
 from __future__ import annotations
