@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -107,9 +108,8 @@ def main() -> None:
         print(f"  M={m:<2} " + " / ".join(f"{totals[key].get(m, float('nan')):7.1f}" for key in totals))
     result["totals_us"] = totals
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
