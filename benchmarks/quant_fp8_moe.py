@@ -154,8 +154,8 @@ def engine_bench(variant: str, layers: int, output_len: int, batches: tuple[int,
         llm.generate(prompts[:batch], params, use_tqdm=False)
         return time.perf_counter() - t0
 
-    run(2, 4)  # warm-up (kernel compilation)
     for batch in batches:
+        run(batch, 4)  # warm-up at this batch size (kernel compilation, first-use checks)
         prefill = min(run(batch, 1) for _ in range(2))
         total = min(run(batch, 1 + output_len) for _ in range(2))
         result[f"b{batch}_decode_tok_s"] = round(batch * output_len / (total - prefill), 1)
