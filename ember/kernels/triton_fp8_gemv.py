@@ -302,7 +302,8 @@ def _epilogue(acc, acc_up, X, WS, B, R, Y, offs_m, offs_n, mask_m, mask_n, N, st
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemv_kernel(X, W, WS, B, R, Y, P, CNT, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_wsn, stride_ym,
                      stride_rm, stride_wsk, group_n, group_k,
-                     SCALE_PER_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+                     SCALE_PER_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                     ADD_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, CHAINS: tl.constexpr, CONVERT: tl.constexpr, MMA: tl.constexpr,
                      EVICT_FIRST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
@@ -439,8 +440,8 @@ def fp8_gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, config: Fp8Gem
                          f"{qw.dtype} / scales {tuple(sw.shape)} {sw.dtype}")
     per_k = sw.dim() == 2 and sw.shape[1] > 1
     if per_k:
-        blocks = (-(-qw.shape[0] // group_n), -(-qw.shape[1] // (group_k or qw.shape[1])))
-        if (group_k is None or tuple(sw.shape) != blocks or group_k % config.block_k or config.mma == "fma"):
+        if (group_k is None or tuple(sw.shape) != (triton.cdiv(qw.shape[0], group_n), triton.cdiv(qw.shape[1], group_k))
+                or group_k % config.block_k or config.mma == "fma"):
             raise ValueError(f"FP8 GEMV: block scales {tuple(sw.shape)} with groups ({group_n}, {group_k}) do not "
                              f"fit weight {tuple(qw.shape)} and K tile {config.block_k} ({config.mma})")
     elif sw.numel() != qw.shape[0]:

@@ -20,6 +20,8 @@ triton = pytest.importorskip("triton")
 from ember.kernels import triton_fp8_gemv  # noqa: E402
 from ember.kernels.triton_fp8 import fp8_skinny_linear  # noqa: E402
 from ember.kernels.triton_fp8_gemv import Fp8GemvConfig, fp8_gemv, m_bucket  # noqa: E402
+from ember.loader.weight_utils import dequant_fp8_block  # noqa: E402
+from tests.layers.quantization.fp8_ref import quantize_blocks  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -208,12 +210,9 @@ def _block_weight(n, k, gn, gk, seed):
     per block), and its float32 dequantization."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     w = torch.randn(n, k, generator=g, device=DEVICE) * (1 + torch.arange(k, device=DEVICE) % 7)  # uneven groups
-    nb, kb = -(-n // gn), -(-k // gk)
-    blocks = torch.nn.functional.pad(w, (0, kb * gk - k, 0, nb * gn - n)).view(nb, gn, kb, gk)
-    s = blocks.abs().amax((1, 3)).clamp(min=1e-12) / 448
-    q = (blocks / s[:, None, :, None]).view(nb * gn, kb * gk)[:n, :k].to(FP8).contiguous()
-    deq = q.float() * s.repeat_interleave(gn, 0)[:n].repeat_interleave(gk, 1)[:, :k]
-    return q, s.float().contiguous(), deq
+    q, s = quantize_blocks(w[None], gn, gk)
+    q, s = q[0], s[0].float().contiguous()
+    return q, s, dequant_fp8_block(q, s, (gn, gk), torch.float32)
 
 
 BLOCK_CONFIGS = [Fp8GemvConfig(32, 32, 2, convert="bits"), Fp8GemvConfig(32, 16, 2, convert="bits", chains=2),

@@ -57,6 +57,7 @@ from torch import nn
 
 from ember.layers.linear import ColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod
 from ember.layers.quantization.base import LinearMethodBase
+from ember.loader.weight_utils import dequant_fp8_block
 from ember.logger import init_logger
 
 logger = init_logger(__name__)
@@ -500,8 +501,7 @@ def _check_block_scaled_mm(device: torch.device) -> bool:
     except RuntimeError as e:
         logger.info(f"block-scaled FP8 GEMMs run on Triton: torch._scaled_mm has no 1x128 / 128x128 recipe here ({e})")
         return False
-    ref = (qa.float() * sa.repeat_interleave(b, 1)) @ (qw.float() * sw.repeat_interleave(b, 0)
-                                                        .repeat_interleave(b, 1)).T
+    ref = (qa.float() * sa.repeat_interleave(b, 1)) @ dequant_fp8_block(qw, sw, (b, b), torch.float32).T
     ok = bool(((y - ref).abs().max() <= 1e-2 * ref.abs().max()).item())
     if not ok:
         logger.warning("torch._scaled_mm's block-scaled FP8 GEMM disagrees with float32: block-scaled FP8 GEMMs "
