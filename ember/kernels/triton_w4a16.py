@@ -393,11 +393,6 @@ W4A16_DECODE_CONFIGS: dict[tuple[int, int, int], W4A16Config] = {
 }
 
 
-#: The configuration of the 64-row tiles between :data:`SPLIT_MAX_M` and
-#: :data:`DEQUANT_MIN_M` rows (no K split there).
-LARGE_M_CONFIG = W4A16Config(64, 1)
-
-
 def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> W4A16Config:
     """The decode kernel's configuration for ``m`` rows (at most
     :data:`SPLIT_MAX_M`), ``n`` columns and ``num_tiles`` tiles of 128 rows
@@ -465,7 +460,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         block_m = 16 if use_dot else 1
         grid_m = 1 if use_dot else m
     else:
-        cfg = config or LARGE_M_CONFIG
+        cfg = config or W4A16Config(64, 1)
         use_dot, split, block_m = True, 1, 64
         grid_m = triton.cdiv(m, block_m)
         ws, cnt = dummy, dummy
