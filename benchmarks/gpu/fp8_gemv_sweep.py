@@ -263,8 +263,8 @@ W4_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "
 # ("shift": per chunk; "pairs"/"asm": two weights per operation, in Triton or
 # PTX; "join": the chunks of a group stacked into one [KG, BLOCK_N] product).
 W4_TILES = ([(bn, split, 4) for bn in (64, 128) for split in (2, 4, 8)]
-            + [(128, 2, 8), (256, 1, 8), (256, 2, 8)])
-W4_VARIANTS = {"shift": dict(unpack="shift"),
+            + [(128, split, 8) for split in (2, 4)] + [(256, 1, 8), (256, 2, 8)])
+W4_VARIANTS = {"shift": dict(unpack="shift"), "asm": dict(unpack="asm", use_dot=True),
                "pairs-join": dict(unpack="pairs", join=True, use_dot=True),
                "asm-join": dict(unpack="asm", join=True, use_dot=True),
                "asm-join-s3": dict(unpack="asm", join=True, use_dot=True, num_stages=3)}
