@@ -29,13 +29,7 @@ a chunk's product is ``x . (1 + q / 16)`` and a group's contribution
 costs one shift and one mask per weight, the scale and zero applied once per
 group and column. One row (batch-1 decode) multiplies on the CUDA cores, two
 nibbles per shift (the lower one as ``1 + q / 256`` against ``16 x``); more rows
-use the tensor cores (bfloat16 or float16 chunks, rows padded to 16). On the
-tensor cores a :class:`W4A16Config` may unpack two weights per operation
-(``unpack="pairs"`` or ``"asm"``): chunks j and j + 4 sit 16 bits apart in a
-packed word, so one shift and one mask-and-OR (a single ``LOP3``) make a packed
-pair of 16-bit values. With ``join`` the chunks of a group are stacked into one
-[group, BLOCK_N] operand and x is loaded once per group, instead of one
-16-row product (and one small x load, staged through shared memory) per chunk. The K
+use the tensor cores (bfloat16 or float16 chunks, rows padded to 16). The K
 axis is split over ``split_k`` programs per column block when the column blocks
 alone would leave the SMs idle; the last program of a block to finish (an
 atomic counter) sums the partial products in split order (deterministic) and
