@@ -285,7 +285,7 @@ def run_w4a16(args, result: dict, t0: float) -> None:
     decode kernel's (BLOCK_N, split_k, num_warps) against its default rule
     and the bf16 skinny GEMM."""
     from ember.kernels import triton_w4a16
-    from ember.kernels.triton_w4a16 import SPLIT_MAX_M, W4A16Config, W4A16Workspace, w4a16_gemm
+    from ember.kernels.triton_w4a16 import W4A16Config, W4A16Workspace, w4a16_gemm
     from ember.layers.quantization.w4a16 import W4Weights, build_kernel_layout, dequantize_layout
 
     triton_w4a16.W4A16_DECODE_CONFIGS.clear()  # "current" = decode_config's rule
@@ -320,12 +320,11 @@ def run_w4a16(args, result: dict, t0: float) -> None:
             row = {"shape": shape, "n": n, "k": k, "m": m, "copies": copies, "configs": {}}
             row["current_err"] = rel_err(call(0), ref)
             row["current_us"] = time_us(call, copies)
-            bf16_gemm = skinny_linear if m <= SPLIT_MAX_M else torch.nn.functional.linear
-            row["bf16_us"] = time_us(lambda i: bf16_gemm(x, wb[i]), len(wb))
+            row["bf16_us"] = time_us(lambda i: skinny_linear(x, wb[i]), len(wb))
             best = None
             for cfg in W4_CANDIDATES:
-                if cfg["split_k"] > k // 128 or (m > SPLIT_MAX_M and cfg["split_k"] != 2):
-                    continue  # more rows than the split kernel takes: one candidate per tile
+                if cfg["split_k"] > k // 128:
+                    continue
                 label = w4_label(cfg)
                 try:
                     err = rel_err(call(0, cfg), ref)
@@ -344,7 +343,7 @@ def run_w4a16(args, result: dict, t0: float) -> None:
                 print(f"{shape:<8} {m:>2} {row['current_us']:7.1f} {row['current_gb_s']:8.0f} {row['bf16_us']:7.1f} "
                       f"{b['us']:7.1f} {b['gb_s']:6.0f} {row['current_us'] / b['us']:5.2f} "
                       f"{row['bf16_us'] / b['us']:6.2f}  {w4_label(best)}", flush=True)
-                if b["us"] < row["current_us"] / 1.03 and m <= SPLIT_MAX_M:
+                if b["us"] < row["current_us"] / 1.03:
                     table[(n, layout.qweight.shape[0] * 8, m)] = best
             w4["rows"].append(row)
         qws = wb = wref = layout = None  # noqa: F841 (freed before the next shape)
