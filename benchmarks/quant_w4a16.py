@@ -23,7 +23,7 @@ import torch
 import triton
 
 from graph_timing import graph_time_us
-from ember.kernels.triton_w4a16 import W4A16Config, W4A16Workspace, decode_config, w4a16_gemm
+from ember.kernels.triton_w4a16 import W4A16Workspace, decode_config, w4a16_gemm
 from ember.kernels.triton_gemm import _num_sms
 from ember.layers.quantization.w4a16 import W4Weights, build_kernel_layout, dequantize_layout
 
@@ -56,12 +56,12 @@ def sweep(name: str, layouts, m: int, k: int, ws) -> None:
             if split > k // 128:
                 continue
             try:
-                times[(bn, split)] = graph_time_us(lambda i: run(layouts[i], x, ws, config=W4A16Config(bn, split)), COPIES)
+                times[(bn, split)] = graph_time_us(lambda i: run(layouts[i], x, ws, block_n=bn, split_k=split), COPIES)
             except triton.runtime.errors.OutOfResources:
                 continue
     best = min(times, key=times.get)
     ours = graph_time_us(lambda i: run(layouts[i], x, ws), COPIES)
-    print(f"  sweep {name:<8} M={m:<3} default (BLOCK_N, split) {(default.block_n, default.split_k)} {ours:7.1f} us; best {best} "
+    print(f"  sweep {name:<8} M={m:<3} default (BLOCK_N, split) {default[:2]} {ours:7.1f} us; best {best} "
           f"{times[best]:7.1f} us; " + " ".join(f"{c[0]}/{c[1]}:{t:.0f}" for c, t in sorted(times.items())))
 
 

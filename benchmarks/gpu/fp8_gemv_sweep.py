@@ -258,26 +258,10 @@ def run_fp8(args, result: dict, t0: float) -> None:
 
 
 W4_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-# Configurations of the W4A16 decode kernel (ember/kernels/triton_w4a16.py):
-# (BLOCK_N, split_k, num_warps) tiles, each with every nibble unpacking
-# ("shift": per chunk; "pairs"/"asm": two weights per operation, in Triton or
-# PTX; "join": the chunks of a group stacked into one [KG, BLOCK_N] product).
-W4_TILES = ([(bn, split, 4) for bn in (64, 128) for split in (2, 4, 8)]
-            + [(128, split, 8) for split in (2, 4)] + [(256, 1, 8), (256, 2, 8)])
-W4_VARIANTS = {"shift": dict(unpack="shift"), "asm": dict(unpack="asm", use_dot=True),
-               "pairs-join": dict(unpack="pairs", join=True, use_dot=True),
-               "asm-join": dict(unpack="asm", join=True, use_dot=True),
-               "asm-join-s3": dict(unpack="asm", join=True, use_dot=True, num_stages=3)}
-W4_CANDIDATES = [dict(block_n=bn, split_k=split, num_warps=warps, **variant)
-                 for bn, split, warps in W4_TILES for variant in W4_VARIANTS.values()]
+# (BLOCK_N, split_k, num_warps) of the W4A16 decode kernel (ember/kernels/triton_w4a16.py).
+W4_CANDIDATES = ([(bn, split, 4) for bn in (32, 64, 128) for split in (1, 2, 4, 8)]
+                 + [(128, split, 8) for split in (1, 2, 4)] + [(256, 1, 8), (256, 2, 8)])
 W4_GROUP = 128
-
-
-def w4_label(cfg: dict) -> str:
-    """A compact name of a W4A16 candidate, e.g. ``asm-join-128x8w4``."""
-    return (cfg.get("unpack", "shift") + ("-join" if cfg.get("join") else "")
-            + f"-{cfg['block_n']}x{cfg['split_k']}w{cfg['num_warps']}"
-            + (f"s{cfg['num_stages']}" if cfg.get("num_stages") else ""))
 
 
 def run_w4a16(args, result: dict, t0: float) -> None:
@@ -285,7 +269,7 @@ def run_w4a16(args, result: dict, t0: float) -> None:
     decode kernel's (BLOCK_N, split_k, num_warps) against its default rule
     and the bf16 skinny GEMM."""
     from ember.kernels import triton_w4a16
-    from ember.kernels.triton_w4a16 import W4A16Config, W4A16Workspace, w4a16_gemm
+    from ember.kernels.triton_w4a16 import W4A16Workspace, w4a16_gemm
     from ember.layers.quantization.w4a16 import W4Weights, build_kernel_layout, dequantize_layout
 
     triton_w4a16.W4A16_DECODE_CONFIGS.clear()  # "current" = decode_config's rule
@@ -313,45 +297,44 @@ def run_w4a16(args, result: dict, t0: float) -> None:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             ref = x.float() @ wref.T
 
-            def call(i, cfg=None):
+            def call(i, tiles=(None, None, None)):
                 return w4a16_gemm(x, qws[i], layout.scales, layout.zeros, layout.perm, layout.group, layout.k, None,
-                                  ws, config=W4A16Config(**cfg) if cfg else None)
+                                  ws, block_n=tiles[0], split_k=tiles[1], num_warps=tiles[2])
 
             row = {"shape": shape, "n": n, "k": k, "m": m, "copies": copies, "configs": {}}
             row["current_err"] = rel_err(call(0), ref)
             row["current_us"] = time_us(call, copies)
             row["bf16_us"] = time_us(lambda i: skinny_linear(x, wb[i]), len(wb))
             best = None
-            for cfg in W4_CANDIDATES:
-                if cfg["split_k"] > k // 128:
+            for tiles in W4_CANDIDATES:
+                if tiles[1] > k // 128:
                     continue
-                label = w4_label(cfg)
                 try:
-                    err = rel_err(call(0, cfg), ref)
-                    us = time_us(lambda i, cfg=cfg: call(i, cfg), copies)
+                    err = rel_err(call(0, tiles), ref)
+                    us = time_us(lambda i, tiles=tiles: call(i, tiles), copies)
                 except Exception as e:  # noqa: BLE001 (out of resources etc.: reported, skipped)
-                    row["configs"][label] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+                    row["configs"][str(tiles)] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
                     continue
                 ok = err < 1e-2
-                row["configs"][label] = {"us": us, "gb_s": int4_bytes / us / 1e3, "err": err, "ok": ok}
-                if ok and (best is None or us < row["configs"][w4_label(best)]["us"]):
-                    best = cfg
+                row["configs"][str(tiles)] = {"us": us, "gb_s": int4_bytes / us / 1e3, "err": err, "ok": ok}
+                if ok and (best is None or us < row["configs"][str(best)]["us"]):
+                    best = tiles
             row["current_gb_s"] = int4_bytes / row["current_us"] / 1e3
             if best is not None:
-                b = row["configs"][w4_label(best)]
-                row["best"] = w4_label(best)
+                b = row["configs"][str(best)]
+                row["best"] = list(best)
                 print(f"{shape:<8} {m:>2} {row['current_us']:7.1f} {row['current_gb_s']:8.0f} {row['bf16_us']:7.1f} "
                       f"{b['us']:7.1f} {b['gb_s']:6.0f} {row['current_us'] / b['us']:5.2f} "
-                      f"{row['bf16_us'] / b['us']:6.2f}  {w4_label(best)}", flush=True)
+                      f"{row['bf16_us'] / b['us']:6.2f}  {best}", flush=True)
                 if b["us"] < row["current_us"] / 1.03:
                     table[(n, layout.qweight.shape[0] * 8, m)] = best
             w4["rows"].append(row)
         qws = wb = wref = layout = None  # noqa: F841 (freed before the next shape)
         torch.cuda.empty_cache()
     print("\n# W4A16_DECODE_CONFIGS entries (ember/kernels/triton_w4a16.py), best beating the rule by >3%:")
-    for (n, k, m), cfg in table.items():
-        print(f"    ({n}, {k}, {m}): {W4A16Config(**cfg)},")
-    w4["table"] = {f"{n},{k},{m}": cfg for (n, k, m), cfg in table.items()}
+    for (n, k, m), tiles in table.items():
+        print(f"    ({n}, {k}, {m}): {tiles},")
+    w4["table"] = {f"{n},{k},{m}": list(t) for (n, k, m), t in table.items()}
     print(f"# W4A16 done ({time.time() - t0:.0f} s)", flush=True)
 
 

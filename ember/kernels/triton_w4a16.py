@@ -44,7 +44,6 @@ activation dtype and ``torch.mm`` multiplies (the GEMM is compute-bound there).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -63,10 +62,6 @@ DEQUANT_MIN_M = 512
 FMA_MAX_M = 1
 #: Most K splits of one column block.
 MAX_SPLIT_K = 16
-#: How the tensor-core path unpacks nibbles: "shift" (a shift, mask and OR
-#: per weight), "pairs" (one shift and one mask-and-OR per two weights,
-#: packed as two 16-bit values), "asm" ("pairs" in PTX; CUDA only).
-UNPACK_MODES = {"shift": 0, "pairs": 1, "asm": 2}
 
 
 @triton.jit
@@ -76,71 +71,6 @@ def _shift(P, AMOUNT: tl.constexpr):
         return P << AMOUNT
     else:
         return P >> (-AMOUNT)
-
-
-@triton.jit
-def _chunks_pairs(P, OUT: tl.constexpr, ASM: tl.constexpr):
-    # P int32 [16, BLOCK_N] -> the tile's eight chunks as 1 + q / 16 in OUT
-    # (bfloat16 or float16), exactly. Chunks j and j + 4 lie 16 bits apart in
-    # a packed word, so one shift and one (a & mask) | magic (a single LOP3)
-    # place both nibbles in the mantissas of a packed pair of 1.0: one
-    # integer operation per weight. ASM: the same in PTX, the halves taken
-    # as 16-bit registers.
-    if OUT == tl.bfloat16:
-        SH0: tl.constexpr = 3
-        MASK2: tl.constexpr = 0x00780078
-        MAGIC2: tl.constexpr = 0x3F803F80
-    else:
-        SH0: tl.constexpr = 6
-        MASK2: tl.constexpr = 0x03C003C0
-        MAGIC2: tl.constexpr = 0x3C003C00
-    if ASM:
-        if OUT == tl.bfloat16:
-            chunks = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, r;\n"
-                "shl.b32 t, $8, 3;\n lop3.b32 r, t, 0x00780078, 0x3F803F80, 0xEA;\n mov.b32 {$0, $4}, r;\n"
-                "shr.b32 t, $8, 1;\n lop3.b32 r, t, 0x00780078, 0x3F803F80, 0xEA;\n mov.b32 {$1, $5}, r;\n"
-                "shr.b32 t, $8, 5;\n lop3.b32 r, t, 0x00780078, 0x3F803F80, 0xEA;\n mov.b32 {$2, $6}, r;\n"
-                "shr.b32 t, $8, 9;\n lop3.b32 r, t, 0x00780078, 0x3F803F80, 0xEA;\n mov.b32 {$3, $7}, r;\n}",
-                "=h,=h,=h,=h,=h,=h,=h,=h,r", [P], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            chunks = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, r;\n"
-                "shl.b32 t, $8, 6;\n lop3.b32 r, t, 0x03C003C0, 0x3C003C00, 0xEA;\n mov.b32 {$0, $4}, r;\n"
-                "shl.b32 t, $8, 2;\n lop3.b32 r, t, 0x03C003C0, 0x3C003C00, 0xEA;\n mov.b32 {$1, $5}, r;\n"
-                "shr.b32 t, $8, 2;\n lop3.b32 r, t, 0x03C003C0, 0x3C003C00, 0xEA;\n mov.b32 {$2, $6}, r;\n"
-                "shr.b32 t, $8, 6;\n lop3.b32 r, t, 0x03C003C0, 0x3C003C00, 0xEA;\n mov.b32 {$3, $7}, r;\n}",
-                "=h,=h,=h,=h,=h,=h,=h,=h,r", [P], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    else:
-        R0 = (_shift(P, SH0) & MASK2) | MAGIC2
-        R1 = (_shift(P, SH0 - 4) & MASK2) | MAGIC2
-        R2 = (_shift(P, SH0 - 8) & MASK2) | MAGIC2
-        R3 = (_shift(P, SH0 - 12) & MASK2) | MAGIC2
-        chunks = (R0.to(tl.int16).to(OUT, bitcast=True), R1.to(tl.int16).to(OUT, bitcast=True),
-                  R2.to(tl.int16).to(OUT, bitcast=True), R3.to(tl.int16).to(OUT, bitcast=True),
-                  (R0 >> 16).to(tl.int16).to(OUT, bitcast=True), (R1 >> 16).to(tl.int16).to(OUT, bitcast=True),
-                  (R2 >> 16).to(tl.int16).to(OUT, bitcast=True), (R3 >> 16).to(tl.int16).to(OUT, bitcast=True))
-    return chunks
-
-
-@triton.jit
-def _stack_chunks(chunks, FIRST: tl.constexpr, COUNT: tl.constexpr):
-    # Chunks FIRST .. FIRST + COUNT - 1 (each [16, BLOCK_N]) stacked along K:
-    # [16 * COUNT, BLOCK_N], row 16 * c + i = row i of chunk FIRST + c. The
-    # joined axes hold the chunk index's bits, lowest first.
-    if COUNT == 1:
-        w = chunks[FIRST]
-    elif COUNT == 2:
-        w = tl.join(chunks[FIRST], chunks[FIRST + 1])
-        w = tl.reshape(tl.permute(w, (2, 0, 1)), (32, w.shape[1]))
-    elif COUNT == 4:
-        w = tl.join(tl.join(chunks[FIRST], chunks[FIRST + 1]), tl.join(chunks[FIRST + 2], chunks[FIRST + 3]))
-        w = tl.reshape(tl.permute(w, (3, 2, 0, 1)), (64, w.shape[1]))
-    else:
-        w = tl.join(tl.join(tl.join(chunks[FIRST], chunks[FIRST + 1]), tl.join(chunks[FIRST + 2], chunks[FIRST + 3])),
-                    tl.join(tl.join(chunks[FIRST + 4], chunks[FIRST + 5]), tl.join(chunks[FIRST + 6], chunks[FIRST + 7])))
-        w = tl.reshape(tl.permute(w, (4, 3, 2, 0, 1)), (128, w.shape[1]))
-    return w
 
 
 @triton.jit
@@ -168,8 +98,7 @@ def _group_scale(S, Z, row, offs_n, mask_n, N, HAS_ZERO: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_per_split, stride_xm, stride_ym,
                   HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, KG: tl.constexpr,
-                  USE_DOT: tl.constexpr, UNPACK: tl.constexpr, JOIN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -197,23 +126,9 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
                 MAGIC: tl.constexpr = 0x3C00
             g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             sx = tl.zeros([BLOCK_M], tl.float32)
-            if UNPACK != 0:
-                chunks = _chunks_pairs(P, X.dtype.element_ty, UNPACK == 2)
-            if JOIN:
-                # One product per group: its chunks stacked into a [KG, BLOCK_N] tile.
-                for gi in tl.static_range(GROUPS_PER_TILE):
-                    w = _stack_chunks(chunks, gi * (KG // 16), KG // 16)
-                    xg = _load_x(X, offs_m, mask_m, stride_xm, kb + gi * KG + tl.arange(0, KG), PERM, K, HAS_PERM)
-                    g = tl.dot(xg, w)
-                    sx = tl.sum(xg.to(tl.float32), 1)
-                    s, z = _group_scale(S, Z, t * GROUPS_PER_TILE + gi, offs_n, mask_n, N, HAS_ZERO)
-                    acc += s[None, :] * (16.0 * (g - sx[:, None]) - z[None, :] * sx[:, None])
-            for j in tl.static_range(0 if JOIN else 8):
-                if UNPACK == 0:
-                    T = _shift(P, SH0 - 4 * j)
-                    w = ((T & MASK) | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)
-                else:
-                    w = chunks[j]
+            for j in tl.static_range(8):
+                T = _shift(P, SH0 - 4 * j)
+                w = ((T & MASK) | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)
                 xj = _load_x(X, offs_m, mask_m, stride_xm, kb + 16 * j + offs_i, PERM, K, HAS_PERM)
                 g = tl.dot(xj, w, g)
                 sx += tl.sum(xj.to(tl.float32), 1)
@@ -337,63 +252,40 @@ def shared_workspace() -> W4A16Workspace:
     return W4A16Workspace()
 
 
-@dataclass(frozen=True)
-class W4A16Config:
-    """One configuration of the decode kernel: ``block_n`` output columns per
-    program, ``split_k`` programs per column block along K, Triton's
-    ``num_warps``/``num_stages``; ``unpack`` (:data:`UNPACK_MODES`) and
-    ``join`` (the chunks of each group stacked into one [group, block_n]
-    tensor-core product, x loaded once per group) for the tensor-core path;
-    ``use_dot``: tensor cores (True), CUDA cores (False, one row only) or
-    by row count (None: CUDA cores up to :data:`FMA_MAX_M` rows)."""
-    block_n: int
-    split_k: int
-    num_warps: int = 4
-    unpack: str = "shift"
-    join: bool = False
-    use_dot: bool | None = None
-    num_stages: int = 4
-
-    def __post_init__(self) -> None:
-        if (self.unpack not in UNPACK_MODES or self.block_n < 16 or self.split_k < 1
-                or (self.join and self.unpack == "shift")):
-            raise ValueError(f"W4A16 config: bad {self} (join needs unpack 'pairs' or 'asm')")
-
-
 #: Row-count buckets of :data:`W4A16_DECODE_CONFIGS` (the rows rounded up).
 DECODE_M_BUCKETS = (1, 4, 8, 16)
-#: (N, K_pad, M bucket of DECODE_M_BUCKETS) -> the decode kernel's
-#: configuration, overriding :func:`decode_config`'s rule for the shapes
+#: (N, K_pad, M bucket of DECODE_M_BUCKETS) -> ``(BLOCK_N, split_k, num_warps)``
+#: of the decode kernel, overriding :func:`decode_config`'s rule for the shapes
 #: listed; filled from ``benchmarks/gpu/fp8_gemv_sweep.py --parts w4a16``
 #: (it prints these lines).
-W4A16_DECODE_CONFIGS: dict[tuple[int, int, int], W4A16Config] = {
+W4A16_DECODE_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {
     # Llama-3.1-8B shapes (group 128), measured on an H100.
-    (6144, 4096, 1): W4A16Config(128, 8, 4),
-    (6144, 4096, 4): W4A16Config(128, 8, 4),
-    (6144, 4096, 8): W4A16Config(128, 8, 4),
-    (6144, 4096, 16): W4A16Config(128, 8, 4),
-    (4096, 4096, 1): W4A16Config(64, 8, 4),
-    (4096, 4096, 4): W4A16Config(128, 8, 4),
-    (4096, 4096, 8): W4A16Config(128, 8, 4),
-    (4096, 4096, 16): W4A16Config(128, 8, 4),
-    (28672, 4096, 1): W4A16Config(128, 8, 4),
-    (28672, 4096, 4): W4A16Config(256, 2, 8),
-    (28672, 4096, 8): W4A16Config(256, 2, 8),
-    (28672, 4096, 16): W4A16Config(256, 2, 8),
-    (4096, 14336, 1): W4A16Config(64, 8, 4),
-    (4096, 14336, 4): W4A16Config(128, 8, 4),
-    (4096, 14336, 8): W4A16Config(128, 8, 4),
-    (4096, 14336, 16): W4A16Config(128, 8, 4),
+    (6144, 4096, 1): (128, 8, 4),
+    (6144, 4096, 4): (128, 8, 4),
+    (6144, 4096, 8): (128, 8, 4),
+    (6144, 4096, 16): (128, 8, 4),
+    (4096, 4096, 1): (64, 8, 4),
+    (4096, 4096, 4): (128, 8, 4),
+    (4096, 4096, 8): (128, 8, 4),
+    (4096, 4096, 16): (128, 8, 4),
+    (28672, 4096, 1): (128, 8, 4),
+    (28672, 4096, 4): (256, 2, 8),
+    (28672, 4096, 8): (256, 2, 8),
+    (28672, 4096, 16): (256, 2, 8),
+    (4096, 14336, 1): (64, 8, 4),
+    (4096, 14336, 4): (128, 8, 4),
+    (4096, 14336, 8): (128, 8, 4),
+    (4096, 14336, 16): (128, 8, 4),
 }
 
 
-def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> W4A16Config:
-    """The decode kernel's configuration for ``m`` rows (at most
-    :data:`SPLIT_MAX_M`), ``n`` columns and ``num_tiles`` tiles of 128 rows
-    of K: the entry of :data:`W4A16_DECODE_CONFIGS` where there is one, else
-    64-column blocks (32 when fewer than two per SM), and the K axis split
-    until there are about four programs per SM, each keeping at least two
-    tiles."""
+def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, split_k, num_warps)`` of the decode kernel for ``m`` rows
+    (at most :data:`SPLIT_MAX_M`), ``n`` columns and ``num_tiles`` tiles of
+    128 rows of K: the entry of :data:`W4A16_DECODE_CONFIGS` where there is
+    one, else 64-column blocks (32 when fewer than two per SM), and the
+    K axis split until there are about four programs per SM, each keeping
+    at least two tiles."""
     bucket = next((b for b in DECODE_M_BUCKETS if m <= b), None)
     listed = W4A16_DECODE_CONFIGS.get((n, num_tiles * TILE_K, bucket)) if bucket is not None else None
     if listed is not None:
@@ -401,13 +293,13 @@ def decode_config(m: int, n: int, num_tiles: int, num_sms: int) -> W4A16Config:
     block_n = 64 if triton.cdiv(n, 64) >= 2 * num_sms else 32
     blocks = triton.cdiv(n, block_n)
     split = max(1, min(MAX_SPLIT_K, triton.cdiv(4 * num_sms, blocks), num_tiles // 2))
-    return W4A16Config(block_n, split, 4)
+    return block_n, split, 4
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                perm: torch.Tensor | None, group: int, k: int, bias: torch.Tensor | None = None,
-               workspace: W4A16Workspace | None = None, config: W4A16Config | None = None,
-               split_k: int | None = None) -> torch.Tensor:
+               workspace: W4A16Workspace | None = None, block_n: int | None = None, split_k: int | None = None,
+               num_warps: int | None = None) -> torch.Tensor:
     """``x @ W + bias`` with W in the packed layout of the module docstring.
 
     Args:
@@ -419,10 +311,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         bias: [N] or None.
         workspace: the split-K scratch (required for split launches of at
             most :data:`SPLIT_MAX_M` rows; without it no split).
-        config: overrides :func:`decode_config` (benchmarks); at more
-            than :data:`SPLIT_MAX_M` rows only its ``block_n`` and
-            ``num_warps`` count.
-        split_k: overrides the configuration's K splits.
+        block_n, split_k, num_warps: override :func:`decode_config` (benchmarks).
 
     Returns:
         [M, N] in ``x``'s dtype.
@@ -445,29 +334,27 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     num_tiles = k_pad // TILE_K
     dummy = qweight  # stands for absent pointers
     if m <= SPLIT_MAX_M:
-        cfg = config or decode_config(m, n, num_tiles, _num_sms(x.device))
-        use_dot = m > FMA_MAX_M if cfg.use_dot is None else cfg.use_dot
-        split = split_k or cfg.split_k
+        use_dot = m > FMA_MAX_M
+        bn, split, warps = decode_config(m, n, num_tiles, _num_sms(x.device))
+        bn, split, warps = block_n or bn, split_k or split, num_warps or warps
         if workspace is None:
             split = 1
         ws, cnt = workspace.get(x.device, n) if split > 1 else (dummy, dummy)
         block_m = 16 if use_dot else 1
         grid_m = 1 if use_dot else m
     else:
-        cfg = config or W4A16Config(64, 1)
-        use_dot, split, block_m = True, 1, 64
+        use_dot, split, block_m, bn, warps = True, 1, 64, block_n or 64, num_warps or 4
         grid_m = triton.cdiv(m, block_m)
         ws, cnt = dummy, dummy
     tiles_per_split = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, tiles_per_split)
-    grid = (triton.cdiv(n, cfg.block_n), grid_m, split)
+    grid = (triton.cdiv(n, bn), grid_m, split)
     _w4a16_kernel[grid](x, qweight, scales, zeros if zeros is not None else dummy,
                         perm if perm is not None else dummy, bias if bias is not None else dummy, y, ws, cnt,
                         m, n, k, num_tiles, tiles_per_split, x.stride(0), y.stride(0),
                         HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, KG=group,
-                        USE_DOT=use_dot, UNPACK=UNPACK_MODES[cfg.unpack], JOIN=cfg.join and use_dot, SPLIT_K=split,
-                        BLOCK_M=block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                        num_stages=1 if INTERPRETED else cfg.num_stages)
+                        USE_DOT=use_dot, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps,
+                        num_stages=1 if INTERPRETED else 4)
     return y
 
 

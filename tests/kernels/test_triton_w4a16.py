@@ -16,8 +16,8 @@ from tests.kernels.interpret import DEVICE
 
 triton = pytest.importorskip("triton")
 
-from ember.kernels.triton_w4a16 import (DEQUANT_MIN_M, W4A16Config, W4A16Workspace,  # noqa: E402
-                                        w4a16_dequantize, w4a16_gemm)
+from ember.kernels.triton_w4a16 import (DEQUANT_MIN_M, W4A16Workspace, w4a16_dequantize,  # noqa: E402
+                                        w4a16_gemm)
 from ember.layers.quantization.w4a16 import (W4Weights, build_kernel_layout, dequantize_layout,  # noqa: E402
                                              dequantize_rows)
 
@@ -80,33 +80,6 @@ def test_split_k_sums_the_partials_and_re_arms_the_counters(m, group):
         x = torch.randn(m, 384, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16)
         _check(_run(layout, x, bias, split_k=3, workspace=ws), x, layout, bias)
         assert not ws.get(x.device, 80)[1].any()
-
-
-UNPACKS = [("pairs", False), ("pairs", True)] + ([("asm", False), ("asm", True)] if DEVICE == "cuda" else [])
-
-
-@pytest.mark.parametrize("unpack,join", UNPACKS)
-@pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group,zeros,act_order", [(128, True, None), (64, False, "uniform"), (32, True, None)])
-def test_packed_pair_unpacking_matches_float32(unpack, join, m, dtype, group, zeros, act_order):
-    """Two nibbles per shift-and-mask ("pairs", "asm"), per chunk or with a
-    group's chunks stacked into one product, on the tensor cores from one row."""
-    layout = _layout(384, 48, group, zeros, act_order, seed=group + m)
-    ws = W4A16Workspace()
-    ws.reserve(48, DEVICE)
-    x = torch.randn(m, 384, device=DEVICE).to(dtype)
-    x[:, 5] = 1e4 if m > 1 else 1.0  # an outlier column
-    config = W4A16Config(16, 2, 4, unpack=unpack, join=join, use_dot=True)
-    y = w4a16_gemm(x, layout.qweight, layout.scales, layout.zeros, layout.perm, layout.group, layout.k, None, ws,
-                   config=config)
-    assert torch.isfinite(y).all()
-    _check(y, x, layout)
-
-
-def test_join_needs_packed_pairs():
-    with pytest.raises(ValueError, match="join"):
-        W4A16Config(64, 1, unpack="shift", join=True)
 
 
 def test_k_not_a_multiple_of_the_tile_is_masked():
@@ -194,10 +167,9 @@ def test_decode_config_table_overrides_the_rule(monkeypatch):
 
     layout = _layout(256, 48, 128, zeros=True, act_order=None, seed=3)
     rule = triton_w4a16.decode_config(5, 48, 2, 132)
-    listed = triton_w4a16.W4A16Config(16, 2, 4)
-    monkeypatch.setitem(triton_w4a16.W4A16_DECODE_CONFIGS, (48, 256, 4), listed)
-    assert triton_w4a16.decode_config(3, 48, 2, 132) == listed
-    assert triton_w4a16.decode_config(3, 48, 3, 132) != listed  # another K
+    monkeypatch.setitem(triton_w4a16.W4A16_DECODE_CONFIGS, (48, 256, 4), (16, 2, 4))
+    assert triton_w4a16.decode_config(3, 48, 2, 132) == (16, 2, 4)
+    assert triton_w4a16.decode_config(3, 48, 3, 132) != (16, 2, 4)  # another K
     assert triton_w4a16.decode_config(5, 48, 2, 132) == rule  # bucket 8 is not listed
     ws = W4A16Workspace()
     ws.reserve(48, DEVICE)
