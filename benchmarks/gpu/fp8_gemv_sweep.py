@@ -259,8 +259,9 @@ def run_fp8(args, result: dict, t0: float) -> None:
 
 W4_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 # (BLOCK_N, split_k, num_warps) of the W4A16 decode kernel (ember/kernels/triton_w4a16.py).
-W4_CANDIDATES = ([(bn, split, 4) for bn in (32, 64, 128) for split in (1, 2, 4, 8)]
-                 + [(128, split, 8) for split in (1, 2, 4)] + [(256, 1, 8), (256, 2, 8)])
+W4_CANDIDATES = ([(bn, split, 4) for bn in (32, 64, 128) for split in (1, 2, 4, 8, 16)]
+                 + [(128, split, 8) for split in (1, 2, 4)] + [(256, 1, 8), (256, 2, 8)]
+                 + [(256, split, 4) for split in (2, 4, 8)] + [(bn, split, 2) for bn in (32, 64) for split in (4, 8, 16)])
 W4_GROUP = 128
 
 

@@ -86,6 +86,46 @@ def _load_x(X, offs_m, mask_m, stride_xm, offs_k, PERM, K, HAS_PERM: tl.constexp
 
 
 @triton.jit
+def _load_x_row(X, row_offset, offs_k, PERM, K, HAS_PERM: tl.constexpr, MASK_K: tl.constexpr):
+    # x[row, k] as float32 for the rows k of the tile, one row (a [16] vector);
+    # MASK_K: K is not a multiple of the tile (rows k >= K read as 0).
+    if HAS_PERM:
+        idx = tl.load(PERM + offs_k)
+        return tl.load(X + row_offset + idx, mask=idx >= 0, other=0.0).to(tl.float32)
+    elif MASK_K:
+        return tl.load(X + row_offset + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    else:
+        return tl.load(X + row_offset + offs_k).to(tl.float32)
+
+
+@triton.jit
+def _unpack_pair_f32(P, AMOUNT: tl.constexpr, ASM: tl.constexpr):
+    # The nibbles at bits 15 - AMOUNT .. 22 - AMOUNT of P as float32
+    # 16 + q / 16 (placed at bits 15..18 of 16.0) and 1 + q / 16 (bits 19..22
+    # of 1.0), exactly: one shift and two (t & mask) | magic (one LOP3 each
+    # in PTX; ptxas splits the Triton form into an AND and an OR).
+    if ASM:
+        tl.static_assert(AMOUNT == 15 or AMOUNT == 7 or AMOUNT == -1 or AMOUNT == -9)
+        LOPS: tl.constexpr = "lop3.b32 $0, t, 0x78000, 0x41800000, 0xEA;\n lop3.b32 $1, t, 0x780000, 0x3F800000, 0xEA;\n}"
+        if AMOUNT == 15:
+            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shl.b32 t, $2, 15;\n" + LOPS, "=r,=r,r", [P],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        elif AMOUNT == 7:
+            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shl.b32 t, $2, 7;\n" + LOPS, "=r,=r,r", [P],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        elif AMOUNT == -1:
+            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shr.b32 t, $2, 1;\n" + LOPS, "=r,=r,r", [P],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shr.b32 t, $2, 9;\n" + LOPS, "=r,=r,r", [P],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        T = _shift(P, AMOUNT)
+        return (((T & 0x78000) | 0x41800000).to(tl.float32, bitcast=True),
+                ((T & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _group_scale(S, Z, row, offs_n, mask_n, N, HAS_ZERO: tl.constexpr):
     s = tl.load(S + row * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_ZERO:
@@ -98,7 +138,8 @@ def _group_scale(S, Z, row, offs_n, mask_n, N, HAS_ZERO: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_per_split, stride_xm, stride_ym,
                   HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, KG: tl.constexpr,
-                  USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  USE_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK_K: tl.constexpr, ASM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -111,10 +152,10 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for t in range(t_begin, t_end):
-        kb = t * TILE_K_C
-        P = tl.load(QW + (t * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        if USE_DOT:
+    if USE_DOT:
+        for t in range(t_begin, t_end):
+            kb = t * TILE_K_C
+            P = tl.load(QW + (t * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
             # Tensor cores: chunk j as (1 + q / 16) in x's dtype, exactly.
             if X.dtype.element_ty == tl.bfloat16:
                 SH0: tl.constexpr = 3  # nibble -> mantissa bits 3..6 of bfloat16 1.0 (0x3F80)
@@ -138,34 +179,44 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
                     acc += s[None, :] * (16.0 * (g - sx[:, None]) - z[None, :] * sx[:, None])
                     g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                     sx = tl.zeros([BLOCK_M], tl.float32)
-        else:
-            # CUDA cores, one row: nibbles 2p + 1 and 2p in one shift, as
-            # 1 + q / 16 (bits 19..22 of float32 1.0) and 1 + q / 256 (bits
-            # 15..18, multiplied by 16 x so that both carry q / 16).
+    else:
+        # CUDA cores, one row: nibbles 2p + 1 and 2p in one shift, as
+        # 1 + q / 16 (bits 19..22 of float32 1.0) and 16 + q / 16 (bits
+        # 15..18 of 16.0), so that x_hi w_hi + x_lo w_lo - (x_hi + 16 x_lo)
+        # is (x_hi q_hi + x_lo q_lo) / 16. x comes as
+        # [16] vectors along the tile's rows (no layout conversion: no shared
+        # memory or barrier per chunk); the group terms stay per row until
+        # one reduction after the loop. The next tile's words are loaded
+        # before this tile's arithmetic, so their latency overlaps it.
+        acc2 = tl.zeros([16, BLOCK_N], tl.float32)
+        x_row = pid_m * stride_xm
+        P_next = tl.load(QW + (t_begin * 16 + offs_i)[:, None] * N + offs_n[None, :],
+                         mask=mask_n[None, :] & (t_begin + 0 * offs_i < t_end)[:, None], other=0)
+        for t in range(t_begin, t_end):
+            kb = t * TILE_K_C
+            P = P_next
+            P_next = tl.load(QW + ((t + 1) * 16 + offs_i)[:, None] * N + offs_n[None, :],
+                             mask=mask_n[None, :] & (t + 1 + 0 * offs_i < t_end)[:, None], other=0)
             g2 = tl.zeros([16, BLOCK_N], tl.float32)
-            s_eff = tl.zeros([1], tl.float32)
-            s_plain = tl.zeros([1], tl.float32)
+            x_eff = tl.zeros([16], tl.float32)
+            x_sum = tl.zeros([16], tl.float32)
             for p in tl.static_range(4):
-                T = _shift(P, 15 - 8 * p)
-                w_lo = ((T & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True)
-                w_hi = ((T & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                x_lo = tl.sum(_load_x(X, offs_m, mask_m, stride_xm, kb + 32 * p + offs_i, PERM, K,
-                                      HAS_PERM).to(tl.float32), 0)
-                x_hi = tl.sum(_load_x(X, offs_m, mask_m, stride_xm, kb + 32 * p + 16 + offs_i, PERM, K,
-                                      HAS_PERM).to(tl.float32), 0)
+                w_lo, w_hi = _unpack_pair_f32(P, 15 - 8 * p, ASM)
+                x_lo = _load_x_row(X, x_row, kb + 32 * p + offs_i, PERM, K, HAS_PERM, MASK_K)
+                x_hi = _load_x_row(X, x_row, kb + 32 * p + 16 + offs_i, PERM, K, HAS_PERM, MASK_K)
                 # Two accumulations (two FMAs per pair of weights, not mul + fma + add).
-                g2 += (16.0 * x_lo)[:, None] * w_lo
+                g2 += x_lo[:, None] * w_lo
                 g2 += x_hi[:, None] * w_hi
-                s_eff += tl.sum(16.0 * x_lo + x_hi, 0)
-                s_plain += tl.sum(x_lo + x_hi, 0)
+                x_eff += 16.0 * x_lo + x_hi
+                x_sum += x_lo + x_hi
                 if (32 * p + 32) % KG == 0:
                     s, z = _group_scale(S, Z, t * GROUPS_PER_TILE + (32 * p + 32) // KG - 1, offs_n, mask_n, N,
                                         HAS_ZERO)
-                    gs = tl.sum(g2, 0)
-                    acc += (s * (16.0 * (gs - s_eff) - z * s_plain))[None, :]
+                    acc2 += s[None, :] * (16.0 * (g2 - x_eff[:, None]) - z[None, :] * x_sum[:, None])
                     g2 = tl.zeros([16, BLOCK_N], tl.float32)
-                    s_eff = tl.zeros([1], tl.float32)
-                    s_plain = tl.zeros([1], tl.float32)
+                    x_eff = tl.zeros([16], tl.float32)
+                    x_sum = tl.zeros([16], tl.float32)
+        acc += tl.sum(acc2, 0)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -353,7 +404,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                         perm if perm is not None else dummy, bias if bias is not None else dummy, y, ws, cnt,
                         m, n, k, num_tiles, tiles_per_split, x.stride(0), y.stride(0),
                         HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, KG=group,
-                        USE_DOT=use_dot, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps,
+                        USE_DOT=use_dot, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=bn, MASK_K=k != k_pad,
+                        ASM=x.is_cuda and not INTERPRETED, num_warps=warps,
                         num_stages=1 if INTERPRETED else 4)
     return y
 
