@@ -62,6 +62,10 @@ DEQUANT_MIN_M = 512
 FMA_MAX_M = 1
 #: Most K splits of one column block.
 MAX_SPLIT_K = 16
+#: Register cap of the one-row kernel up to 128 columns per program (None:
+#: ptxas's choice, about 170 at 128 columns): 128 lets four programs of four
+#: warps share an SM with no spills.
+ONE_ROW_MAXNREG: int | None = 128
 
 
 @triton.jit
@@ -400,13 +404,16 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     tiles_per_split = triton.cdiv(num_tiles, split)
     split = triton.cdiv(num_tiles, tiles_per_split)
     grid = (triton.cdiv(n, bn), grid_m, split)
+    launch_options = {}
+    if not use_dot and bn <= 128 and ONE_ROW_MAXNREG is not None and not INTERPRETED:
+        launch_options["maxnreg"] = ONE_ROW_MAXNREG
     _w4a16_kernel[grid](x, qweight, scales, zeros if zeros is not None else dummy,
                         perm if perm is not None else dummy, bias if bias is not None else dummy, y, ws, cnt,
                         m, n, k, num_tiles, tiles_per_split, x.stride(0), y.stride(0),
                         HAS_ZERO=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, KG=group,
                         USE_DOT=use_dot, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=bn, MASK_K=k != k_pad,
                         ASM=x.is_cuda and not INTERPRETED, num_warps=warps,
-                        num_stages=1 if INTERPRETED else 4)
+                        num_stages=1 if INTERPRETED else 4, **launch_options)
     return y
 
 
