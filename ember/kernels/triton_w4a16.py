@@ -28,7 +28,10 @@ a chunk's product is ``x . (1 + q / 16)`` and a group's contribution
 
 costs one shift and one mask per weight, the scale and zero applied once per
 group and column. One row (batch-1 decode) multiplies on the CUDA cores, two
-nibbles per shift (the lower one as ``1 + q / 256`` against ``16 x``); more rows
+nibbles per shift (the lower one as ``16 + q / 16``, the exponent of 16.0; a
+shift and two mask-and-ORs, one ``LOP3`` each, per two weights), with x read
+as vectors along the tile's rows and the next tile's words loaded before the
+current one's arithmetic; more rows
 use the tensor cores (bfloat16 or float16 chunks, rows padded to 16). The K
 axis is split over ``split_k`` programs per column block when the column blocks
 alone would leave the SMs idle; the last program of a block to finish (an
