@@ -205,8 +205,8 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
             P_next = tl.load(QW + ((t + 1) * 16 + offs_i)[:, None] * N + offs_n[None, :],
                              mask=mask_n[None, :] & (t + 1 + 0 * offs_i < t_end)[:, None], other=0)
             g2 = tl.zeros([16, BLOCK_N], tl.float32)
-            x_eff = tl.zeros([16], tl.float32)
-            x_sum = tl.zeros([16], tl.float32)
+            x_lo_sum = tl.zeros([16], tl.float32)
+            x_hi_sum = tl.zeros([16], tl.float32)
             for p in tl.static_range(4):
                 w_lo, w_hi = _unpack_pair_f32(P, 15 - 8 * p, ASM)
                 x_lo = _load_x_row(X, x_row, kb + 32 * p + offs_i, PERM, K, HAS_PERM, MASK_K)
@@ -214,15 +214,19 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
                 # Two accumulations (two FMAs per pair of weights, not mul + fma + add).
                 g2 += x_lo[:, None] * w_lo
                 g2 += x_hi[:, None] * w_hi
-                x_eff += 16.0 * x_lo + x_hi
-                x_sum += x_lo + x_hi
+                x_lo_sum += x_lo
+                x_hi_sum += x_hi
                 if (32 * p + 32) % KG == 0:
                     s, z = _group_scale(S, Z, t * GROUPS_PER_TILE + (32 * p + 32) // KG - 1, offs_n, mask_n, N,
                                         HAS_ZERO)
-                    acc2 += s[None, :] * (16.0 * (g2 - x_eff[:, None]) - z[None, :] * x_sum[:, None])
+                    # Per row: the 1s and 16s of the weights, x_hi + 16 x_lo, and
+                    # the zero point's z * sum(x), both in units of q / 16.
+                    ones = 16.0 * (16.0 * x_lo_sum + x_hi_sum)
+                    x_sum = x_lo_sum + x_hi_sum
+                    acc2 += s[None, :] * (16.0 * g2 - (ones[:, None] + z[None, :] * x_sum[:, None]))
                     g2 = tl.zeros([16, BLOCK_N], tl.float32)
-                    x_eff = tl.zeros([16], tl.float32)
-                    x_sum = tl.zeros([16], tl.float32)
+                    x_lo_sum = tl.zeros([16], tl.float32)
+                    x_hi_sum = tl.zeros([16], tl.float32)
         acc += tl.sum(acc2, 0)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = mask_m[:, None] & mask_n[None, :]
