@@ -190,11 +190,12 @@ def _w4a16_kernel(X, QW, S, Z, PERM, B, Y, WS, CNT, M, N, K, num_tiles, tiles_pe
         # CUDA cores, one row: nibbles 2p + 1 and 2p in one shift, as
         # 1 + q / 16 (bits 19..22 of float32 1.0) and 16 + q / 16 (bits
         # 15..18 of 16.0), so that x_hi w_hi + x_lo w_lo - (x_hi + 16 x_lo)
-        # is (x_hi q_hi + x_lo q_lo) / 16. x comes as
-        # [16] vectors along the tile's rows (no layout conversion: no shared
-        # memory or barrier per chunk); the group terms stay per row until
-        # one reduction after the loop. The next tile's words are loaded
-        # before this tile's arithmetic, so their latency overlaps it.
+        # is (x_hi q_hi + x_lo q_lo) / 16. x comes as [16] vectors along the
+        # tile's rows (no layout conversion: no shared memory or barrier per
+        # chunk); the group terms stay per row until one reduction after the
+        # loop. The next tile's words are loaded before this tile's
+        # arithmetic, so their latency overlaps it (the tile bound is a [16]
+        # vector in the masks: Triton's interpreter takes no scalar there).
         acc2 = tl.zeros([16, BLOCK_N], tl.float32)
         x_row = pid_m * stride_xm
         P_next = tl.load(QW + (t_begin * 16 + offs_i)[:, None] * N + offs_n[None, :],
