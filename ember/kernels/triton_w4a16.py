@@ -111,23 +111,12 @@ def _unpack_pair_f32(P, AMOUNT: tl.constexpr, ASM: tl.constexpr):
     # 16 + q / 16 (placed at bits 15..18 of 16.0) and 1 + q / 16 (bits 19..22
     # of 1.0), exactly: one shift and two (t & mask) | magic (one LOP3 each
     # in PTX; ptxas splits the Triton form into an AND and an OR).
+    T = _shift(P, AMOUNT)
     if ASM:
-        tl.static_assert(AMOUNT == 15 or AMOUNT == 7 or AMOUNT == -1 or AMOUNT == -9)
-        LOPS: tl.constexpr = "lop3.b32 $0, t, 0x78000, 0x41800000, 0xEA;\n lop3.b32 $1, t, 0x780000, 0x3F800000, 0xEA;\n}"
-        if AMOUNT == 15:
-            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shl.b32 t, $2, 15;\n" + LOPS, "=r,=r,r", [P],
-                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-        elif AMOUNT == 7:
-            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shl.b32 t, $2, 7;\n" + LOPS, "=r,=r,r", [P],
-                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-        elif AMOUNT == -1:
-            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shr.b32 t, $2, 1;\n" + LOPS, "=r,=r,r", [P],
-                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise("{ .reg .b32 t;\n shr.b32 t, $2, 9;\n" + LOPS, "=r,=r,r", [P],
-                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $2, 0x78000, 0x41800000, 0xEA;\n lop3.b32 $1, $2, 0x780000, 0x3F800000, 0xEA;",
+            "=r,=r,r", [T], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
     else:
-        T = _shift(P, AMOUNT)
         return (((T & 0x78000) | 0x41800000).to(tl.float32, bitcast=True),
                 ((T & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True))
 
