@@ -747,6 +747,9 @@ def make_server(app: FastAPI, log_level: str = "info", shutdown_timeout: float =
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             assert sockets is not None and len(sockets) == 1, "serve on one bound socket"
             await super().startup(sockets=[])  # the lifespan; no listener of uvicorn's own
+            # uvicorn has just set ``started``; it means "accepting" only once the
+            # guard listens (another thread may be polling it).
+            self.started = False
 
             def protocol(guard: ConnectionGuard) -> GuardedH11Protocol:
                 return GuardedH11Protocol(config=self.config, server_state=self.server_state,
@@ -755,6 +758,7 @@ def make_server(app: FastAPI, log_level: str = "info", shutdown_timeout: float =
             self.guard = ConnectionGuard(sockets[0], protocol, max_connections or default_max_connections(),
                                          timeout_header_read, backlog=self.config.backlog)
             self.guard.start()
+            self.started = True
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             await supervisor.drain(shutdown_timeout)
