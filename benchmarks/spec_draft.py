@@ -90,8 +90,11 @@ def measure_engine(llm: LLM, args: argparse.Namespace, prompts: list[list[int]],
     """Time ``args.repeats`` greedy runs of each batch size on ``llm`` (best
     kept), then release the engine. Per batch size B: output tok/s of the
     whole run, and per decode step (the steps after the prompts' prefill, see
-    :meth:`_Steps.decode`): ``bB_step_ms`` (wall time), its proposer part
-    ``bB_propose_ms_per_step`` and the rest ``bB_verify_ms_per_step``;
+    :meth:`_Steps.decode`): ``bB_step_ms`` (wall time), the proposer's host
+    time in it ``bB_propose_ms_per_step`` and the rest ``bB_verify_ms_per_step``
+    (on CUDA the proposals run on the device while the host goes on: nothing
+    waits for them before the next step is launched, so their device time
+    shows in the step time, not in the proposer's);
     ``bB_tokens_per_step`` counts the whole run's steps."""
     core = llm.llm_engine.engine_core
     runner = core.executor.worker.model_runner

@@ -78,6 +78,8 @@ class Request:
             the request from the token still being sampled.
         spec_token_ids: draft tokens a proposer made for its next step; the
             scheduler schedules (and consumes) them after its last token.
+            ``DRAFT_ON_WORKER`` entries stand for proposals whose ids only the
+            worker holds.
         structured_output: with ``SamplingParams.structured_outputs``, its
             grammar state (a
             :class:`~ember.structured_output.manager.StructuredOutputRequest`,

@@ -18,6 +18,12 @@ from ember.outputs import SampleLogprob
 from ember.pooling_params import PoolingParams
 from ember.sampling_params import SamplingParams
 
+# A draft token that the worker proposed and keeps on its device (a draft
+# model's, an EAGLE-3 head's or an MTP layer's proposal): the scheduler
+# schedules it by count, and the step that verifies it reads its id there,
+# so no step waits for proposals to reach the host before it is scheduled.
+DRAFT_ON_WORKER = -1
+
 
 @dataclass(slots=True)
 class NewRequestData:
@@ -78,7 +84,8 @@ class SchedulerOutput:
             host -> device before the forward pass, after the swap-outs.
         scheduled_spec_decode_tokens: req_id -> draft tokens it computes after
             its last token (counted in ``num_scheduled_tokens``); the step
-            returns the accepted ones and one more.
+            returns the accepted ones and one more. A ``DRAFT_ON_WORKER``
+            entry is the worker's own proposal at that place.
         structured_output_req_ids: the requests with a grammar constraint
             that sample this step. When any, the runner launches the step's
             forward pass and logits but samples only once it is given their
@@ -136,15 +143,17 @@ class ModelRunnerOutput:
         pooler_output: req_id -> pooled hidden states ([hidden_size] floats)
             of each pooling request whose prompt this step finished (such a
             request is not in ``sampled_token_ids``).
-        draft_token_ids: req_id -> a draft model's proposals to follow its
-            tokens (speculative ``draft_model``); the next step verifies them.
+        num_draft_tokens: req_id -> how many draft tokens the worker proposed
+            to follow its tokens (a draft model, EAGLE-3 head or MTP layer);
+            their ids stay on the worker (``DRAFT_ON_WORKER``), and the next
+            step verifies them.
     """
 
     sampled_token_ids: dict[str, list[int]]
     logprobs: dict[str, list[SampleLogprob]] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[SampleLogprob]]] = field(default_factory=dict)
     pooler_output: dict[str, list[float]] = field(default_factory=dict)
-    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -28,8 +28,10 @@ proposes draft tokens for the running requests after each update
 (:mod:`ember.spec_decode.proposer`) and the next step verifies them. While it
 proposes (the batch is within ``disable_by_batch_size``), no step is scheduled
 ahead: drafts are made from the tokens the previous step returned. A draft
-model (method ``draft_model``) proposes on the worker, in the step itself, and
-its proposals come back with the step's output; a step launched ahead of the
+model, EAGLE-3 head or MTP layer proposes on the worker, in the step itself;
+only the number of its proposals comes back with the step's output (their ids
+stay on the device, ``DRAFT_ON_WORKER``), so the next step is scheduled and
+launched while the device still computes them. A step launched ahead of the
 previous one's tokens gets no proposals (the draft catches up later).
 """
 
@@ -278,7 +280,7 @@ class EngineCore:
         if self._in_flight is not None and self._in_flight.structured_output_req_ids:
             self._sample_with_bitmask(self._in_flight)  # its grammars now know every earlier token
         if self.drafter is not None:
-            self.drafter.propose(scheduler.running, result.draft_token_ids)
+            self.drafter.propose(scheduler.running, result.num_draft_tokens)
         if timed:
             t5 = time.perf_counter()
             record = StepRecord(sched, t4, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3), t5 - t4, launched_ahead,

@@ -64,15 +64,18 @@ def unpack_decode_inputs(stage: torch.Tensor, n: int, width: int, last_sampled: 
 
 
 @triton.jit(do_not_specialize=["n", "width", "stride_bt"])
-def _unpack_verify_inputs_kernel(Stage, InputIds, Positions, SlotMapping, SeqLens, BlockTable, n, width, stride_bt,
-                                 QUERY_LEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr):
+def _unpack_verify_inputs_kernel(Stage, Last, InputIds, Positions, SlotMapping, SeqLens, BlockTable, n, width,
+                                 stride_bt, QUERY_LEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr):
     req = tl.program_id(0)
     offs_q = tl.arange(0, BLOCK_Q)
     mask_q = offs_q < QUERY_LEN
     rows = req * QUERY_LEN + offs_q
     if req < n:
         num_tokens = n * QUERY_LEN
-        tl.store(InputIds + rows, tl.load(Stage + rows, mask=mask_q), mask=mask_q)
+        tokens = tl.load(Stage + rows, mask=mask_q, other=0)
+        on_device = mask_q & (tokens < 0)  # entry -token - 1 of Last
+        tokens = tl.where(on_device, tl.load(Last + (-tokens - 1), mask=on_device, other=0), tokens)
+        tl.store(InputIds + rows, tokens, mask=mask_q)
         tl.store(Positions + rows, tl.load(Stage + num_tokens + rows, mask=mask_q), mask=mask_q)
         tl.store(SlotMapping + rows, tl.load(Stage + 2 * num_tokens + rows, mask=mask_q), mask=mask_q)
         tl.store(SeqLens + req, tl.load(Stage + 3 * num_tokens + req).to(tl.int32))
@@ -86,9 +89,9 @@ def _unpack_verify_inputs_kernel(Stage, InputIds, Positions, SlotMapping, SeqLen
         tl.store(SeqLens + req, 0)
 
 
-def unpack_verify_inputs(stage: torch.Tensor, n: int, query_len: int, width: int, input_ids: torch.Tensor,
-                         positions: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
-                         block_table: torch.Tensor, batch_size: int) -> None:
+def unpack_verify_inputs(stage: torch.Tensor, n: int, query_len: int, width: int, last: torch.Tensor | None,
+                         input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                         seq_lens: torch.Tensor, block_table: torch.Tensor, batch_size: int) -> None:
     """Spread a packed verification step (``query_len`` tokens per request)
     into the verification graph's buffers, in one kernel.
 
@@ -96,8 +99,11 @@ def unpack_verify_inputs(stage: torch.Tensor, n: int, query_len: int, width: int
         stage: int64 on the device: ``[input_ids (n * query_len) | positions
             (n * query_len) | slot_mapping (n * query_len) | seq_lens (n) |
             block_table rows (n * width)]`` (see
-            :func:`ember.worker.cuda_graph.stage_verify_inputs`).
+            :func:`ember.worker.cuda_graph.stage_verify_inputs`). An input id
+            ``-(j + 1)`` stands for ``last[j]`` (a token only the device holds:
+            a draft the worker proposed).
         n: requests in the step; ``width``: block-table columns staged per row.
+        last: int64 on the device (None if no id refers to it).
         input_ids, positions, slot_mapping: [>= batch_size * query_len] int64.
         seq_lens: [>= batch_size] int32. block_table: [>= n, >= width] int32,
             unit stride along columns.
@@ -106,5 +112,5 @@ def unpack_verify_inputs(stage: torch.Tensor, n: int, query_len: int, width: int
             ids and positions keep earlier, valid values).
     """
     _unpack_verify_inputs_kernel[(batch_size,)](
-        stage, input_ids, positions, slot_mapping, seq_lens, block_table, n, width, block_table.stride(0),
+        stage, last if last is not None else input_ids, input_ids, positions, slot_mapping, seq_lens, block_table, n, width, block_table.stride(0),
         QUERY_LEN=query_len, BLOCK_Q=triton.next_power_of_2(query_len), BLOCK=256, num_warps=1)

@@ -19,7 +19,12 @@ the draft after that (their K/V is in the slots that follow). After a step:
    a prompt or a long gap runs as one packed extend, at most
    ``max_num_batched_tokens`` tokens in a step);
 2. propose: the draft's distribution after the last token gives the first
-   proposal; k - 1 more single-token decode steps give the rest.
+   proposal; k - 1 more single-token decode steps give the rest. The
+   proposals stay on the device (a :class:`_ProposalTable`): the step
+   returns only their counts, the next step's inputs and verification read
+   their ids there (:meth:`DraftModelProposer.draft_source`), and the host
+   reads them (for the next catch-up) once that step's verification has
+   waited for the device.
 
 Greedy requests take the draft's argmax. Sampled requests draw each proposal
 from ``q = softmax(draft logits / temperature)`` and keep ``q`` for the
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -64,14 +69,49 @@ _PIECEWISE_MAX_TOKENS = 128
 _SEED_SALT = 0x5DEECE66D
 
 
+class _ProposalTable:
+    """One round of proposals: ``table`` [n, width] int64 on the device (row
+    ``i``: request ``i``'s proposals, -1 past its count), and its copy to the
+    host, started when made and read only when the host needs the ids (the
+    next step's catch-up, after that step's verification has waited for the
+    device anyway). The next step's inputs and verification read ``table``
+    on the device, so scheduling that step never waits for it."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+        self.width = table.shape[1]
+        self._event = None
+        self._host = table
+        if table.is_cuda:
+            self._host = torch.empty(table.shape, dtype=torch.int64, pin_memory=True)
+            self._host.copy_(table, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._rows: list[list[int]] | None = None
+
+    def row(self, i: int) -> list[int]:
+        """Row ``i`` on the host (waits for the copy the first time)."""
+        if self._rows is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._rows = self._host.tolist()
+        return self._rows[i]
+
+
 @dataclass(slots=True)
 class _DraftState:
     """What the proposer remembers of one request (see the module doc)."""
 
     draft_len: int
-    fed: list[int] = field(default_factory=list)  # proposals fed at draft_len, draft_len + 1, ...
-    proposed: list[int] = field(default_factory=list)  # the last proposals
-    probs: torch.Tensor | None = None  # [len(proposed), vocab] float32 q, for sampled proposals
+    num_fed: int = 0  # the first num_fed of the last proposals were fed at draft_len, draft_len + 1, ...
+    table: _ProposalTable | None = None  # the last proposals: row ``row`` of ``table``, ``count`` of them
+    row: int = 0
+    count: int = 0
+    probs: torch.Tensor | None = None  # [count, vocab] float32 q, for sampled proposals
+
+    def proposed(self) -> list[int]:
+        """The last proposals, on the host."""
+        return [] if self.table is None else self.table.row(self.row)[: self.count]
 
 
 class _Feed(NamedTuple):
@@ -87,13 +127,6 @@ class _Feed(NamedTuple):
     room: int
     proposes: bool
     first_row: int = -1
-
-
-class _Proposals:
-    """The in-flight ids the draft's CUDA graphs read (``runner.last_sampled``)."""
-
-    def __init__(self, last_sampled: torch.Tensor) -> None:
-        self.last_sampled = last_sampled
 
 
 class DraftModelProposer:
@@ -267,7 +300,7 @@ class DraftModelProposer:
     # ---------------------------------------------------------------- step
     @torch.inference_mode()
     def propose(self, sched: SchedulerOutput, host: HostInputs, emitted: dict[str, list[int]],
-                hidden: torch.Tensor | None = None) -> dict[str, list[int]]:
+                hidden: torch.Tensor | None = None) -> dict[str, int]:
         """Catch the draft up on the step's tokens and propose for every
         request that emitted tokens.
 
@@ -280,8 +313,10 @@ class DraftModelProposer:
                 [num_tokens, hidden] in packed order (read by proposers
                 conditioned on them; see :meth:`_set_step_features`).
         Returns:
-            req_id -> up to k proposals (fewer where the request's block table
-            has no room for their K/V); empty when speculation is off.
+            req_id -> how many tokens it proposed, up to k (fewer where the
+            request's block table has no room for their K/V); empty when
+            speculation is off. The ids stay on the device
+            (:meth:`draft_source`).
         """
         if not self.active():
             return {}
@@ -352,11 +387,12 @@ class DraftModelProposer:
             # Draft positions to feed end before iend (position j feeds token j + shift).
             iend = end - shift if toks else min(end, len(known) - shift)
             # The fed proposals the step accepted keep their K/V.
+            fed = d.proposed()[: d.num_fed] if d.num_fed else []
             m = 0
-            while m < len(d.fed) and d.draft_len + m < iend and d.fed[m] == token(d.draft_len + m + shift):
+            while m < len(fed) and d.draft_len + m < iend and fed[m] == token(d.draft_len + m + shift):
                 m += 1
             d.draft_len += m
-            d.fed = []
+            d.num_fed = 0
             # A proposing request feeds at least its last token (its logits give the first proposal).
             start = min(d.draft_len, iend - 1) if toks else d.draft_len
             start = max(start, self._first_feedable(s))
@@ -399,8 +435,9 @@ class DraftModelProposer:
             self.states[req_id].draft_len = start + len(toks)
         return last, [plan[i][0] for i in proposing]
 
-    def _propose(self, plan, last_hidden: torch.Tensor, req_ids: list[str]) -> dict[str, list[int]]:
-        """k proposals per request from the draft after its last token."""
+    def _propose(self, plan, last_hidden: torch.Tensor, req_ids: list[str]) -> dict[str, int]:
+        """k proposals per request from the draft after its last token (fewer
+        where its room ends); returns their counts, the ids stay on the device."""
         info = {p[0]: p for p in plan}
         runner = self.runner
         params = [runner.requests[r].sampling_params for r in req_ids]
@@ -431,18 +468,42 @@ class DraftModelProposer:
                     qq = torch.zeros(len(req_ids), qq.shape[1], device=self.device).index_copy_(0, idx, qq)
             cols.append(t)
             probs.append(qq)
-        table = torch.stack(cols, dim=1).tolist()  # [n, k'] (waits for the device)
+        # NOTE: no wait for the device here: the next step is scheduled and
+        # launched while these proposals are still being computed.
+        table = _ProposalTable(torch.stack(cols, dim=1))  # [n, k'], -1 past a request's room
         out = {}
         for i, req_id in enumerate(req_ids):
-            row = [t for t in table[i] if t >= 0]
+            count = min(len(cols), rooms[i] + 1)  # proposal j >= 1 exists where rooms[i] >= j
             d = self.states[req_id]
-            d.proposed, d.fed = row, (row[:-1] if self.reuses_proposal_kv else [])
+            d.table, d.row, d.count = table, i, count
+            d.num_fed = count - 1 if self.reuses_proposal_kv else 0
             if params[i].greedy or probs[0] is None:
                 d.probs = None
             else:
-                d.probs = torch.stack([p[i] for p in probs[: len(row)]])
-            out[req_id] = row
+                d.probs = torch.stack([p[i] for p in probs[:count]])
+            out[req_id] = count
         return out
+
+    def draft_source(self, req_ids: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Where the last proposals of ``req_ids`` are on the device: a flat
+        int64 tensor and, per request, the index of its first proposal in it.
+
+        Raises:
+            RuntimeError: a request has no proposals here.
+        """
+        tables: dict[int, tuple[_ProposalTable, int]] = {}
+        firsts = []
+        for req_id in req_ids:
+            s = self.states.get(req_id)
+            if s is None or s.table is None:
+                raise RuntimeError(f"{req_id}: verifying proposals the worker does not hold")
+            t = s.table
+            if id(t) not in tables:
+                tables[id(t)] = (t, sum(x.table.numel() for x, _ in tables.values()))
+            firsts.append(tables[id(t)][1] + s.row * t.width)
+        if len(tables) == 1:
+            return next(iter(tables.values()))[0].table.view(-1), firsts
+        return torch.cat([t.table.view(-1) for t, _ in tables.values()]), firsts
 
     def _draw(self, hidden: torch.Tensor, params: list, positions: list[int]
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -478,34 +539,37 @@ class DraftModelProposer:
         greedy = torch.tensor([p.greedy for p in params], device=self.device)
         return torch.where(greedy, argmax, q.div(noise).argmax(dim=-1)), q
 
-    def draft_probs(self, req_ids: list[str], drafts: list[list[int]], vocab: int) -> torch.Tensor | None:
+    def draft_probs(self, req_ids: list[str], num_drafts: list[int], draft_ids: torch.Tensor, vocab: int
+                    ) -> torch.Tensor | None:
         """The q rows for a verification (see
         :func:`~ember.sample.rejection_sampler.rejection_sample`): per request
-        ``len(drafts) + 1`` rows, its kept distributions (one-hot rows for
-        greedy proposals, zeros on the bonus row); None when no request's
-        drafts were sampled (every draft is then a point mass).
+        ``num_drafts + 1`` rows, its kept distributions (one-hot rows at
+        ``draft_ids`` for greedy proposals, zeros on the bonus row); None when
+        no request's drafts were sampled (every draft is then a point mass).
 
+        Args:
+            draft_ids: [sum(num_drafts + 1)] int64 on the device, the draft
+                each row verifies (the request's last proposals; -1 on bonus rows).
         Raises:
-            RuntimeError: a request's drafts are not the proposer's last proposals.
+            RuntimeError: a request verifies more drafts than it was last proposed.
         """
         kept = []
-        for req_id, d in zip(req_ids, drafts):
+        for req_id, n in zip(req_ids, num_drafts):
             s = self.states.get(req_id)
-            if d and (s is None or s.proposed[: len(d)] != d):
-                raise RuntimeError(f"{req_id}: verifying drafts {d} that the draft model did not propose last")
-            kept.append(s.probs if d and s.probs is not None else None)
+            if n and (s is None or n > s.count):
+                raise RuntimeError(f"{req_id}: verifying {n} drafts, more than the worker proposed last")
+            kept.append(s.probs if n and s.probs is not None else None)
         if all(p is None for p in kept):
             return None
-        rows = sum(len(d) + 1 for d in drafts)
+        rows = sum(n + 1 for n in num_drafts)
         q = torch.zeros(rows, vocab, dtype=torch.float32, device=self.device)
         at = 0
-        for d, p in zip(drafts, kept):
+        for n, p in zip(num_drafts, kept):
             if p is not None:
-                q[at: at + len(d)] = p[: len(d)]
-            elif d:
-                q[torch.arange(at, at + len(d), device=self.device),
-                  torch.tensor(d, dtype=torch.int64, device=self.device)] = 1.0
-            at += len(d) + 1
+                q[at: at + n] = p[:n]
+            elif n:
+                q[at: at + n].scatter_(1, draft_ids[at: at + n].unsqueeze(1), 1.0)
+            at += n + 1
         return q
 
     # ------------------------------------------------------------- forward
@@ -534,13 +598,14 @@ class DraftModelProposer:
         if device_ids is not None:
             host.in_flight_dst = list(range(n))
             host.in_flight_src = list(range(n))
+            host.in_flight_source = device_ids
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
             # NOTE: the graph runner stages inputs in two pinned buffers, in turn, with
             # asynchronous copies; the proposal loop runs ahead of the device, so a
             # buffer is reused only once the replay that read it two runs ago is done.
             if len(self._graph_events) == 2:
                 self._graph_events.pop(0).synchronize()
-            out = self.cuda_graphs.run(host, _Proposals(device_ids))
+            out = self.cuda_graphs.run(host)
             event = torch.cuda.Event()
             event.record()
             self._graph_events.append(event)

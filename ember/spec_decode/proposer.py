@@ -1,10 +1,12 @@
 """Drafting for the running requests after each engine step: n-gram lookup
-on the host, or a draft model's proposals returned by the step."""
+on the host, or the count of a worker proposer's proposals returned by the
+step (their ids stay on the worker's device: ``DRAFT_ON_WORKER``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ember.core.sched_output import DRAFT_ON_WORKER
 from ember.request import Request
 from ember.spec_decode.config import SpeculativeConfig
 from ember.spec_decode.ngram import NgramProposer
@@ -23,21 +25,23 @@ class DraftScheduler:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        # A draft model or MTP layer proposes on the worker (ModelRunnerOutput.draft_token_ids); n-gram lookup here.
+        # A draft model, EAGLE-3 head or MTP layer proposes on the worker
+        # (ModelRunnerOutput.num_draft_tokens); n-gram lookup here.
         self.proposer = None if config.proposes_on_worker else NgramProposer(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         # Whether the last call proposed for its batch (speculation is on at this batch size).
         self.active = False
 
-    def propose(self, running: Sequence[Request], draft_token_ids: dict[str, list[int]] | None = None) -> None:
+    def propose(self, running: Sequence[Request], num_draft_tokens: dict[str, int] | None = None) -> None:
         """After a step's update: set the drafts of ``running`` for the next
         step, and :attr:`active` (whether speculation is on: at this batch size,
         and with no grammar-constrained request running).
 
         Args:
             running: the running requests.
-            draft_token_ids: with a draft model, the step's proposals
-                (``ModelRunnerOutput.draft_token_ids``); requests without any get none.
+            num_draft_tokens: with a proposer on the worker, how many tokens
+                the step proposed per request (``ModelRunnerOutput.num_draft_tokens``);
+                requests without any get none.
         """
         limit = self.config.disable_by_batch_size
         was_active = self.active
@@ -61,6 +65,6 @@ class DraftScheduler:
             if room <= 0:
                 continue
             if self.proposer is None:
-                req.spec_token_ids = (draft_token_ids or {}).get(req.request_id, [])[:room]
+                req.spec_token_ids = [DRAFT_ON_WORKER] * min(room, (num_draft_tokens or {}).get(req.request_id, 0))
             else:
                 req.spec_token_ids = self.proposer.propose(req.all_token_ids, room)

@@ -11,6 +11,12 @@ drafts stand (with a draft model's distributions for drafts it sampled). The
 emitted tokens are read back before the step returns (a step with drafts is
 never followed by a step launched ahead of it).
 
+Drafts the worker proposed (``DRAFT_ON_WORKER`` in the schedule) are verified
+where they are, on the device (``HostInputs.in_flight_source``); their ids
+reach the host only when a row's penalties or processors read its history,
+and for the emitted tokens, once the verification's own read-back has
+waited for the device.
+
 Rejected drafts' KV entries stay in the blocks: the scheduler takes back
 ``num_computed_tokens`` so those positions are computed again (overwritten)
 next step; the prefix cache hashes only known tokens, never drafts.
@@ -18,7 +24,7 @@ next step; the prefix cache hashes only known tokens, never drafts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,10 +42,11 @@ if TYPE_CHECKING:
 class _Histories(Sequence):
     """Per row, the request's known tokens followed by the drafts before
     that row (the history its penalties and processors see), built only for
-    the rows that read it."""
+    the rows that read it (``drafts(i)``: request ``i``'s drafts on the host)."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[list[int], list[int], int]] = []
+    def __init__(self, drafts: Callable[[int], list[int]]) -> None:
+        self.rows: list[tuple[list[int], int, int]] = []
+        self.drafts = drafts
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,8 +54,8 @@ class _Histories(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self.rows)))]
-        known, drafts, j = self.rows[i]
-        return known + drafts[:j] if j else known
+        known, req, j = self.rows[i]
+        return known + self.drafts(req)[:j] if j else known
 
 
 def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor
@@ -69,17 +76,33 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
     """
     spec = sched.scheduled_spec_decode_tokens
     device = runner.device
-    states = [runner.requests[r] for r in host.sample_req_ids]
-    drafts = [list(spec.get(r, ())) for r in host.sample_req_ids]
+    req_ids = host.sample_req_ids
+    states = [runner.requests[r] for r in req_ids]
+    drafts = [list(spec.get(r, ())) for r in req_ids]
+    offsets = host.draft_offsets
+    resolved: dict[int, list[int]] = {}
+
+    def drafts_on_host(i: int) -> list[int]:
+        """Request ``i``'s drafts, a worker's proposals read from its host copy."""
+        if req_ids[i] not in offsets:
+            return drafts[i]
+        if i not in resolved:
+            resolved[i] = runner.draft_proposer.states[req_ids[i]].proposed()[: len(drafts[i])]
+        return resolved[i]
+
     rows, params, positions, draft_rows = [], [], [], []
-    histories = _Histories()
-    for s, d, last in zip(states, drafts, host.sample_rows):
+    on_device_dst, on_device_src = [], []
+    histories = _Histories(drafts_on_host)
+    for i, (req_id, s, d, last) in enumerate(zip(req_ids, states, drafts, host.sample_rows)):
         base = len(s.token_ids) - s.num_prompt_tokens
+        if req_id in offsets:
+            on_device_dst.extend(range(len(rows), len(rows) + len(d)))
+            on_device_src.extend(range(offsets[req_id], offsets[req_id] + len(d)))
         for j in range(len(d) + 1):
             rows.append(last - len(d) + j)
             params.append(s.sampling_params)
             positions.append(base + j)
-            histories.rows.append((s.token_ids, d, j))
+            histories.rows.append((s.token_ids, i, j))
             draft_rows.append(d[j] if j < len(d) else -1)
     # NOTE: the copies to the device are asynchronous (no wait for the forward
     # pass); a step where every row verifies (a uniform step) needs no gather.
@@ -91,15 +114,22 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
     meta = SamplingMetadata.build(params, positions, device, token_ids=histories, vocab_size=logits.shape[-1])
     argmax, probs = target_probs(logits, meta)
     draft_dev = torch.from_numpy(np.array(draft_rows, dtype=np.int64)).to(device, non_blocking=True)
+    if on_device_dst:
+        def index(a: list[int]) -> torch.Tensor:
+            return torch.from_numpy(np.array(a, dtype=np.int64)).to(device, non_blocking=True)
+
+        draft_dev.index_copy_(0, index(on_device_dst), host.in_flight_source.index_select(0, index(on_device_src)))
     if probs is None:
         result = rejection_sample(draft_dev, argmax, None, None, None, None)
     else:
         uniform, noise = draw_noise(len(rows), probs.shape[-1], meta.seeds, device, runner.sampler.generator)
         proposer = runner.draft_proposer
-        q = None if proposer is None else proposer.draft_probs(host.sample_req_ids, drafts, probs.shape[-1])
+        q = None if proposer is None else proposer.draft_probs(req_ids, [len(d) for d in drafts], draft_dev,
+                                                                probs.shape[-1])
         result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise, q)
-    tokens = emitted_tokens(drafts, result.accepted.tolist(), result.fallback.tolist())
-    out = dict(zip(host.sample_req_ids, tokens))
+    accepted, fallback = result.accepted.tolist(), result.fallback.tolist()  # waits for the device
+    tokens = emitted_tokens([drafts_on_host(i) for i in range(len(req_ids))], accepted, fallback)
+    out = dict(zip(req_ids, tokens))
     logprobs: dict[str, list[SampleLogprob]] = {}
     if meta.logprobs is not None:
         per_row = [t for toks, d in zip(tokens, drafts) for t in toks + [0] * (len(d) + 1 - len(toks))]

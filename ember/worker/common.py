@@ -18,8 +18,12 @@ class HostInputs:
     Shapes: ``input_ids``, ``positions``, ``slot_mapping``: [num_tokens] int64;
     ``query_start_loc``: [num_reqs + 1] int32; ``seq_lens``: [num_reqs] int32;
     ``block_table``: [num_reqs, max_blocks] int32. ``in_flight_dst`` /
-    ``in_flight_src``: the input positions whose token the previous step is
-    still sampling, and that token's row in the previous step's sampled ids.
+    ``in_flight_src``: the input positions whose token only the device holds
+    (one the previous step is still sampling, or a draft the worker
+    proposed), and that token's index in ``in_flight_source`` (int64 on the
+    device: the previous step's sampled ids, or the proposer's table).
+    ``draft_offsets``: for a step verifying the worker's proposals, per
+    request the index of its first draft in ``in_flight_source``.
     ``sample_seq_lens``: per sampling request, its tokens once the step is done
     (the sampled token's position).
     """
@@ -38,6 +42,8 @@ class HostInputs:
     in_flight_dst: list[int] = field(default_factory=list)
     in_flight_src: list[int] = field(default_factory=list)
     sample_seq_lens: list[int] = field(default_factory=list)
+    in_flight_source: torch.Tensor | None = None
+    draft_offsets: dict[str, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager

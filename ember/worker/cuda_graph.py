@@ -111,10 +111,10 @@ class CUDAGraphRunner:
         n = len(host.seq_lens)
         return host.max_query_len == 1 and n <= self.sizes[-1]
 
-    def run(self, host, runner) -> torch.Tensor:
+    def run(self, host) -> torch.Tensor:
         """Copy ``host`` (a ``HostInputs``) into the buffers, the input ids still
-        in flight taken from ``runner``'s last sampled ids, and replay; returns
-        [n, hidden]."""
+        in flight taken from ``host.in_flight_source`` on the device, and
+        replay; returns [n, hidden]."""
         from ember.kernels.triton_inputs import unpack_decode_inputs
 
         n = len(host.seq_lens)
@@ -125,7 +125,7 @@ class CUDAGraphRunner:
         self._num_runs += 1
         stage = stage_host.numpy()
         stage[0:n] = host.input_ids
-        if host.in_flight_dst:  # -(j + 1): row j of the previous step's sampled ids
+        if host.in_flight_dst:  # -(j + 1): entry j of host.in_flight_source
             stage[host.in_flight_dst] = -1 - np.asarray(host.in_flight_src, dtype=np.int64)
         stage[n:2 * n] = host.positions
         stage[2 * n:3 * n] = host.slot_mapping
@@ -133,7 +133,7 @@ class CUDAGraphRunner:
         stage[4 * n:total] = host.block_table.reshape(-1)
         dev = self._stage_dev[:total]
         dev.copy_(stage_host[:total], non_blocking=True)
-        unpack_decode_inputs(dev, n, width, runner.last_sampled if host.in_flight_dst else None, self.input_ids,
+        unpack_decode_inputs(dev, n, width, host.in_flight_source if host.in_flight_dst else None, self.input_ids,
                              self.positions, self.slot_mapping, self.seq_lens, self.block_table, bs)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
@@ -294,9 +294,9 @@ class PiecewiseCUDAGraphRunner:
 
 def uniform_query_len(host) -> int:
     """``q`` when every request of the step ``host`` (a ``HostInputs``) has
-    exactly ``q > 1`` new tokens and none is still in flight, else 0."""
+    exactly ``q > 1`` new tokens, else 0."""
     q, n = host.max_query_len, len(host.seq_lens)
-    if q > 1 and len(host.input_ids) == n * q and not host.in_flight_dst:
+    if q > 1 and len(host.input_ids) == n * q:
         return q
     return 0
 
@@ -305,11 +305,15 @@ def stage_verify_inputs(host, stage: np.ndarray) -> int:
     """Pack a uniform step ``host`` into ``stage`` (int64, at least
     ``3 * num_tokens + n * (1 + width)`` long) as
     :func:`~ember.kernels.triton_inputs.unpack_verify_inputs` reads it:
-    ``[input_ids | positions | slot_mapping | seq_lens | block_table rows]``.
-    Returns the number of entries written."""
+    ``[input_ids | positions | slot_mapping | seq_lens | block_table rows]``,
+    an input id still on the device (``host.in_flight_dst``) as ``-(j + 1)``
+    for entry ``j`` of ``host.in_flight_source``. Returns the number of
+    entries written."""
     t, n = len(host.input_ids), len(host.seq_lens)
     width = host.block_table.shape[1]
     stage[0:t] = host.input_ids
+    if host.in_flight_dst:
+        stage[host.in_flight_dst] = -1 - np.asarray(host.in_flight_src, dtype=np.int64)
     stage[t:2 * t] = host.positions
     stage[2 * t:3 * t] = host.slot_mapping
     stage[3 * t:3 * t + n] = host.seq_lens
@@ -436,7 +440,8 @@ class VerifyCUDAGraphRunner:
         total = stage_verify_inputs(host, stage_host.numpy())
         dev = self._stage_dev[:total]
         dev.copy_(stage_host[:total], non_blocking=True)
-        unpack_verify_inputs(dev, n, q, host.block_table.shape[1], self.input_ids, self.positions,
-                             self.slot_mapping, self.seq_lens, self.block_table, bs)
+        unpack_verify_inputs(dev, n, q, host.block_table.shape[1], host.in_flight_source if host.in_flight_dst
+                             else None, self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
+                             self.block_table, bs)
         self.graphs[(bs, q)].replay()
         return self.outputs[(bs, q)][: n * q]

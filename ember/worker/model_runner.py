@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ember.config import ConfigError, EngineConfig
-from ember.core.sched_output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
+from ember.core.sched_output import DRAFT_ON_WORKER, GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ember.distributed.parallel_state import get_pp_group, get_tp_rank, get_tp_size
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec, get_attention_backend
 from ember.layers.attention.backend import as_copyable, default_backend_name
@@ -75,8 +75,8 @@ class PendingOutput:
     # their log-probabilities, for those that ask), already on the host.
     spec_tokens: dict[str, list[int]] | None = None
     spec_logprobs: dict[str, list[SampleLogprob]] | None = None
-    # A draft model's proposals for the next step (req_id -> tokens).
-    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # How many tokens the worker's proposer drafted for the next step (req_id -> count).
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -417,23 +417,39 @@ class ModelRunner:
                 sample_seq_lens.append(c + n)
         return HostInputs(input_ids, positions, slot_mapping, query_start.astype(np.int32),
                           seq_lens.astype(np.int32), block_table, max(cnt), sample_req_ids, sample_rows,
-                          cnt.count(1), req_ids, in_flight_dst, in_flight_src, sample_seq_lens)
+                          cnt.count(1), req_ids, in_flight_dst, in_flight_src, sample_seq_lens,
+                          self._last_sampled if in_flight_dst else None)
 
     def _prepare_spec_inputs(self, sched: SchedulerOutput) -> HostInputs:
         """:meth:`_prepare_host_inputs` for a step with draft tokens: each
         request's drafts follow its last token in the packed inputs (they are
-        not among its known tokens)."""
+        not among its known tokens). Drafts the worker proposed
+        (``DRAFT_ON_WORKER``) are fed from the proposer's table on the device
+        (``in_flight_*``; ``draft_offsets``: where each request's start)."""
         assert not self._last_sample_req_ids, "a step with drafts continues from a step in flight"
         spec = sched.scheduled_spec_decode_tokens
         extended = [(self.requests[r].token_ids, len(d)) for r, d in spec.items()]
         for (ids, _), d in zip(extended, spec.values()):
             ids.extend(d)
         try:
-            return self._prepare_host_inputs(sched)
+            host = self._prepare_host_inputs(sched)
         finally:
             for ids, n in extended:
                 if n:
                     del ids[-n:]
+        on_worker = [r for r, d in spec.items() if d and d[0] == DRAFT_ON_WORKER]
+        if on_worker:
+            source, firsts = self.draft_proposer.draft_source(on_worker)
+            host.draft_offsets = dict(zip(on_worker, firsts))
+            row_of = {r: i for i, r in enumerate(host.req_ids)}
+            ends = host.query_start_loc[1:].tolist()
+            for req_id, first in zip(on_worker, firsts):
+                n, end = len(spec[req_id]), ends[row_of[req_id]]
+                assert all(t == DRAFT_ON_WORKER for t in spec[req_id]), f"{req_id}: drafts of two sources"
+                host.in_flight_dst.extend(range(end - n, end))
+                host.in_flight_src.extend(range(first, first + n))
+            host.in_flight_source = source
+        return host
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -454,21 +470,11 @@ class ModelRunner:
         )
         input_ids = to_dev(host.input_ids)
         if host.in_flight_dst:
-            self.fill_in_flight_ids(input_ids, to_dev(np.array(host.in_flight_dst, dtype=np.int64)),
-                                    to_dev(np.array(host.in_flight_src, dtype=np.int64)))
+            # NOTE: in stream order after the step that computes these ids.
+            dst = to_dev(np.array(host.in_flight_dst, dtype=np.int64))
+            src = to_dev(np.array(host.in_flight_src, dtype=np.int64))
+            input_ids.index_copy_(0, dst, host.in_flight_source.index_select(0, src))
         return input_ids, to_dev(host.positions), meta
-
-    @property
-    def last_sampled(self) -> torch.Tensor | None:
-        """The last launched step's sampled ids ([rows] int64, on the device;
-        still being computed on CUDA) while it is not collected: the source of
-        in-flight input ids."""
-        return self._last_sampled
-
-    def fill_in_flight_ids(self, input_ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """``input_ids[dst] = <previous step's sampled ids>[src]``, on the device
-        (int64 index tensors), in stream order after that step's sampling."""
-        input_ids.index_copy_(0, dst, self._last_sampled.index_select(0, src))
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the packed batch: a CUDA-graph
@@ -476,7 +482,7 @@ class ModelRunner:
         fit a captured size, piecewise graphs (attention eager) for other
         steps that fit one, else eager."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
-            return self.cuda_graphs.run(host, self)
+            return self.cuda_graphs.run(host)
         if self.verify_graphs is not None and self.verify_graphs.can_run(host):
             return self.verify_graphs.run(host, self)
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
@@ -579,7 +585,7 @@ class ModelRunner:
             pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
                                     spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
             if self.draft_proposer is not None:
-                pending.draft_token_ids = self.draft_proposer.propose(sched, host, tokens, hidden)
+                pending.num_draft_tokens = self.draft_proposer.propose(sched, host, tokens, hidden)
             return pending
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
@@ -603,7 +609,7 @@ class ModelRunner:
             if pending.event is not None:
                 pending.event.synchronize()
             sampled = pending.sampled_host.tolist()
-            pending.draft_token_ids = self.draft_proposer.propose(
+            pending.num_draft_tokens = self.draft_proposer.propose(
                 sched, host, {r: [t] for r, t in zip(pending.req_ids, sampled)}, hidden)
         return pending
 
@@ -683,7 +689,7 @@ class ModelRunner:
                 if s is not None:
                     s.token_ids.extend(toks)
             return ModelRunnerOutput(pending.spec_tokens, pending.spec_logprobs or {}, prompt_logprobs,
-                                     pooler_output=pooler_output, draft_token_ids=pending.draft_token_ids)
+                                     pooler_output=pooler_output, num_draft_tokens=pending.num_draft_tokens)
         if pending.req_ids is self._last_sample_req_ids:  # no later step reads its ids on the device
             self._last_sampled, self._last_sample_req_ids = None, []
         if pending.sampled_host is None:
@@ -702,7 +708,7 @@ class ModelRunner:
             entries = unpack_logprobs(pending.logprobs.tolist(), [sampled[i] for i in rows], pending.logprobs_meta)
             logprobs = {pending.req_ids[i]: [e] for i, e in zip(rows, entries)}
         return ModelRunnerOutput({r: [t] for r, t in zip(pending.req_ids, sampled)}, logprobs, prompt_logprobs,
-                                 pooler_output, draft_token_ids=pending.draft_token_ids)
+                                 pooler_output, num_draft_tokens=pending.num_draft_tokens)
 
     def _pool(self, host: HostInputs, hidden: torch.Tensor) -> tuple[list[str], torch.Tensor | None]:
         """Pool the hidden states of the step's pooling requests (see

@@ -309,6 +309,47 @@ def test_greedy_tiny_target_alone_and_batched(tiny_target, tiny_head, one_torch_
         assert_speculated_preempted_equal(results, engine, chunked, ref, mode, f"{mode} async={async_scheduling}: ")
 
 
+def test_proposals_reach_the_host_only_after_the_next_launch(tiny_target, tiny_head, one_torch_thread,
+                                                               monkeypatch):
+    # The head's proposals are scheduled by count (DRAFT_ON_WORKER) and the
+    # step verifying them reads their ids on the device: no proposal is read
+    # on the host in the step that made it nor before the next step's launch,
+    # and the output is still plain decoding's.
+    from ember.core.sched_output import DRAFT_ON_WORKER
+    from ember.spec_decode import draft_model
+    from ember.worker.model_runner import ModelRunner
+
+    launches, reads = [0], []
+    launch, init, row = ModelRunner.launch, draft_model._ProposalTable.__init__, draft_model._ProposalTable.row
+
+    def counted_launch(self, sched):
+        launches[0] += 1
+        return launch(self, sched)
+
+    def noted_init(self, table):
+        init(self, table)
+        self.made_in = launches[0]
+
+    def noted_row(self, i):
+        reads.append((self.made_in, launches[0]))
+        return row(self, i)
+
+    monkeypatch.setattr(ModelRunner, "launch", counted_launch)
+    monkeypatch.setattr(draft_model._ProposalTable, "__init__", noted_init)
+    monkeypatch.setattr(draft_model._ProposalTable, "row", noted_row)
+    prompts = [[(5 * i + 2 * j) % 60 + 1 for j in range(4 + 5 * i)] for i in range(3)]
+    base = LLM(tiny_target, dtype="float32", max_model_len=128, kv_cache_memory=4 << 20)
+    ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(tiny_target, dtype="float32", max_model_len=128, kv_cache_memory=4 << 20,
+              speculative_config=_spec(tiny_head))
+    scheduled = []
+    llm.llm_engine.engine_core.add_step_observer(
+        lambda record: scheduled.extend(record.sched.scheduled_spec_decode_tokens.values()))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+    assert scheduled and all(d and set(d) == {DRAFT_ON_WORKER} for d in scheduled)
+    assert reads and all(at > made_in for made_in, at in reads)
+
+
 class _PromptRun(NamedTuple):
     """What :func:`_head_kv_after_prompt` saw of one prompt."""
 

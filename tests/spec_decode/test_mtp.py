@@ -70,8 +70,9 @@ def _record_proposals(monkeypatch) -> list[tuple[str, int, list[int]]]:
 
     def recording(self, sched, host, emitted, hidden=None):
         known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
-        out = original(self, sched, host, emitted, hidden)
-        seen.extend((r, known[r], d) for r, d in out.items())
+        out = original(self, sched, host, emitted, hidden)  # req_id -> count; the ids stay on the device
+        seen.extend((r, known[r], self.states[r].proposed()) for r, n in out.items())
+        assert all(len(d) == out[r] for r, _, d in seen[len(seen) - len(out):])
         return out
 
     monkeypatch.setattr(MTPProposer, "propose", recording)
@@ -153,8 +154,8 @@ def test_sampled_proposals_keep_q_and_seeded_output_reproduces(checkpoint, refer
     kept = []
     original = MTPProposer.draft_probs
 
-    def recording(self, req_ids, drafts, vocab):
-        q = original(self, req_ids, drafts, vocab)
+    def recording(self, req_ids, num_drafts, draft_ids, vocab):
+        q = original(self, req_ids, num_drafts, draft_ids, vocab)
         kept.append(q is not None and bool(torch.allclose(q.sum(dim=1)[q.sum(dim=1) > 0], torch.tensor(1.0))))
         return q
 

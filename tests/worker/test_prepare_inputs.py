@@ -64,8 +64,9 @@ def test_packing_matches_reference(seed: int, async_steps: bool) -> None:
     for row, r in enumerate(last_sample_req_ids):
         if r in requests:
             requests[r].last_row = row
+    last_sampled = object()  # the previous step's sampled ids on the device (only passed along)
     runner = SimpleNamespace(requests=requests, block_size=BLOCK, _last_sample_req_ids=last_sample_req_ids,
-                             dp_attention=None)
+                             _last_sampled=last_sampled, dp_attention=None)
     host = ModelRunner._prepare_host_inputs(runner, SimpleNamespace(num_scheduled_tokens=num_scheduled))
     ref = _reference(requests, num_scheduled)
     for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_table"):
@@ -76,3 +77,4 @@ def test_packing_matches_reference(seed: int, async_steps: bool) -> None:
     assert host.num_decodes == ref["num_decodes"] and host.max_query_len == ref["max_query_len"]
     assert list(zip(host.in_flight_dst, host.in_flight_src)) == ref["in_flight"]
     assert bool(ref["in_flight"]) == async_steps
+    assert host.in_flight_source is (last_sampled if async_steps else None)

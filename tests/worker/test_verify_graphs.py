@@ -56,7 +56,7 @@ def test_uniform_query_len() -> None:
     assert uniform_query_len(_host([1, 1], [4, 4])) == 0  # plain decode: the decode graphs' step
     assert uniform_query_len(_host([3, 2], [5, 5])) == 0  # fewer drafts for one request
     assert uniform_query_len(_host([1, 3], [5, 5])) == 0
-    assert uniform_query_len(_host([3, 3], [5, 5], in_flight=True)) == 0
+    assert uniform_query_len(_host([3, 3], [5, 5], in_flight=True)) == 3  # ids still on the device are staged too
 
 
 def test_ladder_and_choice_of_graph() -> None:
@@ -76,6 +76,11 @@ def test_staging_and_unpacking_with_padding() -> None:
     from ember.kernels.triton_inputs import unpack_verify_inputs
 
     host = _host([3, 3, 3], [5, 9, 2], seed=1)
+    # Two drafts only the device holds: entries 2 and 0 of a proposal table.
+    host.in_flight_dst, host.in_flight_src = [1, 5], [2, 0]
+    host.in_flight_source = torch.tensor([500, 501, 502], dtype=torch.int64, device=DEVICE)
+    expected = host.input_ids.tolist()
+    expected[1], expected[5] = 502, 500
     stage = np.zeros(200, dtype=np.int64)
     total = stage_verify_inputs(host, stage)
     width = host.block_table.shape[1]
@@ -85,10 +90,10 @@ def test_staging_and_unpacking_with_padding() -> None:
     ids, pos, slots = torch.full((bs * q,), 77, **full), torch.full((bs * q,), 7, **full), torch.full((bs * q,), 99, **full)
     lens = torch.full((bs,), 55, dtype=torch.int32, device=DEVICE)
     table = torch.full((bs, max_blocks), 33, dtype=torch.int32, device=DEVICE)
-    unpack_verify_inputs(torch.from_numpy(stage[:total].copy()).to(DEVICE), 3, q, width, ids, pos, slots, lens,
-                         table, bs)
+    unpack_verify_inputs(torch.from_numpy(stage[:total].copy()).to(DEVICE), 3, q, width, host.in_flight_source, ids,
+                         pos, slots, lens, table, bs)
     ids, pos, slots, lens, table = (t.cpu() for t in (ids, pos, slots, lens, table))
-    assert ids[:9].tolist() == host.input_ids.tolist() and ids[9:].tolist() == [77] * 3
+    assert ids[:9].tolist() == expected and ids[9:].tolist() == [77] * 3
     assert pos[:9].tolist() == host.positions.tolist() and pos[9:].tolist() == [7] * 3
     assert slots[:9].tolist() == host.slot_mapping.tolist() and slots[9:].tolist() == [-1] * 3  # padding: no write
     assert lens.tolist() == host.seq_lens.tolist() + [0]  # padding: no read
@@ -141,7 +146,7 @@ class _EagerGraph:
 
 
 @pytest.mark.parametrize("counts,computed", [([3, 3, 3], [5, 9, 2]), ([5], [13]), ([2, 2], [1, 30])])
-def test_replay_matches_eager_step(counts, computed) -> None:
+def test_replay_matches_eager_step(counts, computed, one_torch_thread) -> None:
     """A uniform step through the runner (staged, unpacked into a padded
     batch, attention by the verification kernel) equals the same step on its
     packed inputs through the plain-PyTorch backend, hidden states and KV
