@@ -112,5 +112,6 @@ def unpack_verify_inputs(stage: torch.Tensor, n: int, query_len: int, width: int
             ids and positions keep earlier, valid values).
     """
     _unpack_verify_inputs_kernel[(batch_size,)](
-        stage, last if last is not None else input_ids, input_ids, positions, slot_mapping, seq_lens, block_table, n, width, block_table.stride(0),
+        stage, last if last is not None else input_ids, input_ids, positions, slot_mapping, seq_lens, block_table,
+        n, width, block_table.stride(0),
         QUERY_LEN=query_len, BLOCK_Q=triton.next_power_of_2(query_len), BLOCK=256, num_warps=1)
