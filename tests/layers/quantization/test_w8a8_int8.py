@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.quantization import get_quant_config
-from ember.layers.quantization.w8a8_int8 import (W8A8Int8Config, W8A8Int8LinearMethod, quantize_per_token_int8)
+from ember.layers.quantization.w8a8_int8 import (CPU_INT_MM_MAX_ROWS, W8A8Int8Config, W8A8Int8LinearMethod,
+                                                int8_scaled_mm_reference, quantize_per_token_int8)
 
 
 def _online_layer(weight: torch.Tensor) -> nn.Module:
@@ -60,6 +61,25 @@ def test_apply_matches_float32_references(outliers: bool) -> None:
     err = (y - F.linear(x, w, b)).abs()
     assert torch.all(err <= _bound(x, w, layer) * (1 + 1e-4) + 1e-3)
     assert err.max() > 0
+
+
+@pytest.mark.parametrize("m", [1, CPU_INT_MM_MAX_ROWS - 1, CPU_INT_MM_MAX_ROWS, 300])
+def test_cpu_int32_product_is_exact_at_every_row_count(m: int) -> None:
+    """Below CPU_INT_MM_MAX_ROWS the CPU product is torch._int_mm's, from there a
+    float64 matmul: both must be the exact int32 sums, here with the extreme
+    row 127 * 127 over K = 4864 (78M: past 2**24, so a float32 matmul rounds its
+    partial sums, while the total is a float32 for the epilogue)."""
+    gen = torch.Generator().manual_seed(1)
+    k, n = 4864, 40
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x_q[0] = 127
+    w_q[0] = 127
+    exact = x_q.long() @ w_q.long().t()
+    assert exact[0, 0] == 127 * 127 * k
+    ones = torch.ones(m), torch.ones(n)
+    got = int8_scaled_mm_reference(x_q, ones[0], w_q, ones[1], None, torch.float64)
+    assert torch.equal(got, exact.double())
 
 
 def test_half_precision_outliers_stay_finite() -> None:
