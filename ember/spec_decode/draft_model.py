@@ -484,6 +484,21 @@ class DraftModelProposer:
             out[req_id] = count
         return out
 
+    def proposed(self, req_id: str) -> list[int]:
+        """``req_id``'s last proposals on the host (waits for their copy from
+        the device if it is still running).
+
+        Raises:
+            RuntimeError: the request has no proposals here.
+        """
+        return self._holding(req_id).proposed()
+
+    def _holding(self, req_id: str) -> _DraftState:
+        s = self.states.get(req_id)
+        if s is None or s.table is None:
+            raise RuntimeError(f"{req_id}: verifying proposals the worker does not hold")
+        return s
+
     def draft_source(self, req_ids: list[str]) -> tuple[torch.Tensor, list[int]]:
         """Where the last proposals of ``req_ids`` are on the device: a flat
         int64 tensor and, per request, the index of its first proposal in it.
@@ -494,9 +509,7 @@ class DraftModelProposer:
         tables: dict[int, tuple[_ProposalTable, int]] = {}
         firsts = []
         for req_id in req_ids:
-            s = self.states.get(req_id)
-            if s is None or s.table is None:
-                raise RuntimeError(f"{req_id}: verifying proposals the worker does not hold")
+            s = self._holding(req_id)
             t = s.table
             if id(t) not in tables:
                 tables[id(t)] = (t, sum(x.table.numel() for x, _ in tables.values()))

@@ -87,7 +87,7 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
         if req_ids[i] not in offsets:
             return drafts[i]
         if i not in resolved:
-            resolved[i] = runner.draft_proposer.states[req_ids[i]].proposed()[: len(drafts[i])]
+            resolved[i] = runner.draft_proposer.proposed(req_ids[i])[: len(drafts[i])]
         return resolved[i]
 
     rows, params, positions, draft_rows = [], [], [], []
