@@ -8,9 +8,13 @@ at load).
 
 Bounds on the relative perplexity increase: FP8 +1%, INT8 +2%, W4A16 (AWQ,
 GPTQ, group 128) +6%; the GGUF blocks kept quantized are the reference's own
-weights, so within 0.1% either way. The FP8 KV cache (calibrated scales) is
-held to its measured +3% (see the note on its row). The AWQ/GPTQ checkpoints are written from
+weights, so within 0.1% either way. The AWQ/GPTQ checkpoints are written from
 the dequantized weights by the format writers of ``w4a16_checkpoints.py``.
+
+The FP8 KV cache (calibrated scales) misses the +1% of an FP8 path: the loss is
+e4m3's on this 0.5B model's keys and values. Its test holds Ember to an
+independent reference instead, HF transformers with the same rounding and the
+same scales (``kv_fp8_hf_ref.py``), and the loss to +4%.
 
 Every row must pass: a method that is not registered fails its row. Run with
 ``-s`` to see the table (method, ppl, change, CPU and wall seconds).
@@ -61,12 +65,6 @@ ROWS = [
     # 4-bit rounding measured +7.5% here, asymmetric (zero points) stays near AWQ's.
     Row("gptq", 0.06, checkpoint_writer="write_gptq_checkpoint", writer_kwargs={"sym": False}),
     Row("gguf", 0.001, {"quantization": "gguf"}, two_sided=True),
-    # NOTE: the FP8 KV cache misses +1% on this small model: rounding its keys
-    # and values to e4m3 alone costs +3.5% with scales of 1 (HF transformers
-    # with K after RoPE and V rounded gives Ember's 6.1400 exactly, see
-    # benchmarks/perplexity_kv_fp8_hf.py) and +2.8% with calibrated scales;
-    # the bound holds that figure.
-    Row("kv_cache_fp8", 0.03, {"kv_cache_dtype": "fp8", "calculate_kv_scales": True}, quantizes_weights=False),
 ]
 
 
@@ -76,6 +74,7 @@ class Measured:
     weight_bytes: int
     weight_dtypes: set[torch.dtype]
     kv_dtype: torch.dtype
+    kv_scales: list[tuple[float, float]]
     cpu_s: float
     wall_s: float
 
@@ -94,7 +93,8 @@ def _measure(model: str, token_ids: list[int], tokenizer: str, **engine: Any) ->
     weight_dtypes = {p.dtype for p in runner.model.parameters()}
     kv_dtype = runner.kv_caches[0].dtype
     result = perplexity(llm, token_ids, CONTEXT_LENGTH, STRIDE)
-    measured = Measured(result, weight_bytes, weight_dtypes, kv_dtype, time.process_time() - cpu,
+    kv_scales = [(float(m.k_scale), float(m.v_scale)) for m in runner.model.modules() if hasattr(m, "k_scale")]
+    measured = Measured(result, weight_bytes, weight_dtypes, kv_dtype, kv_scales, time.process_time() - cpu,
                         time.perf_counter() - wall)
     del llm, runner
     gc.collect()
@@ -112,20 +112,21 @@ def token_ids(qwen_path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def table():
-    rows: list[tuple[str, Measured, float | None]] = []
+    """Rows of (method, ppl, change from float32 or None, CPU s, wall s), printed
+    at the end of the module."""
+    rows: list[tuple[str, float, float | None, float, float]] = []
     yield rows
     print(f"\nperplexity, {TEXT.name}, context {CONTEXT_LENGTH}, stride {STRIDE}, float32 activations")
-    print(f"{'method':<18} {'ppl':>8} {'change':>8} {'tokens':>7} {'cpu_s':>7} {'wall_s':>7}")
-    for name, m, delta in rows:
+    print(f"{'method':<18} {'ppl':>8} {'change':>8} {'cpu_s':>7} {'wall_s':>7}")
+    for name, ppl, delta, cpu_s, wall_s in rows:
         change = "" if delta is None else f"{delta * 100:+.2f}%"
-        print(f"{name:<18} {m.result.ppl:8.4f} {change:>8} {m.result.tokens_evaluated:7d} "
-              f"{m.cpu_s:7.1f} {m.wall_s:7.1f}")
+        print(f"{name:<18} {ppl:8.4f} {change:>8} {cpu_s:7.1f} {wall_s:7.1f}")
 
 
 @pytest.fixture(scope="module")
 def baseline(qwen_path, token_ids, table) -> Measured:
     m = _measure(qwen_path, token_ids, qwen_path)
-    table.append(("float32 (reference)", m, None))
+    table.append(("float32 (reference)", m.result.ppl, None, m.cpu_s, m.wall_s))
     # The reference must be unquantized: every weight float32.
     assert m.weight_dtypes == {torch.float32} and m.kv_dtype == torch.float32, (m.weight_dtypes, m.kv_dtype)
     assert m.result.tokens_evaluated == len(token_ids) - 1
@@ -155,7 +156,7 @@ def test_perplexity_within_bound(row: Row, qwen_path, token_ids, baseline, table
         model = _write_checkpoint(row.checkpoint_writer, qwen_path, tmp_path / row.name, **row.writer_kwargs)
     m = _measure(model, token_ids, qwen_path, **row.engine)
     delta = m.result.ppl / baseline.result.ppl - 1
-    table.append((row.name, m, delta))
+    table.append((row.name, m.result.ppl, delta, m.cpu_s, m.wall_s))
     print(f"{row.name}: ppl {m.result.ppl:.4f} ({delta * 100:+.2f}% from {baseline.result.ppl:.4f}), "
           f"{m.cpu_s:.0f} CPU s")
     assert m.result.tokens_evaluated == baseline.result.tokens_evaluated
@@ -169,3 +170,37 @@ def test_perplexity_within_bound(row: Row, qwen_path, token_ids, baseline, table
     assert delta <= row.max_increase, f"{bound}, above +{row.max_increase * 100:g}%"
     if row.two_sided:
         assert abs(delta) <= row.max_increase, f"{bound}, outside +-{row.max_increase * 100:g}%"
+
+
+# The FP8 KV cache's loss is the format's on this small model, and it depends on the
+# CPU's float32 rounding, which e4m3 amplifies: with calibrated scales +2.82% (one CPU)
+# and +3.15% (another, AVX2), with scales of 1 +3.51% and +3.85%, Ember and HF alike.
+KV_FP8_MAX_INCREASE = 0.04
+KV_FP8_MAX_REFERENCE_GAP = 0.0025
+
+
+def test_fp8_kv_cache_matches_hf_rounding_reference(qwen_path, token_ids, baseline, table) -> None:
+    """``--kv-cache-dtype fp8 --calculate-kv-scales``: Ember's perplexity equals
+    HF transformers' with each layer's keys and values rounded to e4m3 with the
+    scales Ember calibrated (``kv_fp8_hf_ref.py``) within 0.25%, and the loss
+    against float32 is within the format's +4% on this model."""
+    from tests.layers.quantization.kv_fp8_hf_ref import hf_perplexity, load_hf_qwen2
+
+    m = _measure(qwen_path, token_ids, qwen_path, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    assert m.kv_dtype == torch.float8_e4m3fn and m.weight_bytes == baseline.weight_bytes
+    assert len(m.kv_scales) == 24 and all(k != 1.0 and v != 1.0 for k, v in m.kv_scales), m.kv_scales
+    delta = m.result.ppl / baseline.result.ppl - 1
+    table.append(("kv_cache_fp8", m.result.ppl, delta, m.cpu_s, m.wall_s))
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    hf = load_hf_qwen2(qwen_path)
+    ref_ppl = hf_perplexity(hf, token_ids, CONTEXT_LENGTH, STRIDE, kv_scales=m.kv_scales)
+    table.append(("  HF, same scales", ref_ppl, ref_ppl / baseline.result.ppl - 1, time.process_time() - cpu,
+                  time.perf_counter() - wall))
+    del hf
+    gc.collect()
+
+    gap = m.result.ppl / ref_ppl - 1
+    assert abs(gap) <= KV_FP8_MAX_REFERENCE_GAP, f"Ember {m.result.ppl:.4f} vs HF reference {ref_ppl:.4f}"
+    assert delta <= KV_FP8_MAX_INCREASE, (f"kv_cache_fp8: perplexity {m.result.ppl:.4f} vs "
+                                          f"{baseline.result.ppl:.4f} float32 ({delta * 100:+.2f}%)")
