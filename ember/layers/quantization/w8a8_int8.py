@@ -49,10 +49,10 @@ from ember.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from ember.layers.quantization.int8_weight_only import quantize_per_channel_int8
 
 INT8_QMIN, INT8_QMAX = -128, 127
-# NOTE: torch._int_mm on CPU is a plain loop: from 16 rows on, a float64 matmul of the
-# same integers is faster (measured on AVX2: 16 x 896 x 4864 about even, 2048 rows 0.3 s
-# against 3.7 s).
-CPU_INT_MM_MAX_ROWS = 16
+# NOTE: torch._int_mm is slow on CPU: from 16 rows on, a float64 matmul of the same
+# integers is faster (measured on AVX2, torch 2.13: 16 x 896 x 4864 about even, 2048
+# rows 0.3 s against 3.7 s).
+CPU_FLOAT64_MM_MIN_ROWS = 16
 INT8_SCALE_DIVISOR = 127.5  # compressed-tensors' symmetric int8 scale: max|x| / ((127 - -128) / 2)
 
 
@@ -86,7 +86,7 @@ def int8_scaled_mm_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Te
     """``float(x_q @ w_q.T) * x_s[:, None] * w_s[None, :] (+ bias)`` rounded to
     ``out_dtype``: the int32 product (``torch._int_mm``, or a float64 matmul,
     exact for these integers, where it does not take the shapes or, on CPU, from
-    :data:`CPU_INT_MM_MAX_ROWS` rows on), then the float32 epilogue in the
+    :data:`CPU_FLOAT64_MM_MIN_ROWS` rows on), then the float32 epilogue in the
     kernels' order.
 
     Args:
@@ -97,7 +97,7 @@ def int8_scaled_mm_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Te
         [M, N] in ``out_dtype``.
     """
     acc = None
-    if x_q.device.type != "cpu" or x_q.shape[0] < CPU_INT_MM_MAX_ROWS:
+    if x_q.device.type != "cpu" or x_q.shape[0] < CPU_FLOAT64_MM_MIN_ROWS:
         try:
             acc = torch._int_mm(x_q, w_q.t())
         except RuntimeError:  # shapes this device's _int_mm refuses (CUDA: M <= 16)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.layers.quantization import get_quant_config
-from ember.layers.quantization.w8a8_int8 import (CPU_INT_MM_MAX_ROWS, W8A8Int8Config, W8A8Int8LinearMethod,
+from ember.layers.quantization.w8a8_int8 import (CPU_FLOAT64_MM_MIN_ROWS, W8A8Int8Config, W8A8Int8LinearMethod,
                                                 int8_scaled_mm_reference, quantize_per_token_int8)
 
 
@@ -63,12 +63,12 @@ def test_apply_matches_float32_references(outliers: bool) -> None:
     assert err.max() > 0
 
 
-@pytest.mark.parametrize("m", [1, CPU_INT_MM_MAX_ROWS - 1, CPU_INT_MM_MAX_ROWS, 300])
+@pytest.mark.parametrize("m", [1, CPU_FLOAT64_MM_MIN_ROWS - 1, CPU_FLOAT64_MM_MIN_ROWS, 300])
 def test_cpu_int32_product_is_exact_at_every_row_count(m: int) -> None:
-    """Below CPU_INT_MM_MAX_ROWS the CPU product is torch._int_mm's, from there a
+    """Below CPU_FLOAT64_MM_MIN_ROWS the CPU product is torch._int_mm's, from there a
     float64 matmul: both must be the exact int32 sums, here with the extreme
-    row 127 * 127 over K = 4864 (78M: past 2**24, so a float32 matmul rounds its
-    partial sums, while the total is a float32 for the epilogue)."""
+    row 127 * 127 over K = 4864 (78M, past float32's 2**24 of exact integers; the
+    total itself is a float32, so the float32 epilogue keeps it)."""
     gen = torch.Generator().manual_seed(1)
     k, n = 4864, 40
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
