@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from ember.loader import load_tokenizer_for  # noqa: E402
 from ember.loader.download import ensure_bundled_model  # noqa: E402
-from tests.layers.quantization.kv_fp8_hf_ref import hf_perplexity, load_hf_qwen2  # noqa: E402
+from tests.layers.quantization.kv_fp8_hf_ref import hf_perplexity  # noqa: E402
+from tests.models.tiny import load_hf_gguf  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "perplexity_text.txt"
 
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=512)
     args = ap.parse_args()
     path = ensure_bundled_model("Qwen2.5-Coder-0.5B-Instruct")
-    model = load_hf_qwen2(path)
+    model = load_hf_gguf(path)
     ids = load_tokenizer_for(path).encode(TEXT.read_text(encoding="utf-8"))
     base = hf_perplexity(model, ids, args.context_length, args.stride)
     fp8 = hf_perplexity(model, ids, args.context_length, args.stride,

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 
 import msgspec
 import pytest
@@ -23,6 +22,7 @@ from ember.engine.output_processor import OutputProcessor
 from ember.outputs import SampleLogprob
 from ember.sampling_params import RequestOutputKind
 from tests.models.prompts import LONG_TEXT
+from tests.models.tiny import load_hf_gguf
 
 pytestmark = pytest.mark.slow
 PROMPT = "The three most useful things to pack for a long hike are"
@@ -166,13 +166,6 @@ def test_stop_string_ends_one_child_and_abort_ends_the_rest(tokenizer):
 
 # ------------------------------------------------------------- on the model
 
-def _load_hf(path: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-
-
 def _check_top(ours: list[tuple[int, float]], ref_lp: torch.Tensor, k: int) -> None:
     """Top-k ids equal HF's wherever HF's values are not (near-)tied; values within 1e-3."""
     ref_vals, ref_ids = ref_lp.topk(k + 1)
@@ -185,7 +178,7 @@ def _check_top(ours: list[tuple[int, float]], ref_lp: torch.Tensor, k: int) -> N
 
 
 def test_logprobs_match_hf(llm, smollm2_path, tokenizer):
-    hf = _load_hf(smollm2_path)
+    hf = load_hf_gguf(smollm2_path)
     prompt = llm.llm_engine.input_processor.apply_chat_template([{"role": "user", "content": "Name a planet."}])
     cases = [SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True),
              SamplingParams(temperature=1.0, seed=3, max_tokens=8, logprobs=3, ignore_eos=True)]
@@ -311,7 +304,7 @@ def test_prompt_logprobs_match_hf(smollm2_path, tokenizer):
     """``prompt_logprobs``: every prompt token's log-probability, rank and top-k
     against HF's ``log_softmax``, with the prompt prefilled in chunks, after
     another request cached its prefix (the hit must not be taken), and n = 2."""
-    hf = _load_hf(smollm2_path)
+    hf = load_hf_gguf(smollm2_path)
     llm = LLM(smollm2_path, dtype="float32", max_model_len=512, block_size=16, kv_cache_memory=64 << 20,
               max_num_batched_tokens=32, max_num_seqs=4)
     prompt = tokenizer.encode(LONG_TEXT)[:90]

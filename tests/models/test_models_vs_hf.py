@@ -7,31 +7,23 @@ logits within 1e-3 relative error.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from ember import LLM, SamplingParams
 from tests.models.prompts import CHAT_PROMPTS, RAW_PROMPTS
-from tests.models.tiny import hf_greedy
+from tests.models.tiny import hf_greedy, load_hf_gguf
 
 pytestmark = pytest.mark.slow
 NUM_NEW = 64
-
-
-def load_hf(path: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen"])
 def pair(request, smollm2_path, qwen_path):
     path = smollm2_path if request.param == "smollm2" else qwen_path
     llm = LLM(path, dtype="float32", max_model_len=2048, kv_cache_memory=256 << 20)
-    hf = load_hf(path)
+    hf = load_hf_gguf(path)
     tok = llm.get_tokenizer()
     ip = llm.llm_engine.input_processor
     prompts = [ip.tokenize(p) for p in RAW_PROMPTS] + [ip.apply_chat_template(m) for m in CHAT_PROMPTS]

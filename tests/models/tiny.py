@@ -86,6 +86,15 @@ def make_prompts(lengths: tuple[int, ...] = (5, 13, 22, 31), vocab: int = TOKENI
     return [[rng.randrange(vocab - 1) for _ in range(n)] for n in lengths]
 
 
+def load_hf_gguf(path: str) -> PreTrainedModel:
+    """HF transformers' model of a bundled ``.gguf`` file, read and dequantized
+    by transformers itself (float32, eval mode): an independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+
+
 def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], n: int) -> list[int]:
     """Plain greedy loop over HF's forward with its KV cache, on the model's
     device (no generate() stopping rules, so EOS does not stop it)."""

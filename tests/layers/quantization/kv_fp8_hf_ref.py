@@ -4,7 +4,8 @@ Qwen2 with each layer's keys (after RoPE) and values rounded to
 times ``scale``: what the cache stores and attention reads), perplexity over
 the sliding windows of :func:`ember.entrypoints.bench.perplexity.perplexity`.
 
-Used by ``test_perplexity.py`` (with the scales Ember calibrated) and by
+The model comes from :func:`tests.models.tiny.load_hf_gguf`. Used by
+``test_perplexity.py`` (with the scales Ember calibrated) and by
 ``benchmarks/perplexity_kv_fp8_hf.py`` (scales of 1).
 """
 
@@ -17,16 +18,6 @@ import transformers.models.qwen2.modeling_qwen2 as qwen2
 from transformers import Qwen2ForCausalLM
 
 from ember.entrypoints.bench.perplexity import sliding_windows
-from ember.loader import iter_weights, read_hf_config, resolve_model_source
-
-
-def load_hf_qwen2(model_path: str) -> Qwen2ForCausalLM:
-    """HF transformers' Qwen2 with ``model_path``'s weights in float32 (a GGUF
-    file is dequantized by Ember's loader)."""
-    source = resolve_model_source(model_path)
-    model = Qwen2ForCausalLM(read_hf_config(source)).float().eval()
-    model.load_state_dict(dict(iter_weights(source, torch.float32)), strict=True)
-    return model
 
 
 def _round_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:

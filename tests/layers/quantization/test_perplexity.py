@@ -184,7 +184,8 @@ def test_fp8_kv_cache_matches_hf_rounding_reference(qwen_path, token_ids, baseli
     HF transformers' with each layer's keys and values rounded to e4m3 with the
     scales Ember calibrated (``kv_fp8_hf_ref.py``) within 0.25%, and the loss
     against float32 is within the format's +4% on this model."""
-    from tests.layers.quantization.kv_fp8_hf_ref import hf_perplexity, load_hf_qwen2
+    from tests.layers.quantization.kv_fp8_hf_ref import hf_perplexity
+    from tests.models.tiny import load_hf_gguf
 
     m = _measure(qwen_path, token_ids, qwen_path, kv_cache_dtype="fp8", calculate_kv_scales=True)
     assert m.kv_dtype == torch.float8_e4m3fn and m.weight_bytes == baseline.weight_bytes
@@ -193,7 +194,7 @@ def test_fp8_kv_cache_matches_hf_rounding_reference(qwen_path, token_ids, baseli
     table.append(("kv_cache_fp8", m.result.ppl, delta, m.cpu_s, m.wall_s))
 
     cpu, wall = time.process_time(), time.perf_counter()
-    hf = load_hf_qwen2(qwen_path)
+    hf = load_hf_gguf(qwen_path)
     ref_ppl = hf_perplexity(hf, token_ids, CONTEXT_LENGTH, STRIDE, kv_scales=m.kv_scales)
     table.append(("  HF, same scales", ref_ppl, ref_ppl / baseline.result.ppl - 1, time.process_time() - cpu,
                   time.perf_counter() - wall))
