@@ -2,7 +2,8 @@
 under open-loop traffic, five times each: ``/health`` turns 503 (code
 ``engine_dead``) within 1 s, every request in flight ends with an error naming
 the cause within 2 s (a non-streaming one with a 5xx body, a stream with an
-error event and then ``data: [DONE]``), new requests get 503, no request hangs,
+error event and then ``data: [DONE]``), new requests get 503 within 2 s of
+being sent (or of the death, if later), no request hangs,
 and the server exits with a non-zero status on its own within the documented
 time, or at once on SIGTERM, leaving no process behind.
 
@@ -34,6 +35,9 @@ RUNS = 5
 SERVER_ARGS = ("--max-model-len", "256", "--kv-cache-memory", "64M")
 HEALTH_WITHIN_S = 1.0
 IN_FLIGHT_END_WITHIN_S = 2.0
+# A new request's 503, from when it was sent or the core died, whichever is later.
+# Typically under 0.3 s on a 2-core machine; 1.3 s was seen once there under load.
+NEW_REQUEST_503_WITHIN_S = 2.0
 # From the SIGKILL to the core's death (the kernel tearing it down), at most.
 TEARDOWN_WITHIN_S = 2.0
 # Documented: the server exits ENGINE_DEAD_EXIT_DELAY_S after the death, then closes
@@ -308,5 +312,7 @@ def test_core_killed_under_open_loop_traffic(run: int) -> None:
             assert o.status == 503, what
             _assert_engine_dead(o.error, what)
             waited = o.end - max(o.start, t_death)
-            assert waited <= 1.0, f"{what}: answered {waited:.2f} s after it was sent or the engine died"
+            assert waited <= NEW_REQUEST_503_WITHIN_S, (
+                f"{what}: answered {waited:.2f} s after it was sent or the engine died "
+                f"({t_death - t_kill:.2f} s after the kill):\n{srv.log_tail()}")
         _wait_for_exit(srv, t_death, time.monotonic() if run % 2 else None)
