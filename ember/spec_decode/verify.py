@@ -33,6 +33,7 @@ import torch
 from ember.sample.logprobs import compute_logprobs, unpack_logprobs
 from ember.sample.rejection_sampler import draw_noise, emitted_tokens, rejection_sample, target_probs
 from ember.sample.sampler import SamplingMetadata
+from ember.worker.common import copy_in_flight
 
 if TYPE_CHECKING:
     from ember.core.sched_output import SchedulerOutput
@@ -115,10 +116,7 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
     argmax, probs = target_probs(logits, meta)
     draft_dev = torch.from_numpy(np.array(draft_rows, dtype=np.int64)).to(device, non_blocking=True)
     if on_device_dst:
-        def index(a: list[int]) -> torch.Tensor:
-            return torch.from_numpy(np.array(a, dtype=np.int64)).to(device, non_blocking=True)
-
-        draft_dev.index_copy_(0, index(on_device_dst), host.in_flight_source.index_select(0, index(on_device_src)))
+        copy_in_flight(draft_dev, on_device_dst, host.in_flight_source, on_device_src)
     if probs is None:
         result = rejection_sample(draft_dev, argmax, None, None, None, None)
     else:

@@ -46,6 +46,17 @@ class HostInputs:
     draft_offsets: dict[str, int] = field(default_factory=dict)
 
 
+def copy_in_flight(out: torch.Tensor, dst: list[int], source: torch.Tensor, src: list[int]) -> None:
+    """``out[dst[i]] = source[src[i]]``: ids that only the device holds (see
+    :class:`HostInputs`) copied into ``out`` (1-D int64, ``source``'s device). The
+    indices go to the device asynchronously and the copy is queued in stream
+    order after the step that computes ``source``: the host does not wait."""
+    def index(a: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.int64)).to(out.device, non_blocking=True)
+
+    out.index_copy_(0, index(dst), source.index_select(0, index(src)))
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()

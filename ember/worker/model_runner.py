@@ -35,7 +35,7 @@ from ember.pooling_params import PoolingParams
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
-from ember.worker.common import HostInputs, default_dtype, fill_dummy
+from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy
 
 logger = init_logger(__name__)
 
@@ -470,10 +470,7 @@ class ModelRunner:
         )
         input_ids = to_dev(host.input_ids)
         if host.in_flight_dst:
-            # NOTE: in stream order after the step that computes these ids.
-            dst = to_dev(np.array(host.in_flight_dst, dtype=np.int64))
-            src = to_dev(np.array(host.in_flight_src, dtype=np.int64))
-            input_ids.index_copy_(0, dst, host.in_flight_source.index_select(0, src))
+            copy_in_flight(input_ids, host.in_flight_dst, host.in_flight_source, host.in_flight_src)
         return input_ids, to_dev(host.positions), meta
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
