@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 
 import pytest
-import torch
 
 from ember import LLM, SamplingParams
 from ember.beam_search import BeamSearch, BeamSearchParams, beam_score
 from ember.outputs import SampleLogprob
 from tests.engine.beam_reference import reference_beam_search
 from tests.models.prompts import LONG_TEXT
+from tests.models.tiny import load_hf_gguf
 
 EOS = 0
 
@@ -146,10 +145,7 @@ def llm(smollm2_path, _one_thread):
 
 @pytest.fixture(scope="module")
 def hf(smollm2_path, _one_thread):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
+    return load_hf_gguf(smollm2_path)
 
 
 @pytest.mark.slow

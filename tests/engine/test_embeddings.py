@@ -5,7 +5,6 @@ also when the prompt is computed in chunks and next to generating requests."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from ember.engine.llm import LLM
 from ember.pooling_params import PoolingParams
 from ember.sampling_params import SamplingParams
+from tests.models.tiny import load_hf_gguf
 
 PROMPTS = ["The capital of France is Paris.", "Embeddings map text to vectors of numbers, one vector per text, "
            "so that similar texts get similar vectors."]
@@ -32,10 +32,7 @@ def llm(smollm2_path):
 
 @pytest.fixture(scope="module")
 def hf_hidden(smollm2_path, llm):
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path),
-                                      dtype=torch.float32).eval()
+    model = load_hf_gguf(smollm2_path, base_model=True)
     tok = llm.get_tokenizer()
     out = []
     with torch.inference_mode():

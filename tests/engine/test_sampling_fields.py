@@ -7,12 +7,12 @@ request's steps wait for its tokens), ``include_stop_str_in_output``,
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from tests.models.tiny import load_hf_gguf
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
@@ -98,10 +98,7 @@ def test_truncate_prompt_tokens(llm):
 
 
 def test_prompt_logprobs_match_hf_within_1e4(smollm2_path, llm):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path),
-                                              dtype=torch.float32).eval()
+    hf = load_hf_gguf(smollm2_path)
     prompt = llm.get_tokenizer().encode("The three most useful things to pack for a long hike are water, food")
     out = _one(llm, prompt, max_tokens=1, prompt_logprobs=3)
     with torch.inference_mode():

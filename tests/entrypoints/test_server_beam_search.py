@@ -7,16 +7,15 @@ naming the field."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import torch
 
 from tests.engine.beam_reference import reference_beam_search
 from tests.entrypoints.server_process import MODEL, launch_server
+from tests.models.tiny import load_hf_gguf
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "Say hi."}]
@@ -37,10 +36,7 @@ def client(server: str) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def hf(smollm2_path, one_torch_thread):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32).eval()
+    return load_hf_gguf(smollm2_path)
 
 
 def _tokens(server: str, **body) -> list[int]:

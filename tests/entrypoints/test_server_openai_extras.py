@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.entrypoints.server_process import MODEL, launch_server
+from tests.models.tiny import load_hf_gguf
 
 MAX_MODEL_LEN = 256
 DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana" / "ember-dashboard.json"
@@ -39,11 +40,11 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def hf_hidden(smollm2_path) -> list[torch.Tensor]:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path, name = os.path.dirname(smollm2_path), os.path.basename(smollm2_path)
     tok = AutoTokenizer.from_pretrained(path, gguf_file=name)
-    model = AutoModel.from_pretrained(path, gguf_file=name, dtype=torch.float32).eval()
+    model = load_hf_gguf(smollm2_path, base_model=True)
     with torch.inference_mode():
         return [model(input_ids=torch.tensor([tok.encode(t)])).last_hidden_state[0] for t in TEXTS]
 

@@ -10,7 +10,6 @@ field streamed and not, with its effect on the output checked:
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from tests.entrypoints.server_process import MODEL, launch_server
+from tests.models.tiny import load_hf_gguf
 
 pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 256
@@ -199,10 +199,7 @@ def test_return_tokens_as_token_ids(server: str, client: openai.OpenAI, stream: 
 
 @pytest.fixture(scope="module")
 def hf_model(smollm2_path: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path),
-                                                dtype=torch.float32).eval()
+    return load_hf_gguf(smollm2_path)
 
 
 def check_prompt_logprobs(plp: list, prompt_ids: list[int], k: int, hf: Any) -> None:
