@@ -5,7 +5,6 @@ also when the prompt is computed in chunks and next to generating requests."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

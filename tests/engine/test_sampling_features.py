@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-
 import msgspec
 import pytest
 import torch

@@ -7,7 +7,6 @@ request's steps wait for its tokens), ``include_stop_str_in_output``,
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

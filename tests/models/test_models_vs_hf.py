@@ -7,7 +7,6 @@ logits within 1e-3 relative error.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -93,6 +93,7 @@ _HF_REFERENCES: dict[str, tuple[str, PretrainedConfig]] = {}
 
 
 def config_ties(config: PretrainedConfig) -> bool:
+    """Whether the model's LM head is its input embedding (one tensor)."""
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
@@ -135,8 +136,8 @@ def load_hf_gguf(path: str, base_model: bool = False) -> PreTrainedModel:
         weights = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     model.tie_weights()
-    tied = {"lm_head.weight"} if config_ties(config) else set()
-    assert not unexpected and set(missing) == (set() if base_model else tied), (missing, unexpected)
+    expected_missing = {"lm_head.weight"} if config_ties(config) and not base_model else set()
+    assert not unexpected and set(missing) == expected_missing, (missing, unexpected)
     return model.eval()
 
 
