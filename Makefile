@@ -1,6 +1,7 @@
 # Ember: the two set-up commands (see README.md).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+TEST_WORKERS ?= 2
 
 .PHONY: install install-test serve test
 
@@ -17,5 +18,8 @@ install-test: install
 serve: install
 	ember serve
 
+# The tests run in two pytest-xdist workers, a module per worker at a time; the
+# ones marked `serial` (they assert on wall-clock time) then run alone.
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(PYTHON) -m pytest -q -m serial

@@ -45,5 +45,12 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
-# Keep torch to the machine's cores; CI has 2.
-torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+# Keep torch to the machine's cores; CI has 2. Under pytest-xdist (`make test`
+# runs two workers) each worker, and every process its tests start, gets one
+# thread: two workers of two OpenMP threads each on two cores stall each other's
+# barriers.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))

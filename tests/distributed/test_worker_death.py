@@ -22,7 +22,7 @@ from ember.engine.llm_engine import LLMEngine
 from ember.executor.base import WorkerDeadError
 from tests.models.tiny import BLOCK_SIZE, KV_CACHE_BYTES, save_tiny
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 # The engine core's idle check runs every half second; the server's health
 # check must see a dead worker well within 5 s.
 DEATH_NOTICED_S = 5.0

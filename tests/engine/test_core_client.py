@@ -29,7 +29,7 @@ from ember.outputs import RequestOutput
 from ember.sampling_params import RequestOutputKind
 from tests.models.prompts import RAW_PROMPTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 NUM_NEW = 24
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,6 +79,7 @@ def test_ties_and_overlaps() -> None:
         assert matched(["aab", *extra], ["aaa", "b"]) == (1, StopMatch(1, "aab"))
 
 
+@pytest.mark.serial  # a timing comparison: run alone, not beside another test
 def test_cost_per_character_does_not_grow_with_the_number_of_stop_strings() -> None:
     text = "the quick brown fox jumps over the lazy dog " * 50
 

@@ -19,6 +19,8 @@ import pytest
 from tests.entrypoints.server_process import ServerProcess, launch_server
 from tests.entrypoints.test_server_lifecycle import SERVER_ENV
 
+pytestmark = pytest.mark.serial
+
 MB = 1_000_000
 
 

@@ -23,6 +23,8 @@ from tests.entrypoints.server_process import launch_server
 from tests.entrypoints.test_protocol import MODEL, EchoEngine
 from tests.entrypoints.test_server_limits import assert_openai_error
 
+pytestmark = pytest.mark.serial
+
 SLOW_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n"  # a request head that never ends
 
 

@@ -31,6 +31,8 @@ import pytest
 from ember.entrypoints.openai.api_server import ENGINE_DEAD_EXIT_DELAY_S
 from tests.entrypoints.server_process import MODEL, ServerProcess, launch_server
 
+pytestmark = pytest.mark.serial
+
 RUNS = 5
 SERVER_ARGS = ("--max-model-len", "256", "--kv-cache-memory", "64M")
 HEALTH_WITHIN_S = 1.0

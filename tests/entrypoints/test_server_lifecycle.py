@@ -17,6 +17,8 @@ import pytest
 
 from tests.entrypoints.server_process import MODEL, ServerProcess, launch_server
 
+pytestmark = pytest.mark.serial
+
 # NOTE: one OpenMP thread: on a small shared machine the spin-waiting workers of a
 # second thread make every step several times slower when the cores are busy.
 SERVER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -27,6 +27,8 @@ from ember.entrypoints.openai.api_server import DEFAULT_MAX_REQUEST_BODY_BYTES, 
 from ember.entrypoints.openai.input_limits import MAX_CHARS_PER_TOKEN, OFFLOAD_MIN_CHARS
 from tests.entrypoints.test_protocol import MAX_MODEL_LEN, MODEL, CharTokenizer, EchoEngine
 
+pytestmark = pytest.mark.serial
+
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 

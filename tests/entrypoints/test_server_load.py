@@ -21,6 +21,8 @@ from tests.entrypoints.test_server_lifecycle import (
     wait_until_idle,
 )
 
+pytestmark = pytest.mark.serial
+
 NUM_CLIENTS = 64
 NUM_DISCONNECTS = NUM_CLIENTS // 4
 MAX_TOKENS = 16

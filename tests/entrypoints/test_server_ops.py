@@ -18,6 +18,8 @@ from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import RequestOutputKind
 from tests.entrypoints.test_protocol import MODEL, EchoEngine
 
+pytestmark = pytest.mark.serial
+
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 
 
