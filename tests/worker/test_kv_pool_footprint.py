@@ -17,6 +17,10 @@ pytestmark = pytest.mark.gpu
 
 def _pool(**kwargs) -> tuple[int, int, int]:
     """(KV blocks, bytes per block, bytes of the weights as stored) of the 8B preset with dummy weights."""
+    # Engines of earlier tests in this process may sit in reference cycles, their
+    # device memory still allocated (which the pool's sizing counts as in use).
+    gc.collect()
+    torch.cuda.empty_cache()
     llm = LLM("Llama-3.1-8B", load_format="dummy", enforce_eager=True, max_model_len=2048,
               max_num_batched_tokens=256, memory_utilization=0.6, **kwargs)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
