@@ -319,7 +319,7 @@ def test_lookahead_slots_are_reserved_and_capped_at_max_model_len():
 def test_gpu_draft_with_cuda_graphs_equals_no_speculation(smollm2_path, truncated_draft):
     # On CUDA the draft's proposals and short catch-ups replay CUDA graphs
     # (decode graphs and piecewise graphs); float32 keeps near-ties apart.
-    kw = dict(device="cuda", dtype="float32", max_model_len=512, memory_utilization=0.5)
+    kw = dict(device="cuda", dtype="float32", max_model_len=512, kv_cache_memory=256 << 20)  # a fixed KV size: engines of earlier tests may still hold device memory
     base = LLM(smollm2_path, **kw)
     prompts = [base.llm_engine.input_processor.tokenize(p) for p in PROMPTS]
     ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]

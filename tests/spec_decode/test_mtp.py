@@ -218,16 +218,15 @@ def test_gpu_mtp_equals_no_speculation(checkpoint, reference):
     # plain steps) with the MTP layer proposing, in float32.
     path = checkpoint[0]
     prompts, _ = reference
-    kw = dict(device="cuda", dtype="float32", max_model_len=96, memory_utilization=0.3)
+    # A fixed KV size: sizing by a memory fraction would count the device memory that
+    # engines built before (here or in earlier tests) still hold.
+    kw = dict(device="cuda", dtype="float32", max_model_len=96, kv_cache_memory=64 << 20)
     base = LLM(path, **kw)
     ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
     base.llm_engine.shutdown()
     del base
     gc.collect()
     torch.cuda.empty_cache()
-    # A fixed KV size: the memory-fraction sizing above would count the first
-    # engine's blocks if the allocator still held them.
-    kw = dict(device="cuda", dtype="float32", max_model_len=96, kv_cache_memory=64 << 20)
     for k in (1, 3):
         llm = LLM(path, speculative_config=_spec(k), **kw)
         for p, want in zip(prompts[:2], ref):
