@@ -39,6 +39,9 @@ PROMPTS = [
     "Question: what is 2 + 2? Answer:",
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+# The GPU tests' engines: float32 keeps near-ties apart; a fixed KV size, as engines of
+# earlier tests may still hold device memory that sizing by a memory fraction would count.
+GPU_KW = dict(device="cuda", dtype="float32", max_model_len=512, kv_cache_memory=256 << 20)
 
 
 def _save_llama(path, config: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -319,14 +322,13 @@ def test_lookahead_slots_are_reserved_and_capped_at_max_model_len():
 def test_gpu_draft_with_cuda_graphs_equals_no_speculation(smollm2_path, truncated_draft):
     # On CUDA the draft's proposals and short catch-ups replay CUDA graphs
     # (decode graphs and piecewise graphs); float32 keeps near-ties apart.
-    kw = dict(device="cuda", dtype="float32", max_model_len=512, kv_cache_memory=256 << 20)  # a fixed KV size: engines of earlier tests may still hold device memory
-    base = LLM(smollm2_path, **kw)
+    base = LLM(smollm2_path, **GPU_KW)
     prompts = [base.llm_engine.input_processor.tokenize(p) for p in PROMPTS]
     ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
     base.llm_engine.shutdown()
     del base
     for draft, min_acceptance in [(smollm2_path, 0.95), (truncated_draft, 0.0)]:
-        llm = LLM(smollm2_path, speculative_config=_spec(draft), **kw)
+        llm = LLM(smollm2_path, speculative_config=_spec(draft), **GPU_KW)
         runner = llm.llm_engine.engine_core.executor.worker.model_runner
         assert runner.draft_proposer.cuda_graphs is not None and runner.draft_proposer.piecewise_graphs is not None
         for p, want in zip(prompts[:2], ref):

@@ -28,7 +28,7 @@ from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
 # K and GREEDY are those the shared staggered run uses.
 from tests.spec_decode import test_draft_model
-from tests.spec_decode.test_draft_model import GREEDY, K, assert_speculated_preempted_equal, staggered
+from tests.spec_decode.test_draft_model import GPU_KW, GREEDY, K, assert_speculated_preempted_equal, staggered
 
 # The draft-model tests' six prompts and two more.
 PROMPTS = test_draft_model.PROMPTS + [
@@ -553,14 +553,13 @@ def test_gpu_head_with_cuda_graphs_equals_no_speculation(smollm2_path, tmp_path)
     # On CUDA the target writes its three depths inside its decode and piecewise
     # graphs, and the head's proposals and short catch-ups replay graphs of
     # their own; float32 keeps near-ties apart.
-    kw = dict(device="cuda", dtype="float32", max_model_len=512, kv_cache_memory=256 << 20)  # a fixed KV size: engines of earlier tests may still hold device memory
     head = head_for(smollm2_path, tmp_path / "head", seed=2)
-    base = LLM(smollm2_path, **kw)
+    base = LLM(smollm2_path, **GPU_KW)
     prompts = [base.llm_engine.input_processor.tokenize(p) for p in PROMPTS]
     ref = [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY, use_tqdm=False)]
     base.llm_engine.shutdown()
     del base
-    llm = LLM(smollm2_path, speculative_config=_spec(head), **kw)
+    llm = LLM(smollm2_path, speculative_config=_spec(head), **GPU_KW)
     runner = _runner(llm)
     assert runner.cuda_graphs is not None and runner.cuda_graphs.aux_hidden is runner.aux_hidden
     assert runner.draft_proposer.cuda_graphs is not None and runner.draft_proposer.piecewise_graphs is not None
