@@ -51,7 +51,7 @@ import torch
 
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec
 from ember.logger import init_logger
-from ember.worker.common import HostInputs, default_dtype, fill_dummy
+from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy, shifted_slots
 from ember.sample.sampler import _mix
 
 if TYPE_CHECKING:
@@ -333,6 +333,20 @@ class DraftModelProposer:
         self.propose_s += time.perf_counter() - t0
         return proposals
 
+    def launch_uniform(self, sched: SchedulerOutput, host: HostInputs, verification: Any,
+                       hidden: torch.Tensor) -> bool:
+        """Launch this step's catch-up and proposals before the host knows
+        which drafts stand, where the proposer can (see
+        :meth:`~ember.spec_decode.hidden_states.HiddenStateProposer.launch_uniform`);
+        returns whether it did (then :meth:`finish_uniform` completes it
+        once the emitted tokens are read). Never here: a draft model's
+        catch-up depends on how many of its fed proposals were accepted."""
+        return False
+
+    def finish_uniform(self, emitted: dict[str, list[int]]) -> dict[str, int]:
+        """Complete :meth:`launch_uniform` with the step's emitted tokens."""
+        raise NotImplementedError
+
     def observe(self, sched: SchedulerOutput, host: HostInputs, hidden: torch.Tensor) -> None:
         """A step that samples nothing (prefill chunks only), with the
         target's final hidden states of its packed tokens ([num_tokens,
@@ -594,10 +608,15 @@ class DraftModelProposer:
         return table
 
     def _forward_decode(self, req_ids: list[str], token_ids: list[int] | None, positions: list[int],
-                        device_ids: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+                        device_ids: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                        shift: torch.Tensor | None = None) -> torch.Tensor:
         """One token per request at ``positions`` (its ids from the host, or
         ``device_ids`` [n] int64 on the device), conditioned on ``cond``
-        ([n, width], for conditioned drafts); returns [n, hidden]."""
+        ([n, width], for conditioned drafts); returns [n, hidden]. With
+        ``shift`` ([n] int64 on the device) request ``i`` runs at
+        ``positions[i] + shift[i]`` instead: its position, slot and sequence
+        length are derived on the device (the host does not wait, except
+        where an eager attention backend needs host sequence lengths)."""
 
         n = len(req_ids)
         if cond is not None:
@@ -618,12 +637,12 @@ class DraftModelProposer:
             # buffer is reused only once the replay that read it two runs ago is done.
             if len(self._graph_events) == 2:
                 self._graph_events.pop(0).synchronize()
-            out = self.cuda_graphs.run(host)
+            out = self.cuda_graphs.run(host, shift)
             event = torch.cuda.Event()
             event.record()
             self._graph_events.append(event)
             return out
-        return self._run_eager(host, device_ids)
+        return self._run_eager(host, device_ids, shift)
 
     def _forward_extend(self, plan, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Packed tokens of ``plan`` (single-token requests first), conditioned
@@ -648,10 +667,17 @@ class DraftModelProposer:
             return self.piecewise_graphs.run(host, self)
         return self._run_eager(host, None)
 
-    def _run_eager(self, host: HostInputs, device_ids: torch.Tensor | None) -> torch.Tensor:
+    def _run_eager(self, host: HostInputs, device_ids: torch.Tensor | None,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
         input_ids, positions, meta = self._device_inputs(host)
         if device_ids is not None:
             input_ids = device_ids
+        if shift is not None:  # decode rows moved by shift (see _forward_decode)
+            positions = positions + shift
+            meta.slot_mapping = shifted_slots(positions, meta.block_table, self.block_size)
+            meta.seq_lens = (positions + 1).to(torch.int32)
+            meta.seq_lens_cpu = (host.seq_lens + shift.cpu().numpy()).tolist()  # (waits; eager only)
+            meta.max_seq_len = max(meta.seq_lens_cpu)
         return self.model(input_ids, positions, ForwardContext(meta, self.kv_caches))
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -668,7 +694,10 @@ class DraftModelProposer:
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
             query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
             num_decodes=host.num_decodes)
-        return to_dev(host.input_ids), to_dev(host.positions), meta
+        input_ids = to_dev(host.input_ids)
+        if host.in_flight_dst:
+            copy_in_flight(input_ids, host.in_flight_dst, host.in_flight_source, host.in_flight_src)
+        return input_ids, to_dev(host.positions), meta
 
     def swap_blocks(self, sched: SchedulerOutput, swap: Any) -> None:
         """The draft's share of a step's swaps (``swap(sched, device, host,

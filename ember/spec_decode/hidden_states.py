@@ -30,6 +30,17 @@ K/V there: lower acceptance, same outputs); and accepted proposals are fed
 again with the target's hidden states (their K/V from the head's own hidden
 state is not kept).
 
+In a uniform step (every request verifies k drafts and greedy decodes, the
+shape of steady-state decoding) the head's work is launched before the host
+reads which drafts stand (:meth:`HiddenStateProposer.launch_uniform`): the
+catch-up feeds all k + 1 verified positions at the step's own slots, the
+first proposal reads the row of the last emitted token, and the later
+proposals' positions and slots are derived on the device from the accepted
+counts. So the device runs the head right after verification while the host
+reads back, schedules and stages the next step. Other steps plan the
+catch-up on the host from the emitted tokens, as above; both give the same
+proposals.
+
 A head model class provides (see :class:`~ember.models.llama_eagle3.Eagle3LlamaForCausalLM`):
 
 - ``cls(hf_config, attn_backend, quant_config=None)``, ``kv_cache_spec``,
@@ -50,12 +61,14 @@ A head model class provides (see :class:`~ember.models.llama_eagle3.Eagle3LlamaF
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.spec_decode.draft_model import DraftModelProposer
+from ember.spec_decode.draft_model import DraftModelProposer, _ProposalTable
 from ember.worker.common import HostInputs
 
 if TYPE_CHECKING:
@@ -90,12 +103,15 @@ class HiddenStateProposer(DraftModelProposer):
 
     shift = 1
     reuses_proposal_kv = False
+    # Uniform steps launch the head's work before the emitted tokens are read (launch_uniform).
+    uniform_launch = True
 
     def __init__(self, runner: Any, config: Any) -> None:
         super().__init__(runner, config)
         self._features: torch.Tensor | None = None  # the step's target features, [num_tokens, width]
         sc = runner.config.scheduler_config
         self.max_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
+        self._uniform: tuple | None = None  # what launch_uniform leaves for finish_uniform
 
     def model_class(self) -> type[torch.nn.Module]:
         return head_class(self.model_config.architecture)
@@ -127,6 +143,79 @@ class HiddenStateProposer(DraftModelProposer):
         in ``runner.aux_hidden``), so that their K/V is there when the
         requests decode. Nothing while speculation is off."""
         self.propose(sched, host, {}, hidden)
+
+    @torch.inference_mode()
+    def launch_uniform(self, sched: SchedulerOutput, host: HostInputs, verification: Any,
+                       hidden: torch.Tensor) -> bool:
+        """Launch the step's catch-up and k proposals before the host knows
+        which drafts stand, for a uniform step (every request verifies k
+        drafts in k + 1 rows, and every row is verified) of greedy requests
+        whose blocks hold the proposals; returns whether it did.
+
+        The catch-up runs over all k + 1 verified positions ``P .. P + k``
+        of each request, at the step's own positions and slots: position
+        ``P + j`` is fed the token the verification emits at row ``j``
+        (the draft where it stood, else the row's fallback) with the
+        target's features of row ``j``. The first ``a`` positions (``a``:
+        the request's emitted tokens) are what the host-planned catch-up
+        feeds; the K/V written past them is overwritten by the proposals
+        and the next step before any attention reads it. The first
+        proposal comes from row ``a - 1``; proposal ``j`` runs at position
+        ``P + a - 1 + j``, derived on the device from the accepted counts.
+        """
+        k, width = self.k, verification.width
+        if not self.uniform_launch or width != k + 1 or host.req_ids != host.sample_req_ids or not self.active():
+            return False
+        runner, bs = self.runner, self.block_size
+        if runner._pooling:
+            return False
+        states = [runner.requests[r] for r in host.req_ids]
+        params = [s.sampling_params for s in states]
+        first = host.positions[::width]
+        # Proposal k - 1 runs at position P + 2k - 1 at most (every draft accepted).
+        if not all(p.greedy for p in params) or any(len(s.block_ids) * bs < int(p) + 2 * k
+                                                        for s, p in zip(states, first)):
+            return False
+        t0 = time.perf_counter()
+        n, dev = len(states), self.device
+        result = verification.result
+        accepted = result.accepted.view(n, width).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [n] drafts that stand
+        feed = torch.where(torch.arange(width, device=dev) < accepted.unsqueeze(1),
+                           verification.draft_ids.view(n, width), result.fallback.view(n, width))
+        self._set_step_features(host, hidden)
+        self.model.set_condition(self.model.condition_target(self._features[: n * width]))
+        rows = list(range(n * width))
+        catch_up = dataclasses.replace(host, in_flight_dst=rows, in_flight_src=rows, in_flight_source=feed.view(-1),
+                                       draft_offsets={})
+        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(catch_up):
+            out = self.piecewise_graphs.run(catch_up, self)
+        else:
+            out = self._run_eager(catch_up, None)
+        last = out.view(n, width, -1)[torch.arange(n, device=dev), accepted]  # [n, hidden]
+        req_ids = list(host.req_ids)
+        cols = [self._draw(last, params, [0] * n)[0]]
+        out_hidden = last
+        for j in range(1, k):
+            hidden_j = self._forward_decode(req_ids, None, (first + j).tolist(), cols[-1],
+                                            cond=self._proposal_condition(out_hidden), shift=accepted)
+            cols.append(self._draw(hidden_j, params, [0] * n)[0])
+            out_hidden = hidden_j
+        self._uniform = (_ProposalTable(torch.stack(cols, dim=1)), req_ids, first.tolist())
+        self.propose_s += time.perf_counter() - t0
+        return True
+
+    def finish_uniform(self, emitted: dict[str, list[int]]) -> dict[str, int]:
+        """The request states after :meth:`launch_uniform`, once the step's
+        emitted tokens are known: positions ``< P + a`` hold the head's K/V
+        of known tokens, and k proposals wait in the table."""
+        table, req_ids, first = self._uniform
+        self._uniform = None
+        for i, (req_id, p) in enumerate(zip(req_ids, first)):
+            d = self.states[req_id]
+            d.draft_len = p + len(emitted[req_id])
+            d.num_fed = 0
+            d.table, d.row, d.count, d.probs = table, i, self.k, None
+        return dict.fromkeys(req_ids, self.k)
 
     def _set_step_features(self, host: HostInputs, hidden: torch.Tensor | None) -> None:
         aux = self.runner.aux_hidden

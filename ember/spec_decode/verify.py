@@ -59,8 +59,37 @@ class _Histories(Sequence):
         return known + self.drafts(req)[:j] if j else known
 
 
+class Verification:
+    """A launched verification (:func:`launch_verification`): its device
+    results, readable before anything waits for them, and :meth:`finish`,
+    which reads the emitted tokens back.
+
+    Attributes:
+        draft_ids: [rows] int64 on the device, the draft each row verifies
+            (-1 on a request's last row).
+        result: the rejection sampler's per-row ``accepted`` / ``fallback``.
+        width: the rows per request when every request has the same number
+            of drafts and every row of the step verifies (a uniform step),
+            else 0.
+    """
+
+    def __init__(self, draft_ids: torch.Tensor, result: Any, width: int,
+                 finish: Callable[[], tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]]) -> None:
+        self.draft_ids, self.result, self.width = draft_ids, result, width
+        self._finish = finish
+
+    def finish(self) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
+        """Wait for the device; returns ``(tokens, logprobs)`` as :func:`verify_drafts`."""
+        return self._finish()
+
+
 def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor
                   ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
+    """:func:`launch_verification`, then wait for its tokens."""
+    return launch_verification(runner, sched, host, hidden).finish()
+
+
+def launch_verification(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor) -> Verification:
     """Sample every sampling request of a step with drafts.
 
     Args:
@@ -71,9 +100,10 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
             last row; its drafts' rows precede it).
         hidden: [num_tokens, hidden] the step's hidden states.
     Returns:
-        ``(tokens, logprobs)``: per sampling request the emitted tokens (its
-        accepted drafts and one more), and for those that ask, one
-        log-probability entry per emitted token.
+        The launched :class:`Verification` (nothing has waited for the
+        device); its ``finish()`` gives ``(tokens, logprobs)``: per sampling
+        request the emitted tokens (its accepted drafts and one more), and
+        for those that ask, one log-probability entry per emitted token.
     """
     spec = sched.scheduled_spec_decode_tokens
     device = runner.device
@@ -107,7 +137,8 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
             draft_rows.append(d[j] if j < len(d) else -1)
     # NOTE: the copies to the device are asynchronous (no wait for the forward
     # pass); a step where every row verifies (a uniform step) needs no gather.
-    if len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1:
+    every_row = len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1
+    if every_row:
         logits = runner.model.compute_logits(hidden)
     else:
         rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device, non_blocking=True)
@@ -125,6 +156,16 @@ def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.
         q = None if proposer is None else proposer.draft_probs(req_ids, [len(d) for d in drafts], draft_dev,
                                                                 probs.shape[-1])
         result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise, q)
+    width = len(drafts[0]) + 1 if every_row and len({len(d) for d in drafts}) == 1 else 0
+    return Verification(draft_dev, result, width, lambda: _read_back(runner, host, drafts, drafts_on_host, logits,
+                                                                      meta, result))
+
+
+def _read_back(runner: Any, host: Any, drafts: list[list[int]], drafts_on_host: Callable[[int], list[int]],
+               logits: torch.Tensor, meta: SamplingMetadata, result: Any
+               ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
+    """The emitted tokens (and log-probabilities) of a launched verification."""
+    req_ids, device = host.sample_req_ids, runner.device
     accepted, fallback = result.accepted.tolist(), result.fallback.tolist()  # waits for the device
     tokens = emitted_tokens([drafts_on_host(i) for i in range(len(req_ids))], accepted, fallback)
     out = dict(zip(req_ids, tokens))

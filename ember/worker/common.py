@@ -57,6 +57,16 @@ def copy_in_flight(out: torch.Tensor, dst: list[int], source: torch.Tensor, src:
     out.index_copy_(0, index(dst), source.index_select(0, index(src)))
 
 
+def shifted_slots(positions: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The slot of each decode row's position, on the device: row ``i`` at
+    ``positions[i]`` ([n] int64) writes ``block_table[i, pos // block_size]
+    * block_size + pos % block_size`` ([n] int64; ``block_table`` [>= n,
+    max_blocks] int32)."""
+    n = positions.shape[0]
+    blocks = block_table[:n].gather(1, (positions // block_size).unsqueeze(1)).squeeze(1).to(torch.int64)
+    return blocks * block_size + positions % block_size
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()

@@ -31,6 +31,7 @@ import torch
 
 from ember.config import EngineConfig
 from ember.layers.attention import Attention, AttentionMetadata, ForwardContext
+from ember.worker.common import shifted_slots
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -60,6 +61,7 @@ class CUDAGraphRunner:
 
         self.model, self.kv_caches, self.aux_hidden = model, kv_caches, aux_hidden
         self.sizes = capture_sizes(config.scheduler_config.max_num_seqs)
+        self.block_size = config.cache_config.block_size
         self._num_splits = num_decode_splits
         self.num_kv_heads = config.model_config.num_kv_heads
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -111,10 +113,12 @@ class CUDAGraphRunner:
         n = len(host.seq_lens)
         return host.max_query_len == 1 and n <= self.sizes[-1]
 
-    def run(self, host) -> torch.Tensor:
+    def run(self, host, shift: torch.Tensor | None = None) -> torch.Tensor:
         """Copy ``host`` (a ``HostInputs``) into the buffers, the input ids still
         in flight taken from ``host.in_flight_source`` on the device, and
-        replay; returns [n, hidden]."""
+        replay; returns [n, hidden]. ``shift`` ([n] int64 on the device):
+        row ``i`` runs at ``host.positions[i] + shift[i]`` (its slot and
+        sequence length derived on the device, nothing waits)."""
         from ember.kernels.triton_inputs import unpack_decode_inputs
 
         n = len(host.seq_lens)
@@ -135,6 +139,11 @@ class CUDAGraphRunner:
         dev.copy_(stage_host[:total], non_blocking=True)
         unpack_decode_inputs(dev, n, width, host.in_flight_source if host.in_flight_dst else None, self.input_ids,
                              self.positions, self.slot_mapping, self.seq_lens, self.block_table, bs)
+        if shift is not None:
+            positions = self.positions[:n]
+            positions.add_(shift)
+            self.slot_mapping[:n] = shifted_slots(positions, self.block_table, self.block_size)
+            self.seq_lens[:n] = positions + 1
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

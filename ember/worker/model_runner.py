@@ -546,7 +546,9 @@ class ModelRunner:
 
         A step with draft tokens (``scheduled_spec_decode_tokens``) verifies
         them (:mod:`ember.spec_decode.verify`) and waits for its tokens; it
-        must not continue from a step still in flight.
+        must not continue from a step still in flight. The proposer's next
+        proposals are launched before that wait where the step is uniform
+        (``launch_uniform``), else after it.
 
         Returns:
             What :meth:`collect` turns into the step's output.
@@ -575,14 +577,22 @@ class ModelRunner:
                 self.draft_proposer.observe(sched, host, hidden)
             return PendingOutput([], prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
         if spec:
-            from ember.spec_decode.verify import verify_drafts
+            from ember.spec_decode.verify import launch_verification
 
-            tokens, logprobs = verify_drafts(self, sched, host, hidden)
+            verification = launch_verification(self, sched, host, hidden)
+            # NOTE: a proposer that can plan without the emitted tokens (a
+            # uniform step) launches its passes before the read-back below
+            # waits for the device, so they queue right behind verification.
+            proposer = self.draft_proposer
+            launched = proposer is not None and proposer.launch_uniform(sched, host, verification, hidden)
+            tokens, logprobs = verification.finish()
             self._last_sampled, self._last_sample_req_ids = None, []
             pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, spec_tokens=tokens,
                                     spec_logprobs=logprobs, pooled_req_ids=pooled_req_ids, pooled=pooled)
-            if self.draft_proposer is not None:
-                pending.num_draft_tokens = self.draft_proposer.propose(sched, host, tokens, hidden)
+            if launched:
+                pending.num_draft_tokens = proposer.finish_uniform(tokens)
+            elif proposer is not None:
+                pending.num_draft_tokens = proposer.propose(sched, host, tokens, hidden)
             return pending
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)

@@ -26,6 +26,7 @@ import torch
 from ember import LLM, SamplingParams
 from ember.config import ConfigError
 from ember.engine.arg_utils import EngineArgs
+from ember.spec_decode.hidden_states import HiddenStateProposer
 # K and GREEDY are those the shared staggered run uses.
 from tests.spec_decode import test_draft_model
 from tests.spec_decode.test_draft_model import GPU_KW, GREEDY, K, assert_speculated_preempted_equal, staggered
@@ -348,6 +349,97 @@ def test_proposals_reach_the_host_only_after_the_next_launch(tiny_target, tiny_h
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
     assert scheduled and all(d and set(d) == {DRAFT_ON_WORKER} for d in scheduled)
     assert reads and all(at > made_in for made_in, at in reads)
+
+
+_PROPOSE, _FINISH_UNIFORM = HiddenStateProposer.propose, HiddenStateProposer.finish_uniform
+
+
+def _forced_acceptance(monkeypatch):
+    """Make verification accept ``(step + i) % (K + 1)`` drafts of request ``i`` (then the target's
+    argmax), whatever they are, so that every accepted count 0..K occurs; returns the step counter."""
+    from ember.sample.rejection_sampler import RejectionResult
+    from ember.spec_decode import verify
+
+    real, steps = verify.rejection_sample, [0]
+
+    def forced(draft_ids, argmax, *args, **kw):
+        result = real(draft_ids, argmax, *args, **kw)
+        accepted, j, req = [], 0, 0
+        for d in draft_ids.tolist():
+            if d < 0:  # a request's last row
+                accepted.append(False)
+                j, req = 0, req + 1
+                continue
+            accepted.append(j < (steps[0] + req) % (K + 1))
+            j += 1
+        steps[0] += 1
+        return RejectionResult(torch.tensor(accepted, device=draft_ids.device), result.fallback)
+
+    monkeypatch.setattr(verify, "rejection_sample", forced)
+    return steps
+
+
+def _proposals_and_tokens(target: str, head: str, prompts: list[list[int]], uniform: bool, monkeypatch, steps,
+                          **engine_kw) -> tuple[list[list[int]], list[tuple[str, int, list[int]]], int]:
+    """Greedy outputs of ``prompts`` (batched) and every proposal made (request, tokens known, proposals),
+    with the head's uniform launch on or off; and how many steps launched uniformly."""
+    monkeypatch.setattr(HiddenStateProposer, "uniform_launch", uniform)
+    steps[0] = 0
+    seen, uniform_steps = [], [0]
+    propose, finish_uniform = _PROPOSE, _FINISH_UNIFORM  # as defined, not an earlier call's recording wrappers
+
+    def record(self, out, known):
+        seen.extend((r, known[r], self.states[r].proposed()) for r in sorted(out))
+        return out
+
+    def recording(self, sched, host, emitted, hidden=None):
+        known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
+        return record(self, propose(self, sched, host, emitted, hidden), known)
+
+    def recording_uniform(self, emitted):
+        uniform_steps[0] += 1
+        known = {r: len(self.runner.requests[r].token_ids) + len(t) for r, t in emitted.items()}
+        return record(self, finish_uniform(self, emitted), known)
+
+    monkeypatch.setattr(HiddenStateProposer, "propose", recording)
+    monkeypatch.setattr(HiddenStateProposer, "finish_uniform", recording_uniform)
+    llm = LLM(target, speculative_config=_spec(head),
+              **{"dtype": "float32", "max_model_len": 128, "kv_cache_memory": 4 << 20, **engine_kw})
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    if engine_kw.get("device") == "cuda":
+        assert _runner(llm).draft_proposer.cuda_graphs is not None, "the head's proposals ran in its CUDA graphs"
+    return [o.outputs[0].token_ids for o in outs], seen, uniform_steps[0]
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_uniform_launch_proposes_what_the_planned_catch_up_does(tiny_target, tiny_head, one_torch_thread,
+                                                               monkeypatch, block_size):
+    # A uniform step launches the head before the host reads which drafts
+    # stand: it feeds all k + 1 verified positions and derives the proposals'
+    # positions and slots on the device from the accepted counts. With every
+    # accepted count 0..k forced in turn, its proposals (all k of them, every
+    # step) and the tokens equal those of the catch-up the host plans from the
+    # emitted tokens; blocks of 4 put proposals across block boundaries.
+    _assert_uniform_launch_equals_planned(tiny_target, tiny_head, monkeypatch, block_size=block_size)
+
+
+@pytest.mark.gpu
+def test_gpu_uniform_launch_proposes_what_the_planned_catch_up_does(tiny_target, tiny_head, monkeypatch):
+    # On CUDA the proposals replay the head's decode graphs, whose positions,
+    # slots and sequence lengths are shifted by the accepted counts on the device.
+    _assert_uniform_launch_equals_planned(tiny_target, tiny_head, monkeypatch, block_size=16, **GPU_KW)
+
+
+def _assert_uniform_launch_equals_planned(target: str, head: str, monkeypatch, **engine_kw) -> None:
+    steps = _forced_acceptance(monkeypatch)
+    prompts = [[(7 * i + 3 * j) % 60 + 1 for j in range(5 + 3 * i)] for i in range(4)]
+    for batch in ([prompts[0]], prompts):
+        planned = _proposals_and_tokens(target, head, batch, False, monkeypatch, steps, **engine_kw)
+        launched = _proposals_and_tokens(target, head, batch, True, monkeypatch, steps, **engine_kw)
+        assert planned[2] == 0 and launched[2] >= 4, "the uniform launch ran (and only where enabled)"
+        assert launched[0] == planned[0]
+        assert len(launched[1]) == len(planned[1]) and launched[1] == planned[1]
+        assert all(len(p) == K for _, _, p in launched[1])
 
 
 class _PromptRun(NamedTuple):

@@ -64,18 +64,26 @@ def _counters(llm_or_engine):
 
 
 def _record_proposals(monkeypatch) -> list[tuple[str, int, list[int]]]:
-    """Patch MTPProposer.propose to record (request, tokens known after the step, proposals) per request."""
+    """Patch MTPProposer's proposing (after the emitted tokens are read, and the uniform steps' launch
+    before it) to record (request, tokens known after the step, proposals) per request."""
     seen: list[tuple[str, int, list[int]]] = []
-    original = MTPProposer.propose
+    original, finish_uniform = MTPProposer.propose, MTPProposer.finish_uniform
 
-    def recording(self, sched, host, emitted, hidden=None):
-        known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
-        out = original(self, sched, host, emitted, hidden)  # req_id -> count; the ids stay on the device
+    def record(self, out, known):  # out: req_id -> count; the ids stay on the device
         seen.extend((r, known[r], self.states[r].proposed()) for r, n in out.items())
         assert all(len(d) == out[r] for r, _, d in seen[len(seen) - len(out):])
         return out
 
+    def recording(self, sched, host, emitted, hidden=None):
+        known = {r: len(self.runner.requests[r].token_ids) + len(emitted.get(r, ())) for r in host.req_ids}
+        return record(self, original(self, sched, host, emitted, hidden), known)
+
+    def recording_uniform(self, emitted):
+        known = {r: len(self.runner.requests[r].token_ids) + len(t) for r, t in emitted.items()}
+        return record(self, finish_uniform(self, emitted), known)
+
     monkeypatch.setattr(MTPProposer, "propose", recording)
+    monkeypatch.setattr(MTPProposer, "finish_uniform", recording_uniform)
     return seen
 
 
