@@ -427,7 +427,8 @@ def test_uniform_launch_proposes_what_the_planned_catch_up_does(tiny_target, tin
 def test_gpu_uniform_launch_proposes_what_the_planned_catch_up_does(tiny_target, tiny_head, monkeypatch):
     # On CUDA the proposals replay the head's decode graphs, whose positions,
     # slots and sequence lengths are shifted by the accepted counts on the device.
-    _assert_uniform_launch_equals_planned(tiny_target, tiny_head, monkeypatch, block_size=16, **GPU_KW)
+    _assert_uniform_launch_equals_planned(tiny_target, tiny_head, monkeypatch, block_size=16,
+                                          **{**GPU_KW, "max_model_len": 128})
 
 
 def _assert_uniform_launch_equals_planned(target: str, head: str, monkeypatch, **engine_kw) -> None:
