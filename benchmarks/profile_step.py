@@ -82,12 +82,16 @@ def profile_decode(llm: LLM, prompt: list[int], batch: int, steps: int, host_tab
     """Kernel table of ``steps`` decode steps at batch ``batch`` (after their
     prefill); with ``host_table`` also the host-time table of the operators."""
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    # Enough tokens that the first requests are still decoding when the last
+    # one's prompt is done (the prompts prefill a token budget at a time).
+    budget = engine.engine_core.config.scheduler_config.max_num_batched_tokens
+    params = SamplingParams(temperature=0, max_tokens=steps + 8 + batch * len(prompt) // budget + 8, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{i}", [t + i for t in prompt], params, prompt_token_ids=[t + i for t in prompt])
-    while any(len(r.output_token_ids) < 4 for r in engine.engine_core.scheduler.running) or \
-            engine.engine_core.scheduler.waiting:
+    scheduler = engine.engine_core.scheduler
+    while scheduler.waiting or any(len(r.output_token_ids) < 4 for r in scheduler.running):
         engine.step()
+    assert len(scheduler.running) == batch, f"{len(scheduler.running)} of {batch} requests decoding"
     torch.cuda.synchronize()
     proposer = engine.engine_core.executor.worker.model_runner.draft_proposer
     propose_s = proposer.propose_s if proposer is not None else 0.0
