@@ -9,7 +9,9 @@ see the drafts before it as outputs), the target distribution is applied as
 the sampler does, and :mod:`ember.sample.rejection_sampler` decides which
 drafts stand (with a draft model's distributions for drafts it sampled). The
 emitted tokens are read back before the step returns (a step with drafts is
-never followed by a step launched ahead of it).
+never followed by a step launched ahead of it): :func:`launch_verification`
+enqueues everything and :meth:`Verification.finish` waits, so a proposer on
+the worker can launch its next proposals in between, from the device results.
 
 Drafts the worker proposed (``DRAFT_ON_WORKER`` in the schedule) are verified
 where they are, on the device (``HostInputs.in_flight_source``); their ids
@@ -79,14 +81,10 @@ class Verification:
         self._finish = finish
 
     def finish(self) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
-        """Wait for the device; returns ``(tokens, logprobs)`` as :func:`verify_drafts`."""
+        """Wait for the device; returns ``(tokens, logprobs)``: per sampling
+        request the emitted tokens (its accepted drafts and one more), and for
+        those that ask, one log-probability entry per emitted token."""
         return self._finish()
-
-
-def verify_drafts(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor
-                  ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
-    """:func:`launch_verification`, then wait for its tokens."""
-    return launch_verification(runner, sched, host, hidden).finish()
 
 
 def launch_verification(runner: Any, sched: SchedulerOutput, host: Any, hidden: torch.Tensor) -> Verification:
@@ -101,9 +99,7 @@ def launch_verification(runner: Any, sched: SchedulerOutput, host: Any, hidden: 
         hidden: [num_tokens, hidden] the step's hidden states.
     Returns:
         The launched :class:`Verification` (nothing has waited for the
-        device); its ``finish()`` gives ``(tokens, logprobs)``: per sampling
-        request the emitted tokens (its accepted drafts and one more), and
-        for those that ask, one log-probability entry per emitted token.
+        device yet).
     """
     spec = sched.scheduled_spec_decode_tokens
     device = runner.device
