@@ -17,7 +17,11 @@ overhead a trained head must beat; the target is
 Prints (and saves with ``--json``) per batch size ``plain_b{B}_step_ms``,
 ``eagle3_b{B}_propose_ms_per_step``, ``eagle3_b{B}_verify_ms_per_step``,
 ``eagle3_b{B}_overhead_vs_plain_step`` (= (verify + propose) / plain), the
-acceptance and whether greedy outputs equal plain decoding's.
+acceptance and whether greedy outputs equal plain decoding's. "propose" is
+the proposer's host wall time; where the head is launched before the
+verification's read-back (uniform greedy steps) that time overlaps the
+verification on the device, so only the overhead (the whole step) compares
+with the plain step.
 """
 
 from __future__ import annotations
