@@ -663,6 +663,12 @@ class DraftModelProposer:
         ids = np.fromiter((t for p in plan for t in p[1]), dtype=np.int64, count=int(qsl[-1]))
         host = HostInputs(ids, pos, slots, qsl.astype(np.int32), (starts + counts).astype(np.int32), table,
                           int(counts.max()), [], [], num_decodes=int((counts == 1).sum()), req_ids=req_ids)
+        return self._run_extend(host)
+
+    def _run_extend(self, host: HostInputs) -> torch.Tensor:
+        """The draft over the packed tokens of ``host`` (ids still in flight
+        taken from ``host.in_flight_source``): its piecewise graphs where they
+        fit, else eager; returns [num_tokens, hidden]."""
         if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(host):
             return self.piecewise_graphs.run(host, self)
         return self._run_eager(host, None)

@@ -187,10 +187,7 @@ class HiddenStateProposer(DraftModelProposer):
         rows = list(range(n * width))
         catch_up = dataclasses.replace(host, in_flight_dst=rows, in_flight_src=rows, in_flight_source=feed.view(-1),
                                        draft_offsets={})
-        if self.piecewise_graphs is not None and self.piecewise_graphs.can_run(catch_up):
-            out = self.piecewise_graphs.run(catch_up, self)
-        else:
-            out = self._run_eager(catch_up, None)
+        out = self._run_extend(catch_up)
         last = out.view(n, width, -1)[torch.arange(n, device=dev), accepted]  # [n, hidden]
         req_ids = list(host.req_ids)
         cols = [self._draw(last, params, [0] * n)[0]]
