@@ -15,6 +15,9 @@
 # - ember_at DIR ARGS...: the CLI of another checkout's `ember` (a folder that
 #   holds an `ember/` package), for same-host A/B runs.
 # - gpu_name: prints the GPU's name and memory.
+# - bench_throughput TAG ARGS...: `ember bench throughput` on $COMMON with ARGS
+#   and $EXTRA, its JSON in $OUT/thr_TAG.json (TRACE=1: its step trace in
+#   $OUT/trace_TAG.json), printing the lines the tables use.
 # shellcheck shell=bash
 
 set -u
@@ -46,3 +49,13 @@ gpu_name() {
 # The lines of `ember bench latency|throughput` output that the tables use.
 SHOW_LATENCY="^(decode_step_ms|decode_tok_s |mbu|bound_step_ms|host_ms_per_step|copy_gb_s|matmul_tflop_s) "
 SHOW_THROUGHPUT="^(output_tok_s|fraction_of_bound|bound_output_tok_s|elapsed_s|host_ms_per_step|num_preemptions|copy_gb_s|matmul_tflop_s|trace_)"
+
+bench_throughput() {  # TAG ARGS...
+  local tag=$1; shift
+  echo "== $tag: $*"
+  local trace=()
+  [ "${TRACE:-0}" = 1 ] && trace=(--step-trace "$OUT/trace_$tag.json")
+  # shellcheck disable=SC2086
+  $EMBER bench throughput $COMMON --no-progress "$@" ${EXTRA:-} "${trace[@]}" \
+      --output-json "$OUT/thr_$tag.json" 2>&1 | grep -E "$SHOW_THROUGHPUT|KV cache:|Error"
+}

