@@ -10,8 +10,10 @@ the sampler does, and :mod:`ember.sample.rejection_sampler` decides which
 drafts stand (with a draft model's distributions for drafts it sampled). The
 emitted tokens are read back before the step returns (a step with drafts is
 never followed by a step launched ahead of it): :func:`launch_verification`
-enqueues everything and :meth:`Verification.finish` waits, so a proposer on
-the worker can launch its next proposals in between, from the device results.
+enqueues everything, including (on CUDA) the copy of the results to pinned
+host memory, and :meth:`Verification.finish` waits for that copy, so a
+proposer on the worker can launch its next proposals in between, from the
+device results, and the host reads the tokens while they run.
 
 Drafts the worker proposed (``DRAFT_ON_WORKER`` in the schedule) are verified
 where they are, on the device (``HostInputs.in_flight_source``); their ids
@@ -153,16 +155,39 @@ def launch_verification(runner: Any, sched: SchedulerOutput, host: Any, hidden: 
                                                                 probs.shape[-1])
         result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise, q)
     width = len(drafts[0]) + 1 if every_row and len({len(d) for d in drafts}) == 1 else 0
+    copied = _start_copy(result)
     return Verification(draft_dev, result, width, lambda: _read_back(runner, host, drafts, drafts_on_host, logits,
-                                                                      meta, result))
+                                                                      meta, result, copied))
+
+
+def _start_copy(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None:
+    """On CUDA, start copying ``result``'s accepted flags and fallback ids
+    into pinned host memory now, with an event behind the copy, so that the
+    read-back waits for the verification only, not for what is launched
+    after it (a proposer's next passes); None elsewhere."""
+    if result.accepted.device.type != "cuda":
+        return None
+    accepted = torch.empty(result.accepted.shape, dtype=result.accepted.dtype, pin_memory=True)
+    fallback = torch.empty(result.fallback.shape, dtype=result.fallback.dtype, pin_memory=True)
+    accepted.copy_(result.accepted, non_blocking=True)
+    fallback.copy_(result.fallback, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return accepted, fallback, event
 
 
 def _read_back(runner: Any, host: Any, drafts: list[list[int]], drafts_on_host: Callable[[int], list[int]],
-               logits: torch.Tensor, meta: SamplingMetadata, result: Any
+               logits: torch.Tensor, meta: SamplingMetadata, result: Any,
+               copied: tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None
                ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
-    """The emitted tokens (and log-probabilities) of a launched verification."""
+    """The emitted tokens (and log-probabilities) of a launched verification
+    (``copied``: :func:`_start_copy`'s host copies, if any)."""
     req_ids, device = host.sample_req_ids, runner.device
-    accepted, fallback = result.accepted.tolist(), result.fallback.tolist()  # waits for the device
+    if copied is None:
+        accepted, fallback = result.accepted.tolist(), result.fallback.tolist()  # waits for the device
+    else:
+        copied[2].synchronize()  # the verification's results only
+        accepted, fallback = copied[0].tolist(), copied[1].tolist()
     tokens = emitted_tokens([drafts_on_host(i) for i in range(len(req_ids))], accepted, fallback)
     out = dict(zip(req_ids, tokens))
     logprobs: dict[str, list[SampleLogprob]] = {}
