@@ -51,7 +51,7 @@ import torch
 
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec
 from ember.logger import init_logger
-from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy, shifted_slots
+from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy, shifted_slots, to_device
 from ember.sample.sampler import _mix
 
 if TYPE_CHECKING:
@@ -692,7 +692,7 @@ class DraftModelProposer:
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev, non_blocking=True)
+            return to_device(a, dev)
 
         meta = AttentionMetadata(
             slot_mapping=to_dev(host.slot_mapping), query_start_loc=to_dev(host.query_start_loc),

@@ -37,7 +37,7 @@ import torch
 from ember.sample.logprobs import compute_logprobs, unpack_logprobs
 from ember.sample.rejection_sampler import draw_noise, emitted_tokens, rejection_sample, target_probs
 from ember.sample.sampler import SamplingMetadata
-from ember.worker.common import copy_in_flight
+from ember.worker.common import copy_in_flight, to_device
 
 if TYPE_CHECKING:
     from ember.core.sched_output import SchedulerOutput
@@ -139,11 +139,11 @@ def launch_verification(runner: Any, sched: SchedulerOutput, host: Any, hidden: 
     if every_row:
         logits = runner.model.compute_logits(hidden)
     else:
-        rows_dev = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device, non_blocking=True)
+        rows_dev = to_device(np.array(rows, dtype=np.int64), device)
         logits = runner.model.compute_logits(hidden[rows_dev])
     meta = SamplingMetadata.build(params, positions, device, token_ids=histories, vocab_size=logits.shape[-1])
     argmax, probs = target_probs(logits, meta)
-    draft_dev = torch.from_numpy(np.array(draft_rows, dtype=np.int64)).to(device, non_blocking=True)
+    draft_dev = to_device(np.array(draft_rows, dtype=np.int64), device)
     if on_device_dst:
         copy_in_flight(draft_dev, on_device_dst, host.in_flight_source, on_device_src)
     if probs is None:

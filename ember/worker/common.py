@@ -46,13 +46,25 @@ class HostInputs:
     draft_offsets: dict[str, int] = field(default_factory=dict)
 
 
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``a`` as a tensor on ``device``, its copy queued on the current stream
+    without the host waiting. On CUDA the array goes through pinned memory
+    (PyTorch's caching host allocator, which keeps the block until the copy
+    is done): a copy from pageable memory may wait for the work already
+    queued on the stream ("API synchronization behavior", CUDA Runtime API)."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def copy_in_flight(out: torch.Tensor, dst: list[int], source: torch.Tensor, src: list[int]) -> None:
     """``out[dst[i]] = source[src[i]]``: ids that only the device holds (see
     :class:`HostInputs`) copied into ``out`` (1-D int64, ``source``'s device). The
     indices go to the device asynchronously and the copy is queued in stream
     order after the step that computes ``source``: the host does not wait."""
     def index(a: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.int64)).to(out.device, non_blocking=True)
+        return to_device(np.array(a, dtype=np.int64), out.device)
 
     out.index_copy_(0, index(dst), source.index_select(0, index(src)))
 

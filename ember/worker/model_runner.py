@@ -35,7 +35,7 @@ from ember.pooling_params import PoolingParams
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
-from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy
+from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy, to_device
 
 logger = init_logger(__name__)
 
@@ -455,7 +455,7 @@ class ModelRunner:
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev, non_blocking=True)
+            return to_device(a, dev)
 
         meta = AttentionMetadata(
             slot_mapping=to_dev(host.slot_mapping),
@@ -597,7 +597,7 @@ class ModelRunner:
         if len(host.sample_rows) == hidden.shape[0]:  # every row samples (decode): no gather
             logits = self.model.compute_logits(hidden)
         else:
-            rows = torch.from_numpy(np.array(host.sample_rows, dtype=np.int64)).to(self.device, non_blocking=True)
+            rows = to_device(np.array(host.sample_rows, dtype=np.int64), self.device)
             logits = self.model.compute_logits(hidden[rows])
         states = [self.requests[r] for r in host.sample_req_ids]
         pending = PendingOutput(host.sample_req_ids, prompt_logprobs=prompt_logprobs, pooled_req_ids=pooled_req_ids,
