@@ -23,29 +23,38 @@ import torch
 from ember import LLM, SamplingParams
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine options these profiling scripts share (see :func:`engine_kwargs`)."""
+    p.add_argument("--model", default="Llama-3.1-8B")
+    p.add_argument("--hf-overrides", default=None, help="JSON, as the engine's --hf-overrides")
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--kv-cache-dtype", default=None, help="as the engine's --kv-cache-dtype (e.g. fp8)")
+    p.add_argument("--speculative-config", default=None, help="JSON, as the engine's --speculative-config")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The ``LLM`` keyword arguments of :func:`add_engine_args`' options that were given."""
+    extra = {}
+    for name in ("hf_overrides", "speculative_config"):
+        if getattr(args, name):
+            extra[name] = json.loads(getattr(args, name))
+    for name in ("quantization", "kv_cache_dtype"):
+        if getattr(args, name):
+            extra[name] = getattr(args, name)
+    return extra
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="Llama-3.1-8B")
+    add_engine_args(p)
     p.add_argument("--prompt-len", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--decode-batch", type=int, default=0)
     p.add_argument("--decode-steps", type=int, default=50)
-    p.add_argument("--hf-overrides", default=None, help="JSON, as the engine's --hf-overrides")
-    p.add_argument("--quantization", default=None)
-    p.add_argument("--kv-cache-dtype", default=None, help="as the engine's --kv-cache-dtype (e.g. fp8)")
-    p.add_argument("--speculative-config", default=None, help="JSON, as the engine's --speculative-config")
     p.add_argument("--host-table", action="store_true", help="also print the decode steps' host-time table")
     args = p.parse_args()
-    extra = {}
-    if args.hf_overrides:
-        extra["hf_overrides"] = json.loads(args.hf_overrides)
-    if args.quantization:
-        extra["quantization"] = args.quantization
-    if args.kv_cache_dtype:
-        extra["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.speculative_config:
-        extra["speculative_config"] = json.loads(args.speculative_config)
+    extra = engine_kwargs(args)
     llm = LLM(args.model, load_format="dummy", max_model_len=4096, max_num_batched_tokens=args.budget,
               enable_prefix_caching=False, **extra)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner

@@ -28,13 +28,19 @@ import bisect
 import functools
 import json
 import os
+import sys
 import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ember import LLM, SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_step import add_engine_args, engine_kwargs  # noqa: E402  (the profiling scripts' engine options)
+
+from ember import LLM, SamplingParams  # noqa: E402
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 
@@ -158,28 +164,18 @@ def summarize(trace: dict, skip: int, min_gap_us: float, top: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="Llama-3.1-8B")
+    add_engine_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=96)
     p.add_argument("--skip-steps", type=int, default=16, help="steps at the start left out (prefill, warm-up)")
     p.add_argument("--min-gap-us", type=float, default=5.0)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--quantization", default=None)
-    p.add_argument("--kv-cache-dtype", default=None)
-    p.add_argument("--speculative-config", default=None, help="JSON, as the engine's --speculative-config")
     p.add_argument("--trace", default=None, help="also keep the Chrome trace here")
     p.add_argument("--json", default=None, help="write the summary here")
     args = p.parse_args()
-    extra = {}
-    if args.quantization:
-        extra["quantization"] = args.quantization
-    if args.kv_cache_dtype:
-        extra["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.speculative_config:
-        extra["speculative_config"] = json.loads(args.speculative_config)
     llm = LLM(args.model, load_format="dummy", max_model_len=args.prompt_len + args.output_len + 64,
-              skip_tokenizer_init=True, enable_prefix_caching=False, **extra)
+              skip_tokenizer_init=True, enable_prefix_caching=False, **engine_kwargs(args))
     vocab = llm.llm_engine.engine_core.executor.worker.model_runner.model_config.vocab_size
     prompts = [[(1000 + 7 * b + i) % vocab for i in range(args.prompt_len)] for b in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
