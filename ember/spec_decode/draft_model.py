@@ -51,7 +51,8 @@ import torch
 
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec
 from ember.logger import init_logger
-from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy, shifted_slots, to_device
+from ember.worker.common import (HostCopy, HostInputs, copy_in_flight, default_dtype, fill_dummy, shifted_slots,
+                                 to_device)
 from ember.sample.sampler import _mix
 
 if TYPE_CHECKING:
@@ -80,20 +81,12 @@ class _ProposalTable:
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table
         self.width = table.shape[1]
-        self._event = None
-        self._host = table
-        if table.is_cuda:
-            self._host = torch.empty(table.shape, dtype=torch.int64, pin_memory=True)
-            self._host.copy_(table, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self._host = HostCopy(table)
         self._rows: list[list[int]] | None = None
 
     def row(self, i: int) -> list[int]:
         """Row ``i`` on the host (waits for the copy the first time)."""
         if self._rows is None:
-            if self._event is not None:
-                self._event.synchronize()
             self._rows = self._host.tolist()
         return self._rows[i]
 

@@ -37,7 +37,7 @@ import torch
 from ember.sample.logprobs import compute_logprobs, unpack_logprobs
 from ember.sample.rejection_sampler import draw_noise, emitted_tokens, rejection_sample, target_probs
 from ember.sample.sampler import SamplingMetadata
-from ember.worker.common import copy_in_flight, to_device
+from ember.worker.common import HostCopy, copy_in_flight, to_device
 
 if TYPE_CHECKING:
     from ember.core.sched_output import SchedulerOutput
@@ -155,39 +155,20 @@ def launch_verification(runner: Any, sched: SchedulerOutput, host: Any, hidden: 
                                                                 probs.shape[-1])
         result = rejection_sample(draft_dev, argmax, probs, meta.temperature == 0, uniform, noise, q)
     width = len(drafts[0]) + 1 if every_row and len({len(d) for d in drafts}) == 1 else 0
-    copied = _start_copy(result)
+    # NOTE: the results' copies start now, so that the read-back waits for
+    # the verification only, not for a proposer's passes launched after it.
+    copied = (HostCopy(result.accepted), HostCopy(result.fallback))
     return Verification(draft_dev, result, width, lambda: _read_back(runner, host, drafts, drafts_on_host, logits,
-                                                                      meta, result, copied))
-
-
-def _start_copy(result: Any) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None:
-    """On CUDA, start copying ``result``'s accepted flags and fallback ids
-    into pinned host memory now, with an event behind the copy, so that the
-    read-back waits for the verification only, not for what is launched
-    after it (a proposer's next passes); None elsewhere."""
-    if result.accepted.device.type != "cuda":
-        return None
-    accepted = torch.empty(result.accepted.shape, dtype=result.accepted.dtype, pin_memory=True)
-    fallback = torch.empty(result.fallback.shape, dtype=result.fallback.dtype, pin_memory=True)
-    accepted.copy_(result.accepted, non_blocking=True)
-    fallback.copy_(result.fallback, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return accepted, fallback, event
+                                                                      meta, copied))
 
 
 def _read_back(runner: Any, host: Any, drafts: list[list[int]], drafts_on_host: Callable[[int], list[int]],
-               logits: torch.Tensor, meta: SamplingMetadata, result: Any,
-               copied: tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None
+               logits: torch.Tensor, meta: SamplingMetadata, copied: tuple[HostCopy, HostCopy]
                ) -> tuple[dict[str, list[int]], dict[str, list[SampleLogprob]]]:
     """The emitted tokens (and log-probabilities) of a launched verification
-    (``copied``: :func:`_start_copy`'s host copies, if any)."""
+    (``copied``: the host copies of its accepted flags and fallback ids)."""
     req_ids, device = host.sample_req_ids, runner.device
-    if copied is None:
-        accepted, fallback = result.accepted.tolist(), result.fallback.tolist()  # waits for the device
-    else:
-        copied[2].synchronize()  # the verification's results only
-        accepted, fallback = copied[0].tolist(), copied[1].tolist()
+    accepted, fallback = copied[0].tolist(), copied[1].tolist()  # waits for the verification
     tokens = emitted_tokens([drafts_on_host(i) for i in range(len(req_ids))], accepted, fallback)
     out = dict(zip(req_ids, tokens))
     logprobs: dict[str, list[SampleLogprob]] = {}

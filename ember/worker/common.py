@@ -58,6 +58,27 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+class HostCopy:
+    """A device tensor's copy to the host, started when made: on CUDA a
+    non-blocking copy into pinned memory with an event recorded behind it,
+    so that reading it (:meth:`tolist`) waits for the work queued before the
+    copy only, not for what is launched after it. Elsewhere the tensor itself."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._host, self._event = t, None
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def tolist(self) -> list:
+        """The values as (nested) Python lists; waits for the copy."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 def copy_in_flight(out: torch.Tensor, dst: list[int], source: torch.Tensor, src: list[int]) -> None:
     """``out[dst[i]] = source[src[i]]``: ids that only the device holds (see
     :class:`HostInputs`) copied into ``out`` (1-D int64, ``source``'s device). The
