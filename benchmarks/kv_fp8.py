@@ -24,6 +24,7 @@ import torch
 import triton
 
 from ember.kernels.triton_attention import decode_attention, num_decode_splits
+from ember.layers.attention.backend import standard_layout
 
 BLOCK = 16
 FP8 = torch.float8_e4m3fn
@@ -56,8 +57,9 @@ def check_scaled(num_kv_heads: int = 8, group: int = 4, head_dim: int = 128) -> 
     sm = head_dim ** -0.5
     decode_attention(q, kv, out, table, seq_lens, sm, 8, kv_scales=scales)
     errs = []
+    std = standard_layout(kv)  # V token-major (an FP8 cache stores it transposed)
     for b in range(4):
-        k, v = (kv[i][table[b].long()].reshape(-1, num_kv_heads, head_dim)[:1000].float() * scales[i]
+        k, v = (std[i][table[b].long()].reshape(-1, num_kv_heads, head_dim)[:1000].float() * scales[i]
                 for i in (0, 1))
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         p = (torch.einsum("hd,khd->hk", q[b].float(), k) * sm).softmax(-1)

@@ -2,7 +2,10 @@
 
 Cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``p`` of a request is at slot ``block_table[p // block_size] *
-block_size + p % block_size``.
+block_size + p % block_size``. An FP8 cache stores each V block transposed,
+``[num_kv_heads, head_dim, block_size]`` (``ember.layers.attention.backend``
+says why): its PV operand is then loaded in runs of a block's tokens, with no
+byte-wise transpose on chip.
 
 * ``store_kv_cache``: scatter new K/V rows to their slots (negative slot = padding, skipped);
   ``rope_and_store_kv_cache`` first applies RoPE to the query (in place) and the key.
@@ -27,6 +30,8 @@ block_size + p % block_size``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +39,7 @@ import triton.language as tl
 from ember.config import FP8_DTYPES
 from ember.kernels.pdl import pdl_release, use_pdl
 from ember.kernels.triton_ops import rope_cos_sin, rope_rotate_heads
+from ember.layers.attention.backend import v_transposed
 
 
 @triton.jit
@@ -107,8 +113,57 @@ def _scale_args(kv_cache: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Ten
 
 
 @triton.jit
+def _v_offsets(slot, offs, ROW: tl.constexpr, PAGE: tl.constexpr, V_T: tl.constexpr):
+    """Offsets from the V half's start of the V elements ``offs`` (within a
+    token's ``ROW`` = heads x head_dim) of ``slot``: token-major, or in a
+    transposed-V cache (``V_T``) at ``[block, offs, slot % PAGE]``."""
+    if V_T:
+        return (slot // PAGE) * (PAGE * ROW) + offs * PAGE + slot % PAGE
+    else:
+        return slot * ROW + offs
+
+
+def _v_layout(kv_cache: torch.Tensor, block_n: int) -> dict:
+    """The attention kernels' V-layout constants: ``V_T`` (V blocks stored
+    transposed, see ``ember.layers.attention.backend``) and ``V_RUN``, the
+    tokens in each aligned run of a tile that lie in one block (contiguous in
+    a transposed V): tiles start at multiples of ``block_n`` and blocks at
+    multiples of the block size, so their gcd."""
+    return dict(V_T=v_transposed(kv_cache.dtype), V_RUN=math.gcd(kv_cache.shape[2], block_n))
+
+
+@triton.jit
+def _kv_tile(KV, pages, offs_n, limit, kv_head, offs_d, mask_d, v_base, ROW: tl.constexpr,
+             HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, COMPUTE: tl.constexpr, V_T: tl.constexpr,
+             V_RUN: tl.constexpr):
+    """K and V of one KV head for the context positions ``offs_n`` ([BLOCK_N],
+    from a multiple of BLOCK_N), each [BLOCK_N, BLOCK_D] in ``COMPUTE`` (an
+    FP8 cache widened here); positions at or past ``limit`` read as zeros.
+    ``pages``: the request's block-table row; ``v_base``: offset of the V half
+    (int64); ``V_RUN``: see :func:`_v_layout`."""
+    mask_n = offs_n < limit
+    # Every page holding a position below limit is allocated; its other slots hold stale but finite values.
+    in_page = (offs_n // PAGE * PAGE) < limit
+    page = tl.load(pages + offs_n // PAGE, mask=in_page, other=0).to(tl.int64)
+    kv_off = (page * PAGE + offs_n % PAGE)[:, None] * ROW + kv_head * HEAD_DIM + offs_d[None, :]
+    k = tl.load(KV + kv_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(COMPUTE)
+    if V_T:
+        # V^T [BLOCK_D, BLOCK_N]: runs of PAGE contiguous tokens, read whole (a mask that changes
+        # within a run would split its wide loads into bytes); positions past limit zeroed after.
+        vt_off = (page * (PAGE * ROW) + kv_head * (HEAD_DIM * PAGE))[None, :] + offs_d[:, None] * PAGE \
+            + (offs_n % PAGE)[None, :]
+        vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, V_RUN]), [1, V_RUN])
+        vt = tl.load(KV + v_base + vt_off, mask=in_page[None, :] & mask_d[:, None], other=0.0)
+        v = tl.where(mask_n[:, None], tl.trans(vt).to(COMPUTE), 0.0)
+    else:
+        v = tl.load(KV + v_base + kv_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(COMPUTE)
+    return k, v
+
+
+@triton.jit
 def _store_kv_kernel(key, value, cache, slot_mapping, K_scale, V_scale, num_slots, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SCALED: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr, FP8_MAX: tl.constexpr,
+                     SCALED: tl.constexpr, V_T: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:
@@ -120,7 +175,8 @@ def _store_kv_kernel(key, value, cache, slot_mapping, K_scale, V_scale, num_slot
     v = tl.load(value + t * stride_v + offs, mask=mask)
     dtype = cache.dtype.element_ty
     tl.store(cache + slot * ROW + offs, _to_cache(k, k_scale, FP8_MAX, SCALED, dtype), mask=mask)
-    tl.store(cache + (num_slots + slot) * ROW + offs, _to_cache(v, v_scale, FP8_MAX, SCALED, dtype), mask=mask)
+    v_dst = cache + num_slots.to(tl.int64) * ROW + _v_offsets(slot, offs, ROW, PAGE, V_T)
+    tl.store(v_dst, _to_cache(v, v_scale, FP8_MAX, SCALED, dtype), mask=mask)
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -140,16 +196,17 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     k_scale, v_scale, scaled = _scale_args(kv_cache, kv_scales)
     _store_kv_kernel[(num_tokens,)](key, value, kv_cache, slot_mapping, k_scale, v_scale, num_blocks * block_size,
                                     key.stride(0), value.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row),
+                                    PAGE=block_size,
                                     FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-                                    SCALED=scaled)
+                                    SCALED=scaled, V_T=v_transposed(kv_cache.dtype))
 
 
 @triton.jit
 def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, K_scale, V_scale, num_slots, stride_q,
                           stride_k, stride_v, stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr, BLOCK_ROW: tl.constexpr, FP8_MAX: tl.constexpr,
-                          SCALED: tl.constexpr):
+                          BLOCK_HALF: tl.constexpr, BLOCK_ROW: tl.constexpr, PAGE: tl.constexpr,
+                          FP8_MAX: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr):
     t = tl.program_id(0)
     cos, sin = rope_cos_sin(CosSin, Pos, t, stride_cs, HALF, BLOCK_HALF)
     # Query heads: rotated in place (as ember.kernels.triton_ops.rotary_embedding_).
@@ -173,7 +230,8 @@ def _rope_store_kv_kernel(Q, K, V, cache, slot_mapping, Pos, CosSin, K_scale, V_
     offs_r = tl.arange(0, BLOCK_ROW)
     mask_r = offs_r < row
     v = tl.load(V + t * stride_v + offs_r, mask=mask_r)
-    tl.store(cache + (num_slots + slot) * row + offs_r, _to_cache(v, v_scale, FP8_MAX, SCALED, dtype), mask=mask_r)
+    v_dst = cache + num_slots.to(tl.int64) * row + _v_offsets(slot, offs_r, row, PAGE, V_T)
+    tl.store(v_dst, _to_cache(v, v_scale, FP8_MAX, SCALED, dtype), mask=mask_r)
 
 
 def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -205,9 +263,9 @@ def rope_and_store_kv_cache(positions: torch.Tensor, query: torch.Tensor, key: t
         query.stride(0), key.stride(0), value.stride(0), cos_sin_cache.stride(0),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_ROW=triton.next_power_of_2(num_kv_heads * head_dim),
+        BLOCK_ROW=triton.next_power_of_2(num_kv_heads * head_dim), PAGE=block_size,
         FP8_MAX=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
-        SCALED=scaled, num_warps=8)  # faster than 4 warps at decode row counts
+        SCALED=scaled, V_T=v_transposed(kv_cache.dtype), num_warps=8)  # faster than 4 warps at decode row counts
 
 
 # ------------------------------------------------------------ extend / prefill
@@ -220,7 +278,7 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr):
+                   IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr, V_RUN: tl.constexpr):
     req = first_req + tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -251,16 +309,12 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
         qk_scale = qk_scale * tl.load(K_scale)
     row = NUM_KV_HEADS * HEAD_DIM
     end = tl.minimum(seq_len, ctx_len + (m_block + 1) * BLOCK_M)
+    v_base = num_slots.to(tl.int64) * row
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        page = tl.load(block_table + req * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
-        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
-        kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        # Operands in COMPUTE: an FP8 cache is widened here (a no-op otherwise).
-        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
-        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
+        k, v = _kv_tile(KV, block_table + req * stride_bt, offs_n, end, kv_head, offs_d, mask_d, v_base, row,
+                        HEAD_DIM, PAGE, COMPUTE, V_T, V_RUN)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         s = tl.where(causal, s, float("-inf"))
@@ -311,7 +365,7 @@ def extend_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        SCALED=scaled, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        SCALED=scaled, **_v_layout(kv_cache, block_n), num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 # ---------------------------------------------------------------------- decode
@@ -321,7 +375,7 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, COMPUTE: tl.constexpr,
-                         SCALED: tl.constexpr):
+                         SCALED: tl.constexpr, V_T: tl.constexpr, V_RUN: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -348,16 +402,12 @@ def _decode_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
     if SCALED:
         qk_scale = qk_scale * tl.load(K_scale)
     row = NUM_KV_HEADS * HEAD_DIM
+    v_base = num_slots.to(tl.int64) * row
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < stop
-        page = tl.load(block_table + req * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
-        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
-        kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        # Operands in COMPUTE: an FP8 cache is widened here (a no-op otherwise).
-        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
-        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
+        k, v = _kv_tile(KV, block_table + req * stride_bt, offs_n, stop, kv_head, offs_d, mask_d, v_base, row,
+                        HEAD_DIM, PAGE, COMPUTE, V_T, V_RUN)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -439,10 +489,10 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     num_reqs, num_heads, _ = query.shape
     group = num_heads // num_kv_heads
     # NOTE (sweeps of benchmarks/tune_decode_attention.py): 3 stages beat 2 on
-    # a 16-bit cache at every batch x context swept. Over FP8 the kernel is bound
-    # by the FP8 V operand of the PV dot (V is stored token-major, and Hopper
-    # transposes only 16-bit elements on chip), not by the bytes; 128-token
-    # tiles help it most (BENCHMARKS.md, "Known limits").
+    # a 16-bit cache at every batch x context swept. Over FP8, 128-token tiles
+    # were the fastest while V was stored token-major (its PV operand then read
+    # from shared memory byte by byte, BENCHMARKS.md "Known limits"); they have
+    # not been re-swept over the transposed V blocks.
     block_n = block_n or (128 if kv_cache.dtype in FP8_DTYPES else 64)
     num_stages = num_stages or 3
     pdl = use_pdl(query.device)
@@ -458,7 +508,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         IEEE=query.dtype == torch.float32, COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute),
-        SCALED=scaled, num_warps=num_warps, num_stages=num_stages)
+        SCALED=scaled, **_v_layout(kv_cache, block_n), num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_reqs, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
@@ -473,7 +523,7 @@ def _verify_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, QUERY_LEN: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr):
+                         IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr, V_RUN: tl.constexpr):
     # One program: one request's QUERY_LEN new tokens x the GROUP query heads of
     # one KV head (rows r = j * GROUP + g), over one split of its context.
     req = tl.program_id(0)
@@ -503,15 +553,12 @@ def _verify_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
     if SCALED:
         qk_scale = qk_scale * tl.load(K_scale)
     row = NUM_KV_HEADS * HEAD_DIM
+    v_base = num_slots.to(tl.int64) * row
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < stop
-        page = tl.load(block_table + req * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
-        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
-        kv_off = slot[:, None] * row + kv_head * HEAD_DIM + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(KV + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
-        v = tl.load(KV + num_slots * row + kv_off, mask=kv_mask, other=0.0).to(COMPUTE)
+        k, v = _kv_tile(KV, block_table + req * stride_bt, offs_n, stop, kv_head, offs_d, mask_d, v_base, row,
+                        HEAD_DIM, PAGE, COMPUTE, V_T, V_RUN)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(mask_n[None, :] & (offs_n[None, :] <= last_key[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -577,7 +624,7 @@ def verify_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=max(16, triton.next_power_of_2(group * query_len)),
         PAGE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, IEEE=query.dtype == torch.float32,
         COMPUTE=_compute_dtype(query.dtype, kv_cache.dtype, fp8_compute), SCALED=scaled,
-        num_warps=num_warps, num_stages=num_stages)
+        **_v_layout(kv_cache, block_n), num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(num_tokens, num_heads)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,

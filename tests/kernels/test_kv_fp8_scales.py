@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.layers.attention.backend import to_cache_dtype
+from ember.layers.attention.backend import standard_layout, to_cache_dtype
 from ember.layers.attention.torch_backend import TorchAttentionBackend
 from tests.kernels.interpret import DEVICE, by_device, synchronize
 from tests.kernels.test_triton_attention import BLOCK, _case, _triton_backend
@@ -46,7 +46,7 @@ def test_scaled_fp8_write_extend_decode_vs_float32_reference(group, num_decodes)
     scale = head_dim ** -0.5
     scales = (torch.tensor(k_scale, device=DEVICE), torch.tensor(v_scale, device=DEVICE))
     # Reference: a float32 cache of the dequantized old context, new K/V quantized then dequantized.
-    ref_cache = kv.float().clone()
+    ref_cache = standard_layout(kv).float().clone()
     ref_cache[0] *= k_scale
     ref_cache[1] *= v_scale
     # Queries small enough that the softmax is not one-hot at these key sizes.
@@ -60,7 +60,7 @@ def test_scaled_fp8_write_extend_decode_vs_float32_reference(group, num_decodes)
     rel = (out.float().cpu() - ref).norm() / ref.norm()
     assert rel < 1.5e-2, f"relative error {rel:.3e}"
     # The write: exactly the reference quantization's codes.
-    written = kv.float().cpu().view(2, -1, num_kv_heads, head_dim)[:, meta.slot_mapping.cpu()]
+    written = standard_layout(kv).float().cpu().view(2, -1, num_kv_heads, head_dim)[:, meta.slot_mapping.cpu()]
     torch.testing.assert_close(written[0] * k_scale, quant_dequant(k, k_scale).cpu(), rtol=0, atol=0)
     torch.testing.assert_close(written[1] * v_scale, quant_dequant(v, v_scale).cpu(), rtol=0, atol=0)
 
@@ -127,7 +127,7 @@ def test_fused_rope_write_with_scales_equals_rope_then_write():
             rotated_k, values = k3.clone(), v3.clone()
         caches.append(kv)
     assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))
-    written = caches[1].view(2, -1, num_kv_heads, head_dim)[:, slots]
+    written = standard_layout(caches[1]).view(2, -1, num_kv_heads, head_dim)[:, slots]
     ref_k = to_cache_dtype(rotated_k.cpu(), FP8, scales[0].cpu())
     ref_v = to_cache_dtype(values.cpu(), FP8, scales[1].cpu())
     assert torch.equal(written[0].cpu().view(torch.uint8), ref_k.view(torch.uint8))

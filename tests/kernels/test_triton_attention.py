@@ -11,8 +11,8 @@ from unittest import mock
 import pytest
 import torch
 
-from ember.layers.attention.backend import AttentionMetadata
-from ember.layers.attention.torch_backend import TorchAttentionBackend
+from ember.layers.attention.backend import AttentionMetadata, standard_layout
+from ember.layers.attention.torch_backend import TorchAttentionBackend, write_kv_cache
 from tests.kernels.interpret import DEVICE, ON_GPU, by_device, synchronize
 from tests.layers.test_torch_attention import fp8_round_trip
 
@@ -63,22 +63,30 @@ def _triton_backend(num_heads, head_dim, scale, num_kv_heads):
 
 
 def _check(reqs, num_heads, num_kv_heads, head_dim, seed=0, num_decodes=0, cache_dtype=torch.bfloat16,
-           dtype=torch.bfloat16, tol=1e-2):
+           dtype=torch.bfloat16, tol=1e-2, poison=False):
     """Triton backend (queries of ``dtype``, cache of ``cache_dtype``) vs the
     torch backend in float32 on the same values, its new K/V rounded as the
-    cache rounds them."""
+    cache rounds them. ``poison``: every slot no request reads (the tails of
+    the last blocks included) holds NaN for the Triton run."""
     q, k, v, kv, meta = _case(reqs, num_heads, num_kv_heads, head_dim, seed, cache_dtype, dtype)
     meta.num_decodes = num_decodes
     scale = head_dim ** -0.5
-    ref_cache = kv.float().clone()
+    ref_cache = standard_layout(kv).float().clone()
     ref = TorchAttentionBackend(num_heads, head_dim, scale, num_kv_heads).forward(
         q.float(), fp8_round_trip(k, cache_dtype), fp8_round_trip(v, cache_dtype), ref_cache, meta)
+    if poison:
+        read = {int(meta.block_table[i, p // BLOCK]) * BLOCK + p % BLOCK
+                for i, seq_len in enumerate(meta.seq_lens_cpu) for p in range(seq_len)}
+        unread = torch.tensor(sorted(set(range(kv.shape[1] * BLOCK)) - read), device=DEVICE)
+        nan = torch.full((len(unread), num_kv_heads, head_dim), float("nan"), device=DEVICE)
+        write_kv_cache(nan, nan, kv, unread)
     out = _triton_backend(num_heads, head_dim, scale, num_kv_heads).forward(q, k, v, kv, meta)
     synchronize()
     assert not out.isnan().any(), "unwritten or NaN output"
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < tol, f"relative error {rel:.3e}"
-    assert torch.equal(kv.float(), ref_cache.to(cache_dtype).float()), "KV cache write differs"
+    if not poison:
+        assert torch.equal(standard_layout(kv).float(), ref_cache.to(cache_dtype).float()), "KV cache write differs"
 
 
 # Context lengths of the interpreter's cases: past two 64-key tiles, and past
@@ -97,12 +105,40 @@ def test_fp8_kv_cache(cache_dtype, group):
            cache_dtype=cache_dtype)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_unread_slots_never_reach_the_output(cache_dtype):
+    """NaN in every slot no request owns a position of (the stale tails of the
+    last blocks, which an FP8 cache's V tiles read whole) leaves the output
+    as it is: decode, verify-sized and prefill rows."""
+    _check([(0, 1), (BLOCK - 1, 1), (_LONG, 1), (0, BLOCK + 1), (BLOCK + 1, 5), _PREFILL], 4, 2,
+           by_device(128, 64), seed=8, num_decodes=3, cache_dtype=cache_dtype, poison=True)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_kv_write_equals_torch_backend_write(cache_dtype):
+    """The Triton KV write leaves the cache bit for bit as the torch backend's
+    (same layout: V transposed in an FP8 cache); slots over several blocks,
+    one negative (skipped)."""
+    from ember.kernels.triton_attention import store_kv_cache
+
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    k, v = (torch.randn(6, 2, 64, generator=g, device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([5, 16, 47, 3 * BLOCK + 15, -1, 2], device=DEVICE)
+    caches = [torch.zeros(2, 4, BLOCK, 2, 64, device=DEVICE).to(cache_dtype) for _ in range(2)]
+    store_kv_cache(k, v, caches[0], slots)
+    keep = slots >= 0
+    write_kv_cache(k[keep], v[keep], caches[1], slots[keep])
+    synchronize()
+    assert torch.equal(*(c.view(torch.uint8) if c.element_size() == 1 else c for c in caches))
+
+
 def test_fp8_kv_write_saturates():
     from ember.kernels.triton_attention import store_kv_cache
 
     kv = torch.zeros(2, 2, BLOCK, 1, 64, dtype=torch.float8_e5m2, device=DEVICE)
     k = torch.full((1, 1, 64), 1e6, dtype=torch.bfloat16, device=DEVICE)
     store_kv_cache(k, -k, kv, torch.tensor([3], device=DEVICE))
+    kv = standard_layout(kv)
     assert (kv[0, 0, 3].float() == 57344.0).all() and (kv[1, 0, 3].float() == -57344.0).all()
 
 
@@ -278,7 +314,7 @@ def test_rope_and_kv_write_in_one_kernel(cache_dtype, head_dim, num_heads, num_k
     q, k, v = qkv.float().split([qs, ks, ks], dim=-1)
     ref_q, ref_k = RotaryEmbedding(head_dim, head_dim, 4096, 500000.0)(positions.cpu(), q.cpu(), k.cpu())
     torch.testing.assert_close(results[1][0].cpu().float(), ref_q, rtol=1e-2, atol=1e-2)
-    kv = results[1][1].cpu().float().view(2, -1, num_kv_heads * head_dim)
+    kv = standard_layout(results[1][1]).cpu().float().view(2, -1, num_kv_heads * head_dim)
     written = slots.cpu() >= 0
     fp8 = cache_dtype != torch.bfloat16
     tol = dict(rtol=0.13, atol=2e-2) if fp8 else dict(rtol=1e-2, atol=1e-2)  # e4m3: 3 mantissa bits

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from ember.layers.attention.backend import standard_layout
 from tests.kernels.interpret import DEVICE, by_device, synchronize
 
 pytest.importorskip("triton")
@@ -26,7 +27,7 @@ def reference(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
     out = torch.zeros(query.shape, dtype=torch.float32)
-    cache = kv_cache.float().cpu()
+    cache = standard_layout(kv_cache).float().cpu()
     cache[0] *= kv_scales[0]
     cache[1] *= kv_scales[1]
     table = block_table.cpu()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ember.layers.attention.backend import AttentionMetadata
-from ember.layers.attention.torch_backend import TorchAttentionBackend
+from ember.layers.attention.torch_backend import TorchAttentionBackend, write_kv_cache
 
 
 def dense_reference(q, k, v, scale):
@@ -54,10 +54,10 @@ def test_mixed_batch_matches_dense(num_heads, num_kv_heads, head_dim, cache_dtyp
         v = torch.randn(L, num_kv_heads, head_dim)
         k[-1, 0, 0] = 1e6  # saturates in FP8 (finite, unlike a plain cast to e5m2)
         blocks = [free.pop() for _ in range(-(-L // block_size))]
-        # Put the cached part straight into the cache.
-        for p in range(cached):
-            kv_cache[0, blocks[p // block_size], p % block_size] = fp8_round_trip(k[p], cache_dtype)
-            kv_cache[1, blocks[p // block_size], p % block_size] = fp8_round_trip(v[p], cache_dtype)
+        # Put the cached part straight into the cache (in its layout: V transposed in FP8).
+        cached_slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(cached)],
+                                    dtype=torch.long)
+        write_kv_cache(k[:cached], v[:cached], kv_cache, cached_slots)
         full_k.append(fp8_round_trip(k, cache_dtype)), full_v.append(fp8_round_trip(v, cache_dtype))
         tables.append(blocks)
         qs.append(torch.randn(new, num_heads, head_dim))
@@ -84,3 +84,30 @@ def test_mixed_batch_matches_dense(num_heads, num_kv_heads, head_dim, cache_dtyp
     for i, (cached, new) in enumerate(reqs):
         p = cached + new - 1
         torch.testing.assert_close(kv_cache[0, tables[i][p // block_size], p % block_size].float(), full_k[i][p])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cache_layout(cache_dtype):
+    """A block's K is token-major ([block_size, heads, dim]); so is its V in a
+    16-bit cache, while an FP8 cache stores V transposed ([heads, dim,
+    block_size]); ``standard_layout`` gives V token-major in both."""
+    from ember.layers.attention.backend import standard_layout, v_transposed
+
+    block_size, heads, dim = 16, 2, 8
+    kv = torch.zeros(2, 3, block_size, heads, dim, dtype=cache_dtype)
+    slots = torch.tensor([0, 17, 31, 40])
+    k, v = torch.randn(4, heads, dim), torch.randn(4, heads, dim)
+    write_kv_cache(k, v, kv, slots)
+    std = standard_layout(kv)
+
+    def stored_as(x):
+        return fp8_round_trip(x, cache_dtype).to(cache_dtype).float()
+
+    for i, slot in enumerate(slots.tolist()):
+        block, offset = divmod(slot, block_size)
+        assert torch.equal(kv[0, block, offset].float(), stored_as(k[i]))
+        stored = kv[1, block].reshape(-1)
+        v_bytes = (stored.view(heads, dim, block_size)[:, :, offset] if v_transposed(cache_dtype)
+                   else stored.view(block_size, heads, dim)[offset])
+        assert torch.equal(v_bytes.float(), stored_as(v[i]))
+        assert torch.equal(std[1, block, offset].float(), stored_as(v[i]))

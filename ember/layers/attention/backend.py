@@ -6,6 +6,16 @@ token at position ``p`` of a request lives in block ``block_table[p //
 block_size]`` at offset ``p % block_size``, i.e. in slot ``block_id *
 block_size + offset`` (the slot mapping). Layout and naming follow vLLM's
 paged attention (Kwon et al., 2023, "PagedAttention").
+
+An FP8 cache stores each V block transposed (:func:`v_transposed`): the
+block's bytes are ``[num_kv_heads, head_dim, block_size]``, a block's tokens
+contiguous for each channel, while the tensor keeps the shape above. The PV
+product of attention reduces over tokens, so V must reach the tensor cores'
+operand fragments with tokens adjacent; ``ldmatrix`` transposes on chip for
+16-bit elements only, and a token-major FP8 V was read from shared memory a
+byte at a time (128 ``LDS.U8`` per thread and tile in the sm_90 decode kernel;
+none with the transposed layout, ``tests/kernels/test_triton_attention_compile.py``).
+K and every 16-bit or float32 cache keep the token-major layout.
 """
 
 from __future__ import annotations
@@ -106,6 +116,33 @@ def standard_kv_cache_spec(num_layers: int, block_size: int, num_kv_heads: int, 
     """The K/V layout of :class:`AttentionBackend`:
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` per layer."""
     return KVCacheSpec(num_layers, (2,), (block_size, num_kv_heads, head_dim), dtype)
+
+
+def v_transposed(dtype: torch.dtype) -> bool:
+    """Whether a KV cache of ``dtype`` stores its V blocks transposed (FP8
+    caches; see the module docstring)."""
+    return dtype in FP8_DTYPES
+
+
+def v_block_view(cache: torch.Tensor) -> torch.Tensor:
+    """The V half of a transposed-V cache (``[2, num_blocks, block_size,
+    num_kv_heads, head_dim]``, contiguous) as its memory is laid out:
+    ``[num_blocks, num_kv_heads, head_dim, block_size]`` (a view)."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    return cache[1].view(num_blocks, num_kv_heads, head_dim, block_size)
+
+
+def standard_layout(kv_cache: torch.Tensor) -> torch.Tensor:
+    """``kv_cache`` with V token-major whatever its dtype: the cache itself,
+    or for a transposed-V cache a copy whose ``[1, block, offset]`` is that
+    slot's V, as in K. Values and dtype unchanged (tests and tools that read
+    the cache through plain indexing)."""
+    if not v_transposed(kv_cache.dtype):
+        return kv_cache
+    out = kv_cache.clone()
+    raw = as_copyable(out)
+    raw[1].copy_(v_block_view(as_copyable(kv_cache)).permute(0, 3, 1, 2))
+    return out
 
 
 def as_copyable(cache: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.layers.attention.backend import (AttentionBackend, AttentionMetadata, as_copyable, from_cache_dtype,
-                                            to_cache_dtype)
+                                            to_cache_dtype, v_block_view, v_transposed)
 
 _Scales = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -15,13 +15,17 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
                    kv_scales: _Scales = None) -> None:
     """Scatter new K/V ([num_tokens, num_kv_heads, head_dim]) into their slots,
     converted to the cache's dtype (an FP8 cache: divided by ``kv_scales``,
-    see :func:`~ember.layers.attention.backend.to_cache_dtype`)."""
-    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    see :func:`~ember.layers.attention.backend.to_cache_dtype`), in the
+    cache's layout (V transposed in an FP8 cache)."""
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     raw = as_copyable(kv_cache)
     for i, x in enumerate((key, value)):
         scale = None if kv_scales is None else kv_scales[i]
-        raw[i].view(-1, num_kv_heads, head_dim).index_copy_(
-            0, slot_mapping, as_copyable(to_cache_dtype(x, kv_cache.dtype, scale)))
+        x = as_copyable(to_cache_dtype(x, kv_cache.dtype, scale))
+        if i == 1 and v_transposed(kv_cache.dtype):
+            v_block_view(raw)[slot_mapping // block_size, :, :, slot_mapping % block_size] = x
+        else:
+            raw[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
@@ -29,13 +33,22 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
     """K and V of one request's first ``seq_len`` tokens, each
     [seq_len, num_kv_heads, head_dim] in ``dtype`` (an FP8 cache's values
     times ``kv_scales``), read through its block table."""
-    _, _, _, num_kv_heads, head_dim = kv_cache.shape
-    raw = as_copyable(kv_cache)
-    k, v = (raw[i].index_select(0, block_ids).view(kv_cache.dtype).view(-1, num_kv_heads, head_dim)[:seq_len]
-            for i in (0, 1))
+    k, v = (x.reshape(-1, *x.shape[-2:])[:seq_len].view(kv_cache.dtype) for x in _blocks(kv_cache, block_ids))
     if kv_scales is None:
         return k.to(dtype), v.to(dtype)
     return from_cache_dtype(k, dtype, kv_scales[0]), from_cache_dtype(v, dtype, kv_scales[1])
+
+
+def _blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the blocks ``block_ids`` (any shape ``S``), each
+    ``[*S, block_size, num_kv_heads, head_dim]`` token-major whatever the
+    cache's layout, as raw bytes for an FP8 cache (see ``as_copyable``)."""
+    raw = as_copyable(kv_cache)
+    k = raw[0][block_ids]
+    if v_transposed(kv_cache.dtype):
+        v = v_block_view(raw)[block_ids]  # [*S, heads, dim, block_size]
+        return k, v.movedim(-1, -3)
+    return k, raw[1][block_ids]
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -88,10 +101,9 @@ class TorchAttentionBackend(AttentionBackend):
         idx = torch.tensor(rows, device=query.device)
         tables = metadata.block_table.index_select(0, idx)[:, :max_blocks]
         b = len(rows)
-        raw = as_copyable(kv_cache)
-        k, v = (from_cache_dtype(raw[i][tables].view(kv_cache.dtype), query.dtype,
-                                 None if kv_scales is None else kv_scales[i])
-                .view(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2) for i in (0, 1))
+        k, v = (from_cache_dtype(x.view(kv_cache.dtype), query.dtype, None if kv_scales is None else kv_scales[i])
+                .reshape(b, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+                for i, x in enumerate(_blocks(kv_cache, tables)))
         lens = torch.tensor(seq_lens, device=query.device)
         mask = (torch.arange(max_blocks * block_size, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
         token_idx = torch.tensor([metadata.query_start_loc_cpu[i] for i in rows], device=query.device)
