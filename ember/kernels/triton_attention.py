@@ -148,8 +148,8 @@ def _kv_tile(KV, pages, offs_n, limit, kv_head, offs_d, mask_d, v_base, ROW: tl.
     kv_off = (page * PAGE + offs_n % PAGE)[:, None] * ROW + kv_head * HEAD_DIM + offs_d[None, :]
     k = tl.load(KV + kv_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(COMPUTE)
     if V_T:
-        # V^T [BLOCK_D, BLOCK_N]: runs of PAGE contiguous tokens, read whole (a mask that changes
-        # within a run would split its wide loads into bytes); positions past limit zeroed after.
+        # V^T [BLOCK_D, BLOCK_N]: runs of V_RUN contiguous tokens, read whole pages (a mask that
+        # changes within a run would split its wide loads into bytes); positions past limit zeroed after.
         vt_off = (page * (PAGE * ROW) + kv_head * (HEAD_DIM * PAGE))[None, :] + offs_d[:, None] * PAGE \
             + (offs_n % PAGE)[None, :]
         vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, V_RUN]), [1, V_RUN])

@@ -175,14 +175,18 @@ def test_perplexity_within_bound(row: Row, qwen_path, token_ids, baseline, table
 # The FP8 KV cache's loss is the format's on this small model, and it depends on the
 # CPU's float32 rounding, which e4m3 amplifies: with calibrated scales +2.82% (one CPU)
 # and +3.15% (another, AVX2), with scales of 1 +3.51% and +3.85%, Ember and HF alike.
+# The same amplification separates Ember from the HF reference with the same scales:
+# within 0.25% on AMD EPYC (Zen 3, AVX2) and on an Intel Xeon (AVX-512) with two torch
+# threads, 0.37% on that Xeon with one (as under pytest-xdist); 0.5% bounds that and
+# stays below the ~0.7% between calibrated scales and scales of 1.
 KV_FP8_MAX_INCREASE = 0.04
-KV_FP8_MAX_REFERENCE_GAP = 0.0025
+KV_FP8_MAX_REFERENCE_GAP = 0.005
 
 
 def test_fp8_kv_cache_matches_hf_rounding_reference(qwen_path, token_ids, baseline, table) -> None:
     """``--kv-cache-dtype fp8 --calculate-kv-scales``: Ember's perplexity equals
     HF transformers' with each layer's keys and values rounded to e4m3 with the
-    scales Ember calibrated (``kv_fp8_hf_ref.py``) within 0.25%, and the loss
+    scales Ember calibrated (``kv_fp8_hf_ref.py``) within 0.5%, and the loss
     against float32 is within the format's +4% on this model."""
     from tests.layers.quantization.kv_fp8_hf_ref import hf_perplexity
     from tests.models.tiny import load_hf_gguf
