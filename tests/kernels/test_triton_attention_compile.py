@@ -4,20 +4,14 @@ an FP8 cache (V blocks stored transposed) none of them reads the cache from
 shared memory a byte at a time: the SASS (``cuobjdump`` from Triton's wheel)
 has no ``LDS.U8``. Over a token-major FP8 V the PV operand took 128 of them
 per tile and thread; that is what the transposed layout removes. Compiled in a
-subprocess without ``TRITON_INTERPRET``, with the 16-byte alignment the JIT
-assumes for pointers and for integer arguments that are multiples of 16."""
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+subprocess (``offline_compile``), with the 16-byte alignment the JIT assumes
+for pointers and for integer arguments that are multiples of 16."""
 
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.offline_compile import run_compile_script  # noqa: E402
 
 _SCRIPT = r"""
 import json, os, re, subprocess, tempfile
@@ -71,18 +65,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_attention_kernels_compile_for_hopper():
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernels = run_compile_script(_SCRIPT)
     assert len(kernels) == 8, sorted(kernels)
     # Hopper's shared memory per block (227 KB).
     assert max(k["shared"] for k in kernels.values()) <= 227 * 1024, kernels

@@ -4,17 +4,11 @@ the compiler refuses (e.g. non-constexpr globals, mismatched shapes), so each
 kernel variant the wrappers launch is compiled here to a cubin with the
 ptxas that Triton ships, in a subprocess without ``TRITON_INTERPRET``."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.offline_compile import run_compile_script  # noqa: E402
 
 _SCRIPT = r"""
 import itertools, json
@@ -55,18 +49,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper():
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    shared = run_compile_script(_SCRIPT)
     # 2 quantization variants, 1 epilogue, 16 GEMM variants (4 tile shapes).
     assert len(shared) == 19, sorted(shared)
     # Hopper's shared memory per block (227 KB).
