@@ -9,7 +9,8 @@ paged attention (Kwon et al., 2023, "PagedAttention").
 
 An FP8 cache stores each V block transposed (:func:`v_transposed`): the
 block's bytes are ``[num_kv_heads, head_dim, block_size]``, a block's tokens
-contiguous for each channel, while the tensor keeps the shape above. The PV
+contiguous for each channel (the value-cache layout of vLLM's original
+PagedAttention kernels), while the tensor keeps the shape above. The PV
 product of attention reduces over tokens, so V must reach the tensor cores'
 operand fragments with tokens adjacent; ``ldmatrix`` transposes on chip for
 16-bit elements only, and a token-major FP8 V was read from shared memory a
