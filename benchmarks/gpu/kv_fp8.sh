@@ -8,9 +8,20 @@
 #      output 128, with --kv-cache-dtype auto, then fp8 with scales calibrated
 #      on the first prefill (`ember bench latency`: decode step time, MBU from
 #      the bytes read per step, KV bytes in the cache dtype).
-# Usage: OUT=results bash benchmarks/gpu/kv_fp8.sh
+# With OLD (a folder holding another version's `ember/` and `benchmarks/`, e.g.
+#     mkdir -p .carry/old && git archive REV ember benchmarks | tar -x -C .carry/old
+# copied to the GPU machine with the checkout), step 1 first runs that version's
+# kernel table on the same machine ($OUT/kv_fp8_decode_kernel_old.json).
+# Usage: OUT=results [OLD=.carry/old] bash benchmarks/gpu/kv_fp8.sh
 source "$(dirname "$0")/_common.sh"
 gpu_name
+if [ -n "${OLD:-}" ]; then
+  OLD_DIR=$(cd "$OLD" && pwd)
+  echo "== kernel table, old: $OLD_DIR"
+  (cd "$OLD_DIR" && PYTHONPATH=$OLD_DIR:$BASE_PYTHONPATH python3 benchmarks/kv_fp8.py \
+      --json "$OUT/kv_fp8_decode_kernel_old.json") 2>&1 | grep -v -i warn
+  echo "== kernel table, new: $ROOT"
+fi
 python3 "$ROOT/benchmarks/kv_fp8.py" --json "$OUT/kv_fp8_decode_kernel.json" 2>&1 | grep -v -i warn
 for KV in auto fp8; do
   EXTRA_KV=""
