@@ -185,7 +185,8 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     ``slot_mapping``: [num_tokens] int64 (negative entries are skipped). An FP8
     ``kv_cache`` gets ``x / scale`` (``kv_scales``: (k_scale, v_scale), float32
     one-element device tensors; None: unscaled), saturated at the format's
-    largest finite value (as ``ember.layers.attention.backend.to_cache_dtype``)."""
+    largest finite value (as ``ember.layers.attention.backend.to_cache_dtype``),
+    its V into the transposed blocks (the module docstring)."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return

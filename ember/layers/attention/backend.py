@@ -91,7 +91,8 @@ class KVCacheSpec:
         leading_shape: dims before the block dim: ``(2,)`` for separate K and
             V, ``()`` for MLA's single latent.
         block_shape: dims of one block, ``block_size`` first:
-            ``(block_size, num_kv_heads, head_dim)`` for K/V,
+            ``(block_size, num_kv_heads, head_dim)`` for K/V (an FP8 V block
+            holds the same bytes transposed, see the module docstring),
             ``(block_size, kv_lora_rank + qk_rope_head_dim)`` for MLA.
         dtype: element type (the model dtype, or FP8 with ``--kv-cache-dtype``).
     """
