@@ -51,8 +51,7 @@ import torch
 
 from ember.layers.attention import AttentionMetadata, ForwardContext, KVCacheSpec
 from ember.logger import init_logger
-from ember.worker.common import (HostCopy, HostInputs, copy_in_flight, default_dtype, fill_dummy, shifted_slots,
-                                 to_device)
+from ember.worker.common import HostCopy, HostInputs, default_dtype, device_inputs, fill_dummy, shifted_slots
 from ember.sample.sampler import _mix
 
 if TYPE_CHECKING:
@@ -682,21 +681,7 @@ class DraftModelProposer:
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """``host``'s ids, positions and attention metadata on the device
         (what :class:`~ember.worker.cuda_graph.PiecewiseCUDAGraphRunner` asks its runner for)."""
-        dev = self.device
-
-        def to_dev(a: np.ndarray) -> torch.Tensor:
-            return to_device(a, dev)
-
-        meta = AttentionMetadata(
-            slot_mapping=to_dev(host.slot_mapping), query_start_loc=to_dev(host.query_start_loc),
-            seq_lens=to_dev(host.seq_lens), block_table=to_dev(host.block_table),
-            max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
-            query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
-            num_decodes=host.num_decodes)
-        input_ids = to_dev(host.input_ids)
-        if host.in_flight_dst:
-            copy_in_flight(input_ids, host.in_flight_dst, host.in_flight_source, host.in_flight_src)
-        return input_ids, to_dev(host.positions), meta
+        return device_inputs(host, self.device)
 
     def swap_blocks(self, sched: SchedulerOutput, swap: Any) -> None:
         """The draft's share of a step's swaps (``swap(sched, device, host,

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ember.layers.attention.backend import AttentionMetadata
+
 
 @dataclass(slots=True)
 class HostInputs:
@@ -77,6 +79,27 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+
+def device_inputs(host: HostInputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """``host``'s token ids, positions and attention metadata on ``device``
+    (each array through :func:`to_device`), with the ids that only the device
+    holds copied into the token ids (:func:`copy_in_flight`)."""
+    meta = AttentionMetadata(
+        slot_mapping=to_device(host.slot_mapping, device),
+        query_start_loc=to_device(host.query_start_loc, device),
+        seq_lens=to_device(host.seq_lens, device),
+        block_table=to_device(host.block_table, device),
+        max_query_len=host.max_query_len,
+        max_seq_len=int(host.seq_lens.max(initial=0)),
+        query_start_loc_cpu=host.query_start_loc.tolist(),
+        seq_lens_cpu=host.seq_lens.tolist(),
+        num_decodes=host.num_decodes,
+    )
+    input_ids = to_device(host.input_ids, device)
+    if host.in_flight_dst:
+        copy_in_flight(input_ids, host.in_flight_dst, host.in_flight_source, host.in_flight_src)
+    return input_ids, to_device(host.positions, device), meta
 
 
 def copy_in_flight(out: torch.Tensor, dst: list[int], source: torch.Tensor, src: list[int]) -> None:

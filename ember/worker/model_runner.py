@@ -35,7 +35,7 @@ from ember.pooling_params import PoolingParams
 from ember.sample.sampler import Sampler, SamplingMetadata
 from ember.sampling_params import SamplingParams
 from ember.logger import init_logger
-from ember.worker.common import HostInputs, copy_in_flight, default_dtype, fill_dummy, to_device
+from ember.worker.common import HostInputs, default_dtype, device_inputs, fill_dummy, to_device
 
 logger = init_logger(__name__)
 
@@ -452,26 +452,7 @@ class ModelRunner:
         return host
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        dev = self.device
-
-        def to_dev(a: np.ndarray) -> torch.Tensor:
-            return to_device(a, dev)
-
-        meta = AttentionMetadata(
-            slot_mapping=to_dev(host.slot_mapping),
-            query_start_loc=to_dev(host.query_start_loc),
-            seq_lens=to_dev(host.seq_lens),
-            block_table=to_dev(host.block_table),
-            max_query_len=host.max_query_len,
-            max_seq_len=int(host.seq_lens.max(initial=0)),
-            query_start_loc_cpu=host.query_start_loc.tolist(),
-            seq_lens_cpu=host.seq_lens.tolist(),
-            num_decodes=host.num_decodes,
-        )
-        input_ids = to_dev(host.input_ids)
-        if host.in_flight_dst:
-            copy_in_flight(input_ids, host.in_flight_dst, host.in_flight_source, host.in_flight_src)
-        return input_ids, to_dev(host.positions), meta
+        return device_inputs(host, self.device)
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the packed batch: a CUDA-graph
