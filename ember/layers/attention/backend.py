@@ -126,12 +126,18 @@ def v_transposed(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
-def v_block_view(cache: torch.Tensor) -> torch.Tensor:
-    """The V half of a transposed-V cache (``[2, num_blocks, block_size,
-    num_kv_heads, head_dim]``, contiguous) as its memory is laid out:
-    ``[num_blocks, num_kv_heads, head_dim, block_size]`` (a view)."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    return cache[1].view(num_blocks, num_kv_heads, head_dim, block_size)
+def v_token_major(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The V half of ``kv_cache`` (``[2, num_blocks, block_size, num_kv_heads,
+    head_dim]``, contiguous) indexed ``[block, offset, head, dim]`` whatever
+    its layout, as :func:`as_copyable` gives it (an FP8 cache's bytes): its
+    ``[1]``, or for a transposed-V cache a permuted view of its ``[num_blocks,
+    num_kv_heads, head_dim, block_size]`` memory. Writes through it land in
+    the cache."""
+    raw = as_copyable(kv_cache)
+    if not v_transposed(kv_cache.dtype):
+        return raw[1]
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    return raw[1].view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
 
 
 def standard_layout(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -142,8 +148,7 @@ def standard_layout(kv_cache: torch.Tensor) -> torch.Tensor:
     if not v_transposed(kv_cache.dtype):
         return kv_cache
     out = kv_cache.clone()
-    raw = as_copyable(out)
-    raw[1].copy_(v_block_view(as_copyable(kv_cache)).permute(0, 3, 1, 2))
+    as_copyable(out)[1].copy_(v_token_major(kv_cache))
     return out
 
 

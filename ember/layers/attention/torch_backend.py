@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.layers.attention.backend import (AttentionBackend, AttentionMetadata, as_copyable, from_cache_dtype,
-                                            to_cache_dtype, v_block_view, v_transposed)
+                                            to_cache_dtype, v_token_major)
 
 _Scales = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -17,15 +17,11 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     converted to the cache's dtype (an FP8 cache: divided by ``kv_scales``,
     see :func:`~ember.layers.attention.backend.to_cache_dtype`), in the
     cache's layout (V transposed in an FP8 cache)."""
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    raw = as_copyable(kv_cache)
-    for i, x in enumerate((key, value)):
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    for i, (x, rows) in enumerate(((key, as_copyable(kv_cache)[0]), (value, v_token_major(kv_cache)))):
         scale = None if kv_scales is None else kv_scales[i]
-        x = as_copyable(to_cache_dtype(x, kv_cache.dtype, scale))
-        if i == 1 and v_transposed(kv_cache.dtype):
-            v_block_view(raw)[slot_mapping // block_size, :, :, slot_mapping % block_size] = x
-        else:
-            raw[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, x)
+        rows[blocks, offsets] = as_copyable(to_cache_dtype(x, kv_cache.dtype, scale))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
@@ -43,12 +39,7 @@ def _blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tens
     """K and V of the blocks ``block_ids`` (any shape ``S``), each
     ``[*S, block_size, num_kv_heads, head_dim]`` token-major whatever the
     cache's layout, as raw bytes for an FP8 cache (see ``as_copyable``)."""
-    raw = as_copyable(kv_cache)
-    k = raw[0][block_ids]
-    if v_transposed(kv_cache.dtype):
-        v = v_block_view(raw)[block_ids]  # [*S, heads, dim, block_size]
-        return k, v.movedim(-1, -3)
-    return k, raw[1][block_ids]
+    return as_copyable(kv_cache)[0][block_ids], v_token_major(kv_cache)[block_ids]
 
 
 class TorchAttentionBackend(AttentionBackend):
