@@ -279,7 +279,8 @@ def _extend_kernel(Q, KV, Out, block_table, query_start_loc, seq_lens, sm_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_slots,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr, V_RUN: tl.constexpr):
+                   IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr,
+                   V_RUN: tl.constexpr):
     req = first_req + tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -524,7 +525,8 @@ def _verify_split_kernel(Q, KV, Mid_O, Mid_LSE, block_table, seq_lens, sm_scale,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, QUERY_LEN: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr, V_RUN: tl.constexpr):
+                         IEEE: tl.constexpr, COMPUTE: tl.constexpr, SCALED: tl.constexpr, V_T: tl.constexpr,
+                         V_RUN: tl.constexpr):
     # One program: one request's QUERY_LEN new tokens x the GROUP query heads of
     # one KV head (rows r = j * GROUP + g), over one split of its context.
     req = tl.program_id(0)
